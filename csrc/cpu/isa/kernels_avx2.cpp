@@ -1,0 +1,3 @@
+// CPU kernels for the avx2 instruction set: setup.py and CMakeLists.txt compile this file with that
+// set's flags and -DCPU_CAPABILITY=AVX2.
+#include "cpu/kernel_table.inl"

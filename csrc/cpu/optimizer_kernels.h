@@ -1,0 +1,317 @@
+// CPU optimizer kernels, written once against at::vec and compiled once per instruction set
+// (isa/kernels_<isa>.cpp includes this file inside namespace fused_train::cpu::CPU_CAPABILITY).
+//
+// Work arrives as chunks (one element range of one parameter). Each chunk is walked in small tiles
+// that stay in L1: low-precision params and grads are widened to fp32 once per tile, every update
+// runs on whole Vectorized registers with a scalar tail, the param is rounded once on store, and the
+// gradient is zeroed (or written back unscaled) while its tile is still in cache.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "cpu/cpu_kernels.h"
+#include "fused_train/optim_math.h"
+
+namespace fused_train {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// Elements per tile: params, grads and three states of a tile fit in a 32 KiB L1 several times over.
+constexpr int64_t kTile = 512;
+
+// Loads and stores for the vector body (A = VecAccess) and the scalar tail (A = ScalarAccess).
+template <class O>
+struct ScalarAccess {
+  using V = O;
+  static constexpr int64_t width = 1;
+  static V load(const O* p) { return *p; }
+  static void store(O* p, const V& v) { *p = v; }
+};
+template <class O>
+struct VecAccess {
+  using V = Vectorized<O>;
+  static constexpr int64_t width = V::size();
+  static V load(const O* p) { return V::loadu(p); }
+  static void store(O* p, const V& v) { v.store(p); }
+};
+
+// Hyperparameters in both the scalar and the vector math type, built once per launch.
+template <class O, template <class> class H>
+struct HyperPair {
+  H<O> scalar;
+  H<Vectorized<O>> vector;
+  template <class A>
+  const H<typename A::V>& get() const {
+    if constexpr (std::is_same_v<typename A::V, O>) {
+      return scalar;
+    } else {
+      return vector;
+    }
+  }
+};
+
+template <class O>
+math::SgdHyper<O> sgd_hyper(const OptimizerLaunch& l) {
+  return {O(l.lr), O(l.momentum), O(l.one_minus_dampening), O(l.weight_decay), l.weight_decay != 0.0,
+          l.momentum != 0.0, l.nesterov, l.maximize, l.first_step};
+}
+template <class O>
+math::AdamHyper<O> adam_hyper(const OptimizerLaunch& l) {
+  return {O(l.beta1), O(1.0 - l.beta1), O(l.beta2), O(1.0 - l.beta2), O(l.weight_decay),
+          O(1.0 - l.lr * l.weight_decay), O(l.eps), l.weight_decay != 0.0, l.decoupled_weight_decay,
+          l.amsgrad, l.maximize, (1.0 - l.beta1) < 0.5};
+}
+template <class O>
+math::RmspropHyper<O> rmsprop_hyper(const OptimizerLaunch& l) {
+  const double alpha = l.beta2;
+  return {O(l.lr), O(alpha), O(1.0 - alpha), O(l.eps), O(l.weight_decay), O(l.momentum),
+          l.weight_decay != 0.0, l.centered, l.momentum > 0.0, l.maximize, (1.0 - alpha) < 0.5};
+}
+
+// Per-op element functors: apply<A>(p, g, i) updates element(s) i.. of one tile. p and g point at the
+// tile's opmath param and grad; the state pointers are already offset to the tile.
+template <class O>
+struct SgdTile {
+  HyperPair<O, math::SgdHyper> h;
+  O* momentum_buf;
+  template <class A>
+  void apply(O* p, const O* g, int64_t i) const {
+    using V = typename A::V;
+    V param = A::load(p + i);
+    if (momentum_buf != nullptr) {
+      V buf = A::load(momentum_buf + i);
+      math::sgd_update<V>(param, A::load(g + i), &buf, h.template get<A>());
+      A::store(momentum_buf + i, buf);
+    } else {
+      math::sgd_update<V>(param, A::load(g + i), nullptr, h.template get<A>());
+    }
+    A::store(p + i, param);
+  }
+};
+
+template <class O>
+struct AdamTile {
+  HyperPair<O, math::AdamHyper> h;
+  O *exp_avg, *exp_avg_sq, *max_exp_avg_sq;
+  O neg_step_size, bc2_sqrt;
+  template <class A>
+  void apply(O* p, const O* g, int64_t i) const {
+    using V = typename A::V;
+    V param = A::load(p + i), m = A::load(exp_avg + i), v = A::load(exp_avg_sq + i);
+    const V nss(neg_step_size), bc2(bc2_sqrt);
+    if (max_exp_avg_sq != nullptr) {
+      V vmax = A::load(max_exp_avg_sq + i);
+      math::adam_update<V>(param, A::load(g + i), m, v, &vmax, nss, bc2, h.template get<A>());
+      A::store(max_exp_avg_sq + i, vmax);
+    } else {
+      math::adam_update<V>(param, A::load(g + i), m, v, nullptr, nss, bc2, h.template get<A>());
+    }
+    A::store(p + i, param);
+    A::store(exp_avg + i, m);
+    A::store(exp_avg_sq + i, v);
+  }
+};
+
+template <class O>
+struct RmspropTile {
+  HyperPair<O, math::RmspropHyper> h;
+  O *square_avg, *grad_avg, *momentum_buf;
+  template <class A>
+  void apply(O* p, const O* g, int64_t i) const {
+    using V = typename A::V;
+    V param = A::load(p + i), sq = A::load(square_avg + i);
+    V gavg = grad_avg != nullptr ? A::load(grad_avg + i) : V(0);
+    V buf = momentum_buf != nullptr ? A::load(momentum_buf + i) : V(0);
+    math::rmsprop_update<V>(param, A::load(g + i), sq, &gavg, &buf, h.template get<A>());
+    A::store(p + i, param);
+    A::store(square_avg + i, sq);
+    if (grad_avg != nullptr) A::store(grad_avg + i, gavg);
+    if (momentum_buf != nullptr) A::store(momentum_buf + i, buf);
+  }
+};
+
+// Widening and narrowing between the storage type T and opmath O for one tile.
+template <class T>
+void widen_tile(const T* src, float* dst, int64_t n) {
+  using TV = Vectorized<T>;
+  using FV = Vectorized<float>;
+  int64_t i = 0;
+  for (; i + TV::size() <= n; i += TV::size()) {
+    auto [lo, hi] = at::vec::convert_to_float<T>(TV::loadu(src + i));
+    lo.store(dst + i);
+    hi.store(dst + i + FV::size());
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+template <class T>
+void narrow_tile(const float* src, T* dst, int64_t n) {
+  using TV = Vectorized<T>;
+  using FV = Vectorized<float>;
+  int64_t i = 0;
+  for (; i + TV::size() <= n; i += TV::size()) {
+    at::vec::convert_from_float<T>(FV::loadu(src + i), FV::loadu(src + i + FV::size())).store(dst + i);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);  // round to nearest even, as torch does
+}
+
+// Walks one chunk tile by tile. T: storage type of param and grad; O: opmath.
+template <class T, class O, class Tile>
+void run_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, int64_t end, Tile tile,
+               O** state_ptrs, int n_state) {
+  constexpr bool kWiden = !std::is_same_v<T, O>;
+  T* param = static_cast<T*>(slot.param);
+  T* grad = static_cast<T*>(slot.grad);
+  alignas(64) O pbuf[kWiden ? kTile : 1];
+  alignas(64) O gbuf[kTile];
+  const O grad_scale = static_cast<O>(l.grad_scale);
+  O* state_base[3];
+  for (int k = 0; k < n_state; ++k) state_base[k] = state_ptrs[k];
+
+  for (int64_t t0 = begin; t0 < end; t0 += kTile) {
+    const int64_t n = std::min(kTile, end - t0);
+    O* p;
+    O* g;
+    if constexpr (kWiden) {
+      widen_tile<T>(param + t0, pbuf, n);
+      widen_tile<T>(grad + t0, gbuf, n);
+      p = pbuf;
+      g = gbuf;
+    } else {
+      p = param + t0;
+      if (l.has_grad_scale) {
+        std::memcpy(gbuf, grad + t0, n * sizeof(O));
+        g = gbuf;
+      } else {
+        g = grad + t0;
+      }
+    }
+    if (l.has_grad_scale) {
+      // GradScaler's unscale, done here instead of in a separate pass over every gradient.
+      using VA = VecAccess<O>;
+      int64_t i = 0;
+      for (; i + VA::width <= n; i += VA::width) VA::store(g + i, VA::load(g + i) / typename VA::V(grad_scale));
+      for (; i < n; ++i) g[i] = g[i] / grad_scale;
+    }
+    for (int k = 0; k < n_state; ++k) state_ptrs[k] = state_base[k] == nullptr ? nullptr : state_base[k] + t0;
+    tile.bind(state_ptrs);
+
+    int64_t i = 0;
+    for (; i + VecAccess<O>::width <= n; i += VecAccess<O>::width) tile.template apply<VecAccess<O>>(p, g, i);
+    for (; i < n; ++i) tile.template apply<ScalarAccess<O>>(p, g, i);
+
+    if constexpr (kWiden) narrow_tile<T>(pbuf, param + t0, n);
+    if (l.zero_grad) {
+      std::memset(static_cast<void*>(grad + t0), 0, n * sizeof(T));
+    } else if (l.has_grad_scale) {
+      if constexpr (kWiden) {
+        narrow_tile<T>(gbuf, grad + t0, n);
+      } else {
+        std::memcpy(grad + t0, gbuf, n * sizeof(O));
+      }
+    }
+  }
+}
+
+template <class O>
+struct SgdBound : SgdTile<O> {
+  void bind(O** s) { this->momentum_buf = s[0]; }
+};
+template <class O>
+struct AdamBound : AdamTile<O> {
+  void bind(O** s) {
+    this->exp_avg = s[0];
+    this->exp_avg_sq = s[1];
+    this->max_exp_avg_sq = s[2];
+  }
+};
+template <class O>
+struct RmspropBound : RmspropTile<O> {
+  void bind(O** s) {
+    this->square_avg = s[0];
+    this->grad_avg = s[1];
+    this->momentum_buf = s[2];
+  }
+};
+
+template <class T, class O>
+void optimizer_chunks_typed(const OptimizerLaunch& l, int64_t chunk_begin, int64_t chunk_end) {
+  using VO = Vectorized<O>;
+  // Hyperparameters once per call, in both widths.
+  SgdBound<O> sgd{};
+  AdamBound<O> adam{};
+  RmspropBound<O> rms{};
+  int n_state = 0;
+  switch (l.kind) {
+    case OptimizerKind::Sgd: {
+      auto s = sgd_hyper<O>(l);
+      sgd.h.scalar = s;
+      sgd.h.vector = {VO(s.lr), VO(s.momentum), VO(s.one_minus_dampening), VO(s.weight_decay),
+                      s.has_weight_decay, s.has_momentum, s.nesterov, s.maximize, s.first_step};
+      n_state = 1;
+      break;
+    }
+    case OptimizerKind::Adam: {
+      auto s = adam_hyper<O>(l);
+      adam.h.scalar = s;
+      adam.h.vector = {VO(s.beta1), VO(s.one_minus_beta1), VO(s.beta2), VO(s.one_minus_beta2),
+                       VO(s.weight_decay), VO(s.decay_factor), VO(s.eps), s.has_weight_decay,
+                       s.decoupled_weight_decay, s.amsgrad, s.maximize, s.lerp_weight_small};
+      n_state = 3;
+      break;
+    }
+    case OptimizerKind::Rmsprop: {
+      auto s = rmsprop_hyper<O>(l);
+      rms.h.scalar = s;
+      rms.h.vector = {VO(s.lr), VO(s.alpha), VO(s.one_minus_alpha), VO(s.eps), VO(s.weight_decay),
+                      VO(s.momentum), s.has_weight_decay, s.centered, s.has_momentum, s.maximize,
+                      s.lerp_weight_small};
+      n_state = 3;
+      break;
+    }
+  }
+  for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+    const ChunkRange& chunk = l.chunks[c];
+    const ParamSlot& slot = l.slots[chunk.slot];
+    O* state[3] = {static_cast<O*>(slot.state[0]), static_cast<O*>(slot.state[1]),
+                   static_cast<O*>(slot.state[2])};
+    switch (l.kind) {
+      case OptimizerKind::Sgd:
+        run_chunk<T, O>(l, slot, chunk.begin, chunk.end, sgd, state, n_state);
+        break;
+      case OptimizerKind::Adam:
+        adam.neg_step_size = static_cast<O>(slot.neg_step_size);
+        adam.bc2_sqrt = static_cast<O>(slot.bc2_sqrt);
+        run_chunk<T, O>(l, slot, chunk.begin, chunk.end, adam, state, n_state);
+        break;
+      case OptimizerKind::Rmsprop:
+        run_chunk<T, O>(l, slot, chunk.begin, chunk.end, rms, state, n_state);
+        break;
+    }
+  }
+}
+
+inline void optimizer_chunks(const OptimizerLaunch& l, int64_t chunk_begin, int64_t chunk_end) {
+  switch (l.dtype) {
+    case ScalarKind::Float:
+      return optimizer_chunks_typed<float, float>(l, chunk_begin, chunk_end);
+    case ScalarKind::Double:
+      return optimizer_chunks_typed<double, double>(l, chunk_begin, chunk_end);
+    case ScalarKind::BFloat16:
+      return optimizer_chunks_typed<c10::BFloat16, float>(l, chunk_begin, chunk_end);
+    case ScalarKind::Half:
+      return optimizer_chunks_typed<c10::Half, float>(l, chunk_begin, chunk_end);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fused_train

@@ -1,0 +1,172 @@
+// CPU implementations of the optimizer ops: check the call, advance the step counters, cut every
+// param into chunks and run all chunks of the call in one parallel region with the kernels of the best
+// instruction set (cpu/optimizer_kernels.h via kernel_table()).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/cpu_kernels.h"
+#include "fused_train/optim_math.h"
+#include "optimizer_args.h"
+
+namespace fused_train {
+namespace cpu {
+namespace {
+
+// Elements per chunk: large enough to amortise the per-chunk setup, small enough to balance threads.
+constexpr int64_t kChunk = 32768;
+// Below this many elements in total, one thread is faster than waking the pool.
+constexpr int64_t kSerialBelow = 65536;
+
+ScalarKind scalar_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return ScalarKind::Float;
+    case at::kDouble: return ScalarKind::Double;
+    case at::kBFloat16: return ScalarKind::BFloat16;
+    case at::kHalf: return ScalarKind::Half;
+    default: TORCH_CHECK(false, "fused_train: unsupported dtype ", t);
+  }
+}
+
+double read_scalar(const at::Tensor& t) { return t.item<double>(); }
+
+// Fills the launch's pointers, chunks the work and runs it. steps_and_scalars sets the per-slot
+// scalars (Adam's bias corrections) after the step counters have advanced.
+template <class PerSlot>
+void run(OptimizerLaunch launch, OptimizerTensors& t, PerSlot per_slot) {
+  const int64_t n = t.size();
+  std::vector<ParamSlot> slots(n);
+  std::vector<ChunkRange> chunks;
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    ParamSlot& s = slots[i];
+    s.param = t.params[i].data_ptr();
+    s.grad = t.grads[i].data_ptr();
+    for (int k = 0; k < 3; ++k) s.state[k] = t.states[k][i].defined() ? t.states[k][i].data_ptr() : nullptr;
+    s.numel = t.params[i].numel();
+    per_slot(i, s);
+    for (int64_t b = 0; b < s.numel; b += kChunk) chunks.push_back({i, b, std::min(b + kChunk, s.numel)});
+    total += s.numel;
+  }
+  launch.dtype = scalar_kind(t.dtype);
+  launch.slots = slots.data();
+  launch.chunks = chunks.data();
+  const auto run_chunks = kernel_table().optimizer_chunks;
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  if (total < kSerialBelow || at::get_num_threads() == 1) {
+    run_chunks(launch, 0, n_chunks);
+  } else {
+    at::parallel_for(0, n_chunks, 1, [&](int64_t b, int64_t e) { run_chunks(launch, b, e); });
+  }
+  finish_optimizer_call(t);
+}
+
+// Common prologue: lr from the tensor if given, GradScaler's inputs. Returns false when the step must be
+// skipped (found_inf set), in which case nothing has been written.
+bool begin_launch(OptimizerLaunch& l, double lr, const std::optional<at::Tensor>& lr_tensor,
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                  bool zero_grad) {
+  if (found_inf.has_value() && read_scalar(*found_inf) != 0.0) return false;
+  l.lr = lr_tensor.has_value() ? read_scalar(*lr_tensor) : lr;
+  l.zero_grad = zero_grad;
+  l.has_grad_scale = grad_scale.has_value();
+  l.grad_scale = l.has_grad_scale ? read_scalar(*grad_scale) : 1.0;
+  return true;
+}
+
+// Adds one to a step counter and returns the new value, as torch's `step_t += 1`. Written through the
+// pointer: a dispatched add_ per parameter would dominate a step over thousands of small tensors.
+double advance_step(const at::Tensor& step) {
+  switch (step.scalar_type()) {
+    case at::kFloat: return ++*step.data_ptr<float>();
+    case at::kDouble: return ++*step.data_ptr<double>();
+    default: {
+      at::Tensor s = step;
+      s.add_(1);
+      return read_scalar(s);
+    }
+  }
+}
+
+void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+                  double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+                  bool is_first_step, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const bool has_momentum = momentum != 0.0;
+  OptimizerTensors t = check_optimizer_call(
+      "sgd_step_", params, grads,
+      {StateList{"momentum_buffers", momentum_buffers, has_momentum}, StateList{"", {}, false},
+       StateList{"", {}, false}},
+      {}, false, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
+  OptimizerLaunch l{};
+  if (t.size() == 0 || !begin_launch(l, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
+  l.kind = OptimizerKind::Sgd;
+  l.momentum = momentum;
+  l.one_minus_dampening = 1.0 - dampening;
+  l.weight_decay = weight_decay;
+  l.nesterov = nesterov;
+  l.maximize = maximize;
+  l.first_step = is_first_step;
+  run(l, t, [](int64_t, ParamSlot&) {});
+}
+
+void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                   double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
+                   bool maximize, bool decoupled_weight_decay, bool zero_grad,
+                   const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  OptimizerTensors t = check_optimizer_call(
+      "adam_step_", params, grads,
+      {StateList{"exp_avgs", exp_avgs, true}, StateList{"exp_avg_sqs", exp_avg_sqs, true},
+       StateList{"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
+      state_steps, true, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
+  OptimizerLaunch l{};
+  if (t.size() == 0 || !begin_launch(l, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
+  l.kind = OptimizerKind::Adam;
+  l.beta1 = beta1;
+  l.beta2 = beta2;
+  l.eps = eps;
+  l.weight_decay = weight_decay;
+  l.decoupled_weight_decay = decoupled_weight_decay;
+  l.amsgrad = amsgrad;
+  l.maximize = maximize;
+  const double step_lr = l.lr;
+  run(l, t, [&](int64_t i, ParamSlot& s) {
+    const auto bc = math::adam_bias_correction(step_lr, beta1, beta2, advance_step(t.steps[i]));
+    s.neg_step_size = bc.neg_step_size;
+    s.bc2_sqrt = bc.bc2_sqrt;
+  });
+}
+
+void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                      at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList state_steps,
+                      double lr, double alpha, double eps, double weight_decay, double momentum, bool centered,
+                      bool maximize, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  OptimizerTensors t = check_optimizer_call(
+      "rmsprop_step_", params, grads,
+      {StateList{"square_avgs", square_avgs, true}, StateList{"grad_avgs", grad_avgs, centered},
+       StateList{"momentum_buffers", momentum_buffers, momentum > 0.0}},
+      state_steps, true, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
+  OptimizerLaunch l{};
+  if (t.size() == 0 || !begin_launch(l, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
+  l.kind = OptimizerKind::Rmsprop;
+  l.beta2 = alpha;
+  l.eps = eps;
+  l.weight_decay = weight_decay;
+  l.momentum = momentum;
+  l.centered = centered;
+  l.maximize = maximize;
+  run(l, t, [&](int64_t i, ParamSlot&) { advance_step(t.steps[i]); });
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fused_train
+
+TORCH_LIBRARY_IMPL(fused_train, CPU, m) {
+  m.impl("sgd_step_", &fused_train::cpu::sgd_step_cpu);
+  m.impl("adam_step_", &fused_train::cpu::adam_step_cpu);
+  m.impl("rmsprop_step_", &fused_train::cpu::rmsprop_step_cpu);
+}

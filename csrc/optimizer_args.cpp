@@ -1,0 +1,136 @@
+#include "optimizer_args.h"
+
+#include <c10/util/Exception.h>
+
+namespace fused_train {
+
+at::ScalarType opmath_type(at::ScalarType param_dtype) {
+  return param_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+namespace {
+
+bool is_supported_param_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_scalar_tensor(const char* op, const char* name, const at::Tensor& t, const at::Device& device) {
+  TORCH_CHECK(t.numel() == 1, op, ": ", name, " must hold exactly one element, got ", t.numel());
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating-point tensor, got ",
+                   t.scalar_type());
+  TORCH_CHECK(t.device() == device || t.device().is_cpu(), op, ": ", name, " must be on ", device,
+              " (or the CPU), got ", t.device());
+}
+
+}  // namespace
+
+OptimizerTensors check_optimizer_call(const char* op, at::TensorList params, at::TensorList grads,
+                                      std::array<StateList, 3> states, at::TensorList steps, bool needs_steps,
+                                      const std::optional<at::Tensor>& lr_tensor,
+                                      const std::optional<at::Tensor>& grad_scale,
+                                      const std::optional<at::Tensor>& found_inf, bool writes_grad) {
+  OptimizerTensors out;
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, op, ": got ", n, " params but ", grads.size(), " grads");
+  for (const auto& s : states) {
+    if (s.used) {
+      TORCH_CHECK(static_cast<int64_t>(s.tensors.size()) == n, op, ": got ", n, " params but ", s.tensors.size(),
+                  " ", s.name);
+    }
+  }
+  if (needs_steps) {
+    TORCH_CHECK(static_cast<int64_t>(steps.size()) == n, op, ": got ", n, " params but ", steps.size(),
+                " state_steps");
+  }
+  if (n == 0) return out;
+
+  out.dtype = params[0].scalar_type();
+  out.device = params[0].device();
+  TORCH_CHECK_TYPE(is_supported_param_dtype(out.dtype), op,
+                   ": params must be float32, float64, bfloat16 or float16, got ", out.dtype,
+                   at::isComplexType(out.dtype) ? " (step complex params through torch.view_as_real)" : "");
+  const at::ScalarType state_dtype = opmath_type(out.dtype);
+
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(p.layout() == at::kStrided, op, ": params[", i, "] must be a strided (dense) tensor");
+    TORCH_CHECK(p.device() == out.device, op, ": params[", i, "] is on ", p.device(), " but params[0] is on ",
+                out.device, "; one call takes the params of one device");
+    TORCH_CHECK_TYPE(p.scalar_type() == out.dtype, op, ": params[", i, "] is ", p.scalar_type(),
+                     " but params[0] is ", out.dtype, "; one call takes one dtype");
+    TORCH_CHECK(g.defined(), op, ": grads[", i, "] is undefined");
+    TORCH_CHECK(g.layout() == at::kStrided, op, ": grads[", i,
+                "] is sparse; fused_train optimizers take dense gradients only");
+    TORCH_CHECK(g.device() == out.device, op, ": grads[", i, "] is on ", g.device(), " but its param is on ",
+                out.device);
+    TORCH_CHECK_TYPE(g.scalar_type() == out.dtype, op, ": grads[", i, "] is ", g.scalar_type(),
+                     " but its param is ", out.dtype);
+    TORCH_CHECK(g.sizes() == p.sizes(), op, ": grads[", i, "] has shape ", g.sizes(), " but its param has shape ",
+                p.sizes());
+    for (const auto& s : states) {
+      if (!s.used) continue;
+      const at::Tensor& st = s.tensors[i];
+      TORCH_CHECK(st.device() == out.device && st.sizes() == p.sizes() && st.scalar_type() == state_dtype, op,
+                  ": ", s.name, "[", i, "] must be a ", state_dtype, " tensor of shape ", p.sizes(), " on ",
+                  out.device, ", got ", st.scalar_type(), " ", st.sizes(), " on ", st.device());
+    }
+    if (needs_steps) check_scalar_tensor(op, "state_steps[i]", steps[i], out.device);
+  }
+  if (lr_tensor.has_value()) check_scalar_tensor(op, "lr", *lr_tensor, out.device);
+  if (grad_scale.has_value()) check_scalar_tensor(op, "grad_scale", *grad_scale, out.device);
+  if (found_inf.has_value()) check_scalar_tensor(op, "found_inf", *found_inf, out.device);
+
+  // Layout: the kernels walk each param and its grad and state as one flat array, which needs them dense
+  // and laid out alike. Anything else (a strided view, a grad with other strides) runs on contiguous copies.
+  out.params.reserve(n);
+  out.grads.reserve(n);
+  for (auto& s : out.states) s.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    at::Tensor p = params[i];
+    at::Tensor g = grads[i];
+    bool alike = p.is_non_overlapping_and_dense() && g.strides() == p.strides();
+    for (const auto& s : states) {
+      if (s.used) alike = alike && s.tensors[i].strides() == p.strides();
+    }
+    if (!alike && p.numel() > 0) {
+      at::Tensor pc = p.contiguous(), gc = g.contiguous();
+      out.copy_back.emplace_back(p, pc);
+      if (writes_grad) out.copy_back.emplace_back(g, gc);
+      p = pc;
+      g = gc;
+      for (size_t k = 0; k < states.size(); ++k) {
+        if (!states[k].used) continue;
+        at::Tensor sc = states[k].tensors[i].contiguous();
+        out.copy_back.emplace_back(states[k].tensors[i], sc);
+      }
+    }
+    out.params.push_back(p);
+    out.grads.push_back(g);
+    for (size_t k = 0; k < states.size(); ++k) {
+      if (!states[k].used) {
+        out.states[k].emplace_back();
+      } else if (!alike && p.numel() > 0) {
+        // the copy made above is the last entry recorded for this state
+        for (auto it = out.copy_back.rbegin(); it != out.copy_back.rend(); ++it) {
+          if (it->first.is_same(states[k].tensors[i])) {
+            out.states[k].push_back(it->second);
+            break;
+          }
+        }
+      } else {
+        out.states[k].push_back(states[k].tensors[i]);
+      }
+    }
+    if (needs_steps) out.steps.push_back(steps[i]);
+  }
+  return out;
+}
+
+void finish_optimizer_call(OptimizerTensors& t) {
+  for (auto& [original, working] : t.copy_back) {
+    if (!original.is_same(working)) original.copy_(working);
+  }
+}
+
+}  // namespace fused_train

@@ -1,0 +1,47 @@
+// Argument checking and layout preparation shared by the CPU and CUDA implementations of the optimizer
+// ops. Everything here runs before any tensor is written, so a bad call leaves params, grads and state
+// untouched.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <string>
+#include <vector>
+
+namespace fused_train {
+
+// The tensors of one optimizer step after checking: every param has a grad of its dtype and shape, each
+// used state list has one tensor per param in opmath (fp32 for bf16/fp16, else the param's dtype), and
+// all share one device and one param dtype. States not used by the call are undefined tensors.
+struct OptimizerTensors {
+  std::vector<at::Tensor> params, grads;
+  std::array<std::vector<at::Tensor>, 3> states;
+  std::vector<at::Tensor> steps;  // empty when the optimizer keeps no step (SGD)
+  // Non-dense or layout-mismatched entries run on contiguous copies; these pairs are copied back after.
+  std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (original, working copy)
+  at::ScalarType dtype = at::kFloat;
+  at::Device device = at::kCPU;
+  int64_t size() const { return static_cast<int64_t>(params.size()); }
+};
+
+struct StateList {
+  const char* name;          // e.g. "exp_avgs"
+  at::TensorList tensors;
+  bool used;                 // false: the list must be empty (or is ignored if non-empty)
+};
+
+// Checks one call; throws c10::Error (Python: RuntimeError/ValueError/TypeError) naming the argument.
+// writes_grad: the kernel writes grads (zeroing or unscaled write-back), so non-dense grads need copy-back.
+OptimizerTensors check_optimizer_call(const char* op, at::TensorList params, at::TensorList grads,
+                                      std::array<StateList, 3> states, at::TensorList steps, bool needs_steps,
+                                      const std::optional<at::Tensor>& lr_tensor,
+                                      const std::optional<at::Tensor>& grad_scale,
+                                      const std::optional<at::Tensor>& found_inf, bool writes_grad);
+
+// Copies the working copies back into the caller's tensors (only for non-dense entries).
+void finish_optimizer_call(OptimizerTensors& t);
+
+at::ScalarType opmath_type(at::ScalarType param_dtype);
+
+}  // namespace fused_train

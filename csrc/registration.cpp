@@ -1,0 +1,49 @@
+// Every fused_train op's schema, in one place. Implementations: cpu/*.cpp (CPU) and cuda/*.cu (CUDA);
+// fake (meta) implementations for torch.compile: fused_train/_ops.py.
+//
+// Conventions (as aten::_fused_adam_): lists of tensors, each mutated list with its own alias set,
+// hyperparameters keyword-only, mutating ops end in `_` and return ().
+#include <Python.h>
+#include <torch/library.h>
+
+#include <sstream>
+#include <string>
+
+#include "cpu/cpu_kernels.h"
+
+TORCH_LIBRARY(fused_train, m) {
+  m.def(
+      "sgd_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, *, float lr, "
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool is_first_step, "
+      "bool zero_grad, Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+      "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, float lr, float beta1, float beta2, "
+      "float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, bool zero_grad, "
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "rmsprop_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, Tensor(d!)[] grad_avgs, "
+      "Tensor(e!)[] momentum_buffers, Tensor(f!)[] state_steps, *, float lr, float alpha, float eps, "
+      "float weight_decay, float momentum, bool centered, bool maximize, bool zero_grad, Tensor? lr_tensor=None, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+
+  // -- cross-entropy ops --
+
+  // Build facts for fused_train.build_info(), as "key=value" lines.
+  m.def("build_info() -> str", []() -> std::string {
+    std::ostringstream s;
+    s << "torch_version=" << FUSED_TRAIN_TORCH_VERSION << "\n"
+      << "cuda_compiled=" << FUSED_TRAIN_WITH_CUDA << "\n"
+      << "cuda_archs=" << FUSED_TRAIN_CUDA_ARCHS << "\n"
+      << "cpu_capability=" << fused_train::cpu::kernel_table().isa << "\n";
+    return s.str();
+  });
+}
+
+// `import fused_train._C` loads this library, which runs the registrations above; the module itself is
+// empty (the ops are reached through torch.ops.fused_train).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
+                                          nullptr,               nullptr, nullptr, nullptr};
+  return PyModule_Create(&module_def);
+}

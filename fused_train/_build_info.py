@@ -1,0 +1,30 @@
+"""What this installation of fused_train was built with and what it runs on."""
+
+import torch
+
+
+def build_info() -> dict:
+    """Facts about the compiled extension.
+
+    Returns:
+        dict with ``torch_version`` (built against), ``torch_runtime`` (imported now), ``cuda_compiled``
+        (bool), ``cuda_archs`` (list of architectures the CUDA kernels were compiled for),
+        ``cpu_capability`` (instruction set of the CPU kernels chosen at run time: ``avx512``, ``avx2`` or
+        ``default``), ``num_threads`` (torch's intra-op threads) and ``cuda_available``.
+
+    Example::
+
+        >>> fused_train.build_info()["cpu_capability"]
+        'avx512'
+    """
+    raw = dict(line.split("=", 1) for line in torch.ops.fused_train.build_info().splitlines() if "=" in line)
+    archs = [a for a in raw.get("cuda_archs", "").replace(",", ";").split(";") if a]
+    return {
+        "torch_version": raw.get("torch_version", ""),
+        "torch_runtime": torch.__version__,
+        "cuda_compiled": raw.get("cuda_compiled") == "1",
+        "cuda_archs": archs,
+        "cpu_capability": raw.get("cpu_capability", "").lower(),
+        "num_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+    }

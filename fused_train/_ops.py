@@ -1,0 +1,119 @@
+"""One typed wrapper per fused_train op, and the fake (meta) kernels torch.compile traces with.
+
+The schemas live in csrc/registration.cpp; the kernels in csrc/cpu and csrc/cuda. The optimizer ops
+mutate their inputs and return nothing, so their fake kernels only have to accept the arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.fused_train
+
+
+def sgd_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    is_first_step: bool,
+    zero_grad: bool,
+    lr_tensor: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One SGD step over same-device, same-dtype params; see :class:`fused_train.optim.SGD`.
+
+    ``momentum_buffers`` is empty when ``momentum == 0``; with ``is_first_step`` the buffers are
+    overwritten with the first gradient (torch's ``clone`` on first use). ``zero_grad`` writes zeros
+    into each gradient after reading it. ``grad_scale``/``found_inf`` come from GradScaler: grads are
+    divided by ``grad_scale`` and the whole step is skipped when ``found_inf`` is nonzero.
+    """
+    _ops.sgd_step_.default(
+        params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
+        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, is_first_step=is_first_step,
+        zero_grad=zero_grad, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
+def adam_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    zero_grad: bool,
+    lr_tensor: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One Adam/AdamW step; see :class:`fused_train.optim.Adam`. Advances each ``state_steps`` entry by
+    one inside the op. ``max_exp_avg_sqs`` is empty unless ``amsgrad``."""
+    _ops.adam_step_.default(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
+        beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay, zero_grad=zero_grad, lr_tensor=lr_tensor,
+        grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
+def rmsprop_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffers: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+    zero_grad: bool,
+    lr_tensor: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One RMSprop step; see :class:`fused_train.optim.RMSprop`. ``grad_avgs`` is empty unless
+    ``centered``, ``momentum_buffers`` empty unless ``momentum > 0``."""
+    _ops.rmsprop_step_.default(
+        params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr=lr, alpha=alpha, eps=eps,
+        weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize,
+        zero_grad=zero_grad, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
+# Fake kernels: the optimizer ops return nothing and change no shapes.
+@torch.library.register_fake("fused_train::sgd_step_")
+def _sgd_step_fake(params, grads, momentum_buffers, **kwargs) -> None:
+    return None
+
+
+@torch.library.register_fake("fused_train::adam_step_")
+def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs) -> None:
+    return None
+
+
+@torch.library.register_fake("fused_train::rmsprop_step_")
+def _rmsprop_step_fake(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, **kwargs) -> None:
+    return None

@@ -1,0 +1,1 @@
+"""Fused functional losses (see fused_train.nn.CrossEntropyLoss)."""

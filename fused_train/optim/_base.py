@@ -1,0 +1,305 @@
+"""What every fused_train optimizer shares: argument policy, lazy state, cached per-(device, dtype) tables,
+GradScaler hand-off, in-step gradient zeroing and torch.optim-compatible checkpoints.
+
+A subclass names its state (``_state_names``), creates it (``_init_state``) and calls its op
+(``_step_bucket``); everything else lives here.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def state_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
+    """Optimizer state is kept in the kernels' math type: fp32 for bf16/fp16 params."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def check_implementation_flags(name: str, foreach: bool | None, fused: bool | None, differentiable: bool) -> None:
+    """torch.optim's implementation switches, accepted for drop-in compatibility where they agree with
+    what fused_train does (always one fused kernel per device and dtype) and refused where they don't."""
+    if foreach:
+        raise ValueError(
+            f"{name}: foreach=True asks for torch's foreach implementation; fused_train always runs its fused "
+            f"kernel. Leave foreach unset (or use torch.optim.{name})."
+        )
+    if fused is False:
+        raise ValueError(
+            f"{name}: fused=False asks for an unfused implementation; fused_train.optim.{name} is always fused. "
+            f"Leave fused unset (or use torch.optim.{name})."
+        )
+    if differentiable:
+        raise ValueError(
+            f"{name}: differentiable=True is not supported: the fused kernel updates params in place outside "
+            "autograd. Use torch.optim for differentiable optimization."
+        )
+
+
+def check_lr(lr: float | Tensor) -> None:
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+class _Bucket:
+    """The params of one group that share a device and dtype, with their state lists, in call order."""
+
+    __slots__ = ("indices", "originals", "params", "states", "steps", "is_complex")
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+        self.originals: list[Tensor] = []  # the group's params
+        self.params: list[Tensor] = []  # what the op sees (real views of complex params)
+        self.states: dict[str, list[Tensor]] = {}
+        self.steps: list[Tensor] = []
+        self.is_complex = False
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base of fused_train's optimizers; not used directly."""
+
+    #: state keys handed to the op, in order (a subclass sets these)
+    _state_names: tuple[str, ...] = ()
+    #: whether the state holds a per-param ``step`` tensor
+    _has_step: bool = True
+
+    def __init__(self, params: Any, defaults: dict[str, Any], *, zero_grad_in_step: bool | None = None) -> None:
+        if zero_grad_in_step not in (None, True, False):
+            raise ValueError(f"zero_grad_in_step must be None, True or False, got {zero_grad_in_step!r}")
+        super().__init__(params, defaults)
+        # GradScaler hands grad_scale/found_inf to step() instead of unscaling and syncing itself.
+        self._step_supports_amp_scaling = True
+        self._zero_grad_in_step = zero_grad_in_step
+        self._grads_kept_allocated = False  # the last zero_grad() kept grads (set_to_none=False)
+        self._zeroed_grads: dict[int, tuple[Tensor, int]] = {}
+        self._tables: dict[int, tuple[tuple[bool, ...], list[_Bucket]]] = {}
+
+    # ------------------------------------------------------------------------------------------------
+    # Subclass interface
+    def _init_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _ensure_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """Creates state that options switched on later need (e.g. amsgrad after the first step)."""
+
+    def _step_bucket(self, group: dict[str, Any], bucket: _Bucket, params: list[Tensor], grads: list[Tensor],
+                     states: dict[str, list[Tensor]], steps: list[Tensor], *, zero_grad: bool,
+                     lr: float, lr_tensor: Tensor | None, grad_scale: Tensor | None,
+                     found_inf: Tensor | None) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------
+    def _new_step_tensor(self, param: Tensor) -> Tensor:
+        # As torch's fused and capturable optimizers: fp32, on the param's device, advanced by the kernel.
+        return torch.zeros((), dtype=torch.float32, device=param.device)
+
+    def _zeros_state(self, param: Tensor) -> Tensor:
+        return torch.zeros_like(param, dtype=_state_like_dtype(param), memory_format=torch.preserve_format)
+
+    def _tables_for(self, group_index: int, group: dict[str, Any], has_grad: tuple[bool, ...]) -> list[_Bucket]:
+        cached = self._tables.get(group_index)
+        if cached is not None and cached[0] == has_grad:
+            return cached[1]
+        buckets: dict[tuple, _Bucket] = {}
+        for i, p in enumerate(group["params"]):
+            if not has_grad[i]:
+                continue
+            _check_param(p)
+            state = self.state[p]
+            if len(state) == 0:
+                self._init_state(p, group, state)
+            self._ensure_state(p, group, state)
+            key = (p.device, p.dtype)
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = _Bucket()
+                bucket.is_complex = p.is_complex()
+                bucket.states = {name: [] for name in self._state_names}
+            bucket.indices.append(i)
+            bucket.originals.append(p)
+            bucket.params.append(_real(p))
+            for name in self._state_names:
+                value = state.get(name)
+                bucket.states[name].append(_real(value) if value is not None else None)
+            if self._has_step:
+                bucket.steps.append(state["step"])
+        result = list(buckets.values())
+        self._tables[group_index] = (has_grad, result)
+        return result
+
+    def _invalidate_tables(self) -> None:
+        self._tables.clear()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_tables"):
+            self._invalidate_tables()
+
+    def _wants_zero_grad_in_step(self) -> bool:
+        if self._zero_grad_in_step is not None:
+            return self._zero_grad_in_step
+        # Auto: zero in the step only when the loop keeps gradients allocated (zero_grad(set_to_none=False));
+        # with set_to_none=True the grads are dropped anyway and writing zeros would be wasted traffic.
+        return self._grads_kept_allocated
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Performs one optimization step over every param group.
+
+        Args:
+            closure (Callable, optional): re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        zero_grad = self._wants_zero_grad_in_step()
+        zeroed: dict[int, tuple[Tensor, int]] = {}
+        per_device_scalars: dict[tuple[int, torch.device], Tensor] = {}
+
+        # First every group's tables (this validates dtypes and creates missing state), then the kernels:
+        # a bad param in a later group must not leave earlier groups stepped.
+        work = []
+        for group_index, group in enumerate(self.param_groups):
+            grads = [p.grad for p in group["params"]]
+            has_grad = tuple(g is not None for g in grads)
+            if not any(has_grad):
+                continue
+            for g in grads:
+                if g is not None and g.layout != torch.strided:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients (got layout {g.layout}); "
+                        "use torch.optim.SparseAdam or dense gradients"
+                    )
+            work.append((group, grads, self._tables_for(group_index, group, has_grad)))
+
+        for group, grads, buckets in work:
+            lr = group["lr"]
+            for bucket in buckets:
+                bucket_grads = [grads[i] for i in bucket.indices]
+                if bucket.is_complex:
+                    bucket_grads = [torch.view_as_real(g) for g in bucket_grads]
+                device = bucket.params[0].device
+                lr_tensor = None
+                lr_value = lr
+                if isinstance(lr, Tensor):
+                    lr_tensor = _on_device(lr, device, per_device_scalars)
+                    lr_value = 0.0
+                self._step_bucket(
+                    group, bucket, bucket.params, bucket_grads, bucket.states, bucket.steps,
+                    zero_grad=zero_grad, lr=float(lr_value), lr_tensor=lr_tensor,
+                    grad_scale=_on_device(grad_scale, device, per_device_scalars),
+                    found_inf=_on_device(found_inf, device, per_device_scalars),
+                )
+                if zero_grad:
+                    for i in bucket.indices:
+                        g = grads[i]
+                        zeroed[id(g)] = (g, g._version)
+        self._zeroed_grads = zeroed
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Resets the gradients of all params, as :meth:`torch.optim.Optimizer.zero_grad`.
+
+        With ``set_to_none=False`` the gradients the last step already zeroed in its kernel (and that
+        nothing has written to since) are not written again, and later steps zero the gradients they
+        consume, so a loop that keeps gradients allocated never pays a separate zeroing pass.
+        """
+        self._grads_kept_allocated = not set_to_none
+        if set_to_none:
+            super().zero_grad(set_to_none=True)
+            return
+        zeroed = self._zeroed_grads
+        to_zero: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.grad_fn is not None:
+                    g.detach_()
+                else:
+                    g.requires_grad_(False)
+                known = zeroed.get(id(g))
+                if known is not None and known[0] is g and known[1] == g._version:
+                    continue
+                to_zero[(g.device, g.dtype)].append(g)
+        for grads in to_zero.values():
+            torch._foreach_zero_(grads)
+        self._zeroed_grads = {}
+
+    # ------------------------------------------------------------------------------------------------
+    # Checkpoints in torch.optim's format
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state dict saved by this class or by the torch.optim class of the same name.
+
+        torch.optim casts state to each param's dtype on load; fused_train keeps fp32 state for bf16/fp16
+        params and its ``step`` as an fp32 tensor on the param's device, so those are taken from the
+        saved values directly (no lossy round trip through bf16).
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            state = self.state[p]
+            for key, value in saved.items():
+                if key == "step":
+                    step = value if torch.is_tensor(value) else torch.tensor(float(value))
+                    state[key] = step.detach().to(device=p.device, dtype=torch.float32, copy=True)
+                elif torch.is_tensor(value) and (value.is_floating_point() or value.is_complex()):
+                    state[key] = value.detach().to(device=p.device, dtype=_state_like_dtype(p), copy=True)
+        self._invalidate_tables()
+        self._zeroed_grads = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._tables = {}
+        self._zeroed_grads = {}
+        self.__dict__.setdefault("_zero_grad_in_step", None)
+        self.__dict__.setdefault("_grads_kept_allocated", False)
+        self._step_supports_amp_scaling = True
+
+
+def _state_like_dtype(param: Tensor) -> torch.dtype:
+    if param.is_complex():
+        return torch.complex128 if param.dtype == torch.complex128 else torch.complex64
+    return state_dtype_for(param.dtype)
+
+
+def _real(t: Tensor) -> Tensor:
+    # Complex params step as (…, 2) real views, exactly as torch.optim's own complex path does.
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _check_param(p: Tensor) -> None:
+    dtype = p.dtype
+    if p.is_complex():
+        dtype = {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(p.dtype)
+        if dtype is None:
+            raise TypeError(f"fused_train optimizers support complex64 and complex128 params, got {p.dtype}")
+    if dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(
+            f"fused_train optimizers support float32, float64, bfloat16 and float16 params, got {p.dtype}"
+        )
+
+
+def _on_device(t: Tensor | None, device: torch.device, cache: dict) -> Tensor | None:
+    if t is None or t.device == device:
+        return t
+    key = (id(t), device)
+    moved = cache.get(key)
+    if moved is None:
+        moved = cache[key] = t.to(device, non_blocking=True)
+    return moved

@@ -1,0 +1,146 @@
+"""Adam and AdamW with one fused kernel per device and dtype; the math is csrc/include/fused_train/optim_math.h
+(``adam_update``), the kernels csrc/cpu/optimizer_kernels.h and csrc/cuda/optimizers.cu."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from .. import _ops
+from ._base import FusedOptimizer, check_implementation_flags, check_lr
+
+
+class Adam(FusedOptimizer):
+    r"""Adam (Kingma & Ba, 2015) as :class:`torch.optim.Adam`, in one fused kernel per device and dtype.
+
+    Same arguments, defaults, validation, param groups and ``state_dict`` format as ``torch.optim.Adam``
+    (per-param ``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), so checkpoints move between the
+    two and LR schedulers work unchanged. Differences: state is fp32 for bf16/fp16 params (rounded once
+    into the param per step); ``step`` is an fp32 tensor on the param's device, advanced by the kernel;
+    GradScaler's unscale and inf-skip happen inside the kernel.
+
+    Args:
+        params (iterable): params or param groups to optimize.
+        lr (float or Tensor, optional): learning rate (default: 1e-3).
+        betas (Tuple[float, float], optional): coefficients of the running averages of the gradient and its
+            square (default: (0.9, 0.999)).
+        eps (float, optional): added to the denominator for numerical stability (default: 1e-8).
+        weight_decay (float, optional): L2 penalty, or decoupled decay with ``decoupled_weight_decay``
+            (default: 0).
+        amsgrad (bool, optional): use the AMSGrad variant (default: False).
+        maximize (bool, optional): maximize the objective instead of minimizing (default: False).
+        foreach, fused, differentiable: torch's implementation switches; fused_train is always fused, so
+            ``foreach=True``, ``fused=False`` and ``differentiable=True`` raise ``ValueError``.
+        capturable (bool, optional): accepted; the kernels never synchronize with the host, so steps can
+            be captured in a CUDA graph either way (default: False).
+        decoupled_weight_decay (bool, optional): AdamW's decoupled decay (default: False).
+        zero_grad_in_step (bool or None, optional): write zeros into each gradient in the same pass that
+            reads it. ``None`` (default) does so after the loop last called ``zero_grad(set_to_none=False)``,
+            i.e. exactly when gradients are kept allocated; see the README's "gradient zeroing".
+
+    Example:
+        >>> optimizer = fused_train.optim.Adam(model.parameters(), lr=1e-3)
+        >>> loss_fn(model(x), y).backward()
+        >>> optimizer.step()
+        >>> optimizer.zero_grad()
+    """
+
+    _state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        zero_grad_in_step: bool | None = None,
+    ) -> None:
+        check_lr(lr)
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_implementation_flags(type(self).__name__, foreach, fused, differentiable)
+        betas = (float(betas[0]), float(betas[1]))
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        super().__init__(params, defaults, zero_grad_in_step=zero_grad_in_step)
+
+    def _init_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        state["step"] = self._new_step_tensor(param)
+        state["exp_avg"] = self._zeros_state(param)
+        state["exp_avg_sq"] = self._zeros_state(param)
+
+    def _ensure_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = self._zeros_state(param)
+
+    def _step_bucket(self, group, bucket, params, grads, states, steps, *, zero_grad, lr, lr_tensor,
+                     grad_scale, found_inf) -> None:
+        amsgrad = group["amsgrad"]
+        if amsgrad and any(t is None for t in states["max_exp_avg_sq"]):
+            self._invalidate_tables()  # amsgrad was switched on after the tables were built
+            raise RuntimeError("Adam: amsgrad was enabled after the first step; call step() again")
+        beta1, beta2 = group["betas"]
+        _ops.adam_step_(
+            params, grads, states["exp_avg"], states["exp_avg_sq"],
+            states["max_exp_avg_sq"] if amsgrad else [], steps,
+            lr=lr, beta1=float(beta1), beta2=float(beta2), weight_decay=float(group["weight_decay"]),
+            eps=float(group["eps"]), amsgrad=amsgrad, maximize=group["maximize"],
+            decoupled_weight_decay=group["decoupled_weight_decay"], zero_grad=zero_grad,
+            lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+        )
+
+
+class AdamW(Adam):
+    r"""AdamW (Loshchilov & Hutter, 2019) as :class:`torch.optim.AdamW`: :class:`Adam` with decoupled
+    weight decay, default ``weight_decay=1e-2``. Same arguments and ``state_dict`` format as torch's.
+
+    Example:
+        >>> optimizer = fused_train.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        zero_grad_in_step: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+            capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
+            zero_grad_in_step=zero_grad_in_step,
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

@@ -1,0 +1,108 @@
+"""SGD with momentum, dampening, Nesterov and weight decay in one fused kernel per device and dtype; math:
+``sgd_update`` in csrc/include/fused_train/optim_math.h."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from torch import Tensor
+
+from .. import _ops
+from ._base import FusedOptimizer, check_implementation_flags, check_lr
+
+
+class SGD(FusedOptimizer):
+    r"""Stochastic gradient descent as :class:`torch.optim.SGD`, in one fused kernel per device and dtype.
+
+    Same arguments, defaults, validation and ``state_dict`` format (``momentum_buffer`` when
+    ``momentum != 0``) as ``torch.optim.SGD``; the first step copies the gradient into the momentum
+    buffer as torch does. State is fp32 for bf16/fp16 params.
+
+    Args:
+        params (iterable): params or param groups to optimize.
+        lr (float or Tensor, optional): learning rate (default: 1e-3).
+        momentum (float, optional): momentum factor (default: 0).
+        dampening (float, optional): dampening for momentum (default: 0).
+        weight_decay (float, optional): L2 penalty (default: 0).
+        nesterov (bool, optional): Nesterov momentum (default: False).
+        maximize (bool, optional): maximize the objective (default: False).
+        foreach, fused, differentiable: see :class:`fused_train.optim.Adam`.
+        zero_grad_in_step (bool or None, optional): see :class:`fused_train.optim.Adam`.
+
+    Example:
+        >>> optimizer = fused_train.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    """
+
+    _state_names = ("momentum_buffer",)
+    _has_step = False
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        zero_grad_in_step: bool | None = None,
+    ) -> None:
+        check_lr(lr)
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        check_implementation_flags("SGD", foreach, fused, differentiable)
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
+        )
+        super().__init__(params, defaults, zero_grad_in_step=zero_grad_in_step)
+        self._fresh_buffers: set[int] = set()
+
+    def _init_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        pass  # torch's SGD has no state until a step with momentum creates the buffer
+
+    def _ensure_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
+            # Filled with the first gradient by the kernel (is_first_step), as torch's clone(grad).
+            state["momentum_buffer"] = self._zeros_state(param)
+            self._fresh_buffers.add(id(param))
+
+    def _step_bucket(self, group, bucket, params, grads, states, steps, *, zero_grad, lr, lr_tensor,
+                     grad_scale, found_inf) -> None:
+        momentum = float(group["momentum"])
+        kwargs = dict(
+            lr=lr, momentum=momentum, dampening=float(group["dampening"]),
+            weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"], maximize=group["maximize"],
+            zero_grad=zero_grad, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+        )
+        if momentum == 0:
+            _ops.sgd_step_(params, grads, [], is_first_step=False, **kwargs)
+            return
+        buffers = states["momentum_buffer"]
+        if any(b is None for b in buffers):
+            self._invalidate_tables()  # momentum was switched on after the tables were built
+            raise RuntimeError("SGD: momentum was enabled after the first step; call step() again")
+        fresh = [id(p) in self._fresh_buffers for p in bucket.originals] if self._fresh_buffers else None
+        if not fresh or not any(fresh):
+            _ops.sgd_step_(params, grads, buffers, is_first_step=False, **kwargs)
+            return
+        # A param whose buffer is new takes its first step (buf = grad); the call splits by that.
+        for first in (True, False):
+            idx = [i for i, f in enumerate(fresh) if f == first]
+            if idx:
+                _ops.sgd_step_([params[i] for i in idx], [grads[i] for i in idx], [buffers[i] for i in idx],
+                               is_first_step=first, **kwargs)
+        for p in bucket.originals:
+            self._fresh_buffers.discard(id(p))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._fresh_buffers = set()

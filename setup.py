@@ -1,0 +1,176 @@
+"""Build fused_train._C: the C++ CPU kernels always, the CUDA kernels when torch is a CUDA build and a
+CUDA toolkit is found.
+
+Knobs (see the README table):
+  FUSED_TRAIN_FORCE_CPU=1   build the CPU kernels only, even where a toolkit is present
+  FUSED_TRAIN_FORCE_CUDA=1  fail unless the CUDA kernels are built
+  CUDA_HOME / CUDA_PATH     toolkit root (the folder holding lib64/libcudart.so); default /usr/local/cuda
+  TORCH_CUDA_ARCH_LIST      e.g. "9.0" or "8.0;9.0+PTX"; default: the visible GPU, else DEFAULT_CUDA_ARCHS
+  MAX_JOBS, NVCC_THREADS    parallel compile jobs; nvcc threads per job
+"""
+
+import glob
+import os
+import platform
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+# Per-ISA builds of the CPU kernels, chosen at run time (csrc/cpu/cpu_dispatch.cpp). The flags match
+# ATen's own AVX2/AVX512 builds, so at::vec picks the same code paths it does inside torch.
+CPU_ISA_FLAGS = {
+    "default": [],  # listed first: its copies of shared inline c10 functions win at link time
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY_AVX512"],
+}
+
+
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
+if not X86:
+    CPU_ISA_FLAGS = {"default": []}
+
+
+def _flag(name):
+    value = os.environ.get(name, "0")
+    if value not in ("0", "1"):
+        sys.exit(f"setup.py: {name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def _find_cuda_home():
+    """The toolkit root. The nvcc on PATH may be a wrapper script, so never guess from it alone."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    for nvcc in (os.environ.get("NVCC"), _which("nvcc")):
+        if nvcc:
+            candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for root in candidates:
+        if root and os.path.exists(os.path.join(root, "lib64", "libcudart.so")) and os.path.exists(
+            os.path.join(root, "bin", "nvcc")
+        ):
+            return root
+    return None
+
+
+def _which(program):
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        path = os.path.join(folder, program)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+force_cpu = _flag("FUSED_TRAIN_FORCE_CPU")
+force_cuda = _flag("FUSED_TRAIN_FORCE_CUDA")
+if force_cpu and force_cuda:
+    sys.exit("setup.py: FUSED_TRAIN_FORCE_CPU=1 and FUSED_TRAIN_FORCE_CUDA=1 contradict each other")
+
+cuda_home = None if force_cpu else _find_cuda_home()
+if cuda_home:
+    # torch.utils.cpp_extension reads CUDA_HOME once, on import.
+    os.environ["CUDA_HOME"] = cuda_home
+
+try:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    sys.exit(
+        "setup.py: torch is not importable. fused_train compiles against the installed torch: "
+        "`pip install torch ninja pybind11` first, then `pip install --no-build-isolation .`"
+    )
+
+build_cuda = bool(cuda_home) and torch.version.cuda is not None and not force_cpu
+if force_cuda and not build_cuda:
+    why = "torch is a CPU-only build" if torch.version.cuda is None else "no CUDA toolkit was found"
+    sys.exit(
+        f"setup.py: FUSED_TRAIN_FORCE_CUDA=1 but {why}. Set CUDA_HOME to the toolkit root "
+        "(the folder holding lib64/libcudart.so)."
+    )
+if not build_cuda and not force_cpu:
+    why = "torch is a CPU-only build" if torch.version.cuda is None else "no CUDA toolkit was found"
+    print(f"setup.py: building the CPU kernels only ({why}).", file=sys.stderr)
+
+if build_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    if torch.cuda.is_available():  # only picks the default architecture; never gates the build
+        major, minor = torch.cuda.get_device_capability()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    else:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+cuda_archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if build_cuda else ""
+
+include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+define_macros = [
+    ("FUSED_TRAIN_WITH_CUDA", "1" if build_cuda else "0"),
+    ("FUSED_TRAIN_CUDA_ARCHS", '"' + cuda_archs + '"'),
+    ("FUSED_TRAIN_X86_ISAS", "1" if X86 else "0"),
+    ("FUSED_TRAIN_TORCH_VERSION", '"' + torch.__version__ + '"'),
+]
+cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+nvcc_flags = [
+    "-O3",
+    "-lineinfo",
+    "--expt-relaxed-constexpr",
+    "-Xcompiler=-fopenmp",
+
+]
+if os.environ.get("NVCC_THREADS"):
+    nvcc_flags.append(f"--threads={os.environ['NVCC_THREADS']}")
+
+sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+if build_cuda:
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+# The per-ISA kernel files are compiled by FusedTrainBuild below, each with its own flags.
+isa_sources = sorted(glob.glob("csrc/cpu/isa/*.cpp"))
+
+
+class FusedTrainBuild(BuildExtension):
+    """BuildExtension plus one extra compile of each per-ISA source with its ISA flags."""
+
+    def build_extension(self, ext):
+        objects = []
+        for isa, flags in CPU_ISA_FLAGS.items():
+            srcs = [s for s in isa_sources if os.path.basename(s).endswith(f"_{isa}.cpp")]
+            if not srcs:
+                continue
+            out_dir = os.path.join(self.build_temp, "isa", isa)
+            objects += self.compiler.compile(
+                srcs,
+                output_dir=out_dir,
+                macros=ext.define_macros,
+                include_dirs=ext.include_dirs + self.compiler.include_dirs,
+                # ext.extra_compile_args by now holds BuildExtension's ABI and module-name flags too.
+                extra_postargs={"cxx": ext.extra_compile_args["cxx"] + flags + [f"-DCPU_CAPABILITY={isa.upper()}"]},
+                depends=ext.depends,
+            )
+        ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
+
+
+extension_cls = CUDAExtension if build_cuda else CppExtension
+ext_kwargs = {}
+if build_cuda:
+    ext_kwargs["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": nvcc_flags}
+else:
+    ext_kwargs["extra_compile_args"] = {"cxx": cxx_flags}
+
+ext_modules = [
+    extension_cls(
+        name="fused_train._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_link_args=["-fopenmp"],
+        depends=sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True)),
+        py_limited_api=False,
+        **ext_kwargs,
+    )
+]
+
+setup(
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": FusedTrainBuild.with_options(use_ninja=True)},
+)
