@@ -1,0 +1,45 @@
+# Quick start: `make demo` runs the demo, `make test` runs every test. Each creates .venv, installs torch and
+# the build tools into it, compiles fused_train (CUDA kernels too where a toolkit is found) and runs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEPS := $(VENV)/.deps-installed
+EXT_STAMP := $(VENV)/.fused-train-built
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.inl' \))
+
+# In CI a CUDA compile error must fail the run, not fall back to a CPU-only build.
+ifeq ($(CI),true)
+export FUSED_TRAIN_FORCE_CUDA ?= 1
+endif
+
+.PHONY: demo test test-python test-cpp bench build clean sanitize
+
+demo: $(EXT_STAMP)
+	$(VENV)/bin/fused-train demo
+
+test: test-python test-cpp
+
+test-python: $(EXT_STAMP)
+	$(PY) -m pytest -q
+
+test-cpp: $(DEPS)
+	$(PY) tests/cpp/run_ctest.py
+
+bench: $(EXT_STAMP)
+	$(VENV)/bin/fused-train bench
+
+build: $(EXT_STAMP)
+
+$(DEPS):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch>=2.4" ninja pybind11 "setuptools>=64" wheel cmake \
+		pytest pytest-benchmark hypothesis numpy tqdm scikit-learn matplotlib
+	touch $@
+
+$(EXT_STAMP): $(DEPS) $(SOURCES)
+	$(PY) -m pip install --quiet --no-build-isolation -e .
+	touch $@
+
+clean:
+	rm -rf build fused_train/_C*.so $(EXT_STAMP)
