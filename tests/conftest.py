@@ -18,11 +18,13 @@ DEVICES = [
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason=_NO_CUDA_REASON)
 
 # Tolerances against a reference computed the same way (same opmath, same rounding points). fp32/fp64:
-# a few ulps of the reassociation and FMA-contraction differences between kernels. bf16/fp16: one rounding
-# of the stored value (2^-8 and 2^-11 relative) plus an ulp of slack.
+# the kernels and torch differ only in FMA contraction (torch's vectorized CPU ops fuse a*b+c, compilers
+# contract differently), a few ulps per op; over a dozen steps on values of magnitude ~5 that reaches
+# ~10 ulps of 5 in absolute terms where a running average cancels to near zero, hence atol = 1e-5 (fp32)
+# beside rtol = 1e-5. bf16/fp16: one rounding of the stored value (2^-8 and 2^-11 relative) plus slack.
 TOL = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
     torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3),
     torch.float16: dict(rtol=2e-3, atol=1e-4),
 }
@@ -33,3 +35,14 @@ FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def assert_close_scaled(actual, expected, dtype=None):
+    """assert_close with TOL[dtype], where atol also grows with the tensor's largest magnitude: a value
+    that a running average cancelled to near zero carries the absolute rounding error of the large terms
+    it was computed from, not an error relative to itself."""
+    tol = dict(TOL[dtype or expected.dtype])
+    if expected.numel() > 0:
+        scale = expected.detach().abs().max().float().item()
+        tol["atol"] = max(tol["atol"], tol["rtol"] * scale)
+    torch.testing.assert_close(actual, expected, **tol)
