@@ -51,15 +51,15 @@ def check_lr(lr: float | Tensor) -> None:
 class _Bucket:
     """The params of one group that share a device and dtype, with their state lists, in call order."""
 
-    __slots__ = ("indices", "originals", "params", "states", "steps", "is_complex")
+    __slots__ = ("indices", "originals", "params", "states", "steps", "needs_view")
 
     def __init__(self) -> None:
         self.indices: list[int] = []
         self.originals: list[Tensor] = []  # the group's params
-        self.params: list[Tensor] = []  # what the op sees (real views of complex params)
+        self.params: list[Tensor] = []  # what the op sees: see _kernel_view
         self.states: dict[str, list[Tensor]] = {}
         self.steps: list[Tensor] = []
-        self.is_complex = False
+        self.needs_view = False  # complex or DTensor params: grads need _kernel_view too
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -120,14 +120,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = _Bucket()
-                bucket.is_complex = p.is_complex()
+                bucket.needs_view = p.is_complex() or _is_dtensor(p)
                 bucket.states = {name: [] for name in self._state_names}
             bucket.indices.append(i)
             bucket.originals.append(p)
-            bucket.params.append(_real(p))
+            bucket.params.append(_kernel_view(p))
             for name in self._state_names:
                 value = state.get(name)
-                bucket.states[name].append(_real(value) if value is not None else None)
+                bucket.states[name].append(_kernel_view(value) if value is not None else None)
             if self._has_step:
                 bucket.steps.append(state["step"])
         result = list(buckets.values())
@@ -186,8 +186,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             lr = group["lr"]
             for bucket in buckets:
                 bucket_grads = [grads[i] for i in bucket.indices]
-                if bucket.is_complex:
-                    bucket_grads = [torch.view_as_real(g) for g in bucket_grads]
+                if bucket.needs_view:
+                    bucket_grads = [_kernel_view(g) for g in bucket_grads]
                 device = bucket.params[0].device
                 lr_tensor = None
                 lr_value = lr
@@ -278,8 +278,16 @@ def _state_like_dtype(param: Tensor) -> torch.dtype:
     return state_dtype_for(param.dtype)
 
 
-def _real(t: Tensor) -> Tensor:
-    # Complex params step as (…, 2) real views, exactly as torch.optim's own complex path does.
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
+
+
+def _kernel_view(t: Tensor) -> Tensor:
+    """What the kernel steps for a param, grad or state tensor. A DTensor (FSDP2) is stepped on its local
+    shard: the update is elementwise, so every rank updating its own shard is the whole update. Complex
+    tensors step as (…, 2) real views, exactly as torch.optim's own complex path does."""
+    if _is_dtensor(t):
+        t = t._local_tensor
     return torch.view_as_real(t) if t.is_complex() else t
 
 
