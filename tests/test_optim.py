@@ -575,3 +575,37 @@ def test_compiled_training_step_matches_eager():
         train_step(twin, twin_opt)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop"])
+def test_fp16_params_with_grad_scaler(name, device):
+    # torch's unfused optimizers cannot take fp16 grads through GradScaler (unscale_ refuses them); the
+    # fused kernels unscale in fp32 inside the step. Reference: fp32 math on the unscaled grads.
+    torch.manual_seed(4)
+    params = [torch.randn(37, device=device, dtype=torch.float16) for _ in range(2)]
+    fused_params = [p.clone().requires_grad_(True) for p in params]
+    ref_params = [p.clone() for p in params]
+    cfg = dict(lr=0.01, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=0.01)
+    opt = getattr(fused_train.optim, name)(fused_params, **cfg)
+    ref = LowPrecisionOptimizerReference(ref_params, getattr(torch.optim, name), **cfg)
+    scaler = torch.amp.GradScaler(device, init_scale=256.0, growth_interval=1000)
+    for step in range(4):
+        loss = sum((p.float() * torch.cos(p.float() + step)).sum() for p in fused_params)
+        scaler.scale(loss).backward()
+        if step == 2:
+            fused_params[0].grad[3] = float("inf")
+        for fp, rp in zip(fused_params, ref_params):
+            rp.grad = (fp.grad.float() / scaler.get_scale()).half()
+        before = [p.detach().clone() for p in fused_params]
+        scaler.step(opt)
+        scaler.update()
+        if step == 2:
+            for b, p in zip(before, fused_params):
+                assert torch.equal(b, p)
+        else:
+            ref.step()
+        opt.zero_grad()
+    assert scaler.get_scale() == 128.0  # halved once, by the inf step
+    for fp, rp in zip(fused_params, ref_params):
+        torch.testing.assert_close(fp, rp, **TOL[torch.float16])
