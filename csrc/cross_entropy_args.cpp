@@ -81,10 +81,10 @@ CrossEntropyCall check_cross_entropy_call(const char* op, const at::Tensor& inpu
 at::Tensor check_cross_entropy_backward(const char* op, const CrossEntropyCall& call, const at::Tensor& grad_loss,
                                         const at::Tensor& lse, const at::Tensor& denominator) {
   const auto& dev = call.input.device();
-  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == call.rows && lse.scalar_type() == call.opmath &&
-                        lse.device() == dev && lse.stride(0) == 1,
-                    op, ": lse must be the forward's contiguous (", call.rows, ",) ", call.opmath, " tensor on ",
-                    dev, ", got shape ", lse.sizes(), " ", lse.scalar_type(), " on ", lse.device());
+  TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == call.rows && lse.size(1) == 2 &&
+                        lse.scalar_type() == call.opmath && lse.device() == dev && lse.is_contiguous(),
+                    op, ": row_lse must be the forward's contiguous (", call.rows, ", 2) ", call.opmath,
+                    " tensor on ", dev, ", got shape ", lse.sizes(), " ", lse.scalar_type(), " on ", lse.device());
   TORCH_CHECK_VALUE(denominator.numel() == 1 && denominator.scalar_type() == call.opmath &&
                         denominator.device() == dev,
                     op, ": denominator must be the forward's one-element ", call.opmath, " tensor on ", dev);

@@ -28,7 +28,7 @@ CrossEntropyCall check_cross_entropy_call(const char* op, const at::Tensor& inpu
                                           const std::optional<at::Tensor>& weight, int64_t reduction,
                                           double label_smoothing, double lse_square_scale, bool writes_input);
 
-// Checks the extra inputs of the backward: the forward's lse (rows,) and denominator (0-dim), both opmath,
+// Checks the extra inputs of the backward: the forward's row_lse (rows, 2) and denominator (0-dim), opmath,
 // and grad_loss ((rows,) for reduction='none', else one element) in the logits' dtype; returns grad_loss
 // on the logits' dtype (a copy only when it arrives in another dtype).
 at::Tensor check_cross_entropy_backward(const char* op, const CrossEntropyCall& call, const at::Tensor& grad_loss,

@@ -135,9 +135,11 @@ def cross_entropy_forward(
     """Cross-entropy of 2-D ``input`` (rows, classes) in one read of the logits.
 
     ``target``: class indices (rows,) int64/int32, or probabilities of ``input``'s shape and dtype.
-    ``reduction``: 0 none, 1 mean, 2 sum. Returns ``(loss, z_loss, lse, denominator)``: the loss (z-loss
-    included) and the z-loss alone in ``input``'s dtype, the per-row log-sum-exp and the mean's denominator
-    in opmath (fp64 for fp64 input, else fp32); the last two are what the backward needs.
+    ``reduction``: 0 none, 1 mean, 2 sum. Returns ``(loss, z_loss, row_lse, denominator)``: the loss (z-loss
+    included) and the z-loss alone in ``input``'s dtype; each row's log-sum-exp as ``(max, log Σ exp(x - max))``
+    pairs, shape (rows, 2), and the mean's denominator, both in opmath (fp64 for fp64 input, else fp32): what
+    the backward needs. Two parts rather than one lse keep softmax = exp((x - max) - log_sum) exact for
+    logits far from 0 (an fp32 lse near 1e4 is off by up to 5e-4).
     See :func:`fused_train.nn.functional.cross_entropy`.
     """
     return _ops.cross_entropy_forward.default(
@@ -151,7 +153,7 @@ def cross_entropy_backward(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    lse: Tensor,
+    row_lse: Tensor,
     denominator: Tensor,
     *,
     reduction: int,
@@ -160,15 +162,15 @@ def cross_entropy_backward(
     lse_square_scale: float,
     inplace: bool = False,
 ) -> Tensor:
-    """Gradient of :func:`cross_entropy_forward`'s loss with respect to ``input``, from its ``lse`` and
+    """Gradient of :func:`cross_entropy_forward`'s loss with respect to ``input``, from its ``row_lse`` and
     ``denominator``: one read of the logits, one write of the gradient. With ``inplace`` the gradient is
     written over ``input`` (which is returned); only for logits that are not needed afterwards."""
     kwargs = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
                   lse_square_scale=lse_square_scale)
     if inplace:
-        _ops.cross_entropy_backward_.default(grad_loss, input, target, weight, lse, denominator, **kwargs)
+        _ops.cross_entropy_backward_.default(grad_loss, input, target, weight, row_lse, denominator, **kwargs)
         return input
-    return _ops.cross_entropy_backward.default(grad_loss, input, target, weight, lse, denominator, **kwargs)
+    return _ops.cross_entropy_backward.default(grad_loss, input, target, weight, row_lse, denominator, **kwargs)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -184,16 +186,17 @@ def _cross_entropy_forward_fake(input, target, weight, *, reduction, ignore_inde
     return (
         input.new_empty(loss_shape),
         input.new_empty(loss_shape),
-        input.new_empty((rows,), dtype=opmath),
+        input.new_empty((rows, 2), dtype=opmath),
         input.new_empty((), dtype=opmath),
     )
 
 
 @torch.library.register_fake("fused_train::cross_entropy_backward")
-def _cross_entropy_backward_fake(grad_loss, input, target, weight, lse, denominator, **kwargs):
+def _cross_entropy_backward_fake(grad_loss, input, target, weight, row_lse, denominator, **kwargs):
     return input.new_empty(input.shape)
 
 
 @torch.library.register_fake("fused_train::cross_entropy_backward_")
-def _cross_entropy_backward_inplace_fake(grad_loss, input, target, weight, lse, denominator, **kwargs) -> None:
+def _cross_entropy_backward_inplace_fake(grad_loss, input, target, weight, row_lse, denominator,
+                                         **kwargs) -> None:
     return None

@@ -27,7 +27,7 @@ def cross_entropy_reference(
     opmath = torch.float64 if input.dtype == torch.float64 else torch.float32
     x = input.to(opmath)
     prob = target.is_floating_point()
-    t = target.to(opmath) if prob else target
+    t = target.to(opmath) if prob else target.long()  # torch takes no int32 class indices
     w = weight.to(opmath) if weight is not None else None
     rows = F.cross_entropy(x, t, w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
     lse = torch.logsumexp(x, dim=1 if x.dim() > 1 else 0)

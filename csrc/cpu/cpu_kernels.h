@@ -64,12 +64,13 @@ struct CrossEntropyLaunch {
   const void* weight;         // opmath (classes), or nullptr
   int64_t ignore_index;
   double label_smoothing, lse_square_scale, class_weight_sum;
-  // Forward outputs, opmath (rows): log-sum-exp, loss and mean-denominator weight of each row.
+  // Forward outputs, opmath: each row's log-sum-exp as (shift, log_sum) pairs (rows, 2; see
+  // math::RowLse), and its loss, z-loss and mean-denominator weight (rows).
   void* lse;
   void* row_loss;
   void* row_z_loss;
   void* row_weight;
-  // Backward: lse in, gradient out (unit class stride, any row stride). Row r's gradient is scaled by
+  // Backward: the (shift, log_sum) pairs in, gradient out (unit class stride, any row stride). Row r's gradient is scaled by
   // grad_loss[r * grad_loss_stride] / *denominator; grad_loss has the logits' dtype (stride 0 for a reduced
   // loss), the denominator is opmath.
   const void* lse_in;

@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
     }
   }
   const auto opts = input.options().dtype(c.opmath);
-  at::Tensor lse = at::empty({c.rows}, opts);
+  at::Tensor lse = at::empty({c.rows, 2}, opts);
   at::Tensor row_loss = at::empty({c.rows}, opts);
   at::Tensor row_z_loss = at::empty({c.rows}, opts);
   at::Tensor row_weight = at::empty({c.rows}, opts);

@@ -94,9 +94,10 @@ FT_INLINE void update_lanes(LaneState<O>& st, const at::vec::Vectorized<O> (&x)[
   constexpr int kAllLanes = (1 << V::size()) - 1;
   // zero_mask() of a comparison is the lanes where it is false: anything else means a max grew.
   if (V(new_max != st.max).zero_mask() != kAllLanes) {
-    const V delta = math::safe_shift(st.max) - math::safe_shift(new_max);
-    st.sum = st.sum * math::exp_(delta);
-    if constexpr (kLinear) st.dot = at::vec::fmadd(st.asum, delta, st.dot);
+    const V new_shift = math::safe_shift(new_max);
+    // Raw old max in the exp (see math::combine): a lane that saw only -inf has sum 0 and must keep it.
+    st.sum = st.sum * math::exp_(st.max - new_shift);
+    if constexpr (kLinear) st.dot = at::vec::fmadd(st.asum, math::safe_shift(st.max) - new_shift, st.dot);
     st.max = new_max;
   }
   const V shift = math::safe_shift(st.max);
@@ -122,11 +123,12 @@ math::RowState<O> fold_lanes(const LaneState<O>& st) {
   st.max.store(lane_max);
   O m = lane_max[0];
   for (int64_t i = 1; i < V::size(); ++i) m = math::max_(m, lane_max[i]);
-  const V delta = math::safe_shift(st.max) - V(math::safe_shift(m));
+  const V shift(math::safe_shift(m));
+  const V delta = math::safe_shift(st.max) - shift;
   const auto add = [](const V& p, const V& q) { return p + q; };
   math::RowState<O> r;
   r.max = m;
-  r.sum = at::vec::vec_reduce_all<O>(add, st.sum * math::exp_(delta));
+  r.sum = at::vec::vec_reduce_all<O>(add, st.sum * math::exp_(st.max - shift));
   r.dot = at::vec::vec_reduce_all<O>(add, at::vec::fmadd(st.asum, delta, st.dot));
   r.asum = at::vec::vec_reduce_all<O>(add, st.asum);
   return r;
@@ -198,15 +200,23 @@ math::RowState<XentOpmath<T>> scan_row(const CrossEntropyLaunch& l, const T* x, 
     }
     update_lanes<O, kLinear>(st, xs, as, kVecs, kVecs * V::size());
   }
-  for (; j < C; j += IO::kWidth) {
-    const int64_t n = std::min<int64_t>(IO::kWidth, C - j);
-    if (n == IO::kWidth) {
-      IO::load(x + j, xs[0], xs[1]);
-    } else {
-      IO::load_partial(x + j, n, neg_inf, xs[0], xs[1]);
+  // The rest of the row (less than a block) as one shorter block, its last step padded.
+  if (j < C) {
+    const int64_t rest = C - j;
+    int s = 0;
+    for (; (s + 1) * IO::kWidth <= rest; ++s) {
+      IO::load(x + j + s * IO::kWidth, xs[2 * s], xs[2 * s + 1]);
+      if constexpr (kLinear) load_coefficients<T, kProb>(l, target_row, j + s * IO::kWidth, IO::kWidth, hv,
+                                                         as[2 * s], as[2 * s + 1]);
     }
-    if constexpr (kLinear) load_coefficients<T, kProb>(l, target_row, j, n, hv, as[0], as[1]);
-    update_lanes<O, kLinear>(st, xs, as, 2, n);
+    const int64_t partial = rest - s * IO::kWidth;
+    if (partial > 0) {
+      IO::load_partial(x + j + s * IO::kWidth, partial, neg_inf, xs[2 * s], xs[2 * s + 1]);
+      if constexpr (kLinear) load_coefficients<T, kProb>(l, target_row, j + s * IO::kWidth, partial, hv,
+                                                         as[2 * s], as[2 * s + 1]);
+      ++s;
+    }
+    update_lanes<O, kLinear>(st, xs, as, 2 * s, rest);
   }
   return fold_lanes(st);
 }
@@ -226,7 +236,7 @@ void forward_rows_typed(const CrossEntropyLaunch& l, int64_t row_begin, int64_t 
     const T* x = static_cast<const T*>(l.logits) + r * l.logits_row_stride;
     const T* target_row = kProb ? static_cast<const T*>(l.target) + r * l.target_row_stride : nullptr;
     const math::RowState<O> st = scan_row<T, kProb, kLinear>(l, x, target_row, hv);
-    const O lse = math::log_sum_exp(st);
+    const math::RowLse<O> lse = math::finish_row(st);
     O loss = 0, row_weight = 0;
     bool ignored = false;
     if constexpr (kProb) {
@@ -240,9 +250,10 @@ void forward_rows_typed(const CrossEntropyLaunch& l, int64_t row_begin, int64_t 
         loss = math::index_row_loss(st, lse, static_cast<O>(x[t]), row_weight, h);
       }
     }
-    static_cast<O*>(l.lse)[r] = lse;
+    static_cast<O*>(l.lse)[2 * r] = lse.shift;
+    static_cast<O*>(l.lse)[2 * r + 1] = lse.log_sum;
     static_cast<O*>(l.row_loss)[r] = loss;
-    static_cast<O*>(l.row_z_loss)[r] = ignored ? O(0) : h.lse_square_scale * lse * lse;
+    static_cast<O*>(l.row_z_loss)[r] = ignored ? O(0) : math::z_loss(lse, h);
     static_cast<O*>(l.row_weight)[r] = row_weight;
   }
 }
@@ -262,7 +273,8 @@ void backward_rows_typed(const CrossEntropyLaunch& l, int64_t row_begin, int64_t
     const T* x = static_cast<const T*>(l.logits) + r * l.logits_row_stride;
     T* g = static_cast<T*>(l.grad) + r * l.grad_row_stride;
     const T* target_row = kProb ? static_cast<const T*>(l.target) + r * l.target_row_stride : nullptr;
-    const O lse = static_cast<const O*>(l.lse_in)[r];
+    const O* saved = static_cast<const O*>(l.lse_in) + 2 * r;
+    const math::RowLse<O> lse{saved[0], saved[1]};
     const O scale = static_cast<O>(grad_loss[r * l.grad_loss_stride]) / denominator;
     int64_t t = -1;
     O x_t = 0;  // read before the row is written: the in-place backward writes over the logits
@@ -286,21 +298,21 @@ void backward_rows_typed(const CrossEntropyLaunch& l, int64_t row_begin, int64_t
       x_t = static_cast<O>(x[t]);
       rg = math::index_row_grad(scale, lse, weight != nullptr ? weight[t] : O(1), h);
     }
-    const V v_lse(rg.lse), v_softmax(rg.softmax_coef), v_linear(rg.linear_coef);
+    const V v_shift(rg.shift), v_log_sum(rg.log_sum), v_softmax(rg.softmax_coef), v_linear(rg.linear_coef);
     V lo, hi, a_lo(0), a_hi(0);
     int64_t j = 0;
     for (; j + IO::kWidth <= C; j += IO::kWidth) {
       IO::load(x + j, lo, hi);
       if constexpr (kLinear) load_coefficients<T, kProb>(l, target_row, j, IO::kWidth, hv, a_lo, a_hi);
-      IO::store(g + j, math::grad_element(lo, a_lo, v_lse, v_softmax, v_linear),
-                math::grad_element(hi, a_hi, v_lse, v_softmax, v_linear));
+      IO::store(g + j, math::grad_element(lo, a_lo, v_shift, v_log_sum, v_softmax, v_linear),
+                math::grad_element(hi, a_hi, v_shift, v_log_sum, v_softmax, v_linear));
     }
     if (j < C) {
       const int64_t n = C - j;
       IO::load_partial(x + j, n, T(0), lo, hi);
       if constexpr (kLinear) load_coefficients<T, kProb>(l, target_row, j, n, hv, a_lo, a_hi);
-      IO::store_partial(g + j, n, math::grad_element(lo, a_lo, v_lse, v_softmax, v_linear),
-                        math::grad_element(hi, a_hi, v_lse, v_softmax, v_linear));
+      IO::store_partial(g + j, n, math::grad_element(lo, a_lo, v_shift, v_log_sum, v_softmax, v_linear),
+                        math::grad_element(hi, a_hi, v_shift, v_log_sum, v_softmax, v_linear));
     }
     if constexpr (!kProb) {
       // The true class's (p_t - 1)-like value in opmath, rounded once; the vector pass rounded p_t alone.

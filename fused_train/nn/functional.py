@@ -16,29 +16,30 @@ _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 
 
 class _CrossEntropyFunction(torch.autograd.Function):
-    """The 2-D core: forward saves the logits, one opmath log-sum-exp per row and the mean's denominator;
+    """The 2-D core: forward saves the logits, each row's log-sum-exp (two opmath numbers, see
+    _ops.cross_entropy_forward) and the mean's denominator;
     backward re-reads the logits once and writes the gradient once (or over the logits: inplace_backward)."""
 
     @staticmethod
     def forward(ctx, input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale,
                 inplace_backward):
-        loss, z_loss, lse, denominator = _ops.cross_entropy_forward(
+        loss, z_loss, row_lse, denominator = _ops.cross_entropy_forward(
             input, target, weight, reduction=reduction, ignore_index=ignore_index,
             label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
         )
-        ctx.save_for_backward(input, target, weight, lse, denominator)
+        ctx.save_for_backward(input, target, weight, row_lse, denominator)
         ctx.options = (reduction, ignore_index, label_smoothing, lse_square_scale, inplace_backward)
-        ctx.mark_non_differentiable(z_loss, lse)
-        return loss, z_loss, lse
+        ctx.mark_non_differentiable(z_loss, row_lse)
+        return loss, z_loss, row_lse
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_z_loss, grad_lse):
+    def backward(ctx, grad_loss, grad_z_loss, grad_row_lse):
         if grad_loss is None:
             return (None,) * 8
-        input, target, weight, lse, denominator = ctx.saved_tensors
+        input, target, weight, row_lse, denominator = ctx.saved_tensors
         reduction, ignore_index, label_smoothing, lse_square_scale, inplace_backward = ctx.options
         grad = _ops.cross_entropy_backward(
-            grad_loss, input, target, weight, lse, denominator, reduction=reduction, ignore_index=ignore_index,
+            grad_loss, input, target, weight, row_lse, denominator, reduction=reduction, ignore_index=ignore_index,
             label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, inplace=inplace_backward,
         )
         return grad, None, None, None, None, None, None, None
@@ -109,21 +110,20 @@ def _rows_view(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor, tuple[int
 
 
 def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
-                   inplace_backward) -> CrossEntropyOutput:
+                   inplace_backward, want_lse=False) -> CrossEntropyOutput:
     code = _REDUCTION_CODES.get(reduction)
     if code is None:
         raise ValueError(f"cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     rows, target_rows, batch_shape = _rows_view(input, target)
     if inplace_backward and rows.stride(-1) != 1:
         rows = rows.contiguous()
-    loss, z_loss, lse = _CrossEntropyFunction.apply(
+    loss, z_loss, row_lse = _CrossEntropyFunction.apply(
         rows, target_rows, weight, code, ignore_index, label_smoothing, lse_square_scale, inplace_backward
     )
     if code == 0 and len(batch_shape) != 1:
         loss = loss.reshape(batch_shape)
         z_loss = z_loss.reshape(batch_shape)
-    if len(batch_shape) != 1:
-        lse = lse.reshape(batch_shape)
+    lse = row_lse.sum(1).reshape(batch_shape) if want_lse else row_lse
     return CrossEntropyOutput(loss, z_loss, lse)
 
 
@@ -201,5 +201,6 @@ def cross_entropy_with_lse(
     pass: ``loss, z_loss, lse = cross_entropy_with_lse(logits, target, lse_square_scale=1e-4)``.
     Arguments as :func:`cross_entropy` (without the deprecated ones)."""
     return _cross_entropy(
-        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, inplace_backward
+        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, inplace_backward,
+        want_lse=True,
     )

@@ -74,7 +74,9 @@ FT_HOST_DEVICE FT_INLINE RowState<T> combine(const RowState<T>& a, const RowStat
   const T sa = safe_shift(a.max), sb = safe_shift(b.max);
   RowState<T> r;
   r.max = (a.max != a.max || b.max != b.max) ? a.max + b.max : m;  // NaN logits stay visible
-  r.sum = a.sum * exp_(sa - shift) + b.sum * exp_(sb - shift);
+  // The raw max, not its safe shift, scales the sum: exp(-inf - shift) = 0 for a side that saw only -inf
+  // (a shift of 0 there would give 0 · exp(-shift), which overflows to 0 · inf for shift < -88).
+  r.sum = a.sum * exp_(a.max - shift) + b.sum * exp_(b.max - shift);
   // d is relative to each side's shift; move both to the new one: Σ a·(x - new) = d + A·(old - new).
   r.dot = (a.asum == T(0) ? a.dot : a.dot + a.asum * (sa - shift)) +
           (b.asum == T(0) ? b.dot : b.dot + b.asum * (sb - shift));
@@ -88,7 +90,7 @@ template <class T>
 FT_HOST_DEVICE FT_INLINE void accumulate(RowState<T>& st, T x, T a, bool linear) {
   if (x > st.max) {
     const T old_shift = safe_shift(st.max), shift = safe_shift(x);
-    st.sum = st.sum * exp_(old_shift - shift) + T(1);
+    st.sum = st.sum * exp_(st.max - shift) + T(1);
     if (linear && st.asum != T(0)) st.dot += st.asum * (old_shift - shift);
     st.max = x;
   } else {
@@ -101,9 +103,19 @@ FT_HOST_DEVICE FT_INLINE void accumulate(RowState<T>& st, T x, T a, bool linear)
   }
 }
 
+// A row's log-sum-exp kept in two parts, lse = shift + log_sum, with shift the (safe) max logit. This is
+// what the forward saves for the backward: softmax_j = exp((x_j - shift) - log_sum) as torch's log_softmax
+// computes it, exact to an ulp of the result even when the logits are ~1e4, where a single fp32 lse would
+// carry ulp(1e4) ≈ 1e-3 of absolute error into every probability.
 template <class T>
-FT_HOST_DEVICE FT_INLINE T log_sum_exp(const RowState<T>& st) {
-  return st.max + log_(st.sum);
+struct RowLse {
+  T shift;
+  T log_sum;
+};
+
+template <class T>
+FT_HOST_DEVICE FT_INLINE RowLse<T> finish_row(const RowState<T>& st) {
+  return {safe_shift(st.max), log_(st.sum)};
 }
 
 // Per-call constants of the loss, in opmath T.
@@ -116,28 +128,35 @@ struct XentHyper {
   bool smoothing;           // ε > 0: the linear term over all classes is needed
 };
 
-// Σ_c a_c·(lse - x_c) from a finished state.
+// Σ_c a_c·(lse - x_c) from a finished state (its dot is relative to lse.shift).
 template <class T>
-FT_HOST_DEVICE FT_INLINE T linear_term(const RowState<T>& st, T lse) {
-  return st.asum * (lse - safe_shift(st.max)) - st.dot;
+FT_HOST_DEVICE FT_INLINE T linear_term(const RowState<T>& st, const RowLse<T>& lse) {
+  return st.asum * lse.log_sum - st.dot;
+}
+
+// z·lse², the z-loss of a row that is not ignored.
+template <class T>
+FT_HOST_DEVICE FT_INLINE T z_loss(const RowLse<T>& lse, const XentHyper<T>& h) {
+  const T full = lse.shift + lse.log_sum;
+  return h.lse_square_scale * full * full;
 }
 
 // Loss of a row with class-index target t (weight w_t), not ignored.
 template <class T>
-FT_HOST_DEVICE FT_INLINE T index_row_loss(const RowState<T>& st, T lse, T target_logit, T target_weight,
-                                          const XentHyper<T>& h) {
-  // Same grouping as torch: (1-ε)·nll + (ε/C)·smooth.
-  T loss = h.one_minus_smoothing * (target_weight * (lse - target_logit));
+FT_HOST_DEVICE FT_INLINE T index_row_loss(const RowState<T>& st, const RowLse<T>& lse, T target_logit,
+                                          T target_weight, const XentHyper<T>& h) {
+  // Same grouping as torch: (1-ε)·nll + (ε/C)·smooth, with -log_softmax_t = log_sum - (x_t - shift).
+  T loss = h.one_minus_smoothing * (target_weight * (lse.log_sum - (target_logit - lse.shift)));
   if (h.smoothing) loss += h.smoothing_over_classes * linear_term(st, lse);
-  if (h.lse_square_scale != T(0)) loss += h.lse_square_scale * lse * lse;
+  if (h.lse_square_scale != T(0)) loss += z_loss(lse, h);
   return loss;
 }
 
 // Loss of a row with probability targets (its linear term was accumulated with a_c = w_c·t'_c).
 template <class T>
-FT_HOST_DEVICE FT_INLINE T prob_row_loss(const RowState<T>& st, T lse, const XentHyper<T>& h) {
+FT_HOST_DEVICE FT_INLINE T prob_row_loss(const RowState<T>& st, const RowLse<T>& lse, const XentHyper<T>& h) {
   T loss = linear_term(st, lse);
-  if (h.lse_square_scale != T(0)) loss += h.lse_square_scale * lse * lse;
+  if (h.lse_square_scale != T(0)) loss += z_loss(lse, h);
   return loss;
 }
 
@@ -150,7 +169,7 @@ FT_HOST_DEVICE FT_INLINE T smoothed_target(T target_prob, const XentHyper<T>& h)
 // Row constants of the gradient: grad_j = softmax_coef·p_j − linear_coef·a_j [− target_coef at j = t].
 template <class T>
 struct RowGrad {
-  T lse;
+  T shift, log_sum;
   T softmax_coef;   // g·(A_r + 2z·lse)
   T linear_coef;    // g·ε/C (class index) or g (probabilities): multiplies w_j resp. w_j·t'_j
   T target_coef;    // g·(1-ε)·w_t (class index only)
@@ -158,30 +177,34 @@ struct RowGrad {
 
 // scale: grad_out_r / denominator, already 0 for an ignored row.
 template <class T>
-FT_HOST_DEVICE FT_INLINE RowGrad<T> index_row_grad(T scale, T lse, T target_weight, const XentHyper<T>& h) {
+FT_HOST_DEVICE FT_INLINE RowGrad<T> index_row_grad(T scale, const RowLse<T>& lse, T target_weight,
+                                                   const XentHyper<T>& h) {
   const T a = h.one_minus_smoothing * target_weight + h.smoothing_over_classes * h.class_weight_sum;
-  return {lse, scale * (a + T(2) * h.lse_square_scale * lse), scale * h.smoothing_over_classes,
+  const T full = lse.shift + lse.log_sum;
+  return {lse.shift, lse.log_sum, scale * (a + T(2) * h.lse_square_scale * full), scale * h.smoothing_over_classes,
           scale * h.one_minus_smoothing * target_weight};
 }
 
 // target_mass: A_r = Σ_c w_c·t'_c of the row.
 template <class T>
-FT_HOST_DEVICE FT_INLINE RowGrad<T> prob_row_grad(T scale, T lse, T target_mass, const XentHyper<T>& h) {
-  return {lse, scale * (target_mass + T(2) * h.lse_square_scale * lse), scale, T(0)};
+FT_HOST_DEVICE FT_INLINE RowGrad<T> prob_row_grad(T scale, const RowLse<T>& lse, T target_mass,
+                                                  const XentHyper<T>& h) {
+  const T full = lse.shift + lse.log_sum;
+  return {lse.shift, lse.log_sum, scale * (target_mass + T(2) * h.lse_square_scale * full), scale, T(0)};
 }
 
-// One gradient element, before the true-class term: softmax_coef·exp(x - lse) − linear_coef·a.
+// One gradient element, before the true-class term: softmax_coef·exp((x - shift) - log_sum) − linear_coef·a.
 // V: scalar or vector; a is w_j (class index with smoothing), w_j·t'_j (probabilities) or 0.
 template <class V>
-FT_HOST_DEVICE FT_INLINE V grad_element(const V& x, const V& a, const V& lse, const V& softmax_coef,
-                                        const V& linear_coef) {
-  return softmax_coef * exp_(x - lse) - linear_coef * a;
+FT_HOST_DEVICE FT_INLINE V grad_element(const V& x, const V& a, const V& shift, const V& log_sum,
+                                        const V& softmax_coef, const V& linear_coef) {
+  return softmax_coef * exp_((x - shift) - log_sum) - linear_coef * a;
 }
 
 // The true class's gradient, in opmath before any rounding: its element value minus (1-ε)·w_t·g.
 template <class T>
 FT_HOST_DEVICE FT_INLINE T target_grad(T x_t, T a_t, const RowGrad<T>& r) {
-  return grad_element<T>(x_t, a_t, r.lse, r.softmax_coef, r.linear_coef) - r.target_coef;
+  return grad_element<T>(x_t, a_t, r.shift, r.log_sum, r.softmax_coef, r.linear_coef) - r.target_coef;
 }
 
 }  // namespace math
