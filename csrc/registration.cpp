@@ -28,6 +28,23 @@ TORCH_LIBRARY(fused_train, m) {
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
 
   // -- cross-entropy ops --
+  // On a 2-D view (rows, classes) of the logits; fused_train.nn maps every torch input shape onto it.
+  // reduction: 0 none, 1 mean, 2 sum. row_lse (rows, 2) holds each row's log-sum-exp as (max, log Σ exp(x - max))
+  // and denominator (0-dim) the mean's divisor, both opmath (fp64 for fp64 logits, fp32 otherwise): what the
+  // backward needs besides the logits. loss and z_loss have the logits' dtype.
+  m.def(
+      "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, *, int reduction, int ignore_index, "
+      "float label_smoothing, float lse_square_scale) -> (Tensor loss, Tensor z_loss, Tensor row_lse, "
+      "Tensor denominator)");
+  m.def(
+      "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor row_lse, "
+      "Tensor denominator, *, int reduction, int ignore_index, float label_smoothing, float lse_square_scale) "
+      "-> Tensor");
+  // Writes the gradient over the logits (input), for callers that no longer need them.
+  m.def(
+      "cross_entropy_backward_(Tensor grad_loss, Tensor(a!) input, Tensor target, Tensor? weight, Tensor row_lse, "
+      "Tensor denominator, *, int reduction, int ignore_index, float label_smoothing, float lse_square_scale) "
+      "-> ()");
 
   // Build facts for fused_train.build_info(), as "key=value" lines.
   m.def("build_info() -> str", []() -> std::string {

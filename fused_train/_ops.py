@@ -117,3 +117,86 @@ def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
 @torch.library.register_fake("fused_train::rmsprop_step_")
 def _rmsprop_step_fake(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, **kwargs) -> None:
     return None
+
+
+# -- cross-entropy ops (csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu) --
+
+
+def cross_entropy_forward(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    *,
+    reduction: int,
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Cross-entropy of 2-D ``input`` (rows, classes) in one read of the logits.
+
+    ``target``: class indices (rows,) int64/int32, or probabilities of ``input``'s shape and dtype.
+    ``reduction``: 0 none, 1 mean, 2 sum. Returns ``(loss, z_loss, row_lse, denominator)``: the loss (z-loss
+    included) and the z-loss alone in ``input``'s dtype; each row's log-sum-exp as ``(max, log Σ exp(x - max))``
+    pairs, shape (rows, 2), and the mean's denominator, both in opmath (fp64 for fp64 input, else fp32): what
+    the backward needs. Two parts rather than one lse keep softmax = exp((x - max) - log_sum) exact for
+    logits far from 0 (an fp32 lse near 1e4 is off by up to 5e-4).
+    See :func:`fused_train.nn.functional.cross_entropy`.
+    """
+    return _ops.cross_entropy_forward.default(
+        input, target, weight, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+    )
+
+
+def cross_entropy_backward(
+    grad_loss: Tensor,
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    row_lse: Tensor,
+    denominator: Tensor,
+    *,
+    reduction: int,
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+    inplace: bool = False,
+) -> Tensor:
+    """Gradient of :func:`cross_entropy_forward`'s loss with respect to ``input``, from its ``row_lse`` and
+    ``denominator``: one read of the logits, one write of the gradient. With ``inplace`` the gradient is
+    written over ``input`` (which is returned); only for logits that are not needed afterwards."""
+    kwargs = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                  lse_square_scale=lse_square_scale)
+    if inplace:
+        _ops.cross_entropy_backward_.default(grad_loss, input, target, weight, row_lse, denominator, **kwargs)
+        return input
+    return _ops.cross_entropy_backward.default(grad_loss, input, target, weight, row_lse, denominator, **kwargs)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fused_train::cross_entropy_forward")
+def _cross_entropy_forward_fake(input, target, weight, *, reduction, ignore_index, label_smoothing,
+                                lse_square_scale):
+    rows = input.shape[0]
+    loss_shape = (rows,) if reduction == 0 else ()
+    opmath = _opmath(input.dtype)
+    return (
+        input.new_empty(loss_shape),
+        input.new_empty(loss_shape),
+        input.new_empty((rows, 2), dtype=opmath),
+        input.new_empty((), dtype=opmath),
+    )
+
+
+@torch.library.register_fake("fused_train::cross_entropy_backward")
+def _cross_entropy_backward_fake(grad_loss, input, target, weight, row_lse, denominator, **kwargs):
+    return input.new_empty(input.shape)
+
+
+@torch.library.register_fake("fused_train::cross_entropy_backward_")
+def _cross_entropy_backward_inplace_fake(grad_loss, input, target, weight, row_lse, denominator,
+                                         **kwargs) -> None:
+    return None

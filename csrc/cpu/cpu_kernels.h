@@ -49,9 +49,46 @@ struct OptimizerLaunch {
 // Runs chunks [chunk_begin, chunk_end) of a launch.
 using OptimizerChunksFn = void (*)(const OptimizerLaunch&, int64_t chunk_begin, int64_t chunk_end);
 
+// One cross-entropy call over a 2-D view of the logits: `rows` rows of `classes` logits with unit class
+// stride and any row stride. Per-row outputs and inputs (lse, row losses) are in opmath (double for fp64
+// logits, float otherwise); weights too. See cross_entropy.cpp for who fills what.
+struct CrossEntropyLaunch {
+  ScalarKind dtype;           // logits, gradient and probability targets
+  const void* logits;
+  int64_t logits_row_stride;
+  int64_t rows, classes;
+  const void* target;         // int64/int32 class indices (rows), or probabilities like the logits
+  int64_t target_row_stride;  // probabilities: elements between rows; class indices: between entries
+  bool target_is_prob;
+  bool target_is_int32;
+  const void* weight;         // opmath (classes), or nullptr
+  int64_t ignore_index;
+  double label_smoothing, lse_square_scale, class_weight_sum;
+  // Forward outputs, opmath: each row's log-sum-exp as (shift, log_sum) pairs (rows, 2; see
+  // math::RowLse), and its loss, z-loss and mean-denominator weight (rows).
+  void* lse;
+  void* row_loss;
+  void* row_z_loss;
+  void* row_weight;
+  // Backward: the (shift, log_sum) pairs in, gradient out (unit class stride, any row stride). Row r's gradient is scaled by
+  // grad_loss[r * grad_loss_stride] / *denominator; grad_loss has the logits' dtype (stride 0 for a reduced
+  // loss), the denominator is opmath.
+  const void* lse_in;
+  void* grad;
+  int64_t grad_row_stride;
+  const void* grad_loss;
+  int64_t grad_loss_stride;
+  const void* denominator;
+};
+
+// Rows [row_begin, row_end) of a cross-entropy forward or backward.
+using CrossEntropyRowsFn = void (*)(const CrossEntropyLaunch&, int64_t row_begin, int64_t row_end);
+
 struct KernelTable {
   const char* isa;
   OptimizerChunksFn optimizer_chunks;
+  CrossEntropyRowsFn cross_entropy_forward_rows;
+  CrossEntropyRowsFn cross_entropy_backward_rows;
 };
 
 // The table for the best instruction set this CPU supports (FUSED_TRAIN_CPU_CAPABILITY=default|avx2|avx512

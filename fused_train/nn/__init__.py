@@ -1,5 +1,6 @@
 """Fused drop-ins for torch.nn losses."""
 
 from . import functional
+from .modules import CrossEntropyLoss
 
-__all__ = ["functional"]
+__all__ = ["CrossEntropyLoss", "functional"]

@@ -1,1 +1,206 @@
-"""Fused functional losses (see fused_train.nn.CrossEntropyLoss)."""
+"""Fused functional losses: :func:`cross_entropy`, a drop-in for :func:`torch.nn.functional.cross_entropy`."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.nn import _reduction as _Reduction
+
+from .. import _ops
+
+__all__ = ["cross_entropy", "cross_entropy_with_lse", "CrossEntropyOutput"]
+
+_REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
+
+
+class _CrossEntropyFunction(torch.autograd.Function):
+    """The 2-D core: forward saves the logits, each row's log-sum-exp (two opmath numbers, see
+    _ops.cross_entropy_forward) and the mean's denominator;
+    backward re-reads the logits once and writes the gradient once (or over the logits: inplace_backward)."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale,
+                inplace_backward):
+        loss, z_loss, row_lse, denominator = _ops.cross_entropy_forward(
+            input, target, weight, reduction=reduction, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+        )
+        ctx.save_for_backward(input, target, weight, row_lse, denominator)
+        ctx.options = (reduction, ignore_index, label_smoothing, lse_square_scale, inplace_backward)
+        ctx.mark_non_differentiable(z_loss, row_lse)
+        return loss, z_loss, row_lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_z_loss, grad_row_lse):
+        if grad_loss is None:
+            return (None,) * 8
+        input, target, weight, row_lse, denominator = ctx.saved_tensors
+        reduction, ignore_index, label_smoothing, lse_square_scale, inplace_backward = ctx.options
+        grad = _ops.cross_entropy_backward(
+            grad_loss, input, target, weight, row_lse, denominator, reduction=reduction, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, inplace=inplace_backward,
+        )
+        return grad, None, None, None, None, None, None, None
+
+
+class CrossEntropyOutput(NamedTuple):
+    """What :func:`cross_entropy_with_lse` returns."""
+
+    loss: Tensor
+    """The loss, z-loss included, reduced as asked, in ``input``'s dtype."""
+    z_loss: Tensor
+    """The z-loss term alone (``lse_square_scale · lse²`` over the rows that are not ignored), reduced like
+    ``loss``; not differentiable (its gradient flows through ``loss``)."""
+    lse: Tensor
+    """Log-sum-exp of each row's logits, shape of the batch (``target``'s for class indices), fp32 (fp64 for
+    fp64 input); not differentiable."""
+
+
+def _rows_view(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """Maps torch's input shapes (C), (N, C), (N, C, d1, …, dK) onto (rows, C) and checks the target."""
+    dim = input.dim()
+    prob = target.is_floating_point()
+    if not prob and target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(
+            f"cross_entropy: target must hold class indices (int64 or int32) or class probabilities "
+            f"(floating point), got {target.dtype}"
+        )
+    if dim == 2:
+        if prob:
+            if target.shape != input.shape:
+                raise ValueError(
+                    f"cross_entropy: probability target has shape {tuple(target.shape)} but input has "
+                    f"{tuple(input.shape)}; they must match"
+                )
+        elif target.dim() != 1 or target.shape[0] != input.shape[0]:
+            if target.dim() == 1:
+                raise ValueError(
+                    f"cross_entropy: target has {target.shape[0]} rows but input has {input.shape[0]}"
+                )
+            raise ValueError(
+                f"cross_entropy: class-index target must be 1-D (N,) for input of shape {tuple(input.shape)}, "
+                f"got shape {tuple(target.shape)}"
+            )
+        return input, target, (input.shape[0],)
+    if dim == 1:
+        expected = input.shape if prob else torch.Size([])
+        if target.shape != expected:
+            raise ValueError(
+                f"cross_entropy: for 1-D input (C,) the target must have shape {tuple(expected)}, "
+                f"got {tuple(target.shape)}"
+            )
+        return input.unsqueeze(0), target.unsqueeze(0) if prob else target.reshape(1), ()
+    if dim == 0:
+        raise ValueError("cross_entropy: input must have a class dimension: (C), (N, C) or (N, C, d1, ..., dK)")
+    classes = input.shape[1]
+    batch_shape = (input.shape[0],) + tuple(input.shape[2:])
+    expected = input.shape if prob else torch.Size(batch_shape)
+    if target.shape != expected:
+        raise ValueError(
+            f"cross_entropy: target has shape {tuple(target.shape)} but input of shape {tuple(input.shape)} "
+            f"needs {tuple(expected)}"
+        )
+    # The kernels want each row's C logits at unit stride; for (N, C, d…) that is a copy into (N, d…, C)
+    # (one pass, the cost of the read it enables). The gradient flows back through these views.
+    rows = input.movedim(1, -1).reshape(-1, classes)
+    target = target.movedim(1, -1).reshape(-1, classes) if prob else target.reshape(-1)
+    return rows, target, batch_shape
+
+
+def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+                   inplace_backward, want_lse=False) -> CrossEntropyOutput:
+    code = _REDUCTION_CODES.get(reduction)
+    if code is None:
+        raise ValueError(f"cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    rows, target_rows, batch_shape = _rows_view(input, target)
+    if inplace_backward and rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    loss, z_loss, row_lse = _CrossEntropyFunction.apply(
+        rows, target_rows, weight, code, ignore_index, label_smoothing, lse_square_scale, inplace_backward
+    )
+    if code == 0 and len(batch_shape) != 1:
+        loss = loss.reshape(batch_shape)
+        z_loss = z_loss.reshape(batch_shape)
+    lse = row_lse.sum(1).reshape(batch_shape) if want_lse else row_lse
+    return CrossEntropyOutput(loss, z_loss, lse)
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    lse_square_scale: float = 0.0,
+    inplace_backward: bool = False,
+) -> Tensor:
+    r"""Cross-entropy between logits and targets, fused: one read of the logits forward, one read and one
+    write of the gradient backward, and nothing of size N×C saved in between (one fp32 log-sum-exp per row).
+
+    Same arguments, shapes and results as :func:`torch.nn.functional.cross_entropy`; the math runs in fp32
+    for bf16/fp16 input (fp64 for fp64) and the loss is returned in ``input``'s dtype.
+
+    Args:
+        input: logits, shape :math:`(C)`, :math:`(N, C)` or :math:`(N, C, d_1, ..., d_K)`.
+        target: class indices (int64 or int32), shape :math:`()`, :math:`(N)` or :math:`(N, d_1, ..., d_K)`,
+            values in :math:`[0, C)` or ``ignore_index``; or class probabilities of ``input``'s shape and dtype.
+        weight: rescaling weight per class, shape :math:`(C)`.
+        size_average, reduce: deprecated, as in torch (use ``reduction``).
+        ignore_index: class-index target value that contributes neither loss nor gradient (and is left out of
+            the mean's denominator). Not used with probability targets.
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'``. ``'mean'`` divides by the total weight of the rows that
+            are not ignored (probability targets: by the number of rows); all rows ignored gives NaN, as torch.
+        label_smoothing: :math:`\varepsilon \in [0, 1]`, torch's smoothing toward the uniform distribution.
+        lse_square_scale: z-loss scale :math:`z`: adds :math:`z \cdot \mathrm{lse}^2` to each row that is not
+            ignored (unweighted, reduced with the loss). Use :func:`cross_entropy_with_lse` to read it apart.
+        inplace_backward: write the gradient over ``input``'s storage instead of allocating one (peak memory
+            stays at the logits alone). Only when nothing else needs the logits after this loss: other users
+            of the same tensor (or of a view of it) see the gradient after ``backward()``. No effect on the
+            values. (N, C, d…) inputs are copied to row layout first, so there it saves nothing.
+
+    Returns:
+        The loss: a scalar, or shaped like the batch for ``reduction='none'``.
+
+    Raises:
+        ValueError / TypeError: on shapes, dtypes or options torch would reject, naming the argument.
+        IndexError: on CPU, a class-index target outside :math:`[0, C)` that is not ``ignore_index``.
+        On CUDA such a row's loss is NaN and the next fused_train cross-entropy call on that device raises.
+
+    Example::
+
+        >>> logits = torch.randn(8, 100, requires_grad=True)
+        >>> target = torch.randint(0, 100, (8,))
+        >>> loss = fused_train.nn.functional.cross_entropy(logits, target, label_smoothing=0.1)
+        >>> loss.backward()
+    """
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
+    return _cross_entropy(
+        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, inplace_backward
+    ).loss
+
+
+def cross_entropy_with_lse(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    lse_square_scale: float = 0.0,
+    inplace_backward: bool = False,
+) -> CrossEntropyOutput:
+    """:func:`cross_entropy` that also returns the z-loss term and the per-row log-sum-exp, from the same
+    pass: ``loss, z_loss, lse = cross_entropy_with_lse(logits, target, lse_square_scale=1e-4)``.
+    Arguments as :func:`cross_entropy` (without the deprecated ones)."""
+    return _cross_entropy(
+        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, inplace_backward,
+        want_lse=True,
+    )

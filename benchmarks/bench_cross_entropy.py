@@ -1,0 +1,152 @@
+"""Forward + backward of fused_train's cross-entropy beside F.cross_entropy (and a torch.compile'd
+F.cross_entropy where practical).
+
+Two entry points: ``run(device, quick)`` returns one dict per case (the CLI's ``fused-train bench`` prints
+them); the ``test_*`` functions are pytest-benchmark cases (``pytest benchmarks/bench_cross_entropy.py
+--benchmark-enable``).
+
+GB/s is measured against the one-pass limit: every logit read once and its gradient written once
+(2 × N × V × itemsize bytes), whatever the implementation actually moves.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_train
+from fused_train.nn.functional import cross_entropy as fused_cross_entropy
+
+CASES = [
+    (64, 10, torch.float32),
+    (8192, 1000, torch.float32),
+    (4096, 32000, torch.float32),
+    (2048, 128256, torch.float32),
+    (64, 10, torch.bfloat16),
+    (8192, 1000, torch.bfloat16),
+    (2048, 32000, torch.bfloat16),
+    (2048, 128256, torch.bfloat16),
+]
+QUICK_CASES = [(64, 10, torch.float32), (8192, 1000, torch.float32), (512, 32000, torch.bfloat16)]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _fwd_bwd(loss_fn, logits, target):
+    loss = loss_fn(logits, target)
+    loss.backward()
+    logits.grad = None
+
+
+def _time_ms(fn, device: str, min_reps: int, min_seconds: float) -> float:
+    """Median wall time of fn() in ms, after one warm-up call."""
+    fn()
+    _sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    times.sort()
+    return times[len(times) // 2] * 1e3
+
+
+def _peak_mb(fn, device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run(device: str = "cpu", quick: bool = False) -> list[dict]:
+    """Times forward + backward for each case; one row per (N, V, dtype).
+
+    Row keys: N, V, dtype, torch_ms, fused_ms, ratio (fused / torch), compiled_ms (torch.compile'd
+    F.cross_entropy, None where skipped), fused_gbps (against the one-pass limit), limit_gb, and on CUDA
+    torch_peak_mb / fused_peak_mb (memory beyond the logits during the call).
+    """
+    rows = []
+    cases = QUICK_CASES if quick else CASES
+    min_reps, min_seconds = (3, 0.2) if quick else (5, 1.0)
+    compiled = None
+    if not quick:
+        try:
+            compiled = torch.compile(F.cross_entropy)
+        except Exception:  # noqa: BLE001 (no compiler toolchain: the column stays empty)
+            compiled = None
+    for n, v, dtype in cases:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        logits = torch.randn(n, v, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+        target = torch.randint(0, v, (n,), generator=gen).to(device)
+        torch_fn = lambda: _fwd_bwd(F.cross_entropy, logits, target)  # noqa: E731
+        fused_fn = lambda: _fwd_bwd(fused_cross_entropy, logits, target)  # noqa: E731
+        torch_ms = _time_ms(torch_fn, device, min_reps, min_seconds)
+        fused_ms = _time_ms(fused_fn, device, min_reps, min_seconds)
+        compiled_ms = None
+        if compiled is not None and n * v <= 64 * 2**20:
+            try:
+                compiled_ms = _time_ms(lambda: _fwd_bwd(compiled, logits, target), device, min_reps, min_seconds)
+            except Exception:  # noqa: BLE001
+                compiled_ms = None
+        limit_bytes = 2 * n * v * logits.element_size()
+        rows.append(
+            dict(
+                device=device,
+                N=n,
+                V=v,
+                dtype=str(dtype).replace("torch.", ""),
+                torch_ms=round(torch_ms, 3),
+                fused_ms=round(fused_ms, 3),
+                ratio=round(fused_ms / torch_ms, 3),
+                compiled_ms=None if compiled_ms is None else round(compiled_ms, 3),
+                fused_gbps=round(limit_bytes / (fused_ms * 1e-3) / 1e9, 2),
+                limit_gb=round(limit_bytes / 1e9, 3),
+                torch_peak_mb=_peak_mb(torch_fn, device),
+                fused_peak_mb=_peak_mb(fused_fn, device),
+            )
+        )
+        del logits, target
+    return rows
+
+
+# -- pytest-benchmark cases --------------------------------------------------------------------------------
+
+PYTEST_CASES = [(64, 10, torch.float32), (8192, 1000, torch.float32), (512, 32000, torch.float32),
+                (512, 32000, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+@pytest.mark.parametrize("n, v, dtype", PYTEST_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_cross_entropy_fwd_bwd(benchmark, impl, n, v, dtype):
+    logits = torch.randn(n, v, dtype=dtype, requires_grad=True)
+    target = torch.randint(0, v, (n,))
+    loss_fn = F.cross_entropy if impl == "torch" else fused_cross_entropy
+    benchmark.group = f"cross_entropy {n}x{v} {dtype}"
+    benchmark(_fwd_bwd, loss_fn, logits, target)
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(fused_train.build_info())
+    for row in run(args.device, args.quick):
+        print(json.dumps(row))

@@ -1,0 +1,361 @@
+// CPU cross-entropy kernels, written once against at::vec and compiled once per instruction set
+// (included by kernel_table.inl inside namespace fused_train::cpu::CPU_CAPABILITY). The math is
+// fused_train/xent_math.h; this file only walks rows.
+//
+// Forward, one read of each row: every SIMD lane keeps its own running (max, sum, dot, asum) state, so the
+// hot loop needs no horizontal reduction. Logits come in blocks of kBlockSteps steps (a step is two opmath
+// vectors, the natural unit of bf16/fp16 widening); each block rescales the lanes' sums only if some
+// lane's max grew, which after the first blocks is rare, so the forward costs about one exp per logit.
+// The lanes are folded into one row state at the end of the row.
+//
+// Backward, one read of each row and one write of its gradient: p_j = exp(x_j - lse) from the saved
+// log-sum-exp, then the true-class element is recomputed in opmath and stored once more.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "cpu/cpu_kernels.h"
+#include "fused_train/xent_math.h"
+
+namespace fused_train {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+// Opmath of a storage type: fp32 for bf16/fp16, else the type itself.
+template <class T>
+using XentOpmath = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Two opmath vectors of T: one Vectorized<BFloat16>/<Half> widened, or two float/double vectors.
+template <class T>
+struct StepIO {
+  using O = XentOpmath<T>;
+  using V = at::vec::Vectorized<O>;
+  static constexpr int64_t kWidth = 2 * V::size();
+
+  static void load(const T* p, V& lo, V& hi) {
+    if constexpr (std::is_same_v<T, O>) {
+      lo = V::loadu(p);
+      hi = V::loadu(p + V::size());
+    } else {
+      at::vec::load_to_float<T>(p, lo, hi);
+    }
+  }
+  static void store(T* p, const V& lo, const V& hi) {
+    if constexpr (std::is_same_v<T, O>) {
+      lo.store(p);
+      hi.store(p + V::size());
+    } else {
+      at::vec::convert_from_float<T>(lo, hi).store(p);
+    }
+  }
+  // The last n < kWidth elements, the rest of the step filled with `pad`.
+  static void load_partial(const T* p, int64_t n, T pad, V& lo, V& hi) {
+    T buf[kWidth];
+    std::fill(buf, buf + kWidth, pad);
+    std::memcpy(buf, p, n * sizeof(T));
+    load(buf, lo, hi);
+  }
+  static void store_partial(T* p, int64_t n, const V& lo, const V& hi) {
+    T buf[kWidth];
+    store(buf, lo, hi);
+    std::memcpy(p, buf, n * sizeof(T));
+  }
+};
+
+// The steps of one block: logits x and, for rows with a linear term, their coefficients a.
+constexpr int kBlockSteps = 4;
+
+template <class O>
+struct LaneState {
+  using V = at::vec::Vectorized<O>;
+  V max = V(-std::numeric_limits<O>::infinity());
+  V sum = V(0);
+  V dot = V(0);
+  V asum = V(0);
+};
+
+// Folds a block of nv vectors into the lanes. valid: how many of the block's elements are real (the rest
+// are padding: x = -inf, a = 0), which only matters for the dot product, where 0 * -inf would be NaN.
+template <class O, bool kLinear, int kMaxVecs>
+FT_INLINE void update_lanes(LaneState<O>& st, const at::vec::Vectorized<O> (&x)[kMaxVecs],
+                            const at::vec::Vectorized<O> (&a)[kMaxVecs], int nv, int64_t valid) {
+  using V = at::vec::Vectorized<O>;
+  V block_max = x[0];
+  for (int k = 1; k < nv; ++k) block_max = at::vec::maximum(block_max, x[k]);
+  const V new_max = at::vec::maximum(st.max, block_max);
+  constexpr int kAllLanes = (1 << V::size()) - 1;
+  // zero_mask() of a comparison is the lanes where it is false: anything else means a max grew.
+  if (V(new_max != st.max).zero_mask() != kAllLanes) {
+    const V new_shift = math::safe_shift(new_max);
+    // Raw old max in the exp (see math::combine): a lane that saw only -inf has sum 0 and must keep it.
+    st.sum = st.sum * math::exp_(st.max - new_shift);
+    if constexpr (kLinear) st.dot = at::vec::fmadd(st.asum, math::safe_shift(st.max) - new_shift, st.dot);
+    st.max = new_max;
+  }
+  const V shift = math::safe_shift(st.max);
+  for (int k = 0; k < nv; ++k) {
+    const V centred = x[k] - shift;
+    st.sum = st.sum + math::exp_(centred);
+    if constexpr (kLinear) {
+      const int64_t lane_begin = static_cast<int64_t>(k) * V::size();
+      const V term = valid >= lane_begin + V::size()
+                         ? a[k] * centred
+                         : V::set(V(0), a[k] * centred, std::max<int64_t>(0, valid - lane_begin));
+      st.dot = st.dot + term;
+      st.asum = st.asum + a[k];
+    }
+  }
+}
+
+// Folds the lanes into one row state (math::combine over lanes, vectorised: one exp for all lanes).
+template <class O>
+math::RowState<O> fold_lanes(const LaneState<O>& st) {
+  using V = at::vec::Vectorized<O>;
+  alignas(64) O lane_max[V::size()];
+  st.max.store(lane_max);
+  O m = lane_max[0];
+  for (int64_t i = 1; i < V::size(); ++i) m = math::max_(m, lane_max[i]);
+  const V shift(math::safe_shift(m));
+  const V delta = math::safe_shift(st.max) - shift;
+  const auto add = [](const V& p, const V& q) { return p + q; };
+  math::RowState<O> r;
+  r.max = m;
+  r.sum = at::vec::vec_reduce_all<O>(add, st.sum * math::exp_(st.max - shift));
+  r.dot = at::vec::vec_reduce_all<O>(add, at::vec::fmadd(st.asum, delta, st.dot));
+  r.asum = at::vec::vec_reduce_all<O>(add, st.asum);
+  return r;
+}
+
+template <class O>
+math::XentHyper<O> xent_hyper(const CrossEntropyLaunch& l) {
+  return {O(1.0 - l.label_smoothing), O(l.label_smoothing / static_cast<double>(l.classes)),
+          O(l.class_weight_sum), O(l.lse_square_scale), l.label_smoothing > 0.0};
+}
+
+template <class O>
+math::XentHyper<at::vec::Vectorized<O>> broadcast(const math::XentHyper<O>& h) {
+  using V = at::vec::Vectorized<O>;
+  return {V(h.one_minus_smoothing), V(h.smoothing_over_classes), V(h.class_weight_sum), V(h.lse_square_scale),
+          h.smoothing};
+}
+
+// Linear coefficients a_j of the n <= kWidth elements from j: class weights (class-index rows) or w_j·t'_j
+// (probability rows); 0 past the row's end.
+template <class T, bool kProb>
+FT_INLINE void load_coefficients(const CrossEntropyLaunch& l, const T* target_row, int64_t j, int64_t n,
+                                 const math::XentHyper<at::vec::Vectorized<XentOpmath<T>>>& hv,
+                                 at::vec::Vectorized<XentOpmath<T>>& lo, at::vec::Vectorized<XentOpmath<T>>& hi) {
+  using V = at::vec::Vectorized<XentOpmath<T>>;
+  const XentOpmath<T>* w = static_cast<const XentOpmath<T>*>(l.weight) + j;
+  if (n == StepIO<T>::kWidth) {
+    lo = V::loadu(w);
+    hi = V::loadu(w + V::size());
+  } else {
+    lo = V::loadu(w, std::min<int64_t>(n, V::size()));
+    hi = n > V::size() ? V::loadu(w + V::size(), n - V::size()) : V(0);
+  }
+  if constexpr (kProb) {
+    V t_lo, t_hi;
+    if (n == StepIO<T>::kWidth) {
+      StepIO<T>::load(target_row + j, t_lo, t_hi);
+    } else {
+      StepIO<T>::load_partial(target_row + j, n, T(0), t_lo, t_hi);
+    }
+    lo = lo * math::smoothed_target(t_lo, hv);
+    hi = hi * math::smoothed_target(t_hi, hv);
+  }
+}
+
+// One row's state, reading the row once. kLinear: accumulate the linear term (label smoothing of a
+// class-index row, or any probability row).
+template <class T, bool kProb, bool kLinear>
+math::RowState<XentOpmath<T>> scan_row(const CrossEntropyLaunch& l, const T* x, const T* target_row,
+                                       const math::XentHyper<at::vec::Vectorized<XentOpmath<T>>>& hv) {
+  using O = XentOpmath<T>;
+  using V = at::vec::Vectorized<O>;
+  using IO = StepIO<T>;
+  constexpr int kVecs = 2 * kBlockSteps;
+  const int64_t C = l.classes;
+  const T neg_inf = T(-std::numeric_limits<float>::infinity());
+  LaneState<O> st;
+  V xs[kVecs];
+  V as[kVecs];
+  if constexpr (!kLinear) {
+    for (auto& a : as) a = V(0);
+  }
+  int64_t j = 0;
+  for (; j + kBlockSteps * IO::kWidth <= C; j += kBlockSteps * IO::kWidth) {
+    for (int s = 0; s < kBlockSteps; ++s) {
+      IO::load(x + j + s * IO::kWidth, xs[2 * s], xs[2 * s + 1]);
+      if constexpr (kLinear) load_coefficients<T, kProb>(l, target_row, j + s * IO::kWidth, IO::kWidth, hv,
+                                                         as[2 * s], as[2 * s + 1]);
+    }
+    update_lanes<O, kLinear>(st, xs, as, kVecs, kVecs * V::size());
+  }
+  // The rest of the row (less than a block) as one shorter block, its last step padded.
+  if (j < C) {
+    const int64_t rest = C - j;
+    int s = 0;
+    for (; (s + 1) * IO::kWidth <= rest; ++s) {
+      IO::load(x + j + s * IO::kWidth, xs[2 * s], xs[2 * s + 1]);
+      if constexpr (kLinear) load_coefficients<T, kProb>(l, target_row, j + s * IO::kWidth, IO::kWidth, hv,
+                                                         as[2 * s], as[2 * s + 1]);
+    }
+    const int64_t partial = rest - s * IO::kWidth;
+    if (partial > 0) {
+      IO::load_partial(x + j + s * IO::kWidth, partial, neg_inf, xs[2 * s], xs[2 * s + 1]);
+      if constexpr (kLinear) load_coefficients<T, kProb>(l, target_row, j + s * IO::kWidth, partial, hv,
+                                                         as[2 * s], as[2 * s + 1]);
+      ++s;
+    }
+    update_lanes<O, kLinear>(st, xs, as, 2 * s, rest);
+  }
+  return fold_lanes(st);
+}
+
+FT_INLINE int64_t read_index(const CrossEntropyLaunch& l, int64_t r) {
+  return l.target_is_int32 ? static_cast<const int32_t*>(l.target)[r * l.target_row_stride]
+                           : static_cast<const int64_t*>(l.target)[r * l.target_row_stride];
+}
+
+template <class T, bool kProb, bool kLinear>
+void forward_rows_typed(const CrossEntropyLaunch& l, int64_t row_begin, int64_t row_end) {
+  using O = XentOpmath<T>;
+  const math::XentHyper<O> h = xent_hyper<O>(l);
+  const auto hv = broadcast(h);
+  const O* weight = static_cast<const O*>(l.weight);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const T* x = static_cast<const T*>(l.logits) + r * l.logits_row_stride;
+    const T* target_row = kProb ? static_cast<const T*>(l.target) + r * l.target_row_stride : nullptr;
+    const math::RowState<O> st = scan_row<T, kProb, kLinear>(l, x, target_row, hv);
+    const math::RowLse<O> lse = math::finish_row(st);
+    O loss = 0, row_weight = 0;
+    bool ignored = false;
+    if constexpr (kProb) {
+      loss = math::prob_row_loss(st, lse, h);
+      row_weight = 1;
+    } else {
+      const int64_t t = read_index(l, r);
+      ignored = t == l.ignore_index;
+      if (!ignored) {
+        row_weight = weight != nullptr ? weight[t] : O(1);
+        loss = math::index_row_loss(st, lse, static_cast<O>(x[t]), row_weight, h);
+      }
+    }
+    static_cast<O*>(l.lse)[2 * r] = lse.shift;
+    static_cast<O*>(l.lse)[2 * r + 1] = lse.log_sum;
+    static_cast<O*>(l.row_loss)[r] = loss;
+    static_cast<O*>(l.row_z_loss)[r] = ignored ? O(0) : math::z_loss(lse, h);
+    static_cast<O*>(l.row_weight)[r] = row_weight;
+  }
+}
+
+template <class T, bool kProb, bool kLinear>
+void backward_rows_typed(const CrossEntropyLaunch& l, int64_t row_begin, int64_t row_end) {
+  using O = XentOpmath<T>;
+  using V = at::vec::Vectorized<O>;
+  using IO = StepIO<T>;
+  const math::XentHyper<O> h = xent_hyper<O>(l);
+  const auto hv = broadcast(h);
+  const int64_t C = l.classes;
+  const O* weight = static_cast<const O*>(l.weight);
+  const O denominator = *static_cast<const O*>(l.denominator);
+  const T* grad_loss = static_cast<const T*>(l.grad_loss);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const T* x = static_cast<const T*>(l.logits) + r * l.logits_row_stride;
+    T* g = static_cast<T*>(l.grad) + r * l.grad_row_stride;
+    const T* target_row = kProb ? static_cast<const T*>(l.target) + r * l.target_row_stride : nullptr;
+    const O* saved = static_cast<const O*>(l.lse_in) + 2 * r;
+    const math::RowLse<O> lse{saved[0], saved[1]};
+    const O scale = static_cast<O>(grad_loss[r * l.grad_loss_stride]) / denominator;
+    int64_t t = -1;
+    O x_t = 0;  // read before the row is written: the in-place backward writes over the logits
+    math::RowGrad<O> rg;
+    if constexpr (kProb) {
+      // A_r = Σ w_j·t'_j: one pass over the target row (the forward's asum, not saved to keep the
+      // saved state at one value per row).
+      V mass(0), lo, hi;
+      for (int64_t j = 0; j < C; j += IO::kWidth) {
+        load_coefficients<T, true>(l, target_row, j, std::min<int64_t>(IO::kWidth, C - j), hv, lo, hi);
+        mass = mass + lo + hi;
+      }
+      const O target_mass = at::vec::vec_reduce_all<O>([](const V& p, const V& q) { return p + q; }, mass);
+      rg = math::prob_row_grad(scale, lse, target_mass, h);
+    } else {
+      t = read_index(l, r);
+      if (t == l.ignore_index) {
+        std::memset(static_cast<void*>(g), 0, C * sizeof(T));
+        continue;
+      }
+      x_t = static_cast<O>(x[t]);
+      rg = math::index_row_grad(scale, lse, weight != nullptr ? weight[t] : O(1), h);
+    }
+    const V v_shift(rg.shift), v_log_sum(rg.log_sum), v_softmax(rg.softmax_coef), v_linear(rg.linear_coef);
+    V lo, hi, a_lo(0), a_hi(0);
+    int64_t j = 0;
+    for (; j + IO::kWidth <= C; j += IO::kWidth) {
+      IO::load(x + j, lo, hi);
+      if constexpr (kLinear) load_coefficients<T, kProb>(l, target_row, j, IO::kWidth, hv, a_lo, a_hi);
+      IO::store(g + j, math::grad_element(lo, a_lo, v_shift, v_log_sum, v_softmax, v_linear),
+                math::grad_element(hi, a_hi, v_shift, v_log_sum, v_softmax, v_linear));
+    }
+    if (j < C) {
+      const int64_t n = C - j;
+      IO::load_partial(x + j, n, T(0), lo, hi);
+      if constexpr (kLinear) load_coefficients<T, kProb>(l, target_row, j, n, hv, a_lo, a_hi);
+      IO::store_partial(g + j, n, math::grad_element(lo, a_lo, v_shift, v_log_sum, v_softmax, v_linear),
+                        math::grad_element(hi, a_hi, v_shift, v_log_sum, v_softmax, v_linear));
+    }
+    if constexpr (!kProb) {
+      // The true class's (p_t - 1)-like value in opmath, rounded once; the vector pass rounded p_t alone.
+      const O a_t = kLinear ? weight[t] : O(0);
+      g[t] = static_cast<T>(math::target_grad(x_t, a_t, rg));
+    }
+  }
+}
+
+// Dispatch on dtype and on the row kind: class index without a linear term, class index with label
+// smoothing, probabilities. The caller guarantees l.weight is set whenever a linear term is needed.
+template <template <class, bool, bool> class Rows>
+FT_INLINE void dispatch_xent(const CrossEntropyLaunch& l, int64_t b, int64_t e) {
+  const auto by_kind = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    if (l.target_is_prob) return Rows<T, true, true>::run(l, b, e);
+    if (l.label_smoothing > 0.0) return Rows<T, false, true>::run(l, b, e);
+    return Rows<T, false, false>::run(l, b, e);
+  };
+  switch (l.dtype) {
+    case ScalarKind::Float: return by_kind(float{});
+    case ScalarKind::Double: return by_kind(double{});
+    case ScalarKind::BFloat16: return by_kind(c10::BFloat16{});
+    case ScalarKind::Half: return by_kind(c10::Half{});
+  }
+}
+
+template <class T, bool kProb, bool kLinear>
+struct ForwardRows {
+  static void run(const CrossEntropyLaunch& l, int64_t b, int64_t e) { forward_rows_typed<T, kProb, kLinear>(l, b, e); }
+};
+template <class T, bool kProb, bool kLinear>
+struct BackwardRows {
+  static void run(const CrossEntropyLaunch& l, int64_t b, int64_t e) { backward_rows_typed<T, kProb, kLinear>(l, b, e); }
+};
+
+inline void cross_entropy_forward_rows(const CrossEntropyLaunch& l, int64_t row_begin, int64_t row_end) {
+  dispatch_xent<ForwardRows>(l, row_begin, row_end);
+}
+inline void cross_entropy_backward_rows(const CrossEntropyLaunch& l, int64_t row_begin, int64_t row_end) {
+  dispatch_xent<BackwardRows>(l, row_begin, row_end);
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fused_train

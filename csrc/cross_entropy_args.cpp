@@ -1,0 +1,103 @@
+#include "cross_entropy_args.h"
+
+#include <ATen/MemoryOverlap.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+#include "optimizer_args.h"
+
+namespace fused_train {
+
+CrossEntropyCall check_cross_entropy_call(const char* op, const at::Tensor& input, const at::Tensor& target,
+                                          const std::optional<at::Tensor>& weight, int64_t reduction,
+                                          double label_smoothing, double lse_square_scale, bool writes_input) {
+  CrossEntropyCall c;
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+                   op, ": input must be float32, float64, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK_VALUE(input.dim() == 2, op, ": input must be 2-D (rows, classes), got shape ", input.sizes());
+  c.rows = input.size(0);
+  c.classes = input.size(1);
+  TORCH_CHECK_VALUE(c.classes > 0, op, ": input must have at least one class, got shape ", input.sizes());
+  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+                    reduction);
+  c.reduction = static_cast<XentReduction>(reduction);
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+                    ": label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK_VALUE(std::isfinite(lse_square_scale), op, ": lse_square_scale must be finite, got ",
+                    lse_square_scale);
+  c.opmath = opmath_type(dtype);
+
+  // The kernels read a row with vector loads, which needs unit class stride; a transposed view is copied
+  // once (the same cost as the read it enables). Any row stride is fine as it is.
+  if (input.stride(1) == 1 || c.classes == 1) {
+    c.input = input;
+  } else {
+    TORCH_CHECK(!writes_input, op, ": the in-place backward needs input with unit class stride, got strides ",
+                input.strides());
+    c.input = input.contiguous();
+  }
+  if (writes_input) {
+    TORCH_CHECK(at::has_internal_overlap(input) != at::MemOverlap::Yes, op,
+                ": the in-place backward needs input without overlapping rows (e.g. not expanded)");
+  }
+
+  c.target_is_prob = at::isFloatingType(target.scalar_type());
+  TORCH_CHECK_VALUE(target.device() == input.device(), op, ": target must be on ", input.device(), " like input, got ",
+                    target.device());
+  if (c.target_is_prob) {
+    TORCH_CHECK_TYPE(target.scalar_type() == dtype, op, ": probability target must have input's dtype ", dtype,
+                     ", got ", target.scalar_type());
+    TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == c.rows && target.size(1) == c.classes, op,
+                      ": probability target must have input's shape ", input.sizes(), ", got ", target.sizes());
+    c.target = (target.stride(1) == 1 || c.classes == 1) ? target : target.contiguous();
+  } else {
+    TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
+                     ": class-index target must be int64 or int32, got ", target.scalar_type());
+    TORCH_CHECK_VALUE(target.dim() == 1, op, ": class-index target must be 1-D (rows,), got shape ", target.sizes());
+    TORCH_CHECK_VALUE(target.size(0) == c.rows, op, ": target has ", target.size(0), " rows but input has ", c.rows);
+    c.target = target;
+  }
+
+  const bool linear = c.target_is_prob || label_smoothing > 0.0;
+  if (weight.has_value() && weight->defined()) {
+    const at::Tensor& w = *weight;
+    TORCH_CHECK_TYPE(at::isFloatingType(w.scalar_type()), op, ": weight must be floating point, got ",
+                     w.scalar_type());
+    TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == c.classes, op, ": weight must have one entry per class (",
+                      c.classes, "), got shape ", w.sizes());
+    TORCH_CHECK_VALUE(w.device() == input.device(), op, ": weight must be on ", input.device(), " like input, got ",
+                      w.device());
+    c.weight = w.to(c.opmath).contiguous();
+    if (linear && !c.target_is_prob) c.class_weight_sum = c.weight.sum();
+  } else if (linear) {
+    // The linear-term kernels read a weight per class; ones keep them free of an unweighted variant.
+    c.weight = at::ones({c.classes}, input.options().dtype(c.opmath));
+  }
+  return c;
+}
+
+at::Tensor check_cross_entropy_backward(const char* op, const CrossEntropyCall& call, const at::Tensor& grad_loss,
+                                        const at::Tensor& lse, const at::Tensor& denominator) {
+  const auto& dev = call.input.device();
+  TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == call.rows && lse.size(1) == 2 &&
+                        lse.scalar_type() == call.opmath && lse.device() == dev && lse.is_contiguous(),
+                    op, ": row_lse must be the forward's contiguous (", call.rows, ", 2) ", call.opmath,
+                    " tensor on ", dev, ", got shape ", lse.sizes(), " ", lse.scalar_type(), " on ", lse.device());
+  TORCH_CHECK_VALUE(denominator.numel() == 1 && denominator.scalar_type() == call.opmath &&
+                        denominator.device() == dev,
+                    op, ": denominator must be the forward's one-element ", call.opmath, " tensor on ", dev);
+  if (call.reduction == XentReduction::None) {
+    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == call.rows, op,
+                      ": grad_loss must have shape (", call.rows, ",) for reduction='none', got ", grad_loss.sizes());
+  } else {
+    TORCH_CHECK_VALUE(grad_loss.numel() == 1, op, ": grad_loss must hold one element for a reduced loss, got shape ",
+                      grad_loss.sizes());
+  }
+  TORCH_CHECK_VALUE(grad_loss.device() == dev, op, ": grad_loss must be on ", dev, ", got ", grad_loss.device());
+  return grad_loss.scalar_type() == call.input.scalar_type() ? grad_loss
+                                                             : grad_loss.to(call.input.scalar_type());
+}
+
+}  // namespace fused_train

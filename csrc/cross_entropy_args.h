@@ -1,0 +1,37 @@
+// Argument checking and layout preparation shared by the CPU and CUDA implementations of the
+// cross-entropy ops. Everything here runs before any output is written or any kernel is launched.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace fused_train {
+
+enum class XentReduction : int64_t { None = 0, Mean = 1, Sum = 2 };  // torch's at::Reduction values
+
+// One checked call, on a 2-D view of the logits with unit class stride (any row stride).
+struct CrossEntropyCall {
+  at::Tensor input;          // (rows, classes)
+  at::Tensor target;         // class indices (rows,) int64/int32, or probabilities (rows, classes) unit class stride
+  at::Tensor weight;         // opmath (classes,) contiguous; undefined when unweighted and no linear term needs it
+  at::Tensor class_weight_sum;  // opmath 0-dim Σ_c w_c when label smoothing is weighted; else undefined
+  bool target_is_prob = false;
+  int64_t rows = 0, classes = 0;
+  XentReduction reduction = XentReduction::Mean;
+  at::ScalarType opmath = at::kFloat;
+};
+
+// Checks one call and prepares its tensors; throws c10::Error (Python: ValueError/TypeError/RuntimeError)
+// naming the argument and the expectation. writes_input: the call overwrites the logits with the gradient.
+CrossEntropyCall check_cross_entropy_call(const char* op, const at::Tensor& input, const at::Tensor& target,
+                                          const std::optional<at::Tensor>& weight, int64_t reduction,
+                                          double label_smoothing, double lse_square_scale, bool writes_input);
+
+// Checks the extra inputs of the backward: the forward's row_lse (rows, 2) and denominator (0-dim), opmath,
+// and grad_loss ((rows,) for reduction='none', else one element) in the logits' dtype; returns grad_loss
+// on the logits' dtype (a copy only when it arrives in another dtype).
+at::Tensor check_cross_entropy_backward(const char* op, const CrossEntropyCall& call, const at::Tensor& grad_loss,
+                                        const at::Tensor& lse, const at::Tensor& denominator);
+
+}  // namespace fused_train

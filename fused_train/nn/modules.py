@@ -1,0 +1,67 @@
+"""Fused drop-in loss modules."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+
+__all__ = ["CrossEntropyLoss"]
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    r"""Drop-in for :class:`torch.nn.CrossEntropyLoss` (a subclass of it: same constructor, ``weight`` kept
+    as a buffer, same results) computed by :func:`fused_train.nn.functional.cross_entropy`.
+
+    Args:
+        weight, size_average, ignore_index, reduce, reduction, label_smoothing: as
+            :class:`torch.nn.CrossEntropyLoss`.
+        lse_square_scale: z-loss scale (keyword-only, default 0: off).
+        inplace_backward: write the gradient over the logits (keyword-only, default off); see
+            :func:`fused_train.nn.functional.cross_entropy` for when that is safe.
+
+    Shape:
+        - Input: :math:`(C)`, :math:`(N, C)` or :math:`(N, C, d_1, ..., d_K)`.
+        - Target: class indices :math:`()`, :math:`(N)` or :math:`(N, d_1, ..., d_K)`, or probabilities of the
+          input's shape.
+        - Output: scalar, or the target's (batch) shape for ``reduction='none'``.
+
+    Example::
+
+        >>> loss_fn = fused_train.nn.CrossEntropyLoss(label_smoothing=0.1)
+        >>> loss = loss_fn(torch.randn(4, 10, requires_grad=True), torch.tensor([1, 0, 9, 3]))
+        >>> loss.backward()
+    """
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        lse_square_scale: float = 0.0,
+        inplace_backward: bool = False,
+    ) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.lse_square_scale = lse_square_scale
+        self.inplace_backward = inplace_backward
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F._cross_entropy(
+            input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
+            self.lse_square_scale, self.inplace_backward,
+        ).loss
+
+    def extra_repr(self) -> str:
+        parts = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
+        if self.label_smoothing:
+            parts.append(f"label_smoothing={self.label_smoothing}")
+        if self.lse_square_scale:
+            parts.append(f"lse_square_scale={self.lse_square_scale}")
+        if self.inplace_backward:
+            parts.append("inplace_backward=True")
+        return ", ".join(parts)

@@ -1,0 +1,295 @@
+"""fused_train.nn cross-entropy against torch.nn.functional.cross_entropy: values and input gradients over
+devices × dtypes × target kinds × options, plus gradcheck, opcheck, torch.compile, extremes and errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_train
+from conftest import DEVICES, FLOAT_DTYPES
+from fused_train.nn.functional import cross_entropy, cross_entropy_with_lse
+from fused_train.reference import cross_entropy_reference
+
+# Tolerances of a loss or gradient against the reference in opmath. fp64/fp32: reassociation of the row
+# sums (lane-wise and in row order here, pairwise in torch) and exp_u20's 20 ulps in fp32. bf16/fp16: the
+# kernel computes in fp32 like the reference, so the only difference is the one rounding of the stored
+# result (2^-8 resp. 2^-11 relative) plus an ulp of slack; the absolute part covers gradient entries near 0.
+XENT_TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=2e-5, atol=2e-6),
+    torch.bfloat16: dict(rtol=2 ** -7, atol=2e-4),
+    torch.float16: dict(rtol=2 ** -10, atol=2e-5),
+}
+
+
+def _check(device, dtype, input_shape, target_kind="index", weighted=False, reduction="mean", label_smoothing=0.0,
+           ignore_some=False, lse_square_scale=0.0, target_dtype=torch.int64, transpose=False, inplace=False,
+           scale=1.0):
+    """Compares loss and input gradient with the opmath reference (torch ops on upcast logits)."""
+    classes = input_shape[1] if len(input_shape) > 1 else input_shape[0]
+    if transpose:  # non-contiguous: build (C, N) and view it as (N, C)
+        x = (torch.randn(input_shape[::-1], device=device, dtype=torch.float64) * scale).to(dtype).t()
+    else:
+        x = (torch.randn(input_shape, device=device, dtype=torch.float64) * scale).to(dtype)
+    batch_shape = (input_shape[0],) + tuple(input_shape[2:]) if len(input_shape) > 1 else ()
+    if target_kind == "index":
+        target = torch.randint(0, classes, batch_shape, device=device).to(target_dtype)
+        if ignore_some and target.numel() > 1:
+            target.view(-1)[::3] = -100
+    else:
+        target = torch.softmax(torch.randn(input_shape, device=device, dtype=torch.float64), dim=1 if
+                               len(input_shape) > 1 else 0).to(dtype)
+    weight = torch.rand(classes, device=device, dtype=dtype) + 0.5 if weighted else None
+    kw = dict(weight=weight, reduction=reduction, label_smoothing=label_smoothing)
+
+    x_ref = x.detach().clone().requires_grad_()
+    ref_loss, ref_z = cross_entropy_reference(x_ref, target, lse_square_scale=lse_square_scale, **kw)
+    grad_out = torch.randn_like(ref_loss) if reduction == "none" else torch.tensor(0.7, dtype=ref_loss.dtype,
+                                                                                    device=device)
+    (ref_grad,) = torch.autograd.grad(ref_loss, x_ref, grad_out)
+
+    x_ours = x.detach().clone().requires_grad_()
+    x_in = x_ours * 1 if inplace else x_ours  # the in-place backward writes over its input: keep the leaf
+    loss, z_loss, lse = cross_entropy_with_lse(x_in, target, lse_square_scale=lse_square_scale,
+                                               inplace_backward=inplace, **kw)
+    assert loss.dtype == dtype and loss.shape == ref_loss.shape
+    (grad,) = torch.autograd.grad(loss, x_ours, grad_out.to(dtype))
+    tol = XENT_TOL[dtype]
+    torch.testing.assert_close(loss.to(ref_loss.dtype), ref_loss, **tol)
+    torch.testing.assert_close(z_loss.to(ref_z.dtype), ref_z, **tol)
+    torch.testing.assert_close(grad.to(ref_grad.dtype), ref_grad, **tol)
+    return loss, grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(weighted=True),
+        dict(ignore_some=True),
+        dict(label_smoothing=0.1),
+        dict(weighted=True, ignore_some=True, label_smoothing=0.25),
+        dict(target_kind="prob"),
+        dict(target_kind="prob", weighted=True, label_smoothing=0.2),
+        dict(lse_square_scale=1e-2, ignore_some=True),
+        dict(target_dtype=torch.int32, ignore_some=True),
+    ],
+    ids=["plain", "weight", "ignore", "smooth", "weight_ignore_smooth", "prob", "prob_weight_smooth", "zloss",
+         "int32"],
+)
+def test_matches_torch(device, dtype, reduction, options):
+    _check(device, dtype, (37, 101), reduction=reduction, **options)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape", [(10,), (1, 1), (3, 7), (5, 1000), (4, 6, 3, 2), (2, 50257)], ids=lambda s: "x".join(map(str, s))
+)
+@pytest.mark.parametrize("target_kind", ["index", "prob"])
+def test_shapes(device, dtype, shape, target_kind):
+    _check(device, dtype, shape, target_kind=target_kind, weighted=True, label_smoothing=0.1)
+    _check(device, dtype, shape, target_kind=target_kind, reduction="none")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_non_contiguous_and_inplace(device, dtype):
+    _check(device, dtype, (33, 45), transpose=True, weighted=True, label_smoothing=0.1)
+    _check(device, dtype, (33, 45), inplace=True, ignore_some=True, reduction="none")
+    # a row stride larger than C: every other column of a wider tensor
+    x = torch.randn(9, 160, device=device, dtype=dtype)[:, 3:80]
+    target = torch.randint(0, 77, (9,), device=device)
+    torch.testing.assert_close(cross_entropy(x, target).double(), F.cross_entropy(x.double(), target),
+                               **XENT_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_backward_writes_over_logits(device):
+    x = torch.randn(6, 20, device=device, requires_grad=True)
+    logits = x * 2
+    target = torch.randint(0, 20, (6,), device=device)
+    expected = torch.softmax(logits.detach(), 1) - F.one_hot(target, 20)
+    loss = cross_entropy(logits, target, inplace_backward=True)
+    (g_logits,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    torch.testing.assert_close(g_logits, expected / 6)
+    assert torch.equal(logits.detach(), g_logits)  # the same storage now holds the gradient
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_large_vocab(device, dtype):
+    _check(device, dtype, (3, 128256), ignore_some=True, scale=3.0)
+    _check(device, dtype, (2, 151936), label_smoothing=0.1, weighted=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_extreme_logits(device, dtype):
+    big = 1e4 if dtype != torch.float16 else 6e4
+    x = torch.randn(8, 300, device=device).to(dtype)
+    x[0] = big
+    x[1] = -big
+    x[2, ::2] = big
+    x[3] = float("-inf")
+    x[3, 7] = 0.0  # -inf on every non-target class: loss 0, gradient 0
+    x[4] = float("-inf")
+    x[4, 299] = -big
+    target = torch.randint(0, 300, (8,), device=device)
+    target[3] = 7
+    target[4] = 299
+    xr = x.double().requires_grad_()
+    xo = x.clone().requires_grad_()
+    ref = F.cross_entropy(xr, target, reduction="none")
+    ours = cross_entropy(xo, target, reduction="none")
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours.double(), ref, **XENT_TOL[dtype])
+    (g_ref,) = torch.autograd.grad(ref.sum(), xr)
+    (g,) = torch.autograd.grad(ours.sum(), xo)
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close(g.double(), g_ref, **XENT_TOL[dtype])
+    assert ours[3] == 0 and (g[3] == 0).all()
+    # label smoothing with -inf logits: infinite loss, as torch
+    assert torch.isinf(cross_entropy(xo.detach()[3:4], target[3:4], label_smoothing=0.1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_and_empty(device, reduction):
+    x = torch.randn(4, 5, device=device, requires_grad=True)
+    target = torch.full((4,), -100, device=device)
+    for weight in (None, torch.rand(5, device=device)):
+        ours = cross_entropy(x, target, weight=weight, reduction=reduction, label_smoothing=0.1)
+        ref = F.cross_entropy(x, target, weight=weight, reduction=reduction, label_smoothing=0.1)
+        torch.testing.assert_close(ours, ref, equal_nan=True)
+        if reduction != "mean":
+            (g,) = torch.autograd.grad(ours.sum(), x)
+            assert (g == 0).all()
+    empty = torch.randn(0, 5, device=device, requires_grad=True)
+    ours = cross_entropy(empty, torch.zeros(0, dtype=torch.long, device=device), reduction=reduction)
+    ref = F.cross_entropy(empty, torch.zeros(0, dtype=torch.long, device=device), reduction=reduction)
+    torch.testing.assert_close(ours, ref, equal_nan=True)
+    ours.sum().backward()
+    assert empty.grad.shape == (0, 5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_fp64(device):
+    x = torch.randn(5, 7, 2, device=device, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 7, (5, 2), device=device)
+    target[0, 0] = -100
+    weight = torch.rand(7, device=device, dtype=torch.float64) + 0.1
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(
+            lambda inp: cross_entropy(inp, target, weight, reduction=reduction, label_smoothing=0.15,
+                                      lse_square_scale=0.01), (x,))
+    probs = torch.softmax(torch.randn(5, 7, 2, device=device, dtype=torch.float64), 1)
+    assert torch.autograd.gradcheck(lambda inp: cross_entropy(inp, probs, weight, label_smoothing=0.1), (x,))
+
+
+def _op_args(device, prob=False, smoothing=0.1):
+    x = torch.randn(6, 11, device=device)
+    target = torch.softmax(torch.randn(6, 11, device=device), 1) if prob else torch.randint(0, 11, (6,),
+                                                                                             device=device)
+    weight = torch.rand(11, device=device)
+    kw = dict(reduction=1, ignore_index=-100, label_smoothing=smoothing, lse_square_scale=1e-3)
+    return x, target, weight, kw
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prob", [False, True])
+def test_opcheck(device, prob):
+    ops = torch.ops.fused_train
+    x, target, weight, kw = _op_args(device, prob)
+    torch.library.opcheck(ops.cross_entropy_forward.default, (x, target, weight), kw)
+    _, _, lse, denominator = ops.cross_entropy_forward(x, target, weight, **kw)
+    g = torch.tensor(1.5, device=device)
+    torch.library.opcheck(ops.cross_entropy_backward.default, (g, x, target, weight, lse, denominator), kw)
+    torch.library.opcheck(ops.cross_entropy_backward_.default, (g, x.clone(), target, weight, lse, denominator), kw)
+    kw_none = dict(kw, reduction=0)
+    torch.library.opcheck(ops.cross_entropy_forward.default, (x, target, None), kw_none)
+
+
+def test_torch_compile_fullgraph():
+    model = torch.nn.Linear(16, 40)
+    loss_fn = fused_train.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def step(inp, target):
+        return loss_fn(model(inp), target)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    inp = torch.randn(8, 16)
+    target = torch.randint(0, 40, (8,))
+    loss = compiled(inp, target)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref = F.cross_entropy(model(inp), target, label_smoothing=0.1)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_matches_torch_module(device):
+    weight = torch.rand(9, device=device)
+    ours = fused_train.nn.CrossEntropyLoss(weight=weight, ignore_index=2, reduction="sum", label_smoothing=0.05)
+    ref = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=2, reduction="sum", label_smoothing=0.05)
+    assert isinstance(ours, torch.nn.CrossEntropyLoss)
+    assert "weight" in dict(ours.named_buffers())
+    x = torch.randn(12, 9, device=device, requires_grad=True)
+    target = torch.randint(0, 9, (12,), device=device)
+    torch.testing.assert_close(ours(x, target), ref(x, target))
+    with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):
+        legacy = fused_train.nn.CrossEntropyLoss(size_average=False)
+    assert legacy.reduction == "sum"
+    torch.testing.assert_close(legacy(x, target), F.cross_entropy(x, target, reduction="sum"))
+    assert torch.isnan(ours(x, torch.full((12,), 2, device=device))) == torch.isnan(ref(x, torch.full(
+        (12,), 2, device=device)))
+
+
+def test_lse_output():
+    x = torch.randn(3, 4, 17)
+    target = torch.randint(0, 4, (3, 17))
+    out = cross_entropy_with_lse(x, target, lse_square_scale=0.5, reduction="none")
+    torch.testing.assert_close(out.lse, torch.logsumexp(x, dim=1))
+    torch.testing.assert_close(out.z_loss, 0.5 * out.lse ** 2)
+    assert out.lse.dtype == torch.float32 and not out.lse.requires_grad
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: cross_entropy(torch.randn(4, 5), torch.zeros(3, dtype=torch.long)), ValueError,
+         "target has 3 rows but input has 4"),
+        (lambda: cross_entropy(torch.randn(4, 5), torch.zeros(4)), ValueError, "probability target has shape"),
+        (lambda: cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.uint8)), TypeError, "int64 or int32"),
+        (lambda: cross_entropy(torch.randn(4, 5, 2), torch.zeros(4, 3, dtype=torch.long)), ValueError,
+         r"needs \(4, 2\)"),
+        (lambda: cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), reduction="avg"), ValueError,
+         "reduction must be"),
+        (lambda: cross_entropy(torch.randn(4, 5), torch.tensor([0, 1, 5, 2])), IndexError, "target 5 at position 2"),
+        (lambda: cross_entropy(torch.randn(4, 5), torch.tensor([0, -1, 0, 2])), IndexError, "out of bounds"),
+        (lambda: cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), weight=torch.ones(4)),
+         ValueError, "weight must have one entry per class"),
+        (lambda: cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), label_smoothing=1.5),
+         ValueError, "label_smoothing must be in"),
+        (lambda: cross_entropy(torch.randn(4, 5).half(), torch.rand(4, 5)), TypeError, "must have input's dtype"),
+        (lambda: cross_entropy(torch.randn(4, 5).int(), torch.zeros(4, dtype=torch.long)), TypeError,
+         "input must be float32"),
+    ],
+)
+def test_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_bad_target_writes_nothing():
+    x = torch.randn(4, 5, requires_grad=True)
+    with pytest.raises(IndexError):
+        cross_entropy(x, torch.tensor([0, 1, 9, 2]))
+    assert x.grad is None
