@@ -109,8 +109,13 @@ define_macros = [
     ("FUSED_TRAIN_X86_ISAS", "1" if X86 else "0"),
     ("FUSED_TRAIN_TORCH_VERSION", '"' + torch.__version__ + '"'),
 ]
-cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
-nvcc_flags = [
+# torch's headers as system headers: their warnings (unknown CUDA pragmas, GCC 12's maybe-uninitialized
+# false positives inside AVX-512 intrinsics) are not ours to fix, and must not hide ours.
+from torch.utils.cpp_extension import include_paths as _torch_include_paths  # noqa: E402
+
+system_includes = [flag for path in _torch_include_paths() for flag in ("-isystem", path)]
+cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"] + system_includes
+nvcc_flags = system_includes + [
     "-O3",
     "-lineinfo",
     "--expt-relaxed-constexpr",
