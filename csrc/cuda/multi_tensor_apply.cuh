@@ -102,7 +102,7 @@ FT_HOST_DEVICE FT_INLINE BlockLocation locate_block(const TensorListMetadata<Dep
   return {lo, begin, left < kChunkSize ? left : kChunkSize};
 }
 
-// Functor contract (F is trivially copyable, at most kFunctorParamBytes - 8 bytes):
+// Functor contract (F is trivially copyable, at most kFunctorParamBytes - 4 bytes):
 //   static constexpr bool kAdvancesSteps;     // the launcher advances per-tensor steps (needs step tensors)
 //   struct BlockScalars { ... };             // plain data, no constructors (lives in shared memory)
 //   BlockScalars block_scalars(float step_after) const;

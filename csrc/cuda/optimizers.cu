@@ -53,9 +53,10 @@ bool prepare_common(CommonScalars& c, double lr, const std::optional<at::Tensor>
 void prepare_steps(const char* op, OptimizerTensors& t) {
   for (size_t i = 0; i < t.steps.size(); ++i) {
     const at::Tensor step = t.steps[i];
-    TORCH_CHECK(step.device() == t.device, op, ": state_steps[", i, "] is on ", step.device(), " but the params are on ",
-                t.device, "; on CUDA the step counters advance inside the kernel, so they must live on the "
-                "params' device (as torch's fused and capturable optimizers keep them)");
+    TORCH_CHECK(step.device() == t.device, op, ": state_steps[", i, "] is on ", step.device(),
+                " but the params are on ", t.device,
+                "; on CUDA the step counters advance inside the kernel, so they must live on the params' device "
+                "(as torch's fused and capturable optimizers keep them)");
     if (step.scalar_type() != at::kFloat) {
       at::Tensor working = step.to(at::kFloat);
       t.copy_back.emplace_back(step, working);
