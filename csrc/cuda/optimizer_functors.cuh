@@ -1,0 +1,314 @@
+// The multi-tensor functors of the fused optimizers (SgdFunctor, AdamFunctor, RmspropFunctor): how one
+// block walks its chunk. The per-element math is optim_math.h's, the same code the CPU kernels run.
+//
+// Every chunk is walked with 16-byte loads and stores (4 fp32, 8 bf16/fp16, 2 fp64 elements per access;
+// the fp32 state of a bf16/fp16 param takes two) and a scalar tail, when all of the chunk's addresses are
+// 16-byte aligned; otherwise element by element. Values are widened to opmath (float, or double for fp64)
+// once, updated, and the param rounded once on store.
+//
+// Everything here is __host__ __device__ and takes (thread, thread count) as arguments, so it can run on
+// the CPU too.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/multi_tensor_apply.cuh"
+#include "fused_train/optim_math.h"
+
+// #pragma unroll for the device pass only: the host compiler does not know it (-Wunknown-pragmas).
+#if defined(__CUDA_ARCH__)
+#define FT_UNROLL _Pragma("unroll")
+#else
+#define FT_UNROLL
+#endif
+
+namespace fused_train {
+namespace cuda {
+
+template <class T>
+using opmath_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// A one-element tensor argument (lr, grad_scale, found_inf): a device pointer read inside the kernel, so
+// the host never waits for the GPU, or (ptr == nullptr) a value known on the host.
+struct ScalarArg {
+  const void* ptr;
+  double value;
+  bool is_double;  // *ptr is a double, else a float
+  FT_HOST_DEVICE FT_INLINE double load() const {
+    if (ptr == nullptr) return value;
+    return is_double ? *static_cast<const double*>(ptr) : static_cast<double>(*static_cast<const float*>(ptr));
+  }
+};
+
+// kW consecutive elements, loaded and stored as whole 16-byte accesses when kW * sizeof(X) is a multiple
+// of 16 (the caller checked the alignment), else as plain elements (the scalar path, kW = 1).
+template <class X, int kW>
+struct alignas((kW * sizeof(X)) % 16 == 0 ? 16 : alignof(X)) Elems {
+  X v[kW];
+};
+template <int kW, class X>
+FT_HOST_DEVICE FT_INLINE Elems<X, kW> load_elems(const X* p) {
+  return *reinterpret_cast<const Elems<X, kW>*>(p);
+}
+template <int kW, class X>
+FT_HOST_DEVICE FT_INLINE void store_elems(X* p, const Elems<X, kW>& e) {
+  *reinterpret_cast<Elems<X, kW>*>(p) = e;
+}
+
+FT_HOST_DEVICE FT_INLINE bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// What every optimizer chunk shares: the param, its grad and up to three state buffers (nullptr when the
+// optimizer's options leave one unused), elements [0, n) of the chunk.
+template <class T>
+struct ChunkPointers {
+  using O = opmath_t<T>;
+  T* param;
+  T* grad;
+  O* state[3];
+  int64_t n;
+  FT_HOST_DEVICE FT_INLINE bool all_aligned16() const {
+    return aligned16(param) && aligned16(grad) && aligned16(state[0]) && aligned16(state[1]) &&
+           aligned16(state[2]);  // nullptr is aligned
+  }
+};
+
+// Gradient handling common to all optimizers, as on the CPU: grads are divided by grad_scale (GradScaler's
+// unscale) before the update; afterwards zeros are written (zero_grad), or the unscaled grad when there was
+// a scale to remove.
+struct GradPolicy {
+  bool zero_grad;
+  bool has_grad_scale;
+};
+
+// Updates elements [i, i + kW) with op.update(param, grad, state[3]) (all opmath).
+template <int kW, class T, class Op>
+FT_HOST_DEVICE FT_INLINE void update_elems(const ChunkPointers<T>& c, int64_t i, const Op& op, GradPolicy gp,
+                                           opmath_t<T> grad_scale) {
+  using O = opmath_t<T>;
+  Elems<T, kW> p = load_elems<kW>(c.param + i);
+  Elems<T, kW> g = load_elems<kW>(c.grad + i);
+  Elems<O, kW> s[3] = {};
+FT_UNROLL
+  for (int k = 0; k < 3; ++k) {
+    if (c.state[k] != nullptr) s[k] = load_elems<kW>(c.state[k] + i);
+  }
+FT_UNROLL
+  for (int j = 0; j < kW; ++j) {
+    O grad = static_cast<O>(g.v[j]);
+    if (gp.has_grad_scale) grad = grad / grad_scale;
+    O param = static_cast<O>(p.v[j]);
+    O state[3] = {s[0].v[j], s[1].v[j], s[2].v[j]};
+    op.update(param, grad, state);
+    p.v[j] = static_cast<T>(param);  // the one rounding of a bf16/fp16 param
+    g.v[j] = gp.zero_grad ? static_cast<T>(0.0f) : static_cast<T>(grad);
+FT_UNROLL
+    for (int k = 0; k < 3; ++k) s[k].v[j] = state[k];
+  }
+  store_elems<kW>(c.param + i, p);
+FT_UNROLL
+  for (int k = 0; k < 3; ++k) {
+    if (c.state[k] != nullptr) store_elems<kW>(c.state[k] + i, s[k]);
+  }
+  if (gp.zero_grad || gp.has_grad_scale) store_elems<kW>(c.grad + i, g);
+}
+
+// One thread's share of a chunk: 16-byte accesses where the chunk is aligned (thread t takes accesses
+// t, t + n_threads, ..., so a warp reads 512 contiguous bytes per list), then the tail element by element.
+template <class T, class Op>
+FT_HOST_DEVICE FT_INLINE void update_chunk(const ChunkPointers<T>& c, const Op& op, GradPolicy gp,
+                                           opmath_t<T> grad_scale, int thread, int n_threads) {
+  constexpr int kVec = 16 / sizeof(T);
+  int64_t scalar_begin = 0;
+  if (c.all_aligned16()) {
+    const int64_t n_vec = c.n / kVec;
+    for (int64_t v = thread; v < n_vec; v += n_threads) update_elems<kVec>(c, v * kVec, op, gp, grad_scale);
+    scalar_begin = n_vec * kVec;
+  }
+  for (int64_t i = scalar_begin + thread; i < c.n; i += n_threads) update_elems<1>(c, i, op, gp, grad_scale);
+}
+
+// A skipped step (found_inf) still zeroes the grads it was asked to: the caller treats them as consumed.
+template <class T>
+FT_HOST_DEVICE FT_INLINE void zero_chunk_grads(const ChunkPointers<T>& c, int thread, int n_threads) {
+  constexpr int kVec = 16 / sizeof(T);
+  int64_t scalar_begin = 0;
+  if (aligned16(c.grad)) {
+    Elems<T, kVec> zeros;
+FT_UNROLL
+    for (int j = 0; j < kVec; ++j) zeros.v[j] = static_cast<T>(0.0f);
+    const int64_t n_vec = c.n / kVec;
+    for (int64_t v = thread; v < n_vec; v += n_threads) store_elems<kVec>(c.grad + v * kVec, zeros);
+    scalar_begin = n_vec * kVec;
+  }
+  for (int64_t i = scalar_begin + thread; i < c.n; i += n_threads) c.grad[i] = static_cast<T>(0.0f);
+}
+
+// The chunk of one block; list k of the launch maps to state[k - 2], lists past Depth are absent.
+template <class T, int Depth>
+FT_HOST_DEVICE FT_INLINE ChunkPointers<T> chunk_pointers(const TensorListMetadata<Depth>& m,
+                                                         const BlockLocation& loc, const int (&state_list)[3]) {
+  using O = opmath_t<T>;
+  ChunkPointers<T> c;
+  c.param = static_cast<T*>(m.addresses[0][loc.slot]) + loc.begin;
+  c.grad = static_cast<T*>(m.addresses[1][loc.slot]) + loc.begin;
+FT_UNROLL
+  for (int k = 0; k < 3; ++k) {
+    const int list = state_list[k];
+    c.state[k] = list >= 2 && list < Depth ? static_cast<O*>(m.addresses[list][loc.slot]) + loc.begin : nullptr;
+  }
+  c.n = loc.n;
+  return c;
+}
+
+// Scalars every functor shares, read once per block.
+struct CommonScalars {
+  ScalarArg lr, grad_scale, found_inf;
+  GradPolicy grads;
+};
+
+// ---------------------------------------------------------------------------------------------------
+// SGD: lists param, grad[, momentum_buffer].
+template <class O>
+struct SgdElementOp {
+  math::SgdHyper<O> h;
+  FT_HOST_DEVICE FT_INLINE void update(O& param, O grad, O (&state)[3]) const {
+    math::sgd_update<O>(param, grad, &state[0], h);
+  }
+};
+
+template <class T, int Depth>
+struct SgdFunctor {
+  using O = opmath_t<T>;
+  static constexpr bool kAdvancesSteps = false;
+  struct BlockScalars {
+    O lr, grad_scale;
+    bool skip;
+  };
+  math::SgdHyper<O> hyper;  // lr filled in per block
+  CommonScalars common;
+
+  FT_HOST_DEVICE BlockScalars block_scalars(float) const {
+    BlockScalars s;
+    s.skip = common.found_inf.load() != 0.0;
+    s.lr = static_cast<O>(common.lr.load());
+    s.grad_scale = static_cast<O>(common.grad_scale.load());
+    return s;
+  }
+  FT_HOST_DEVICE bool advances_steps(const BlockScalars&) const { return false; }
+  FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth>& m, const BlockLocation& loc,
+                                 const BlockScalars& s, int thread, int n_threads) const {
+    const int state_lists[3] = {2, -1, -1};
+    const ChunkPointers<T> c = chunk_pointers<T>(m, loc, state_lists);
+    if (s.skip) {
+      if (common.grads.zero_grad) zero_chunk_grads(c, thread, n_threads);
+      return;
+    }
+    SgdElementOp<O> op{hyper};
+    op.h.lr = s.lr;
+    update_chunk(c, op, common.grads, s.grad_scale, thread, n_threads);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Adam / AdamW: lists param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq].
+template <class O>
+struct AdamElementOp {
+  math::AdamHyper<O> h;
+  O neg_step_size, bc2_sqrt;
+  FT_HOST_DEVICE FT_INLINE void update(O& param, O grad, O (&state)[3]) const {
+    math::adam_update<O>(param, grad, state[0], state[1], &state[2], neg_step_size, bc2_sqrt, h);
+  }
+};
+
+template <class T, int Depth>
+struct AdamFunctor {
+  using O = opmath_t<T>;
+  static constexpr bool kAdvancesSteps = true;
+  struct BlockScalars {
+    O neg_step_size, bc2_sqrt, decay_factor, grad_scale;
+    bool skip;
+  };
+  math::AdamHyper<O> hyper;  // decay_factor (1 - lr·wd) filled in per block
+  double beta1, beta2, weight_decay;
+  CommonScalars common;
+
+  FT_HOST_DEVICE BlockScalars block_scalars(float step_after) const {
+    BlockScalars s;
+    s.skip = common.found_inf.load() != 0.0;
+    const double lr = common.lr.load();
+    // In double, as torch computes them in Python floats; once per block, not per thread.
+    const math::AdamStepScalars bc =
+        math::adam_bias_correction(lr, beta1, beta2, static_cast<double>(step_after));
+    s.neg_step_size = static_cast<O>(bc.neg_step_size);
+    s.bc2_sqrt = static_cast<O>(bc.bc2_sqrt);
+    s.decay_factor = static_cast<O>(1.0 - lr * weight_decay);
+    s.grad_scale = static_cast<O>(common.grad_scale.load());
+    return s;
+  }
+  FT_HOST_DEVICE bool advances_steps(const BlockScalars& s) const { return !s.skip; }
+  FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth>& m, const BlockLocation& loc,
+                                 const BlockScalars& s, int thread, int n_threads) const {
+    const int state_lists[3] = {2, 3, 4};  // list 4 exists with amsgrad only (Depth 5)
+    const ChunkPointers<T> c = chunk_pointers<T>(m, loc, state_lists);
+    if (s.skip) {
+      if (common.grads.zero_grad) zero_chunk_grads(c, thread, n_threads);
+      return;
+    }
+    AdamElementOp<O> op{hyper, s.neg_step_size, s.bc2_sqrt};
+    op.h.decay_factor = s.decay_factor;
+    update_chunk(c, op, common.grads, s.grad_scale, thread, n_threads);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// RMSprop: lists param, grad, square_avg[, grad_avg if centered][, momentum_buffer if momentum > 0].
+template <class O>
+struct RmspropElementOp {
+  math::RmspropHyper<O> h;
+  FT_HOST_DEVICE FT_INLINE void update(O& param, O grad, O (&state)[3]) const {
+    math::rmsprop_update<O>(param, grad, state[0], &state[1], &state[2], h);
+  }
+};
+
+template <class T, int Depth>
+struct RmspropFunctor {
+  using O = opmath_t<T>;
+  static constexpr bool kAdvancesSteps = true;
+  struct BlockScalars {
+    O lr, grad_scale;
+    bool skip;
+  };
+  math::RmspropHyper<O> hyper;  // lr filled in per block
+  CommonScalars common;
+
+  FT_HOST_DEVICE BlockScalars block_scalars(float) const {
+    BlockScalars s;
+    s.skip = common.found_inf.load() != 0.0;
+    s.lr = static_cast<O>(common.lr.load());
+    s.grad_scale = static_cast<O>(common.grad_scale.load());
+    return s;
+  }
+  FT_HOST_DEVICE bool advances_steps(const BlockScalars& s) const { return !s.skip; }
+  FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth>& m, const BlockLocation& loc,
+                                 const BlockScalars& s, int thread, int n_threads) const {
+    // The optional states are packed: grad_avg (centered) comes first, then momentum_buffer.
+    const int grad_avg_list = hyper.centered ? 3 : -1;
+    const int momentum_list = hyper.has_momentum ? (hyper.centered ? 4 : 3) : -1;
+    const int state_lists[3] = {2, grad_avg_list, momentum_list};
+    const ChunkPointers<T> c = chunk_pointers<T>(m, loc, state_lists);
+    if (s.skip) {
+      if (common.grads.zero_grad) zero_chunk_grads(c, thread, n_threads);
+      return;
+    }
+    RmspropElementOp<O> op{hyper};
+    op.h.lr = s.lr;
+    update_chunk(c, op, common.grads, s.grad_scale, thread, n_threads);
+  }
+};
+
+}  // namespace cuda
+}  // namespace fused_train

@@ -1,0 +1,219 @@
+// CUDA implementations of the optimizer ops: the same checks as the CPU (optimizer_args.h), then one
+// multi_tensor_apply per call (cuda/multi_tensor_apply.cuh) with the functors of
+// cuda/optimizer_functors.cuh, whose per-element math is optim_math.h.
+//
+// Nothing here waits for the GPU: lr, grad_scale and found_inf tensors on the device are read inside the
+// kernel, the step counters advance inside it too, and only CPU scalar tensors are read on the host.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <vector>
+
+#include "cuda/multi_tensor_apply.cuh"
+#include "cuda/optimizer_functors.cuh"
+#include "optimizer_args.h"
+
+namespace fused_train {
+namespace cuda {
+namespace {
+
+// keep_alive holds converted copies until the launch is queued (the caching allocator then keeps their
+// memory for this stream's later work only, so freeing them right after is safe).
+ScalarArg scalar_arg(const std::optional<at::Tensor>& t, double absent, std::vector<at::Tensor>& keep_alive) {
+  if (!t.has_value()) return {nullptr, absent, false};
+  if (t->is_cpu()) return {nullptr, t->item<double>(), false};  // host memory: no synchronisation
+  at::Tensor s = *t;
+  if (s.scalar_type() != at::kFloat && s.scalar_type() != at::kDouble) {
+    s = s.to(at::kFloat);  // exact for bf16/fp16; queued on the stream, no wait
+    keep_alive.push_back(s);
+  }
+  return {s.data_ptr(), 0.0, s.scalar_type() == at::kDouble};
+}
+
+// Fills the scalars every functor shares. Returns false when the call has nothing to do: found_inf is a
+// CPU tensor that is set and the grads need not be zeroed (with a device found_inf the kernel decides).
+bool prepare_common(CommonScalars& c, double lr, const std::optional<at::Tensor>& lr_tensor,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    bool zero_grad, std::vector<at::Tensor>& keep_alive) {
+  c.found_inf = scalar_arg(found_inf, 0.0, keep_alive);
+  if (c.found_inf.ptr == nullptr && c.found_inf.value != 0.0 && !zero_grad) return false;
+  c.lr = scalar_arg(lr_tensor, lr, keep_alive);
+  c.grad_scale = scalar_arg(grad_scale, 1.0, keep_alive);
+  c.grads = {zero_grad, grad_scale.has_value()};
+  return true;
+}
+
+// The kernel advances fp32 step counters on the params' device in place. A step of another dtype runs on
+// an fp32 copy that finish_optimizer_call copies back (device to device, no wait); a step on the CPU is
+// refused: advancing it only when a device found_inf is clear would need the host to wait.
+void prepare_steps(const char* op, OptimizerTensors& t) {
+  for (size_t i = 0; i < t.steps.size(); ++i) {
+    const at::Tensor step = t.steps[i];
+    TORCH_CHECK(step.device() == t.device, op, ": state_steps[", i, "] is on ", step.device(),
+                " but the params are on ", t.device,
+                "; on CUDA the step counters advance inside the kernel, so they must live on the params' device "
+                "(as torch's fused and capturable optimizers keep them)");
+    if (step.scalar_type() != at::kFloat) {
+      at::Tensor working = step.to(at::kFloat);
+      t.copy_back.emplace_back(step, working);
+      t.steps[i] = working;
+    }
+  }
+}
+
+// The launch's lists: param, grad, then the used states in order.
+template <int Depth>
+std::array<at::TensorList, Depth> lists_of(const OptimizerTensors& t, const std::array<bool, 3>& used) {
+  std::array<at::TensorList, Depth> lists;
+  lists[0] = t.params;
+  lists[1] = t.grads;
+  int k = 2;
+  for (int s = 0; s < 3; ++s) {
+    if (!used[s]) continue;
+    TORCH_INTERNAL_ASSERT(k < Depth);
+    lists[k++] = t.states[s];
+  }
+  TORCH_INTERNAL_ASSERT(k == Depth);
+  return lists;
+}
+
+// Hyperparameters in opmath, built as the CPU kernels build them (cpu/optimizer_kernels.h), so both run
+// the same arithmetic. lr-dependent fields are filled in per block (lr may be a device tensor).
+template <class O>
+math::SgdHyper<O> sgd_hyper(double momentum, double dampening, double weight_decay, bool nesterov,
+                            bool maximize, bool first_step) {
+  return {O(0), O(momentum), O(1.0 - dampening), O(weight_decay), weight_decay != 0.0, momentum != 0.0,
+          nesterov, maximize, first_step};
+}
+template <class O>
+math::AdamHyper<O> adam_hyper(double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
+                              bool maximize, bool decoupled_weight_decay) {
+  return {O(beta1), O(1.0 - beta1), O(beta2),    O(1.0 - beta2), O(weight_decay),        O(1),
+          O(eps),   weight_decay != 0.0,          decoupled_weight_decay, amsgrad, maximize,
+          (1.0 - beta1) < 0.5};
+}
+template <class O>
+math::RmspropHyper<O> rmsprop_hyper(double alpha, double eps, double weight_decay, double momentum,
+                                    bool centered, bool maximize) {
+  return {O(0), O(alpha), O(1.0 - alpha), O(eps), O(weight_decay), O(momentum), weight_decay != 0.0, centered,
+          momentum > 0.0, maximize, (1.0 - alpha) < 0.5};
+}
+
+template <class T, int Depth>
+void launch_sgd(OptimizerTensors& t, const math::SgdHyper<opmath_t<T>>& hyper, const CommonScalars& common) {
+  const SgdFunctor<T, Depth> functor{hyper, common};
+  multi_tensor_apply<Depth>(lists_of<Depth>(t, {hyper.has_momentum, false, false}), {}, functor);
+}
+
+template <class T, int Depth>
+void launch_adam(OptimizerTensors& t, const math::AdamHyper<opmath_t<T>>& hyper, double beta1, double beta2,
+                 double weight_decay, const CommonScalars& common) {
+  const AdamFunctor<T, Depth> functor{hyper, beta1, beta2, weight_decay, common};
+  multi_tensor_apply<Depth>(lists_of<Depth>(t, {true, true, hyper.amsgrad}), t.steps, functor);
+}
+
+template <class T, int Depth>
+void launch_rmsprop(OptimizerTensors& t, const math::RmspropHyper<opmath_t<T>>& hyper,
+                    const CommonScalars& common) {
+  const RmspropFunctor<T, Depth> functor{hyper, common};
+  multi_tensor_apply<Depth>(lists_of<Depth>(t, {true, hyper.centered, hyper.has_momentum}), t.steps, functor);
+}
+
+void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+                   double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+                   bool is_first_step, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const bool has_momentum = momentum != 0.0;
+  OptimizerTensors t = check_optimizer_call(
+      "sgd_step_", params, grads,
+      {StateList{"momentum_buffers", momentum_buffers, has_momentum}, StateList{"", {}, false},
+       StateList{"", {}, false}},
+      {}, false, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
+  if (t.size() == 0) return;
+  c10::cuda::OptionalCUDAGuard guard(t.device);
+  std::vector<at::Tensor> keep_alive;
+  CommonScalars common;
+  if (!prepare_common(common, lr, lr_tensor, grad_scale, found_inf, zero_grad, keep_alive)) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.dtype, "sgd_step_cuda", [&] {
+    using O = opmath_t<scalar_t>;
+    const auto hyper = sgd_hyper<O>(momentum, dampening, weight_decay, nesterov, maximize, is_first_step);
+    if (has_momentum) {
+      launch_sgd<scalar_t, 3>(t, hyper, common);
+    } else {
+      launch_sgd<scalar_t, 2>(t, hyper, common);
+    }
+  });
+  finish_optimizer_call(t);
+}
+
+void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                    double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
+                    bool maximize, bool decoupled_weight_decay, bool zero_grad,
+                    const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  OptimizerTensors t = check_optimizer_call(
+      "adam_step_", params, grads,
+      {StateList{"exp_avgs", exp_avgs, true}, StateList{"exp_avg_sqs", exp_avg_sqs, true},
+       StateList{"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
+      state_steps, true, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
+  if (t.size() == 0) return;
+  c10::cuda::OptionalCUDAGuard guard(t.device);
+  prepare_steps("adam_step_", t);
+  std::vector<at::Tensor> keep_alive;
+  CommonScalars common;
+  if (!prepare_common(common, lr, lr_tensor, grad_scale, found_inf, zero_grad, keep_alive)) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.dtype, "adam_step_cuda", [&] {
+    using O = opmath_t<scalar_t>;
+    const auto hyper = adam_hyper<O>(beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay);
+    if (amsgrad) {
+      launch_adam<scalar_t, 5>(t, hyper, beta1, beta2, weight_decay, common);
+    } else {
+      launch_adam<scalar_t, 4>(t, hyper, beta1, beta2, weight_decay, common);
+    }
+  });
+  finish_optimizer_call(t);
+}
+
+void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                       at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList state_steps,
+                       double lr, double alpha, double eps, double weight_decay, double momentum, bool centered,
+                       bool maximize, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
+                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const bool has_momentum = momentum > 0.0;
+  OptimizerTensors t = check_optimizer_call(
+      "rmsprop_step_", params, grads,
+      {StateList{"square_avgs", square_avgs, true}, StateList{"grad_avgs", grad_avgs, centered},
+       StateList{"momentum_buffers", momentum_buffers, has_momentum}},
+      state_steps, true, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
+  if (t.size() == 0) return;
+  c10::cuda::OptionalCUDAGuard guard(t.device);
+  prepare_steps("rmsprop_step_", t);
+  std::vector<at::Tensor> keep_alive;
+  CommonScalars common;
+  if (!prepare_common(common, lr, lr_tensor, grad_scale, found_inf, zero_grad, keep_alive)) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.dtype, "rmsprop_step_cuda", [&] {
+    using O = opmath_t<scalar_t>;
+    const auto hyper = rmsprop_hyper<O>(alpha, eps, weight_decay, momentum, centered, maximize);
+    switch (2 + 1 + int{centered} + int{has_momentum}) {
+      case 3: launch_rmsprop<scalar_t, 3>(t, hyper, common); break;
+      case 4: launch_rmsprop<scalar_t, 4>(t, hyper, common); break;
+      default: launch_rmsprop<scalar_t, 5>(t, hyper, common); break;
+    }
+  });
+  finish_optimizer_call(t);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fused_train
+
+TORCH_LIBRARY_IMPL(fused_train, CUDA, m) {
+  m.impl("sgd_step_", &fused_train::cuda::sgd_step_cuda);
+  m.impl("adam_step_", &fused_train::cuda::adam_step_cuda);
+  m.impl("rmsprop_step_", &fused_train::cuda::rmsprop_step_cuda);
+}
