@@ -609,3 +609,18 @@ def test_fp16_params_with_grad_scaler(name, device):
     assert scaler.get_scale() == 128.0  # halved once, by the inf step
     for fp, rp in zip(fused_params, ref_params):
         torch.testing.assert_close(fp, rp, **TOL[torch.float16])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_skipped_step_still_zeroes_grads_it_was_to_zero(device):
+    # A found_inf skip leaves params and state alone, but when the step owns grad zeroing the grads are
+    # zeroed anyway, so zero_grad(set_to_none=False) may trust its record of zeroed grads.
+    p = torch.randn(9, device=device, requires_grad=True)
+    opt = fused_train.optim.Adam([p], lr=0.1, zero_grad_in_step=True)
+    opt.grad_scale = torch.tensor(2.0, device=device)
+    opt.found_inf = torch.tensor(1.0, device=device)
+    p.grad = torch.full_like(p, float("inf"))
+    before = p.detach().clone()
+    opt.step()
+    assert torch.equal(before, p) and float(opt.state[p]["step"]) == 0.0
+    assert torch.count_nonzero(p.grad) == 0

@@ -37,7 +37,7 @@ struct OptimizerLaunch {
   ScalarKind dtype;
   const ParamSlot* slots;
   const ChunkRange* chunks;
-  double lr, momentum, one_minus_dampening, weight_decay;  // SGD, RMSprop (lr, momentum, wd)
+  double lr, momentum, dampening, weight_decay;  // SGD, RMSprop (lr, momentum, wd)
   double beta1, beta2, eps;                                // Adam (RMSprop: beta2 holds alpha, eps)
   bool nesterov, maximize, first_step;                     // SGD (maximize: all)
   bool decoupled_weight_decay, amsgrad, centered;          // Adam, RMSprop

@@ -59,24 +59,6 @@ struct HyperPair {
   }
 };
 
-template <class O>
-math::SgdHyper<O> sgd_hyper(const OptimizerLaunch& l) {
-  return {O(l.lr), O(l.momentum), O(l.one_minus_dampening), O(l.weight_decay), l.weight_decay != 0.0,
-          l.momentum != 0.0, l.nesterov, l.maximize, l.first_step};
-}
-template <class O>
-math::AdamHyper<O> adam_hyper(const OptimizerLaunch& l) {
-  return {O(l.beta1), O(1.0 - l.beta1), O(l.beta2), O(1.0 - l.beta2), O(l.weight_decay),
-          O(1.0 - l.lr * l.weight_decay), O(l.eps), l.weight_decay != 0.0, l.decoupled_weight_decay,
-          l.amsgrad, l.maximize, (1.0 - l.beta1) < 0.5};
-}
-template <class O>
-math::RmspropHyper<O> rmsprop_hyper(const OptimizerLaunch& l) {
-  const double alpha = l.beta2;
-  return {O(l.lr), O(alpha), O(1.0 - alpha), O(l.eps), O(l.weight_decay), O(l.momentum),
-          l.weight_decay != 0.0, l.centered, l.momentum > 0.0, l.maximize, (1.0 - alpha) < 0.5};
-}
-
 // Per-op element functors: apply<A>(p, g, i) updates element(s) i.. of one tile. p and g point at the
 // tile's opmath param and grad; the state pointers are already offset to the tile.
 template <class O>
@@ -251,32 +233,25 @@ void optimizer_chunks_typed(const OptimizerLaunch& l, int64_t chunk_begin, int64
   RmspropBound<O> rms{};
   int n_state = 0;
   switch (l.kind) {
-    case OptimizerKind::Sgd: {
-      auto s = sgd_hyper<O>(l);
-      sgd.h.scalar = s;
-      sgd.h.vector = {VO(s.lr), VO(s.momentum), VO(s.one_minus_dampening), VO(s.weight_decay),
-                      s.has_weight_decay, s.has_momentum, s.nesterov, s.maximize, s.first_step};
+    case OptimizerKind::Sgd:
+      sgd.h.scalar = math::make_sgd_hyper<O>(l.lr, l.momentum, l.dampening, l.weight_decay,
+                                             l.nesterov, l.maximize, l.first_step);
+      sgd.h.vector = sgd.h.scalar.template as<VO>();
       n_state = 1;
       break;
-    }
-    case OptimizerKind::Adam: {
-      auto s = adam_hyper<O>(l);
-      adam.h.scalar = s;
-      adam.h.vector = {VO(s.beta1), VO(s.one_minus_beta1), VO(s.beta2), VO(s.one_minus_beta2),
-                       VO(s.weight_decay), VO(s.decay_factor), VO(s.eps), s.has_weight_decay,
-                       s.decoupled_weight_decay, s.amsgrad, s.maximize, s.lerp_weight_small};
+    case OptimizerKind::Adam:
+      adam.h.scalar = math::make_adam_hyper<O>(l.lr, l.beta1, l.beta2, l.weight_decay, l.eps, l.amsgrad,
+                                               l.maximize, l.decoupled_weight_decay);
+      adam.h.vector = adam.h.scalar.template as<VO>();
       n_state = 3;
       break;
-    }
-    case OptimizerKind::Rmsprop: {
-      auto s = rmsprop_hyper<O>(l);
-      rms.h.scalar = s;
-      rms.h.vector = {VO(s.lr), VO(s.alpha), VO(s.one_minus_alpha), VO(s.eps), VO(s.weight_decay),
-                      VO(s.momentum), s.has_weight_decay, s.centered, s.has_momentum, s.maximize,
-                      s.lerp_weight_small};
+    case OptimizerKind::Rmsprop:
+      // RMSprop's alpha travels in the launch's beta2 slot.
+      rms.h.scalar = math::make_rmsprop_hyper<O>(l.lr, l.beta2, l.eps, l.weight_decay, l.momentum, l.centered,
+                                                 l.maximize);
+      rms.h.vector = rms.h.scalar.template as<VO>();
       n_state = 3;
       break;
-    }
   }
   for (int64_t c = chunk_begin; c < chunk_end; ++c) {
     const ChunkRange& chunk = l.chunks[c];

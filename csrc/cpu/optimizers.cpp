@@ -62,11 +62,17 @@ void run(OptimizerLaunch launch, OptimizerTensors& t, PerSlot per_slot) {
 }
 
 // Common prologue: lr from the tensor if given, GradScaler's inputs. Returns false when the step must be
-// skipped (found_inf set), in which case nothing has been written.
-bool begin_launch(OptimizerLaunch& l, double lr, const std::optional<at::Tensor>& lr_tensor,
+// skipped (found_inf set): params, state and step counters stay untouched, but grads the step was to zero
+// are still zeroed, as the CUDA kernels do, so the optimizer's record of zeroed grads holds either way.
+bool begin_launch(OptimizerLaunch& l, at::TensorList grads, double lr, const std::optional<at::Tensor>& lr_tensor,
                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                   bool zero_grad) {
-  if (found_inf.has_value() && read_scalar(*found_inf) != 0.0) return false;
+  if (found_inf.has_value() && read_scalar(*found_inf) != 0.0) {
+    if (zero_grad) {
+      for (const at::Tensor& g : grads) g.zero_();
+    }
+    return false;
+  }
   l.lr = lr_tensor.has_value() ? read_scalar(*lr_tensor) : lr;
   l.zero_grad = zero_grad;
   l.has_grad_scale = grad_scale.has_value();
@@ -99,10 +105,10 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
        StateList{"", {}, false}},
       {}, false, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
   OptimizerLaunch l{};
-  if (t.size() == 0 || !begin_launch(l, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
+  if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
   l.kind = OptimizerKind::Sgd;
   l.momentum = momentum;
-  l.one_minus_dampening = 1.0 - dampening;
+  l.dampening = dampening;
   l.weight_decay = weight_decay;
   l.nesterov = nesterov;
   l.maximize = maximize;
@@ -122,7 +128,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
        StateList{"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
       state_steps, true, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
   OptimizerLaunch l{};
-  if (t.size() == 0 || !begin_launch(l, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
+  if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
   l.kind = OptimizerKind::Adam;
   l.beta1 = beta1;
   l.beta2 = beta2;
@@ -150,7 +156,7 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
        StateList{"momentum_buffers", momentum_buffers, momentum > 0.0}},
       state_steps, true, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
   OptimizerLaunch l{};
-  if (t.size() == 0 || !begin_launch(l, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
+  if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
   l.kind = OptimizerKind::Rmsprop;
   l.beta2 = alpha;
   l.eps = eps;

@@ -81,28 +81,6 @@ std::array<at::TensorList, Depth> lists_of(const OptimizerTensors& t, const std:
   return lists;
 }
 
-// Hyperparameters in opmath, built as the CPU kernels build them (cpu/optimizer_kernels.h), so both run
-// the same arithmetic. lr-dependent fields are filled in per block (lr may be a device tensor).
-template <class O>
-math::SgdHyper<O> sgd_hyper(double momentum, double dampening, double weight_decay, bool nesterov,
-                            bool maximize, bool first_step) {
-  return {O(0), O(momentum), O(1.0 - dampening), O(weight_decay), weight_decay != 0.0, momentum != 0.0,
-          nesterov, maximize, first_step};
-}
-template <class O>
-math::AdamHyper<O> adam_hyper(double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
-                              bool maximize, bool decoupled_weight_decay) {
-  return {O(beta1), O(1.0 - beta1), O(beta2),    O(1.0 - beta2), O(weight_decay),        O(1),
-          O(eps),   weight_decay != 0.0,          decoupled_weight_decay, amsgrad, maximize,
-          (1.0 - beta1) < 0.5};
-}
-template <class O>
-math::RmspropHyper<O> rmsprop_hyper(double alpha, double eps, double weight_decay, double momentum,
-                                    bool centered, bool maximize) {
-  return {O(0), O(alpha), O(1.0 - alpha), O(eps), O(weight_decay), O(momentum), weight_decay != 0.0, centered,
-          momentum > 0.0, maximize, (1.0 - alpha) < 0.5};
-}
-
 template <class T, int Depth>
 void launch_sgd(OptimizerTensors& t, const math::SgdHyper<opmath_t<T>>& hyper, const CommonScalars& common) {
   const SgdFunctor<T, Depth> functor{hyper, common};
@@ -140,7 +118,8 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   if (!prepare_common(common, lr, lr_tensor, grad_scale, found_inf, zero_grad, keep_alive)) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.dtype, "sgd_step_cuda", [&] {
     using O = opmath_t<scalar_t>;
-    const auto hyper = sgd_hyper<O>(momentum, dampening, weight_decay, nesterov, maximize, is_first_step);
+    // lr-dependent fields are filled in per block (lr may be a device tensor).
+    const auto hyper = math::make_sgd_hyper<O>(0.0, momentum, dampening, weight_decay, nesterov, maximize, is_first_step);
     if (has_momentum) {
       launch_sgd<scalar_t, 3>(t, hyper, common);
     } else {
@@ -169,7 +148,8 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   if (!prepare_common(common, lr, lr_tensor, grad_scale, found_inf, zero_grad, keep_alive)) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.dtype, "adam_step_cuda", [&] {
     using O = opmath_t<scalar_t>;
-    const auto hyper = adam_hyper<O>(beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay);
+    const auto hyper =
+        math::make_adam_hyper<O>(0.0, beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay);
     if (amsgrad) {
       launch_adam<scalar_t, 5>(t, hyper, beta1, beta2, weight_decay, common);
     } else {
@@ -198,7 +178,7 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   if (!prepare_common(common, lr, lr_tensor, grad_scale, found_inf, zero_grad, keep_alive)) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.dtype, "rmsprop_step_cuda", [&] {
     using O = opmath_t<scalar_t>;
-    const auto hyper = rmsprop_hyper<O>(alpha, eps, weight_decay, momentum, centered, maximize);
+    const auto hyper = math::make_rmsprop_hyper<O>(0.0, alpha, eps, weight_decay, momentum, centered, maximize);
     switch (2 + 1 + int{centered} + int{has_momentum}) {
       case 3: launch_rmsprop<scalar_t, 3>(t, hyper, common); break;
       case 4: launch_rmsprop<scalar_t, 4>(t, hyper, common); break;

@@ -29,7 +29,22 @@ template <class V>
 struct SgdHyper {
   V lr, momentum, one_minus_dampening, weight_decay;
   bool has_weight_decay, has_momentum, nesterov, maximize, first_step;
+  // The same hyperparameters in another math type (the CPU kernels' at::vec::Vectorized broadcast).
+  template <class W>
+  SgdHyper<W> as() const {
+    return {W(lr), W(momentum), W(one_minus_dampening), W(weight_decay), has_weight_decay, has_momentum, nesterov,
+            maximize, first_step};
+  }
 };
+
+// Built from torch's (double) hyperparameters, identically for the CPU and CUDA kernels.
+template <class V>
+FT_HOST_DEVICE FT_INLINE SgdHyper<V> make_sgd_hyper(double lr, double momentum, double dampening,
+                                                    double weight_decay, bool nesterov, bool maximize,
+                                                    bool first_step) {
+  return {V(lr), V(momentum), V(1.0 - dampening), V(weight_decay), weight_decay != 0.0, momentum != 0.0,
+          nesterov, maximize, first_step};
+}
 
 template <class V>
 FT_HOST_DEVICE FT_INLINE void sgd_update(V& param, V grad, V* momentum_buf, const SgdHyper<V>& h) {
@@ -51,7 +66,32 @@ template <class V>
 struct AdamHyper {
   V beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, decay_factor, eps;
   bool has_weight_decay, decoupled_weight_decay, amsgrad, maximize, lerp_weight_small;
+  template <class W>
+  AdamHyper<W> as() const {
+    return {W(beta1),        W(one_minus_beta1),     W(beta2), W(one_minus_beta2), W(weight_decay),
+            W(decay_factor), W(eps),                 has_weight_decay, decoupled_weight_decay, amsgrad,
+            maximize,        lerp_weight_small};
+  }
 };
+
+// decay_factor = 1 - lr·wd, as torch's `param.mul_(1 - lr * weight_decay)` computes it in double.
+template <class V>
+FT_HOST_DEVICE FT_INLINE AdamHyper<V> make_adam_hyper(double lr, double beta1, double beta2, double weight_decay,
+                                                      double eps, bool amsgrad, bool maximize,
+                                                      bool decoupled_weight_decay) {
+  return {V(beta1),
+          V(1.0 - beta1),
+          V(beta2),
+          V(1.0 - beta2),
+          V(weight_decay),
+          V(1.0 - lr * weight_decay),
+          V(eps),
+          weight_decay != 0.0,
+          decoupled_weight_decay,
+          amsgrad,
+          maximize,
+          (1.0 - beta1) < 0.5};
+}
 
 template <class V>
 FT_HOST_DEVICE FT_INLINE void adam_update(V& param, V grad, V& exp_avg, V& exp_avg_sq, V* max_exp_avg_sq,
@@ -98,7 +138,20 @@ template <class V>
 struct RmspropHyper {
   V lr, alpha, one_minus_alpha, eps, weight_decay, momentum;
   bool has_weight_decay, centered, has_momentum, maximize, lerp_weight_small;
+  template <class W>
+  RmspropHyper<W> as() const {
+    return {W(lr),           W(alpha),         W(one_minus_alpha), W(eps),   W(weight_decay), W(momentum),
+            has_weight_decay, centered,         has_momentum,       maximize, lerp_weight_small};
+  }
 };
+
+template <class V>
+FT_HOST_DEVICE FT_INLINE RmspropHyper<V> make_rmsprop_hyper(double lr, double alpha, double eps,
+                                                            double weight_decay, double momentum, bool centered,
+                                                            bool maximize) {
+  return {V(lr),        V(alpha),     V(1.0 - alpha), V(eps),   V(weight_decay),     V(momentum),
+          weight_decay != 0.0, centered, momentum > 0.0,  maximize, (1.0 - alpha) < 0.5};
+}
 
 template <class V>
 FT_HOST_DEVICE FT_INLINE void rmsprop_update(V& param, V grad, V& square_avg, V* grad_avg, V* momentum_buf,
