@@ -29,6 +29,15 @@ def find_tool(name):
     return shutil.which(name)
 
 
+def cached_cmake(cache):
+    """The cmake that configured a build folder, from its CMakeCache.txt."""
+    with open(cache) as f:
+        for line in f:
+            if line.startswith("CMAKE_COMMAND:"):
+                return line.split("=", 1)[1].strip()
+    return None
+
+
 def run(cmd, **kwargs):
     print("+ " + " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=ROOT, **kwargs).returncode
@@ -53,9 +62,16 @@ def main():
     jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
     started = time.monotonic()
 
-    configured = os.path.exists(os.path.join(build_dir, "CMakeCache.txt")) and any(
+    cache = os.path.join(build_dir, "CMakeCache.txt")
+    configured = os.path.exists(cache) and any(
         os.path.exists(os.path.join(build_dir, f)) for f in ("build.ninja", "Makefile")
     )
+    if configured and cached_cmake(cache) != cmake:
+        # Configured by another cmake (e.g. one from a venv since recreated): its build files call that cmake.
+        print(f"run_ctest.py: {build_dir} was configured by another cmake; configuring it again")
+        os.remove(cache)
+        shutil.rmtree(os.path.join(build_dir, "CMakeFiles"), ignore_errors=True)
+        configured = False
     if not configured:
         cmd = [cmake, "-S", ROOT, "-B", build_dir, f"-DPython3_EXECUTABLE={sys.executable}",
                "-DCMAKE_BUILD_TYPE=Release",
@@ -75,7 +91,7 @@ def main():
     summary = "ctest printed no summary"
     for line in proc.stdout:
         print(line, end="", flush=True)
-        if re.search(r"tests passed, \d+ tests? failed out of \d+", line) or line.startswith("No tests were found"):
+        if re.search(r"\d+% tests passed", line) or line.startswith("No tests were found"):
             summary = line.strip()
     rc = proc.wait()
     done = time.monotonic()
