@@ -6,6 +6,7 @@
 // and around one vector, and many tiles, chunks and threads), in fp32, fp64, bf16 and fp16, over three steps, with
 // and without in-kernel grad zeroing and GradScaler unscaling.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -512,7 +513,9 @@ int main(int argc, char** argv) {
   if (argc >= 2 && std::string(argv[1]) == "--ops") {
     if (argc >= 4 && std::string(argv[2]) == "--expect-isa") g_expected_isa = argv[3];
     g_process_isa = fused_train::cpu::kernel_table().isa;
-    std::printf("ops run with the %s kernels\n", g_process_isa.c_str());
+    // At least two threads, so that the ops' parallel path (chunks split over threads) runs even on one core.
+    if (at::get_num_threads() < 2) at::set_num_threads(2);
+    std::printf("ops run with the %s kernels on %d threads\n", g_process_isa.c_str(), at::get_num_threads());
     return ft_test::run_tests("ops_");
   }
   std::printf("%s\n", usage.c_str());
