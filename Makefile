@@ -25,6 +25,10 @@ test-python: $(EXT_STAMP)
 test-cpp: $(DEPS)
 	$(PY) tests/cpp/run_ctest.py
 
+# The C++ CPU kernels and the ctest suite under AddressSanitizer + UBSan, in build/cmake-sanitize.
+sanitize: $(DEPS)
+	$(PY) tests/cpp/run_ctest.py --sanitize
+
 bench: $(EXT_STAMP)
 	$(VENV)/bin/fused-train bench
 
