@@ -17,7 +17,7 @@ endif
 demo: $(EXT_STAMP)
 	$(VENV)/bin/fused-train demo
 
-test: test-python test-cpp
+test: test-cpp test-python
 
 test-python: $(EXT_STAMP)
 	$(PY) -m pytest -q

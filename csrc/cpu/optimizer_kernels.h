@@ -69,13 +69,9 @@ struct SgdTile {
   void apply(O* p, const O* g, int64_t i) const {
     using V = typename A::V;
     V param = A::load(p + i);
-    if (momentum_buf != nullptr) {
-      V buf = A::load(momentum_buf + i);
-      math::sgd_update<V>(param, A::load(g + i), &buf, h.template get<A>());
-      A::store(momentum_buf + i, buf);
-    } else {
-      math::sgd_update<V>(param, A::load(g + i), nullptr, h.template get<A>());
-    }
+    V buf = momentum_buf != nullptr ? A::load(momentum_buf + i) : V(0);
+    math::sgd_update<V>(param, A::load(g + i), &buf, h.template get<A>());
+    if (momentum_buf != nullptr) A::store(momentum_buf + i, buf);
     A::store(p + i, param);
   }
 };
