@@ -85,6 +85,8 @@ def _worker(rank, scenario, port, out_dir):
         else:
             params = [p.detach() for p in model.parameters()]
         torch.save(params, os.path.join(out_dir, f"rank{rank}.pt"))
+        # No rank may tear the group down while the other is still in a collective (gloo aborts then).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

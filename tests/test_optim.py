@@ -50,9 +50,12 @@ def make_params(device, dtype, shapes=SHAPES):
 
 
 def set_grads(params, step, dtype=None):
-    # Deterministic, step-dependent, sign-changing gradients with a wide dynamic range.
+    # Deterministic, step-dependent, sign-changing gradients with a wide dynamic range. They depend on the
+    # position, not on the param's value: value-dependent gradients would feed each step's last-ulp rounding
+    # differences (torch's CPU ops fuse a*b+c, ours don't) back into the next gradient and amplify them.
     for i, p in enumerate(params):
-        g = torch.sin(p.detach().float() * (1.7 + 0.3 * i) + step) * (1.0 + i) + 0.01 * step
+        position = torch.arange(p.numel(), device=p.device, dtype=torch.float32).reshape(p.shape)
+        g = torch.sin(position * (1.7 + 0.3 * i) + step) * (1.0 + i) + 0.01 * step
         p.grad = g.to(dtype or p.dtype)
 
 
