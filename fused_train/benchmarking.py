@@ -14,9 +14,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Iterable
 
 import torch
 
@@ -65,7 +65,8 @@ def time_ms(fn: Callable[[], object], device: str | torch.device = "cpu", *, war
     return statistics.median(times)
 
 
-def copy_bandwidth_gbs(device: str | torch.device = "cpu", nbytes: int = 256 << 20, repeat: int = 10) -> float:
+def copy_bandwidth_gbs(device: str | torch.device = "cpu", nbytes: int = 256 << 20,
+                       repeat: int = 10) -> float:
     """The memory bandwidth of a plain tensor copy on ``device`` in GB/s (10^9 bytes per second),
     counting the bytes read and the bytes written, the way the benchmarks count theirs.
 
@@ -193,7 +194,8 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     numeric = [all(isinstance(row.get(c), (int, float)) or c not in row for row in rows) for c in columns]
 
     def line(values: list[str]) -> str:
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+        padded = (v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric))
+        return "  ".join(padded).rstrip()
 
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
 

@@ -14,7 +14,7 @@ import os
 import platform
 import statistics
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -70,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "fused_train.optim optimizer.",
     )
     demo.add_argument("--data", choices=DATASET_NAMES, default="digits",
-                      help="digits: scikit-learn's 8×8 handwritten digits, built in (default); fashion-mnist: "
-                           "read through torchvision from --root, never downloaded")
-    demo.add_argument("--root", metavar="DIR", help="directory holding FashionMNIST/raw (for --data fashion-mnist)")
+                      help="digits: scikit-learn's 8×8 handwritten digits, built in (default); "
+                           "fashion-mnist: read through torchvision from --root, never downloaded")
+    demo.add_argument("--root", metavar="DIR",
+                      help="directory holding FashionMNIST/raw (for --data fashion-mnist)")
     demo.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS,
                       help=f"passes over the training data (default: {DEFAULT_EPOCHS})")
     demo.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also train with torch.optim and torch.nn.CrossEntropyLoss from the same seed and "
                            "print both side by side")
     demo.add_argument("--plot", metavar="FILE.png", help="draw loss and accuracy per epoch into FILE.png")
-    demo.add_argument("--json", metavar="FILE", help="write every per-epoch number, the settings and build_info")
+    demo.add_argument("--json", metavar="FILE",
+                      help="write every per-epoch number, the settings and build_info")
     demo.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines")
     demo.set_defaults(handler=run_demo_command, subparser=demo)
 
@@ -230,10 +232,11 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     runs = demo.prepare_runs(data, implementations=implementations, optimizer=args.optimizer, lr=lr,
                              batch_size=args.batch_size, seed=args.seed)
-    where = (f"cpu ({info['cpu_capability']}, {info['num_threads']} thread{'s' if info['num_threads'] != 1 else ''})" if device.type == "cpu"
+    threads = f"{info['num_threads']} thread{'s' if info['num_threads'] != 1 else ''}"
+    where = (f"cpu ({info['cpu_capability']}, {threads})" if device.type == "cpu"
              else f"cuda ({torch.cuda.get_device_name(device)})")
-    print(f"fused_train demo · {data.description}: {len(data.train)} train / {len(data.validation)} validation "
-          f"images, {'×'.join(map(str, data.image_shape))}, {data.num_classes} classes")
+    print(f"fused_train demo · {data.description}: {len(data.train)} train / {len(data.validation)} "
+          f"validation images, {'×'.join(map(str, data.image_shape))}, {data.num_classes} classes")
     print(f"{args.epochs} epochs · batch size {args.batch_size} · learning rate {lr:g} · {where} · "
           f"seed {args.seed}")
     for run in runs:
@@ -243,11 +246,13 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     show_bars = not args.quiet and sys.stderr.isatty()
     width = len(str(args.epochs))
+    # --compare prints a table: the epoch, then each implementation's four columns, then the speed-up.
+    label_width = max(len("epoch"), 2 * width + 1)
+    columns = f"{'train loss':>10}  {'val loss':>8}  {'accuracy':>8}  {'seconds':>8}"
     if args.compare and not args.quiet:
         print()
-        print(f"{'':>{2 * width + 7}}{'fused_train':>40}   {'torch':>40}")
-        columns = f"{'train loss':>10}  {'val loss':>8}  {'accuracy':>8}  {'seconds':>8}"
-        print(f"{'epoch':<{2 * width + 7}}  {columns}   {columns}   speed-up")
+        print(f"{'':<{label_width}}  {'fused_train':^{len(columns)}}   {'torch':^{len(columns)}}".rstrip())
+        print(f"{'epoch':<{label_width}}  {columns}   {columns}   speed-up")
 
     def on_epoch(epoch: int, records: list) -> None:
         if args.quiet:
@@ -261,8 +266,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
         cells = [f"{r.train_loss:>10.4f}  {r.val_loss:>8.4f}  {100 * r.accuracy:>7.1f}%  {r.seconds:>8.3f}"
                  for r in records]
         ratio = records[1].seconds / records[0].seconds
-        print(f"epoch {epoch:>{width}}/{args.epochs}{'':>{7 - 6}}  {cells[0]}   {cells[1]}   {ratio:>7.2f}×",
-              flush=True)
+        label = f"{epoch:>{width}}/{args.epochs}"
+        print(f"{label:>{label_width}}  {cells[0]}   {cells[1]}   {ratio:>7.2f}×", flush=True)
 
     demo.train(runs, args.epochs, _progress_bars(show_bars, args.epochs), on_epoch)
 
@@ -270,13 +275,13 @@ def run_demo_command(args: argparse.Namespace) -> int:
     print()
     for run in runs:
         s = summary[run.implementation]
-        print(f"{run.implementation:<11}  accuracy {100 * s['final_accuracy']:.1f}% after {args.epochs} epochs · "
-              f"{_format_seconds(s['median_epoch_seconds'])} per epoch (median) · "
+        print(f"{run.implementation:<11}  accuracy {100 * s['final_accuracy']:.1f}% after {args.epochs} "
+              f"epochs · {_format_seconds(s['median_epoch_seconds'])} per epoch (median) · "
               f"{_format_seconds(s['total_seconds'])} in all")
     if args.compare:
         print(f"fused_train is {summary['speedup_median_epoch']:.2f}× as fast as torch per epoch "
-              f"({summary['speedup_median_train_loop']:.2f}× in the train loop alone); final accuracies differ "
-              f"by {abs(summary['accuracy_difference_points']):.1f} points")
+              f"({summary['speedup_median_train_loop']:.2f}× in the train loop alone); final accuracies "
+              f"differ by {abs(summary['accuracy_difference_points']):.1f} points")
 
     if args.json is not None:
         _write_json(args.json, {
@@ -384,13 +389,14 @@ def run_bench_command(args: argparse.Namespace) -> int:
         directories = [Path(args.benchmarks_dir)]
     else:
         directories = benchmarking.benchmarks_dir_candidates()
-    found = {name: benchmarking.find_benchmark_file(name, directories) for name in benchmarking.BENCHMARK_NAMES}
+    found = {name: benchmarking.find_benchmark_file(name, directories)
+             for name in benchmarking.BENCHMARK_NAMES}
     missing = [name for name, path in found.items() if path is None]
     looked_in = ", ".join(str(d) for d in directories)
     for name in missing:
-        print(f"fused-train bench: benchmarks/bench_{name}.py not found (looked in {looked_in}); skipping it. "
-              "The benchmarks ship with the source tree, not the wheel: run from a clone, or pass "
-              "--benchmarks-dir.", file=sys.stderr)
+        print(f"fused-train bench: benchmarks/bench_{name}.py not found (looked in {looked_in}); "
+              "skipping it. The benchmarks ship with the source tree, not the wheel: run from a clone, "
+              "or pass --benchmarks-dir.", file=sys.stderr)
     if len(missing) == len(found):
         print("fused-train bench: error: no benchmark files found, nothing to run", file=sys.stderr)
         return 1
@@ -427,7 +433,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         if _plot_bench(args.plot, results, f"fused_train vs torch · {args.device}"):
             print(f"wrote {args.plot}")
         else:
-            print("fused-train bench: no row has both torch_ms and fused_ms; nothing to plot", file=sys.stderr)
+            print("fused-train bench: no row has both torch_ms and fused_ms; nothing to plot",
+                  file=sys.stderr)
     return 0
 
 
@@ -483,8 +490,8 @@ def describe_build(info: dict | None = None) -> str:
         lines.append("CUDA devices  none available")
     capability = info["cpu_capability"] or "unknown"
     described = {"avx512": "AVX-512", "avx2": "AVX2", "default": "baseline (no AVX2), scalar and SSE"}
-    lines.append(f"CPU kernels   {described.get(capability, capability)}: the widest instruction set this CPU "
-                 "supports among those compiled (chosen at run time)")
+    lines.append(f"CPU kernels   {described.get(capability, capability)}: the widest instruction set this "
+                 "CPU supports among those compiled (chosen at run time)")
     lines.append(f"threads       {info['num_threads']} intra-op threads (torch.get_num_threads(); set "
                  "OMP_NUM_THREADS or torch.set_num_threads to change)")
     return "\n".join(lines)

@@ -8,8 +8,8 @@ read through torchvision from files already on disk (``--root``); nothing is dow
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -43,7 +43,7 @@ class TensorSplit:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def to(self, device: torch.device | str) -> "TensorSplit":
+    def to(self, device: torch.device | str) -> TensorSplit:
         return TensorSplit(self.images.to(device), self.labels.to(device))
 
 
@@ -70,7 +70,7 @@ class ClassificationData:
             n *= s
         return n
 
-    def to(self, device: torch.device | str) -> "ClassificationData":
+    def to(self, device: torch.device | str) -> ClassificationData:
         return ClassificationData(
             self.name, self.train.to(device), self.validation.to(device), self.num_classes, self.description
         )

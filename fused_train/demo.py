@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -100,7 +100,8 @@ def train_loop(dataloader, model: nn.Module, loss_fn: Callable[[Tensor, Tensor],
     return float(torch.dot(torch.stack(batch_losses).float(), sizes) / len(dataloader.dataset))
 
 
-def test_loop(dataloader, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> tuple[float, float]:
+def test_loop(dataloader, model: nn.Module,
+              loss_fn: Callable[[Tensor, Tensor], Tensor]) -> tuple[float, float]:
     """One pass over the validation data without gradients, the tutorial's test loop.
 
     Args:
