@@ -65,22 +65,27 @@ def time_ms(fn: Callable[[], object], device: str | torch.device = "cpu", *, war
     return statistics.median(times)
 
 
-def copy_bandwidth_gbs(device: str | torch.device = "cpu", nbytes: int = 256 << 20,
+def copy_bandwidth_gbs(device: str | torch.device = "cpu", nbytes: int | None = None,
                        repeat: int = 10) -> float:
-    """The memory bandwidth of a plain tensor copy on ``device`` in GB/s (10^9 bytes per second),
-    counting the bytes read and the bytes written, the way the benchmarks count theirs.
+    """The read + write memory bandwidth of ``device`` in GB/s (10^9 bytes per second): an in-place
+    scale of one large fp32 buffer, counting the bytes read and the bytes written, the way the
+    benchmarks count theirs.
 
-    It is the practical ceiling of a memory-bound kernel, so "% of copy" says how close one comes.
+    It is the practical ceiling of a memory-bound kernel, so "% of copy" says how close one comes. In
+    place, like an optimizer step, so no write-allocate traffic hides in it (an out-of-place
+    ``dst.copy_(src)`` on a CPU also reads ``dst`` before writing it, and measures less).
 
     Args:
         device (str or torch.device): where to measure.
-        nbytes (int, optional): size of the copied buffer (default: 256 MiB, well past the caches).
-        repeat (int, optional): timed copies (default: 10).
+        nbytes (int, optional): buffer size (default: 1 GiB on CUDA, 512 MiB on CPU, past the caches).
+        repeat (int, optional): timed passes (default: 10).
     """
+    device = torch.device(device)
+    if nbytes is None:
+        nbytes = (1 << 30) if device.type == "cuda" else (512 << 20)
     numel = nbytes // 4
-    src = torch.ones(numel, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, warmup=2, repeat=repeat)
+    buffer = torch.ones(numel, dtype=torch.float32, device=device)
+    ms = time_ms(lambda: buffer.mul_(1.0000001), device, warmup=2, repeat=repeat)
     return 2 * numel * 4 / (ms * 1e-3) / 1e9
 
 
@@ -127,52 +132,81 @@ def load_benchmark(path: str | os.PathLike) -> ModuleType:
 
 
 def is_bandwidth_column(key: str) -> bool:
-    """Whether a row's column holds a bandwidth in GB/s (``"GB/s"``, ``"fused_GB/s"``, ``"gbps"`` ...)."""
+    """Whether a row's column holds a kernel's bandwidth in GB/s (``"GB/s"``, ``"gbs"``,
+    ``"fused_gbps"`` ...); the reference copy bandwidth some rows carry (``"copy_gbs"``) is not one."""
     k = key.lower()
-    return "gb/s" in k or "gbps" in k
+    if "copy" in k or "%" in k or "pct" in k:
+        return False
+    return "gb/s" in k or "gbps" in k or k == "gbs" or k.endswith("_gbs")
+
+
+def has_copy_share(row: dict) -> bool:
+    """Whether a row already says its bandwidth as a share of a copy (``"pct_copy_bw"``, ``"% copy"``)."""
+    return any("copy" in k.lower() and ("pct" in k.lower() or "%" in k) for k in row)
 
 
 def is_measurement_column(key: str) -> bool:
-    """Whether a row's column is a measurement (time, ratio, bandwidth) rather than a parameter of the
-    case (size, dtype, optimizer)."""
+    """Whether a row's column is a measurement (time, ratio, bandwidth, memory) rather than a parameter
+    of the case (size, dtype, optimizer, implementation)."""
     k = key.lower()
-    return (k.endswith("_ms") or k.endswith("_us") or k.endswith("_s") or "ratio" in k or "speedup" in k
-            or "speed-up" in k or "% copy" in k or is_bandwidth_column(key))
+    return (k == "ms" or k.endswith("_ms") or k.endswith("_us") or "ratio" in k or "speedup" in k
+            or "copy" in k or k.endswith("_mb") or k.endswith("_gb") or is_bandwidth_column(key))
 
 
 def case_label(row: dict) -> str:
-    """A short name for one benchmark case from its parameter columns, e.g. ``"N=4096 V=32000 bf16"``."""
+    """A short name for one benchmark case from its parameter columns, e.g. ``"N=4096 V=32000 bfloat16"``
+    or ``"Adam 16 x 1M torch foreach"``."""
     parts = []
     for key, value in row.items():
-        if is_measurement_column(key) or key in ("benchmark", "device"):
+        if is_measurement_column(key) or key == "device" or value is None:
             continue
-        if isinstance(value, str) and key in ("dtype", "optimizer", "name", "case", "op"):
-            parts.append(value.replace("torch.", ""))
-        else:
-            parts.append(f"{key}={_format_value(value)}")
+        parts.append(format_value(value) if isinstance(value, str) else f"{key}={format_value(value)}")
     return " ".join(parts)
 
 
-def speedup(row: dict) -> float | None:
-    """``torch_ms / fused_ms`` of a row (above 1: fused_train is faster), or None without both."""
+def fused_over_torch(row: dict) -> float | None:
+    """fused_train's time over torch's for one row (below 1: fused_train is faster), the convention of
+    the benchmark files' ``ratio`` columns, or None where the row does not compare the two.
+
+    Rows with both ``torch_ms`` and ``fused_ms`` give their quotient; rows that time one implementation
+    each (``impl`` and ``ms``, as bench_optimizers.py's) give their ``ratio_vs_this`` on the torch rows.
+    """
     torch_ms, fused_ms = row.get("torch_ms"), row.get("fused_ms")
-    if not isinstance(torch_ms, (int, float)) or not isinstance(fused_ms, (int, float)) or fused_ms <= 0:
-        return None
-    return torch_ms / fused_ms
+    if isinstance(torch_ms, (int, float)) and isinstance(fused_ms, (int, float)) and torch_ms > 0:
+        return fused_ms / torch_ms
+    ratio = row.get("ratio_vs_this")
+    if isinstance(ratio, (int, float)) and row.get("impl") != "fused_train":
+        return ratio
+    return None
 
 
 def add_copy_share(rows: list[dict], copy_gbs: float) -> list[dict]:
     """Returns the rows with a ``"<col> % copy"`` column after every GB/s column: that bandwidth as a
-    percentage of ``copy_gbs``, measured in the same run."""
+    percentage of ``copy_gbs``, measured in the same run. Rows that already carry their own share of a
+    copy (measured by the benchmark itself) are left as they are."""
     out = []
     for row in rows:
+        if has_copy_share(row) or copy_gbs <= 0:
+            out.append(dict(row))
+            continue
         new = {}
         for key, value in row.items():
             new[key] = value
-            if is_bandwidth_column(key) and isinstance(value, (int, float)) and copy_gbs > 0:
+            if is_bandwidth_column(key) and isinstance(value, (int, float)):
                 new[f"{key} % copy"] = 100.0 * value / copy_gbs
         out.append(new)
     return out
+
+
+def split_constant_columns(rows: list[dict]) -> tuple[dict, list[dict]]:
+    """Separates the columns that hold one value in every row (device, a reference bandwidth) from the
+    rest, so a table prints them once above itself rather than on every line."""
+    if len(rows) < 2:
+        return {}, rows
+    keys = [k for k in rows[0] if all(k in r and r[k] == rows[0][k] for r in rows)
+            and (is_measurement_column(k) or k == "device")]
+    constant = {k: rows[0][k] for k in keys}
+    return constant, [{k: v for k, v in r.items() if k not in constant} for r in rows]
 
 
 def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
@@ -189,9 +223,10 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
             for key in row:
                 if key not in columns:
                     columns.append(key)
-    cells = [[_format_value(row.get(c, "")) for c in columns] for row in rows]
+    cells = [[format_value(row.get(c, "")) for c in columns] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    numeric = [all(isinstance(row.get(c), (int, float)) or c not in row for row in rows) for c in columns]
+    numeric = [all(isinstance(row.get(c), (int, float)) or row.get(c) is None for row in rows)
+               for c in columns]
 
     def line(values: list[str]) -> str:
         padded = (v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric))
@@ -200,8 +235,12 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
-def _format_value(value) -> str:
-    if isinstance(value, bool) or value is None:
+def format_value(value) -> str:
+    """One table cell: integers as they are, floats to about three significant digits, dtypes without
+    their ``torch.`` prefix."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
         return str(value)
     if isinstance(value, int):
         return str(value)
@@ -216,7 +255,7 @@ def _format_value(value) -> str:
         if magnitude >= 10:
             return f"{value:.1f}"
         if magnitude >= 0.01:
-            return f"{value:.3g}" if magnitude < 1 else f"{value:.2f}"
+            return f"{value:#.3g}"  # '#' keeps the trailing zeros, so a column's digits line up
         return f"{value:.2e}"
     if isinstance(value, torch.dtype):
         return str(value).replace("torch.", "")

@@ -237,7 +237,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
              else f"cuda ({torch.cuda.get_device_name(device)})")
     print(f"fused_train demo · {data.description}: {len(data.train)} train / {len(data.validation)} "
           f"validation images, {'×'.join(map(str, data.image_shape))}, {data.num_classes} classes")
-    print(f"{args.epochs} epochs · batch size {args.batch_size} · learning rate {lr:g} · {where} · "
+    epochs_text = f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}"
+    print(f"{epochs_text} · batch size {args.batch_size} · learning rate {lr:g} · {where} · "
           f"seed {args.seed}")
     for run in runs:
         print(f"{run.implementation:<11}  {run.optimizer_name} + {run.loss_name}")
@@ -275,8 +276,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
     print()
     for run in runs:
         s = summary[run.implementation]
-        print(f"{run.implementation:<11}  accuracy {100 * s['final_accuracy']:.1f}% after {args.epochs} "
-              f"epochs · {_format_seconds(s['median_epoch_seconds'])} per epoch (median) · "
+        print(f"{run.implementation:<11}  accuracy {100 * s['final_accuracy']:.1f}% after {epochs_text} · "
+              f"{_format_seconds(s['median_epoch_seconds'])} per epoch (median) · "
               f"{_format_seconds(s['total_seconds'])} in all")
     if args.compare:
         print(f"fused_train is {summary['speedup_median_epoch']:.2f}× as fast as torch per epoch "
@@ -402,26 +403,29 @@ def run_bench_command(args: argparse.Namespace) -> int:
         return 1
 
     info = build_info()
-    copy_gbs = benchmarking.copy_bandwidth_gbs(args.device, nbytes=(64 << 20) if args.quick else (256 << 20))
+    copy_gbs = benchmarking.copy_bandwidth_gbs(args.device)
     print(f"fused_train bench · {args.device} · torch {info['torch_runtime']} · "
           f"{'quick' if args.quick else 'full'} run")
-    print(f"copy bandwidth (read + write, measured now): {copy_gbs:.1f} GB/s; '% copy' is a kernel's GB/s "
-          f"as a share of it. speed-up = torch_ms / fused_ms (above 1: fused_train is faster)")
+    print(f"copy bandwidth (in-place scale, read + write, measured now): {copy_gbs:.1f} GB/s; a '% copy' "
+          "column is a kernel's GB/s as a share of it")
+    print("ratio = fused_train time / torch time: below 1, fused_train is faster")
     results: dict[str, list[dict]] = {}
     for name, path in found.items():
         if path is None:
             continue
         module = benchmarking.load_benchmark(path)
-        rows = module.run(device=args.device, quick=args.quick)
-        rows = benchmarking.add_copy_share(rows, copy_gbs)
+        rows = benchmarking.add_copy_share(module.run(device=args.device, quick=args.quick), copy_gbs)
         for row in rows:
-            s = benchmarking.speedup(row)
-            if s is not None:
-                row["speed-up"] = s
+            ratio = benchmarking.fused_over_torch(row)
+            if "ratio" not in row and "ratio_vs_this" not in row and ratio is not None:
+                row["ratio"] = ratio
         results[name] = rows
+        constant, varying = benchmarking.split_constant_columns(rows)
         print()
         print(f"{name} ({path})")
-        print(benchmarking.format_table(rows) if rows else "(no rows)")
+        if constant:
+            print("  " + " · ".join(f"{k} {benchmarking.format_value(v)}" for k, v in constant.items()))
+        print(benchmarking.format_table(varying) if rows else "(no rows)")
 
     if args.json is not None:
         _write_json(args.json, {
@@ -433,7 +437,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         if _plot_bench(args.plot, results, f"fused_train vs torch · {args.device}"):
             print(f"wrote {args.plot}")
         else:
-            print("fused-train bench: no row has both torch_ms and fused_ms; nothing to plot",
+            print("fused-train bench: no row compares fused_train with torch; nothing to plot",
                   file=sys.stderr)
     return 0
 
@@ -444,19 +448,34 @@ def _plot_bench(path: str, results: dict[str, list[dict]], title: str) -> bool:
 
     from . import benchmarking
 
-    bars = [(f"{name}: {benchmarking.case_label(row)}", row["speed-up"], i)
-            for i, (name, rows) in enumerate(results.items()) for row in rows if "speed-up" in row]
+    bars = []
+    for index, (name, rows) in enumerate(results.items()):
+        for row in rows:
+            ratio = benchmarking.fused_over_torch(row)
+            if ratio is not None and ratio > 0:
+                bars.append((f"{name}: {benchmarking.case_label(row)}", ratio, f"C{index}"))
     if not bars:
         return False
-    fig = Figure(figsize=(8, 0.32 * len(bars) + 1.4), layout="constrained")
+    fig = Figure(figsize=(8, 0.3 * len(bars) + 1.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    positions = range(len(bars))
-    ax.barh(positions, [b[1] for b in bars], color=[f"C{b[2]}" for b in bars])
-    ax.set_yticks(list(positions), [b[0] for b in bars], fontsize="small")
+    positions = list(range(len(bars)))
+    ratios = [b[1] for b in bars]
+    # Bars grow from 1 (parity) on a log scale: 0.5 (twice as fast) and 2 (twice as slow) are equally long.
+    ax.barh(positions, [r - 1 for r in ratios], left=1, color=[b[2] for b in bars])
+    for y, r in zip(positions, ratios):
+        ax.annotate(f"{r:.2f}", (r, y), xytext=(3 if r >= 1 else -3, 0), textcoords="offset points",
+                    ha="left" if r >= 1 else "right", va="center", fontsize="x-small")
+    ax.set_yticks(positions, [b[0] for b in bars], fontsize="small")
     ax.invert_yaxis()
+    ax.set_xscale("log")
+    low, high = min(ratios + [1.0]) / 1.6, max(ratios + [1.0]) * 1.6
+    ax.set_xlim(low, high)
+    ticks = [t for t in (1 / 16, 1 / 8, 0.25, 0.5, 1, 2, 4, 8, 16) if low <= t <= high]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set(xlabel="speed-up over torch (torch_ms / fused_ms; above 1: fused_train is faster)", title=title)
+    ax.set(xlabel="fused_train time / torch time (below 1: fused_train is faster)", title=title)
     fig.savefig(path, dpi=120)
     return True
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fused_train
-from fused_train import cli, demo
+from fused_train import benchmarking, cli, demo
 from fused_train.data import BatchLoader, DatasetUnavailable, load_dataset, load_digits
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -217,34 +217,59 @@ def test_train_loop_lets_the_fused_step_zero_the_gradients():
 
 # ---------------------------------------------------------------------------------------------------
 # bench
-FAKE_BENCHMARK = textwrap.dedent('''
+# The two row shapes the project's benchmark files return: one row per case timing both implementations
+# (bench_cross_entropy.py), and one row per implementation with its own copy share (bench_optimizers.py).
+FAKE_CROSS_ENTROPY_BENCHMARK = textwrap.dedent('''
     def run(device="cpu", quick=False):
         return [
-            {"N": 4096, "V": 32000, "dtype": "bfloat16", "torch_ms": 2.0, "fused_ms": 0.5, "ratio": 0.25,
-             "GB/s": 5.0},
-            {"N": 8, "V": 10, "dtype": "float32", "torch_ms": 0.01, "fused_ms": 0.02, "ratio": 2.0,
-             "GB/s": 0.5, "quick": quick, "device": device},
+            {"device": device, "N": 4096, "V": 32000, "dtype": "bfloat16", "torch_ms": 2.0, "fused_ms": 0.5,
+             "ratio": 0.25, "fused_gbps": 5.0, "quick": quick},
+            {"device": device, "N": 8, "V": 10, "dtype": "float32", "torch_ms": 0.01, "fused_ms": 0.02,
+             "ratio": 2.0, "fused_gbps": 0.5, "quick": quick},
         ]
+''')
+FAKE_OPTIMIZER_BENCHMARK = textwrap.dedent('''
+    def run(device="cpu", quick=False):
+        rows = []
+        for impl, ms in (("fused_train", 1.0), ("torch forloop", 4.0), ("torch fused", 1.25)):
+            rows.append(dict(optimizer="Adam", shape="16 x 1M", impl=impl, ms=ms, ratio_vs_this=1.0 / ms,
+                             gbs=10.0 / ms, pct_copy_bw=50.0 / ms, copy_gbs=20.0, device=device))
+        return rows
 ''')
 
 
-def test_bench_runs_what_it_finds_and_says_what_is_missing(tmp_path, capsys):
-    (tmp_path / "bench_cross_entropy.py").write_text(FAKE_BENCHMARK)
+def test_bench_tables_json_and_ratio_chart(tmp_path, capsys):
+    (tmp_path / "bench_cross_entropy.py").write_text(FAKE_CROSS_ENTROPY_BENCHMARK)
+    (tmp_path / "bench_optimizers.py").write_text(FAKE_OPTIMIZER_BENCHMARK)
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     assert cli.main(["bench", "--quick", "--benchmarks-dir", str(tmp_path), "--json", str(out_json),
                      "--plot", str(out_png)]) == 0
-    captured = capsys.readouterr()
-    assert "bench_optimizers.py not found" in captured.err
-    assert "copy bandwidth" in captured.out and "speed-up" in captured.out
+    out = capsys.readouterr().out
+    assert "copy bandwidth" in out and "GB/s" in out
+    # Columns equal in every row are said once above the table, not on every line.
+    assert any("copy_gbs 20.0" in line and "device cpu" in line for line in out.splitlines())
 
     result = json.loads(out_json.read_text())
-    assert result["missing"] == ["optimizers"]
-    assert result["copy_GBps"] > 0
-    rows = result["benchmarks"]["cross_entropy"]
-    assert [r["speed-up"] for r in rows] == pytest.approx([4.0, 0.5])
-    assert rows[0]["GB/s % copy"] == pytest.approx(100 * 5.0 / result["copy_GBps"])
-    assert rows[1]["quick"] is True and rows[1]["device"] == "cpu"
+    assert result["missing"] == []
+    copy_gbps = result["copy_GBps"]
+    assert copy_gbps > 0
+    cross_entropy = result["benchmarks"]["cross_entropy"]
+    assert [r["ratio"] for r in cross_entropy] == [0.25, 2.0]
+    assert cross_entropy[0]["fused_gbps % copy"] == pytest.approx(100 * 5.0 / copy_gbps)
+    assert all(r["quick"] is True for r in cross_entropy)
+    optimizers = result["benchmarks"]["optimizers"]
+    assert not any("% copy" in key for row in optimizers for key in row)  # they brought their own share
+    assert [benchmarking.fused_over_torch(r) for r in optimizers] == [None, 0.25, 0.8]
     assert out_png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_says_which_benchmark_file_is_missing(tmp_path, capsys):
+    (tmp_path / "bench_cross_entropy.py").write_text(FAKE_CROSS_ENTROPY_BENCHMARK)
+    assert cli.main(["bench", "--quick", "--benchmarks-dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "bench_optimizers.py not found" in captured.err
+    assert "bench_cross_entropy.py" not in captured.err
+    assert "N=4096" not in captured.out and "4096" in captured.out
 
 
 def test_bench_with_no_benchmark_files_fails_clearly(tmp_path, capsys):
@@ -252,6 +277,17 @@ def test_bench_with_no_benchmark_files_fails_clearly(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bench_optimizers.py not found" in err and "bench_cross_entropy.py not found" in err
     assert "nothing to run" in err
+
+
+def test_benchmark_table_cells():
+    assert benchmarking.format_value(0.000123) == "1.23e-04"
+    assert benchmarking.format_value(1234.5) == "1234"
+    assert benchmarking.format_value(None) == ""
+    assert benchmarking.format_value(torch.bfloat16) == "bfloat16"
+    table = benchmarking.format_table([{"impl": "fused_train", "ms": 1.5}, {"impl": "torch", "ms": 12.25}])
+    header, rule, first, second = table.splitlines()
+    assert header.split() == ["impl", "ms"] and set(rule) <= {"-", " "}
+    assert first.endswith(" 1.50") and second.endswith(" 12.2")  # numbers right-aligned
 
 
 # ---------------------------------------------------------------------------------------------------
