@@ -200,13 +200,16 @@ def add_copy_share(rows: list[dict], copy_gbs: float) -> list[dict]:
 
 def split_constant_columns(rows: list[dict]) -> tuple[dict, list[dict]]:
     """Separates the columns that hold one value in every row (device, a reference bandwidth) from the
-    rest, so a table prints them once above itself rather than on every line."""
+    rest, so a table prints them once above itself rather than on every line; columns that are None in
+    every row are dropped."""
     if len(rows) < 2:
         return {}, rows
     keys = [k for k in rows[0] if all(k in r and r[k] == rows[0][k] for r in rows)
             and (is_measurement_column(k) or k == "device")]
     constant = {k: rows[0][k] for k in keys}
-    return constant, [{k: v for k, v in r.items() if k not in constant} for r in rows]
+    varying = [{k: v for k, v in r.items() if k not in constant} for r in rows]
+    # A column empty in every row (a measurement skipped on this device) is not worth a line at all.
+    return {k: v for k, v in constant.items() if v is not None}, varying
 
 
 def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
