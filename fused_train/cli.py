@@ -290,7 +290,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
             "settings": {
                 "data": args.data, "root": args.root, "epochs": args.epochs, "batch_size": args.batch_size,
                 "lr": lr, "optimizer": args.optimizer, "device": args.device, "seed": args.seed,
-                "compare": args.compare,
+                "threads": torch.get_num_threads(), "compare": args.compare,
             },
             "dataset": {
                 "name": data.name, "description": data.description, "train_size": len(data.train),

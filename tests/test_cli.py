@@ -77,7 +77,7 @@ def test_demo_defaults_reach_95_percent_on_digits(tmp_path):
     result = run_demo(tmp_path)
     assert result["settings"] == {
         "data": "digits", "root": None, "epochs": 10, "batch_size": 64, "lr": 1e-3, "optimizer": "adam",
-        "device": "cpu", "seed": 0, "compare": False,
+        "device": "cpu", "seed": 0, "threads": 1, "compare": False,
     }
     assert result["runs"]["fused_train"]["final_accuracy"] >= 0.95
 
