@@ -127,6 +127,43 @@ OptimizerTensors check_optimizer_call(const char* op, at::TensorList params, at:
   return out;
 }
 
+// Grads are written when the kernel zeroes them or writes them back unscaled.
+OptimizerTensors check_sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                                double momentum, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
+                                const std::optional<at::Tensor>& grad_scale,
+                                const std::optional<at::Tensor>& found_inf) {
+  return check_optimizer_call("sgd_step_", params, grads,
+                              {StateList{"momentum_buffers", momentum_buffers, momentum != 0.0},
+                               StateList{"", {}, false}, StateList{"", {}, false}},
+                              {}, false, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
+}
+
+OptimizerTensors check_adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                 at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                                 at::TensorList state_steps, bool amsgrad, bool zero_grad,
+                                 const std::optional<at::Tensor>& lr_tensor,
+                                 const std::optional<at::Tensor>& grad_scale,
+                                 const std::optional<at::Tensor>& found_inf) {
+  return check_optimizer_call("adam_step_", params, grads,
+                              {StateList{"exp_avgs", exp_avgs, true}, StateList{"exp_avg_sqs", exp_avg_sqs, true},
+                               StateList{"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
+                              state_steps, true, lr_tensor, grad_scale, found_inf,
+                              zero_grad || grad_scale.has_value());
+}
+
+OptimizerTensors check_rmsprop_step(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                                    at::TensorList grad_avgs, at::TensorList momentum_buffers,
+                                    at::TensorList state_steps, bool centered, double momentum, bool zero_grad,
+                                    const std::optional<at::Tensor>& lr_tensor,
+                                    const std::optional<at::Tensor>& grad_scale,
+                                    const std::optional<at::Tensor>& found_inf) {
+  return check_optimizer_call("rmsprop_step_", params, grads,
+                              {StateList{"square_avgs", square_avgs, true}, StateList{"grad_avgs", grad_avgs, centered},
+                               StateList{"momentum_buffers", momentum_buffers, momentum > 0.0}},
+                              state_steps, true, lr_tensor, grad_scale, found_inf,
+                              zero_grad || grad_scale.has_value());
+}
+
 void finish_optimizer_call(OptimizerTensors& t) {
   for (auto& [original, working] : t.copy_back) {
     if (!original.is_same(working)) original.copy_(working);

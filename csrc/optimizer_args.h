@@ -39,6 +39,24 @@ OptimizerTensors check_optimizer_call(const char* op, at::TensorList params, at:
                                       const std::optional<at::Tensor>& grad_scale,
                                       const std::optional<at::Tensor>& found_inf, bool writes_grad);
 
+// The three optimizer ops' checks, one per schema, shared by the CPU and CUDA implementations.
+OptimizerTensors check_sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                                double momentum, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
+                                const std::optional<at::Tensor>& grad_scale,
+                                const std::optional<at::Tensor>& found_inf);
+OptimizerTensors check_adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                 at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                                 at::TensorList state_steps, bool amsgrad, bool zero_grad,
+                                 const std::optional<at::Tensor>& lr_tensor,
+                                 const std::optional<at::Tensor>& grad_scale,
+                                 const std::optional<at::Tensor>& found_inf);
+OptimizerTensors check_rmsprop_step(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                                    at::TensorList grad_avgs, at::TensorList momentum_buffers,
+                                    at::TensorList state_steps, bool centered, double momentum, bool zero_grad,
+                                    const std::optional<at::Tensor>& lr_tensor,
+                                    const std::optional<at::Tensor>& grad_scale,
+                                    const std::optional<at::Tensor>& found_inf);
+
 // Copies the working copies back into the caller's tensors (only for non-dense entries).
 void finish_optimizer_call(OptimizerTensors& t);
 

@@ -170,6 +170,22 @@ struct CommonScalars {
   GradPolicy grads;
 };
 
+// What SGD and RMSprop read once per block: lr (a device tensor under capturable use), GradScaler's scale
+// and whether found_inf skips the step.
+template <class O>
+struct LrBlockScalars {
+  O lr, grad_scale;
+  bool skip;
+};
+template <class O>
+FT_HOST_DEVICE LrBlockScalars<O> read_lr_block_scalars(const CommonScalars& common) {
+  LrBlockScalars<O> s;
+  s.skip = common.found_inf.load() != 0.0;
+  s.lr = static_cast<O>(common.lr.load());
+  s.grad_scale = static_cast<O>(common.grad_scale.load());
+  return s;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // SGD: lists param, grad[, momentum_buffer].
 template <class O>
@@ -184,20 +200,11 @@ template <class T, int Depth>
 struct SgdFunctor {
   using O = opmath_t<T>;
   static constexpr bool kAdvancesSteps = false;
-  struct BlockScalars {
-    O lr, grad_scale;
-    bool skip;
-  };
+  using BlockScalars = LrBlockScalars<O>;
   math::SgdHyper<O> hyper;  // lr filled in per block
   CommonScalars common;
 
-  FT_HOST_DEVICE BlockScalars block_scalars(float) const {
-    BlockScalars s;
-    s.skip = common.found_inf.load() != 0.0;
-    s.lr = static_cast<O>(common.lr.load());
-    s.grad_scale = static_cast<O>(common.grad_scale.load());
-    return s;
-  }
+  FT_HOST_DEVICE BlockScalars block_scalars(float) const { return read_lr_block_scalars<O>(common); }
   FT_HOST_DEVICE bool advances_steps(const BlockScalars&) const { return false; }
   FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth>& m, const BlockLocation& loc,
                                  const BlockScalars& s, int thread, int n_threads) const {
@@ -278,20 +285,11 @@ template <class T, int Depth>
 struct RmspropFunctor {
   using O = opmath_t<T>;
   static constexpr bool kAdvancesSteps = true;
-  struct BlockScalars {
-    O lr, grad_scale;
-    bool skip;
-  };
+  using BlockScalars = LrBlockScalars<O>;
   math::RmspropHyper<O> hyper;  // lr filled in per block
   CommonScalars common;
 
-  FT_HOST_DEVICE BlockScalars block_scalars(float) const {
-    BlockScalars s;
-    s.skip = common.found_inf.load() != 0.0;
-    s.lr = static_cast<O>(common.lr.load());
-    s.grad_scale = static_cast<O>(common.grad_scale.load());
-    return s;
-  }
+  FT_HOST_DEVICE BlockScalars block_scalars(float) const { return read_lr_block_scalars<O>(common); }
   FT_HOST_DEVICE bool advances_steps(const BlockScalars& s) const { return !s.skip; }
   FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth>& m, const BlockLocation& loc,
                                  const BlockScalars& s, int thread, int n_threads) const {

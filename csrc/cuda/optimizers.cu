@@ -106,11 +106,8 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
                    bool is_first_step, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const bool has_momentum = momentum != 0.0;
-  OptimizerTensors t = check_optimizer_call(
-      "sgd_step_", params, grads,
-      {StateList{"momentum_buffers", momentum_buffers, has_momentum}, StateList{"", {}, false},
-       StateList{"", {}, false}},
-      {}, false, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
+  OptimizerTensors t =
+      check_sgd_step(params, grads, momentum_buffers, momentum, zero_grad, lr_tensor, grad_scale, found_inf);
   if (t.size() == 0) return;
   c10::cuda::OptionalCUDAGuard guard(t.device);
   std::vector<at::Tensor> keep_alive;
@@ -135,11 +132,8 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     bool maximize, bool decoupled_weight_decay, bool zero_grad,
                     const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf) {
-  OptimizerTensors t = check_optimizer_call(
-      "adam_step_", params, grads,
-      {StateList{"exp_avgs", exp_avgs, true}, StateList{"exp_avg_sqs", exp_avg_sqs, true},
-       StateList{"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
-      state_steps, true, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
+  OptimizerTensors t = check_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad,
+                                       zero_grad, lr_tensor, grad_scale, found_inf);
   if (t.size() == 0) return;
   c10::cuda::OptionalCUDAGuard guard(t.device);
   prepare_steps("adam_step_", t);
@@ -165,11 +159,8 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        bool maximize, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const bool has_momentum = momentum > 0.0;
-  OptimizerTensors t = check_optimizer_call(
-      "rmsprop_step_", params, grads,
-      {StateList{"square_avgs", square_avgs, true}, StateList{"grad_avgs", grad_avgs, centered},
-       StateList{"momentum_buffers", momentum_buffers, has_momentum}},
-      state_steps, true, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
+  OptimizerTensors t = check_rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps,
+                                          centered, momentum, zero_grad, lr_tensor, grad_scale, found_inf);
   if (t.size() == 0) return;
   c10::cuda::OptionalCUDAGuard guard(t.device);
   prepare_steps("rmsprop_step_", t);
