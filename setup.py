@@ -66,6 +66,13 @@ def _which(program):
     return None
 
 
+_cxx = os.environ.get("CXX", "c++")
+if _which(_cxx.split()[0]) is None and not os.path.isfile(_cxx.split()[0]):
+    sys.exit(
+        f"setup.py: no C++ compiler found ({_cxx!r} is not on PATH). Install one (e.g. `apt-get install g++`) "
+        "or point CXX at it."
+    )
+
 force_cpu = _flag("FUSED_TRAIN_FORCE_CPU")
 force_cuda = _flag("FUSED_TRAIN_FORCE_CUDA")
 if force_cpu and force_cuda:
