@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 
 import fused_train
+from fused_train.benchmarking import copy_bandwidth_gbs, time_ms
 
 # (label, number of tensors, elements per tensor)
 SHAPES = [("16 x 1M", 16, 1 << 20), ("2000 x 1k", 2000, 1000)]
@@ -35,33 +34,8 @@ OPTIMIZERS = [
 ZEROING_BYTES = 4
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def median_ms(fn, device: str, repeat: int, warmup: int = 3) -> float:
-    """Median wall time of ``fn`` in milliseconds, synchronizing the device around each call."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def copy_bandwidth_gbs(device: str, repeat: int = 10) -> float:
-    """Read+write bandwidth of an in-place scale over 1 GiB (CUDA) or 512 MiB (CPU, twice this machine's
-    260 MiB L3): the ceiling a memory-bound optimizer step can approach. In place, like the step itself,
-    so no write-allocate traffic is hidden in it (a plain copy_ here measures half of this)."""
-    n = 1 << 28 if device.startswith("cuda") else 1 << 27
-    buffer = torch.randn(n, device=device)
-    ms = median_ms(lambda: buffer.mul_(1.0000001), device, repeat)
-    return 2 * n * 4 / (ms * 1e-3) / 1e9
+def median_ms(fn, device: str, repeat: int) -> float:
+    return time_ms(fn, device, warmup=3, repeat=repeat)
 
 
 def make_params(n_tensors: int, numel: int, device: str) -> list[torch.Tensor]:
