@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.nn import _reduction as _Reduction
 
 from .. import _ops
@@ -16,33 +17,63 @@ _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 
 
 class _CrossEntropyFunction(torch.autograd.Function):
-    """The 2-D core: forward saves the logits, each row's log-sum-exp (two opmath numbers, see
-    _ops.cross_entropy_forward) and the mean's denominator;
-    backward re-reads the logits once and writes the gradient once (or over the logits: inplace_backward)."""
+    """The 2-D core. When the logits need a gradient (``grad_in_forward``), the forward writes it too, for a
+    loss gradient of 1, while each row is still in cache (over the logits with ``inplace_backward``), and
+    the backward only scales it by the real loss gradient: nothing at all for ``loss.backward()`` on CPU.
+
+    That gradient serves the first backward. A second one through the same graph (``retain_graph=True``)
+    recomputes it from the saved logits and each row's log-sum-exp (two opmath numbers, see
+    _ops.cross_entropy_forward), or raises with ``inplace_backward``, whose logits are gone."""
 
     @staticmethod
     def forward(ctx, input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale,
-                inplace_backward):
-        loss, z_loss, row_lse, denominator = _ops.cross_entropy_forward(
-            input, target, weight, reduction=reduction, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
-        )
+                inplace_backward, grad_in_forward, want_lse):
+        if grad_in_forward:
+            loss, z_loss, row_lse, denominator, grad = _ops.cross_entropy_forward_backward(
+                input, target, weight, reduction=reduction, ignore_index=ignore_index,
+                label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, inplace=inplace_backward,
+            )
+            if inplace_backward:
+                # Anything else that saved these logits for its backward must see they changed.
+                torch.autograd.graph.increment_version(input)
+        else:
+            loss, z_loss, row_lse, denominator = _ops.cross_entropy_forward(
+                input, target, weight, reduction=reduction, ignore_index=ignore_index,
+                label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+            )
+            grad = None
         ctx.save_for_backward(input, target, weight, row_lse, denominator)
         ctx.options = (reduction, ignore_index, label_smoothing, lse_square_scale, inplace_backward)
+        # Not a saved tensor: it is handed over, not read, and dropping it here lets autograd keep it as the
+        # leaf's .grad without a copy.
+        ctx.grad = grad
+        if not want_lse:
+            return loss
         ctx.mark_non_differentiable(z_loss, row_lse)
         return loss, z_loss, row_lse
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_z_loss, grad_row_lse):
-        if grad_loss is None:
-            return (None,) * 8
-        input, target, weight, row_lse, denominator = ctx.saved_tensors
+    @once_differentiable
+    def backward(ctx, grad_loss, *unused):
+        if grad_loss is None or not ctx.needs_input_grad[0]:
+            return (None,) * 10
+        grad = ctx.grad
+        if grad is not None:
+            ctx.grad = None
+            _ops.cross_entropy_scale_grad_(grad, grad_loss)
+            return (grad,) + (None,) * 9
         reduction, ignore_index, label_smoothing, lse_square_scale, inplace_backward = ctx.options
+        if inplace_backward:
+            raise RuntimeError(
+                "cross_entropy: a second backward through a loss computed with inplace_backward=True is not "
+                "supported: the first one used the gradient written over the logits, and the logits are gone"
+            )
+        input, target, weight, row_lse, denominator = ctx.saved_tensors
         grad = _ops.cross_entropy_backward(
-            grad_loss, input, target, weight, row_lse, denominator, reduction=reduction, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, inplace=inplace_backward,
+            grad_loss, input, target, weight, row_lse, denominator, reduction=reduction,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
         )
-        return grad, None, None, None, None, None, None, None
+        return (grad,) + (None,) * 9
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -110,21 +141,33 @@ def _rows_view(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor, tuple[int
 
 
 def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
-                   inplace_backward, want_lse=False) -> CrossEntropyOutput:
+                   inplace_backward, want_lse):
     code = _REDUCTION_CODES.get(reduction)
     if code is None:
         raise ValueError(f"cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    rows, target_rows, batch_shape = _rows_view(input, target)
-    if inplace_backward and rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    loss, z_loss, row_lse = _CrossEntropyFunction.apply(
-        rows, target_rows, weight, code, ignore_index, label_smoothing, lse_square_scale, inplace_backward
+    if input.dim() == 2 and target.dim() == 1 and not target.is_floating_point():
+        # The common (N, C) logits with class indices: the op checks the rest and names the argument.
+        rows, target_rows, batch_shape = input, target, None
+    else:
+        rows, target_rows, batch_shape = _rows_view(input, target)
+        if inplace_backward and rows.stride(-1) != 1:
+            rows = rows.contiguous()
+    grad_in_forward = input.requires_grad and torch.is_grad_enabled()
+    out = _CrossEntropyFunction.apply(
+        rows, target_rows, weight, code, ignore_index, label_smoothing, lse_square_scale, inplace_backward,
+        grad_in_forward, want_lse,
     )
+    if not want_lse:
+        if code == 0 and batch_shape is not None and len(batch_shape) != 1:
+            out = out.reshape(batch_shape)
+        return out
+    loss, z_loss, row_lse = out
+    if batch_shape is None:
+        batch_shape = (input.shape[0],)
     if code == 0 and len(batch_shape) != 1:
         loss = loss.reshape(batch_shape)
         z_loss = z_loss.reshape(batch_shape)
-    lse = row_lse.sum(1).reshape(batch_shape) if want_lse else row_lse
-    return CrossEntropyOutput(loss, z_loss, lse)
+    return CrossEntropyOutput(loss, z_loss, row_lse.sum(1).reshape(batch_shape))
 
 
 def cross_entropy(
@@ -182,8 +225,8 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
     return _cross_entropy(
-        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, inplace_backward
-    ).loss
+        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, inplace_backward, False
+    )
 
 
 def cross_entropy_with_lse(
@@ -201,6 +244,5 @@ def cross_entropy_with_lse(
     pass: ``loss, z_loss, lse = cross_entropy_with_lse(logits, target, lse_square_scale=1e-4)``.
     Arguments as :func:`cross_entropy` (without the deprecated ones)."""
     return _cross_entropy(
-        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, inplace_backward,
-        want_lse=True,
+        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, inplace_backward, True
     )
