@@ -189,11 +189,15 @@ def cross_entropy_forward_backward(
     memory and once more from cache. Returns ``(loss, z_loss, row_lse, denominator, grad_input)``; with
     ``inplace`` the gradient is written over ``input``, which is returned as ``grad_input``. Scale it by the
     real loss gradient with :func:`cross_entropy_scale_grad_`."""
-    kwargs = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                  lse_square_scale=lse_square_scale)
     if inplace:
-        return (*_ops.cross_entropy_forward_backward_.default(input, target, weight, **kwargs), input)
-    return _ops.cross_entropy_forward_backward.default(input, target, weight, **kwargs)
+        return (*_ops.cross_entropy_forward_backward_.default(
+            input, target, weight, reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            lse_square_scale=lse_square_scale,
+        ), input)
+    return _ops.cross_entropy_forward_backward.default(
+        input, target, weight, reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale,
+    )
 
 
 def cross_entropy_scale_grad_(grad_input: Tensor, grad_loss: Tensor) -> None:

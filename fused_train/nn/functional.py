@@ -23,18 +23,22 @@ class _CrossEntropyFunction(torch.autograd.Function):
 
     That gradient serves the first backward. A second one through the same graph (``retain_graph=True``)
     recomputes it from the saved logits and each row's log-sum-exp (two opmath numbers, see
-    _ops.cross_entropy_forward), or raises with ``inplace_backward``, whose logits are gone."""
+    _ops.cross_entropy_forward), or raises with ``inplace_backward``, whose logits are gone. Differentiating
+    the gradient again (double backward) raises."""
 
     @staticmethod
-    def forward(ctx, input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale,
-                inplace_backward, grad_in_forward, want_lse):
+    def forward(ctx, input, target, weight, options):
+        # options: a plain tuple (a NamedTuple costs a call on every loss): reduction (0 none, 1 mean, 2 sum),
+        # ignore_index, label_smoothing, lse_square_scale, inplace_backward, grad_in_forward (the logits need
+        # a gradient: write it here), want_lse (also return the z-loss and each row's log-sum-exp).
+        reduction, ignore_index, label_smoothing, lse_square_scale, inplace, grad_in_forward, want_lse = options
         if grad_in_forward:
             loss, z_loss, row_lse, denominator, grad = _ops.cross_entropy_forward_backward(
                 input, target, weight, reduction=reduction, ignore_index=ignore_index,
-                label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, inplace=inplace_backward,
+                label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, inplace=inplace,
             )
-            if inplace_backward:
-                # Anything else that saved these logits for its backward must see they changed.
+            if inplace:
+                # Anything else that saved these logits for its backward must see that they changed.
                 torch.autograd.graph.increment_version(input)
         else:
             loss, z_loss, row_lse, denominator = _ops.cross_entropy_forward(
@@ -43,9 +47,9 @@ class _CrossEntropyFunction(torch.autograd.Function):
             )
             grad = None
         ctx.save_for_backward(input, target, weight, row_lse, denominator)
-        ctx.options = (reduction, ignore_index, label_smoothing, lse_square_scale, inplace_backward)
-        # Not a saved tensor: it is handed over, not read, and dropping it here lets autograd keep it as the
-        # leaf's .grad without a copy.
+        ctx.options = options
+        # Not a saved tensor: it is handed over, not read, and once backward drops it autograd can keep it
+        # as the leaf's .grad without a copy.
         ctx.grad = grad
         if not want_lse:
             return loss
@@ -53,27 +57,35 @@ class _CrossEntropyFunction(torch.autograd.Function):
         return loss, z_loss, row_lse
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, *unused):
-        if grad_loss is None or not ctx.needs_input_grad[0]:
-            return (None,) * 10
-        grad = ctx.grad
-        if grad is not None:
-            ctx.grad = None
-            _ops.cross_entropy_scale_grad_(grad, grad_loss)
-            return (grad,) + (None,) * 9
-        reduction, ignore_index, label_smoothing, lse_square_scale, inplace_backward = ctx.options
-        if inplace_backward:
-            raise RuntimeError(
-                "cross_entropy: a second backward through a loss computed with inplace_backward=True is not "
-                "supported: the first one used the gradient written over the logits, and the logits are gone"
-            )
-        input, target, weight, row_lse, denominator = ctx.saved_tensors
-        grad = _ops.cross_entropy_backward(
-            grad_loss, input, target, weight, row_lse, denominator, reduction=reduction,
-            ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+        if torch.is_grad_enabled():  # create_graph=True: differentiating this gradient again raises
+            return _backward_once_differentiable(ctx, grad_loss)
+        return _backward(ctx, grad_loss)
+
+
+def _backward(ctx, grad_loss):
+    grad = ctx.grad
+    if grad is not None:
+        ctx.grad = None
+        _ops.cross_entropy_scale_grad_(grad, grad_loss)
+        return grad, None, None, None
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    reduction, ignore_index, label_smoothing, lse_square_scale, inplace, _, _ = ctx.options
+    if inplace:
+        raise RuntimeError(
+            "cross_entropy: a second backward through a loss computed with inplace_backward=True is not "
+            "supported: the first one used the gradient written over the logits, and the logits are gone"
         )
-        return (grad,) + (None,) * 9
+    input, target, weight, row_lse, denominator = ctx.saved_tensors
+    grad = _ops.cross_entropy_backward(
+        grad_loss, input, target, weight, row_lse, denominator, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+    )
+    return grad, None, None, None
+
+
+_backward_once_differentiable = once_differentiable(_backward)
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -152,11 +164,9 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
         rows, target_rows, batch_shape = _rows_view(input, target)
         if inplace_backward and rows.stride(-1) != 1:
             rows = rows.contiguous()
-    grad_in_forward = input.requires_grad and torch.is_grad_enabled()
-    out = _CrossEntropyFunction.apply(
-        rows, target_rows, weight, code, ignore_index, label_smoothing, lse_square_scale, inplace_backward,
-        grad_in_forward, want_lse,
-    )
+    options = (code, ignore_index, label_smoothing, lse_square_scale, inplace_backward,
+               input.requires_grad and torch.is_grad_enabled(), want_lse)
+    out = _CrossEntropyFunction.apply(rows, target_rows, weight, options)
     if not want_lse:
         if code == 0 and batch_shape is not None and len(batch_shape) != 1:
             out = out.reshape(batch_shape)
