@@ -98,6 +98,10 @@ struct LaneState {
   V sum = V(0);
   V dot = V(0);
   V asum = V(0);
+  // Σ x·2^-100 per lane: NaN iff a logit was NaN (or both +inf and -inf were seen, and +inf alone already
+  // makes the row NaN). It lets the lane max use the plain max instruction, a quarter of the cost of a
+  // NaN-propagating one, and still lets a NaN logit poison its row as in torch.
+  V nan_probe = V(0);
 };
 
 // Folds a block of nv vectors into the lanes. valid: how many of the block's elements are real (the rest
@@ -106,9 +110,15 @@ template <class O, bool kLinear, int kMaxVecs>
 FT_INLINE void update_lanes(LaneState<O>& st, const at::vec::Vectorized<O> (&x)[kMaxVecs],
                             const at::vec::Vectorized<O> (&a)[kMaxVecs], int nv, int64_t valid) {
   using V = at::vec::Vectorized<O>;
+  const V tiny(O(7.888609052210118e-31));  // 2^-100: no finite logit overflows the probe
+  // clamp_min(a, b) is max(a, b) without NaN propagation: the probe takes care of NaN.
   V block_max = x[0];
-  for (int k = 1; k < nv; ++k) block_max = at::vec::maximum(block_max, x[k]);
-  const V new_max = at::vec::maximum(st.max, block_max);
+  st.nan_probe = at::vec::fmadd(x[0], tiny, st.nan_probe);
+  for (int k = 1; k < nv; ++k) {
+    block_max = at::vec::clamp_min(block_max, x[k]);
+    st.nan_probe = at::vec::fmadd(x[k], tiny, st.nan_probe);
+  }
+  const V new_max = at::vec::clamp_min(st.max, block_max);
   constexpr int kAllLanes = (1 << V::size()) - 1;
   // zero_mask() of a comparison is the lanes where it is false: anything else means a max grew.
   if (V(new_max != st.max).zero_mask() != kAllLanes) {
@@ -149,6 +159,8 @@ math::RowState<O> fold_lanes(const LaneState<O>& st) {
   r.sum = at::vec::vec_reduce_all<O>(add, st.sum * math::exp_(st.max - shift));
   r.dot = at::vec::vec_reduce_all<O>(add, at::vec::fmadd(st.asum, delta, st.dot));
   r.asum = at::vec::vec_reduce_all<O>(add, st.asum);
+  const O probe = at::vec::vec_reduce_all<O>(add, st.nan_probe);
+  if (probe != probe) r.max = probe;  // a NaN logit: the row's loss and gradient are NaN, as in torch
   return r;
 }
 
@@ -309,18 +321,21 @@ FT_INLINE void write_row_grad(const CrossEntropyLaunch& l, const T* x, T* g, con
   const V v_shift(rg.shift), v_log_sum(rg.log_sum), v_softmax(rg.softmax_coef), v_linear(rg.linear_coef);
   V lo, hi, a_lo(0), a_hi(0);
   int64_t j = 0;
+  // Without a linear term a = 0 and the element is softmax_coef·p alone: spare the multiply-subtract.
+  const auto element = [&](const V& xv, const V& av) {
+    if constexpr (kLinear) return math::grad_element(xv, av, v_shift, v_log_sum, v_softmax, v_linear);
+    return v_softmax * math::exp_((xv - v_shift) - v_log_sum);
+  };
   for (; j + IO::kWidth <= C; j += IO::kWidth) {
     IO::load(x + j, lo, hi);
     if constexpr (kLinear) load_coefficients<T, kProb>(l, target_row, j, IO::kWidth, hv, a_lo, a_hi);
-    IO::store(g + j, math::grad_element(lo, a_lo, v_shift, v_log_sum, v_softmax, v_linear),
-              math::grad_element(hi, a_hi, v_shift, v_log_sum, v_softmax, v_linear));
+    IO::store(g + j, element(lo, a_lo), element(hi, a_hi));
   }
   if (j < C) {
     const int64_t n = C - j;
     IO::load_partial(x + j, n, T(0), lo, hi);
     if constexpr (kLinear) load_coefficients<T, kProb>(l, target_row, j, n, hv, a_lo, a_hi);
-    IO::store_partial(g + j, n, math::grad_element(lo, a_lo, v_shift, v_log_sum, v_softmax, v_linear),
-                      math::grad_element(hi, a_hi, v_shift, v_log_sum, v_softmax, v_linear));
+    IO::store_partial(g + j, n, element(lo, a_lo), element(hi, a_hi));
   }
   if constexpr (!kProb) {
     // The true class's (p_t - 1)-like value in opmath, rounded once; the vector pass rounded p_t alone.
