@@ -190,10 +190,11 @@ def cross_entropy_forward_backward(
     ``inplace`` the gradient is written over ``input``, which is returned as ``grad_input``. Scale it by the
     real loss gradient with :func:`cross_entropy_scale_grad_`."""
     if inplace:
-        return (*_ops.cross_entropy_forward_backward_.default(
-            input, target, weight, reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            lse_square_scale=lse_square_scale,
-        ), input)
+        outputs = _ops.cross_entropy_forward_backward_.default(
+            input, target, weight, reduction=reduction, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+        )
+        return (*outputs, input)
     return _ops.cross_entropy_forward_backward.default(
         input, target, weight, reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
         lse_square_scale=lse_square_scale,

@@ -6,10 +6,12 @@
 // hot loop needs no horizontal reduction. Logits come in blocks of kBlockSteps steps (a step is two opmath
 // vectors, the natural unit of bf16/fp16 widening); each block rescales the lanes' sums only if some
 // lane's max grew, which after the first blocks is rare, so the forward costs about one exp per logit.
-// The lanes are folded into one row state at the end of the row.
+// The lanes are folded into one row state at the end of the row. A row that fits in one block (small
+// vocabularies) is held in registers instead: row max first, then one exp per logit, no lanes to fold.
 //
-// Backward, one read of each row and one write of its gradient: p_j = exp(x_j - lse) from the saved
-// log-sum-exp, then the true-class element is recomputed in opmath and stored once more.
+// Gradient, one write per logit: p_j = exp(x_j - lse), then the true-class element is recomputed in opmath
+// and stored once more. The forward writes it (when asked) right after the row's scan, while the row is
+// still in cache; the backward reads the row again from memory with the saved log-sum-exp.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -307,8 +309,9 @@ FT_INLINE int64_t read_index(const CrossEntropyLaunch& l, int64_t r) {
 // and the true-class logit x_t was read by the caller) from its log-sum-exp. scale: grad_out_r / denominator.
 // t: the class index (class-index rows, not ignored); target_mass: A_r = Σ w_j·t'_j (probability rows).
 template <class T, bool kProb, bool kLinear>
-FT_INLINE void write_row_grad(const CrossEntropyLaunch& l, const T* x, T* g, const T* target_row, int64_t t, XentOpmath<T> x_t,
-                              const math::RowLse<XentOpmath<T>>& lse, XentOpmath<T> scale, XentOpmath<T> target_mass,
+FT_INLINE void write_row_grad(const CrossEntropyLaunch& l, const T* x, T* g, const T* target_row, int64_t t,
+                              XentOpmath<T> x_t, const math::RowLse<XentOpmath<T>>& lse, XentOpmath<T> scale,
+                              XentOpmath<T> target_mass,
                               const math::XentHyper<XentOpmath<T>>& h,
                               const math::XentHyper<at::vec::Vectorized<XentOpmath<T>>>& hv) {
   using O = XentOpmath<T>;

@@ -6,7 +6,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.nn import _reduction as _Reduction
 
 from .. import _ops
@@ -31,7 +30,9 @@ class _CrossEntropyFunction(torch.autograd.Function):
         # options: a plain tuple (a NamedTuple costs a call on every loss): reduction (0 none, 1 mean, 2 sum),
         # ignore_index, label_smoothing, lse_square_scale, inplace_backward, grad_in_forward (the logits need
         # a gradient: write it here), want_lse (also return the z-loss and each row's log-sum-exp).
-        reduction, ignore_index, label_smoothing, lse_square_scale, inplace, grad_in_forward, want_lse = options
+        reduction, ignore_index, label_smoothing, lse_square_scale, inplace, grad_in_forward, want_lse = (
+            options
+        )
         if grad_in_forward:
             loss, z_loss, row_lse, denominator, grad = _ops.cross_entropy_forward_backward(
                 input, target, weight, reduction=reduction, ignore_index=ignore_index,
@@ -58,9 +59,28 @@ class _CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        if torch.is_grad_enabled():  # create_graph=True: differentiating this gradient again raises
-            return _backward_once_differentiable(ctx, grad_loss)
-        return _backward(ctx, grad_loss)
+        if not torch.is_grad_enabled():
+            return _backward(ctx, grad_loss)
+        # create_graph=True: the gradient comes out of a kernel, not of differentiable ops; it gets a node
+        # that raises if anything differentiates through it.
+        with torch.no_grad():
+            grad, *rest = _backward(ctx, grad_loss)
+        if grad is not None:
+            grad = _NoDoubleBackward.apply(grad.detach().requires_grad_())
+        return (grad, *rest)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, grad_grad):
+        raise RuntimeError(
+            "cross_entropy: double backward (differentiating the gradient of fused_train's cross-entropy "
+            "again) is not supported; use torch.nn.functional.cross_entropy for that"
+        )
 
 
 def _backward(ctx, grad_loss):
@@ -79,13 +99,10 @@ def _backward(ctx, grad_loss):
         )
     input, target, weight, row_lse, denominator = ctx.saved_tensors
     grad = _ops.cross_entropy_backward(
-        grad_loss, input, target, weight, row_lse, denominator, reduction=reduction, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+        grad_loss, input, target, weight, row_lse, denominator, reduction=reduction,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
     )
     return grad, None, None, None
-
-
-_backward_once_differentiable = once_differentiable(_backward)
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -193,8 +210,10 @@ def cross_entropy(
     lse_square_scale: float = 0.0,
     inplace_backward: bool = False,
 ) -> Tensor:
-    r"""Cross-entropy between logits and targets, fused: one read of the logits forward, one read and one
-    write of the gradient backward, and nothing of size N×C saved in between (one fp32 log-sum-exp per row).
+    r"""Cross-entropy between logits and targets, fused. When ``input`` needs a gradient, the forward writes
+    it too, each row read once from memory and once more from cache, and the backward only scales it by the
+    loss's gradient (on CPU: nothing at all for ``loss.backward()``); the gradient is then the only N×C
+    buffer, alive from the forward to the backward. Otherwise the forward reads the logits once.
 
     Same arguments, shapes and results as :func:`torch.nn.functional.cross_entropy`; the math runs in fp32
     for bf16/fp16 input (fp64 for fp64) and the loss is returned in ``input``'s dtype.
@@ -213,9 +232,11 @@ def cross_entropy(
         lse_square_scale: z-loss scale :math:`z`: adds :math:`z \cdot \mathrm{lse}^2` to each row that is not
             ignored (unweighted, reduced with the loss). Use :func:`cross_entropy_with_lse` to read it apart.
         inplace_backward: write the gradient over ``input``'s storage instead of allocating one (peak memory
-            stays at the logits alone). Only when nothing else needs the logits after this loss: other users
-            of the same tensor (or of a view of it) see the gradient after ``backward()``. No effect on the
-            values. (N, C, d…) inputs are copied to row layout first, so there it saves nothing.
+            stays at the logits alone, and no fresh N×C buffer is paged in). Only when nothing else needs the
+            logits after this loss: when ``input`` needs a gradient, the logits are overwritten by this call
+            itself, so other users of the same tensor (or of a view of it) see the gradient from then on,
+            and an autograd node that saved them raises at backward. One backward per forward. No effect on
+            the values. (N, C, d…) inputs are copied to row layout first, so there it saves nothing.
 
     Returns:
         The loss: a scalar, or shaped like the batch for ``reduction='none'``.
@@ -224,6 +245,10 @@ def cross_entropy(
         ValueError / TypeError: on shapes, dtypes or options torch would reject, naming the argument.
         IndexError: on CPU, a class-index target outside :math:`[0, C)` that is not ``ignore_index``.
         On CUDA such a row's loss is NaN and the next fused_train cross-entropy call on that device raises.
+
+    On CPU a large loss is dominated by paging in the fresh N×C gradient (torch's own loss pages in two
+    such buffers); ``THP_MEM_ALLOC_ENABLE=1`` (torch's switch for transparent huge pages in its CPU
+    allocator) makes that several times cheaper for both, and ``inplace_backward`` avoids it.
 
     Example::
 
@@ -235,7 +260,8 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
     return _cross_entropy(
-        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, inplace_backward, False
+        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, inplace_backward,
+        False,
     )
 
 
@@ -254,5 +280,6 @@ def cross_entropy_with_lse(
     pass: ``loss, z_loss, lse = cross_entropy_with_lse(logits, target, lse_square_scale=1e-4)``.
     Arguments as :func:`cross_entropy` (without the deprecated ones)."""
     return _cross_entropy(
-        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, inplace_backward, True
+        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, inplace_backward,
+        True,
     )
