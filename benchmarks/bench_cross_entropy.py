@@ -7,6 +7,10 @@ them); the ``test_*`` functions are pytest-benchmark cases (``pytest benchmarks/
 
 GB/s is measured against the one-pass limit: every logit read once and its gradient written once
 (2 × N × V × itemsize bytes), whatever the implementation actually moves.
+
+On CPU the large cases are dominated by paging in fresh N×V buffers (the gradient for fused_train; the
+log-probabilities and the gradient for torch), which is why the in-place column is given too and why
+``THP_MEM_ALLOC_ENABLE`` (torch's transparent-huge-page switch) is recorded with the results.
 """
 
 from __future__ import annotations
@@ -44,6 +48,14 @@ def _fwd_bwd(loss_fn, logits, target):
     logits.grad = None
 
 
+def _fwd_bwd_inplace(logits, target):
+    """fused_train with ``inplace_backward=True``: the gradient is written over ``logits`` (which therefore
+    hold the last gradient from the second call on: the timing does not depend on the values) and returned
+    by autograd.grad, as the gradient of an lm_head's output flows on to its matmul."""
+    loss = fused_cross_entropy(logits, target, inplace_backward=True)
+    torch.autograd.grad(loss, logits)
+
+
 def _time_ms(fn, device: str, min_reps: int, min_seconds: float) -> float:
     """Median wall time of fn() in ms, after one warm-up call."""
     fn()
@@ -75,9 +87,10 @@ def _peak_mb(fn, device: str) -> float | None:
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     """Times forward + backward for each case; one row per (N, V, dtype).
 
-    Row keys: N, V, dtype, torch_ms, fused_ms, ratio (fused / torch), compiled_ms (torch.compile'd
-    F.cross_entropy, None where skipped), fused_gbps (against the one-pass limit), limit_gb, and on CUDA
-    torch_peak_mb / fused_peak_mb (memory beyond the logits during the call).
+    Row keys: N, V, dtype, torch_ms, fused_ms, ratio (fused / torch), fused_inplace_ms and inplace_ratio
+    (``inplace_backward=True``), compiled_ms (torch.compile'd F.cross_entropy, None where skipped),
+    fused_gbps (against the one-pass limit), limit_gb, and on CUDA torch_peak_mb / fused_peak_mb (memory
+    beyond the logits during the call).
     """
     rows = []
     cases = QUICK_CASES if quick else CASES
@@ -96,6 +109,9 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         fused_fn = lambda: _fwd_bwd(fused_cross_entropy, logits, target)  # noqa: E731
         torch_ms = _time_ms(torch_fn, device, min_reps, min_seconds)
         fused_ms = _time_ms(fused_fn, device, min_reps, min_seconds)
+        inplace_logits = logits.detach().clone().requires_grad_()
+        inplace_ms = _time_ms(lambda: _fwd_bwd_inplace(inplace_logits, target), device, min_reps, min_seconds)
+        del inplace_logits
         compiled_ms = None
         if compiled is not None and n * v <= 64 * 2**20:
             try:
@@ -112,6 +128,8 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                 torch_ms=round(torch_ms, 3),
                 fused_ms=round(fused_ms, 3),
                 ratio=round(fused_ms / torch_ms, 3),
+                fused_inplace_ms=round(inplace_ms, 3),
+                inplace_ratio=round(inplace_ms / torch_ms, 3),
                 compiled_ms=None if compiled_ms is None else round(compiled_ms, 3),
                 fused_gbps=round(limit_bytes / (fused_ms * 1e-3) / 1e9, 2),
                 limit_gb=round(limit_bytes / 1e9, 3),
@@ -142,11 +160,12 @@ def test_cross_entropy_fwd_bwd(benchmark, impl, n, v, dtype):
 if __name__ == "__main__":
     import argparse
     import json
+    import os
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    print(fused_train.build_info())
+    print(fused_train.build_info(), "THP_MEM_ALLOC_ENABLE=" + os.environ.get("THP_MEM_ALLOC_ENABLE", ""))
     for row in run(args.device, args.quick):
         print(json.dumps(row))

@@ -100,4 +100,21 @@ at::Tensor check_cross_entropy_backward(const char* op, const CrossEntropyCall& 
                                                              : grad_loss.to(call.input.scalar_type());
 }
 
+at::Tensor check_cross_entropy_scale_grad(const char* op, const at::Tensor& grad_input, const at::Tensor& grad_loss) {
+  TORCH_CHECK_VALUE(grad_input.dim() == 2, op, ": grad_input must be 2-D (rows, classes), got shape ",
+                    grad_input.sizes());
+  TORCH_CHECK_VALUE(grad_loss.device() == grad_input.device(), op, ": grad_loss must be on ", grad_input.device(),
+                    ", got ", grad_loss.device());
+  at::Tensor scale;
+  if (grad_loss.numel() == 1) {
+    scale = grad_loss.reshape({});
+  } else {
+    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == grad_input.size(0), op,
+                      ": grad_loss must hold one element or one per row (", grad_input.size(0), "), got shape ",
+                      grad_loss.sizes());
+    scale = grad_loss;
+  }
+  return scale.scalar_type() == grad_input.scalar_type() ? scale : scale.to(grad_input.scalar_type());
+}
+
 }  // namespace fused_train

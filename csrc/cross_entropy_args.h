@@ -34,4 +34,9 @@ CrossEntropyCall check_cross_entropy_call(const char* op, const at::Tensor& inpu
 at::Tensor check_cross_entropy_backward(const char* op, const CrossEntropyCall& call, const at::Tensor& grad_loss,
                                         const at::Tensor& lse, const at::Tensor& denominator);
 
+// Checks the arguments of cross_entropy_scale_grad_: a 2-D gradient (rows, classes) and the loss's gradient,
+// one element (reduced loss) or (rows,) (reduction='none'), on the same device. Returns grad_loss as a 0-dim
+// resp. (rows,) tensor of grad_input's dtype.
+at::Tensor check_cross_entropy_scale_grad(const char* op, const at::Tensor& grad_input, const at::Tensor& grad_loss);
+
 }  // namespace fused_train

@@ -47,6 +47,19 @@ TORCH_LIBRARY(fused_train, m) {
       "cross_entropy_backward_(Tensor grad_loss, Tensor(a!) input, Tensor target, Tensor? weight, Tensor row_lse, "
       "Tensor denominator, *, int reduction, int ignore_index, float label_smoothing, float lse_square_scale) "
       "-> ()");
+  // The forward that also writes the gradient for grad_loss = 1 (ones for reduction='none') while each row
+  // is still in cache; the loss's backward then only scales it by the real grad_loss (scale_grad_).
+  m.def(
+      "cross_entropy_forward_backward(Tensor input, Tensor target, Tensor? weight, *, int reduction, "
+      "int ignore_index, float label_smoothing, float lse_square_scale) -> (Tensor loss, Tensor z_loss, "
+      "Tensor row_lse, Tensor denominator, Tensor grad_input)");
+  // The same, writing the gradient over the logits (input), for callers that no longer need them.
+  m.def(
+      "cross_entropy_forward_backward_(Tensor(a!) input, Tensor target, Tensor? weight, *, int reduction, "
+      "int ignore_index, float label_smoothing, float lse_square_scale) -> (Tensor loss, Tensor z_loss, "
+      "Tensor row_lse, Tensor denominator)");
+  // grad_input *= grad_loss (one element, or one per row for reduction='none').
+  m.def("cross_entropy_scale_grad_(Tensor(a!) grad_input, Tensor grad_loss) -> ()");
 
   // Build facts for fused_train.build_info(), as "key=value" lines.
   m.def("build_info() -> str", []() -> std::string {

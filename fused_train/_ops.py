@@ -173,6 +173,40 @@ def cross_entropy_backward(
     return _ops.cross_entropy_backward.default(grad_loss, input, target, weight, row_lse, denominator, **kwargs)
 
 
+def cross_entropy_forward_backward(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    *,
+    reduction: int,
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+    inplace: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`cross_entropy_forward` that also writes the gradient of the loss with respect to ``input`` for a
+    loss gradient of 1 (of ones for ``reduction=0``), from the same pass: on CPU each row is read once from
+    memory and once more from cache. Returns ``(loss, z_loss, row_lse, denominator, grad_input)``; with
+    ``inplace`` the gradient is written over ``input``, which is returned as ``grad_input``. Scale it by the
+    real loss gradient with :func:`cross_entropy_scale_grad_`."""
+    if inplace:
+        outputs = _ops.cross_entropy_forward_backward_.default(
+            input, target, weight, reduction=reduction, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+        )
+        return (*outputs, input)
+    return _ops.cross_entropy_forward_backward.default(
+        input, target, weight, reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale,
+    )
+
+
+def cross_entropy_scale_grad_(grad_input: Tensor, grad_loss: Tensor) -> None:
+    """``grad_input *= grad_loss`` (one element, or one per row of ``grad_input``). On CPU nothing is written
+    when ``grad_loss`` is all ones; on CUDA ``grad_loss`` is never read on the host."""
+    _ops.cross_entropy_scale_grad_.default(grad_input, grad_loss)
+
+
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -199,4 +233,19 @@ def _cross_entropy_backward_fake(grad_loss, input, target, weight, row_lse, deno
 @torch.library.register_fake("fused_train::cross_entropy_backward_")
 def _cross_entropy_backward_inplace_fake(grad_loss, input, target, weight, row_lse, denominator,
                                          **kwargs) -> None:
+    return None
+
+
+@torch.library.register_fake("fused_train::cross_entropy_forward_backward")
+def _cross_entropy_forward_backward_fake(input, target, weight, **kwargs):
+    return (*_cross_entropy_forward_fake(input, target, weight, **kwargs), input.new_empty(input.shape))
+
+
+@torch.library.register_fake("fused_train::cross_entropy_forward_backward_")
+def _cross_entropy_forward_backward_inplace_fake(input, target, weight, **kwargs):
+    return _cross_entropy_forward_fake(input, target, weight, **kwargs)
+
+
+@torch.library.register_fake("fused_train::cross_entropy_scale_grad_")
+def _cross_entropy_scale_grad_fake(grad_input, grad_loss) -> None:
     return None

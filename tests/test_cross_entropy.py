@@ -293,3 +293,118 @@ def test_bad_target_writes_nothing():
     with pytest.raises(IndexError):
         cross_entropy(x, torch.tensor([0, 1, 9, 2]))
     assert x.grad is None
+
+
+# -- the gradient written by the forward -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gradient_from_forward_scaled_by_grad_output(device, reduction, inplace):
+    """The forward writes the gradient for grad_loss = 1; the backward scales it (also per row for 'none')."""
+    x = torch.randn(40, 33, device=device, dtype=torch.float64)
+    target = torch.randint(0, 33, (40,), device=device)
+    target[::5] = -100
+    ref_x = x.clone().requires_grad_()
+    ref = F.cross_entropy(ref_x, target, reduction=reduction, label_smoothing=0.1)
+    for grad_out in (torch.ones_like(ref), torch.full_like(ref, 0.25), torch.randn_like(ref)):
+        (ref_grad,) = torch.autograd.grad(ref, ref_x, grad_out, retain_graph=True)
+        leaf = x.clone().requires_grad_()
+        logits = leaf * 1 if inplace else leaf
+        loss = cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1,
+                             inplace_backward=inplace)
+        (grad,) = torch.autograd.grad(loss, leaf, grad_out)
+        torch.testing.assert_close(grad, ref_grad, **XENT_TOL[torch.float64])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_second_backward_recomputes_the_gradient(device):
+    x = torch.randn(12, 50, device=device, requires_grad=True)
+    target = torch.randint(0, 50, (12,), device=device)
+    loss = cross_entropy(x, target, reduction="none")
+    grad_out = torch.rand(12, device=device)
+    (first,) = torch.autograd.grad(loss, x, grad_out, retain_graph=True)  # the forward's, scaled in place
+    (second,) = torch.autograd.grad(loss, x, grad_out, retain_graph=True)  # recomputed from the logits
+    (third,) = torch.autograd.grad(loss, x, torch.ones(12, device=device))
+    torch.testing.assert_close(second, first)
+    expected = torch.softmax(x.detach(), 1) - F.one_hot(target, 50)
+    torch.testing.assert_close(third, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_second_backward_and_double_backward_raise(device):
+    x = torch.randn(6, 20, device=device, requires_grad=True)
+    target = torch.randint(0, 20, (6,), device=device)
+    loss = cross_entropy(x * 2, target, inplace_backward=True)
+    torch.autograd.grad(loss, x, retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through a loss computed with inplace_backward"):
+        torch.autograd.grad(loss, x)
+    (g,) = torch.autograd.grad(cross_entropy(x, target), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_forward_overwrites_logits_and_flags_their_other_users(device):
+    x = torch.randn(6, 20, device=device, requires_grad=True)
+    target = torch.randint(0, 20, (6,), device=device)
+    logits = x * 2
+    expected = (torch.softmax(logits.detach(), 1) - F.one_hot(target, 20)) / 6
+    cross_entropy(logits, target, inplace_backward=True)
+    torch.testing.assert_close(logits.detach(), expected)  # written by the forward itself
+    # without a gradient to compute, the logits are left alone
+    with torch.no_grad():
+        logits = x * 2
+        cross_entropy(logits, target, inplace_backward=True)
+    torch.testing.assert_close(logits, x.detach() * 2)
+    # exp saves its output for its backward: overwriting it must not go unnoticed
+    loss = cross_entropy(x.exp(), target, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_gradient_is_handed_over_without_a_copy():
+    x = torch.randn(16, 30, requires_grad=True)
+    loss = cross_entropy(x, torch.randint(0, 30, (16,)))
+    grad_fn = loss.grad_fn
+    written = grad_fn.grad.data_ptr()
+    loss.backward()
+    assert x.grad.data_ptr() == written
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_forward_bitwise_deterministic_across_thread_counts(dtype, reduction):
+    x = torch.randn(300, 1000, dtype=dtype)  # many blocks of rows: the parallel path
+    target = torch.randint(0, 1000, (300,))
+    target[::7] = -100
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            xg = x.clone().requires_grad_()
+            loss = cross_entropy(xg, target, reduction=reduction, label_smoothing=0.05)
+            loss.backward()
+            results.append((loss.detach(), xg.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prob", [False, True])
+def test_opcheck_forward_backward(device, prob):
+    ops = torch.ops.fused_train
+    x, target, weight, kw = _op_args(device, prob)
+    torch.library.opcheck(ops.cross_entropy_forward_backward.default, (x, target, weight), kw)
+    torch.library.opcheck(ops.cross_entropy_forward_backward_.default, (x.clone(), target, weight), kw)
+    kw_none = dict(kw, reduction=0)
+    torch.library.opcheck(ops.cross_entropy_forward_backward.default, (x, target, None), kw_none)
+    grad = torch.randn(6, 11, device=device)
+    torch.library.opcheck(ops.cross_entropy_scale_grad_.default, (grad, torch.tensor(0.5, device=device)))
+    torch.library.opcheck(ops.cross_entropy_scale_grad_.default, (grad, torch.rand(6, device=device)))
+    with pytest.raises(ValueError, match="grad_loss must hold one element or one per row"):
+        ops.cross_entropy_scale_grad_(grad, torch.rand(5, device=device))

@@ -50,8 +50,8 @@ struct OptimizerLaunch {
 using OptimizerChunksFn = void (*)(const OptimizerLaunch&, int64_t chunk_begin, int64_t chunk_end);
 
 // One cross-entropy call over a 2-D view of the logits: `rows` rows of `classes` logits with unit class
-// stride and any row stride. Per-row outputs and inputs (lse, row losses) are in opmath (double for fp64
-// logits, float otherwise); weights too. See cross_entropy.cpp for who fills what.
+// stride and any row stride. Per-row inputs and outputs in opmath (double for fp64 logits, float otherwise)
+// unless said otherwise; weights too. See cross_entropy.cpp for who fills what.
 struct CrossEntropyLaunch {
   ScalarKind dtype;           // logits, gradient and probability targets
   const void* logits;
@@ -64,16 +64,17 @@ struct CrossEntropyLaunch {
   const void* weight;         // opmath (classes), or nullptr
   int64_t ignore_index;
   double label_smoothing, lse_square_scale, class_weight_sum;
-  // Forward outputs, opmath: each row's log-sum-exp as (shift, log_sum) pairs (rows, 2; see
-  // math::RowLse), and its loss, z-loss and mean-denominator weight (rows).
+  // Forward outputs: each row's log-sum-exp as (shift, log_sum) pairs (rows, 2; see math::RowLse), and,
+  // for reduction='none' only, each row's loss and z-loss in the logits' dtype (rows; nullptr otherwise:
+  // the forward then returns their sums instead).
   void* lse;
   void* row_loss;
   void* row_z_loss;
-  void* row_weight;
-  // Backward: the (shift, log_sum) pairs in, gradient out (unit class stride, any row stride). Row r's gradient is scaled by
-  // grad_loss[r * grad_loss_stride] / *denominator; grad_loss has the logits' dtype (stride 0 for a reduced
-  // loss), the denominator is opmath.
-  const void* lse_in;
+  // The gradient, unit class stride and any row stride; it may be the logits themselves (in-place). The
+  // forward writes it when grad != nullptr, for grad_loss = 1; the backward always. Row r's gradient is
+  // scaled by grad_loss[r * grad_loss_stride] / *denominator (backward: grad_loss has the logits' dtype,
+  // stride 0 for a reduced loss; forward: grad_loss is nullptr and counts as 1). denominator is opmath.
+  const void* lse_in;         // backward: the forward's (shift, log_sum) pairs
   void* grad;
   int64_t grad_row_stride;
   const void* grad_loss;
@@ -81,14 +82,21 @@ struct CrossEntropyLaunch {
   const void* denominator;
 };
 
-// Rows [row_begin, row_end) of a cross-entropy forward or backward.
-using CrossEntropyRowsFn = void (*)(const CrossEntropyLaunch&, int64_t row_begin, int64_t row_end);
+// Sums of the forward's row losses and z-losses over a range of rows, added in row order in double.
+struct CrossEntropySums {
+  double loss = 0.0;
+  double z_loss = 0.0;
+};
+
+// Rows [row_begin, row_end) of a cross-entropy forward (returns the sums of their losses) or backward.
+using CrossEntropyForwardFn = CrossEntropySums (*)(const CrossEntropyLaunch&, int64_t row_begin, int64_t row_end);
+using CrossEntropyBackwardFn = void (*)(const CrossEntropyLaunch&, int64_t row_begin, int64_t row_end);
 
 struct KernelTable {
   const char* isa;
   OptimizerChunksFn optimizer_chunks;
-  CrossEntropyRowsFn cross_entropy_forward_rows;
-  CrossEntropyRowsFn cross_entropy_backward_rows;
+  CrossEntropyForwardFn cross_entropy_forward_rows;
+  CrossEntropyBackwardFn cross_entropy_backward_rows;
 };
 
 // The table for the best instruction set this CPU supports (FUSED_TRAIN_CPU_CAPABILITY=default|avx2|avx512

@@ -6,10 +6,12 @@
 // hot loop needs no horizontal reduction. Logits come in blocks of kBlockSteps steps (a step is two opmath
 // vectors, the natural unit of bf16/fp16 widening); each block rescales the lanes' sums only if some
 // lane's max grew, which after the first blocks is rare, so the forward costs about one exp per logit.
-// The lanes are folded into one row state at the end of the row.
+// The lanes are folded into one row state at the end of the row. A row that fits in one block (small
+// vocabularies) is held in registers instead: row max first, then one exp per logit, no lanes to fold.
 //
-// Backward, one read of each row and one write of its gradient: p_j = exp(x_j - lse) from the saved
-// log-sum-exp, then the true-class element is recomputed in opmath and stored once more.
+// Gradient, one write per logit: p_j = exp(x_j - lse), then the true-class element is recomputed in opmath
+// and stored once more. The forward writes it (when asked) right after the row's scan, while the row is
+// still in cache; the backward reads the row again from memory with the saved log-sum-exp.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -20,10 +22,19 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 
 #include "cpu/cpu_kernels.h"
 #include "fused_train/xent_math.h"
+
+// The row loops inline everything they call, at::vec's exp included (left out of line, it costs a call per
+// vector and the short rows of small vocabularies pay it the most).
+#if defined(__GNUC__)
+#define FT_XENT_FLATTEN __attribute__((flatten))
+#else
+#define FT_XENT_FLATTEN
+#endif
 
 namespace fused_train {
 namespace cpu {
@@ -56,17 +67,26 @@ struct StepIO {
       at::vec::convert_from_float<T>(lo, hi).store(p);
     }
   }
-  // The last n < kWidth elements, the rest of the step filled with `pad`.
+  // The last n < kWidth elements, the rest of the step filled with `pad` (masked loads and stores where
+  // the instruction set has them: a short row is all tail).
   static void load_partial(const T* p, int64_t n, T pad, V& lo, V& hi) {
-    T buf[kWidth];
-    std::fill(buf, buf + kWidth, pad);
-    std::memcpy(buf, p, n * sizeof(T));
-    load(buf, lo, hi);
+    if constexpr (std::is_same_v<T, O>) {
+      const int64_t n_lo = std::min<int64_t>(n, V::size());
+      lo = V::set(V(pad), V::loadu(p, n_lo), n_lo);
+      hi = n > V::size() ? V::set(V(pad), V::loadu(p + V::size(), n - V::size()), n - V::size()) : V(pad);
+    } else {
+      using TV = at::vec::Vectorized<T>;
+      const TV raw = TV::set(TV(pad), TV::loadu(p, static_cast<int>(n)), n);
+      std::tie(lo, hi) = at::vec::convert_to_float<T>(raw);
+    }
   }
   static void store_partial(T* p, int64_t n, const V& lo, const V& hi) {
-    T buf[kWidth];
-    store(buf, lo, hi);
-    std::memcpy(p, buf, n * sizeof(T));
+    if constexpr (std::is_same_v<T, O>) {
+      lo.store(p, std::min<int64_t>(n, V::size()));
+      if (n > V::size()) hi.store(p + V::size(), n - V::size());
+    } else {
+      at::vec::convert_from_float<T>(lo, hi).store(p, static_cast<int>(n));
+    }
   }
 };
 
@@ -80,6 +100,10 @@ struct LaneState {
   V sum = V(0);
   V dot = V(0);
   V asum = V(0);
+  // Σ x·2^-100 per lane: NaN iff a logit was NaN (or both +inf and -inf were seen, and +inf alone already
+  // makes the row NaN). It lets the lane max use the plain max instruction, a quarter of the cost of a
+  // NaN-propagating one, and still lets a NaN logit poison its row as in torch.
+  V nan_probe = V(0);
 };
 
 // Folds a block of nv vectors into the lanes. valid: how many of the block's elements are real (the rest
@@ -88,9 +112,15 @@ template <class O, bool kLinear, int kMaxVecs>
 FT_INLINE void update_lanes(LaneState<O>& st, const at::vec::Vectorized<O> (&x)[kMaxVecs],
                             const at::vec::Vectorized<O> (&a)[kMaxVecs], int nv, int64_t valid) {
   using V = at::vec::Vectorized<O>;
+  const V tiny(O(7.888609052210118e-31));  // 2^-100: no finite logit overflows the probe
+  // clamp_min(a, b) is max(a, b) without NaN propagation: the probe takes care of NaN.
   V block_max = x[0];
-  for (int k = 1; k < nv; ++k) block_max = at::vec::maximum(block_max, x[k]);
-  const V new_max = at::vec::maximum(st.max, block_max);
+  st.nan_probe = at::vec::fmadd(x[0], tiny, st.nan_probe);
+  for (int k = 1; k < nv; ++k) {
+    block_max = at::vec::clamp_min(block_max, x[k]);
+    st.nan_probe = at::vec::fmadd(x[k], tiny, st.nan_probe);
+  }
+  const V new_max = at::vec::clamp_min(st.max, block_max);
   constexpr int kAllLanes = (1 << V::size()) - 1;
   // zero_mask() of a comparison is the lanes where it is false: anything else means a max grew.
   if (V(new_max != st.max).zero_mask() != kAllLanes) {
@@ -131,6 +161,8 @@ math::RowState<O> fold_lanes(const LaneState<O>& st) {
   r.sum = at::vec::vec_reduce_all<O>(add, st.sum * math::exp_(st.max - shift));
   r.dot = at::vec::vec_reduce_all<O>(add, at::vec::fmadd(st.asum, delta, st.dot));
   r.asum = at::vec::vec_reduce_all<O>(add, st.asum);
+  const O probe = at::vec::vec_reduce_all<O>(add, st.nan_probe);
+  if (probe != probe) r.max = probe;  // a NaN logit: the row's loss and gradient are NaN, as in torch
   return r;
 }
 
@@ -172,6 +204,53 @@ FT_INLINE void load_coefficients(const CrossEntropyLaunch& l, const T* target_ro
     lo = lo * math::smoothed_target(t_lo, hv);
     hi = hi * math::smoothed_target(t_hi, hv);
   }
+}
+
+// The state of a row that fits in one block (C <= kBlockSteps steps, e.g. the 10 classes of a tutorial):
+// all of it is in registers, so the row max comes first and the exps need no rescaling.
+template <class T, bool kProb, bool kLinear>
+FT_INLINE math::RowState<XentOpmath<T>> scan_short_row(const CrossEntropyLaunch& l, const T* x, const T* target_row,
+                                                       const math::XentHyper<at::vec::Vectorized<XentOpmath<T>>>& hv) {
+  using O = XentOpmath<T>;
+  using V = at::vec::Vectorized<O>;
+  using IO = StepIO<T>;
+  const int64_t C = l.classes;
+  const T neg_inf = T(-std::numeric_limits<float>::infinity());
+  V xs[2 * kBlockSteps];
+  V as[2 * kBlockSteps];
+  int nv = 0;
+  for (int64_t j = 0; j < C; j += IO::kWidth, nv += 2) {
+    const int64_t n = std::min<int64_t>(IO::kWidth, C - j);
+    if (n == IO::kWidth) {
+      IO::load(x + j, xs[nv], xs[nv + 1]);
+    } else {
+      IO::load_partial(x + j, n, neg_inf, xs[nv], xs[nv + 1]);
+    }
+    if constexpr (kLinear) load_coefficients<T, kProb>(l, target_row, j, n, hv, as[nv], as[nv + 1]);
+  }
+  const auto add = [](const V& p, const V& q) { return p + q; };
+  const auto max = [](const V& p, const V& q) { return at::vec::maximum(p, q); };
+  V vmax = xs[0];
+  for (int k = 1; k < nv; ++k) vmax = at::vec::maximum(vmax, xs[k]);
+  math::RowState<O> r;
+  r.max = at::vec::vec_reduce_all<O>(max, vmax);
+  const V shift(math::safe_shift(r.max));
+  V sum(0), dot(0), asum(0);
+  for (int k = 0; k < nv; ++k) {
+    const V centred = xs[k] - shift;
+    sum = sum + math::exp_(centred);
+    if constexpr (kLinear) {
+      // Padding lanes have a = 0 and x = -inf: leave them out of the dot product (0 · -inf = NaN).
+      const int64_t lane_begin = static_cast<int64_t>(k) * V::size();
+      dot = dot + (C >= lane_begin + V::size() ? as[k] * centred
+                                               : V::set(V(0), as[k] * centred, std::max<int64_t>(0, C - lane_begin)));
+      asum = asum + as[k];
+    }
+  }
+  r.sum = at::vec::vec_reduce_all<O>(add, sum);
+  r.dot = kLinear ? at::vec::vec_reduce_all<O>(add, dot) : O(0);
+  r.asum = kLinear ? at::vec::vec_reduce_all<O>(add, asum) : O(0);
+  return r;
 }
 
 // One row's state, reading the row once. kLinear: accumulate the linear term (label smoothing of a
@@ -226,47 +305,110 @@ FT_INLINE int64_t read_index(const CrossEntropyLaunch& l, int64_t r) {
                            : static_cast<const int64_t*>(l.target)[r * l.target_row_stride];
 }
 
+// Writes one row's gradient g (which may be the row x itself: each element is read before it is written,
+// and the true-class logit x_t was read by the caller) from its log-sum-exp. scale: grad_out_r / denominator.
+// t: the class index (class-index rows, not ignored); target_mass: A_r = Σ w_j·t'_j (probability rows).
 template <class T, bool kProb, bool kLinear>
-void forward_rows_typed(const CrossEntropyLaunch& l, int64_t row_begin, int64_t row_end) {
+FT_INLINE void write_row_grad(const CrossEntropyLaunch& l, const T* x, T* g, const T* target_row, int64_t t,
+                              XentOpmath<T> x_t, const math::RowLse<XentOpmath<T>>& lse, XentOpmath<T> scale,
+                              XentOpmath<T> target_mass,
+                              const math::XentHyper<XentOpmath<T>>& h,
+                              const math::XentHyper<at::vec::Vectorized<XentOpmath<T>>>& hv) {
+  using O = XentOpmath<T>;
+  using V = at::vec::Vectorized<O>;
+  using IO = StepIO<T>;
+  const int64_t C = l.classes;
+  const O* weight = static_cast<const O*>(l.weight);
+  const math::RowGrad<O> rg = kProb ? math::prob_row_grad(scale, lse, target_mass, h)
+                                    : math::index_row_grad(scale, lse, weight != nullptr ? weight[t] : O(1), h);
+  const V v_shift(rg.shift), v_log_sum(rg.log_sum), v_softmax(rg.softmax_coef), v_linear(rg.linear_coef);
+  V lo, hi, a_lo(0), a_hi(0);
+  int64_t j = 0;
+  // Without a linear term a = 0 and the element is softmax_coef·p alone: spare the multiply-subtract.
+  const auto element = [&](const V& xv, const V& av) {
+    if constexpr (kLinear) return math::grad_element(xv, av, v_shift, v_log_sum, v_softmax, v_linear);
+    return v_softmax * math::exp_((xv - v_shift) - v_log_sum);
+  };
+  for (; j + IO::kWidth <= C; j += IO::kWidth) {
+    IO::load(x + j, lo, hi);
+    if constexpr (kLinear) load_coefficients<T, kProb>(l, target_row, j, IO::kWidth, hv, a_lo, a_hi);
+    IO::store(g + j, element(lo, a_lo), element(hi, a_hi));
+  }
+  if (j < C) {
+    const int64_t n = C - j;
+    IO::load_partial(x + j, n, T(0), lo, hi);
+    if constexpr (kLinear) load_coefficients<T, kProb>(l, target_row, j, n, hv, a_lo, a_hi);
+    IO::store_partial(g + j, n, element(lo, a_lo), element(hi, a_hi));
+  }
+  if constexpr (!kProb) {
+    // The true class's (p_t - 1)-like value in opmath, rounded once; the vector pass rounded p_t alone.
+    const O a_t = kLinear ? weight[t] : O(0);
+    g[t] = static_cast<T>(math::target_grad(x_t, a_t, rg));
+  }
+}
+
+// The forward of rows [row_begin, row_end): each row is read once into its state, then (when l.grad is
+// set) read again while still in cache to write its gradient for grad_loss = 1. Returns the sums of the
+// row losses, added in row order.
+template <class T, bool kProb, bool kLinear>
+FT_XENT_FLATTEN CrossEntropySums forward_rows_typed(const CrossEntropyLaunch& l, int64_t row_begin, int64_t row_end) {
   using O = XentOpmath<T>;
   const math::XentHyper<O> h = xent_hyper<O>(l);
   const auto hv = broadcast(h);
   const O* weight = static_cast<const O*>(l.weight);
+  const O grad_scale = l.grad != nullptr ? O(1) / *static_cast<const O*>(l.denominator) : O(0);
+  const bool short_rows = l.classes <= kBlockSteps * StepIO<T>::kWidth;
+  CrossEntropySums sums;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* x = static_cast<const T*>(l.logits) + r * l.logits_row_stride;
     const T* target_row = kProb ? static_cast<const T*>(l.target) + r * l.target_row_stride : nullptr;
-    const math::RowState<O> st = scan_row<T, kProb, kLinear>(l, x, target_row, hv);
+    const math::RowState<O> st = short_rows ? scan_short_row<T, kProb, kLinear>(l, x, target_row, hv)
+                                            : scan_row<T, kProb, kLinear>(l, x, target_row, hv);
     const math::RowLse<O> lse = math::finish_row(st);
-    O loss = 0, row_weight = 0;
+    O loss = 0, z_loss = 0, x_t = 0;
+    int64_t t = -1;
     bool ignored = false;
     if constexpr (kProb) {
       loss = math::prob_row_loss(st, lse, h);
-      row_weight = 1;
     } else {
-      const int64_t t = read_index(l, r);
+      t = read_index(l, r);
       ignored = t == l.ignore_index;
       if (!ignored) {
-        row_weight = weight != nullptr ? weight[t] : O(1);
-        loss = math::index_row_loss(st, lse, static_cast<O>(x[t]), row_weight, h);
+        x_t = static_cast<O>(x[t]);
+        loss = math::index_row_loss(st, lse, x_t, weight != nullptr ? weight[t] : O(1), h);
       }
     }
+    if (!ignored) z_loss = math::z_loss(lse, h);
     static_cast<O*>(l.lse)[2 * r] = lse.shift;
     static_cast<O*>(l.lse)[2 * r + 1] = lse.log_sum;
-    static_cast<O*>(l.row_loss)[r] = loss;
-    static_cast<O*>(l.row_z_loss)[r] = ignored ? O(0) : math::z_loss(lse, h);
-    static_cast<O*>(l.row_weight)[r] = row_weight;
+    if (l.row_loss != nullptr) {
+      static_cast<T*>(l.row_loss)[r] = static_cast<T>(loss);
+      static_cast<T*>(l.row_z_loss)[r] = static_cast<T>(z_loss);
+    } else {
+      sums.loss += static_cast<double>(loss);
+      sums.z_loss += static_cast<double>(z_loss);
+    }
+    if (l.grad != nullptr) {
+      T* g = static_cast<T*>(l.grad) + r * l.grad_row_stride;
+      if (ignored) {
+        std::memset(static_cast<void*>(g), 0, l.classes * sizeof(T));
+      } else {
+        // The forward's A_r (st.asum) is the probability rows' target mass.
+        write_row_grad<T, kProb, kLinear>(l, x, g, target_row, t, x_t, lse, grad_scale, st.asum, h, hv);
+      }
+    }
   }
+  return sums;
 }
 
 template <class T, bool kProb, bool kLinear>
-void backward_rows_typed(const CrossEntropyLaunch& l, int64_t row_begin, int64_t row_end) {
+FT_XENT_FLATTEN void backward_rows_typed(const CrossEntropyLaunch& l, int64_t row_begin, int64_t row_end) {
   using O = XentOpmath<T>;
   using V = at::vec::Vectorized<O>;
   using IO = StepIO<T>;
   const math::XentHyper<O> h = xent_hyper<O>(l);
   const auto hv = broadcast(h);
   const int64_t C = l.classes;
-  const O* weight = static_cast<const O*>(l.weight);
   const O denominator = *static_cast<const O*>(l.denominator);
   const T* grad_loss = static_cast<const T*>(l.grad_loss);
   for (int64_t r = row_begin; r < row_end; ++r) {
@@ -277,18 +419,16 @@ void backward_rows_typed(const CrossEntropyLaunch& l, int64_t row_begin, int64_t
     const math::RowLse<O> lse{saved[0], saved[1]};
     const O scale = static_cast<O>(grad_loss[r * l.grad_loss_stride]) / denominator;
     int64_t t = -1;
-    O x_t = 0;  // read before the row is written: the in-place backward writes over the logits
-    math::RowGrad<O> rg;
+    O x_t = 0, target_mass = 0;  // x_t is read before the row is written: the in-place backward writes over the logits
     if constexpr (kProb) {
-      // A_r = Σ w_j·t'_j: one pass over the target row (the forward's asum, not saved to keep the
-      // saved state at one value per row).
+      // A_r = Σ w_j·t'_j: one pass over the target row (the forward's asum, not saved to keep the saved state
+      // at one value per row).
       V mass(0), lo, hi;
       for (int64_t j = 0; j < C; j += IO::kWidth) {
         load_coefficients<T, true>(l, target_row, j, std::min<int64_t>(IO::kWidth, C - j), hv, lo, hi);
         mass = mass + lo + hi;
       }
-      const O target_mass = at::vec::vec_reduce_all<O>([](const V& p, const V& q) { return p + q; }, mass);
-      rg = math::prob_row_grad(scale, lse, target_mass, h);
+      target_mass = at::vec::vec_reduce_all<O>([](const V& p, const V& q) { return p + q; }, mass);
     } else {
       t = read_index(l, r);
       if (t == l.ignore_index) {
@@ -296,36 +436,15 @@ void backward_rows_typed(const CrossEntropyLaunch& l, int64_t row_begin, int64_t
         continue;
       }
       x_t = static_cast<O>(x[t]);
-      rg = math::index_row_grad(scale, lse, weight != nullptr ? weight[t] : O(1), h);
     }
-    const V v_shift(rg.shift), v_log_sum(rg.log_sum), v_softmax(rg.softmax_coef), v_linear(rg.linear_coef);
-    V lo, hi, a_lo(0), a_hi(0);
-    int64_t j = 0;
-    for (; j + IO::kWidth <= C; j += IO::kWidth) {
-      IO::load(x + j, lo, hi);
-      if constexpr (kLinear) load_coefficients<T, kProb>(l, target_row, j, IO::kWidth, hv, a_lo, a_hi);
-      IO::store(g + j, math::grad_element(lo, a_lo, v_shift, v_log_sum, v_softmax, v_linear),
-                math::grad_element(hi, a_hi, v_shift, v_log_sum, v_softmax, v_linear));
-    }
-    if (j < C) {
-      const int64_t n = C - j;
-      IO::load_partial(x + j, n, T(0), lo, hi);
-      if constexpr (kLinear) load_coefficients<T, kProb>(l, target_row, j, n, hv, a_lo, a_hi);
-      IO::store_partial(g + j, n, math::grad_element(lo, a_lo, v_shift, v_log_sum, v_softmax, v_linear),
-                        math::grad_element(hi, a_hi, v_shift, v_log_sum, v_softmax, v_linear));
-    }
-    if constexpr (!kProb) {
-      // The true class's (p_t - 1)-like value in opmath, rounded once; the vector pass rounded p_t alone.
-      const O a_t = kLinear ? weight[t] : O(0);
-      g[t] = static_cast<T>(math::target_grad(x_t, a_t, rg));
-    }
+    write_row_grad<T, kProb, kLinear>(l, x, g, target_row, t, x_t, lse, scale, target_mass, h, hv);
   }
 }
 
 // Dispatch on dtype and on the row kind: class index without a linear term, class index with label
 // smoothing, probabilities. The caller guarantees l.weight is set whenever a linear term is needed.
 template <template <class, bool, bool> class Rows>
-FT_INLINE void dispatch_xent(const CrossEntropyLaunch& l, int64_t b, int64_t e) {
+FT_INLINE auto dispatch_xent(const CrossEntropyLaunch& l, int64_t b, int64_t e) {
   const auto by_kind = [&](auto type_tag) {
     using T = decltype(type_tag);
     if (l.target_is_prob) return Rows<T, true, true>::run(l, b, e);
@@ -336,21 +455,24 @@ FT_INLINE void dispatch_xent(const CrossEntropyLaunch& l, int64_t b, int64_t e) 
     case ScalarKind::Float: return by_kind(float{});
     case ScalarKind::Double: return by_kind(double{});
     case ScalarKind::BFloat16: return by_kind(c10::BFloat16{});
-    case ScalarKind::Half: return by_kind(c10::Half{});
+    case ScalarKind::Half: break;
   }
+  return by_kind(c10::Half{});
 }
 
 template <class T, bool kProb, bool kLinear>
 struct ForwardRows {
-  static void run(const CrossEntropyLaunch& l, int64_t b, int64_t e) { forward_rows_typed<T, kProb, kLinear>(l, b, e); }
+  static CrossEntropySums run(const CrossEntropyLaunch& l, int64_t b, int64_t e) {
+    return forward_rows_typed<T, kProb, kLinear>(l, b, e);
+  }
 };
 template <class T, bool kProb, bool kLinear>
 struct BackwardRows {
   static void run(const CrossEntropyLaunch& l, int64_t b, int64_t e) { backward_rows_typed<T, kProb, kLinear>(l, b, e); }
 };
 
-inline void cross_entropy_forward_rows(const CrossEntropyLaunch& l, int64_t row_begin, int64_t row_end) {
-  dispatch_xent<ForwardRows>(l, row_begin, row_end);
+inline CrossEntropySums cross_entropy_forward_rows(const CrossEntropyLaunch& l, int64_t row_begin, int64_t row_end) {
+  return dispatch_xent<ForwardRows>(l, row_begin, row_end);
 }
 inline void cross_entropy_backward_rows(const CrossEntropyLaunch& l, int64_t row_begin, int64_t row_end) {
   dispatch_xent<BackwardRows>(l, row_begin, row_end);

@@ -470,6 +470,47 @@ void cross_entropy_backward_inplace_cuda(const at::Tensor& grad_loss, const at::
                     input.stride(0));
 }
 
+// The forward that also returns the gradient for grad_loss = 1. On CUDA this is still the two kernels of the
+// forward and the backward (a single-pass version, gradient written while the row is in shared memory or
+// registers, is future work that needs a GPU to tune); the saving here is the autograd round trip.
+at::Tensor ones_like_grad_loss(const CrossEntropyCall& c) {
+  return c.reduction == XentReduction::None ? at::ones({c.rows}, c.input.options()) : at::ones({}, c.input.options());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward_cuda(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing, double lse_square_scale) {
+  const c10::cuda::OptionalCUDAGuard guard(input.device());
+  auto [loss, z_loss, row_lse, denominator] =
+      cross_entropy_forward_cuda(input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale);
+  const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_forward_backward", input, target, weight,
+                                                      reduction, label_smoothing, lse_square_scale, false);
+  at::Tensor grad = at::empty({c.rows, c.classes}, input.options());
+  run_backward_cuda(c, ones_like_grad_loss(c), row_lse, denominator, ignore_index, label_smoothing, lse_square_scale,
+                    grad, c.classes);
+  return {loss, z_loss, row_lse, denominator, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward_inplace_cuda(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing, double lse_square_scale) {
+  const c10::cuda::OptionalCUDAGuard guard(input.device());
+  const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_forward_backward_", input, target, weight,
+                                                      reduction, label_smoothing, lse_square_scale, true);
+  auto [loss, z_loss, row_lse, denominator] =
+      cross_entropy_forward_cuda(input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale);
+  run_backward_cuda(c, ones_like_grad_loss(c), row_lse, denominator, ignore_index, label_smoothing, lse_square_scale,
+                    input, input.stride(0));
+  return {loss, z_loss, row_lse, denominator};
+}
+
+// grad_input *= grad_loss, on the stream, without reading grad_loss on the host.
+void cross_entropy_scale_grad_inplace_cuda(const at::Tensor& grad_input, const at::Tensor& grad_loss) {
+  const c10::cuda::OptionalCUDAGuard guard(grad_input.device());
+  const at::Tensor scale = check_cross_entropy_scale_grad("cross_entropy_scale_grad_", grad_input, grad_loss);
+  grad_input.mul_(scale.dim() == 0 ? scale : scale.unsqueeze(1));
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fused_train
@@ -478,4 +519,7 @@ TORCH_LIBRARY_IMPL(fused_train, CUDA, m) {
   m.impl("cross_entropy_forward", &fused_train::cuda::cross_entropy_forward_cuda);
   m.impl("cross_entropy_backward", &fused_train::cuda::cross_entropy_backward_cuda);
   m.impl("cross_entropy_backward_", &fused_train::cuda::cross_entropy_backward_inplace_cuda);
+  m.impl("cross_entropy_forward_backward", &fused_train::cuda::cross_entropy_forward_backward_cuda);
+  m.impl("cross_entropy_forward_backward_", &fused_train::cuda::cross_entropy_forward_backward_inplace_cuda);
+  m.impl("cross_entropy_scale_grad_", &fused_train::cuda::cross_entropy_scale_grad_inplace_cuda);
 }

@@ -16,33 +16,93 @@ _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 
 
 class _CrossEntropyFunction(torch.autograd.Function):
-    """The 2-D core: forward saves the logits, each row's log-sum-exp (two opmath numbers, see
-    _ops.cross_entropy_forward) and the mean's denominator;
-    backward re-reads the logits once and writes the gradient once (or over the logits: inplace_backward)."""
+    """The 2-D core. When the logits need a gradient (``grad_in_forward``), the forward writes it too, for a
+    loss gradient of 1, while each row is still in cache (over the logits with ``inplace_backward``), and
+    the backward only scales it by the real loss gradient: nothing at all for ``loss.backward()`` on CPU.
+
+    That gradient serves the first backward. A second one through the same graph (``retain_graph=True``)
+    recomputes it from the saved logits and each row's log-sum-exp (two opmath numbers, see
+    _ops.cross_entropy_forward), or raises with ``inplace_backward``, whose logits are gone. Differentiating
+    the gradient again (double backward) raises."""
 
     @staticmethod
-    def forward(ctx, input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale,
-                inplace_backward):
-        loss, z_loss, row_lse, denominator = _ops.cross_entropy_forward(
-            input, target, weight, reduction=reduction, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+    def forward(ctx, input, target, weight, options):
+        # options: a plain tuple (a NamedTuple costs a call on every loss): reduction (0 none, 1 mean, 2 sum),
+        # ignore_index, label_smoothing, lse_square_scale, inplace_backward, grad_in_forward (the logits need
+        # a gradient: write it here), want_lse (also return the z-loss and each row's log-sum-exp).
+        reduction, ignore_index, label_smoothing, lse_square_scale, inplace, grad_in_forward, want_lse = (
+            options
         )
+        if grad_in_forward:
+            loss, z_loss, row_lse, denominator, grad = _ops.cross_entropy_forward_backward(
+                input, target, weight, reduction=reduction, ignore_index=ignore_index,
+                label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, inplace=inplace,
+            )
+            if inplace:
+                # Anything else that saved these logits for its backward must see that they changed.
+                torch.autograd.graph.increment_version(input)
+        else:
+            loss, z_loss, row_lse, denominator = _ops.cross_entropy_forward(
+                input, target, weight, reduction=reduction, ignore_index=ignore_index,
+                label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+            )
+            grad = None
         ctx.save_for_backward(input, target, weight, row_lse, denominator)
-        ctx.options = (reduction, ignore_index, label_smoothing, lse_square_scale, inplace_backward)
+        ctx.options = options
+        # Not a saved tensor: it is handed over, not read, and once backward drops it autograd can keep it
+        # as the leaf's .grad without a copy.
+        ctx.grad = grad
+        if not want_lse:
+            return loss
         ctx.mark_non_differentiable(z_loss, row_lse)
         return loss, z_loss, row_lse
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_z_loss, grad_row_lse):
-        if grad_loss is None:
-            return (None,) * 8
-        input, target, weight, row_lse, denominator = ctx.saved_tensors
-        reduction, ignore_index, label_smoothing, lse_square_scale, inplace_backward = ctx.options
-        grad = _ops.cross_entropy_backward(
-            grad_loss, input, target, weight, row_lse, denominator, reduction=reduction, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, inplace=inplace_backward,
+    def backward(ctx, grad_loss, *unused):
+        if not torch.is_grad_enabled():
+            return _backward(ctx, grad_loss)
+        # create_graph=True: the gradient comes out of a kernel, not of differentiable ops; it gets a node
+        # that raises if anything differentiates through it.
+        with torch.no_grad():
+            grad, *rest = _backward(ctx, grad_loss)
+        if grad is not None:
+            grad = _NoDoubleBackward.apply(grad.detach().requires_grad_())
+        return (grad, *rest)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, grad_grad):
+        raise RuntimeError(
+            "cross_entropy: double backward (differentiating the gradient of fused_train's cross-entropy "
+            "again) is not supported; use torch.nn.functional.cross_entropy for that"
         )
-        return grad, None, None, None, None, None, None, None
+
+
+def _backward(ctx, grad_loss):
+    grad = ctx.grad
+    if grad is not None:
+        ctx.grad = None
+        _ops.cross_entropy_scale_grad_(grad, grad_loss)
+        return grad, None, None, None
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    reduction, ignore_index, label_smoothing, lse_square_scale, inplace, _, _ = ctx.options
+    if inplace:
+        raise RuntimeError(
+            "cross_entropy: a second backward through a loss computed with inplace_backward=True is not "
+            "supported: the first one used the gradient written over the logits, and the logits are gone"
+        )
+    input, target, weight, row_lse, denominator = ctx.saved_tensors
+    grad = _ops.cross_entropy_backward(
+        grad_loss, input, target, weight, row_lse, denominator, reduction=reduction,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+    )
+    return grad, None, None, None
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -110,21 +170,31 @@ def _rows_view(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor, tuple[int
 
 
 def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
-                   inplace_backward, want_lse=False) -> CrossEntropyOutput:
+                   inplace_backward, want_lse):
     code = _REDUCTION_CODES.get(reduction)
     if code is None:
         raise ValueError(f"cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    rows, target_rows, batch_shape = _rows_view(input, target)
-    if inplace_backward and rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    loss, z_loss, row_lse = _CrossEntropyFunction.apply(
-        rows, target_rows, weight, code, ignore_index, label_smoothing, lse_square_scale, inplace_backward
-    )
+    if input.dim() == 2 and target.dim() == 1 and not target.is_floating_point():
+        # The common (N, C) logits with class indices: the op checks the rest and names the argument.
+        rows, target_rows, batch_shape = input, target, None
+    else:
+        rows, target_rows, batch_shape = _rows_view(input, target)
+        if inplace_backward and rows.stride(-1) != 1:
+            rows = rows.contiguous()
+    options = (code, ignore_index, label_smoothing, lse_square_scale, inplace_backward,
+               input.requires_grad and torch.is_grad_enabled(), want_lse)
+    out = _CrossEntropyFunction.apply(rows, target_rows, weight, options)
+    if not want_lse:
+        if code == 0 and batch_shape is not None and len(batch_shape) != 1:
+            out = out.reshape(batch_shape)
+        return out
+    loss, z_loss, row_lse = out
+    if batch_shape is None:
+        batch_shape = (input.shape[0],)
     if code == 0 and len(batch_shape) != 1:
         loss = loss.reshape(batch_shape)
         z_loss = z_loss.reshape(batch_shape)
-    lse = row_lse.sum(1).reshape(batch_shape) if want_lse else row_lse
-    return CrossEntropyOutput(loss, z_loss, lse)
+    return CrossEntropyOutput(loss, z_loss, row_lse.sum(1).reshape(batch_shape))
 
 
 def cross_entropy(
@@ -140,8 +210,10 @@ def cross_entropy(
     lse_square_scale: float = 0.0,
     inplace_backward: bool = False,
 ) -> Tensor:
-    r"""Cross-entropy between logits and targets, fused: one read of the logits forward, one read and one
-    write of the gradient backward, and nothing of size N×C saved in between (one fp32 log-sum-exp per row).
+    r"""Cross-entropy between logits and targets, fused. When ``input`` needs a gradient, the forward writes
+    it too, each row read once from memory and once more from cache, and the backward only scales it by the
+    loss's gradient (on CPU: nothing at all for ``loss.backward()``); the gradient is then the only N×C
+    buffer, alive from the forward to the backward. Otherwise the forward reads the logits once.
 
     Same arguments, shapes and results as :func:`torch.nn.functional.cross_entropy`; the math runs in fp32
     for bf16/fp16 input (fp64 for fp64) and the loss is returned in ``input``'s dtype.
@@ -160,9 +232,11 @@ def cross_entropy(
         lse_square_scale: z-loss scale :math:`z`: adds :math:`z \cdot \mathrm{lse}^2` to each row that is not
             ignored (unweighted, reduced with the loss). Use :func:`cross_entropy_with_lse` to read it apart.
         inplace_backward: write the gradient over ``input``'s storage instead of allocating one (peak memory
-            stays at the logits alone). Only when nothing else needs the logits after this loss: other users
-            of the same tensor (or of a view of it) see the gradient after ``backward()``. No effect on the
-            values. (N, C, d…) inputs are copied to row layout first, so there it saves nothing.
+            stays at the logits alone, and no fresh N×C buffer is paged in). Only when nothing else needs the
+            logits after this loss: when ``input`` needs a gradient, the logits are overwritten by this call
+            itself, so other users of the same tensor (or of a view of it) see the gradient from then on,
+            and an autograd node that saved them raises at backward. One backward per forward. No effect on
+            the values. (N, C, d…) inputs are copied to row layout first, so there it saves nothing.
 
     Returns:
         The loss: a scalar, or shaped like the batch for ``reduction='none'``.
@@ -171,6 +245,10 @@ def cross_entropy(
         ValueError / TypeError: on shapes, dtypes or options torch would reject, naming the argument.
         IndexError: on CPU, a class-index target outside :math:`[0, C)` that is not ``ignore_index``.
         On CUDA such a row's loss is NaN and the next fused_train cross-entropy call on that device raises.
+
+    On CPU a large loss is dominated by paging in the fresh N×C gradient (torch's own loss pages in two
+    such buffers); ``THP_MEM_ALLOC_ENABLE=1`` (torch's switch for transparent huge pages in its CPU
+    allocator) makes that several times cheaper for both, and ``inplace_backward`` avoids it.
 
     Example::
 
@@ -182,8 +260,9 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
     return _cross_entropy(
-        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, inplace_backward
-    ).loss
+        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, inplace_backward,
+        False,
+    )
 
 
 def cross_entropy_with_lse(
@@ -202,5 +281,5 @@ def cross_entropy_with_lse(
     Arguments as :func:`cross_entropy` (without the deprecated ones)."""
     return _cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, inplace_backward,
-        want_lse=True,
+        True,
     )

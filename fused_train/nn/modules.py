@@ -53,8 +53,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F._cross_entropy(
             input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
-            self.lse_square_scale, self.inplace_backward,
-        ).loss
+            self.lse_square_scale, self.inplace_backward, False,
+        )
 
     def extra_repr(self) -> str:
         parts = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
