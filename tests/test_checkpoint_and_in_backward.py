@@ -97,13 +97,13 @@ def test_optimizer_in_backward_equals_standard_loop_and_holds_fewer_grads(device
     params = list(model.parameters())
     peak = {"in_backward": 0}
 
-    stepper = OptimizerInBackward(params, fused_train.optim.AdamW, lr=1e-2)
-
     def record_peak(_):
         peak["in_backward"] = max(peak["in_backward"], _grad_bytes_alive(params))
 
-    # Runs after the stepping hook of the same param (hooks fire in registration order).
+    # Registered first, so it runs before the stepping hook of the same param (hooks fire in registration
+    # order) and sees the just-completed gradient still alive.
     handles = [p.register_post_accumulate_grad_hook(record_peak) for p in params]
+    stepper = OptimizerInBackward(params, fused_train.optim.AdamW, lr=1e-2)
     opt = fused_train.optim.AdamW(twin.parameters(), lr=1e-2)
     standard_peak = 0
     for step in range(4):
@@ -122,7 +122,8 @@ def test_optimizer_in_backward_equals_standard_loop_and_holds_fewer_grads(device
     assert all(p.grad is None for p in params), "gradients are freed as soon as they are used"
     total = sum(p.numel() * p.element_size() for p in params)
     assert standard_peak == total
-    assert peak["in_backward"] < total / 2, (peak["in_backward"], total)
+    largest = max(p.numel() * p.element_size() for p in params)
+    assert 0 < peak["in_backward"] <= 2 * largest < total, (peak["in_backward"], largest, total)
     assert len(stepper.state_dict()) == len(params)
     stepper.remove()
 
