@@ -15,13 +15,13 @@ log-probabilities and the gradient for torch), which is why the in-place column 
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fused_train
+from fused_train.benchmarking import time_ms
 from fused_train.nn.functional import cross_entropy as fused_cross_entropy
 
 CASES = [
@@ -57,20 +57,8 @@ def _fwd_bwd_inplace(logits, target):
 
 
 def _time_ms(fn, device: str, min_reps: int, min_seconds: float) -> float:
-    """Median wall time of fn() in ms, after one warm-up call."""
-    fn()
-    _sync(device)
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_reps or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 200:
-            break
-    times.sort()
-    return times[len(times) // 2] * 1e3
+    """Median time of fn() in ms (fused_train.benchmarking.time_ms: CUDA events on a GPU)."""
+    return time_ms(fn, device, warmup=1, repeat=min_reps, min_seconds=min_seconds)
 
 
 def _peak_mb(fn, device: str) -> float | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-import torch
 from torch import Tensor
 
 from .. import _ops
