@@ -408,3 +408,26 @@ def test_opcheck_forward_backward(device, prob):
     torch.library.opcheck(ops.cross_entropy_scale_grad_.default, (grad, torch.rand(6, device=device)))
     with pytest.raises(ValueError, match="grad_loss must hold one element or one per row"):
         ops.cross_entropy_scale_grad_(grad, torch.rand(5, device=device))
+
+
+def test_large_gradient_buffer_is_reused_only_when_released():
+    # CPU keeps the last large N×C gradient for the next call of that shape (no page faults on a fresh
+    # buffer), but only once nothing refers to it any more: a gradient the caller still holds is never reused.
+    x1 = torch.randn(64, 8192, requires_grad=True)  # 2 MiB of fp32 gradient
+    y = torch.randint(0, 8192, (64,))
+    cross_entropy(x1, y).backward()
+    held = x1.grad  # the caller keeps the first gradient
+    snapshot = held.clone()
+    x2 = torch.randn(64, 8192, requires_grad=True)
+    cross_entropy(x2, y).backward()
+    assert x2.grad.data_ptr() != held.data_ptr()
+    assert torch.equal(held, snapshot), "a gradient still held by the caller was overwritten"
+    ptr = x2.grad.data_ptr()
+    x1.grad = held = None
+    x2.grad = None  # released: the next call may take the buffer back
+    x3 = torch.randn(64, 8192, requires_grad=True)
+    cross_entropy(x3, y).backward()
+    ref = x3.detach().clone().requires_grad_(True)
+    F.cross_entropy(ref, y).backward()
+    torch.testing.assert_close(x3.grad, ref.grad, rtol=2e-5, atol=2e-6)
+    assert x3.grad.data_ptr() == ptr, "a released gradient buffer is reused"

@@ -42,7 +42,8 @@ def loss_cases(draw):
     )
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI runs the same examples every time (a new failure shows up as a new example, not as flakes)
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(case=loss_cases())
 def test_random_loss_cases_match_reference(case):
     gen = torch.Generator().manual_seed(case["seed"])
@@ -71,8 +72,9 @@ def test_random_loss_cases_match_reference(case):
     assert ours.dtype == dtype and ours.shape == ref.shape
     torch.testing.assert_close(ours.to(ref.dtype), ref, equal_nan=True, **XENT_TOL[dtype])
     if ours.numel() and torch.isfinite(ref).all():
-        upstream = torch.rand(ours.shape, generator=gen, dtype=torch.float64)
-        ours.backward(upstream.to(ours.dtype))
+        # One upstream gradient for both, already in the loss's dtype, so only the result's rounding differs.
+        upstream = torch.rand(ours.shape, generator=gen, dtype=torch.float64).to(ours.dtype)
+        ours.backward(upstream)
         ref.backward(upstream.to(ref.dtype))
         torch.testing.assert_close(ours_in.grad.to(ref_in.grad.dtype), ref_in.grad, **XENT_TOL[dtype])
 
