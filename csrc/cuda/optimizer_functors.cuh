@@ -147,6 +147,18 @@ FT_UNROLL
   for (int64_t i = scalar_begin + thread; i < c.n; i += n_threads) c.grad[i] = static_cast<T>(0.0f);
 }
 
+// One block's chunk of a step: the update, or, when found_inf skips the step, only the grad zeroing it was
+// asked for. Every functor ends here, so the skip policy lives in one place.
+template <class T, class Op>
+FT_HOST_DEVICE FT_INLINE void step_chunk(const ChunkPointers<T>& c, const Op& op, GradPolicy gp, bool skip,
+                                         opmath_t<T> grad_scale, int thread, int n_threads) {
+  if (skip) {
+    if (gp.zero_grad) zero_chunk_grads(c, thread, n_threads);
+    return;
+  }
+  update_chunk(c, op, gp, grad_scale, thread, n_threads);
+}
+
 // The chunk of one block; list k of the launch maps to state[k - 2], lists past Depth are absent.
 template <class T, int Depth>
 FT_HOST_DEVICE FT_INLINE ChunkPointers<T> chunk_pointers(const TensorListMetadata<Depth>& m,
@@ -210,13 +222,9 @@ struct SgdFunctor {
                                  const BlockScalars& s, int thread, int n_threads) const {
     const int state_lists[3] = {2, -1, -1};
     const ChunkPointers<T> c = chunk_pointers<T>(m, loc, state_lists);
-    if (s.skip) {
-      if (common.grads.zero_grad) zero_chunk_grads(c, thread, n_threads);
-      return;
-    }
     SgdElementOp<O> op{hyper};
     op.h.lr = s.lr;
-    update_chunk(c, op, common.grads, s.grad_scale, thread, n_threads);
+    step_chunk(c, op, common.grads, s.skip, s.grad_scale, thread, n_threads);
   }
 };
 
@@ -261,13 +269,9 @@ struct AdamFunctor {
                                  const BlockScalars& s, int thread, int n_threads) const {
     const int state_lists[3] = {2, 3, 4};  // list 4 exists with amsgrad only (Depth 5)
     const ChunkPointers<T> c = chunk_pointers<T>(m, loc, state_lists);
-    if (s.skip) {
-      if (common.grads.zero_grad) zero_chunk_grads(c, thread, n_threads);
-      return;
-    }
     AdamElementOp<O> op{hyper, s.neg_step_size, s.bc2_sqrt};
     op.h.decay_factor = s.decay_factor;
-    update_chunk(c, op, common.grads, s.grad_scale, thread, n_threads);
+    step_chunk(c, op, common.grads, s.skip, s.grad_scale, thread, n_threads);
   }
 };
 
@@ -298,13 +302,9 @@ struct RmspropFunctor {
     const int momentum_list = hyper.has_momentum ? (hyper.centered ? 4 : 3) : -1;
     const int state_lists[3] = {2, grad_avg_list, momentum_list};
     const ChunkPointers<T> c = chunk_pointers<T>(m, loc, state_lists);
-    if (s.skip) {
-      if (common.grads.zero_grad) zero_chunk_grads(c, thread, n_threads);
-      return;
-    }
     RmspropElementOp<O> op{hyper};
     op.h.lr = s.lr;
-    update_chunk(c, op, common.grads, s.grad_scale, thread, n_threads);
+    step_chunk(c, op, common.grads, s.skip, s.grad_scale, thread, n_threads);
   }
 };
 
