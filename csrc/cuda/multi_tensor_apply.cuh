@@ -17,7 +17,6 @@
 // minimal toolkit (or one whose math libraries come as pip wheels) does not have; we need only streams.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -277,7 +276,11 @@ void multi_tensor_apply(const std::array<at::TensorList, Depth>& lists, at::Tens
   int32_t slot = 0;
   bool capturing = false;
   if constexpr (Functor::kAdvancesSteps) {
-    capturing = c10::cuda::captureStatusMayInitCtx(stream) != c10::cuda::CaptureStatus::None;
+    // cudaStreamIsCapturing rather than c10's capture-status helpers, whose names changed across the
+    // torch versions we support.
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
+    capturing = status != cudaStreamCaptureStatusNone;
     if (!capturing) slot = ticket_slot(stream, false);
   }
   plan_launches<Depth>(lists, steps, TensorListMetadata<Depth>::kMaxTensors, kMaxBlocksPerLaunch,
