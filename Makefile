@@ -12,7 +12,7 @@ ifeq ($(CI),true)
 export FUSED_TRAIN_FORCE_CUDA ?= 1
 endif
 
-.PHONY: demo test test-python test-cpp bench build clean sanitize
+.PHONY: demo test test-python test-cpp bench build clean sanitize gpu-check
 
 demo: $(EXT_STAMP)
 	$(VENV)/bin/fused-train demo
@@ -28,6 +28,13 @@ test-cpp: $(DEPS)
 # The C++ CPU kernels and the ctest suite under AddressSanitizer + UBSan, in build/cmake-sanitize.
 sanitize: $(DEPS)
 	$(PY) tests/cpp/run_ctest.py --sanitize
+
+# On a machine with an NVIDIA GPU and torch already installed (no venv, no network): build for the visible GPU,
+# every CUDA test, compute-sanitizer's four tools over tools/cuda_smoke.py, the CUDA benchmarks; logs and
+# summary.txt in $(GPU_CHECK_DIR). Without a GPU it builds and says which stages it skipped.
+GPU_CHECK_DIR ?= build/gpu-check
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --out $(GPU_CHECK_DIR) $(GPU_CHECK_ARGS)
 
 bench: $(EXT_STAMP)
 	$(VENV)/bin/fused-train bench

@@ -1,0 +1,174 @@
+"""Every fused_train CUDA op once, on small shapes that still reach each kernel path, checked against torch.
+
+    python tools/cuda_smoke.py          # exits 1 on a mismatch, 0 when every case matches
+
+Written to run under compute-sanitizer (memcheck, racecheck, synccheck, initcheck; see tools/gpu_check.py), so
+it stays small: a few hundred kernel launches, tensors of at most a few hundred thousand elements. Paths it
+reaches: the optimizer launcher with many tensors (several launches), multi-chunk tensors, empty tensors,
+GradScaler unscale and skip; the cross-entropy row kernel, the split-vocabulary forward (few rows, many classes),
+every dtype, index and probability targets, weights, ignore_index, label smoothing, z-loss, in-place backward,
+reduction none, (N, C, d) inputs and strided rows.
+"""
+
+import sys
+
+import torch
+
+import fused_train
+import fused_train.nn.functional as FF
+
+FAILURES = []
+CASES = 0
+
+# Loose on purpose: this is a smoke run for the sanitizers; tests/ holds the tight parity tests.
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def check(name, actual, expected, dtype):
+    global CASES
+    CASES += 1
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    tol = TOL[dtype]
+    try:
+        torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, equal_nan=True)
+    except AssertionError as error:
+        FAILURES.append(f"{name}: {str(error).splitlines()[0]} ... {str(error).splitlines()[-1]}")
+
+
+def optimizer_cases():
+    # 150 tensors: more than one launch holds at any depth; one of two chunks plus a tail; empty ones.
+    sizes = [0, 65536 * 2 + 7, 1, 33] + [1 + (i * 7) % 300 for i in range(146)]
+    configs = [
+        ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+        ("SGD", dict(lr=0.1)),
+        ("Adam", dict(lr=1e-2, amsgrad=True, weight_decay=0.01)),
+        ("AdamW", dict(lr=1e-2)),
+        ("RMSprop", dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=0.01)),
+    ]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for name, cfg in configs:
+            if dtype == torch.float16 and name == "RMSprop":
+                cfg = dict(cfg, centered=False)  # fp16 centered variance: cancellation, not a kernel check
+            g = torch.Generator().manual_seed(0)
+            master = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+            grads = [[torch.randn(n, generator=g).to(dtype) for n in sizes] for _ in range(2)]
+            ours = [p.clone().cuda().requires_grad_() for p in master]
+            # Reference in fp32 (fp64 for fp64): our state and math are fp32 for half params.
+            ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            theirs = [p.to(ref_dtype).cuda().requires_grad_() for p in master]
+            opt = getattr(fused_train.optim, name)(ours, **cfg)
+            ref = getattr(torch.optim, name)(theirs, foreach=False, **cfg)
+            for step_grads in grads:
+                for p, q, gr in zip(ours, theirs, step_grads):
+                    p.grad = gr.cuda()
+                    q.grad = gr.to(ref_dtype).cuda()
+                opt.step()
+                ref.step()
+                opt.zero_grad(set_to_none=False)
+                ref.zero_grad(set_to_none=False)
+            check(f"{name}{cfg} {dtype}", torch.cat([p.flatten().float() for p in ours]),
+                  torch.cat([p.flatten().float() for p in theirs]), dtype)
+    # GradScaler path: unscale by grad_scale, skip everything when found_inf.
+    for found in (0.0, 1.0):
+        p = torch.randn(70000, device="cuda", requires_grad=True)
+        q = p.detach().clone().requires_grad_()
+        opt = fused_train.optim.AdamW([p], lr=1e-2)
+        ref = torch.optim.AdamW([q], lr=1e-2, foreach=False)
+        g = torch.randn(70000, device="cuda")
+        p.grad = g * 4
+        q.grad = g.clone()
+        opt.grad_scale = torch.tensor(4.0, device="cuda")
+        opt.found_inf = torch.tensor(found, device="cuda")
+        opt.step()
+        del opt.grad_scale, opt.found_inf
+        if found == 0.0:
+            ref.step()
+        check(f"AdamW grad_scale found_inf={found}", p, q, torch.float32)
+
+
+def loss_cases():
+    shapes = [(300, 1000), (4, 50000), (7, 1), (1, 33), (0, 5)]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for rows, classes in shapes:
+            for opts in (dict(), dict(label_smoothing=0.1, ignore_index=2, weight=True), dict(reduction="none"),
+                         dict(reduction="sum", lse_square_scale=1e-3)):
+                opts = dict(opts)
+                x = (torch.randn(rows, classes) * 3).to(dtype).cuda()
+                t = torch.randint(0, classes, (rows,)).cuda()
+                if rows > 2 and "ignore_index" in opts:
+                    t[1] = opts["ignore_index"]
+                if opts.pop("weight", False):
+                    opts["weight"] = torch.rand(classes, dtype=dtype).cuda()
+                z = opts.pop("lse_square_scale", 0.0)
+                a = x.clone().requires_grad_()
+                b = x.float().clone().requires_grad_() if dtype != torch.float64 else x.clone().requires_grad_()
+                ours = FF.cross_entropy(a, t, lse_square_scale=z, **opts)
+                ref_opts = dict(opts)
+                if "weight" in ref_opts:
+                    ref_opts["weight"] = ref_opts["weight"].to(b.dtype)
+                theirs = torch.nn.functional.cross_entropy(b, t, **ref_opts)
+                if z:
+                    theirs = theirs + z * torch.logsumexp(b, 1).square().sum()
+                seed = torch.rand_like(theirs)
+                (ours * seed.to(ours.dtype)).sum().backward()
+                (theirs * seed).sum().backward()
+                label = f"xent {rows}x{classes} {dtype} {opts} z={z}"
+                check(label + " loss", ours, theirs, dtype)
+                check(label + " grad", a.grad, b.grad, dtype)
+    # Probability targets, int32 targets, in-place backward, (N, C, d) input, strided rows, no-grad forward.
+    x = torch.randn(64, 1000, device="cuda")
+    p = torch.softmax(torch.randn(64, 1000, device="cuda"), 1)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    FF.cross_entropy(a, p, label_smoothing=0.05).backward()
+    torch.nn.functional.cross_entropy(b, p, label_smoothing=0.05).backward()
+    check("xent probability targets grad", a.grad, b.grad, torch.float32)
+    t = torch.randint(0, 1000, (64,), device="cuda")
+    leaf = x.clone().requires_grad_()
+    ours = FF.cross_entropy(leaf * 1.0, t.int(), inplace_backward=True)
+    ours.backward()
+    b = x.clone().requires_grad_()
+    torch.nn.functional.cross_entropy(b, t).backward()
+    check("xent int32 target, inplace_backward grad", leaf.grad, b.grad, torch.float32)
+    x3 = torch.randn(4, 21, 9, 11, device="cuda", requires_grad=True)
+    t3 = torch.randint(0, 21, (4, 9, 11), device="cuda")
+    y3 = x3.detach().clone().requires_grad_()
+    FF.cross_entropy(x3, t3).backward()
+    torch.nn.functional.cross_entropy(y3, t3).backward()
+    check("xent (N, C, d1, d2) grad", x3.grad, y3.grad, torch.float32)
+    wide = torch.randn(32, 2000, device="cuda")[:, :1000]  # row stride 2000
+    check("xent strided rows, no grad", FF.cross_entropy(wide, t[:32]),
+          torch.nn.functional.cross_entropy(wide, t[:32]), torch.float32)
+    out = FF.cross_entropy_with_lse(x, t, lse_square_scale=1e-4)
+    check("cross_entropy_with_lse lse", out[2], torch.logsumexp(x, 1), torch.float32)
+    # A bad target: NaN loss now, IndexError at the next call on the device.
+    bad = t.clone()
+    bad[5] = 1000
+    loss = FF.cross_entropy(x, bad, reduction="none")
+    torch.cuda.synchronize()
+    global CASES
+    CASES += 1
+    if not bool(torch.isnan(loss[5])):
+        FAILURES.append("bad target: the row's loss is not NaN")
+    try:
+        FF.cross_entropy(x, t)
+        FAILURES.append("bad target: the next call did not raise IndexError")
+    except IndexError:
+        pass
+
+
+def main():
+    if not torch.cuda.is_available() or not fused_train.build_info()["cuda_compiled"]:
+        print("cuda_smoke: needs a CUDA device and a CUDA build of fused_train", file=sys.stderr)
+        return 2
+    optimizer_cases()
+    loss_cases()
+    torch.cuda.synchronize()
+    for failure in FAILURES:
+        print("MISMATCH", failure)
+    print(f"cuda_smoke: {CASES - len(FAILURES)}/{CASES} cases match torch")
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
