@@ -56,19 +56,19 @@ def optimizer_cases():
             ours = [p.clone().cuda().requires_grad_() for p in master]
             # Reference in fp32 (fp64 for fp64): our state and math are fp32 for half params.
             ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            theirs = [p.to(ref_dtype).cuda().requires_grad_() for p in master]
+            theirs = [p.to(ref_dtype).clone().cuda().requires_grad_() for p in master]
             opt = getattr(fused_train.optim, name)(ours, **cfg)
             ref = getattr(torch.optim, name)(theirs, foreach=False, **cfg)
             for step_grads in grads:
                 for p, q, gr in zip(ours, theirs, step_grads):
-                    p.grad = gr.cuda()
-                    q.grad = gr.to(ref_dtype).cuda()
+                    p.grad = gr.clone().cuda()
+                    q.grad = gr.to(ref_dtype).clone().cuda()
                 opt.step()
                 ref.step()
                 opt.zero_grad(set_to_none=False)
                 ref.zero_grad(set_to_none=False)
-            check(f"{name}{cfg} {dtype}", torch.cat([p.flatten().float() for p in ours]),
-                  torch.cat([p.flatten().float() for p in theirs]), dtype)
+            check(f"{name}{cfg} {dtype}", torch.cat([p.flatten().double() for p in ours]),
+                  torch.cat([p.flatten().double() for p in theirs]), dtype)
     # GradScaler path: unscale by grad_scale, skip everything when found_inf.
     for found in (0.0, 1.0):
         p = torch.randn(70000, device="cuda", requires_grad=True)
