@@ -168,6 +168,14 @@ class FusedTrainBuild(BuildExtension):
         super().build_extension(ext)
 
 
+# -lstdc++ named before the compiler driver's own: torch already has the shared libstdc++ loaded, and ours
+# must be that same one. Some toolchains link it statically (g++ wrappers that add -static-libstdc++, as on
+# the project's GPU machines); a second, static copy inside _C then shares the process's locale data with the
+# shared one and breaks iostreams, so every message built with std::ostringstream (TORCH_CHECK's included)
+# came out truncated or segfaulted (2026-11-27, H100 machine). With the shared library first on the line, the
+# static archive has nothing left to supply.
+LINK_ARGS = ["-fopenmp", "-lstdc++"]
+
 extension_cls = CUDAExtension if build_cuda else CppExtension
 ext_kwargs = {}
 if build_cuda:
@@ -181,7 +189,7 @@ ext_modules = [
         sources=sources,
         include_dirs=include_dirs,
         define_macros=define_macros,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=LINK_ARGS,
         depends=sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True)),
         py_limited_api=False,
         **ext_kwargs,

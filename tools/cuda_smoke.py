@@ -1,15 +1,17 @@
 """Every fused_train CUDA op once, on small shapes that still reach each kernel path, checked against torch.
 
-    python tools/cuda_smoke.py          # exits 1 on a mismatch, 0 when every case matches
+    python tools/cuda_smoke.py [--small]   # exits 1 on a mismatch, 0 when every case matches
 
 Written to run under compute-sanitizer (memcheck, racecheck, synccheck, initcheck; see tools/gpu_check.py), so
 it stays small: a few hundred kernel launches, tensors of at most a few hundred thousand elements. Paths it
 reaches: the optimizer launcher with many tensors (several launches), multi-chunk tensors, empty tensors,
 GradScaler unscale and skip; the cross-entropy row kernel, the split-vocabulary forward (few rows, many classes),
 every dtype, index and probability targets, weights, ignore_index, label smoothing, z-loss, in-place backward,
-reduction none, (N, C, d) inputs and strided rows.
+reduction none, (N, C, d) inputs and strided rows. --small keeps every path but runs fp32 and bf16 only, for
+initcheck, which has to instrument torch's kernels too (see tools/gpu_check.py) and is the slowest tool.
 """
 
+import argparse
 import sys
 
 import torch
@@ -19,6 +21,7 @@ import fused_train.nn.functional as FF
 
 FAILURES = []
 CASES = 0
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 # Loose on purpose: this is a smoke run for the sanitizers; tests/ holds the tight parity tests.
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -46,7 +49,7 @@ def optimizer_cases():
         ("AdamW", dict(lr=1e-2)),
         ("RMSprop", dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=0.01)),
     ]
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    for dtype in DTYPES:
         for name, cfg in configs:
             if dtype == torch.float16 and name == "RMSprop":
                 cfg = dict(cfg, centered=False)  # fp16 centered variance: cancellation, not a kernel check
@@ -89,7 +92,7 @@ def optimizer_cases():
 
 def loss_cases():
     shapes = [(300, 1000), (4, 50000), (7, 1), (1, 33), (0, 5)]
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    for dtype in DTYPES:
         for rows, classes in shapes:
             for opts in (dict(), dict(label_smoothing=0.1, ignore_index=2, weight=True), dict(reduction="none"),
                          dict(reduction="sum", lse_square_scale=1e-3)):
@@ -158,6 +161,10 @@ def loss_cases():
 
 
 def main():
+    parser = argparse.ArgumentParser(description="every fused_train CUDA op once, checked against torch")
+    parser.add_argument("--small", action="store_true", help="fp32 and bf16 only")
+    if parser.parse_args().small:
+        DTYPES[:] = [torch.float32, torch.bfloat16]
     if not torch.cuda.is_available() or not fused_train.build_info()["cuda_compiled"]:
         print("cuda_smoke: needs a CUDA device and a CUDA build of fused_train", file=sys.stderr)
         return 2
