@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     xdist = subprocess.run([sys.executable, "-c", "import xdist"], capture_output=True).returncode == 0
     workers = ["-n", str(min(8, int(jobs)))] if xdist else []
     sanitizers = Sanitizers(run, env, wanted("sanitize") or no_gpu)
-    run.stage("pytest", [[sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-k", "cuda", "-p",
+    run.stage("pytest", [[sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-k", "cuda or test_build", "-p",
                           "no:cacheprovider", "--junitxml", str(out / "pytest.xml"), *workers]],
               env=env, skip=wanted("pytest") or no_gpu)
     sanitizers.finish()
