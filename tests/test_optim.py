@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fused_train
-from fused_train.reference import LowPrecisionOptimizerReference
+from fused_train.reference import LowPrecisionOptimizerReference, torch_optimizer
 
 from conftest import DEVICES, TOL, assert_close_scaled
 
@@ -66,7 +66,7 @@ def fused_and_torch(name, params, cfg):
         fused_params,
         getattr(fused_train.optim, name)(fused_params, **cfg),
         torch_params,
-        getattr(torch.optim, name)(torch_params, **cfg),
+        torch_optimizer(name)(torch_params, **cfg),
     )
 
 
@@ -104,7 +104,7 @@ def test_low_precision_matches_fp32_math_rounded_once(name, cfg, dtype, device):
     fused_params = [p.clone().requires_grad_(True) for p in params]
     ref_params = [p.clone() for p in params]
     fused_opt = getattr(fused_train.optim, name)(fused_params, **cfg)
-    ref = LowPrecisionOptimizerReference(ref_params, getattr(torch.optim, name), **cfg)
+    ref = LowPrecisionOptimizerReference(ref_params, torch_optimizer(name), **cfg)
     for step in range(6):
         set_grads(fused_params, step)
         set_grads(ref_params, step)
@@ -147,7 +147,7 @@ def test_param_groups_and_params_without_grad(name, device):
     fused_params = [t.clone().requires_grad_(True) for t in (a, b, c)]
     torch_params = [t.clone().requires_grad_(True) for t in (a, b, c)]
     fused_opt = getattr(fused_train.optim, name)(groups(fused_params), **cfg)
-    torch_opt = getattr(torch.optim, name)(groups(torch_params), **cfg)
+    torch_opt = torch_optimizer(name)(groups(torch_params), **cfg)
     for step in range(4):
         # params[1] gets no gradient in the first two steps: skipped, and no state is created for it.
         with_grad = [0, 2] if step < 2 else [0, 1, 2]
@@ -179,9 +179,9 @@ def test_non_contiguous_and_mixed_dtype_params(name, device):
     assert not fused_params[0].is_contiguous() and not fused_params[1].is_contiguous()
     fused_half = half.clone().requires_grad_(True)
     fused_opt = getattr(fused_train.optim, name)(fused_params + [fused_half], **cfg)
-    torch_opt = getattr(torch.optim, name)(torch_params, **cfg)
+    torch_opt = torch_optimizer(name)(torch_params, **cfg)
     ref_half = half.clone()
-    ref = LowPrecisionOptimizerReference([ref_half], getattr(torch.optim, name), **cfg)
+    ref = LowPrecisionOptimizerReference([ref_half], torch_optimizer(name), **cfg)
     for step in range(5):
         set_grads(fused_params, step)
         set_grads(torch_params, step)
@@ -406,7 +406,7 @@ def test_grad_scaler_unscales_in_kernel_and_skips_on_inf(name, device):
     twin = copy.deepcopy(model)
     cfg = dict(lr=0.01, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=0.01)
     fused_opt = getattr(fused_train.optim, name)(model.parameters(), **cfg)
-    torch_opt = getattr(torch.optim, name)(twin.parameters(), **cfg)
+    torch_opt = torch_optimizer(name)(twin.parameters(), **cfg)
     scalers = [torch.amp.GradScaler(device, init_scale=2.0**10) for _ in range(2)]
     x = torch.randn(5, 6, device=device)
     for step in range(4):
@@ -591,7 +591,7 @@ def test_fp16_params_with_grad_scaler(name, device):
     ref_params = [p.clone() for p in params]
     cfg = dict(lr=0.01, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=0.01)
     opt = getattr(fused_train.optim, name)(fused_params, **cfg)
-    ref = LowPrecisionOptimizerReference(ref_params, getattr(torch.optim, name), **cfg)
+    ref = LowPrecisionOptimizerReference(ref_params, torch_optimizer(name), **cfg)
     scaler = torch.amp.GradScaler(device, init_scale=256.0, growth_interval=1000)
     for step in range(4):
         loss = sum((p.float() * torch.cos(p.float() + step)).sum() for p in fused_params)
