@@ -202,6 +202,7 @@ def test_batch_loader_same_seed_same_batches_and_every_sample_once():
     assert not torch.equal(second_epoch, labels)  # reshuffled every epoch
 
 
+@pytest.mark.smoke
 def test_train_loop_lets_the_fused_step_zero_the_gradients():
     torch.set_num_threads(1)  # restored by _restore_threads; see run_demo
     data = load_digits()

@@ -72,6 +72,7 @@ def _check(device, dtype, input_shape, target_kind="index", weighted=False, redu
     return loss, grad
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -106,6 +107,7 @@ def test_shapes(device, dtype, shape, target_kind):
     _check(device, dtype, shape, target_kind=target_kind, reduction="none")
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_non_contiguous_and_inplace(device, dtype):
@@ -210,6 +212,7 @@ def _op_args(device, prob=False, smoothing=0.1):
     return x, target, weight, kw
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("prob", [False, True])
 def test_opcheck(device, prob):
@@ -224,6 +227,7 @@ def test_opcheck(device, prob):
     torch.library.opcheck(ops.cross_entropy_forward.default, (x, target, None), kw_none)
 
 
+@pytest.mark.smoke
 def test_torch_compile_fullgraph():
     model = torch.nn.Linear(16, 40)
     loss_fn = fused_train.nn.CrossEntropyLoss(label_smoothing=0.1)
@@ -329,6 +333,7 @@ def test_gradient_from_forward_scaled_by_grad_output(device, reduction, inplace)
         torch.testing.assert_close(grad, ref_grad, **XENT_TOL[torch.float64])
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("device", DEVICES)
 def test_second_backward_recomputes_the_gradient(device):
     x = torch.randn(12, 50, device=device, requires_grad=True)
@@ -405,6 +410,7 @@ def test_forward_bitwise_deterministic_across_thread_counts(dtype, reduction):
         assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("prob", [False, True])
 def test_opcheck_forward_backward(device, prob):

@@ -82,7 +82,7 @@ def assert_state_close(fused_opt, torch_opt, fused_params, torch_params, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.smoke), torch.float64])
 @pytest.mark.parametrize("name,cfg", CASES, ids=CASE_IDS)
 def test_parity_with_torch_optim(name, cfg, dtype, device):
     fused_params, fused_opt, torch_params, torch_opt = fused_and_torch(name, make_params(device, dtype), cfg)
@@ -97,7 +97,7 @@ def test_parity_with_torch_optim(name, cfg, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=pytest.mark.smoke), torch.float16])
 @pytest.mark.parametrize("name,cfg", CASES, ids=CASE_IDS)
 def test_low_precision_matches_fp32_math_rounded_once(name, cfg, dtype, device):
     params = make_params(device, dtype, shapes=[(17,), (3, 5), (4099,)])
@@ -227,6 +227,7 @@ def test_complex_params_step_like_torch(device):
 # Checkpoints, schedulers, closures
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,cfg", [("Adam", dict(lr=0.01, amsgrad=True)), ("SGD", dict(lr=0.1, momentum=0.9)),
                                       ("RMSprop", dict(lr=0.01, centered=True, momentum=0.5))])
@@ -342,6 +343,7 @@ def test_zero_grad_in_step_zeroes_consumed_grads(name, device):
     assert p.grad is not None and torch.count_nonzero(p.grad) == 0
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("device", DEVICES)
 def test_auto_zeroing_follows_set_to_none(device):
     p = torch.randn(100, device=device, requires_grad=True)
@@ -398,6 +400,7 @@ def test_standard_loop_with_gradient_accumulation_matches_torch(set_to_none, dev
 # AMP: GradScaler hands grad_scale/found_inf to the kernel
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop"])
 def test_grad_scaler_unscales_in_kernel_and_skips_on_inf(name, device):
@@ -551,6 +554,7 @@ def _op_samples(device):
     ]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_every_optimizer_op(device):
     for op, args, kwargs in _op_samples(device):
