@@ -44,7 +44,7 @@ build: $(EXT_STAMP)
 $(DEPS):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "torch>=2.4" ninja pybind11 "setuptools>=64" wheel cmake \
+	$(PY) -m pip install --quiet "torch>=2.5" ninja pybind11 "setuptools>=64" wheel cmake \
 		pytest pytest-benchmark hypothesis numpy tqdm scikit-learn matplotlib
 	touch $@
 

@@ -10,6 +10,8 @@ Cross-entropy: :func:`cross_entropy_reference`, F.cross_entropy in opmath plus t
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,6 +19,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # -- optimizers ----------------------------------------------------------------------------------------
+
+
+def torch_optimizer(name: str) -> Callable[..., torch.optim.Optimizer]:
+    """The torch.optim optimizer that ``fused_train.optim.<name>`` is compared against, called with the same
+    arguments. torch.optim.Adam takes ``decoupled_weight_decay`` from torch 2.7 on; with an older torch,
+    ``Adam(decoupled_weight_decay=True)`` is torch.optim.AdamW, the same update with the same state."""
+    optimizer_cls = getattr(torch.optim, name)
+    if name != "Adam" or "decoupled_weight_decay" in inspect.signature(optimizer_cls).parameters:
+        return optimizer_cls
+
+    def adam(params: Any, *, decoupled_weight_decay: bool = False, **kwargs: Any) -> torch.optim.Optimizer:
+        if not decoupled_weight_decay:
+            return torch.optim.Adam(params, **kwargs)
+        kwargs.setdefault("weight_decay", 0.0)  # Adam's default, not AdamW's
+        return torch.optim.AdamW(params, **kwargs)
+
+    return adam
 
 
 class LowPrecisionOptimizerReference:

@@ -5,6 +5,9 @@ import torch
 
 import fused_train  # noqa: F401  (registers the ops)
 
+# (major, minor) of the torch under test, for the few tests of features newer than the oldest torch supported.
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
 HAS_CUDA = torch.cuda.is_available() and fused_train.build_info()["cuda_compiled"]
 _NO_CUDA_REASON = (
     "no CUDA device here" if not torch.cuda.is_available() else "fused_train was built without CUDA kernels"
@@ -34,6 +37,10 @@ FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    # Torch before 2.6 links inductor's CPU kernels with -ffast-math, and loading the first one turns on
+    # flush-to-zero for the whole process: every test starts again from IEEE subnormals (hypothesis refuses
+    # to draw floats otherwise).
+    torch.set_flush_denormal(False)
     yield
 
 

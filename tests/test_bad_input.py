@@ -89,8 +89,9 @@ def _set_double_grad_past_torchs_check(model):
 
 OPTIMIZER_ROWS = [
     ("sparse grads", _set_sparse_grad, RuntimeError, "does not support sparse gradients"),
+    # torch's own message; "... with grad_dtype 'Float'" from torch 2.10 on, "... with dtype 'float'" before
     ("grad dtype differs from its param", lambda m: setattr(m.weight, "grad", m.weight.grad.double()),
-     RuntimeError, "assign a gradient with dtype 'double' to a tensor with grad_dtype 'Float'"),
+     RuntimeError, "assign a gradient with dtype 'double' to a tensor with"),
     ("grad dtype differs, torch's check lifted (grad_dtype=None)", _set_double_grad_past_torchs_check,
      TypeError, r"adam_step_: grads\[0\] is Double but its param is Float"),
     ("grad shape differs from its param", lambda m: setattr(m.weight, "grad", m.weight.grad[:2]),
@@ -100,6 +101,8 @@ OPTIMIZER_ROWS = [
 
 @pytest.mark.parametrize("row,corrupt,error,match", OPTIMIZER_ROWS, ids=[r[0] for r in OPTIMIZER_ROWS])
 def test_bad_optimizer_input(row, corrupt, error, match):
+    if "grad_dtype" in row and not hasattr(torch.Tensor, "grad_dtype"):
+        pytest.skip("Tensor.grad_dtype is new in torch 2.10: before it no grad of another dtype gets past torch")
     model, opt, x, y = _trained_setup()
     snap = _snapshot(model, opt)
     with pytest.raises(error, match=match):

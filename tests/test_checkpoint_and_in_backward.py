@@ -90,6 +90,7 @@ def _grad_bytes_alive(params):
     return sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("device", DEVICES)
 def test_optimizer_in_backward_equals_standard_loop_and_holds_fewer_grads(device):
     model = _mlp().to(device)

@@ -15,6 +15,8 @@ from fused_train.data import BatchLoader, DatasetUnavailable, load_dataset, load
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DIGITS_VALIDATION_SIZE = 360
+# --plot draws with matplotlib, an optional extra ([plot], [test]); without it the tests of a chart skip.
+NO_MATPLOTLIB = "matplotlib is not installed: --plot needs it (pip install fused_train[plot])"
 TORCH_OPTIMIZER_NAMES = {"sgd": "torch.optim.SGD", "adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW",
                          "rmsprop": "torch.optim.RMSprop"}
 
@@ -38,6 +40,7 @@ def run_demo(tmp_path, *flags):
 # ---------------------------------------------------------------------------------------------------
 # demo
 def test_demo_one_epoch_writes_readable_json_and_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason=NO_MATPLOTLIB)
     plot = tmp_path / "curves.png"
     result = run_demo(tmp_path, "--epochs", "1", "--plot", str(plot))
 
@@ -199,6 +202,7 @@ def test_batch_loader_same_seed_same_batches_and_every_sample_once():
     assert not torch.equal(second_epoch, labels)  # reshuffled every epoch
 
 
+@pytest.mark.smoke
 def test_train_loop_lets_the_fused_step_zero_the_gradients():
     torch.set_num_threads(1)  # restored by _restore_threads; see run_demo
     data = load_digits()
@@ -239,6 +243,7 @@ FAKE_OPTIMIZER_BENCHMARK = textwrap.dedent('''
 
 
 def test_bench_tables_json_and_ratio_chart(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason=NO_MATPLOTLIB)
     (tmp_path / "bench_cross_entropy.py").write_text(FAKE_CROSS_ENTROPY_BENCHMARK)
     (tmp_path / "bench_optimizers.py").write_text(FAKE_OPTIMIZER_BENCHMARK)
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"

@@ -11,6 +11,7 @@ import fused_train
 from conftest import DEVICES, TOL
 
 
+@pytest.mark.smoke
 def test_inductor_compiles_model_and_fused_loss_without_graph_breaks():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 40))
@@ -27,6 +28,7 @@ def test_inductor_compiles_model_and_fused_loss_without_graph_breaks():
         torch.testing.assert_close(a.grad, b.grad, **TOL[torch.float32])
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
 def test_compiled_optimizer_step_is_one_graph_and_matches_eager(name):
     # Inside a compiled training step torch itself breaks the graph at loss.backward() and at
@@ -47,6 +49,25 @@ def test_compiled_optimizer_step_is_one_graph_and_matches_eager(name):
         torch.testing.assert_close(p, q, **TOL[torch.float32])
 
 
+@pytest.mark.smoke
+def test_compiled_step_records_the_grads_it_zeroed():
+    # With zero_grad_in_step the kernel zeroes the grads it consumed and the step records them
+    # (FusedOptimizer._zeroed_grads): that record must come out of the compiled step too, or
+    # zero_grad(set_to_none=False) would write the zeros again.
+    params = [torch.randn(33, requires_grad=True), torch.randn(4, 5, requires_grad=True)]
+    opt = fused_train.optim.Adam(params, lr=0.01, zero_grad_in_step=True)
+    compiled_step = torch.compile(opt.step, fullgraph=True)
+    for step in range(2):
+        for p in params:
+            p.grad = torch.cos(torch.arange(p.numel(), dtype=torch.float32) + step).reshape(p.shape)
+        compiled_step()
+        assert all(torch.count_nonzero(p.grad) == 0 for p in params)
+        versions = [p.grad._version for p in params]
+        opt.zero_grad(set_to_none=False)
+        assert [p.grad._version for p in params] == versions, "zero_grad wrote grads the step had zeroed"
+
+
+@pytest.mark.smoke
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_autocast_with_fused_loss(device):
     torch.manual_seed(0)

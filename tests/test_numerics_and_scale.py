@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import fused_train
 from fused_train.nn.functional import cross_entropy
-from fused_train.reference import LowPrecisionOptimizerReference, cross_entropy_reference
+from fused_train.reference import LowPrecisionOptimizerReference, cross_entropy_reference, torch_optimizer
 
 from conftest import DEVICES, TOL
 
@@ -110,7 +110,7 @@ def test_fp16_update_does_not_overflow(name):
     ref_p = p.detach().clone()
     cfg = dict(lr=1e-3, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=1e-3)
     opt = getattr(fused_train.optim, name)([p], **cfg)
-    ref = LowPrecisionOptimizerReference([ref_p], getattr(torch.optim, name), **cfg)
+    ref = LowPrecisionOptimizerReference([ref_p], torch_optimizer(name), **cfg)
     for _ in range(3):
         p.grad = torch.full_like(p, 1.0e4)
         ref_p.grad = p.grad.clone()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fused_train
-from fused_train.reference import LowPrecisionOptimizerReference
+from fused_train.reference import LowPrecisionOptimizerReference, torch_optimizer
 
 from conftest import DEVICES, TOL, assert_close_scaled
 
@@ -66,7 +66,7 @@ def fused_and_torch(name, params, cfg):
         fused_params,
         getattr(fused_train.optim, name)(fused_params, **cfg),
         torch_params,
-        getattr(torch.optim, name)(torch_params, **cfg),
+        torch_optimizer(name)(torch_params, **cfg),
     )
 
 
@@ -82,7 +82,7 @@ def assert_state_close(fused_opt, torch_opt, fused_params, torch_params, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.smoke), torch.float64])
 @pytest.mark.parametrize("name,cfg", CASES, ids=CASE_IDS)
 def test_parity_with_torch_optim(name, cfg, dtype, device):
     fused_params, fused_opt, torch_params, torch_opt = fused_and_torch(name, make_params(device, dtype), cfg)
@@ -97,14 +97,14 @@ def test_parity_with_torch_optim(name, cfg, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=pytest.mark.smoke), torch.float16])
 @pytest.mark.parametrize("name,cfg", CASES, ids=CASE_IDS)
 def test_low_precision_matches_fp32_math_rounded_once(name, cfg, dtype, device):
     params = make_params(device, dtype, shapes=[(17,), (3, 5), (4099,)])
     fused_params = [p.clone().requires_grad_(True) for p in params]
     ref_params = [p.clone() for p in params]
     fused_opt = getattr(fused_train.optim, name)(fused_params, **cfg)
-    ref = LowPrecisionOptimizerReference(ref_params, getattr(torch.optim, name), **cfg)
+    ref = LowPrecisionOptimizerReference(ref_params, torch_optimizer(name), **cfg)
     for step in range(6):
         set_grads(fused_params, step)
         set_grads(ref_params, step)
@@ -147,7 +147,7 @@ def test_param_groups_and_params_without_grad(name, device):
     fused_params = [t.clone().requires_grad_(True) for t in (a, b, c)]
     torch_params = [t.clone().requires_grad_(True) for t in (a, b, c)]
     fused_opt = getattr(fused_train.optim, name)(groups(fused_params), **cfg)
-    torch_opt = getattr(torch.optim, name)(groups(torch_params), **cfg)
+    torch_opt = torch_optimizer(name)(groups(torch_params), **cfg)
     for step in range(4):
         # params[1] gets no gradient in the first two steps: skipped, and no state is created for it.
         with_grad = [0, 2] if step < 2 else [0, 1, 2]
@@ -179,9 +179,9 @@ def test_non_contiguous_and_mixed_dtype_params(name, device):
     assert not fused_params[0].is_contiguous() and not fused_params[1].is_contiguous()
     fused_half = half.clone().requires_grad_(True)
     fused_opt = getattr(fused_train.optim, name)(fused_params + [fused_half], **cfg)
-    torch_opt = getattr(torch.optim, name)(torch_params, **cfg)
+    torch_opt = torch_optimizer(name)(torch_params, **cfg)
     ref_half = half.clone()
-    ref = LowPrecisionOptimizerReference([ref_half], getattr(torch.optim, name), **cfg)
+    ref = LowPrecisionOptimizerReference([ref_half], torch_optimizer(name), **cfg)
     for step in range(5):
         set_grads(fused_params, step)
         set_grads(torch_params, step)
@@ -227,6 +227,7 @@ def test_complex_params_step_like_torch(device):
 # Checkpoints, schedulers, closures
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,cfg", [("Adam", dict(lr=0.01, amsgrad=True)), ("SGD", dict(lr=0.1, momentum=0.9)),
                                       ("RMSprop", dict(lr=0.01, centered=True, momentum=0.5))])
@@ -342,6 +343,7 @@ def test_zero_grad_in_step_zeroes_consumed_grads(name, device):
     assert p.grad is not None and torch.count_nonzero(p.grad) == 0
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("device", DEVICES)
 def test_auto_zeroing_follows_set_to_none(device):
     p = torch.randn(100, device=device, requires_grad=True)
@@ -398,6 +400,7 @@ def test_standard_loop_with_gradient_accumulation_matches_torch(set_to_none, dev
 # AMP: GradScaler hands grad_scale/found_inf to the kernel
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop"])
 def test_grad_scaler_unscales_in_kernel_and_skips_on_inf(name, device):
@@ -406,7 +409,7 @@ def test_grad_scaler_unscales_in_kernel_and_skips_on_inf(name, device):
     twin = copy.deepcopy(model)
     cfg = dict(lr=0.01, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=0.01)
     fused_opt = getattr(fused_train.optim, name)(model.parameters(), **cfg)
-    torch_opt = getattr(torch.optim, name)(twin.parameters(), **cfg)
+    torch_opt = torch_optimizer(name)(twin.parameters(), **cfg)
     scalers = [torch.amp.GradScaler(device, init_scale=2.0**10) for _ in range(2)]
     x = torch.randn(5, 6, device=device)
     for step in range(4):
@@ -551,6 +554,7 @@ def _op_samples(device):
     ]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_every_optimizer_op(device):
     for op, args, kwargs in _op_samples(device):
@@ -591,7 +595,7 @@ def test_fp16_params_with_grad_scaler(name, device):
     ref_params = [p.clone() for p in params]
     cfg = dict(lr=0.01, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=0.01)
     opt = getattr(fused_train.optim, name)(fused_params, **cfg)
-    ref = LowPrecisionOptimizerReference(ref_params, getattr(torch.optim, name), **cfg)
+    ref = LowPrecisionOptimizerReference(ref_params, torch_optimizer(name), **cfg)
     scaler = torch.amp.GradScaler(device, init_scale=256.0, growth_interval=1000)
     for step in range(4):
         loss = sum((p.float() * torch.cos(p.float() + step)).sum() for p in fused_params)

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fused_train
-from fused_train.reference import LowPrecisionOptimizerReference
+from fused_train.reference import LowPrecisionOptimizerReference, torch_optimizer
 
 from conftest import DEVICES, TOL, assert_close_scaled
 
@@ -60,9 +60,9 @@ def test_random_optimizer_cases_match_reference(case):
     fused_opt = getattr(fused_train.optim, name)(fused_params, **cfg)
     low_precision = dtype in (torch.bfloat16, torch.float16)
     if low_precision:
-        ref = LowPrecisionOptimizerReference(ref_params, getattr(torch.optim, name), **cfg)
+        ref = LowPrecisionOptimizerReference(ref_params, torch_optimizer(name), **cfg)
     else:
-        ref = getattr(torch.optim, name)(ref_params, **cfg)
+        ref = torch_optimizer(name)(ref_params, **cfg)
     for _ in range(steps):
         for fp, rp in zip(fused_params, ref_params):
             g = torch.randn(fp.shape, generator=gen).to(dtype)

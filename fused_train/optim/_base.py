@@ -137,6 +137,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _invalidate_tables(self) -> None:
         self._tables.clear()
 
+    # Kept out of torch.compile's trace, as torch.optim.Optimizer keeps its own add_param_group, zero_grad and
+    # load_state_dict: they rebind attributes, which dynamo refuses inside a traced region (torch 2.11).
+    @torch._disable_dynamo
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         if hasattr(self, "_tables"):
@@ -204,9 +207,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                     for i in bucket.indices:
                         g = grads[i]
                         zeroed[id(g)] = (g, g._version)
-        self._zeroed_grads = zeroed
+        # Updated in place, not rebound: a compiled step may mutate existing containers (as torch.optim's
+        # steps do with self.state), but dynamo in torch 2.11 refuses to rebind an attribute.
+        self._zeroed_grads.clear()
+        self._zeroed_grads.update(zeroed)
         return loss
 
+    @torch._disable_dynamo
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Resets the gradients of all params, as :meth:`torch.optim.Optimizer.zero_grad`.
 
@@ -239,6 +246,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------------------
     # Checkpoints in torch.optim's format
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict saved by this class or by the torch.optim class of the same name.
 

@@ -92,6 +92,13 @@ class Adam(FusedOptimizer):
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = self._zeros_state(param)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # A checkpoint of torch.optim.Adam from before torch 2.7 has no decoupled_weight_decay (that Adam had
+        # only L2 decay): it loads as False, as in torch.optim.Adam.__setstate__.
+        for group in self.param_groups:
+            group.setdefault("decoupled_weight_decay", False)
+
     def _step_bucket(self, group, bucket, params, grads, states, steps, *, zero_grad, lr, lr_tensor,
                      grad_scale, found_inf) -> None:
         amsgrad = group["amsgrad"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import torch
 from torch import Tensor
 
 from .. import _ops
@@ -103,6 +104,7 @@ class SGD(FusedOptimizer):
         for p in bucket.originals:
             self._fresh_buffers.discard(id(p))
 
+    @torch._disable_dynamo  # as FusedOptimizer.load_state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._fresh_buffers = set()
