@@ -36,6 +36,30 @@ if not X86:
     CPU_ISA_FLAGS = {"default": []}
 
 
+def _sources(pattern):
+    """Files matching pattern under ROOT, as ROOT-relative paths (setuptools wants relative sources), sorted.
+    Exits when none match: a tree missing a source group (an sdist without MANIFEST.in's files) would
+    otherwise build an extension that fails to load with an undefined symbol."""
+    found = sorted(glob.glob(pattern, root_dir=ROOT, recursive=True))
+    if not found:
+        sys.exit(
+            f"setup.py: no file matches {pattern} under {ROOT}: the source tree is incomplete. Build from a git "
+            "checkout or from an sdist made by `python -m build --sdist` (MANIFEST.in lists what it holds)."
+        )
+    return found
+
+
+# Every source group, checked before anything is compiled. The CUDA sources are checked even for a CPU-only
+# build: an sdist must be able to build either.
+cpp_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+isa_sources = [src for isa in CPU_ISA_FLAGS for src in _sources(f"csrc/cpu/isa/kernels_{isa}.cpp")]
+header_files = (
+    _sources("csrc/include/fused_train/*.h") + _sources("csrc/*.h") + _sources("csrc/cpu/*.h")
+    + _sources("csrc/cpu/kernel_table.inl") + _sources("csrc/cuda/*.cuh")
+)
+cuda_sources = _sources("csrc/cuda/*.cu")
+
+
 def _flag(name):
     value = os.environ.get(name, "0")
     if value not in ("0", "1"):
@@ -138,11 +162,8 @@ nvcc_flags = system_includes + [
 if os.environ.get("NVCC_THREADS"):
     nvcc_flags.append(f"--threads={os.environ['NVCC_THREADS']}")
 
-sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-if build_cuda:
-    sources += sorted(glob.glob("csrc/cuda/*.cu"))
-# The per-ISA kernel files are compiled by FusedTrainBuild below, each with its own flags.
-isa_sources = sorted(glob.glob("csrc/cpu/isa/*.cpp"))
+sources = cpp_sources + (cuda_sources if build_cuda else [])
+# The per-ISA kernel files (isa_sources) are compiled by FusedTrainBuild below, each with its own flags.
 
 
 class FusedTrainBuild(BuildExtension):
@@ -151,9 +172,7 @@ class FusedTrainBuild(BuildExtension):
     def build_extension(self, ext):
         objects = []
         for isa, flags in CPU_ISA_FLAGS.items():
-            srcs = [s for s in isa_sources if os.path.basename(s).endswith(f"_{isa}.cpp")]
-            if not srcs:
-                continue
+            srcs = [s for s in isa_sources if os.path.basename(s) == f"kernels_{isa}.cpp"]
             out_dir = os.path.join(self.build_temp, "isa", isa)
             objects += self.compiler.compile(
                 srcs,
@@ -182,7 +201,7 @@ ext_modules = [
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_link_args=["-fopenmp"],
-        depends=sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True)),
+        depends=header_files,
         py_limited_api=False,
         **ext_kwargs,
     )
