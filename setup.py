@@ -10,10 +10,12 @@ Knobs (see the README table):
 """
 
 import glob
+import importlib.util
 import os
 import platform
 import sys
 
+import setuptools
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -95,6 +97,17 @@ if _which(_cxx.split()[0]) is None and not os.path.isfile(_cxx.split()[0]):
     sys.exit(
         f"setup.py: no C++ compiler found ({_cxx!r} is not on PATH). Install one (e.g. `apt-get install g++`) "
         "or point CXX at it."
+    )
+
+# setuptools < 70.1 makes wheels, their metadata (dist_info) and PEP 660 editable installs through the separate
+# `wheel` package; without it the build fails with "invalid command 'bdist_wheel'".
+_setuptools_version = tuple(int(part) for part in setuptools.__version__.split(".")[:2] if part.isdigit())
+if _setuptools_version < (70, 1) and {"bdist_wheel", "dist_info", "editable_wheel"} & set(sys.argv) and (
+    importlib.util.find_spec("wheel") is None
+):
+    sys.exit(
+        f"setup.py: setuptools {setuptools.__version__} builds wheels through the `wheel` package, which is not "
+        "installed: `pip install wheel` (or `pip install -U setuptools`), then build again."
     )
 
 force_cpu = _flag("FUSED_TRAIN_FORCE_CPU")
@@ -207,7 +220,16 @@ ext_modules = [
     )
 ]
 
+# The license is given here, not in pyproject.toml (`dynamic = ["license"]`): setuptools < 77 (a fresh
+# Python 3.11 venv has 65.5) rejects the SPDX string `license = "BSD-3-Clause"`, and setuptools >= 77 deprecates
+# the table form `{text = ...}` (an error from 2027-02-18). Both accept this, without a warning.
+if _setuptools_version >= (77, 0):
+    license_kwargs = {"license_expression": "BSD-3-Clause"}
+else:
+    license_kwargs = {"license": "BSD-3-Clause"}
+
 setup(
+    **license_kwargs,
     ext_modules=ext_modules,
     cmdclass={"build_ext": FusedTrainBuild.with_options(use_ninja=True)},
 )
