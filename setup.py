@@ -7,9 +7,12 @@ Knobs (see the README table):
   CUDA_HOME / CUDA_PATH     toolkit root (the folder holding lib64/libcudart.so); default /usr/local/cuda
   TORCH_CUDA_ARCH_LIST      e.g. "9.0" or "8.0;9.0+PTX"; default: the visible GPU, else DEFAULT_CUDA_ARCHS
   MAX_JOBS, NVCC_THREADS    parallel compile jobs; nvcc threads per job
+  FUSED_TRAIN_ALLOW_BUILD_ISOLATION=1  build inside an isolated PEP 517 environment (pip install . without
+                            --no-build-isolation) against whatever torch it holds; stopped by default
 """
 
 import glob
+import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -62,6 +65,16 @@ header_files = (
 cuda_sources = _sources("csrc/cuda/*.cu")
 
 
+def _load_torch_version_check():
+    """fused_train/_torch_version_check.py, loaded by path: importing the package would load _C."""
+    spec = importlib.util.spec_from_file_location(
+        "fused_train_torch_version_check", os.path.join(ROOT, "fused_train", "_torch_version_check.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _flag(name):
     value = os.environ.get(name, "0")
     if value not in ("0", "1"):
@@ -98,6 +111,23 @@ if _which(_cxx.split()[0]) is None and not os.path.isfile(_cxx.split()[0]):
         f"setup.py: no C++ compiler found ({_cxx!r} is not on PATH). Install one (e.g. `apt-get install g++`) "
         "or point CXX at it."
     )
+
+# An isolated build (pip install . without --no-build-isolation) compiles against the torch pip installed into
+# a throwaway environment, which may not be the torch fused_train will be imported with: stop it here, before
+# torch is imported, unless that environment's torch is the very one being installed into.
+torch_version_check = _load_torch_version_check()
+isolated_env = torch_version_check.isolated_build_env(sys.path, sys.prefix)
+if isolated_env and not _flag(torch_version_check.ALLOW_ISOLATION_VAR):
+    try:
+        build_torch = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        build_torch = None
+    user_torch = torch_version_check.hidden_environment_torch(sys.path, sys.prefix)
+    message = torch_version_check.build_isolation_message(isolated_env, build_torch, user_torch)
+    if message is not None:
+        sys.exit(message)
+    print(f"setup.py: building in {isolated_env} against torch {build_torch}, the torch of the environment it "
+          "installs into.", file=sys.stderr)
 
 # setuptools < 70.1 makes wheels, their metadata (dist_info) and PEP 660 editable installs through the separate
 # `wheel` package; without it the build fails with "invalid command 'bdist_wheel'".
@@ -177,6 +207,23 @@ if os.environ.get("NVCC_THREADS"):
 
 sources = cpp_sources + (cuda_sources if build_cuda else [])
 # The per-ISA kernel files (isa_sources) are compiled by FusedTrainBuild below, each with its own flags.
+
+# The torch this build compiles against, for fused_train/__init__.py to compare with the torch that imports
+# it (an ImportError naming both instead of an undefined symbol). Generated, not tracked by git; rewritten
+# only when it changes, so an unchanged tree stays unchanged.
+BUILT_AGAINST = os.path.join(ROOT, "fused_train", "_built_against.py")
+_built_against = (
+    "# Written by setup.py: the torch fused_train._C was compiled against (not tracked by git).\n"
+    f"TORCH_VERSION = {torch.__version__!r}\n"
+)
+try:
+    with open(BUILT_AGAINST) as f:
+        _recorded = f.read()
+except FileNotFoundError:
+    _recorded = None
+if _recorded != _built_against:
+    with open(BUILT_AGAINST, "w") as f:
+        f.write(_built_against)
 
 
 class FusedTrainBuild(BuildExtension):
