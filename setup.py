@@ -48,8 +48,8 @@ def _sources(pattern):
     found = sorted(glob.glob(pattern, root_dir=ROOT, recursive=True))
     if not found:
         sys.exit(
-            f"setup.py: no file matches {pattern} under {ROOT}: the source tree is incomplete. Build from a git "
-            "checkout or from an sdist made by `python -m build --sdist` (MANIFEST.in lists what it holds)."
+            f"setup.py: no file matches {pattern} under {ROOT}: the source tree is incomplete. Build from a "
+            "git checkout or from an sdist made by `python -m build --sdist` (MANIFEST.in lists its files)."
         )
     return found
 
@@ -126,18 +126,18 @@ if isolated_env and not _flag(torch_version_check.ALLOW_ISOLATION_VAR):
     message = torch_version_check.build_isolation_message(isolated_env, build_torch, user_torch)
     if message is not None:
         sys.exit(message)
-    print(f"setup.py: building in {isolated_env} against torch {build_torch}, the torch of the environment it "
-          "installs into.", file=sys.stderr)
+    print(f"setup.py: building in {isolated_env} against torch {build_torch}, the torch of the environment "
+          "it installs into.", file=sys.stderr)
 
-# setuptools < 70.1 makes wheels, their metadata (dist_info) and PEP 660 editable installs through the separate
-# `wheel` package; without it the build fails with "invalid command 'bdist_wheel'".
+# setuptools < 70.1 makes wheels, their metadata (dist_info) and PEP 660 editable installs through the
+# separate `wheel` package; without it the build fails with "invalid command 'bdist_wheel'".
 _setuptools_version = tuple(int(part) for part in setuptools.__version__.split(".")[:2] if part.isdigit())
 if _setuptools_version < (70, 1) and {"bdist_wheel", "dist_info", "editable_wheel"} & set(sys.argv) and (
     importlib.util.find_spec("wheel") is None
 ):
     sys.exit(
-        f"setup.py: setuptools {setuptools.__version__} builds wheels through the `wheel` package, which is not "
-        "installed: `pip install wheel` (or `pip install -U setuptools`), then build again."
+        f"setup.py: setuptools {setuptools.__version__} builds wheels through the `wheel` package, which is "
+        "not installed: `pip install wheel` (or `pip install -U setuptools`), then build again."
     )
 
 force_cpu = _flag("FUSED_TRAIN_FORCE_CPU")
@@ -268,8 +268,8 @@ ext_modules = [
 ]
 
 # The license is given here, not in pyproject.toml (`dynamic = ["license"]`): setuptools < 77 (a fresh
-# Python 3.11 venv has 65.5) rejects the SPDX string `license = "BSD-3-Clause"`, and setuptools >= 77 deprecates
-# the table form `{text = ...}` (an error from 2027-02-18). Both accept this, without a warning.
+# Python 3.11 venv has 65.5) rejects the SPDX string `license = "BSD-3-Clause"`, and setuptools >= 77
+# deprecates the table form `{text = ...}` (an error from 2027-02-18). Both accept this, without a warning.
 if _setuptools_version >= (77, 0):
     license_kwargs = {"license_expression": "BSD-3-Clause"}
 else:

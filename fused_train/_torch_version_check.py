@@ -157,5 +157,6 @@ def build_isolation_message(env: str, build_torch: str | None, user_torch: str |
         "isolation:\n"
         "    pip install torch ninja setuptools wheel\n"
         "    pip install --no-build-isolation .          (or -e . ; python -m build --no-isolation)\n"
-        f"To build in isolation anyway, against the torch that environment holds, set {ALLOW_ISOLATION_VAR}=1."
+        "To build in isolation anyway, against the torch that environment holds, set "
+        f"{ALLOW_ISOLATION_VAR}=1."
     )

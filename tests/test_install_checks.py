@@ -98,10 +98,11 @@ def test_import_with_another_build_torch_raises_importerror_naming_both():
 @pytest.mark.parametrize(
     "path, prefix, expected",
     [
-        (["/usr/lib/python3.11", "/tmp/pip-build-env-ab12/overlay/lib/python3.11/site-packages"], "/venv", "pip"),
+        (["/usr/lib/python3.11", "/tmp/pip-build-env-ab12/overlay/lib/python3.11/site-packages"], "/venv",
+         "pip"),
         (["/tmp/build-env-x1/lib/python3.11/site-packages"], "/tmp/build-env-x1", "python -m build"),
-        (["/root/.cache/uv/builds-v0/.tmpQx/lib/python3.11/site-packages"], "/root/.cache/uv/builds-v0/.tmpQx",
-         "uv"),
+        (["/root/.cache/uv/builds-v0/.tmpQx/lib/python3.11/site-packages"],
+         "/root/.cache/uv/builds-v0/.tmpQx", "uv"),
         (["/venv/lib/python3.11/site-packages"], "/venv", None),
         (["/work/pip-build-envy/lib"], "/work/my-build-env", None),
     ],
@@ -159,7 +160,8 @@ def test_setup_py_stops_in_an_isolated_build_unless_allowed(tmp_path):
     assert stopped.returncode != 0
     assert "pip's isolated build environment" in stopped.stderr
     assert "--no-build-isolation" in stopped.stderr
-    allowed = _run_setup(ROOT, {"FUSED_TRAIN_ALLOW_BUILD_ISOLATION": "1", "FUSED_TRAIN_FORCE_CPU": "1"}, str(fake))
+    allow = {"FUSED_TRAIN_ALLOW_BUILD_ISOLATION": "1", "FUSED_TRAIN_FORCE_CPU": "1"}
+    allowed = _run_setup(ROOT, allow, str(fake))
     assert allowed.returncode == 0, allowed.stderr
     assert allowed.stdout.strip().splitlines()[-1] == "fused_train"
 
