@@ -12,8 +12,8 @@ Stages, each timed:
   3. check: the sdist holds every tracked file but .ci/ and .gitignore, the wheel the compiled _C and the
             torch version it was built against;
   4. venv:  a fresh venv from the same base Python with the same torch version (pip takes it from its
-            cache), ninja, setuptools and wheel; fused_train's runtime dependencies are left out
-            (--no-deps): importing and stepping need none of them;
+            cache), ninja, setuptools and wheel, created while stage 2 compiles (it is mostly unpacking);
+            fused_train's runtime dependencies are left out (--no-deps): importing and stepping need none;
   5. sdist: `pip install --no-build-isolation --no-deps` of the sdist into it (compiles again), then the
             smoke test: import, one fused_train.optim.AdamW step and one fused_train.nn.CrossEntropyLoss
             forward and backward on a tiny model, compared with torch's;
@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import zipfile
 
@@ -73,6 +74,11 @@ print(f"smoke test passed: loss {loss.item():.6f} (torch {expected.item():.6f}),
 """
 
 
+def shown(command):
+    """A command as printed: a multi-line -c script is named, not echoed."""
+    return " ".join("<script>" if "\n" in arg else arg for arg in command)
+
+
 class Stages:
     """Runs commands stage by stage and prints how long each took."""
 
@@ -87,19 +93,65 @@ class Stages:
             if callable(command):
                 command()
                 continue
-            print("+ " + " ".join(command), flush=True)
+            print("+ " + shown(command), flush=True)
             status = subprocess.run(command, check=False, cwd=cwd).returncode
             if status != 0:
-                sys.exit(f"check_dist: stage '{name}' failed (exit status {status}): {' '.join(command)}")
-        seconds = time.monotonic() - began
-        self.times.append((name, seconds))
-        print(f"-- {name}: {seconds:.1f} s", flush=True)
+                sys.exit(f"check_dist: stage '{name}' failed (exit status {status}): {shown(command)}")
+        self.record(name, time.monotonic() - began)
+
+    def record(self, name, seconds, note=""):
+        self.times.append((name, seconds, note))
+        print(f"-- {name}: {seconds:.1f} s{note}", flush=True)
 
     def summary(self):
         print("\ncheck_dist: all stages passed")
-        for name, seconds in self.times:
-            print(f"  {name:<44} {seconds:7.1f} s")
-        print(f"  {'total':<44} {time.monotonic() - self.start:7.1f} s")
+        for name, seconds, note in self.times:
+            print(f"  {name:<56} {seconds:7.1f} s{note}")
+        print(f"  {'total (wall clock)':<56} {time.monotonic() - self.start:7.1f} s")
+
+
+class InBackground:
+    """Commands run one after another in a thread, their output into a log printed if one fails."""
+
+    def __init__(self, commands, log):
+        self.commands, self.log, self.failed = commands, log, None
+        self.began = time.monotonic()
+        self.seconds = None
+        self.process, self.stopped = None, False
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self):
+        with open(self.log, "w") as log:
+            for command in self.commands:
+                if self.stopped:
+                    break
+                log.write("+ " + shown(command) + "\n")
+                log.flush()
+                self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+                status = self.process.wait()
+                if status != 0:
+                    self.failed = f"exit status {status}: {shown(command)}"
+                    break
+        self.seconds = time.monotonic() - self.began
+
+    def stop(self):
+        """Ends the running command (when an earlier stage failed) and waits for the thread."""
+        self.stopped = True
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+        self.thread.join()
+
+    def join(self, stages, name):
+        print(f"\n== {name}", flush=True)
+        waited = time.monotonic()
+        self.thread.join()
+        waited = time.monotonic() - waited
+        with open(self.log) as log:
+            print(log.read(), end="")
+        if self.failed:
+            sys.exit(f"check_dist: stage '{name}' failed ({self.failed})")
+        stages.record(name, self.seconds, f" (beside the build; waited {waited:.1f} s for it)")
 
 
 def git(*args):
@@ -176,17 +228,21 @@ def main():
     smoke = [venv_python, "-W", "ignore::UserWarning", "-c", SMOKE_TEST]
     stages = Stages()
     files = {}
+    fresh_venv = None
     try:
         stages.run("copy sources (" + ("worktree" if args.worktree else "git archive HEAD") + ")",
                    lambda: files.update(tracked=copy_sources(src, args.worktree)))
+        fresh_venv = InBackground(
+            [[python, "-m", "venv", venv],
+             [venv_python, "-m", "pip", "install", "--quiet", f"torch=={torch_version}", "ninja",
+              "setuptools", "wheel"]],
+            os.path.join(work, "venv.log"),
+        )
         stages.run("python -m build --no-isolation (sdist, wheel from sdist)",
                    [python, "-m", "build", "--no-isolation", "--outdir", dist, src])
         stages.run("check sdist and wheel contents",
                    lambda: files.update(check_contents(dist, files["tracked"])))
-        stages.run(f"fresh venv with torch=={torch_version}",
-                   [python, "-m", "venv", venv],
-                   [venv_python, "-m", "pip", "install", "--quiet", f"torch=={torch_version}", "ninja",
-                    "setuptools", "wheel"])
+        fresh_venv.join(stages, f"fresh venv with torch=={torch_version}")
         stages.run("install the sdist (--no-build-isolation) + smoke test",
                    [venv_python, "-m", "pip", "install", "--quiet", "--no-build-isolation", "--no-deps",
                     files["sdist"]],
@@ -197,6 +253,8 @@ def main():
                    smoke, cwd=run_dir)
         stages.summary()
     finally:
+        if fresh_venv is not None:
+            fresh_venv.stop()
         if args.keep:
             print(f"check_dist: kept {work}")
         else:
