@@ -142,7 +142,20 @@ def test_build_isolation_message():
     assert "no torch" in check.build_isolation_message("uv's isolated build environment", None, None)
 
 
+def _source_copy(folder):
+    """What setup.py reads, copied into folder: setup.py runs there without touching the checkout (it writes
+    fused_train/_built_against.py) and may be given an incomplete tree."""
+    folder.mkdir(exist_ok=True)
+    shutil.copy(os.path.join(ROOT, "setup.py"), folder)
+    shutil.copy(os.path.join(ROOT, "pyproject.toml"), folder)
+    shutil.copytree(os.path.join(ROOT, "fused_train"), folder / "fused_train",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__", "_built_against.py"))
+    shutil.copytree(os.path.join(ROOT, "csrc"), folder / "csrc")
+    return folder
+
+
 def _run_setup(cwd, extra_env, extra_path=None):
+    """`python setup.py --name` in cwd: runs every check setup.py makes, compiles nothing."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSED_TRAIN_")}
     env.update(extra_env)
     if extra_path:
@@ -152,29 +165,28 @@ def _run_setup(cwd, extra_env, extra_path=None):
 
 
 def test_setup_py_stops_in_an_isolated_build_unless_allowed(tmp_path):
+    source = _source_copy(tmp_path / "src")
     # A sys.path entry of pip's isolated environment, while this interpreter's own site-packages (and its
     # torch) stays visible: pip's marker, and no torch known to be the user's.
     fake = tmp_path / "pip-build-env-test" / "site"
     fake.mkdir(parents=True)
-    stopped = _run_setup(ROOT, {}, str(fake))
+    stopped = _run_setup(source, {}, str(fake))
     assert stopped.returncode != 0
     assert "pip's isolated build environment" in stopped.stderr
     assert "--no-build-isolation" in stopped.stderr
     allow = {"FUSED_TRAIN_ALLOW_BUILD_ISOLATION": "1", "FUSED_TRAIN_FORCE_CPU": "1"}
-    allowed = _run_setup(ROOT, allow, str(fake))
+    allowed = _run_setup(source, allow, str(fake))
     assert allowed.returncode == 0, allowed.stderr
     assert allowed.stdout.strip().splitlines()[-1] == "fused_train"
+    built_against = (source / "fused_train" / "_built_against.py").read_text()
+    assert f"TORCH_VERSION = {torch.__version__!r}" in built_against
 
 
 def test_setup_py_names_a_missing_source_group(tmp_path):
-    # setup.py alone with the package, as an sdist without MANIFEST.in's files was: exit before compiling.
-    shutil.copy(os.path.join(ROOT, "setup.py"), tmp_path)
-    shutil.copy(os.path.join(ROOT, "pyproject.toml"), tmp_path)
-    shutil.copytree(os.path.join(ROOT, "fused_train"), tmp_path / "fused_train",
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    shutil.copytree(os.path.join(ROOT, "csrc"), tmp_path / "csrc")
-    shutil.rmtree(tmp_path / "csrc" / "cpu" / "isa")
-    result = _run_setup(str(tmp_path), {})
+    # As an sdist without MANIFEST.in's files was: exit before compiling, naming what is missing.
+    source = _source_copy(tmp_path)
+    shutil.rmtree(source / "csrc" / "cpu" / "isa")
+    result = _run_setup(source, {})
     assert result.returncode != 0
     assert "no file matches csrc/cpu/isa/kernels_" in result.stderr
     assert "incomplete" in result.stderr
