@@ -7,13 +7,18 @@ Knobs (see the README table):
   CUDA_HOME / CUDA_PATH     toolkit root (the folder holding lib64/libcudart.so); default /usr/local/cuda
   TORCH_CUDA_ARCH_LIST      e.g. "9.0" or "8.0;9.0+PTX"; default: the visible GPU, else DEFAULT_CUDA_ARCHS
   MAX_JOBS, NVCC_THREADS    parallel compile jobs; nvcc threads per job
+  FUSED_TRAIN_ALLOW_BUILD_ISOLATION=1  build inside an isolated PEP 517 environment (pip install . without
+                            --no-build-isolation) against whatever torch it holds; stopped by default
 """
 
 import glob
+import importlib.metadata
+import importlib.util
 import os
 import platform
 import sys
 
+import setuptools
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -34,6 +39,40 @@ CPU_ISA_FLAGS = {
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
 if not X86:
     CPU_ISA_FLAGS = {"default": []}
+
+
+def _sources(pattern):
+    """Files matching pattern under ROOT, as ROOT-relative paths (setuptools wants relative sources), sorted.
+    Exits when none match: a tree missing a source group (an sdist without MANIFEST.in's files) would
+    otherwise build an extension that fails to load with an undefined symbol."""
+    found = sorted(glob.glob(pattern, root_dir=ROOT, recursive=True))
+    if not found:
+        sys.exit(
+            f"setup.py: no file matches {pattern} under {ROOT}: the source tree is incomplete. Build from a "
+            "git checkout or from an sdist made by `python -m build --sdist` (MANIFEST.in lists its files)."
+        )
+    return found
+
+
+# Every source group, checked before anything is compiled. The CUDA sources are checked even for a CPU-only
+# build: an sdist must be able to build either.
+cpp_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+isa_sources = [src for isa in CPU_ISA_FLAGS for src in _sources(f"csrc/cpu/isa/kernels_{isa}.cpp")]
+header_files = (
+    _sources("csrc/include/fused_train/*.h") + _sources("csrc/*.h") + _sources("csrc/cpu/*.h")
+    + _sources("csrc/cpu/kernel_table.inl") + _sources("csrc/cuda/*.cuh")
+)
+cuda_sources = _sources("csrc/cuda/*.cu")
+
+
+def _load_torch_version_check():
+    """fused_train/_torch_version_check.py, loaded by path: importing the package would load _C."""
+    spec = importlib.util.spec_from_file_location(
+        "fused_train_torch_version_check", os.path.join(ROOT, "fused_train", "_torch_version_check.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _flag(name):
@@ -71,6 +110,34 @@ if _which(_cxx.split()[0]) is None and not os.path.isfile(_cxx.split()[0]):
     sys.exit(
         f"setup.py: no C++ compiler found ({_cxx!r} is not on PATH). Install one (e.g. `apt-get install g++`) "
         "or point CXX at it."
+    )
+
+# An isolated build (pip install . without --no-build-isolation) compiles against the torch pip installed into
+# a throwaway environment, which may not be the torch fused_train will be imported with: stop it here, before
+# torch is imported, unless that environment's torch is the very one being installed into.
+torch_version_check = _load_torch_version_check()
+isolated_env = torch_version_check.isolated_build_env(sys.path, sys.prefix)
+if isolated_env and not _flag(torch_version_check.ALLOW_ISOLATION_VAR):
+    try:
+        build_torch = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        build_torch = None
+    user_torch = torch_version_check.hidden_environment_torch(sys.path, sys.prefix)
+    message = torch_version_check.build_isolation_message(isolated_env, build_torch, user_torch)
+    if message is not None:
+        sys.exit(message)
+    print(f"setup.py: building in {isolated_env} against torch {build_torch}, the torch of the environment "
+          "it installs into.", file=sys.stderr)
+
+# setuptools < 70.1 makes wheels, their metadata (dist_info) and PEP 660 editable installs through the
+# separate `wheel` package; without it the build fails with "invalid command 'bdist_wheel'".
+_setuptools_version = tuple(int(part) for part in setuptools.__version__.split(".")[:2] if part.isdigit())
+if _setuptools_version < (70, 1) and {"bdist_wheel", "dist_info", "editable_wheel"} & set(sys.argv) and (
+    importlib.util.find_spec("wheel") is None
+):
+    sys.exit(
+        f"setup.py: setuptools {setuptools.__version__} builds wheels through the `wheel` package, which is "
+        "not installed: `pip install wheel` (or `pip install -U setuptools`), then build again."
     )
 
 force_cpu = _flag("FUSED_TRAIN_FORCE_CPU")
@@ -138,11 +205,25 @@ nvcc_flags = system_includes + [
 if os.environ.get("NVCC_THREADS"):
     nvcc_flags.append(f"--threads={os.environ['NVCC_THREADS']}")
 
-sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-if build_cuda:
-    sources += sorted(glob.glob("csrc/cuda/*.cu"))
-# The per-ISA kernel files are compiled by FusedTrainBuild below, each with its own flags.
-isa_sources = sorted(glob.glob("csrc/cpu/isa/*.cpp"))
+sources = cpp_sources + (cuda_sources if build_cuda else [])
+# The per-ISA kernel files (isa_sources) are compiled by FusedTrainBuild below, each with its own flags.
+
+# The torch this build compiles against, for fused_train/__init__.py to compare with the torch that imports
+# it (an ImportError naming both instead of an undefined symbol). Generated, not tracked by git; rewritten
+# only when it changes, so an unchanged tree stays unchanged.
+BUILT_AGAINST = os.path.join(ROOT, "fused_train", "_built_against.py")
+_built_against = (
+    "# Written by setup.py: the torch fused_train._C was compiled against (not tracked by git).\n"
+    f"TORCH_VERSION = {torch.__version__!r}\n"
+)
+try:
+    with open(BUILT_AGAINST) as f:
+        _recorded = f.read()
+except FileNotFoundError:
+    _recorded = None
+if _recorded != _built_against:
+    with open(BUILT_AGAINST, "w") as f:
+        f.write(_built_against)
 
 
 class FusedTrainBuild(BuildExtension):
@@ -151,9 +232,7 @@ class FusedTrainBuild(BuildExtension):
     def build_extension(self, ext):
         objects = []
         for isa, flags in CPU_ISA_FLAGS.items():
-            srcs = [s for s in isa_sources if os.path.basename(s).endswith(f"_{isa}.cpp")]
-            if not srcs:
-                continue
+            srcs = [s for s in isa_sources if os.path.basename(s) == f"kernels_{isa}.cpp"]
             out_dir = os.path.join(self.build_temp, "isa", isa)
             objects += self.compiler.compile(
                 srcs,
@@ -190,13 +269,22 @@ ext_modules = [
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_link_args=LINK_ARGS,
-        depends=sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True)),
+        depends=header_files,
         py_limited_api=False,
         **ext_kwargs,
     )
 ]
 
+# The license is given here, not in pyproject.toml (`dynamic = ["license"]`): setuptools < 77 (a fresh
+# Python 3.11 venv has 65.5) rejects the SPDX string `license = "BSD-3-Clause"`, and setuptools >= 77
+# deprecates the table form `{text = ...}` (an error from 2027-02-18). Both accept this, without a warning.
+if _setuptools_version >= (77, 0):
+    license_kwargs = {"license_expression": "BSD-3-Clause"}
+else:
+    license_kwargs = {"license": "BSD-3-Clause"}
+
 setup(
+    **license_kwargs,
     ext_modules=ext_modules,
     cmdclass={"build_ext": FusedTrainBuild.with_options(use_ninja=True)},
 )

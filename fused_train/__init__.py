@@ -4,11 +4,37 @@
 ``fused_train.nn`` holds a one-pass cross-entropy. Both are drop-ins for their torch counterparts.
 """
 
-import torch  # noqa: F401  (loads libtorch before our extension)
+import torch  # loads libtorch before our extension
 
-from . import _C  # noqa: F401  (registers the torch.ops.fused_train ops)
-from . import _ops  # noqa: F401  (fake kernels for torch.compile)
-from . import nn, optim
+from . import _torch_version_check
+
+
+def _load_compiled_kernels():
+    """Imports _C, which registers the torch.ops.fused_train ops; a torch other than the one _C was built
+    against, or a failed load, raises an ImportError naming both torch versions and the rebuild command."""
+    try:
+        from ._built_against import TORCH_VERSION as built  # written by setup.py
+    except ImportError:  # built by something that records nothing (an older setup.py)
+        built = None
+    check = _torch_version_check
+    rebuild = check.rebuild_command(__path__[0])
+    mismatch = check.torch_mismatch_message(built, torch.__version__, rebuild)
+    if mismatch is not None:
+        raise ImportError(mismatch)
+    try:
+        from . import _C  # noqa: F401
+    except (ImportError, OSError) as error:
+        reason = check.load_error_reason(error, __path__[0])
+        raise ImportError(check.load_failure_message(built, torch.__version__, reason, rebuild)) from error
+
+
+_load_compiled_kernels()
+
+from . import (
+    _ops,  # noqa: F401  (fake kernels for torch.compile)
+    nn,
+    optim,
+)
 from ._build_info import build_info
 
 __all__ = ["build_info", "nn", "optim"]

@@ -1,0 +1,265 @@
+"""Build fused_train's sdist and wheel from a clean copy of the repository, install each into a fresh venv,
+and check that it imports and computes what torch does.
+
+    .venv/bin/python tools/check_dist.py                 # the sources of HEAD (CI)
+    .venv/bin/python tools/check_dist.py --worktree      # tracked and untracked-but-not-ignored files
+
+Stages, each timed:
+  1. copy:  `git archive HEAD` (or the worktree's files) into a temporary folder, so build products and other
+            untracked files of the checkout cannot leak into the distributions;
+  2. build: `python -m build --no-isolation` with the Python running this script: the sdist, then the wheel
+            built from the unpacked sdist (so the sdist alone must be enough to compile);
+  3. check: the sdist holds every tracked file but .ci/ and .gitignore, the wheel the compiled _C and the
+            torch version it was built against;
+  4. venv:  a fresh venv from the same base Python with the same torch version (pip takes it from its
+            cache), ninja, setuptools and wheel, created while stage 2 compiles (it is mostly unpacking);
+            fused_train's runtime dependencies are left out (--no-deps): importing and stepping need none;
+  5. sdist: `pip install --no-build-isolation --no-deps` of the sdist into it (compiles again), then the
+            smoke test: import, one fused_train.optim.AdamW step and one fused_train.nn.CrossEntropyLoss
+            forward and backward on a tiny model, compared with torch's;
+  6. wheel: `pip install --force-reinstall --no-deps` of the wheel (no compiler involved), then the smoke
+            test.
+
+FUSED_TRAIN_* build knobs, MAX_JOBS and TORCH_CUDA_ARCH_LIST pass through to both builds:
+FUSED_TRAIN_FORCE_CPU=1 keeps them to the CPU kernels. Exits non-zero at the first failing stage.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Tracked files an sdist does not need: CI wiring and git's own.
+NOT_IN_SDIST = (".ci/", ".gitignore")
+
+# Runs inside the fresh venv, from a folder without a fused_train/ in it.
+SMOKE_TEST = r"""
+import copy, sys
+import torch
+import fused_train
+
+assert fused_train.__file__.startswith(sys.prefix), f"imported {fused_train.__file__}, not the venv's copy"
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+reference = copy.deepcopy(model)
+x, y = torch.randn(32, 8), torch.randint(0, 5, (32,))
+
+loss = fused_train.nn.CrossEntropyLoss(label_smoothing=0.1)(model(x), y)
+expected = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(reference(x), y)
+loss.backward()
+expected.backward()
+torch.testing.assert_close(loss, expected)
+for p, q in zip(model.parameters(), reference.parameters()):
+    torch.testing.assert_close(p.grad, q.grad)
+
+optimizer = fused_train.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+torch_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+optimizer.step()
+torch_optimizer.step()
+for p, q in zip(model.parameters(), reference.parameters()):
+    torch.testing.assert_close(p, q)
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        torch.testing.assert_close(optimizer.state[p][key], torch_optimizer.state[q][key])
+info = fused_train.build_info()
+print(f"smoke test passed: loss {loss.item():.6f} (torch {expected.item():.6f}), AdamW step matches; "
+      f"built against torch {info['torch_version']}, CUDA kernels {info['cuda_archs'] or 'none'}, "
+      f"CPU kernels {info['cpu_capability']}")
+"""
+
+
+def shown(command):
+    """A command as printed: a multi-line -c script is named, not echoed."""
+    return " ".join("<script>" if "\n" in arg else arg for arg in command)
+
+
+class Stages:
+    """Runs commands stage by stage and prints how long each took."""
+
+    def __init__(self):
+        self.start = time.monotonic()
+        self.times = []
+
+    def run(self, name, *commands, cwd=None):
+        print(f"\n== {name}", flush=True)
+        began = time.monotonic()
+        for command in commands:
+            if callable(command):
+                command()
+                continue
+            print("+ " + shown(command), flush=True)
+            status = subprocess.run(command, check=False, cwd=cwd).returncode
+            if status != 0:
+                sys.exit(f"check_dist: stage '{name}' failed (exit status {status}): {shown(command)}")
+        self.record(name, time.monotonic() - began)
+
+    def record(self, name, seconds, note=""):
+        self.times.append((name, seconds, note))
+        print(f"-- {name}: {seconds:.1f} s{note}", flush=True)
+
+    def summary(self):
+        print("\ncheck_dist: all stages passed")
+        for name, seconds, note in self.times:
+            print(f"  {name:<56} {seconds:7.1f} s{note}")
+        print(f"  {'total (wall clock)':<56} {time.monotonic() - self.start:7.1f} s")
+
+
+class InBackground:
+    """Commands run one after another in a thread, their output into a log printed if one fails."""
+
+    def __init__(self, commands, log):
+        self.commands, self.log, self.failed = commands, log, None
+        self.began = time.monotonic()
+        self.seconds = None
+        self.process, self.stopped = None, False
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self):
+        with open(self.log, "w") as log:
+            for command in self.commands:
+                if self.stopped:
+                    break
+                log.write("+ " + shown(command) + "\n")
+                log.flush()
+                self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+                status = self.process.wait()
+                if status != 0:
+                    self.failed = f"exit status {status}: {shown(command)}"
+                    break
+        self.seconds = time.monotonic() - self.began
+
+    def stop(self):
+        """Ends the running command (when an earlier stage failed) and waits for the thread."""
+        self.stopped = True
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+        self.thread.join()
+
+    def join(self, stages, name):
+        print(f"\n== {name}", flush=True)
+        waited = time.monotonic()
+        self.thread.join()
+        waited = time.monotonic() - waited
+        with open(self.log) as log:
+            print(log.read(), end="")
+        if self.failed:
+            sys.exit(f"check_dist: stage '{name}' failed ({self.failed})")
+        stages.record(name, self.seconds, f" (beside the build; waited {waited:.1f} s for it)")
+
+
+def git(*args):
+    return subprocess.run(["git", "-C", ROOT, *args], check=True, capture_output=True, text=True).stdout
+
+
+def copy_sources(dest, worktree):
+    """HEAD through git archive, or the worktree's tracked and untracked-but-not-ignored files. Returns the
+    list of tracked files the copy holds."""
+    if worktree:
+        files = [f for f in git("ls-files", "-co", "--exclude-standard", "-z").split("\0") if f]
+        files = [f for f in files if os.path.exists(os.path.join(ROOT, f))]
+        for name in files:
+            os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), os.path.join(dest, name))
+        return files
+    if git("status", "--porcelain", "--untracked-files=no").strip():
+        print("check_dist: note: uncommitted changes are not checked (HEAD is; --worktree checks them)")
+    archive = subprocess.Popen(["git", "-C", ROOT, "archive", "--format=tar", "HEAD"], stdout=subprocess.PIPE)
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12 / 3.11.4
+    with tarfile.open(fileobj=archive.stdout, mode="r|") as tar:
+        tar.extractall(dest, **safe)
+    if archive.wait() != 0:
+        sys.exit("check_dist: git archive HEAD failed")
+    return [f for f in git("ls-tree", "-r", "--name-only", "-z", "HEAD").split("\0") if f]
+
+
+def check_contents(dist, tracked):
+    """The sdist holds every tracked file it should, the wheel the compiled _C; returns their paths."""
+    sdist = next(os.path.join(dist, f) for f in os.listdir(dist) if f.endswith(".tar.gz"))
+    wheel = next(os.path.join(dist, f) for f in os.listdir(dist) if f.endswith(".whl"))
+    with tarfile.open(sdist) as tar:
+        in_sdist = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    missing = [f for f in tracked if not f.startswith(NOT_IN_SDIST) and f not in in_sdist]
+    if missing:
+        sys.exit("check_dist: the sdist lacks tracked files (add them to MANIFEST.in):\n  "
+                 + "\n  ".join(missing))
+    if "fused_train/_built_against.py" in in_sdist:
+        sys.exit("check_dist: the sdist holds fused_train/_built_against.py (each build writes its own)")
+    with zipfile.ZipFile(wheel) as whl:
+        names = whl.namelist()
+    if not any(n.startswith("fused_train/_C") and n.endswith(".so") for n in names):
+        sys.exit(f"check_dist: the wheel holds no compiled fused_train/_C*.so: {names}")
+    if "fused_train/_built_against.py" not in names:
+        sys.exit("check_dist: the wheel lacks fused_train/_built_against.py")
+    print(f"sdist: {len(in_sdist)} entries, every tracked file but {', '.join(NOT_IN_SDIST)}; "
+          f"wheel: {len(names)} files with the compiled _C")
+    return {"sdist": sdist, "wheel": wheel}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worktree", action="store_true",
+                        help="check the worktree's files (tracked + untracked, not ignored) instead of HEAD")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder and print its path")
+    args = parser.parse_args()
+
+    python = sys.executable
+    torch_version = subprocess.run(
+        [python, "-c", "import importlib.metadata as m; print(m.version('torch'))"],
+        check=False, capture_output=True, text=True,
+    ).stdout.strip()
+    build_missing = subprocess.run([python, "-c", "import build"], check=False,
+                                   capture_output=True).returncode
+    if not torch_version or build_missing:
+        sys.exit(f"check_dist: {python} needs torch and pypa/build: "
+                 f"`{python} -m pip install torch build ninja`")
+
+    work = tempfile.mkdtemp(prefix="fused-train-check-dist-")
+    src, dist, venv, run_dir = (os.path.join(work, d) for d in ("src", "dist", "venv", "run"))
+    for folder in (src, run_dir):
+        os.makedirs(folder)
+    venv_python = os.path.join(venv, "bin", "python")
+    smoke = [venv_python, "-W", "ignore::UserWarning", "-c", SMOKE_TEST]
+    stages = Stages()
+    files = {}
+    fresh_venv = None
+    try:
+        stages.run("copy sources (" + ("worktree" if args.worktree else "git archive HEAD") + ")",
+                   lambda: files.update(tracked=copy_sources(src, args.worktree)))
+        fresh_venv = InBackground(
+            [[python, "-m", "venv", venv],
+             [venv_python, "-m", "pip", "install", "--quiet", f"torch=={torch_version}", "ninja",
+              "setuptools", "wheel"]],
+            os.path.join(work, "venv.log"),
+        )
+        stages.run("python -m build --no-isolation (sdist, wheel from sdist)",
+                   [python, "-m", "build", "--no-isolation", "--outdir", dist, src])
+        stages.run("check sdist and wheel contents",
+                   lambda: files.update(check_contents(dist, files["tracked"])))
+        fresh_venv.join(stages, f"fresh venv with torch=={torch_version}")
+        stages.run("install the sdist (--no-build-isolation) + smoke test",
+                   [venv_python, "-m", "pip", "install", "--quiet", "--no-build-isolation", "--no-deps",
+                    files["sdist"]],
+                   smoke, cwd=run_dir)
+        stages.run("install the wheel + smoke test",
+                   [venv_python, "-m", "pip", "install", "--quiet", "--force-reinstall", "--no-deps",
+                    files["wheel"]],
+                   smoke, cwd=run_dir)
+        stages.summary()
+    finally:
+        if fresh_venv is not None:
+            fresh_venv.stop()
+        if args.keep:
+            print(f"check_dist: kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
