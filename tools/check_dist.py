@@ -18,7 +18,13 @@ Stages, each timed:
             smoke test: import, one fused_train.optim.AdamW step and one fused_train.nn.CrossEntropyLoss
             forward and backward on a tiny model, compared with torch's;
   6. wheel: `pip install --force-reinstall --no-deps` of the wheel (no compiler involved), then the smoke
-            test.
+            test;
+  7. each --torch VERSION[:cuda]: a venv of its own with that torch (created beside stage 2), the sdist
+            installed into it (CPU kernels only; with `:cuda` the CUDA kernels too, FUSED_TRAIN_FORCE_CUDA=1 and
+            TORCH_CUDA_ARCH_LIST=9.0 unless set), the smoke test, then `pytest -m smoke` over the sdist's own
+            tests/ (run from outside the sources, so the installed package is the one tested).
+
+    .venv/bin/python tools/check_dist.py --torch 2.5.1 --torch 2.11.0:cuda   # what `make test` runs
 
 FUSED_TRAIN_* build knobs, MAX_JOBS and TORCH_CUDA_ARCH_LIST pass through to both builds:
 FUSED_TRAIN_FORCE_CPU=1 keeps them to the CPU kernels. Exits non-zero at the first failing stage.
@@ -86,7 +92,7 @@ class Stages:
         self.start = time.monotonic()
         self.times = []
 
-    def run(self, name, *commands, cwd=None):
+    def run(self, name, *commands, cwd=None, env=None):
         print(f"\n== {name}", flush=True)
         began = time.monotonic()
         for command in commands:
@@ -94,7 +100,7 @@ class Stages:
                 command()
                 continue
             print("+ " + shown(command), flush=True)
-            status = subprocess.run(command, check=False, cwd=cwd).returncode
+            status = subprocess.run(command, check=False, cwd=cwd, env=env).returncode
             if status != 0:
                 sys.exit(f"check_dist: stage '{name}' failed (exit status {status}): {shown(command)}")
         self.record(name, time.monotonic() - began)
@@ -202,11 +208,65 @@ def check_contents(dist, tracked):
     return {"sdist": sdist, "wheel": wheel}
 
 
+# What `pytest -m smoke` needs beside torch: the package's runtime dependencies and the test tools.
+TEST_REQUIREMENTS = ["numpy", "tqdm", "scikit-learn", "pytest", "pytest-benchmark", "hypothesis", "ninja",
+                     "setuptools", "wheel"]
+
+
+class TorchLeg:
+    """One extra torch version: its venv (made in the background), the sdist built and tested in it."""
+
+    def __init__(self, spec, work):
+        version, _, kind = spec.partition(":")
+        if not version or kind not in ("", "cuda"):
+            sys.exit(f"check_dist: --torch expects VERSION or VERSION:cuda, got {spec!r}")
+        self.version, self.cuda = version, kind == "cuda"
+        self.venv = os.path.join(work, f"venv-torch-{version}")
+        self.python = os.path.join(self.venv, "bin", "python")
+        self.maker = InBackground(
+            [[sys.executable, "-m", "venv", self.venv],
+             [self.python, "-m", "pip", "install", "--quiet", f"torch=={version}", *TEST_REQUIREMENTS]],
+            os.path.join(work, f"venv-torch-{version}.log"),
+        )
+
+    def build_env(self):
+        env = dict(os.environ)
+        env.pop("FUSED_TRAIN_FORCE_CPU" if self.cuda else "FUSED_TRAIN_FORCE_CUDA", None)
+        if self.cuda:
+            env["FUSED_TRAIN_FORCE_CUDA"] = "1"
+            env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        else:
+            env["FUSED_TRAIN_FORCE_CPU"] = "1"
+        return env
+
+    def check(self, stages, sdist, sdist_tree, run_dir):
+        self.maker.join(stages, f"venv with torch=={self.version}")
+        kernels = f"CPU + CUDA {self.build_env()['TORCH_CUDA_ARCH_LIST']}" if self.cuda else "CPU"
+        stages.run(f"torch {self.version}: install the sdist ({kernels} kernels) + smoke test",
+                   [self.python, "-m", "pip", "install", "--quiet", "--no-build-isolation", "--no-deps", sdist],
+                   [self.python, "-W", "ignore::UserWarning", "-c", SMOKE_TEST], cwd=run_dir, env=self.build_env())
+        stages.run(f"torch {self.version}: pytest -m smoke (the sdist's tests)",
+                   [self.python, "-m", "pytest", "-q", "-m", "smoke", "-p", "no:cacheprovider",
+                    os.path.join(sdist_tree, "tests")], cwd=run_dir)
+
+
+def unpack_sdist(sdist, dest):
+    """The sdist's files under dest; returns the folder holding its pyproject.toml."""
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    with tarfile.open(sdist) as tar:
+        tar.extractall(dest, **safe)
+    (top,) = os.listdir(dest)
+    return os.path.join(dest, top)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worktree", action="store_true",
                         help="check the worktree's files (tracked + untracked, not ignored) instead of HEAD")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder and print its path")
+    parser.add_argument("--torch", action="append", default=[], metavar="VERSION[:cuda]",
+                        help="also install the sdist into a venv with this torch and run pytest -m smoke there "
+                             "(:cuda compiles the CUDA kernels too); repeatable")
     args = parser.parse_args()
 
     python = sys.executable
@@ -229,6 +289,7 @@ def main():
     stages = Stages()
     files = {}
     fresh_venv = None
+    legs = []
     try:
         stages.run("copy sources (" + ("worktree" if args.worktree else "git archive HEAD") + ")",
                    lambda: files.update(tracked=copy_sources(src, args.worktree)))
@@ -238,6 +299,7 @@ def main():
               "setuptools", "wheel"]],
             os.path.join(work, "venv.log"),
         )
+        legs = [TorchLeg(spec, work) for spec in args.torch]
         stages.run("python -m build --no-isolation (sdist, wheel from sdist)",
                    [python, "-m", "build", "--no-isolation", "--outdir", dist, src])
         stages.run("check sdist and wheel contents",
@@ -251,10 +313,14 @@ def main():
                    [venv_python, "-m", "pip", "install", "--quiet", "--force-reinstall", "--no-deps",
                     files["wheel"]],
                    smoke, cwd=run_dir)
+        sdist_tree = unpack_sdist(files["sdist"], os.path.join(work, "sdist-tree")) if legs else None
+        for leg in legs:
+            leg.check(stages, files["sdist"], sdist_tree, run_dir)
         stages.summary()
     finally:
-        if fresh_venv is not None:
-            fresh_venv.stop()
+        for background in [fresh_venv] + [leg.maker for leg in legs]:
+            if background is not None:
+                background.stop()
         if args.keep:
             print(f"check_dist: kept {work}")
         else:
