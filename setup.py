@@ -57,7 +57,7 @@ def _sources(pattern):
 # Every source group, checked before anything is compiled. The CUDA sources are checked even for a CPU-only
 # build: an sdist must be able to build either.
 cpp_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-isa_sources = [src for isa in CPU_ISA_FLAGS for src in _sources(f"csrc/cpu/isa/kernels_{isa}.cpp")]
+isa_sources = {isa: _sources(f"csrc/cpu/isa/kernels_{isa}.cpp") for isa in CPU_ISA_FLAGS}
 header_files = (
     _sources("csrc/include/fused_train/*.h") + _sources("csrc/*.h") + _sources("csrc/cpu/*.h")
     + _sources("csrc/cpu/kernel_table.inl") + _sources("csrc/cuda/*.cuh")
@@ -232,10 +232,9 @@ class FusedTrainBuild(BuildExtension):
     def build_extension(self, ext):
         objects = []
         for isa, flags in CPU_ISA_FLAGS.items():
-            srcs = [s for s in isa_sources if os.path.basename(s) == f"kernels_{isa}.cpp"]
             out_dir = os.path.join(self.build_temp, "isa", isa)
             objects += self.compiler.compile(
-                srcs,
+                isa_sources[isa],
                 output_dir=out_dir,
                 macros=ext.define_macros,
                 include_dirs=ext.include_dirs + self.compiler.include_dirs,

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import fused_train
 from conftest import DEVICES, FLOAT_DTYPES
+from fused_train._ops import _opmath
 from fused_train.nn.functional import cross_entropy, cross_entropy_with_lse
 from fused_train.reference import cross_entropy_reference
 
@@ -23,10 +24,6 @@ XENT_TOL = {
     torch.bfloat16: dict(rtol=2 ** -7, atol=2e-4),
     torch.float16: dict(rtol=2 ** -10, atol=2e-5),
 }
-
-
-def _opmath(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check(device, dtype, input_shape, target_kind="index", weighted=False, reduction="mean", label_smoothing=0.0,

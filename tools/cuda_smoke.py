@@ -18,6 +18,7 @@ import torch
 
 import fused_train
 import fused_train.nn.functional as FF
+from fused_train._ops import _opmath
 
 FAILURES = []
 CASES = 0
@@ -58,7 +59,7 @@ def optimizer_cases():
             grads = [[torch.randn(n, generator=g).to(dtype) for n in sizes] for _ in range(2)]
             ours = [p.clone().cuda().requires_grad_() for p in master]
             # Reference in fp32 (fp64 for fp64): our state and math are fp32 for half params.
-            ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            ref_dtype = _opmath(dtype)
             theirs = [p.to(ref_dtype).clone().cuda().requires_grad_() for p in master]
             opt = getattr(fused_train.optim, name)(ours, **cfg)
             ref = getattr(torch.optim, name)(theirs, foreach=False, **cfg)

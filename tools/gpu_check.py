@@ -70,7 +70,7 @@ class Run:
         """Runs commands one after another into DIR/name.log; returns True when all exited 0."""
         log_path = self.out / f"{name}.log"
         if skip is not None:
-            self._record(name, "skipped", 0.0, skip)
+            self.record(name, "skipped", 0.0, skip)
             return False
         start = time.monotonic()
         status, detail = "passed", ""
@@ -91,10 +91,10 @@ class Run:
                 if rc != 0:
                     status, detail = "failed", f"exit status {rc}: {' '.join(command)[:120]}"
                     break
-        self._record(name, status, time.monotonic() - start, detail, log_path)
+        self.record(name, status, time.monotonic() - start, detail, log_path)
         return status == "passed"
 
-    def _record(self, name, status, seconds, detail, log_path=None):
+    def record(self, name, status, seconds, detail, log_path=None):
         row = {"stage": name, "status": status, "seconds": round(seconds, 1), "detail": detail}
         if log_path is not None:
             row["log"] = log_path.name
@@ -139,7 +139,7 @@ class Sanitizers:
     def finish(self) -> None:
         if self.skip is not None:
             failed = self.skip.startswith("FAILED")
-            self.run._record("sanitize", "failed" if failed else "skipped", 0.0, self.skip)
+            self.run.record("sanitize", "failed" if failed else "skipped", 0.0, self.skip)
             return
         failed = []
         for tool, (proc, log) in self.procs.items():
@@ -154,7 +154,7 @@ class Sanitizers:
             if rc != 0:
                 failed.append(f"{tool} ({'timed out' if rc == 'timeout' else f'exit {rc}'})")
         detail = ("failed: " + ", ".join(failed)) if failed else "memcheck, racecheck, synccheck, initcheck clean"
-        self.run._record("sanitize", "failed" if failed else "passed", time.monotonic() - self.start, detail)
+        self.run.record("sanitize", "failed" if failed else "passed", time.monotonic() - self.start, detail)
 
 
 def main(argv=None) -> int:
