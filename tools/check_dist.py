@@ -11,19 +11,23 @@ Stages, each timed:
             built from the unpacked sdist (so the sdist alone must be enough to compile);
   3. check: the sdist holds every tracked file but .ci/ and .gitignore, the wheel the compiled _C and the
             torch version it was built against;
-  4. venv:  a fresh venv from the same base Python with the same torch version (pip takes it from its
-            cache), ninja, setuptools and wheel, created while stage 2 compiles (it is mostly unpacking);
-            fused_train's runtime dependencies are left out (--no-deps): importing and stepping need none;
+  4. venv:  a fresh venv from the same base Python that takes torch (and ninja, setuptools) from the Python
+            running this script by path: a line in a .pth file, so that interpreter's own .pth files are not
+            run and nothing of the checkout reaches the venv; a second copy of torch would cost 6 GB of disk,
+            which CI machines do not always have. fused_train's runtime dependencies are left out (--no-deps):
+            importing and stepping need none;
   5. sdist: `pip install --no-build-isolation --no-deps` of the sdist into it (compiles again), then the
             smoke test: import, one fused_train.optim.AdamW step and one fused_train.nn.CrossEntropyLoss
             forward and backward on a tiny model, compared with torch's (left out with --torch, whose venvs
             each install the sdist fresh);
   6. wheel: `pip install --force-reinstall --no-deps` of the wheel (no compiler involved), then the smoke
             test;
-  7. each --torch VERSION[:cuda]: a venv of its own with that torch (created beside stage 2), the sdist
-            installed into it (CPU kernels only; with `:cuda` the CUDA kernels too, FUSED_TRAIN_FORCE_CUDA=1 and
-            TORCH_CUDA_ARCH_LIST=9.0 unless set), the smoke test, then `pytest -m smoke` over the sdist's own
-            tests/ (run from outside the sources, so the installed package is the one tested).
+  7. each --torch VERSION[:cuda]: a venv of its own with that torch, the sdist installed into it (CPU kernels
+            only; with `:cuda` the CUDA kernels too, FUSED_TRAIN_FORCE_CUDA=1 and TORCH_CUDA_ARCH_LIST=9.0
+            unless set), the smoke test, then `pytest -m smoke` over the sdist's own tests/ (run from outside
+            the sources, so the installed package is the one tested). One such venv exists at a time (each
+            holds a CUDA build of torch, about 5 GB, and pip keeps no cache of it): the first is made beside
+            stage 2, each next one once the one before is checked and deleted.
 
     .venv/bin/python tools/check_dist.py --torch 2.5.1 --torch 2.11.0:cuda   # what `make test` runs
 
@@ -158,7 +162,7 @@ class InBackground:
             print(log.read(), end="")
         if self.failed:
             sys.exit(f"check_dist: stage '{name}' failed ({self.failed})")
-        stages.record(name, self.seconds, f" (beside the build; waited {waited:.1f} s for it)")
+        stages.record(name, self.seconds, f" (in the background; waited {waited:.1f} s for it)")
 
 
 def git(*args):
@@ -222,13 +226,25 @@ class TorchLeg:
         if not version or kind not in ("", "cuda"):
             sys.exit(f"check_dist: --torch expects VERSION or VERSION:cuda, got {spec!r}")
         self.version, self.cuda = version, kind == "cuda"
+        self.work = work
         self.venv = os.path.join(work, f"venv-torch-{version}")
         self.python = os.path.join(self.venv, "bin", "python")
+        self.maker = None
+
+    def start(self):
+        """Makes the venv in the background. No pip cache: on a fresh CI machine it saves nothing and costs
+        as much disk again as the install."""
+        print(f"check_dist: making the venv with torch=={self.version} in the background "
+              f"({free_disk(self.work)} free)", flush=True)
         self.maker = InBackground(
             [[sys.executable, "-m", "venv", self.venv],
-             [self.python, "-m", "pip", "install", "--quiet", f"torch=={version}", *TEST_REQUIREMENTS]],
-            os.path.join(work, f"venv-torch-{version}.log"),
+             [self.python, "-m", "pip", "install", "--quiet", "--no-cache-dir", f"torch=={self.version}",
+              *TEST_REQUIREMENTS]],
+            os.path.join(self.work, f"venv-torch-{self.version}.log"),
         )
+
+    def remove(self):
+        shutil.rmtree(self.venv, ignore_errors=True)
 
     def build_env(self):
         env = dict(os.environ)
@@ -251,6 +267,22 @@ class TorchLeg:
                     os.path.join(sdist_tree, "tests")], cwd=run_dir)
 
 
+def free_disk(path):
+    return f"{shutil.disk_usage(path).free / 2**30:.1f} GiB"
+
+
+def share_site_packages(python, venv_python):
+    """Puts python's site-packages on venv_python's sys.path as plain entries of a .pth file: torch and the
+    build tools become importable without a second copy, and python's own .pth files (setuptools' hooks, any
+    editable install) are not run, since only a site dir's .pth files are."""
+    query = "import sysconfig; print(sysconfig.get_path('purelib')); print(sysconfig.get_path('platlib'))"
+    paths = subprocess.run([python, "-c", query], check=True, capture_output=True, text=True).stdout.split()
+    target = subprocess.run([venv_python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(target, "zz-shared-from-build-python.pth"), "w") as pth:
+        pth.write("".join(f"{p}\n" for p in dict.fromkeys(paths)))
+
+
 def unpack_sdist(sdist, dest):
     """The sdist's files under dest; returns the folder holding its pyproject.toml."""
     safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
@@ -264,7 +296,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worktree", action="store_true",
                         help="check the worktree's files (tracked + untracked, not ignored) instead of HEAD")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder and print its path")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary folder (less the venvs, deleted as each is done) and print its path")
     parser.add_argument("--torch", action="append", default=[], metavar="VERSION[:cuda]",
                         help="also install the sdist into a venv with this torch and run pytest -m smoke there "
                              "(:cuda compiles the CUDA kernels too); repeatable")
@@ -289,23 +322,22 @@ def main():
     smoke = [venv_python, "-W", "ignore::UserWarning", "-c", SMOKE_TEST]
     stages = Stages()
     files = {}
-    fresh_venv = None
     legs = []
     try:
         stages.run("copy sources (" + ("worktree" if args.worktree else "git archive HEAD") + ")",
                    lambda: files.update(tracked=copy_sources(src, args.worktree)))
-        fresh_venv = InBackground(
-            [[python, "-m", "venv", venv],
-             [venv_python, "-m", "pip", "install", "--quiet", f"torch=={torch_version}", "ninja",
-              "setuptools", "wheel"]],
-            os.path.join(work, "venv.log"),
-        )
         legs = [TorchLeg(spec, work) for spec in args.torch]
+        if legs:
+            legs[0].start()
         stages.run("python -m build --no-isolation (sdist, wheel from sdist)",
                    [python, "-m", "build", "--no-isolation", "--outdir", dist, src])
         stages.run("check sdist and wheel contents",
                    lambda: files.update(check_contents(dist, files["tracked"])))
-        fresh_venv.join(stages, f"fresh venv with torch=={torch_version}")
+        stages.run(f"fresh venv (torch {torch_version} of the build Python, by path)",
+                   [python, "-m", "venv", venv],
+                   lambda: share_site_packages(python, venv_python),
+                   [venv_python, "-c", "import torch; assert torch.__version__.split('+')[0] == "
+                    f"{torch_version.split('+')[0]!r}, torch.__version__"])
         if not legs:  # else each --torch venv installs the sdist fresh: a third CPU compile here adds nothing
             stages.run("install the sdist (--no-build-isolation) + smoke test",
                        [venv_python, "-m", "pip", "install", "--quiet", "--no-build-isolation", "--no-deps",
@@ -316,13 +348,17 @@ def main():
                     files["wheel"]],
                    smoke, cwd=run_dir)
         sdist_tree = unpack_sdist(files["sdist"], os.path.join(work, "sdist-tree")) if legs else None
-        for leg in legs:
+        shutil.rmtree(venv)
+        for i, leg in enumerate(legs):
             leg.check(stages, files["sdist"], sdist_tree, run_dir)
+            leg.remove()
+            if i + 1 < len(legs):
+                legs[i + 1].start()
         stages.summary()
     finally:
-        for background in [fresh_venv] + [leg.maker for leg in legs]:
-            if background is not None:
-                background.stop()
+        for leg in legs:
+            if leg.maker is not None:
+                leg.maker.stop()
         if args.keep:
             print(f"check_dist: kept {work}")
         else:
