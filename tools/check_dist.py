@@ -40,6 +40,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import tempfile
 import threading
@@ -271,16 +272,15 @@ def free_disk(path):
     return f"{shutil.disk_usage(path).free / 2**30:.1f} GiB"
 
 
-def share_site_packages(python, venv_python):
-    """Puts python's site-packages on venv_python's sys.path as plain entries of a .pth file: torch and the
-    build tools become importable without a second copy, and python's own .pth files (setuptools' hooks, any
-    editable install) are not run, since only a site dir's .pth files are."""
-    query = "import sysconfig; print(sysconfig.get_path('purelib')); print(sysconfig.get_path('platlib'))"
-    paths = subprocess.run([python, "-c", query], check=True, capture_output=True, text=True).stdout.split()
-    target = subprocess.run([venv_python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                            check=True, capture_output=True, text=True).stdout.strip()
-    with open(os.path.join(target, "zz-shared-from-build-python.pth"), "w") as pth:
-        pth.write("".join(f"{p}\n" for p in dict.fromkeys(paths)))
+def share_site_packages(venv):
+    """Puts this Python's site-packages on the sys.path of venv (made from the same base Python) as plain
+    entries of a .pth file: torch and the build tools become importable without a second copy, and this
+    Python's own .pth files (setuptools' hooks, any editable install) are not run, since only a site dir's
+    .pth files are."""
+    here = sysconfig.get_paths()
+    there = sysconfig.get_paths(vars={"base": venv, "platbase": venv})
+    with open(os.path.join(there["purelib"], "zz-shared-from-build-python.pth"), "w") as pth:
+        pth.write("".join(f"{p}\n" for p in dict.fromkeys([here["purelib"], here["platlib"]])))
 
 
 def unpack_sdist(sdist, dest):
@@ -297,7 +297,8 @@ def main():
     parser.add_argument("--worktree", action="store_true",
                         help="check the worktree's files (tracked + untracked, not ignored) instead of HEAD")
     parser.add_argument("--keep", action="store_true",
-                        help="keep the temporary folder (less the venvs, deleted as each is done) and print its path")
+                        help="keep the temporary folder and print its path (the --torch venvs are deleted as each "
+                             "is checked)")
     parser.add_argument("--torch", action="append", default=[], metavar="VERSION[:cuda]",
                         help="also install the sdist into a venv with this torch and run pytest -m smoke there "
                              "(:cuda compiles the CUDA kernels too); repeatable")
@@ -335,7 +336,7 @@ def main():
                    lambda: files.update(check_contents(dist, files["tracked"])))
         stages.run(f"fresh venv (torch {torch_version} of the build Python, by path)",
                    [python, "-m", "venv", venv],
-                   lambda: share_site_packages(python, venv_python),
+                   lambda: share_site_packages(venv),
                    [venv_python, "-c", "import torch; assert torch.__version__.split('+')[0] == "
                     f"{torch_version.split('+')[0]!r}, torch.__version__"])
         if not legs:  # else each --torch venv installs the sdist fresh: a third CPU compile here adds nothing
@@ -348,7 +349,6 @@ def main():
                     files["wheel"]],
                    smoke, cwd=run_dir)
         sdist_tree = unpack_sdist(files["sdist"], os.path.join(work, "sdist-tree")) if legs else None
-        shutil.rmtree(venv)
         for i, leg in enumerate(legs):
             leg.check(stages, files["sdist"], sdist_tree, run_dir)
             leg.remove()
