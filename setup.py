@@ -60,7 +60,7 @@ cpp_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
 isa_sources = {isa: _sources(f"csrc/cpu/isa/kernels_{isa}.cpp") for isa in CPU_ISA_FLAGS}
 header_files = (
     _sources("csrc/include/fused_train/*.h") + _sources("csrc/*.h") + _sources("csrc/cpu/*.h")
-    + _sources("csrc/cpu/kernel_table.inl") + _sources("csrc/cuda/*.cuh")
+    + _sources("csrc/cpu/kernel_table.inl") + _sources("csrc/cuda/*.cuh") + _sources("csrc/cuda/*.h")
 )
 cuda_sources = _sources("csrc/cuda/*.cu")
 

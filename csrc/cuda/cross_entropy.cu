@@ -9,9 +9,8 @@
 // logits and one write of the gradient per element.
 //
 // Class indices outside [0, C) that are not ignore_index cannot raise inside a kernel without a device
-// assert (which kills the context). Instead the row's loss and gradient are written as NaN and the row and
-// value are stored in a mapped pinned host slot; every later cross-entropy op on that device checks the
-// slot on the host (no synchronisation) and raises IndexError naming them.
+// assert (which kills the context): the row's loss and gradient are written as NaN and the row is reported
+// through bad_target.cuh, which says when the IndexError comes and what happens to the step meanwhile.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -19,13 +18,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <array>
+#include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <mutex>
 #include <tuple>
 
 #include "cross_entropy_args.h"
+#include "cuda/bad_target.cuh"
 #include "fused_train/xent_math.h"
 
 namespace fused_train {
@@ -36,49 +35,22 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 // Backward slice of a row per block: kThreads threads × 4 vectors of 16 bytes (fp32: 8192 logits).
 constexpr int kVectorsPerThread = 4;
+// Both kernels stride over their work items with at most this many blocks per SM (4 resident 512-thread
+// blocks, 4 waves): the grid never nears gridDim.x's 2^31 - 1, however many rows.
+constexpr int64_t kBlocksPerSm = 16;
+
+int sm_count(int device) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+unsigned grid_blocks(int64_t items, int sms) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(items, kBlocksPerSm * sms)));
+}
 
 template <class T>
 using Opmath = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// ---------------------------------------------------------------------------------------------------
-// Out-of-range target reporting.
-struct BadTargetSlot {
-  int64_t row_plus_one;  // 0: nothing seen
-  int64_t value;
-};
-
-BadTargetSlot* bad_target_slot(int device) {
-  static std::mutex mutex;
-  static std::array<BadTargetSlot*, 64> slots{};
-  TORCH_CHECK(device >= 0 && device < static_cast<int>(slots.size()), "cross_entropy: device index ", device,
-              " is beyond the ", slots.size(), " devices fused_train tracks");
-  std::lock_guard<std::mutex> lock(mutex);
-  if (slots[device] == nullptr) {
-    void* p = nullptr;
-    C10_CUDA_CHECK(cudaHostAlloc(&p, sizeof(BadTargetSlot), cudaHostAllocMapped | cudaHostAllocPortable));
-    *static_cast<BadTargetSlot*>(p) = BadTargetSlot{0, 0};
-    slots[device] = static_cast<BadTargetSlot*>(p);
-  }
-  return slots[device];
-}
-
-BadTargetSlot* bad_target_slot_on_device(int device) {
-  void* d = nullptr;
-  C10_CUDA_CHECK(cudaHostGetDevicePointer(&d, bad_target_slot(device), 0));
-  return static_cast<BadTargetSlot*>(d);
-}
-
-void raise_if_bad_target_seen(const char* op, int device) {
-  volatile BadTargetSlot* slot = bad_target_slot(device);
-  const int64_t row_plus_one = slot->row_plus_one;
-  if (row_plus_one == 0) return;
-  const int64_t value = slot->value;
-  slot->row_plus_one = 0;
-  TORCH_CHECK_INDEX(false, op, ": an earlier cross-entropy call on cuda:", device, " got target ", value,
-                    " at position ", row_plus_one - 1,
-                    ", out of bounds (expected 0 <= target < classes or ignore_index); its loss and gradient"
-                    " were written as NaN");
-}
 
 // ---------------------------------------------------------------------------------------------------
 template <class T, class O>
@@ -93,7 +65,7 @@ struct XentArgs {
   const O* class_weight_sum;  // nullptr: C
   int64_t ignore_index;
   double label_smoothing, lse_square_scale;
-  BadTargetSlot* bad_target;
+  BadTargetReport bad_target;
   // forward
   O* row_lse;  // (rows, 2)
   O* row_loss;
@@ -195,8 +167,7 @@ __device__ void write_row_outputs(const XentArgs<T, O>& a, int64_t row, const ma
     const int64_t t = read_index(a, row);
     ignored = t == a.ignore_index;
     if (!ignored && (t < 0 || t >= a.classes)) {
-      a.bad_target->value = t;
-      a.bad_target->row_plus_one = row + 1;
+      report_bad_target(a.bad_target, row, t);
       loss = std::numeric_limits<O>::quiet_NaN();
     } else if (!ignored) {
       row_weight = a.weight != nullptr ? a.weight[t] : O(1);
@@ -210,51 +181,57 @@ __device__ void write_row_outputs(const XentArgs<T, O>& a, int64_t row, const ma
   a.row_weight[row] = row_weight;
 }
 
-// Block (row, split): folds its slice of the row. With one split it finishes the row itself.
+// Work item b = (row b / splits, split b % splits): a block folds that slice of the row, and with one split
+// finishes the row itself. Blocks stride over the items (a grid of at most grid_blocks()).
 template <class T, class O>
 __global__ void __launch_bounds__(kThreads) cross_entropy_forward_kernel(XentArgs<T, O> a) {
-  const int64_t row = blockIdx.x / a.splits;
-  const int split = static_cast<int>(blockIdx.x % a.splits);
-  const int64_t slice = (a.classes + a.splits - 1) / a.splits;
-  const int64_t begin = split * slice;
-  const int64_t n = begin < a.classes ? (a.classes - begin < slice ? a.classes - begin : slice) : 0;
   const math::XentHyper<O> h = xent_hyper(a);
   const bool linear = a.target_is_prob || h.smoothing;
-  const T* target_row = a.target_is_prob ? static_cast<const T*>(a.target) + row * a.target_row_stride + begin : nullptr;
-  const O* weight = a.weight != nullptr ? a.weight + begin : nullptr;
-  math::RowState<O> st = math::empty_row_state<O>();
-  for_each_logit<T, O>(a.logits + row * a.logits_row_stride + begin, n, [&](int64_t j, O x) {
-    O coef = 0;
-    if (linear) {
-      coef = weight[j];
-      if (target_row != nullptr) coef *= math::smoothed_target(static_cast<O>(target_row[j]), h);
+  const int64_t slice = (a.classes + a.splits - 1) / a.splits;
+  for (int64_t b = blockIdx.x; b < a.rows * a.splits; b += gridDim.x) {
+    const int64_t row = b / a.splits;
+    const int64_t begin = (b % a.splits) * slice;
+    const int64_t n = begin < a.classes ? (a.classes - begin < slice ? a.classes - begin : slice) : 0;
+    const T* target_row =
+        a.target_is_prob ? static_cast<const T*>(a.target) + row * a.target_row_stride + begin : nullptr;
+    const O* weight = a.weight != nullptr ? a.weight + begin : nullptr;
+    math::RowState<O> st = math::empty_row_state<O>();
+    for_each_logit<T, O>(a.logits + row * a.logits_row_stride + begin, n, [&](int64_t j, O x) {
+      O coef = 0;
+      if (linear) {
+        coef = weight[j];
+        if (target_row != nullptr) coef *= math::smoothed_target(static_cast<O>(target_row[j]), h);
+      }
+      math::accumulate(st, x, coef, linear);
+    });
+    st = block_combine(st);
+    if (threadIdx.x == 0) {
+      if (a.splits == 1) {
+        write_row_outputs(a, row, st);
+      } else {
+        O* out = a.partial + 4 * b;
+        out[0] = st.max;
+        out[1] = st.sum;
+        out[2] = st.dot;
+        out[3] = st.asum;
+      }
     }
-    math::accumulate(st, x, coef, linear);
-  });
-  st = block_combine(st);
-  if (threadIdx.x != 0) return;
-  if (a.splits == 1) {
-    write_row_outputs(a, row, st);
-  } else {
-    O* out = a.partial + 4 * static_cast<int64_t>(blockIdx.x);
-    out[0] = st.max;
-    out[1] = st.sum;
-    out[2] = st.dot;
-    out[3] = st.asum;
+    __syncthreads();  // block_combine's shared memory is written again for the next item
   }
 }
 
 // Split-vocabulary path, second step: one thread per row combines the row's slices.
 template <class T, class O>
 __global__ void cross_entropy_combine_splits_kernel(XentArgs<T, O> a) {
-  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (row >= a.rows) return;
-  math::RowState<O> st = math::empty_row_state<O>();
-  for (int s = 0; s < a.splits; ++s) {
-    const O* p = a.partial + 4 * (row * a.splits + s);
-    st = math::combine(st, math::RowState<O>{p[0], p[1], p[2], p[3]});
+  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; row < a.rows;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    math::RowState<O> st = math::empty_row_state<O>();
+    for (int s = 0; s < a.splits; ++s) {
+      const O* p = a.partial + 4 * (row * a.splits + s);
+      st = math::combine(st, math::RowState<O>{p[0], p[1], p[2], p[3]});
+    }
+    write_row_outputs(a, row, st);
   }
-  write_row_outputs(a, row, st);
 }
 
 // Block b handles slice b % slices of row b / slices.
@@ -346,7 +323,7 @@ XentArgs<T, O> make_args(const CrossEntropyCall& c, int64_t ignore_index, double
   a.ignore_index = ignore_index;
   a.label_smoothing = label_smoothing;
   a.lse_square_scale = lse_square_scale;
-  a.bad_target = bad_target_slot_on_device(c.input.get_device());
+  a.bad_target = bad_target_report(c.input.get_device());
   a.splits = 1;
   return a;
 }
@@ -365,8 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
   at::Tensor row_weight = at::empty({c.rows}, opts);
   if (c.rows > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
-    int sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, input.get_device()));
+    const int sms = sm_count(input.get_device());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_forward_cuda", [&] {
       using O = Opmath<scalar_t>;
       XentArgs<scalar_t, O> a = make_args<scalar_t, O>(c, ignore_index, label_smoothing, lse_square_scale);
@@ -388,16 +364,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
         a.partial = partial.data_ptr<O>();
       }
       a.splits = static_cast<int>(splits);
-      TORCH_CHECK(c.rows * splits <= std::numeric_limits<int32_t>::max(), "cross_entropy_forward: ", c.rows,
-                  " rows exceed one launch's grid");
-      const auto grid = static_cast<unsigned>(c.rows * splits);
-      cross_entropy_forward_kernel<scalar_t, O><<<grid, kThreads, 0, stream>>>(a);
+      cross_entropy_forward_kernel<scalar_t, O><<<grid_blocks(c.rows * splits, sms), kThreads, 0, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (splits > 1) {
         constexpr int kCombineThreads = 128;
-        const int64_t blocks = (c.rows + kCombineThreads - 1) / kCombineThreads;
         cross_entropy_combine_splits_kernel<scalar_t, O>
-            <<<static_cast<unsigned>(blocks), kCombineThreads, 0, stream>>>(a);
+            <<<grid_blocks((c.rows + kCombineThreads - 1) / kCombineThreads, sms), kCombineThreads, 0, stream>>>(a);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
@@ -438,8 +410,8 @@ void run_backward_cuda(const CrossEntropyCall& c, const at::Tensor& grad_loss, c
     a.target_mass = target_mass.defined() ? target_mass.const_data_ptr<O>() : nullptr;
     constexpr int64_t kSlice = static_cast<int64_t>(kThreads) * kVectorsPerThread * Pack<scalar_t>::kSize;
     const int64_t slices = (c.classes + kSlice - 1) / kSlice;
-    const int64_t blocks = std::min<int64_t>(c.rows * slices, std::numeric_limits<int32_t>::max());
-    cross_entropy_backward_kernel<scalar_t, O><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a, slices);
+    cross_entropy_backward_kernel<scalar_t, O>
+        <<<grid_blocks(c.rows * slices, sm_count(c.input.get_device())), kThreads, 0, stream>>>(a, slices);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -507,6 +479,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
 // grad_input *= grad_loss, on the stream, without reading grad_loss on the host.
 void cross_entropy_scale_grad_inplace_cuda(const at::Tensor& grad_input, const at::Tensor& grad_loss) {
   const c10::cuda::OptionalCUDAGuard guard(grad_input.device());
+  raise_if_bad_target_seen("cross_entropy_scale_grad_", grad_input.get_device());
   const at::Tensor scale = check_cross_entropy_scale_grad("cross_entropy_scale_grad_", grad_input, grad_loss);
   grad_input.mul_(scale.dim() == 0 ? scale : scale.unsqueeze(1));
 }

@@ -29,79 +29,28 @@
 #include <utility>
 #include <vector>
 
+#include "cuda/launch_plan.h"
 #include "fused_train/macros.h"
 
 namespace fused_train {
 namespace cuda {
 
-// Elements per chunk (one block's work). 64K keeps a block busy for a few microseconds, long enough to
-// hide its prologue, and small enough that 16 tensors of 1M elements still fill an H100 (256 blocks).
-constexpr int64_t kChunkSize = 65536;
 // Threads per block: 16 warps, enough loads in flight per SM to saturate HBM with 16-byte accesses.
 constexpr int kBlockSize = 512;
 
-// The classic limit on kernel parameters (CUDA < 12.1, or any pre-Volta GPU), which we keep so the
-// extension builds and runs with any toolkit torch supports.
-constexpr int kKernelParamBytes = 4096;
-// Kernel-parameter bytes left for the functor (hyperparameters, scalar-tensor pointers) and the ticket slot.
-constexpr int kFunctorParamBytes = 256;
-// Blocks per launch. gridDim.x allows 2^31 - 1; 2^20 blocks (68.7G elements) keeps block offsets in
-// int32 with room to spare. Larger tensors continue in the next launch.
-constexpr int64_t kMaxBlocksPerLaunch = int64_t{1} << 20;
-
-// Tensors per launch for `depth` lists: each tensor costs `depth` addresses + numel + step pointer
-// (8 bytes each) + its first block (4 bytes); the fixed part is first_chunk, the closing block offset,
-// n_tensors, n_finished and padding (32 bytes).
-constexpr int max_tensors_per_launch(int depth) {
-  return (kKernelParamBytes - kFunctorParamBytes - 32) / (8 * depth + 20);
-}
-static_assert(max_tensors_per_launch(2) == 105 && max_tensors_per_launch(5) == 63,
-              "update the numbers quoted in the docs when the launch layout changes");
-
-// What one launch covers: tensors ("slots") 0..n_tensors-1, slot s owning blocks
-// [block_start[s], block_start[s + 1]). Slot 0 may continue a tensor begun in the previous launch
-// (first_chunk > 0); the last slot may end before its tensor does (then n_finished = n_tensors - 1).
+// A call's tensor lists as plan_launches (launch_plan.h) reads them.
 template <int Depth>
-struct TensorListMetadata {
-  static constexpr int kMaxTensors = max_tensors_per_launch(Depth);
-  void* addresses[Depth][kMaxTensors];  // list k (param, grad, states...) of slot s
-  int64_t numel[kMaxTensors];
-  float* steps[kMaxTensors];  // per-tensor step counter (fp32, on the device), or nullptr
-  int64_t first_chunk;        // chunk index, within its tensor, of slot 0's first block
-  int32_t block_start[kMaxTensors + 1];
-  int32_t n_tensors;
-  int32_t n_finished;  // slots [0, n_finished) have their last chunk in this launch
+struct TensorListsView {
+  const std::array<at::TensorList, Depth>& lists;
+  at::TensorList steps;  // empty, or one fp32 step tensor per tensor
+  int64_t size() const { return static_cast<int64_t>(lists[0].size()); }
+  int64_t numel(int64_t i) const { return lists[0][i].numel(); }
+  void* address(int k, int64_t i) const { return lists[k][i].data_ptr(); }
+  bool has_steps() const { return !steps.empty(); }
+  float* step(int64_t i) const { return steps[i].data_ptr<float>(); }
 };
 
-// The chunk a block works on: elements [begin, begin + n) of slot `slot`. n is 0 only for the single
-// block given to an empty tensor whose step must still advance.
-struct BlockLocation {
-  int slot;
-  int64_t begin;
-  int64_t n;
-};
-
-template <int Depth>
-FT_HOST_DEVICE FT_INLINE BlockLocation locate_block(const TensorListMetadata<Depth>& m, int64_t block) {
-  // The last slot whose first block is <= block (block_start is strictly increasing: every slot has at
-  // least one block). At most log2(105) = 7 uniform steps over the parameter bank.
-  int lo = 0;
-  int hi = m.n_tensors - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (m.block_start[mid] <= block) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  const int64_t chunk = (lo == 0 ? m.first_chunk : 0) + (block - m.block_start[lo]);
-  const int64_t begin = chunk * kChunkSize;
-  const int64_t left = m.numel[lo] - begin;
-  return {lo, begin, left < kChunkSize ? left : kChunkSize};
-}
-
-// Functor contract (F is trivially copyable, at most kFunctorParamBytes - 4 bytes):
+// Functor contract (F is trivially copyable, at most kFunctorParamBytes - 16 bytes):
 //   static constexpr bool kAdvancesSteps;     // the launcher advances per-tensor steps (needs step tensors)
 //   struct BlockScalars { ... };             // plain data, no constructors (lives in shared memory)
 //   BlockScalars block_scalars(float step_after) const;
@@ -116,57 +65,9 @@ template <int Depth, class Functor>
 struct MultiTensorArgs {
   TensorListMetadata<Depth> meta;
   Functor functor;
-  int32_t ticket_slot;  // index into step_tickets (unused without steps)
+  unsigned int* captured_ticket;  // the ticket of a launch recorded in a CUDA graph, else nullptr
+  int32_t ticket_slot;            // eager launches: index into step_tickets (unused without steps)
 };
-
-// Builds the launches of one call: calls launch(meta, n_blocks) for each group of up to max_tensors
-// tensors and max_blocks blocks, in order. Tensors without elements get no block, except when they carry
-// a step (steps non-empty), which must still advance. Host code; the limits are arguments so a CPU test
-// can exercise tensor splits with small ones.
-template <int Depth, class Launch>
-void plan_launches(const std::array<at::TensorList, Depth>& lists, at::TensorList steps, int max_tensors,
-                   int64_t max_blocks, Launch&& launch) {
-  TORCH_INTERNAL_ASSERT(max_tensors >= 1 && max_tensors <= TensorListMetadata<Depth>::kMaxTensors);
-  TORCH_INTERNAL_ASSERT(max_blocks >= 1 && max_blocks <= kMaxBlocksPerLaunch);
-  TensorListMetadata<Depth> m{};
-  int nt = 0;
-  int64_t blocks = 0;
-  const int64_t n = static_cast<int64_t>(lists[0].size());
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t numel = lists[0][i].numel();
-    int64_t chunks = (numel + kChunkSize - 1) / kChunkSize;
-    if (chunks == 0) {
-      if (steps.empty()) continue;
-      chunks = 1;
-    }
-    int64_t done = 0;
-    while (done < chunks) {
-      if (nt == 0) m.first_chunk = done;
-      for (int k = 0; k < Depth; ++k) m.addresses[k][nt] = lists[k][i].data_ptr();
-      m.numel[nt] = numel;
-      m.steps[nt] = steps.empty() ? nullptr : steps[i].data_ptr<float>();
-      m.block_start[nt] = static_cast<int32_t>(blocks);
-      const int64_t take = std::min(chunks - done, max_blocks - blocks);
-      blocks += take;
-      done += take;
-      ++nt;
-      if (nt == max_tensors || blocks == max_blocks) {
-        m.n_tensors = nt;
-        m.n_finished = done == chunks ? nt : nt - 1;
-        m.block_start[nt] = static_cast<int32_t>(blocks);
-        launch(static_cast<const TensorListMetadata<Depth>&>(m), blocks);
-        nt = 0;
-        blocks = 0;
-      }
-    }
-  }
-  if (nt > 0) {
-    m.n_tensors = nt;
-    m.n_finished = nt;
-    m.block_start[nt] = static_cast<int32_t>(blocks);
-    launch(static_cast<const TensorListMetadata<Depth>&>(m), blocks);
-  }
-}
 
 // Everything below is private to each .cu file that includes this header (anonymous namespace): the
 // ticket table is a __device__ array of that file's module, so the host bookkeeping of its slots must be
@@ -178,18 +79,21 @@ namespace {
 // work, takes a ticket (atomicInc); the block that takes the last one knows every other block has already
 // read its step, and advances the steps of the tensors that end in this launch (those that continue in
 // the next launch are advanced there; launches on one stream run one after another).
-//
-// Why a __device__ array and not an allocated counter: it is zero at module load on every device (PTX
-// initialises .global variables to zero), needs
-// no allocation (none on the first step, none inside a CUDA-graph capture) and no memset launch.
 // atomicInc(ticket, gridDim.x - 1) wraps to 0 on the last ticket, so every finished launch leaves its
 // ticket at 0 for the next one.
 //
-// Which ticket: launches that run one after another may share one; concurrent ones must not. Eager
-// launches use one slot per (device, stream): a stream runs its kernels in order. A launch recorded into a
-// CUDA graph gets a slot of its own for the life of the process, because a replay may run on any stream,
-// concurrently with eager work or other graphs (a graph never runs concurrently with itself).
-constexpr int kTicketSlots = 1 << 16;  // 256 KiB per device
+// Which ticket: launches that run one after another may share one; concurrent ones must not.
+//  * Eager launches use one slot of a __device__ array per (device, stream): a stream runs its kernels in
+//    order, and the array is zero at module load on every device (PTX initialises .global variables), so
+//    the hot path allocates nothing and launches no memset.
+//  * A launch recorded into a CUDA graph may replay on any stream, concurrently with eager work or with
+//    other graphs, so it must not share a slot; and a slot it held would stay taken after the graph is
+//    destroyed (nothing tells us). Instead each captured call allocates its own zeroed ticket while
+//    capturing: the allocation comes from the graph's private memory pool and the zeroing becomes a node
+//    of the graph, so every replay starts from 0 and the memory goes when the graph goes. Within the pool
+//    the allocator may hand the ticket's bytes to a later allocation of the same capture; that is safe for
+//    the same reason it is for every temporary of a captured op: the graph orders their uses.
+constexpr int kTicketSlots = 1 << 16;  // 256 KiB per device; streams, not launches, take slots
 __device__ unsigned int step_tickets[kTicketSlots];
 
 struct TicketTable {
@@ -198,21 +102,19 @@ struct TicketTable {
   std::map<c10::DeviceIndex, int32_t> next;  // slots handed out per device
 };
 
-inline int32_t ticket_slot(const c10::cuda::CUDAStream& stream, bool capturing) {
+inline int32_t eager_ticket_slot(const c10::cuda::CUDAStream& stream) {
   static TicketTable* table = new TicketTable();  // leaked on purpose: no destruction-order questions at exit
   std::lock_guard<std::mutex> lock(table->mutex);
   const c10::DeviceIndex device = stream.device_index();
-  if (!capturing) {
-    auto it = table->by_stream.find({device, stream.id()});
-    if (it != table->by_stream.end()) return it->second;
-  }
+  auto it = table->by_stream.find({device, stream.id()});
+  if (it != table->by_stream.end()) return it->second;
   int32_t& next = table->next[device];
-  TORCH_CHECK(next < kTicketSlots, "fused_train: all ", kTicketSlots, " step-counter slots of cuda:",
-              static_cast<int>(device),
-              " are taken (each optimizer launch captured in a CUDA graph keeps one for the life of the "
-              "process, each stream one)");
+  TORCH_CHECK(next < kTicketSlots, "fused_train: the optimizer kernels have run on ", kTicketSlots,
+              " different streams of cuda:", static_cast<int>(device),
+              ", each of which keeps a step-counter slot; use fewer streams (torch.cuda.Stream() objects or "
+              "external streams) for the optimizer step");
   const int32_t slot = next++;
-  if (!capturing) table->by_stream.emplace(std::make_pair(device, stream.id()), slot);
+  table->by_stream.emplace(std::make_pair(device, stream.id()), slot);
   return slot;
 }
 
@@ -241,7 +143,8 @@ __global__ void __launch_bounds__(kBlockSize)
     // see its tensor's step advanced. Only thread 0 takes part, so no further barrier is needed.
     if (threadIdx.x == 0) {
       __threadfence();
-      unsigned int* ticket = &step_tickets[args.ticket_slot];
+      unsigned int* ticket =
+          args.captured_ticket != nullptr ? args.captured_ticket : &step_tickets[args.ticket_slot];
       if (atomicInc(ticket, gridDim.x - 1) == gridDim.x - 1) {
         __threadfence();
         if (args.functor.advances_steps(scalars)) {
@@ -263,7 +166,8 @@ template <int Depth, class Functor>
 void multi_tensor_apply(const std::array<at::TensorList, Depth>& lists, at::TensorList steps,
                         const Functor& functor) {
   static_assert(Depth >= 1, "at least one tensor list");
-  static_assert(sizeof(Functor) + sizeof(int32_t) <= kFunctorParamBytes, "functor exceeds its parameter budget");
+  static_assert(sizeof(Functor) + sizeof(unsigned int*) + sizeof(int32_t) <= kFunctorParamBytes,
+                "functor exceeds its parameter budget");
   static_assert(sizeof(MultiTensorArgs<Depth, Functor>) <= kKernelParamBytes, "kernel parameters exceed 4 KB");
   static_assert(std::is_trivially_copyable_v<Functor>, "the functor is copied into kernel parameters");
   const auto n = lists[0].size();
@@ -274,19 +178,23 @@ void multi_tensor_apply(const std::array<at::TensorList, Depth>& lists, at::Tens
   c10::cuda::OptionalCUDAGuard guard(lists[0][0].device());
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
   int32_t slot = 0;
-  bool capturing = false;
+  at::Tensor captured_ticket;
   if constexpr (Functor::kAdvancesSteps) {
     // cudaStreamIsCapturing rather than c10's capture-status helpers, whose names changed across the
     // torch versions we support.
     cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
     C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
-    capturing = status != cudaStreamCaptureStatusNone;
-    if (!capturing) slot = ticket_slot(stream, false);
+    if (status == cudaStreamCaptureStatusNone) {
+      slot = eager_ticket_slot(stream);
+    } else {
+      // One ticket for all launches of this call: they run one after another.
+      captured_ticket = at::zeros({1}, lists[0][0].options().dtype(at::kInt));
+    }
   }
-  plan_launches<Depth>(lists, steps, TensorListMetadata<Depth>::kMaxTensors, kMaxBlocksPerLaunch,
-                       [&](const TensorListMetadata<Depth>& meta, int64_t n_blocks) {
-                         if (capturing) slot = ticket_slot(stream, true);
-                         const MultiTensorArgs<Depth, Functor> args{meta, functor, slot};
+  unsigned int* ticket = captured_ticket.defined() ? static_cast<unsigned int*>(captured_ticket.data_ptr()) : nullptr;
+  plan_launches<Depth>(TensorListsView<Depth>{lists, steps}, TensorListMetadata<Depth>::kMaxTensors,
+                       kMaxBlocksPerLaunch, [&](const TensorListMetadata<Depth>& meta, int64_t n_blocks) {
+                         const MultiTensorArgs<Depth, Functor> args{meta, functor, ticket, slot};
                          multi_tensor_apply_kernel<Depth, Functor>
                              <<<static_cast<unsigned int>(n_blocks), kBlockSize, 0, stream.stream()>>>(args);
                          C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -147,7 +147,7 @@ FT_UNROLL
   for (int64_t i = scalar_begin + thread; i < c.n; i += n_threads) c.grad[i] = static_cast<T>(0.0f);
 }
 
-// One block's chunk of a step: the update, or, when found_inf skips the step, only the grad zeroing it was
+// One block's chunk of a step: the update, or, when found_inf (or a bad target) skips the step, only the grad zeroing it was
 // asked for. Every functor ends here, so the skip policy lives in one place.
 template <class T, class Op>
 FT_HOST_DEVICE FT_INLINE void step_chunk(const ChunkPointers<T>& c, const Op& op, GradPolicy gp, bool skip,
@@ -179,7 +179,13 @@ FT_UNROLL
 // Scalars every functor shares, read once per block.
 struct CommonScalars {
   ScalarArg lr, grad_scale, found_inf;
+  // The device's bad-target flag (bad_target.cuh), or nullptr: set by a loss kernel that met an
+  // out-of-range target, it skips the step as found_inf does, so NaN gradients never reach the params.
+  const unsigned int* bad_target_claim;
   GradPolicy grads;
+  FT_HOST_DEVICE bool skip_step() const {
+    return found_inf.load() != 0.0 || (bad_target_claim != nullptr && *bad_target_claim != 0u);
+  }
 };
 
 // What SGD and RMSprop read once per block: lr (a device tensor under capturable use), GradScaler's scale
@@ -192,7 +198,7 @@ struct LrBlockScalars {
 template <class O>
 FT_HOST_DEVICE LrBlockScalars<O> read_lr_block_scalars(const CommonScalars& common) {
   LrBlockScalars<O> s;
-  s.skip = common.found_inf.load() != 0.0;
+  s.skip = common.skip_step();
   s.lr = static_cast<O>(common.lr.load());
   s.grad_scale = static_cast<O>(common.grad_scale.load());
   return s;
@@ -253,7 +259,7 @@ struct AdamFunctor {
 
   FT_HOST_DEVICE BlockScalars block_scalars(float step_after) const {
     BlockScalars s;
-    s.skip = common.found_inf.load() != 0.0;
+    s.skip = common.skip_step();
     const double lr = common.lr.load();
     // In double, as torch computes them in Python floats; once per block, not per thread.
     const math::AdamStepScalars bc =

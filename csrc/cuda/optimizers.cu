@@ -3,7 +3,8 @@
 // cuda/optimizer_functors.cuh, whose per-element math is optim_math.h.
 //
 // Nothing here waits for the GPU: lr, grad_scale and found_inf tensors on the device are read inside the
-// kernel, the step counters advance inside it too, and only CPU scalar tensors are read on the host.
+// kernel, the step counters advance inside it too, and only CPU scalar tensors are read on the host. The
+// loss's bad-target flag (cuda/bad_target.cuh) is read in the kernel as well: set, the step is skipped.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,6 +14,7 @@
 #include <optional>
 #include <vector>
 
+#include "cuda/bad_target.cuh"
 #include "cuda/multi_tensor_apply.cuh"
 #include "cuda/optimizer_functors.cuh"
 #include "optimizer_args.h"
@@ -36,9 +38,10 @@ ScalarArg scalar_arg(const std::optional<at::Tensor>& t, double absent, std::vec
 
 // Fills the scalars every functor shares. Returns false when the call has nothing to do: found_inf is a
 // CPU tensor that is set and the grads need not be zeroed (with a device found_inf the kernel decides).
-bool prepare_common(CommonScalars& c, double lr, const std::optional<at::Tensor>& lr_tensor,
+bool prepare_common(CommonScalars& c, const at::Device& device, double lr, const std::optional<at::Tensor>& lr_tensor,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                     bool zero_grad, std::vector<at::Tensor>& keep_alive) {
+  c.bad_target_claim = bad_target_claim(device.index());
   c.found_inf = scalar_arg(found_inf, 0.0, keep_alive);
   if (c.found_inf.ptr == nullptr && c.found_inf.value != 0.0 && !zero_grad) return false;
   c.lr = scalar_arg(lr_tensor, lr, keep_alive);
@@ -110,9 +113,10 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
       check_sgd_step(params, grads, momentum_buffers, momentum, zero_grad, lr_tensor, grad_scale, found_inf);
   if (t.size() == 0) return;
   c10::cuda::OptionalCUDAGuard guard(t.device);
+  raise_if_bad_target_seen("sgd_step_", t.device.index());
   std::vector<at::Tensor> keep_alive;
-  CommonScalars common;
-  if (!prepare_common(common, lr, lr_tensor, grad_scale, found_inf, zero_grad, keep_alive)) return;
+  CommonScalars common{};
+  if (!prepare_common(common, t.device, lr, lr_tensor, grad_scale, found_inf, zero_grad, keep_alive)) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.dtype, "sgd_step_cuda", [&] {
     using O = opmath_t<scalar_t>;
     // lr-dependent fields are filled in per block (lr may be a device tensor).
@@ -136,10 +140,11 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                                        zero_grad, lr_tensor, grad_scale, found_inf);
   if (t.size() == 0) return;
   c10::cuda::OptionalCUDAGuard guard(t.device);
+  raise_if_bad_target_seen("adam_step_", t.device.index());
   prepare_steps("adam_step_", t);
   std::vector<at::Tensor> keep_alive;
-  CommonScalars common;
-  if (!prepare_common(common, lr, lr_tensor, grad_scale, found_inf, zero_grad, keep_alive)) return;
+  CommonScalars common{};
+  if (!prepare_common(common, t.device, lr, lr_tensor, grad_scale, found_inf, zero_grad, keep_alive)) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.dtype, "adam_step_cuda", [&] {
     using O = opmath_t<scalar_t>;
     const auto hyper =
@@ -163,10 +168,11 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                                           centered, momentum, zero_grad, lr_tensor, grad_scale, found_inf);
   if (t.size() == 0) return;
   c10::cuda::OptionalCUDAGuard guard(t.device);
+  raise_if_bad_target_seen("rmsprop_step_", t.device.index());
   prepare_steps("rmsprop_step_", t);
   std::vector<at::Tensor> keep_alive;
-  CommonScalars common;
-  if (!prepare_common(common, lr, lr_tensor, grad_scale, found_inf, zero_grad, keep_alive)) return;
+  CommonScalars common{};
+  if (!prepare_common(common, t.device, lr, lr_tensor, grad_scale, found_inf, zero_grad, keep_alive)) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.dtype, "rmsprop_step_cuda", [&] {
     using O = opmath_t<scalar_t>;
     const auto hyper = math::make_rmsprop_hyper<O>(0.0, alpha, eps, weight_decay, momentum, centered, maximize);

@@ -1,0 +1,191 @@
+"""Out-of-range class targets on CUDA, against the contract in csrc/cuda/bad_target.cuh: the row's loss and gradient
+are NaN; fused_train's optimizer steps skip (params, state and step counters untouched) until the report is taken;
+the first fused_train call that starts after the bad kernel has finished raises IndexError naming one bad row, its
+position and its value from the same row; and after that, training goes on as if the bad batch had never come.
+GPU only: skipped with the reason elsewhere (the CPU raises at once, see test_bad_input.py)."""
+
+import copy
+import re
+
+import pytest
+import torch
+
+import fused_train
+from fused_train import _ops
+from fused_train.nn.functional import cross_entropy
+
+from conftest import cuda_only
+
+pytestmark = cuda_only
+
+REPORT = re.compile(r"got target (-?\d+) at position (\d+), out of bounds")
+
+
+def _reported(message):
+    match = REPORT.search(message)
+    assert match, f"the IndexError does not name a target and a position: {message}"
+    return int(match.group(2)), int(match.group(1))  # (position, value)
+
+
+def _good_call():
+    return cross_entropy(torch.zeros(2, 3, device="cuda"), torch.zeros(2, dtype=torch.long, device="cuda"))
+
+
+@pytest.fixture(autouse=True)
+def _no_report_left_over():
+    """Each test starts and ends with no pending report, so that one test's bad batch cannot fail another."""
+    torch.cuda.synchronize()
+    _good_call()
+    yield
+    torch.cuda.synchronize()
+    try:
+        _good_call()
+    except IndexError as e:  # pragma: no cover - the failure message is the point
+        pytest.fail(f"a bad-target report was left pending: {e}")
+
+
+def _bad_targets(n, classes, device="cuda"):
+    """Targets with many bad rows racing for the report; each bad value encodes its own row, so a report
+    that paired one row's position with another's value is caught."""
+    target = torch.randint(0, classes, (n,), device=device)
+    rows = torch.arange(n, device=device)
+    high = rows % 7 == 3
+    low = rows % 11 == 5
+    target[high] = classes + 1000 + rows[high]
+    target[low] = -2 - rows[low]
+    expected = {int(r): classes + 1000 + int(r) for r in rows[high].tolist()}
+    expected.update({int(r): -2 - int(r) for r in rows[low].tolist()})
+    return target, high | low, expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_cuda_bad_rows_are_nan_and_one_row_is_reported_consistently(dtype, index_dtype, requires_grad):
+    n, classes = 4096, 37
+    x = torch.randn(n, classes, device="cuda", dtype=dtype, requires_grad=requires_grad)
+    target, bad, expected = _bad_targets(n, classes)
+    loss = cross_entropy(x, target.to(index_dtype), reduction="none")
+    torch.cuda.synchronize()
+    assert loss[bad].isnan().all() and not loss[~bad].isnan().any()
+    good = loss[~bad].float()
+    reference = torch.nn.functional.cross_entropy(x.detach().float()[~bad], target[~bad], reduction="none")
+    torch.testing.assert_close(good, reference, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+
+    with pytest.raises(IndexError) as raised:
+        _good_call()
+    position, value = _reported(str(raised.value))
+    assert position in expected and value == expected[position], str(raised.value)
+    # Taken: the next call runs, and a later bad batch is reported afresh.
+    _good_call()
+    torch.cuda.synchronize()
+    _good_call()
+
+
+def test_cuda_backward_after_a_bad_forward_raises_before_writing_a_gradient():
+    x = torch.randn(64, 10, device="cuda", requires_grad=True)
+    target = torch.randint(0, 10, (64,), device="cuda")
+    target[17] = 10
+    loss = cross_entropy(x, target)  # the gradient is written here, for grad_loss = 1
+    torch.cuda.synchronize()
+    with pytest.raises(IndexError) as raised:
+        loss.backward()  # cross_entropy_scale_grad_ checks the report before scaling
+    assert _reported(str(raised.value)) == (17, 10)
+    assert x.grad is None
+
+
+def test_cuda_scale_grad_checks_the_report():
+    grad = torch.ones(4, 5, device="cuda")
+    target = torch.tensor([0, 1, 9, 2], device="cuda")
+    cross_entropy(torch.randn(4, 5, device="cuda"), target)
+    torch.cuda.synchronize()
+    with pytest.raises(IndexError, match="target 9 at position 2"):
+        _ops.cross_entropy_scale_grad_(grad, torch.tensor(2.0, device="cuda"))
+    assert torch.equal(grad, torch.ones_like(grad)), "the gradient was scaled although the call raised"
+
+
+OPTIMIZERS = {
+    "SGD": lambda p: fused_train.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01),
+    "Adam": lambda p: fused_train.optim.Adam(p, lr=0.01, amsgrad=True),
+    "AdamW": lambda p: fused_train.optim.AdamW(p, lr=0.01),
+    "RMSprop": lambda p: fused_train.optim.RMSprop(p, lr=0.01, momentum=0.5, centered=True),
+}
+
+
+def _train_step(model, opt, x, y):
+    opt.zero_grad()
+    cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _assert_same_training_state(model, opt, twin, twin_opt):
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    state, twin_state = opt.state_dict()["state"], twin_opt.state_dict()["state"]
+    assert state.keys() == twin_state.keys()
+    for k in state:
+        for key, value in state[k].items():
+            torch.testing.assert_close(value, twin_state[k][key], rtol=0, atol=0, msg=f"state {key} differs")
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("gpu_behind", [True, False], ids=["gpu-behind", "gpu-caught-up"])
+def test_cuda_fused_step_after_a_bad_target_leaves_params_and_state_untouched(name, gpu_behind):
+    """The loss's NaN gradients never reach the params through fused_train's optimizers, whichever side
+    notices first: the optimizer kernel (the GPU is still behind the host, so no host check can know yet) or
+    the host check of the next fused call (the GPU has caught up)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5)).cuda()
+    twin = copy.deepcopy(model)
+    opt, twin_opt = OPTIMIZERS[name](model.parameters()), OPTIMIZERS[name](twin.parameters())
+    x = torch.randn(32, 8, device="cuda")
+    y = torch.randint(0, 5, (32,), device="cuda")
+    for m, o in ((model, opt), (twin, twin_opt)):  # state exists before the bad batch
+        _train_step(m, o, x, y)
+    bad_y = y.clone()
+    bad_y[[4, 21]] = torch.tensor([5, -9], device="cuda")
+    torch.cuda.synchronize()
+
+    raised = []
+    if gpu_behind:
+        torch.cuda._sleep(500_000_000)  # ~0.3 s of GPU time: the host queues the whole step before the loss runs
+    try:
+        _train_step(model, opt, x, bad_y)
+    except IndexError as e:
+        raised.append(str(e))
+    if gpu_behind:
+        assert not raised, f"the host cannot have seen the report yet: {raised}"
+    torch.cuda.synchronize()
+    if not raised:
+        with pytest.raises(IndexError) as later:
+            opt.step()  # the next fused call takes the report before doing anything
+        raised.append(str(later.value))
+    assert _reported(raised[0]) in {(4, 5), (21, -9)}, raised[0]
+    _assert_same_training_state(model, opt, twin, twin_opt)
+
+    # Re-armed: the next good steps run on both, alike.
+    for _ in range(2):
+        for m, o in ((model, opt), (twin, twin_opt)):
+            _train_step(m, o, x, y)
+    torch.cuda.synchronize()
+    _assert_same_training_state(model, opt, twin, twin_opt)
+
+
+def test_cuda_bad_target_with_grad_scaler_and_torch_optimizer_skips_the_step():
+    """torch.optim does not read the flag; GradScaler's inf check catches the NaN gradients instead."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 5).cuda()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cuda")
+    y = torch.randint(0, 5, (16,), device="cuda")
+    y[3] = 99
+    torch.cuda._sleep(200_000_000)
+    scaler.scale(cross_entropy(model(torch.randn(16, 8, device="cuda")), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    torch.cuda.synchronize()
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+    with pytest.raises(IndexError, match="target 99 at position 3"):
+        _good_call()
