@@ -1,8 +1,9 @@
 """Out-of-range class targets on CUDA, against the contract in csrc/cuda/bad_target.cuh: the row's loss and gradient
-are NaN; fused_train's optimizer steps skip (params, state and step counters untouched) until the report is taken;
-the first fused_train call that starts after the bad kernel has finished raises IndexError naming one bad row, its
-position and its value from the same row; and after that, training goes on as if the bad batch had never come.
-GPU only: skipped with the reason elsewhere (the CPU raises at once, see test_bad_input.py)."""
+are NaN; the next fused_train optimizer step skips (params, state and step counters untouched), also after gradient
+accumulation and inside a replayed CUDA graph; the first fused_train call that starts after the bad kernel has
+finished raises IndexError naming one bad row, its position and its value from the same row; and training then
+goes on as if the bad batch had never come. GPU only: skipped with the reason elsewhere (the CPU raises at once,
+see test_bad_input.py)."""
 
 import copy
 import re
@@ -175,13 +176,17 @@ def test_cuda_bad_target_with_grad_scaler_and_torch_optimizer_skips_the_step():
     """torch.optim does not read the flag; GradScaler's inf check catches the NaN gradients instead."""
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 5).cuda()
-    before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cuda")
+    x = torch.randn(16, 8, device="cuda")
     y = torch.randint(0, 5, (16,), device="cuda")
+    cross_entropy(model(x), y).backward()  # warm-up (cuBLAS), so that the GPU is surely behind below
+    opt.zero_grad()
+    before = [p.detach().clone() for p in model.parameters()]
     y[3] = 99
+    torch.cuda.synchronize()
     torch.cuda._sleep(200_000_000)
-    scaler.scale(cross_entropy(model(torch.randn(16, 8, device="cuda")), y)).backward()
+    scaler.scale(cross_entropy(model(x), y)).backward()
     scaler.step(opt)
     scaler.update()
     torch.cuda.synchronize()
@@ -189,3 +194,77 @@ def test_cuda_bad_target_with_grad_scaler_and_torch_optimizer_skips_the_step():
         assert torch.equal(a, b)
     with pytest.raises(IndexError, match="target 99 at position 3"):
         _good_call()
+
+
+def test_cuda_gradient_accumulation_over_a_bad_batch_skips_the_step():
+    """The guard waits for the step, not for the next loss: a good micro-batch accumulated after a bad one
+    does not re-enable stepping with the NaN gradients."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 5).cuda()
+    twin = copy.deepcopy(model)
+    opt = fused_train.optim.AdamW(model.parameters(), lr=0.01)
+    twin_opt = fused_train.optim.AdamW(twin.parameters(), lr=0.01)
+    x = torch.randn(16, 8, device="cuda")
+    y = torch.randint(0, 5, (16,), device="cuda")
+    for m, o in ((model, opt), (twin, twin_opt)):
+        _train_step(m, o, x, y)
+    bad_y = y.clone()
+    bad_y[0] = 5
+    torch.cuda.synchronize()
+    torch.cuda._sleep(500_000_000)  # the host queues both micro-batches and the step before the GPU runs them
+    opt.zero_grad()
+    cross_entropy(model(x), bad_y).backward()
+    cross_entropy(model(x), y).backward()
+    opt.step()
+    torch.cuda.synchronize()
+    with pytest.raises(IndexError, match="target 5 at position 0"):
+        _good_call()
+    _assert_same_training_state(model, opt, twin, twin_opt)
+    for m, o in ((model, opt), (twin, twin_opt)):
+        _train_step(m, o, x, y)
+    torch.cuda.synchronize()
+    _assert_same_training_state(model, opt, twin, twin_opt)
+
+
+def test_cuda_replayed_graph_skips_the_bad_batch_and_goes_on_training():
+    """No host call runs between replays: the loss after the skipped step re-enables stepping on the device."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5)).cuda()
+    twin = copy.deepcopy(model)
+    lr = torch.tensor(0.01, device="cuda")
+    opt = fused_train.optim.Adam(model.parameters(), lr=lr, capturable=True)
+    twin_opt = fused_train.optim.Adam(twin.parameters(), lr=0.01)
+    loss_fn = fused_train.nn.CrossEntropyLoss()
+    good = [(torch.randn(32, 8, device="cuda"), torch.randint(0, 5, (32,), device="cuda")) for _ in range(5)]
+    static_x, static_y = good[0][0].clone(), good[0][1].clone()
+
+    def step(m, o, xb, yb):
+        loss_fn(m(xb), yb).backward()
+        o.step()
+        o.zero_grad(set_to_none=False)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for xb, yb in good[:2]:
+            static_x.copy_(xb)
+            static_y.copy_(yb)
+            step(model, opt, static_x, static_y)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(model, opt, static_x, static_y)
+    bad_y = good[2][1].clone()
+    bad_y[7] = -3
+    for xb, yb in [good[2], (good[2][0], bad_y), good[3], good[4]]:
+        static_x.copy_(xb)
+        static_y.copy_(yb)
+        graph.replay()
+    for xb, yb in good:  # the twin never sees the bad batch
+        step(twin, twin_opt, xb, yb)
+    torch.cuda.synchronize()
+    with pytest.raises(IndexError, match="target -3 at position 7"):
+        _good_call()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(float(st["step"]) == 5.0 for st in opt.state.values()), "the bad batch's step did not advance"

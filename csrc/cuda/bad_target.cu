@@ -15,10 +15,11 @@ namespace cuda {
 namespace {
 
 // Zero at module load on every device, like any .global variable; one copy per device.
-__device__ unsigned int bad_target_claim_flag;
+// [0]: the report's claim, [1]: the step guard (bad_target.cuh).
+__device__ unsigned int bad_target_words[2];
 
 struct DeviceReport {
-  unsigned int* claim;       // device address of this device's bad_target_claim_flag
+  unsigned int* words;       // device address of this device's bad_target_words
   BadTargetSlot* host_slot;  // pinned, mapped
   BadTargetSlot* device_slot;
 };
@@ -57,9 +58,9 @@ DeviceReport* report_of(int device) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const RelaxedCaptureMode relaxed;
   auto* r = new DeviceReport{};  // kept for the life of the process, as the pinned slot
-  void* claim = nullptr;
-  C10_CUDA_CHECK(cudaGetSymbolAddress(&claim, bad_target_claim_flag));
-  r->claim = static_cast<unsigned int*>(claim);
+  void* words = nullptr;
+  C10_CUDA_CHECK(cudaGetSymbolAddress(&words, bad_target_words));
+  r->words = static_cast<unsigned int*>(words);
   void* host = nullptr;
   C10_CUDA_CHECK(cudaHostAlloc(&host, sizeof(BadTargetSlot), cudaHostAllocMapped | cudaHostAllocPortable));
   r->host_slot = static_cast<BadTargetSlot*>(host);
@@ -75,39 +76,44 @@ DeviceReport* report_of(int device) {
 
 BadTargetReport bad_target_report(int device) {
   DeviceReport* r = report_of(device);
-  return {r->claim, r->device_slot};
+  return {r->words, r->words + 1, r->device_slot};
 }
 
-const unsigned int* bad_target_claim(int device) { return report_of(device)->claim; }
+unsigned int* bad_target_step_guard(int device) { return report_of(device)->words + 1; }
 
 void raise_if_bad_target_seen(const char* op, int device) {
   check_device(device);
   DeviceReport* r = existing_report(device);
   if (r == nullptr) return;  // no loss kernel has run on this device
-  volatile BadTargetSlot* slot = r->host_slot;
-  if (slot->published == 0) return;
+  BadTargetSlot* slot = r->host_slot;
+  // Acquire: position and value, written before `published` (the kernel fenced them), are read after it.
+  if (__atomic_load_n(&slot->published, __ATOMIC_ACQUIRE) == 0) return;
   int64_t position = 0, value = 0;
   {
     std::lock_guard<std::mutex> lock(reports_mutex);
-    if (slot->published == 0) return;  // another thread took the report
-    std::atomic_thread_fence(std::memory_order_acquire);
-    position = slot->position;
-    value = slot->value;
+    if (__atomic_load_n(&slot->published, __ATOMIC_ACQUIRE) == 0) return;  // another thread took the report
+    position = __atomic_load_n(&slot->position, __ATOMIC_RELAXED);
+    value = __atomic_load_n(&slot->value, __ATOMIC_RELAXED);
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
     C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
     // While capturing, a memset would only be recorded; leave the report for the next uncaptured call.
     if (status == cudaStreamCaptureStatusNone) {
-      slot->published = 0;  // before the flag is cleared: no kernel can publish again until then
-      C10_CUDA_CHECK(cudaMemsetAsync(r->claim, 0, sizeof(unsigned int), stream));
+      // Unpublished before the claim is cleared: no kernel can publish again until then. The guard is
+      // cleared too, behind the work queued so far: a step queued before this call still skips, and the
+      // first step after the exception (the caller caught it and goes on) runs.
+      __atomic_store_n(&slot->published, 0, __ATOMIC_RELEASE);
+      const cudaError_t err = cudaMemsetAsync(r->words, 0, 2 * sizeof(unsigned int), stream);
+      if (err != cudaSuccess) __atomic_store_n(&slot->published, 1, __ATOMIC_RELEASE);  // keep the report
+      C10_CUDA_CHECK(err);
     }
   }
   TORCH_CHECK_INDEX(false, op, ": an earlier cross-entropy kernel on cuda:", device, " got target ", value,
                     " at position ", position,
                     ", out of bounds (expected 0 <= target < classes or target == ignore_index); that row's loss "
-                    "and gradient were written as NaN, and fused_train's optimizer steps on this device were "
-                    "skipped since");
+                    "and gradient were written as NaN, and the fused_train optimizer step that followed on this "
+                    "device was skipped");
 }
 
 }  // namespace cuda

@@ -92,7 +92,9 @@ namespace {
 //    capturing: the allocation comes from the graph's private memory pool and the zeroing becomes a node
 //    of the graph, so every replay starts from 0 and the memory goes when the graph goes. Within the pool
 //    the allocator may hand the ticket's bytes to a later allocation of the same capture; that is safe for
-//    the same reason it is for every temporary of a captured op: the graph orders their uses.
+//    the same reason it is for every temporary of a captured op: the graph orders their uses. Like every
+//    torch op that allocates, this needs the capture to be torch's (torch.cuda.graph, CUDAGraph,
+//    torch.compile), which gives the graph its pool; a raw cudaStreamBeginCapture does not.
 constexpr int kTicketSlots = 1 << 16;  // 256 KiB per device; streams, not launches, take slots
 __device__ unsigned int step_tickets[kTicketSlots];
 
@@ -166,8 +168,8 @@ template <int Depth, class Functor>
 void multi_tensor_apply(const std::array<at::TensorList, Depth>& lists, at::TensorList steps,
                         const Functor& functor) {
   static_assert(Depth >= 1, "at least one tensor list");
-  static_assert(sizeof(Functor) + sizeof(unsigned int*) + sizeof(int32_t) <= kFunctorParamBytes,
-                "functor exceeds its parameter budget");
+  // The ticket pointer and slot after the functor take 16 bytes with padding (the contract above).
+  static_assert(sizeof(Functor) + 16 <= kFunctorParamBytes, "functor exceeds its parameter budget");
   static_assert(sizeof(MultiTensorArgs<Depth, Functor>) <= kKernelParamBytes, "kernel parameters exceed 4 KB");
   static_assert(std::is_trivially_copyable_v<Functor>, "the functor is copied into kernel parameters");
   const auto n = lists[0].size();

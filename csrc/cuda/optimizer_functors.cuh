@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/bad_target.cuh"
 #include "cuda/multi_tensor_apply.cuh"
 #include "fused_train/optim_math.h"
 
@@ -147,8 +148,8 @@ FT_UNROLL
   for (int64_t i = scalar_begin + thread; i < c.n; i += n_threads) c.grad[i] = static_cast<T>(0.0f);
 }
 
-// One block's chunk of a step: the update, or, when found_inf (or a bad target) skips the step, only the grad zeroing it was
-// asked for. Every functor ends here, so the skip policy lives in one place.
+// One block's chunk of a step: the update, or, when found_inf or a bad target skips the step, only the grad
+// zeroing it was asked for. Every functor ends here, so the skip policy lives in one place.
 template <class T, class Op>
 FT_HOST_DEVICE FT_INLINE void step_chunk(const ChunkPointers<T>& c, const Op& op, GradPolicy gp, bool skip,
                                          opmath_t<T> grad_scale, int thread, int n_threads) {
@@ -179,12 +180,16 @@ FT_UNROLL
 // Scalars every functor shares, read once per block.
 struct CommonScalars {
   ScalarArg lr, grad_scale, found_inf;
-  // The device's bad-target flag (bad_target.cuh), or nullptr: set by a loss kernel that met an
+  // The device's bad-target step guard (bad_target.cuh), or nullptr: set by a loss kernel that met an
   // out-of-range target, it skips the step as found_inf does, so NaN gradients never reach the params.
-  const unsigned int* bad_target_claim;
+  unsigned int* bad_target_guard;
   GradPolicy grads;
   FT_HOST_DEVICE bool skip_step() const {
-    return found_inf.load() != 0.0 || (bad_target_claim != nullptr && *bad_target_claim != 0u);
+    bool skip = false;
+#if defined(__CUDA_ARCH__)
+    if (bad_target_guard != nullptr) skip = bad_target_skips_step(bad_target_guard);
+#endif
+    return found_inf.load() != 0.0 || skip;
   }
 };
 

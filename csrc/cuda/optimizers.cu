@@ -4,7 +4,7 @@
 //
 // Nothing here waits for the GPU: lr, grad_scale and found_inf tensors on the device are read inside the
 // kernel, the step counters advance inside it too, and only CPU scalar tensors are read on the host. The
-// loss's bad-target flag (cuda/bad_target.cuh) is read in the kernel as well: set, the step is skipped.
+// loss's bad-target step guard (cuda/bad_target.cuh) is read in the kernel as well: set, the step is skipped.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -41,7 +41,7 @@ ScalarArg scalar_arg(const std::optional<at::Tensor>& t, double absent, std::vec
 bool prepare_common(CommonScalars& c, const at::Device& device, double lr, const std::optional<at::Tensor>& lr_tensor,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                     bool zero_grad, std::vector<at::Tensor>& keep_alive) {
-  c.bad_target_claim = bad_target_claim(device.index());
+  c.bad_target_guard = bad_target_step_guard(device.index());
   c.found_inf = scalar_arg(found_inf, 0.0, keep_alive);
   if (c.found_inf.ptr == nullptr && c.found_inf.value != 0.0 && !zero_grad) return false;
   c.lr = scalar_arg(lr_tensor, lr, keep_alive);

@@ -39,7 +39,7 @@ void check_plan(const FakeTensors& tensors, int max_tensors, int64_t max_blocks,
   int64_t last_tensor = -1, last_chunk = -1;  // the (tensor, chunk) order the blocks must follow
   int64_t blocks_seen = 0, launches = 0;
   bool ordered = true;
-  ft::plan_launches<Depth>(tensors, max_tensors, max_blocks, [&](const ft::TensorListMetadata<Depth>& m, int64_t n_blocks) {
+  const auto check_launch = [&](const ft::TensorListMetadata<Depth>& m, int64_t n_blocks) {
     ++launches;
     FT_CHECK_MSG(n_blocks >= 1 && n_blocks <= max_blocks, what, ": launch ", launches, " has ", n_blocks, " blocks");
     FT_CHECK_MSG(m.n_tensors >= 1 && m.n_tensors <= max_tensors, what, ": launch ", launches, " has ", m.n_tensors,
@@ -81,7 +81,8 @@ void check_plan(const FakeTensors& tensors, int max_tensors, int64_t max_blocks,
       for (int64_t u = last_tensor + 1; next_tensor && u < t; ++u) {
         next_tensor = tensors.numel(u) == 0 && !tensors.with_steps;  // skipped tensors must have had no work
       }
-      const bool previous_done = last_tensor < 0 || last_chunk == std::max<int64_t>(chunks_of(tensors.numel(last_tensor)), 1) - 1;
+      const bool previous_done =
+          last_tensor < 0 || last_chunk == std::max<int64_t>(chunks_of(tensors.numel(last_tensor)), 1) - 1;
       if (!(next_chunk || (next_tensor && previous_done)) && ordered) {
         ordered = false;
         FT_CHECK_MSG(false, what, ": block ", b, " of launch ", launches, " has (tensor ", t, ", chunk ", chunk,
@@ -91,7 +92,8 @@ void check_plan(const FakeTensors& tensors, int max_tensors, int64_t max_blocks,
       last_chunk = chunk;
       ++blocks_seen;
     }
-  });
+  };
+  ft::plan_launches<Depth>(tensors, max_tensors, max_blocks, check_launch);
   // After the last block: every remaining tensor must have been workless, the last one finished.
   int64_t expected_blocks = 0;
   for (int64_t i = 0; i < n; ++i) {
