@@ -133,3 +133,30 @@ def test_optimizer_in_backward_rejects_frozen_models():
     frozen = torch.nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no params that require grad"):
         OptimizerInBackward(frozen.parameters(), fused_train.optim.SGD, lr=0.1)
+
+
+def test_optimizer_in_backward_drops_every_grad_when_a_step_raises():
+    """A step that raises mid-backward (on CUDA: the IndexError of an earlier bad target) leaves no gradient of
+    the abandoned batch behind for the next backward to add to: this loop has no zero_grad."""
+    model = _mlp()
+    params = list(model.parameters())
+    stepper = OptimizerInBackward(params, fused_train.optim.SGD, lr=0.1)
+    x, y = torch.randn(8, 20), torch.randint(0, 4, (8,))
+
+    def fail():
+        raise IndexError("an earlier bad target")
+
+    stepper.optimizers[params[0]].step = fail  # the first layer's weight: its hook runs after the later layers'
+    with pytest.raises(IndexError, match="an earlier bad target"):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert all(p.grad is None for p in params)
+
+    # The next backward's hooks see this batch's gradients alone.
+    expected = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), params)
+    seen = {}
+    for p in params:
+        stepper.optimizers[p].step = lambda p=p: seen.__setitem__(p, p.grad.clone())
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    for p, g in zip(params, expected):
+        torch.testing.assert_close(seen[p], g, rtol=0, atol=0)
+    stepper.remove()

@@ -159,6 +159,28 @@ def loss_cases():
         FAILURES.append("bad target: the next call did not raise IndexError")
     except IndexError:
         pass
+    # A bad target with a gradient: the next fused step is skipped on the device (the step guard), and the
+    # call after it raises. (If the host got there first, the step itself raises; the params stay either way.)
+    w = (torch.randn(1000, 1000, device="cuda") * 0.01).requires_grad_()
+    opt = fused_train.optim.Adam([w], lr=0.1)
+    before = w.detach().clone()
+    torch.cuda._sleep(500_000_000)  # the step is queued before the loss runs: the kernel decides, not the host
+    raised = False
+    try:
+        FF.cross_entropy(x @ w.T, bad).backward()
+        opt.step()
+    except IndexError:
+        raised = True
+    torch.cuda.synchronize()
+    CASES += 1
+    if not torch.equal(w, before):
+        FAILURES.append("bad target: the fused step after it was not skipped")
+    if not raised:
+        try:
+            FF.cross_entropy(x, t)
+            FAILURES.append("bad target with gradient: the next call did not raise IndexError")
+        except IndexError:
+            pass
 
 
 def main():

@@ -100,11 +100,10 @@ void raise_if_bad_target_seen(const char* op, int device) {
     C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
     // While capturing, a memset would only be recorded; leave the report for the next uncaptured call.
     if (status == cudaStreamCaptureStatusNone) {
-      // Unpublished before the claim is cleared: no kernel can publish again until then. The guard is
-      // cleared too, behind the work queued so far: a step queued before this call still skips, and the
-      // first step after the exception (the caller caught it and goes on) runs.
+      // Unpublished before the claim is cleared: no kernel can publish again until then. The step guard is
+      // left to the device (bad_target.cuh): NaN gradients may still sit in .grad.
       __atomic_store_n(&slot->published, 0, __ATOMIC_RELEASE);
-      const cudaError_t err = cudaMemsetAsync(r->words, 0, 2 * sizeof(unsigned int), stream);
+      const cudaError_t err = cudaMemsetAsync(r->words, 0, sizeof(unsigned int), stream);
       if (err != cudaSuccess) __atomic_store_n(&slot->published, 1, __ATOMIC_RELEASE);  // keep the report
       C10_CUDA_CHECK(err);
     }
@@ -112,8 +111,8 @@ void raise_if_bad_target_seen(const char* op, int device) {
   TORCH_CHECK_INDEX(false, op, ": an earlier cross-entropy kernel on cuda:", device, " got target ", value,
                     " at position ", position,
                     ", out of bounds (expected 0 <= target < classes or target == ignore_index); that row's loss "
-                    "and gradient were written as NaN, and the fused_train optimizer step that followed on this "
-                    "device was skipped");
+                    "and gradient were written as NaN, and the next fused_train optimizer step on this device is "
+                    "skipped");
 }
 
 }  // namespace cuda

@@ -261,6 +261,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_backward_kernel(XentAr
       bad = !ignored && (t < 0 || t >= a.classes);
       rg = math::index_row_grad(scale, lse, ignored || bad || a.weight == nullptr ? O(1) : a.weight[t], h);
     }
+    if (bad && threadIdx.x == 0 && begin == 0) guard_nan_gradient(a.bad_target);  // this row's gradient is NaN
     const bool owns_target = !ignored && !bad && t >= begin && t < begin + n;
     // Read before this block overwrites it (the in-place backward writes over the logits).
     const O x_t = owns_target ? static_cast<O>(x[t - begin]) : O(0);

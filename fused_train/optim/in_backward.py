@@ -45,7 +45,15 @@ class OptimizerInBackward:
             raise ValueError("OptimizerInBackward: got no params that require grad")
 
     def _step_param(self, param: Tensor) -> None:
-        self.optimizers[param].step()
+        try:
+            self.optimizers[param].step()
+        except Exception:
+            # The backward stops here (e.g. CUDA's IndexError for an earlier bad target): the grads accumulated
+            # so far belong to a batch that will not be stepped, and with no zero_grad in this loop the next
+            # backward would add to them.
+            for p in self.optimizers:
+                p.grad = None
+            raise
         param.grad = None
 
     def state_dict(self) -> list[dict[str, Any]]:
