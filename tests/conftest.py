@@ -55,3 +55,21 @@ def assert_close_scaled(actual, expected, dtype=None):
     # NaN where the reference is NaN (e.g. centered RMSprop with alpha=0: sqrt of a rounding-negative
     # variance) is parity, not a failure.
     torch.testing.assert_close(actual, expected, equal_nan=True, **tol)
+
+
+def warm_up_and_capture(step, warmup, static_x, static_y):
+    """torch.cuda.graph's recipe for a training step: ``step()`` run on a side stream for each (x, y) of
+    ``warmup`` copied into the static inputs (creating optimizer state and grads), then recorded once.
+    Returns the graph; nothing recorded has run."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, y in warmup:
+            static_x.copy_(x)
+            static_y.copy_(y)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph

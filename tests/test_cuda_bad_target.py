@@ -15,7 +15,7 @@ import fused_train
 from fused_train import _ops
 from fused_train.nn.functional import cross_entropy
 
-from conftest import cuda_only
+from conftest import cuda_only, warm_up_and_capture
 
 pytestmark = cuda_only
 
@@ -334,17 +334,7 @@ def test_cuda_replayed_graph_skips_the_bad_batch_and_goes_on_training():
         o.step()
         o.zero_grad(set_to_none=False)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for xb, yb in good[:2]:
-            static_x.copy_(xb)
-            static_y.copy_(yb)
-            step(model, opt, static_x, static_y)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(model, opt, static_x, static_y)
+    graph = warm_up_and_capture(lambda: step(model, opt, static_x, static_y), good[:2], static_x, static_y)
     bad_y = good[2][1].clone()
     bad_y[7] = -3
     for xb, yb in [good[2], (good[2][0], bad_y), good[3], good[4]]:

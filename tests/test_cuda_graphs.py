@@ -14,7 +14,7 @@ import torch
 
 import fused_train
 
-from conftest import TOL, cuda_only
+from conftest import TOL, cuda_only, warm_up_and_capture
 
 
 @cuda_only
@@ -40,19 +40,7 @@ def test_captured_training_step_replays_like_eager(name, loss):
         o.step()
         o.zero_grad(set_to_none=False)  # grads stay allocated at fixed addresses, zeroed by the step kernel
 
-    # Warm up on a side stream (creates state and grads), as torch.cuda.graph's recipe asks.
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for x, y in batches[:3]:
-            static_x.copy_(x)
-            static_y.copy_(y)
-            step(model, opt, static_x, static_y)
-    torch.cuda.current_stream().wait_stream(side)
-
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # records; nothing runs
-        step(model, opt, static_x, static_y)
+    graph = warm_up_and_capture(lambda: step(model, opt, static_x, static_y), batches[:3], static_x, static_y)
     for x, y in batches[3:]:
         static_x.copy_(x)
         static_y.copy_(y)

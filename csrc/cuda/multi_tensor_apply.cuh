@@ -20,14 +20,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <map>
 #include <mutex>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 #include "cuda/launch_plan.h"
 #include "fused_train/macros.h"
