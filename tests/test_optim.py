@@ -3,6 +3,7 @@ gradient zeroing, layouts and ops."""
 
 import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -631,3 +632,18 @@ def test_skipped_step_still_zeroes_grads_it_was_to_zero(device):
     opt.step()
     assert torch.equal(before, p) and float(opt.state[p]["step"]) == 0.0
     assert torch.count_nonzero(p.grad) == 0
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop"])
+def test_fused_optimizers_are_instances_of_the_torch_classes_they_replace(name):
+    # Libraries branch on torch's classes (accelerate maps an AdamW to DeepSpeed's CPUAdam with decoupled
+    # decay only when isinstance(opt, torch.optim.AdamW)); only the class identity may come from torch.
+    opt = getattr(fused_train.optim, name)([torch.zeros(3, requires_grad=True)], lr=0.1)
+    assert isinstance(opt, getattr(torch.optim, name))
+    for method in ("__init__", "__setstate__", "step", "_init_group", "zero_grad", "load_state_dict"):
+        owner = next(c for c in type(opt).__mro__ if method in vars(c))
+        assert owner.__module__.startswith("fused_train."), (method, owner)
+    with pytest.raises(NotImplementedError, match="_init_group"):
+        opt._init_group()
+    restored = pickle.loads(pickle.dumps(opt))
+    assert type(restored) is type(opt) and restored.param_groups[0]["lr"] == 0.1

@@ -7,7 +7,9 @@ A subclass names its state (``_state_names``), creates it (``_init_state``) and 
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
+from itertools import chain
 from typing import Any, Callable
 
 import torch
@@ -62,6 +64,63 @@ class _Bucket:
         self.needs_view = False  # complex or DTensor params: grads need _kernel_view too
 
 
+class _GroupTable:
+    """A group's buckets and what they were built from, reused while the group still holds the same params (the
+    same objects, in order) and the options that decide which state exists are unchanged. The state they hold is
+    checked once per step for the whole optimizer (_StateSnapshot)."""
+
+    __slots__ = ("group", "has_grad", "options", "params", "buckets", "state_dicts", "state_values")
+
+    def __init__(self, optimizer: "FusedOptimizer", group: dict[str, Any], has_grad: tuple[bool, ...],
+                 buckets: list[_Bucket]) -> None:
+        self.group = group
+        self.has_grad = has_grad
+        self.options = optimizer._state_options(group)
+        self.params = list(group["params"])  # also keeps the ids compared alive
+        self.buckets = buckets
+        self.state_dicts = [optimizer.state.get(p) for p in self.params]
+        self.state_values = list(chain.from_iterable(map(dict.values, filter(None, self.state_dicts))))
+
+    def still_valid(self, optimizer: "FusedOptimizer", group: dict[str, Any], has_grad: tuple[bool, ...]) -> bool:
+        # Identity, never ==: Tensor.__eq__ is elementwise. map/operator.is_ run as C loops.
+        params = group["params"]
+        return (self.group is group and self.has_grad == has_grad and len(params) == len(self.params)
+                and all(map(operator.is_, params, self.params)) and optimizer._state_options(group) == self.options)
+
+    def state_unchanged(self, state: dict) -> bool:
+        """This group's share of _StateSnapshot.matches, by looking each param up: the form torch.compile traces
+        without guarding on the identity of every gradient (walking ``state`` itself makes it do so)."""
+        dicts = list(map(state.get, self.params))
+        if not all(map(operator.is_, dicts, self.state_dicts)):
+            return False
+        values = list(chain.from_iterable(map(dict.values, filter(None, dicts))))
+        return len(values) == len(self.state_values) and all(map(operator.is_, values, self.state_values))
+
+
+class _StateSnapshot:
+    """``optimizer.state`` as the cached tables saw it: the container, each param's state dict and every value in
+    them, as objects. Any change torch.optim would honour — ``state.clear()``, a new ``state`` dict, a param's
+    state dict replaced, a state tensor re-assigned (moving state between devices or dtypes) — shows up as a
+    different object here, and the tables are rebuilt from the state as it now is. Walking the values in the
+    dict's own order needs no tensor hashing: a few microseconds per thousand params."""
+
+    __slots__ = ("state", "dicts", "values")
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+        self.dicts = list(state.values())  # references keep the ids compared alive
+        self.values = list(chain.from_iterable(map(dict.values, self.dicts)))
+
+    def matches(self, state: dict) -> bool:
+        if state is not self.state or len(state) != len(self.dicts):
+            return False
+        dicts = list(state.values())
+        if not all(map(operator.is_, dicts, self.dicts)):
+            return False
+        values = list(chain.from_iterable(map(dict.values, dicts)))
+        return len(values) == len(self.values) and all(map(operator.is_, values, self.values))
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base of fused_train's optimizers; not used directly."""
 
@@ -73,13 +132,18 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any], *, zero_grad_in_step: bool | None = None) -> None:
         if zero_grad_in_step not in (None, True, False):
             raise ValueError(f"zero_grad_in_step must be None, True or False, got {zero_grad_in_step!r}")
-        super().__init__(params, defaults)
+        # Optimizer's own, by name: each subclass also derives from its torch.optim class (for isinstance), whose
+        # __init__ takes other arguments and must not run.
+        torch.optim.Optimizer.__init__(self, params, defaults)
         # GradScaler hands grad_scale/found_inf to step() instead of unscaling and syncing itself.
         self._step_supports_amp_scaling = True
         self._zero_grad_in_step = zero_grad_in_step
         self._grads_kept_allocated = False  # the last zero_grad() kept grads (set_to_none=False)
         self._zeroed_grads: dict[int, tuple[Tensor, int]] = {}
-        self._tables: dict[int, tuple[tuple[bool, ...], list[_Bucket]]] = {}
+        self._tables: dict[int, _GroupTable] = {}
+        # One slot, mutated in place (a compiled step may mutate containers, but dynamo refuses to rebind
+        # attributes inside a traced region).
+        self._state_snapshot: list[_StateSnapshot | None] = [None]
 
     # ------------------------------------------------------------------------------------------------
     # Subclass interface
@@ -95,6 +159,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                      found_inf: Tensor | None) -> None:
         raise NotImplementedError
 
+    def _init_group(self, *args: Any, **kwargs: Any) -> Any:
+        # Inherited from the torch.optim class otherwise, where it would run torch's state setup on ours.
+        raise NotImplementedError(
+            f"fused_train.optim.{type(self).__name__} steps in its fused kernel; torch.optim's _init_group does "
+            "not apply to it"
+        )
+
     # ------------------------------------------------------------------------------------------------
     def _new_step_tensor(self, param: Tensor) -> Tensor:
         # As torch's fused and capturable optimizers: fp32, on the param's device, advanced by the kernel.
@@ -103,10 +174,17 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _zeros_state(self, param: Tensor) -> Tensor:
         return torch.zeros_like(param, dtype=_state_like_dtype(param), memory_format=torch.preserve_format)
 
-    def _tables_for(self, group_index: int, group: dict[str, Any], has_grad: tuple[bool, ...]) -> list[_Bucket]:
+    def _state_options(self, group: dict[str, Any]) -> tuple:
+        """The group options that decide which state exists (a subclass adds e.g. amsgrad): switching one on
+        rebuilds the tables, so the state it needs is created at that step, as torch.optim does."""
+        return ()
+
+    def _tables_for(self, group_index: int, group: dict[str, Any], has_grad: tuple[bool, ...],
+                    rebuilt: list[int]) -> list[_Bucket]:
         cached = self._tables.get(group_index)
-        if cached is not None and cached[0] == has_grad:
-            return cached[1]
+        if cached is not None and cached.still_valid(self, group, has_grad) and (
+                not torch.compiler.is_compiling() or cached.state_unchanged(self.state)):
+            return cached.buckets
         buckets: dict[tuple, _Bucket] = {}
         for i, p in enumerate(group["params"]):
             if not has_grad[i]:
@@ -116,6 +194,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if len(state) == 0:
                 self._init_state(p, group, state)
             self._ensure_state(p, group, state)
+            self._check_state(p, state)
             key = (p.device, p.dtype)
             bucket = buckets.get(key)
             if bucket is None:
@@ -131,11 +210,47 @@ class FusedOptimizer(torch.optim.Optimizer):
             if self._has_step:
                 bucket.steps.append(state["step"])
         result = list(buckets.values())
-        self._tables[group_index] = (has_grad, result)
+        self._tables[group_index] = _GroupTable(self, group, has_grad, result)
+        rebuilt.append(group_index)
         return result
+
+    def _check_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        """Brings state that a user assigned (or a checkpoint loaded) into the layout the kernels read, in
+        place in ``state``, as torch.optim would use it: ``step`` as an fp32 tensor on the param's device (it
+        may have been moved, or be a number), moments in the kernels' math type (fp32 for bf16/fp16 params).
+        State on another device than its param, or of another shape, raises: torch's fused step raises too,
+        and moving it silently would undo an offload the user meant."""
+        if self._has_step:
+            step = state.get("step")
+            if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device
+                    and step.dim() == 0):
+                if step is None:
+                    raise KeyError(f"{type(self).__name__}: the state of a param has no 'step'")
+                state["step"] = torch.as_tensor(step).detach().to(device=p.device, dtype=torch.float32,
+                                                                   copy=True).reshape(())
+        dtype = _state_like_dtype(p)
+        for name in self._state_names:
+            value = state.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{type(self).__name__}: state '{name}' must be a tensor, got {type(value).__name__}")
+            if value.device != p.device:
+                raise ValueError(
+                    f"{type(self).__name__}: state '{name}' is on {value.device} but its param is on {p.device}; "
+                    f"the fused step needs them on the same device (move the state back before stepping)"
+                )
+            if value.shape != p.shape:
+                raise ValueError(
+                    f"{type(self).__name__}: state '{name}' has shape {tuple(value.shape)} but its param has "
+                    f"{tuple(p.shape)}"
+                )
+            if value.dtype != dtype:
+                state[name] = value.detach().to(dtype)
 
     def _invalidate_tables(self) -> None:
         self._tables.clear()
+        self._state_snapshot[0] = None
 
     # Kept out of torch.compile's trace, as torch.optim.Optimizer keeps its own add_param_group, zero_grad and
     # load_state_dict: they rebind attributes, which dynamo refuses inside a traced region (torch 2.11).
@@ -171,6 +286,11 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         # First every group's tables (this validates dtypes and creates missing state), then the kernels:
         # a bad param in a later group must not leave earlier groups stepped.
+        compiling = torch.compiler.is_compiling()
+        snapshot = self._state_snapshot[0]
+        if not compiling and (snapshot is None or not snapshot.matches(self.state)):
+            self._tables.clear()  # (compiled, each group checks its own state in _tables_for)
+        rebuilt: list[int] = []
         work = []
         for group_index, group in enumerate(self.param_groups):
             grads = [p.grad for p in group["params"]]
@@ -183,10 +303,18 @@ class FusedOptimizer(torch.optim.Optimizer):
                         f"{type(self).__name__} does not support sparse gradients (got layout {g.layout}); "
                         "use torch.optim.SparseAdam or dense gradients"
                     )
-            work.append((group, grads, self._tables_for(group_index, group, has_grad)))
+            work.append((group, grads, self._tables_for(group_index, group, has_grad, rebuilt)))
+        if (rebuilt or snapshot is None) and not compiling:
+            # Building tables creates and converts state: what the next step compares against is the state now.
+            self._state_snapshot[0] = _StateSnapshot(self.state)
 
         for group, grads, buckets in work:
             lr = group["lr"]
+            if compiling and not isinstance(lr, Tensor):
+                # Traced, a float lr would be a constant of the graph and every scheduler step a recompile
+                # (torch.optim's compiled steps keep it symbolic); as a tensor it is an input of the graph.
+                # (A product, not torch.tensor(lr): that one dynamo specializes on the value.)
+                lr = torch.ones((), dtype=torch.float64) * lr
             for bucket in buckets:
                 bucket_grads = [grads[i] for i in bucket.indices]
                 if bucket.needs_view:
@@ -252,9 +380,28 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         torch.optim casts state to each param's dtype on load; fused_train keeps fp32 state for bf16/fp16
         params and its ``step`` as an fp32 tensor on the param's device, so those are taken from the
-        saved values directly (no lossy round trip through bf16).
+        saved values directly (no lossy round trip through bf16). Load-state-dict hooks run as in torch: the
+        values taken are those the pre-hooks hand on, and post-hooks see (and may replace) the loaded state.
         """
-        super().load_state_dict(state_dict)
+        loaded: list[dict[str, Any]] = []
+
+        def capture(optimizer: torch.optim.Optimizer, incoming: dict[str, Any]) -> None:
+            loaded.append(incoming)  # registered last: sees what the user's pre-hooks hand to torch
+
+        def restore_precision(optimizer: torch.optim.Optimizer) -> None:
+            self._restore_state_precision(loaded[-1])  # prepended: before the user's post-hooks
+
+        pre = self.register_load_state_dict_pre_hook(capture)
+        post = self.register_load_state_dict_post_hook(restore_precision, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
+        self._invalidate_tables()
+        self._zeroed_grads = {}
+
+    def _restore_state_precision(self, state_dict: dict[str, Any]) -> None:
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
@@ -268,12 +415,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                     state[key] = step.detach().to(device=p.device, dtype=torch.float32, copy=True)
                 elif torch.is_tensor(value) and (value.is_floating_point() or value.is_complex()):
                     state[key] = value.detach().to(device=p.device, dtype=_state_like_dtype(p), copy=True)
-        self._invalidate_tables()
-        self._zeroed_grads = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
+        torch.optim.Optimizer.__setstate__(self, state)  # not the torch.optim subclass's: see __init__
         self._tables = {}
+        self._state_snapshot = [None]
         self._zeroed_grads = {}
         self.__dict__.setdefault("_zero_grad_in_step", None)
         self.__dict__.setdefault("_grads_kept_allocated", False)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import torch
 from torch import Tensor
 
 from .. import _ops
 from ._base import FusedOptimizer, check_implementation_flags, check_lr
 
 
-class Adam(FusedOptimizer):
+class Adam(FusedOptimizer, torch.optim.Adam):
     r"""Adam (Kingma & Ba, 2015) as :class:`torch.optim.Adam`, in one fused kernel per device and dtype.
 
     Same arguments, defaults, validation, param groups and ``state_dict`` format as ``torch.optim.Adam``
@@ -75,7 +76,13 @@ class Adam(FusedOptimizer):
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         check_implementation_flags(type(self).__name__, foreach, fused, differentiable)
-        betas = (float(betas[0]), float(betas[1]))
+        if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for i, beta in enumerate(betas):
+            if isinstance(beta, Tensor) and beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        # As torch: tensor betas stay tensors in the group (0-dim), numbers stay numbers.
+        betas = tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
@@ -99,12 +106,12 @@ class Adam(FusedOptimizer):
         for group in self.param_groups:
             group.setdefault("decoupled_weight_decay", False)
 
+    def _state_options(self, group: dict[str, Any]) -> tuple:
+        return (bool(group["amsgrad"]),)
+
     def _step_bucket(self, group, bucket, params, grads, states, steps, *, zero_grad, lr, lr_tensor,
                      grad_scale, found_inf) -> None:
         amsgrad = group["amsgrad"]
-        if amsgrad and any(t is None for t in states["max_exp_avg_sq"]):
-            self._invalidate_tables()  # amsgrad was switched on after the tables were built
-            raise RuntimeError("Adam: amsgrad was enabled after the first step; call step() again")
         beta1, beta2 = group["betas"]
         _ops.adam_step_(
             params, grads, states["exp_avg"], states["exp_avg_sq"],
@@ -116,7 +123,7 @@ class Adam(FusedOptimizer):
         )
 
 
-class AdamW(Adam):
+class AdamW(Adam, torch.optim.AdamW):
     r"""AdamW (Loshchilov & Hutter, 2019) as :class:`torch.optim.AdamW`: :class:`Adam` with decoupled
     weight decay, default ``weight_decay=1e-2``. Same arguments and ``state_dict`` format as torch's.
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import torch
 from torch import Tensor
 
 from .. import _ops
 from ._base import FusedOptimizer, check_implementation_flags, check_lr
 
 
-class RMSprop(FusedOptimizer):
+class RMSprop(FusedOptimizer, torch.optim.RMSprop):
     r"""RMSprop as :class:`torch.optim.RMSprop`, in one fused kernel per device and dtype.
 
     Same arguments, defaults, validation and ``state_dict`` format (``step``, ``square_avg``,
@@ -79,14 +80,14 @@ class RMSprop(FusedOptimizer):
         if group["centered"] and "grad_avg" not in state:
             state["grad_avg"] = self._zeros_state(param)
 
+    def _state_options(self, group: dict[str, Any]) -> tuple:
+        return (group["momentum"] > 0, bool(group["centered"]))
+
     def _step_bucket(self, group, bucket, params, grads, states, steps, *, zero_grad, lr, lr_tensor,
                      grad_scale, found_inf) -> None:
         centered, momentum = group["centered"], float(group["momentum"])
         grad_avgs = states["grad_avg"] if centered else []
         buffers = states["momentum_buffer"] if momentum > 0 else []
-        if any(t is None for t in grad_avgs) or any(t is None for t in buffers):
-            self._invalidate_tables()  # centered or momentum was switched on after the tables were built
-            raise RuntimeError("RMSprop: centered/momentum was enabled after the first step; call step() again")
         _ops.rmsprop_step_(
             params, grads, states["square_avg"], grad_avgs, buffers, steps,
             lr=lr, alpha=float(group["alpha"]), eps=float(group["eps"]),

@@ -12,7 +12,7 @@ from .. import _ops
 from ._base import FusedOptimizer, check_implementation_flags, check_lr
 
 
-class SGD(FusedOptimizer):
+class SGD(FusedOptimizer, torch.optim.SGD):
     r"""Stochastic gradient descent as :class:`torch.optim.SGD`, in one fused kernel per device and dtype.
 
     Same arguments, defaults, validation and ``state_dict`` format (``momentum_buffer`` when
@@ -65,16 +65,22 @@ class SGD(FusedOptimizer):
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
         )
         super().__init__(params, defaults, zero_grad_in_step=zero_grad_in_step)
-        self._fresh_buffers: set[int] = set()
+        # Momentum buffers created but not yet filled by a step (id -> buffer): their first real step copies
+        # the gradient in (torch's clone), whenever that step comes.
+        self._fresh_buffers: dict[int, Tensor] = {}
+
+    def _state_options(self, group: dict[str, Any]) -> tuple:
+        return (group["momentum"] != 0,)
 
     def _init_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         pass  # torch's SGD has no state until a step with momentum creates the buffer
 
     def _ensure_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         if group["momentum"] != 0 and state.get("momentum_buffer") is None:
-            # Filled with the first gradient by the kernel (is_first_step), as torch's clone(grad).
-            state["momentum_buffer"] = self._zeros_state(param)
-            self._fresh_buffers.add(id(param))
+            # Filled with the first gradient by the kernel (is_first_step), as torch's clone(grad); also when
+            # momentum is switched on after the first step, as torch does.
+            buffer = state["momentum_buffer"] = self._zeros_state(param)
+            self._fresh_buffers[id(buffer)] = buffer
 
     def _step_bucket(self, group, bucket, params, grads, states, steps, *, zero_grad, lr, lr_tensor,
                      grad_scale, found_inf) -> None:
@@ -88,10 +94,13 @@ class SGD(FusedOptimizer):
             _ops.sgd_step_(params, grads, [], is_first_step=False, **kwargs)
             return
         buffers = states["momentum_buffer"]
-        if any(b is None for b in buffers):
-            self._invalidate_tables()  # momentum was switched on after the tables were built
-            raise RuntimeError("SGD: momentum was enabled after the first step; call step() again")
-        fresh = [id(p) in self._fresh_buffers for p in bucket.originals] if self._fresh_buffers else None
+        fresh_buffers = self._fresh_buffers
+        if fresh_buffers:
+            # (buffers holds what the kernel sees, a view for complex params: look up the state's own tensor.)
+            originals = [self.state[p]["momentum_buffer"] for p in bucket.originals]
+            fresh = [fresh_buffers.get(id(b)) is b for b in originals]
+        else:
+            fresh = None
         if not fresh or not any(fresh):
             _ops.sgd_step_(params, grads, buffers, is_first_step=False, **kwargs)
             return
@@ -101,10 +110,20 @@ class SGD(FusedOptimizer):
             if idx:
                 _ops.sgd_step_([params[i] for i in idx], [grads[i] for i in idx], [buffers[i] for i in idx],
                                is_first_step=first, **kwargs)
-        for p in bucket.originals:
-            self._fresh_buffers.discard(id(p))
+        # A step GradScaler skipped (inf/NaN gradients) left the new buffers unfilled: they stay fresh, so the
+        # next real step still copies its gradient in. Knowing that costs one host read of found_inf, only
+        # on the steps that create buffers (the first, as a rule), and not while a CUDA graph is captured.
+        if found_inf is not None and not _capturing(found_inf) and bool(found_inf.item()):
+            return
+        for b, f in zip(originals, fresh):
+            if f:
+                del fresh_buffers[id(b)]
 
     @torch._disable_dynamo  # as FusedOptimizer.load_state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._fresh_buffers = set()
+        self._fresh_buffers = {}
+
+
+def _capturing(t: Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
