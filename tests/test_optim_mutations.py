@@ -371,3 +371,22 @@ def test_reassigned_state_in_another_dtype_is_converted_for_the_kernel():
     assert all(st["exp_avg"].dtype == torch.float32 and st["step"].dtype == torch.float32
                for st in fused_opt.state.values())
     _assert_same(twins)
+
+
+@pytest.mark.parametrize("name,cfg", [("SGD", dict(lr=0.01, momentum=0.9)), ("RMSprop", dict(lr=0.01, momentum=0.9)),
+                                      ("Adam", dict(lr=0.01))], ids=["SGD", "RMSprop", "Adam"])
+def test_compiled_step_under_one_cycle_momentum_schedule_matches_torch(name, cfg):
+    # OneCycleLR moves momentum (betas for Adam) every step: traced, those values become symbolic.
+    twins = _twins(name, cfg, "cpu")
+    torch._dynamo.reset()
+    for index, (params, opt) in enumerate(twins):
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=20)
+        step = torch.compile(opt.step) if index == 0 else opt.step
+        for seed in range(6):
+            generator = torch.Generator().manual_seed(seed)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            step()
+            scheduler.step()
+    torch._dynamo.reset()
+    _assert_same(twins)

@@ -81,7 +81,8 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             state["grad_avg"] = self._zeros_state(param)
 
     def _state_options(self, group: dict[str, Any]) -> tuple:
-        return (group["momentum"] > 0, bool(group["centered"]))
+        momentum = True if group["momentum"] > 0 else False  # a branch: see SGD._state_options
+        return (momentum, bool(group["centered"]))
 
     def _step_bucket(self, group, bucket, params, grads, states, steps, *, zero_grad, lr, lr_tensor,
                      grad_scale, found_inf) -> None:

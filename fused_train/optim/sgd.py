@@ -70,7 +70,9 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         self._fresh_buffers: dict[int, Tensor] = {}
 
     def _state_options(self, group: dict[str, Any]) -> tuple:
-        return (group["momentum"] != 0,)
+        # A branch, not the comparison itself: traced, a scheduled momentum is symbolic, and a symbolic bool
+        # inside a tuple comparison trips dynamo (torch 2.14); a branch makes it a plain bool.
+        return (True,) if group["momentum"] != 0 else (False,)
 
     def _init_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         pass  # torch's SGD has no state until a step with momentum creates the buffer
