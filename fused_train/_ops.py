@@ -229,8 +229,10 @@ def cross_entropy_apply_grad_loss_(
     """Makes :func:`cross_entropy_forward_backward`'s ``grad_input`` (written for a loss gradient of 1) the
     gradient for ``grad_loss``. Rows whose ``grad_loss`` is exactly 1 are left as they are (on CPU nothing at
     all is written for ``loss.backward()``; on CUDA ``grad_loss`` is never read on the host); the others are
-    recomputed from ``input``, the scale applied in opmath before the one rounding, at the cost of a multiply
-    (one read and one write of N×C). ``grad_input`` must not overlap ``input``."""
+    recomputed from ``input``, the scale applied in opmath before the one rounding (the bytes of a multiply:
+    one read and one write of N×C). On CPU, where the recompute's exps cost ~3× a multiply, a power-of-two
+    ``grad_loss`` (GradScaler's) multiplies bf16/fp32/fp64 gradients instead, which is exact for them.
+    ``grad_input`` must not overlap ``input``."""
     _ops.cross_entropy_apply_grad_loss_.default(
         grad_input, grad_loss, input, target, weight, row_lse, denominator, reduction=reduction,
         ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,

@@ -486,6 +486,16 @@ def test_apply_grad_loss_recomputes_only_rows_whose_grad_loss_is_not_one(device)
     assert (marked[::2] == 7.0).all()
     expected = ops.cross_entropy_backward(grad_loss, x, target, weight, lse, denominator, **kw_none)
     assert torch.equal(marked[1::2], expected[1::2])
+    # A power of two (GradScaler's scale) may be applied by multiplying the forward's gradient on CPU, for
+    # dtypes whose exponent range makes that exact: the result is the one rounding's, bit for bit.
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        xd = x.to(dtype)
+        _, _, lse, denominator, grad = ops.cross_entropy_forward_backward(xd, target, weight, **kw)
+        for scale in (2.0**16, 2.0**-3, -0.5):
+            g = grad.clone()
+            grad_loss = torch.tensor(scale, device=device)
+            ops.cross_entropy_apply_grad_loss_(g, grad_loss, xd, target, weight, lse, denominator, **kw)
+            assert torch.equal(g, ops.cross_entropy_backward(grad_loss, xd, target, weight, lse, denominator, **kw))
 
 
 def test_large_gradient_buffer_is_reused_only_when_released():

@@ -20,8 +20,8 @@ class _CrossEntropyFunction(torch.autograd.Function):
     loss gradient of 1, while each row is still in cache (over the logits with ``inplace_backward``), and
     the backward only applies the real loss gradient: nothing at all for ``loss.backward()`` (on CUDA a
     kernel whose blocks return at once); for any other loss gradient the rows are recomputed from the
-    saved logits with the scale applied before the one rounding (cross_entropy_apply_grad_loss_), at the
-    cost of a multiply. With ``inplace_backward`` the logits are gone, and the gradient is multiplied:
+    saved logits with the scale applied before the one rounding (cross_entropy_apply_grad_loss_; on CPU a
+    power-of-two scale multiplies bf16/fp32/fp64 gradients instead, exactly). With ``inplace_backward`` the logits are gone, and the gradient is multiplied:
     rounded twice (README, Differences), except for fp16, the dtype of loss scaling, whose (p - y)/N would
     underflow before the scale arrives: there the forward writes nothing and the backward writes the
     gradient over the logits with the real loss gradient (one more read of the logits than the fused pass).
@@ -344,9 +344,9 @@ def cross_entropy(
 ) -> Tensor:
     r"""Cross-entropy between logits and targets, fused. When ``input`` needs a gradient, the forward writes
     it too, each row read once from memory and once more from cache, for a loss gradient of 1: nothing is
-    left to do for ``loss.backward()``, and any other loss gradient (a GradScaler scale) is applied by
-    recomputing the gradient from the logits, the scale applied before the one rounding, at the cost of a
-    multiply. The gradient is then the only N×C buffer, alive from the forward to the backward. Otherwise
+    left to do for ``loss.backward()``, and any other loss gradient (a GradScaler scale) is applied before
+    the gradient's one rounding, by recomputing it from the logits (on CPU a power-of-two scale multiplies
+    bf16/fp32/fp64 gradients instead, which is exact for them). The gradient is then the only N×C buffer, alive from the forward to the backward. Otherwise
     the forward reads the logits once.
 
     Same arguments, shapes and results as :func:`torch.nn.functional.cross_entropy`; the math runs in fp32
