@@ -21,10 +21,11 @@ class _CrossEntropyFunction(torch.autograd.Function):
     the backward only applies the real loss gradient: nothing at all for ``loss.backward()`` (on CUDA a
     kernel whose blocks return at once); for any other loss gradient the rows are recomputed from the
     saved logits with the scale applied before the one rounding (cross_entropy_apply_grad_loss_; on CPU a
-    power-of-two scale multiplies bf16/fp32/fp64 gradients instead, exactly). With ``inplace_backward`` the logits are gone, and the gradient is multiplied:
-    rounded twice (README, Differences), except for fp16, the dtype of loss scaling, whose (p - y)/N would
-    underflow before the scale arrives: there the forward writes nothing and the backward writes the
-    gradient over the logits with the real loss gradient (one more read of the logits than the fused pass).
+    power-of-two scale multiplies bf16/fp32/fp64 gradients instead, exactly). With ``inplace_backward`` the
+    logits are gone, and the gradient is multiplied: rounded twice (README, Differences), except for fp16,
+    the dtype of loss scaling, whose (p - y)/N would underflow before the scale arrives: there the forward
+    writes nothing and the backward writes the gradient over the logits with the real loss gradient (one
+    more read of the logits than the fused pass).
 
     That gradient serves the first backward. A second one through the same graph (``retain_graph=True``)
     recomputes it from the saved logits and each row's log-sum-exp (two opmath numbers, see
