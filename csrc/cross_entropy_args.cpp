@@ -96,8 +96,22 @@ at::Tensor check_cross_entropy_backward(const char* op, const CrossEntropyCall& 
                       grad_loss.sizes());
   }
   TORCH_CHECK_VALUE(grad_loss.device() == dev, op, ": grad_loss must be on ", dev, ", got ", grad_loss.device());
-  return grad_loss.scalar_type() == call.input.scalar_type() ? grad_loss
-                                                             : grad_loss.to(call.input.scalar_type());
+  // Opmath, not the logits' dtype: an fp32 grad_loss of 2^16 (GradScaler's default scale, under autocast)
+  // is inf in fp16.
+  return grad_loss.scalar_type() == call.opmath ? grad_loss : grad_loss.to(call.opmath);
+}
+
+void check_cross_entropy_grad_input(const char* op, const CrossEntropyCall& call, const at::Tensor& grad_input) {
+  TORCH_CHECK_VALUE(grad_input.dim() == 2 && grad_input.size(0) == call.rows && grad_input.size(1) == call.classes &&
+                        grad_input.scalar_type() == call.input.scalar_type() &&
+                        grad_input.device() == call.input.device() &&
+                        (grad_input.stride(1) == 1 || call.classes == 1),
+                    op, ": grad_input must be a (", call.rows, ", ", call.classes, ") ", call.input.scalar_type(),
+                    " tensor on ", call.input.device(), " with unit class stride, got shape ", grad_input.sizes(), " ",
+                    grad_input.scalar_type(), " on ", grad_input.device(), " with strides ", grad_input.strides());
+  TORCH_CHECK(at::has_internal_overlap(grad_input) != at::MemOverlap::Yes &&
+                  at::get_overlap_status(grad_input, call.input) == at::MemOverlapStatus::No,
+              op, ": grad_input must not overlap itself or input (the logits are read after rows are written)");
 }
 
 at::Tensor check_cross_entropy_scale_grad(const char* op, const at::Tensor& grad_input, const at::Tensor& grad_loss) {
@@ -114,7 +128,9 @@ at::Tensor check_cross_entropy_scale_grad(const char* op, const at::Tensor& grad
                       grad_loss.sizes());
     scale = grad_loss;
   }
-  return scale.scalar_type() == grad_input.scalar_type() ? scale : scale.to(grad_input.scalar_type());
+  // Opmath: GradScaler's 2^16 is inf in fp16.
+  const at::ScalarType opmath = opmath_type(grad_input.scalar_type());
+  return scale.scalar_type() == opmath ? scale : scale.to(opmath);
 }
 
 }  // namespace fused_train

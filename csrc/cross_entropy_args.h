@@ -29,14 +29,18 @@ CrossEntropyCall check_cross_entropy_call(const char* op, const at::Tensor& inpu
                                           double label_smoothing, double lse_square_scale, bool writes_input);
 
 // Checks the extra inputs of the backward: the forward's row_lse (rows, 2) and denominator (0-dim), opmath,
-// and grad_loss ((rows,) for reduction='none', else one element) in the logits' dtype; returns grad_loss
-// on the logits' dtype (a copy only when it arrives in another dtype).
+// and grad_loss ((rows,) for reduction='none', else one element) of any floating dtype; returns grad_loss
+// in opmath (a copy only when it arrives in another dtype).
 at::Tensor check_cross_entropy_backward(const char* op, const CrossEntropyCall& call, const at::Tensor& grad_loss,
                                         const at::Tensor& lse, const at::Tensor& denominator);
 
+// Checks a gradient buffer the backward writes into: (rows, classes) in the logits' dtype and device, unit class
+// stride, overlapping neither itself nor the logits.
+void check_cross_entropy_grad_input(const char* op, const CrossEntropyCall& call, const at::Tensor& grad_input);
+
 // Checks the arguments of cross_entropy_scale_grad_: a 2-D gradient (rows, classes) and the loss's gradient,
 // one element (reduced loss) or (rows,) (reduction='none'), on the same device. Returns grad_loss as a 0-dim
-// resp. (rows,) tensor of grad_input's dtype.
+// resp. (rows,) tensor in grad_input's opmath.
 at::Tensor check_cross_entropy_scale_grad(const char* op, const at::Tensor& grad_input, const at::Tensor& grad_loss);
 
 }  // namespace fused_train

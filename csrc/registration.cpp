@@ -33,11 +33,13 @@ TORCH_LIBRARY(fused_train, m) {
   // On a 2-D view (rows, classes) of the logits; fused_train.nn maps every torch input shape onto it.
   // reduction: 0 none, 1 mean, 2 sum. row_lse (rows, 2) holds each row's log-sum-exp as (max, log Σ exp(x - max))
   // and denominator (0-dim) the mean's divisor, both opmath (fp64 for fp64 logits, fp32 otherwise): what the
-  // backward needs besides the logits. loss and z_loss have the logits' dtype.
+  // backward needs besides the logits. loss and z_loss have the logits' dtype, or opmath with opmath_loss
+  // (autocast, where torch's cross_entropy returns fp32). grad_loss may have any floating dtype; it is applied
+  // in opmath.
   m.def(
       "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, *, int reduction, int ignore_index, "
-      "float label_smoothing, float lse_square_scale) -> (Tensor loss, Tensor z_loss, Tensor row_lse, "
-      "Tensor denominator)");
+      "float label_smoothing, float lse_square_scale, bool opmath_loss=False) -> (Tensor loss, Tensor z_loss, "
+      "Tensor row_lse, Tensor denominator)");
   m.def(
       "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor row_lse, "
       "Tensor denominator, *, int reduction, int ignore_index, float label_smoothing, float lse_square_scale) "
@@ -48,17 +50,29 @@ TORCH_LIBRARY(fused_train, m) {
       "Tensor denominator, *, int reduction, int ignore_index, float label_smoothing, float lse_square_scale) "
       "-> ()");
   // The forward that also writes the gradient for grad_loss = 1 (ones for reduction='none') while each row
-  // is still in cache; the loss's backward then only scales it by the real grad_loss (scale_grad_).
+  // is still in cache; the loss's backward then applies the real grad_loss (apply_grad_loss_).
   m.def(
       "cross_entropy_forward_backward(Tensor input, Tensor target, Tensor? weight, *, int reduction, "
-      "int ignore_index, float label_smoothing, float lse_square_scale) -> (Tensor loss, Tensor z_loss, "
-      "Tensor row_lse, Tensor denominator, Tensor grad_input)");
+      "int ignore_index, float label_smoothing, float lse_square_scale, bool opmath_loss=False) -> (Tensor loss, "
+      "Tensor z_loss, Tensor row_lse, Tensor denominator, Tensor grad_input)");
   // The same, writing the gradient over the logits (input), for callers that no longer need them.
   m.def(
       "cross_entropy_forward_backward_(Tensor(a!) input, Tensor target, Tensor? weight, *, int reduction, "
-      "int ignore_index, float label_smoothing, float lse_square_scale) -> (Tensor loss, Tensor z_loss, "
-      "Tensor row_lse, Tensor denominator)");
-  // grad_input *= grad_loss (one element, or one per row for reduction='none').
+      "int ignore_index, float label_smoothing, float lse_square_scale, bool opmath_loss=False) -> (Tensor loss, "
+      "Tensor z_loss, Tensor row_lse, Tensor denominator)");
+  // Whether grad_loss is known, without a host sync, to be all ones (forward_backward's gradient is then
+  // final): on CPU it is read; on CUDA the answer is always false, and apply_grad_loss_ checks on the device.
+  // One tensor argument: this is the whole backward of every loss.backward() on CPU.
+  m.def("cross_entropy_grad_loss_is_one(Tensor grad_loss) -> bool");
+  // Makes forward_backward's gradient (for grad_loss = 1) the gradient for grad_loss: rows whose grad_loss is
+  // exactly 1 are left as they are, the others recomputed from the logits with grad_loss applied before the
+  // one rounding. grad_input must not overlap input.
+  m.def(
+      "cross_entropy_apply_grad_loss_(Tensor(a!) grad_input, Tensor grad_loss, Tensor input, Tensor target, "
+      "Tensor? weight, Tensor row_lse, Tensor denominator, *, int reduction, int ignore_index, "
+      "float label_smoothing, float lse_square_scale) -> ()");
+  // grad_input *= grad_loss (one element, or one per row for reduction='none'), for a gradient written over
+  // the logits (forward_backward_), which cannot be recomputed: a second rounding.
   m.def("cross_entropy_scale_grad_(Tensor(a!) grad_input, Tensor grad_loss) -> ()");
 
   // Build facts for fused_train.build_info(), as "key=value" lines.

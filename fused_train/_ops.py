@@ -131,12 +131,14 @@ def cross_entropy_forward(
     ignore_index: int,
     label_smoothing: float,
     lse_square_scale: float,
+    opmath_loss: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Cross-entropy of 2-D ``input`` (rows, classes) in one read of the logits.
 
     ``target``: class indices (rows,) int64/int32, or probabilities of ``input``'s shape and dtype.
     ``reduction``: 0 none, 1 mean, 2 sum. Returns ``(loss, z_loss, row_lse, denominator)``: the loss (z-loss
-    included) and the z-loss alone in ``input``'s dtype; each row's log-sum-exp as ``(max, log Σ exp(x - max))``
+    included) and the z-loss alone in ``input``'s dtype (in opmath with ``opmath_loss``, as torch's loss
+    under autocast); each row's log-sum-exp as ``(max, log Σ exp(x - max))``
     pairs, shape (rows, 2), and the mean's denominator, both in opmath (fp64 for fp64 input, else fp32): what
     the backward needs. Two parts rather than one lse keep softmax = exp((x - max) - log_sum) exact for
     logits far from 0 (an fp32 lse near 1e4 is off by up to 5e-4).
@@ -144,7 +146,7 @@ def cross_entropy_forward(
     """
     return _ops.cross_entropy_forward.default(
         input, target, weight, reduction=reduction, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, opmath_loss=opmath_loss,
     )
 
 
@@ -163,7 +165,8 @@ def cross_entropy_backward(
     inplace: bool = False,
 ) -> Tensor:
     """Gradient of :func:`cross_entropy_forward`'s loss with respect to ``input``, from its ``row_lse`` and
-    ``denominator``: one read of the logits, one write of the gradient. With ``inplace`` the gradient is
+    ``denominator``: one read of the logits, one write of the gradient, ``grad_loss`` (any floating dtype)
+    applied in opmath before the one rounding. With ``inplace`` the gradient is
     written over ``input`` (which is returned); only for logits that are not needed afterwards."""
     kwargs = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
                   lse_square_scale=lse_square_scale)
@@ -183,27 +186,63 @@ def cross_entropy_forward_backward(
     label_smoothing: float,
     lse_square_scale: float,
     inplace: bool = False,
+    opmath_loss: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`cross_entropy_forward` that also writes the gradient of the loss with respect to ``input`` for a
     loss gradient of 1 (of ones for ``reduction=0``), from the same pass: on CPU each row is read once from
     memory and once more from cache. Returns ``(loss, z_loss, row_lse, denominator, grad_input)``; with
-    ``inplace`` the gradient is written over ``input``, which is returned as ``grad_input``. Scale it by the
-    real loss gradient with :func:`cross_entropy_scale_grad_`."""
+    ``inplace`` the gradient is written over ``input``, which is returned as ``grad_input``. Apply the real
+    loss gradient with :func:`cross_entropy_apply_grad_loss_` (or, in place, :func:`cross_entropy_scale_grad_`)."""
     if inplace:
         outputs = _ops.cross_entropy_forward_backward_.default(
             input, target, weight, reduction=reduction, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, opmath_loss=opmath_loss,
         )
         return (*outputs, input)
     return _ops.cross_entropy_forward_backward.default(
         input, target, weight, reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        lse_square_scale=lse_square_scale,
+        lse_square_scale=lse_square_scale, opmath_loss=opmath_loss,
+    )
+
+
+def cross_entropy_grad_loss_is_one(grad_loss: Tensor) -> bool:
+    """Whether ``grad_loss`` is known, without a host synchronisation, to be all ones, so that
+    :func:`cross_entropy_forward_backward`'s gradient is final: on CPU it is read; on CUDA the answer is
+    always ``False`` (:func:`cross_entropy_apply_grad_loss_` then checks on the device)."""
+    return _ops.cross_entropy_grad_loss_is_one.default(grad_loss)
+
+
+def cross_entropy_apply_grad_loss_(
+    grad_input: Tensor,
+    grad_loss: Tensor,
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    row_lse: Tensor,
+    denominator: Tensor,
+    *,
+    reduction: int,
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+) -> None:
+    """Makes :func:`cross_entropy_forward_backward`'s ``grad_input`` (written for a loss gradient of 1) the
+    gradient for ``grad_loss``. Rows whose ``grad_loss`` is exactly 1 are left as they are (on CPU nothing at
+    all is written for ``loss.backward()``; on CUDA ``grad_loss`` is never read on the host); the others are
+    recomputed from ``input``, the scale applied in opmath before the one rounding (the bytes of a multiply:
+    one read and one write of N×C). On CPU, where the recompute's exps cost ~3× a multiply, a power-of-two
+    ``grad_loss`` (GradScaler's) multiplies bf16/fp32/fp64 gradients instead, which is exact for them.
+    ``grad_input`` must not overlap ``input``."""
+    _ops.cross_entropy_apply_grad_loss_.default(
+        grad_input, grad_loss, input, target, weight, row_lse, denominator, reduction=reduction,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
     )
 
 
 def cross_entropy_scale_grad_(grad_input: Tensor, grad_loss: Tensor) -> None:
-    """``grad_input *= grad_loss`` (one element, or one per row of ``grad_input``). On CPU nothing is written
-    when ``grad_loss`` is all ones; on CUDA ``grad_loss`` is never read on the host."""
+    """``grad_input *= grad_loss`` (one element, or one per row of ``grad_input``), the product in opmath
+    but rounded a second time: for a gradient written over the logits, which cannot be recomputed. On CPU
+    nothing is written when ``grad_loss`` is all ones; on CUDA ``grad_loss`` is never read on the host."""
     _ops.cross_entropy_scale_grad_.default(grad_input, grad_loss)
 
 
@@ -213,13 +252,14 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("fused_train::cross_entropy_forward")
 def _cross_entropy_forward_fake(input, target, weight, *, reduction, ignore_index, label_smoothing,
-                                lse_square_scale):
+                                lse_square_scale, opmath_loss=False):
     rows = input.shape[0]
     loss_shape = (rows,) if reduction == 0 else ()
     opmath = _opmath(input.dtype)
+    loss_dtype = opmath if opmath_loss else input.dtype
     return (
-        input.new_empty(loss_shape),
-        input.new_empty(loss_shape),
+        input.new_empty(loss_shape, dtype=loss_dtype),
+        input.new_empty(loss_shape, dtype=loss_dtype),
         input.new_empty((rows, 2), dtype=opmath),
         input.new_empty((), dtype=opmath),
     )
@@ -246,6 +286,90 @@ def _cross_entropy_forward_backward_inplace_fake(input, target, weight, **kwargs
     return _cross_entropy_forward_fake(input, target, weight, **kwargs)
 
 
+@torch.library.register_fake("fused_train::cross_entropy_grad_loss_is_one")
+def _cross_entropy_grad_loss_is_one_fake(grad_loss) -> bool:
+    return False  # unknown while tracing: the traced backward always applies grad_loss (which checks again)
+
+
+@torch.library.register_fake("fused_train::cross_entropy_apply_grad_loss_")
+def _cross_entropy_apply_grad_loss_fake(grad_input, grad_loss, input, target, weight, row_lse, denominator,
+                                        **kwargs) -> None:
+    return None
+
+
 @torch.library.register_fake("fused_train::cross_entropy_scale_grad_")
 def _cross_entropy_scale_grad_fake(grad_input, grad_loss) -> None:
     return None
+
+
+# vmap rules for the two functional cross-entropy ops, which is what torch.vmap (and with it per-sample
+# gradients, jacrev) meets under fused_train.nn.functional.cross_entropy: the vmapped dimension is folded
+# into the rows, so a batch of B losses is one call over B·rows rows, reduced per sample afterwards.
+def _batch_first(t: Tensor, dim: int | None, batch_size: int) -> Tensor:
+    return t.expand(batch_size, *t.shape) if dim is None else t.movedim(dim, 0)
+
+
+def _unbatched_weight(in_dims, position: int) -> None:
+    if in_dims[position] is not None:
+        raise NotImplementedError(
+            "cross_entropy: vmap over weight is not supported; vmap over input and target with one weight"
+        )
+
+
+def _cross_entropy_forward_vmap(info, in_dims, input, target, weight, *, reduction, ignore_index,
+                                label_smoothing, lse_square_scale, opmath_loss=False):
+    _unbatched_weight(in_dims, 2)
+    x = _batch_first(input, in_dims[0], info.batch_size)
+    t = _batch_first(target, in_dims[1], info.batch_size)
+    batch, rows, classes = x.shape
+    loss, z_loss, row_lse, _ = _ops.cross_entropy_forward.default(
+        x.reshape(batch * rows, classes), t.reshape(batch * rows, *t.shape[2:]), weight, reduction=0,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+        opmath_loss=True,
+    )
+    opmath = row_lse.dtype
+    loss_dtype = opmath if opmath_loss else input.dtype
+    row_lse = row_lse.reshape(batch, rows, 2)
+    loss, z_loss = loss.reshape(batch, rows), z_loss.reshape(batch, rows)
+    one = row_lse.new_ones(())
+    if reduction == 0:
+        return (loss.to(loss_dtype), z_loss.to(loss_dtype), row_lse, one), (0, 0, 0, None)
+    denominator, denominator_dim = one, None
+    if reduction == 1 and t.is_floating_point():
+        denominator = row_lse.new_full((), rows)
+    elif reduction == 1:
+        # torch's weighted mean: Σ w_t over each sample's rows that are not ignored (0/0 = NaN when all are).
+        kept = t != ignore_index
+        row_weight = (kept.to(opmath) if weight is None
+                      else torch.where(kept, weight.to(opmath)[t.clamp(0, classes - 1)], 0))
+        denominator, denominator_dim = row_weight.sum(1), 0
+    loss = (loss.sum(1) / denominator).to(loss_dtype)
+    z_loss = (z_loss.sum(1) / denominator).to(loss_dtype)
+    return (loss, z_loss, row_lse, denominator), (0, 0, 0, denominator_dim)
+
+
+def _cross_entropy_backward_vmap(info, in_dims, grad_loss, input, target, weight, row_lse, denominator, *,
+                                 reduction, ignore_index, label_smoothing, lse_square_scale):
+    _unbatched_weight(in_dims, 3)
+    size = info.batch_size
+    x = _batch_first(input, in_dims[1], size)
+    t = _batch_first(target, in_dims[2], size)
+    lse = _batch_first(row_lse, in_dims[4], size)
+    batch, rows, classes = x.shape
+    g = _batch_first(grad_loss, in_dims[0], size).to(lse.dtype)
+    if reduction == 0:
+        g = g.reshape(batch, rows)
+    else:
+        # Each sample's grad_loss / denominator, in opmath, as the kernel applies it to every row.
+        den = _batch_first(denominator, in_dims[5], size).reshape(batch).to(lse.dtype)
+        g = (g.reshape(batch) / den)[:, None].expand(batch, rows)
+    grad = _ops.cross_entropy_backward.default(
+        g.reshape(batch * rows), x.reshape(batch * rows, classes), t.reshape(batch * rows, *t.shape[2:]),
+        weight, lse.reshape(batch * rows, 2), lse.new_ones(()), reduction=0, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+    )
+    return grad.reshape(batch, rows, classes), 0
+
+
+torch.library.register_vmap("fused_train::cross_entropy_forward", _cross_entropy_forward_vmap)
+torch.library.register_vmap("fused_train::cross_entropy_backward", _cross_entropy_backward_vmap)

@@ -82,8 +82,65 @@ def test_bf16_autocast_with_fused_loss(device):
     with torch.autocast(device, dtype=torch.bfloat16):
         ref = F.cross_entropy(twin(x), y)  # torch's autocast upcasts the logits to fp32 for this op
     ref.backward()
-    # Both compute in fp32 from the same bf16 logits; ours returns the loss in the logits' dtype (bf16),
-    # torch's in fp32: one bf16 rounding apart. Gradients flow back through bf16 matmuls on both sides.
-    torch.testing.assert_close(loss.float(), ref.float(), **TOL[torch.bfloat16])
+    # Both compute in fp32 from the same bf16 logits and return the loss in fp32. Gradients flow back
+    # through bf16 matmuls on both sides.
+    assert loss.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, **TOL[torch.float32])
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_is_fp32_under_autocast_like_torch(device, dtype, reduction):
+    """Under autocast torch computes cross_entropy in fp32 and returns an fp32 loss; so do we, from the same
+    half-precision logits, whose gradient comes back in their own dtype."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 1000, device=device).to(dtype)
+    y = torch.randint(0, 1000, (64,), device=device)
+    y[::9] = -100
+    ours_x, ref_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast(device, dtype=dtype):
+        ours = fused_train.nn.functional.cross_entropy(ours_x, y, reduction=reduction, label_smoothing=0.1)
+        ref = F.cross_entropy(ref_x, y, reduction=reduction, label_smoothing=0.1)
+        with_lse = fused_train.nn.functional.cross_entropy_with_lse(ours_x, y, reduction=reduction,
+                                                                    lse_square_scale=1e-3)
+    assert ours.dtype == ref.dtype == torch.float32
+    assert with_lse.loss.dtype == with_lse.z_loss.dtype == torch.float32
+    # fp32 against fp32 (sums in another order): not one half-precision rounding apart, as before.
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    grad_out = torch.rand_like(ref)
+    (ours_grad,) = torch.autograd.grad(ours, ours_x, grad_out)
+    (ref_grad,) = torch.autograd.grad(ref, ref_x, grad_out)
+    assert ours_grad.dtype == ref_grad.dtype == dtype
+    # each side rounds its fp32 gradient once to the logits' dtype
+    torch.testing.assert_close(ours_grad, ref_grad, **TOL[dtype])
+    # outside autocast the loss keeps the logits' dtype, as torch's
+    assert fused_train.nn.functional.cross_entropy(x, y, reduction=reduction).dtype == dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_autocast_with_grad_scaler_steps(device):
+    """fp16 autocast + GradScaler at its default scale 2^16: the scaled loss's gradient reaches the logits
+    finite (2^16 is inf in fp16), so the step is taken and the scale kept, as with torch's loss."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 64), torch.nn.ReLU(), torch.nn.Linear(64, 100)).to(device)
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(32, 24, device=device), torch.randint(0, 100, (32,), device=device)
+    results = []
+    for net, loss_fn in ((model, fused_train.nn.functional.cross_entropy), (twin, F.cross_entropy)):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler(device)
+        with torch.autocast(device, dtype=torch.float16):
+            loss = loss_fn(net(x), y)
+        scaler.scale(loss).backward()
+        grads = [p.grad.clone() for p in net.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        results.append((scaler.get_scale(), grads))
+    (scale, grads), (ref_scale, ref_grads) = results
+    assert scale == ref_scale == 2.0**16, "an inf gradient made the scaler skip the step"
+    for g, r in zip(grads, ref_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-3 * 2**16)

@@ -14,10 +14,10 @@ from fused_train.reference import cross_entropy_reference
 # Tolerances of a loss or gradient against the reference in opmath, unrounded (see _check). fp64/fp32:
 # reassociation of the row sums (lane-wise and in row order here, pairwise in torch) and exp_u20's 20 ulps in
 # fp32. bf16/fp16: the kernel computes in fp32 like the reference, so what differs is where it rounds to the
-# stored dtype, each rounding at most u = 2^-8 (bf16) resp. 2^-11 (fp16) relative: once for the loss; twice
-# for the gradient, which the forward writes for a loss gradient of 1 and the backward then scales by the
-# real one (_CrossEntropyFunction). rtol = 2u bounds both; the fp32 error of either side is ~1e-6 relative,
-# and the absolute part covers gradient entries near 0.
+# stored dtype, each rounding at most u = 2^-8 (bf16) resp. 2^-11 (fp16) relative: once for the loss and the
+# gradient; twice for a bf16 gradient written over the logits (inplace_backward), which the forward writes for
+# a loss gradient of 1 and the backward then scales by the real one (_CrossEntropyFunction). rtol = 2u bounds
+# both; the fp32 error of either side is ~1e-6 relative, and the absolute part covers gradient entries near 0.
 XENT_TOL = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),
     torch.float32: dict(rtol=2e-5, atol=2e-6),
@@ -222,6 +222,11 @@ def test_opcheck(device, prob):
     torch.library.opcheck(ops.cross_entropy_backward_.default, (g, x.clone(), target, weight, lse, denominator), kw)
     kw_none = dict(kw, reduction=0)
     torch.library.opcheck(ops.cross_entropy_forward.default, (x, target, None), kw_none)
+    half = x.to(torch.bfloat16)
+    half_target = target.to(torch.bfloat16) if prob else target
+    torch.library.opcheck(ops.cross_entropy_forward.default, (half, half_target, weight), dict(kw, opmath_loss=True))
+    torch.library.opcheck(ops.cross_entropy_forward.default, (half, half_target, None),
+                          dict(kw_none, opmath_loss=True))
 
 
 @pytest.mark.smoke
@@ -359,6 +364,29 @@ def test_inplace_second_backward_and_double_backward_raise(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_fp16_inplace_backward_writes_over_logits_in_the_backward(device):
+    """fp16 with inplace_backward: the gradient is written over the logits by the backward, with the real
+    loss gradient (one rounding under loss scaling); users that saved the logits are still flagged from
+    the forward on, and one backward is all there is."""
+    x = torch.randn(6, 20, device=device, requires_grad=True)
+    target = torch.randint(0, 20, (6,), device=device)
+    logits = (x * 2).half()
+    before = logits.detach().clone()
+    loss = cross_entropy(logits, target, inplace_backward=True)
+    assert torch.equal(logits.detach(), before)  # not yet
+    loss.backward(torch.tensor(2.0**15, device=device), retain_graph=True)
+    expected = (torch.softmax(before.float(), 1) - F.one_hot(target, 20)) / 6 * 2.0**15
+    torch.testing.assert_close(logits.detach(), expected.half(), **XENT_TOL[torch.float16])
+    with pytest.raises(RuntimeError, match="second backward through a loss computed with inplace_backward"):
+        loss.backward()
+    loss = cross_entropy(x.exp().half(), target, inplace_backward=True)  # exp's output is not saved: fine
+    loss.backward()
+    loss = cross_entropy(x.half().exp(), target, inplace_backward=True)  # exp saves its fp16 output
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_inplace_forward_overwrites_logits_and_flags_their_other_users(device):
     x = torch.randn(6, 20, device=device, requires_grad=True)
     target = torch.randint(0, 20, (6,), device=device)
@@ -417,11 +445,57 @@ def test_opcheck_forward_backward(device, prob):
     torch.library.opcheck(ops.cross_entropy_forward_backward_.default, (x.clone(), target, weight), kw)
     kw_none = dict(kw, reduction=0)
     torch.library.opcheck(ops.cross_entropy_forward_backward.default, (x, target, None), kw_none)
+    _, _, lse, denominator, grad = ops.cross_entropy_forward_backward(x, target, weight, **kw)
+    saved = (x, target, weight, lse, denominator)
+    for grad_loss in (torch.tensor(1.0, device=device), torch.tensor(2.0**15, device=device)):
+        torch.library.opcheck(ops.cross_entropy_apply_grad_loss_.default, (grad.clone(), grad_loss, *saved), kw)
+    _, _, lse_none, den_none, grad_none = ops.cross_entropy_forward_backward(x, target, None, **kw_none)
+    torch.library.opcheck(ops.cross_entropy_apply_grad_loss_.default,
+                          (grad_none.clone(), torch.rand(6, device=device), x, target, None, lse_none, den_none),
+                          kw_none)
+    for grad_loss, expected in ((torch.tensor(1.0), True), (torch.ones(6), True), (torch.tensor(2.0**15), False),
+                                (torch.tensor([1.0, 1.0, 0.5]), False)):
+        # Its answer depends on grad_loss's values, which tracing cannot know (the fake says False), so the
+        # check of eager against traced outputs does not apply; compiled backwards never call it.
+        torch.library.opcheck(ops.cross_entropy_grad_loss_is_one.default, (grad_loss.to(device),),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+        # CUDA never reads grad_loss on the host: "not known to be one" there, and the kernel checks
+        assert ops.cross_entropy_grad_loss_is_one(grad_loss.to(device)) == (expected and device == "cpu")
+    with pytest.raises(RuntimeError, match="grad_input must not overlap"):
+        ops.cross_entropy_apply_grad_loss_(x, torch.tensor(2.0, device=device), *saved, **kw)
+    with pytest.raises(ValueError, match=r"grad_input must be a \(6, 11\)"):
+        ops.cross_entropy_apply_grad_loss_(grad[:5], torch.tensor(2.0, device=device), *saved, **kw)
     grad = torch.randn(6, 11, device=device)
     torch.library.opcheck(ops.cross_entropy_scale_grad_.default, (grad, torch.tensor(0.5, device=device)))
     torch.library.opcheck(ops.cross_entropy_scale_grad_.default, (grad, torch.rand(6, device=device)))
     with pytest.raises(ValueError, match="grad_loss must hold one element or one per row"):
         ops.cross_entropy_scale_grad_(grad, torch.rand(5, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_grad_loss_recomputes_only_rows_whose_grad_loss_is_not_one(device):
+    ops = torch.ops.fused_train
+    x, target, weight, kw = _op_args(device)
+    kw_none = dict(kw, reduction=0)
+    _, _, lse, denominator, grad = ops.cross_entropy_forward_backward(x, target, weight, **kw_none)
+    marked = grad.clone()
+    marked[::2] = 7.0  # rows whose grad_loss is 1 must be left exactly as they are
+    grad_loss = torch.ones(6, device=device)
+    grad_loss[1::2] = torch.tensor([2.0**15, 0.5, -3.0], device=device)
+    ops.cross_entropy_apply_grad_loss_(marked, grad_loss, x, target, weight, lse, denominator, **kw_none)
+    assert (marked[::2] == 7.0).all()
+    expected = ops.cross_entropy_backward(grad_loss, x, target, weight, lse, denominator, **kw_none)
+    assert torch.equal(marked[1::2], expected[1::2])
+    # A power of two (GradScaler's scale) may be applied by multiplying the forward's gradient on CPU, for
+    # dtypes whose exponent range makes that exact: the result is the one rounding's, bit for bit.
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        xd = x.to(dtype)
+        _, _, lse, denominator, grad = ops.cross_entropy_forward_backward(xd, target, weight, **kw)
+        for scale in (2.0**16, 2.0**-3, -0.5):
+            g = grad.clone()
+            grad_loss = torch.tensor(scale, device=device)
+            ops.cross_entropy_apply_grad_loss_(g, grad_loss, xd, target, weight, lse, denominator, **kw)
+            assert torch.equal(g, ops.cross_entropy_backward(grad_loss, xd, target, weight, lse, denominator, **kw))
 
 
 def test_large_gradient_buffer_is_reused_only_when_released():

@@ -105,7 +105,7 @@ def test_cuda_backward_after_a_bad_forward_raises_before_writing_a_gradient():
     loss = cross_entropy(x, target)  # the gradient is written here, for grad_loss = 1
     torch.cuda.synchronize()
     with pytest.raises(IndexError) as raised:
-        loss.backward()  # cross_entropy_scale_grad_ checks the report before scaling
+        loss.backward()  # cross_entropy_apply_grad_loss_ checks the report before any kernel
     assert _reported(str(raised.value)) == (17, 10)
     assert x.grad is None
 

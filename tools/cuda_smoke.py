@@ -134,6 +134,24 @@ def loss_cases():
     b = x.clone().requires_grad_()
     torch.nn.functional.cross_entropy(b, t).backward()
     check("xent int32 target, inplace_backward grad", leaf.grad, b.grad, torch.float32)
+    # fp16 under autocast with a GradScaler-sized loss gradient: fp32 loss, the scale applied before the
+    # gradient's one rounding (the apply kernel recomputes every row); fp16 inplace_backward writes over the
+    # logits in the backward; torch.func's vmap(grad) through the ops' vmap rules.
+    h = x.half()
+    leaf, b = h.clone().requires_grad_(), h.float().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.float16):
+        ours = FF.cross_entropy(leaf, t)
+    assert ours.dtype == torch.float32, ours.dtype
+    ours.backward(torch.tensor(2.0**16, device="cuda"))
+    torch.nn.functional.cross_entropy(b, t).backward(torch.tensor(2.0**16, device="cuda"))
+    check("xent fp16 autocast, grad_loss 2^16", leaf.grad, b.grad, torch.float16)
+    leaf = h.clone().requires_grad_()
+    FF.cross_entropy(leaf * 1, t, inplace_backward=True).backward(torch.tensor(2.0**15, device="cuda"))
+    check("xent fp16 inplace_backward, grad_loss 2^15", leaf.grad, b.grad / 2, torch.float16)
+    xs, ts = x.reshape(8, 8, 1000), t.reshape(8, 8)
+    ours = torch.func.vmap(torch.func.grad(lambda z, y: FF.cross_entropy(z, y)))(xs, ts)
+    theirs = torch.func.vmap(torch.func.grad(lambda z, y: torch.nn.functional.cross_entropy(z, y)))(xs, ts)
+    check("xent vmap(grad) per-sample gradients", ours, theirs, torch.float32)
     x3 = torch.randn(4, 21, 9, 11, device="cuda", requires_grad=True)
     t3 = torch.randint(0, 21, (4, 9, 11), device="cuda")
     y3 = x3.detach().clone().requires_grad_()

@@ -65,21 +65,25 @@ struct CrossEntropyLaunch {
   int64_t ignore_index;
   double label_smoothing, lse_square_scale, class_weight_sum;
   // Forward outputs: each row's log-sum-exp as (shift, log_sum) pairs (rows, 2; see math::RowLse), and,
-  // for reduction='none' only, each row's loss and z-loss in the logits' dtype (rows; nullptr otherwise:
-  // the forward then returns their sums instead).
+  // for reduction='none' only, each row's loss and z-loss in the logits' dtype, or in opmath with
+  // loss_opmath (autocast) (rows; nullptr otherwise: the forward then returns their sums instead).
   void* lse;
   void* row_loss;
   void* row_z_loss;
+  bool loss_opmath;
   // The gradient, unit class stride and any row stride; it may be the logits themselves (in-place). The
-  // forward writes it when grad != nullptr, for grad_loss = 1; the backward always. Row r's gradient is
-  // scaled by grad_loss[r * grad_loss_stride] / *denominator (backward: grad_loss has the logits' dtype,
-  // stride 0 for a reduced loss; forward: grad_loss is nullptr and counts as 1). denominator is opmath.
+  // forward writes it when grad != nullptr, for grad_loss = 1; the backward always, except, with
+  // keep_unit_rows, the rows whose grad_loss is exactly 1 (they hold the forward's gradient already). Row r's
+  // gradient is scaled by grad_loss[r * grad_loss_stride] / *denominator in opmath before its one rounding
+  // (backward: grad_loss is opmath, stride 0 for a reduced loss; forward: grad_loss is nullptr and counts
+  // as 1). denominator is opmath.
   const void* lse_in;         // backward: the forward's (shift, log_sum) pairs
   void* grad;
   int64_t grad_row_stride;
   const void* grad_loss;
   int64_t grad_loss_stride;
   const void* denominator;
+  bool keep_unit_rows;
 };
 
 // Sums of the forward's row losses and z-losses over a range of rows, added in row order in double.

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <mutex>
 #include <tuple>
 #include <vector>
@@ -130,9 +131,10 @@ at::Tensor scalar_like(double v, const at::TensorOptions& options) {
 using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The forward ops' common body: (loss, z_loss, row_lse, denominator). grad: where to write the gradient for
-// grad_loss = 1 (rows of grad_row_stride elements), or nullptr for none.
+// grad_loss = 1 (rows of grad_row_stride elements), or nullptr for none. opmath_loss: loss and z_loss in
+// opmath (autocast) instead of the logits' dtype.
 ForwardOutputs run_forward(const CrossEntropyCall& c, int64_t ignore_index, double label_smoothing,
-                           double lse_square_scale, void* grad, int64_t grad_row_stride) {
+                           double lse_square_scale, bool opmath_loss, void* grad, int64_t grad_row_stride) {
   const bool is_double = c.opmath == at::kDouble;
   double denominator = 1.0;
   if (!c.target_is_prob) {
@@ -143,8 +145,8 @@ ForwardOutputs run_forward(const CrossEntropyCall& c, int64_t ignore_index, doub
   } else if (c.reduction == XentReduction::Mean) {
     denominator = static_cast<double>(c.rows);
   }
-  const at::TensorOptions options = c.input.options();
-  const at::TensorOptions opmath_options = options.dtype(c.opmath);
+  const at::TensorOptions opmath_options = c.input.options().dtype(c.opmath);
+  const at::TensorOptions options = opmath_loss ? opmath_options : c.input.options();
   at::Tensor lse = at::empty({c.rows, 2}, opmath_options);
   at::Tensor denominator_opmath = scalar_like(denominator, opmath_options);
   const bool per_row = c.reduction == XentReduction::None;
@@ -156,6 +158,7 @@ ForwardOutputs run_forward(const CrossEntropyCall& c, int64_t ignore_index, doub
     l.lse = lse.data_ptr();
     l.row_loss = per_row ? loss.data_ptr() : nullptr;
     l.row_z_loss = per_row ? z_loss.data_ptr() : nullptr;
+    l.loss_opmath = opmath_loss;
     l.grad = grad;
     l.grad_row_stride = grad_row_stride;
     l.denominator = denominator_opmath.const_data_ptr();
@@ -170,10 +173,11 @@ ForwardOutputs run_forward(const CrossEntropyCall& c, int64_t ignore_index, doub
 
 ForwardOutputs cross_entropy_forward_cpu(const at::Tensor& input, const at::Tensor& target,
                                          const std::optional<at::Tensor>& weight, int64_t reduction,
-                                         int64_t ignore_index, double label_smoothing, double lse_square_scale) {
+                                         int64_t ignore_index, double label_smoothing, double lse_square_scale,
+                                         bool opmath_loss) {
   const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_forward", input, target, weight, reduction,
                                                       label_smoothing, lse_square_scale, false);
-  return run_forward(c, ignore_index, label_smoothing, lse_square_scale, nullptr, 0);
+  return run_forward(c, ignore_index, label_smoothing, lse_square_scale, opmath_loss, nullptr, 0);
 }
 
 // The memory of the last large N×C gradient, kept for the next call of the same size. A fresh buffer of
@@ -199,30 +203,32 @@ at::Tensor gradient_buffer(int64_t rows, int64_t classes, const at::TensorOption
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing, double lse_square_scale) {
+    int64_t ignore_index, double label_smoothing, double lse_square_scale, bool opmath_loss) {
   const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_forward_backward", input, target, weight,
                                                       reduction, label_smoothing, lse_square_scale, false);
   at::Tensor grad = gradient_buffer(c.rows, c.classes, input.options());
   auto [loss, z_loss, lse, denominator] =
-      run_forward(c, ignore_index, label_smoothing, lse_square_scale, grad.data_ptr(), c.classes);
+      run_forward(c, ignore_index, label_smoothing, lse_square_scale, opmath_loss, grad.data_ptr(), c.classes);
   return {loss, z_loss, lse, denominator, grad};
 }
 
 ForwardOutputs cross_entropy_forward_backward_inplace_cpu(const at::Tensor& input, const at::Tensor& target,
                                                           const std::optional<at::Tensor>& weight,
                                                           int64_t reduction, int64_t ignore_index,
-                                                          double label_smoothing, double lse_square_scale) {
+                                                          double label_smoothing, double lse_square_scale,
+                                                          bool opmath_loss) {
   const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_forward_backward_", input, target, weight,
                                                       reduction, label_smoothing, lse_square_scale, true);
   // Each row is summarised first, then read and written in place element by element; its true-class
   // logit is read before the row is overwritten.
-  return run_forward(c, ignore_index, label_smoothing, lse_square_scale, input.data_ptr(), input.stride(0));
+  return run_forward(c, ignore_index, label_smoothing, lse_square_scale, opmath_loss, input.data_ptr(),
+                     input.stride(0));
 }
 
-void run_backward(const CrossEntropyCall& c, const at::Tensor& grad_loss, const at::Tensor& lse,
+// keep_unit_rows: leave the rows whose grad_loss is exactly 1 as they are (they hold the forward's gradient).
+void run_backward(const CrossEntropyCall& c, const at::Tensor& g, const at::Tensor& lse,
                   const at::Tensor& denominator, int64_t ignore_index, double label_smoothing,
-                  double lse_square_scale, void* grad, int64_t grad_row_stride) {
-  const at::Tensor g = check_cross_entropy_backward("cross_entropy_backward", c, grad_loss, lse, denominator);
+                  double lse_square_scale, void* grad, int64_t grad_row_stride, bool keep_unit_rows) {
   if (c.rows == 0) return;
   const at::Tensor denominator_opmath = denominator.reshape({});
   CrossEntropyLaunch l = make_launch(c, ignore_index, label_smoothing, lse_square_scale);
@@ -232,6 +238,7 @@ void run_backward(const CrossEntropyCall& c, const at::Tensor& grad_loss, const 
   l.grad_loss = g.const_data_ptr();
   l.grad_loss_stride = c.reduction == XentReduction::None ? g.stride(0) : 0;
   l.denominator = denominator_opmath.const_data_ptr();
+  l.keep_unit_rows = keep_unit_rows;
   run_rows(kernel_table().cross_entropy_backward_rows, l);
 }
 
@@ -241,9 +248,10 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
                                       double label_smoothing, double lse_square_scale) {
   const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_backward", input, target, weight, reduction,
                                                       label_smoothing, lse_square_scale, false);
+  const at::Tensor g = check_cross_entropy_backward("cross_entropy_backward", c, grad_loss, lse, denominator);
   at::Tensor grad = at::empty({c.rows, c.classes}, input.options());
-  run_backward(c, grad_loss, lse, denominator, ignore_index, label_smoothing, lse_square_scale, grad.data_ptr(),
-               c.classes);
+  run_backward(c, g, lse, denominator, ignore_index, label_smoothing, lse_square_scale, grad.data_ptr(), c.classes,
+               false);
   return grad;
 }
 
@@ -255,21 +263,82 @@ void cross_entropy_backward_inplace_cpu(const at::Tensor& grad_loss, const at::T
                                                       label_smoothing, lse_square_scale, true);
   // Each row is read and then written in place, element by element in the same order, so the kernel
   // needs no second buffer; the true-class logit is read before its row is overwritten.
-  run_backward(c, grad_loss, lse, denominator, ignore_index, label_smoothing, lse_square_scale,
-               input.data_ptr(), input.stride(0));
+  const at::Tensor g = check_cross_entropy_backward("cross_entropy_backward_", c, grad_loss, lse, denominator);
+  run_backward(c, g, lse, denominator, ignore_index, label_smoothing, lse_square_scale, input.data_ptr(),
+               input.stride(0), false);
+}
+
+bool all_ones(const at::Tensor& t) {
+  bool ones = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "cross_entropy_grad_loss_is_one", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    const int64_t stride = t.dim() == 0 ? 0 : t.stride(0);
+    for (int64_t i = 0; i < t.numel() && ones; ++i) ones = static_cast<double>(p[i * stride]) == 1.0;
+  });
+  return ones;
+}
+
+// loss.backward()'s question, asked before anything else of the backward (one argument, so the call from
+// Python costs what a scale did): is the forward's gradient final?
+bool cross_entropy_grad_loss_is_one_cpu(const at::Tensor& grad_loss) {
+  TORCH_CHECK_VALUE(grad_loss.dim() <= 1 && at::isFloatingType(grad_loss.scalar_type()),
+                    "cross_entropy_grad_loss_is_one: grad_loss must be a floating 0-dim or 1-D tensor, got shape ",
+                    grad_loss.sizes(), " ", grad_loss.scalar_type());
+  return all_ones(grad_loss);
+}
+
+// Whether every element is a nonzero power of two (GradScaler's scales, 1/2^k for accumulation).
+bool all_powers_of_two(const at::Tensor& t) {
+  bool powers = true;
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "cross_entropy_apply_grad_loss_", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    const int64_t stride = t.dim() == 0 ? 0 : t.stride(0);
+    for (int64_t i = 0; i < t.numel() && powers; ++i) {
+      int exponent = 0;
+      const double v = static_cast<double>(p[i * stride]);
+      powers = std::isfinite(v) && std::abs(std::frexp(v, &exponent)) == 0.5;
+    }
+  });
+  return powers;
+}
+
+// Turns the forward's gradient (written for grad_loss = 1) into the gradient for grad_loss: nothing to do,
+// and nothing read but grad_loss, when it is all ones, as for loss.backward(); otherwise the rows whose
+// grad_loss is not 1 are recomputed from the logits with grad_loss applied in opmath, so each element is
+// rounded once (a multiply of the rounded gradient would round twice, and under fp16 loss scaling lose
+// to underflow what the scale was meant to keep). The recompute moves the bytes a multiply would (N×C
+// read, N×C written), but on CPU it costs an exp per logit: about 3× the multiply (2048×8192 fp32, 2
+// threads: 18 ms against 5.4 ms). So a power-of-two grad_loss, GradScaler's, multiplies bf16/fp32/fp64
+// gradients instead: exact there, the one rounding's result (their exponent range is fp32's; only entries
+// below 2^-126, fp32's subnormals, could differ, by less than 2^-149·grad_loss). fp16's subnormals start
+// at 2^-14, where loss-scaled gradients live: fp16 is always recomputed.
+void cross_entropy_apply_grad_loss_inplace_cpu(const at::Tensor& grad_input, const at::Tensor& grad_loss,
+                                               const at::Tensor& input, const at::Tensor& target,
+                                               const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                               const at::Tensor& denominator, int64_t reduction, int64_t ignore_index,
+                                               double label_smoothing, double lse_square_scale) {
+  const char* op = "cross_entropy_apply_grad_loss_";
+  const CrossEntropyCall c =
+      check_cross_entropy_call(op, input, target, weight, reduction, label_smoothing, lse_square_scale, false);
+  check_cross_entropy_grad_input(op, c, grad_input);
+  const at::Tensor g = check_cross_entropy_backward(op, c, grad_loss, lse, denominator);
+  if (all_ones(g)) return;
+  if (c.input.scalar_type() != at::kHalf && all_powers_of_two(g)) {
+    const at::Tensor scale = g.to(c.input.scalar_type());  // exact: a power of two within the dtype's range
+    grad_input.mul_(scale.dim() == 0 ? scale : scale.unsqueeze(1));
+    return;
+  }
+  run_backward(c, g, lse, denominator, ignore_index, label_smoothing, lse_square_scale, grad_input.data_ptr(),
+               grad_input.stride(0), true);
 }
 
 // Scales the forward's gradient (written for grad_loss = 1) by grad_loss; nothing to do, and nothing read
-// but grad_loss, when it is 1, as it is for loss.backward().
+// but grad_loss, when it is 1, as it is for loss.backward(). For a gradient written over the logits
+// (inplace_backward), which cannot be recomputed: a second rounding. The scale stays in opmath (a 0-dim
+// tensor multiplies as the scalar it holds; GradScaler's 2^16 would be inf in fp16).
 void cross_entropy_scale_grad_inplace_cpu(const at::Tensor& grad_input, const at::Tensor& grad_loss) {
   const at::Tensor scale = check_cross_entropy_scale_grad("cross_entropy_scale_grad_", grad_input, grad_loss);
-  bool all_ones = true;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scale.scalar_type(), "cross_entropy_scale_grad_", [&] {
-    const scalar_t* g = scale.const_data_ptr<scalar_t>();
-    const int64_t stride = scale.dim() == 0 ? 0 : scale.stride(0);
-    for (int64_t i = 0; i < scale.numel() && all_ones; ++i) all_ones = static_cast<double>(g[i * stride]) == 1.0;
-  });
-  if (!all_ones) grad_input.mul_(scale.dim() == 0 ? scale : scale.unsqueeze(1));
+  if (!all_ones(scale)) grad_input.mul_(scale.dim() == 0 ? scale : scale.unsqueeze(1));
 }
 
 }  // namespace
@@ -282,5 +351,7 @@ TORCH_LIBRARY_IMPL(fused_train, CPU, m) {
   m.impl("cross_entropy_forward_backward_", &fused_train::cpu::cross_entropy_forward_backward_inplace_cpu);
   m.impl("cross_entropy_backward", &fused_train::cpu::cross_entropy_backward_cpu);
   m.impl("cross_entropy_backward_", &fused_train::cpu::cross_entropy_backward_inplace_cpu);
+  m.impl("cross_entropy_grad_loss_is_one", &fused_train::cpu::cross_entropy_grad_loss_is_one_cpu);
+  m.impl("cross_entropy_apply_grad_loss_", &fused_train::cpu::cross_entropy_apply_grad_loss_inplace_cpu);
   m.impl("cross_entropy_scale_grad_", &fused_train::cpu::cross_entropy_scale_grad_inplace_cpu);
 }

@@ -381,7 +381,10 @@ FT_XENT_FLATTEN CrossEntropySums forward_rows_typed(const CrossEntropyLaunch& l,
     if (!ignored) z_loss = math::z_loss(lse, h);
     static_cast<O*>(l.lse)[2 * r] = lse.shift;
     static_cast<O*>(l.lse)[2 * r + 1] = lse.log_sum;
-    if (l.row_loss != nullptr) {
+    if (l.row_loss != nullptr && l.loss_opmath) {
+      static_cast<O*>(l.row_loss)[r] = loss;
+      static_cast<O*>(l.row_z_loss)[r] = z_loss;
+    } else if (l.row_loss != nullptr) {
       static_cast<T*>(l.row_loss)[r] = static_cast<T>(loss);
       static_cast<T*>(l.row_z_loss)[r] = static_cast<T>(z_loss);
     } else {
@@ -410,14 +413,18 @@ FT_XENT_FLATTEN void backward_rows_typed(const CrossEntropyLaunch& l, int64_t ro
   const auto hv = broadcast(h);
   const int64_t C = l.classes;
   const O denominator = *static_cast<const O*>(l.denominator);
-  const T* grad_loss = static_cast<const T*>(l.grad_loss);
+  const O* grad_loss = static_cast<const O*>(l.grad_loss);
   for (int64_t r = row_begin; r < row_end; ++r) {
+    const O row_grad_loss = grad_loss[r * l.grad_loss_stride];
+    if (l.keep_unit_rows && row_grad_loss == O(1)) continue;
     const T* x = static_cast<const T*>(l.logits) + r * l.logits_row_stride;
     T* g = static_cast<T*>(l.grad) + r * l.grad_row_stride;
     const T* target_row = kProb ? static_cast<const T*>(l.target) + r * l.target_row_stride : nullptr;
     const O* saved = static_cast<const O*>(l.lse_in) + 2 * r;
     const math::RowLse<O> lse{saved[0], saved[1]};
-    const O scale = static_cast<O>(grad_loss[r * l.grad_loss_stride]) / denominator;
+    // grad_loss / denominator in opmath, applied before the element's one rounding: under loss scaling
+    // (grad_loss = 2^15, say) fp16's (p - y)/N would underflow if it were rounded first and scaled after.
+    const O scale = row_grad_loss / denominator;
     int64_t t = -1;
     O x_t = 0, target_mass = 0;  // x_t is read before the row is written: the in-place backward writes over the logits
     if constexpr (kProb) {

@@ -78,10 +78,11 @@ struct XentArgs {
   // backward
   T* grad;
   int64_t grad_row_stride;
-  const T* grad_loss;
+  const O* grad_loss;
   int64_t grad_loss_stride;
   const O* denominator;
   const O* target_mass;  // probabilities: Σ_c w_c·t'_c per row
+  bool keep_unit_rows;   // leave the rows whose grad_loss is exactly 1 (they hold the forward's gradient)
 };
 
 template <class T, class O>
@@ -244,12 +245,16 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_backward_kernel(XentAr
   const math::XentHyper<O> h = xent_hyper(a);
   for (int64_t b = blockIdx.x; b < a.rows * slices; b += gridDim.x) {
     const int64_t row = b / slices;
+    const O row_grad_loss = a.grad_loss[row * a.grad_loss_stride];
+    // The same value for the whole block: it skips the item together, before any barrier.
+    if (a.keep_unit_rows && row_grad_loss == O(1)) continue;
     const int64_t begin = (b % slices) * kSlice;
     const int64_t n = a.classes - begin < kSlice ? a.classes - begin : kSlice;
     const T* x = a.logits + row * a.logits_row_stride + begin;
     T* g = a.grad + row * a.grad_row_stride + begin;
     const math::RowLse<O> lse{a.row_lse[2 * row], a.row_lse[2 * row + 1]};
-    const O scale = static_cast<O>(a.grad_loss[row * a.grad_loss_stride]) / *a.denominator;
+    // In opmath before the one rounding (fp16 under loss scaling would underflow otherwise).
+    const O scale = row_grad_loss / *a.denominator;
     int64_t t = -1;
     bool ignored = false, bad = false;
     math::RowGrad<O> rg;
@@ -334,7 +339,7 @@ XentArgs<T, O> make_args(const CrossEntropyCall& c, int64_t ignore_index, double
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing, double lse_square_scale) {
+    int64_t ignore_index, double label_smoothing, double lse_square_scale, bool opmath_loss) {
   const c10::cuda::OptionalCUDAGuard guard(input.device());
   raise_if_bad_target_seen("cross_entropy_forward", input.get_device());
   const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_forward", input, target, weight, reduction,
@@ -378,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
       }
     });
   }
-  const auto dtype = input.scalar_type();
+  const auto dtype = opmath_loss ? c.opmath : input.scalar_type();
   if (c.reduction == XentReduction::None) {
     return {row_loss.to(dtype), row_z_loss.to(dtype), row_lse, at::ones({}, opts)};
   }
@@ -390,10 +395,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
   return {(row_loss.sum() / denominator).to(dtype), (row_z_loss.sum() / denominator).to(dtype), row_lse, denominator};
 }
 
-void run_backward_cuda(const CrossEntropyCall& c, const at::Tensor& grad_loss, const at::Tensor& row_lse,
+// g: grad_loss in opmath (check_cross_entropy_backward). keep_unit_rows: see XentArgs.
+void run_backward_cuda(const CrossEntropyCall& c, const at::Tensor& g, const at::Tensor& row_lse,
                        const at::Tensor& denominator, int64_t ignore_index, double label_smoothing,
-                       double lse_square_scale, const at::Tensor& grad, int64_t grad_row_stride) {
-  const at::Tensor g = check_cross_entropy_backward("cross_entropy_backward", c, grad_loss, row_lse, denominator);
+                       double lse_square_scale, const at::Tensor& grad, int64_t grad_row_stride,
+                       bool keep_unit_rows = false) {
   if (c.rows == 0) return;
   at::Tensor target_mass;
   if (c.target_is_prob) {
@@ -408,7 +414,8 @@ void run_backward_cuda(const CrossEntropyCall& c, const at::Tensor& grad_loss, c
     a.row_lse = const_cast<O*>(row_lse.const_data_ptr<O>());
     a.grad = static_cast<scalar_t*>(grad.data_ptr());
     a.grad_row_stride = grad_row_stride;
-    a.grad_loss = g.const_data_ptr<scalar_t>();
+    a.grad_loss = g.const_data_ptr<O>();
+    a.keep_unit_rows = keep_unit_rows;
     a.grad_loss_stride = c.reduction == XentReduction::None ? g.stride(0) : 0;
     a.denominator = denominator.const_data_ptr<O>();
     a.target_mass = target_mass.defined() ? target_mass.const_data_ptr<O>() : nullptr;
@@ -428,9 +435,9 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
   raise_if_bad_target_seen("cross_entropy_backward", input.get_device());
   const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_backward", input, target, weight, reduction,
                                                       label_smoothing, lse_square_scale, false);
+  const at::Tensor g = check_cross_entropy_backward("cross_entropy_backward", c, grad_loss, row_lse, denominator);
   at::Tensor grad = at::empty({c.rows, c.classes}, input.options());
-  run_backward_cuda(c, grad_loss, row_lse, denominator, ignore_index, label_smoothing, lse_square_scale, grad,
-                    c.classes);
+  run_backward_cuda(c, g, row_lse, denominator, ignore_index, label_smoothing, lse_square_scale, grad, c.classes);
   return grad;
 }
 
@@ -442,7 +449,8 @@ void cross_entropy_backward_inplace_cuda(const at::Tensor& grad_loss, const at::
   raise_if_bad_target_seen("cross_entropy_backward_", input.get_device());
   const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_backward_", input, target, weight, reduction,
                                                       label_smoothing, lse_square_scale, true);
-  run_backward_cuda(c, grad_loss, row_lse, denominator, ignore_index, label_smoothing, lse_square_scale, input,
+  const at::Tensor g = check_cross_entropy_backward("cross_entropy_backward_", c, grad_loss, row_lse, denominator);
+  run_backward_cuda(c, g, row_lse, denominator, ignore_index, label_smoothing, lse_square_scale, input,
                     input.stride(0));
 }
 
@@ -450,15 +458,16 @@ void cross_entropy_backward_inplace_cuda(const at::Tensor& grad_loss, const at::
 // forward and the backward (a single-pass version, gradient written while the row is in shared memory or
 // registers, is future work that needs a GPU to tune); the saving here is the autograd round trip.
 at::Tensor ones_like_grad_loss(const CrossEntropyCall& c) {
-  return c.reduction == XentReduction::None ? at::ones({c.rows}, c.input.options()) : at::ones({}, c.input.options());
+  const auto opts = c.input.options().dtype(c.opmath);
+  return c.reduction == XentReduction::None ? at::ones({c.rows}, opts) : at::ones({}, opts);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing, double lse_square_scale) {
+    int64_t ignore_index, double label_smoothing, double lse_square_scale, bool opmath_loss) {
   const c10::cuda::OptionalCUDAGuard guard(input.device());
-  auto [loss, z_loss, row_lse, denominator] =
-      cross_entropy_forward_cuda(input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale);
+  auto [loss, z_loss, row_lse, denominator] = cross_entropy_forward_cuda(
+      input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale, opmath_loss);
   const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_forward_backward", input, target, weight,
                                                       reduction, label_smoothing, lse_square_scale, false);
   at::Tensor grad = at::empty({c.rows, c.classes}, input.options());
@@ -469,23 +478,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_ent
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward_inplace_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing, double lse_square_scale) {
+    int64_t ignore_index, double label_smoothing, double lse_square_scale, bool opmath_loss) {
   const c10::cuda::OptionalCUDAGuard guard(input.device());
   const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_forward_backward_", input, target, weight,
                                                       reduction, label_smoothing, lse_square_scale, true);
-  auto [loss, z_loss, row_lse, denominator] =
-      cross_entropy_forward_cuda(input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale);
+  auto [loss, z_loss, row_lse, denominator] = cross_entropy_forward_cuda(
+      input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale, opmath_loss);
   run_backward_cuda(c, ones_like_grad_loss(c), row_lse, denominator, ignore_index, label_smoothing, lse_square_scale,
                     input, input.stride(0));
   return {loss, z_loss, row_lse, denominator};
 }
 
-// grad_input *= grad_loss, on the stream, without reading grad_loss on the host.
+// Never known without reading grad_loss on the host (a sync): apply_grad_loss_ decides on the device.
+bool cross_entropy_grad_loss_is_one_cuda(const at::Tensor& /*grad_loss*/) { return false; }
+
+// Makes the forward's gradient (for grad_loss = 1) the gradient for grad_loss without reading grad_loss on
+// the host: the backward kernel runs over every row, and a row whose grad_loss is exactly 1 (every row, for
+// loss.backward()) returns at once; the others are recomputed from the logits with grad_loss applied in
+// opmath before the one rounding (as cpu/cross_entropy.cpp explains).
+void cross_entropy_apply_grad_loss_inplace_cuda(const at::Tensor& grad_input, const at::Tensor& grad_loss,
+                                                const at::Tensor& input, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight, const at::Tensor& row_lse,
+                                                const at::Tensor& denominator, int64_t reduction,
+                                                int64_t ignore_index, double label_smoothing,
+                                                double lse_square_scale) {
+  const char* op = "cross_entropy_apply_grad_loss_";
+  const c10::cuda::OptionalCUDAGuard guard(input.device());
+  raise_if_bad_target_seen(op, input.get_device());
+  const CrossEntropyCall c =
+      check_cross_entropy_call(op, input, target, weight, reduction, label_smoothing, lse_square_scale, false);
+  check_cross_entropy_grad_input(op, c, grad_input);
+  const at::Tensor g = check_cross_entropy_backward(op, c, grad_loss, row_lse, denominator);
+  run_backward_cuda(c, g, row_lse, denominator, ignore_index, label_smoothing, lse_square_scale, grad_input,
+                    grad_input.stride(0), true);
+}
+
+// grad_input *= grad_loss, on the stream, without reading grad_loss on the host. The scale is opmath and
+// shaped (1, 1) or (rows, 1) so the multiply runs in opmath (a 0-dim tensor would be cast to grad_input's
+// dtype first, and GradScaler's 2^16 is inf in fp16).
 void cross_entropy_scale_grad_inplace_cuda(const at::Tensor& grad_input, const at::Tensor& grad_loss) {
   const c10::cuda::OptionalCUDAGuard guard(grad_input.device());
   raise_if_bad_target_seen("cross_entropy_scale_grad_", grad_input.get_device());
   const at::Tensor scale = check_cross_entropy_scale_grad("cross_entropy_scale_grad_", grad_input, grad_loss);
-  grad_input.mul_(scale.dim() == 0 ? scale : scale.unsqueeze(1));
+  grad_input.mul_(scale.dim() == 0 ? scale.reshape({1, 1}) : scale.unsqueeze(1));
 }
 
 }  // namespace
@@ -498,5 +533,7 @@ TORCH_LIBRARY_IMPL(fused_train, CUDA, m) {
   m.impl("cross_entropy_backward_", &fused_train::cuda::cross_entropy_backward_inplace_cuda);
   m.impl("cross_entropy_forward_backward", &fused_train::cuda::cross_entropy_forward_backward_cuda);
   m.impl("cross_entropy_forward_backward_", &fused_train::cuda::cross_entropy_forward_backward_inplace_cuda);
+  m.impl("cross_entropy_grad_loss_is_one", &fused_train::cuda::cross_entropy_grad_loss_is_one_cuda);
+  m.impl("cross_entropy_apply_grad_loss_", &fused_train::cuda::cross_entropy_apply_grad_loss_inplace_cuda);
   m.impl("cross_entropy_scale_grad_", &fused_train::cuda::cross_entropy_scale_grad_inplace_cuda);
 }

@@ -18,7 +18,14 @@ _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 class _CrossEntropyFunction(torch.autograd.Function):
     """The 2-D core. When the logits need a gradient (``grad_in_forward``), the forward writes it too, for a
     loss gradient of 1, while each row is still in cache (over the logits with ``inplace_backward``), and
-    the backward only scales it by the real loss gradient: nothing at all for ``loss.backward()`` on CPU.
+    the backward only applies the real loss gradient: nothing at all for ``loss.backward()`` (on CUDA a
+    kernel whose blocks return at once); for any other loss gradient the rows are recomputed from the
+    saved logits with the scale applied before the one rounding (cross_entropy_apply_grad_loss_; on CPU a
+    power-of-two scale multiplies bf16/fp32/fp64 gradients instead, exactly). With ``inplace_backward`` the
+    logits are gone, and the gradient is multiplied: rounded twice (README, Differences), except for fp16,
+    the dtype of loss scaling, whose (p - y)/N would underflow before the scale arrives: there the forward
+    writes nothing and the backward writes the gradient over the logits with the real loss gradient (one
+    more read of the logits than the fused pass).
 
     That gradient serves the first backward. A second one through the same graph (``retain_graph=True``)
     recomputes it from the saved logits and each row's log-sum-exp (two opmath numbers, see
@@ -29,14 +36,16 @@ class _CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, input, target, weight, options):
         # options: a plain tuple (a NamedTuple costs a call on every loss): reduction (0 none, 1 mean, 2 sum),
         # ignore_index, label_smoothing, lse_square_scale, inplace_backward, grad_in_forward (the logits need
-        # a gradient: write it here), want_lse (also return the z-loss and each row's log-sum-exp).
-        reduction, ignore_index, label_smoothing, lse_square_scale, inplace, grad_in_forward, want_lse = (
+        # a gradient: write it here), want_lse (also return the z-loss and each row's log-sum-exp),
+        # opmath_loss (autocast: the loss in fp32, as torch's).
+        reduction, ignore_index, label_smoothing, lse_square_scale, inplace, grad_in_forward, want_lse, opmath = (
             options
         )
-        if grad_in_forward:
+        if grad_in_forward and not (inplace and input.dtype == torch.float16):
             loss, z_loss, row_lse, denominator, grad = _ops.cross_entropy_forward_backward(
                 input, target, weight, reduction=reduction, ignore_index=ignore_index,
                 label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, inplace=inplace,
+                opmath_loss=opmath,
             )
             if inplace:
                 # Anything else that saved these logits for its backward must see that they changed.
@@ -44,9 +53,13 @@ class _CrossEntropyFunction(torch.autograd.Function):
         else:
             loss, z_loss, row_lse, denominator = _ops.cross_entropy_forward(
                 input, target, weight, reduction=reduction, ignore_index=ignore_index,
-                label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+                label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, opmath_loss=opmath,
             )
             grad = None
+            if inplace and grad_in_forward:
+                # fp16: the backward writes over the logits; anything else that saved them must know now.
+                torch.autograd.graph.increment_version(input)
+                ctx.write_over_logits = True
         ctx.save_for_backward(input, target, weight, row_lse, denominator)
         ctx.options = options
         # Not a saved tensor: it is handed over, not read, and once backward drops it autograd can keep it
@@ -77,21 +90,39 @@ class _NoDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_grad):
-        raise RuntimeError(
-            "cross_entropy: double backward (differentiating the gradient of fused_train's cross-entropy "
-            "again) is not supported; use torch.nn.functional.cross_entropy for that"
-        )
+        _raise_double_backward()
+
+
+def _raise_double_backward():
+    raise RuntimeError(
+        "cross_entropy: double backward (differentiating the gradient of fused_train's cross-entropy "
+        "again, e.g. a Hessian) is not supported; use torch.nn.functional.cross_entropy for that"
+    )
 
 
 def _backward(ctx, grad_loss):
     grad = ctx.grad
+    reduction, ignore_index, label_smoothing, lse_square_scale, inplace, _, _, _ = ctx.options
     if grad is not None:
         ctx.grad = None
-        _ops.cross_entropy_scale_grad_(grad, grad_loss)
+        if inplace:
+            _ops.cross_entropy_scale_grad_(grad, grad_loss)
+        # (The probe returns a bool, which torch.compile cannot trace: a compiled backward always applies.)
+        elif _is_compiling() or not _ops.cross_entropy_grad_loss_is_one(grad_loss):
+            _ops.cross_entropy_apply_grad_loss_(
+                grad, grad_loss, *ctx.saved_tensors, reduction=reduction, ignore_index=ignore_index,
+                label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+            )
         return grad, None, None, None
     if grad_loss is None or not ctx.needs_input_grad[0]:
         return None, None, None, None
-    reduction, ignore_index, label_smoothing, lse_square_scale, inplace, _, _ = ctx.options
+    if inplace and getattr(ctx, "write_over_logits", False):
+        ctx.write_over_logits = False
+        grad = _ops.cross_entropy_backward(
+            grad_loss, *ctx.saved_tensors, reduction=reduction, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, inplace=True,
+        )
+        return grad, None, None, None
     if inplace:
         raise RuntimeError(
             "cross_entropy: a second backward through a loss computed with inplace_backward=True is not "
@@ -105,11 +136,105 @@ def _backward(ctx, grad_loss):
     return grad, None, None, None
 
 
+class _CrossEntropyTransformFunction(torch.autograd.Function):
+    """The 2-D core under torch.func transforms (grad, vjp, vmap, jacrev, jvp): functional ops only, in the
+    form functorch needs (setup_context), vmapped through the ops' own vmap rules (_ops.py), which fold the
+    vmapped dimension into the rows. The gradient is computed in the backward from the saved logits;
+    ``inplace_backward`` has no effect here. Kept apart from _CrossEntropyFunction so that the ordinary call
+    pays for none of this (setup_context makes every apply bind its arguments by signature)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, target, weight, options):
+        reduction, ignore_index, label_smoothing, lse_square_scale, _, _, _, opmath = options
+        return _ops.cross_entropy_forward(
+            input, target, weight, reduction=reduction, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, opmath_loss=opmath,
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, options = inputs
+        _, z_loss, row_lse, denominator = output
+        ctx.save_for_backward(input, target, weight, row_lse, denominator)
+        ctx.save_for_forward(input, target, weight, row_lse, denominator)
+        ctx.options = options
+        ctx.mark_non_differentiable(z_loss, row_lse, denominator)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        input, target, weight, row_lse, denominator = ctx.saved_tensors
+        grad = _TransformGradient.apply(grad_loss, input, target, weight, row_lse, denominator, *ctx.options[:4])
+        return grad, None, None, None
+
+    @staticmethod
+    def jvp(ctx, input_tangent, *unused):
+        # d loss_r = Σ_j ∂loss_r/∂x_rj · t_rj: the gradient for a loss gradient of ones, times the tangent.
+        reduction = ctx.options[0]
+        input, row_lse = ctx.saved_tensors[0], ctx.saved_tensors[3]
+        ones = row_lse.new_ones((input.shape[0],) if reduction == 0 else ())
+        grad = _gradient(ctx, ones).to(row_lse.dtype)
+        tangent = (grad * input_tangent.to(row_lse.dtype)).sum(-1)
+        if reduction != 0:
+            tangent = tangent.sum()
+        loss_dtype = row_lse.dtype if ctx.options[7] else input.dtype
+        return tangent.to(loss_dtype), None, None, None
+
+
+class _TransformGradient(torch.autograd.Function):
+    """The loss's gradient under torch.func, which always differentiates with create_graph: a node over
+    everything the gradient depends on, raising when anything differentiates it (reverse or forward mode,
+    e.g. torch.func.hessian). The op has no derivative of its own, and without this node an outer transform
+    would see the gradient as constant and answer 0."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_loss, input, target, weight, row_lse, denominator, reduction, ignore_index, label_smoothing,
+                lse_square_scale):
+        return _ops.cross_entropy_backward(
+            grad_loss, input, target, weight, row_lse, denominator, reduction=reduction,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad_grad):
+        _raise_double_backward()
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        _raise_double_backward()
+
+
+def _gradient(ctx, grad_loss):
+    reduction, ignore_index, label_smoothing, lse_square_scale = ctx.options[:4]
+    input, target, weight, row_lse, denominator = ctx.saved_tensors
+    return _ops.cross_entropy_backward(
+        grad_loss, input, target, weight, row_lse, denominator, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+    )
+
+
+# torch.is_autocast_enabled(device_type) is the documented test (torch >= 2.4); the any-device check in front
+# keeps the ordinary call at one C call.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+_transforms_active = torch._C._are_functorch_transforms_active
+_is_compiling = torch.compiler.is_compiling
+
+
 class CrossEntropyOutput(NamedTuple):
     """What :func:`cross_entropy_with_lse` returns."""
 
     loss: Tensor
-    """The loss, z-loss included, reduced as asked, in ``input``'s dtype."""
+    """The loss, z-loss included, reduced as asked, in ``input``'s dtype (fp32 for bf16/fp16 input under
+    autocast, as torch's)."""
     z_loss: Tensor
     """The z-loss term alone (``lse_square_scale · lse²`` over the rows that are not ignored), reduced like
     ``loss``; not differentiable (its gradient flows through ``loss``)."""
@@ -181,9 +306,17 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
         rows, target_rows, batch_shape = _rows_view(input, target)
         if inplace_backward and rows.stride(-1) != 1:
             rows = rows.contiguous()
+    # Under autocast torch computes this loss in fp32 (cross_entropy is on autocast's fp32 list) and returns
+    # it in fp32; the kernels already compute in opmath, so only the loss's dtype changes, with no fp32 copy
+    # of the logits.
+    opmath_loss = _any_autocast() and torch.is_autocast_enabled(input.device.type)
     options = (code, ignore_index, label_smoothing, lse_square_scale, inplace_backward,
-               input.requires_grad and torch.is_grad_enabled(), want_lse)
-    out = _CrossEntropyFunction.apply(rows, target_rows, weight, options)
+               input.requires_grad and torch.is_grad_enabled(), want_lse, opmath_loss)
+    if _transforms_active():
+        out = _CrossEntropyTransformFunction.apply(rows, target_rows, weight, options)
+        out = out[:3] if want_lse else out[0]
+    else:
+        out = _CrossEntropyFunction.apply(rows, target_rows, weight, options)
     if not want_lse:
         if code == 0 and batch_shape is not None and len(batch_shape) != 1:
             out = out.reshape(batch_shape)
@@ -211,12 +344,16 @@ def cross_entropy(
     inplace_backward: bool = False,
 ) -> Tensor:
     r"""Cross-entropy between logits and targets, fused. When ``input`` needs a gradient, the forward writes
-    it too, each row read once from memory and once more from cache, and the backward only scales it by the
-    loss's gradient (on CPU: nothing at all for ``loss.backward()``); the gradient is then the only N×C
-    buffer, alive from the forward to the backward. Otherwise the forward reads the logits once.
+    it too, each row read once from memory and once more from cache, for a loss gradient of 1: nothing is
+    left to do for ``loss.backward()``, and any other loss gradient (a GradScaler scale) is applied before
+    the gradient's one rounding, by recomputing it from the logits (on CPU a power-of-two scale multiplies
+    bf16/fp32/fp64 gradients instead, which is exact for them). The gradient is then the only N×C buffer, alive from the forward to the backward. Otherwise
+    the forward reads the logits once.
 
     Same arguments, shapes and results as :func:`torch.nn.functional.cross_entropy`; the math runs in fp32
-    for bf16/fp16 input (fp64 for fp64) and the loss is returned in ``input``'s dtype.
+    for bf16/fp16 input (fp64 for fp64) and the loss is returned in ``input``'s dtype, or under autocast in
+    fp32 (fp64 for fp64), as torch's. Works under :mod:`torch.func` transforms (``grad``, ``vmap``, ``jacrev``,
+    ``jvp``); differentiating the gradient again (double backward, Hessians) raises.
 
     Args:
         input: logits, shape :math:`(C)`, :math:`(N, C)` or :math:`(N, C, d_1, ..., d_K)`.
@@ -236,7 +373,10 @@ def cross_entropy(
             logits after this loss: when ``input`` needs a gradient, the logits are overwritten by this call
             itself, so other users of the same tensor (or of a view of it) see the gradient from then on,
             and an autograd node that saved them raises at backward. One backward per forward. No effect on
-            the values. (N, C, d…) inputs are copied to row layout first, so there it saves nothing.
+            the values, except that a bf16/fp32/fp64 gradient is rounded twice for a loss gradient other than
+            1 (fp16, the dtype of loss scaling, is written over the logits by the backward instead, rounded
+            once). (N, C, d…) inputs are copied to row layout first, so there it saves nothing. No effect
+            under :mod:`torch.func` transforms.
 
     Returns:
         The loss: a scalar, or shaped like the batch for ``reduction='none'``.
