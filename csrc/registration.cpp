@@ -12,6 +12,7 @@
 #include <string>
 
 #include "cpu/cpu_kernels.h"
+#include "cpu/gradient_cache.h"
 
 TORCH_LIBRARY(fused_train, m) {
   m.def(
@@ -60,6 +61,10 @@ TORCH_LIBRARY(fused_train, m) {
       "Tensor row_lse, Tensor denominator)");
   // grad_input *= grad_loss (one element, or one per row for reduction='none').
   m.def("cross_entropy_scale_grad_(Tensor(a!) grad_input, Tensor grad_loss) -> ()");
+
+  // Releases the memory fused_train keeps between calls for reuse (today the CPU loss's one gradient
+  // buffer, cpu/gradient_cache.h), as torch.cuda.empty_cache does for torch's caching allocator.
+  m.def("empty_cache() -> ()", &fused_train::cpu::empty_gradient_cache);
 
   // Build facts for fused_train.build_info(), as "key=value" lines.
   m.def("build_info() -> str", []() -> std::string {
