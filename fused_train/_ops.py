@@ -273,3 +273,11 @@ def _cross_entropy_forward_backward_inplace_fake(input, target, weight, **kwargs
 @torch.library.register_fake("fused_train::cross_entropy_scale_grad_")
 def _cross_entropy_scale_grad_fake(grad_input, grad_loss) -> None:
     return None
+
+
+# fused_train::cross_entropy_loss (csrc/cross_entropy_autograd.cpp) is the loss with its autograd node in C++;
+# nn/functional.py calls its OpOverload directly (a wrapper here would add a Python call to the path it exists
+# to shorten).
+@torch.library.register_fake("fused_train::cross_entropy_loss")
+def _cross_entropy_loss_fake(input, target, weight, *, reduction, ignore_index, label_smoothing, lse_square_scale):
+    return input.new_empty((input.shape[0],) if reduction == 0 else ())

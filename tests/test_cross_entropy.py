@@ -381,12 +381,45 @@ def test_inplace_forward_overwrites_logits_and_flags_their_other_users(device):
 
 
 def test_gradient_is_handed_over_without_a_copy():
+    # The Python node (_CrossEntropyFunction, here via cross_entropy_with_lse) shows the forward's gradient.
     x = torch.randn(16, 30, requires_grad=True)
-    loss = cross_entropy(x, torch.randint(0, 30, (16,)))
-    grad_fn = loss.grad_fn
-    written = grad_fn.grad.data_ptr()
+    loss = cross_entropy_with_lse(x, torch.randint(0, 30, (16,))).loss
+    written = loss.grad_fn.grad.data_ptr()
     loss.backward()
     assert x.grad.data_ptr() == written
+    # The C++ node (plain (N, C) losses): what its backward returns becomes .grad as it is.
+    x = torch.randn(16, 30, requires_grad=True)
+    loss = cross_entropy(x, torch.randint(0, 30, (16,)))
+    returned = []
+    loss.grad_fn.register_hook(lambda grad_inputs, grad_outputs: returned.append(grad_inputs[0].data_ptr()))
+    loss.backward()
+    assert x.grad.data_ptr() == returned[0]
+
+
+@pytest.mark.parametrize("module", [False, True])
+def test_tutorial_loss_backward_runs_no_python(module):
+    # The tutorial's loop, (N, C) logits with class indices, gets an autograd node in C++ (as torch's
+    # log_softmax + nll_loss do): a Python autograd.Function node costs more than the whole loss at 64×10.
+    x = torch.randn(64, 10, requires_grad=True)
+    target = torch.randint(0, 10, (64,))
+    loss = fused_train.nn.CrossEntropyLoss()(x, target) if module else cross_entropy(x, target)
+    assert not isinstance(loss.grad_fn, torch.autograd.function.BackwardCFunction), type(loss.grad_fn)
+    loss.backward()
+    ref = x.detach().clone().requires_grad_(True)
+    expected = F.cross_entropy(ref, target)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, **XENT_TOL[torch.float32])
+    torch.testing.assert_close(x.grad, ref.grad, **XENT_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck_loss_with_cpp_autograd(device, reduction):
+    x, target, weight, kw = _op_args(device, False)
+    kw = dict(kw, reduction=reduction)
+    loss = torch.ops.fused_train.cross_entropy_loss.default
+    torch.library.opcheck(loss, (x.requires_grad_(), target, weight), kw)
+    torch.library.opcheck(loss, (x.detach(), target, None), kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,0 +1,141 @@
+// fused_train::cross_entropy_loss: the loss with its autograd node in C++, for any device.
+//
+// fused_train.nn.functional.cross_entropy calls it for the common case, (N, C) logits that need a gradient
+// with class-index targets, outside torch.compile (which traces nn/functional.py's autograd.Function, the
+// path every other case takes). The reason is cost, not math: the two paths run the same ops. At the
+// tutorial's 64×10 a Python autograd.Function's node, and the Python of its forward and backward, cost more
+// than the loss's kernels, and more than torch's own C++ nodes for log_softmax + nll_loss.
+//
+// Forward: cross_entropy_forward_backward writes the gradient for a loss gradient of 1 while each row is in
+// cache; it is kept in the context (not saved: it is handed over, not read) and the backward scales it by the
+// real loss gradient (cross_entropy_scale_grad_, nothing written for loss.backward() on CPU), then gives it
+// away, so autograd makes it the leaf's .grad without a copy. A second backward through the same graph
+// (retain_graph=True) recomputes it from the saved logits and row log-sum-exps (cross_entropy_backward).
+// Differentiating the gradient again raises, as in nn/functional.py.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fused_train {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Outputs5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Outputs4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Typed handles of the ops this file calls, looked up once.
+const auto& forward_backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fused_train::cross_entropy_forward_backward", "")
+          .typed<Outputs5(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t,
+                          double, double)>();
+  return op;
+}
+
+const auto& forward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fused_train::cross_entropy_forward", "")
+          .typed<Outputs4(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t,
+                          double, double)>();
+  return op;
+}
+
+const auto& backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fused_train::cross_entropy_backward", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, double)>();
+  return op;
+}
+
+const auto& scale_grad_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fused_train::cross_entropy_scale_grad_", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&)>();
+  return op;
+}
+
+// The node given to a gradient computed under create_graph=True: it comes out of a kernel, not of
+// differentiable ops, so differentiating it again must raise rather than silently give zero.
+struct NoDoubleBackward : public torch::autograd::Function<NoDoubleBackward> {
+  static at::Tensor forward(AutogradContext*, const at::Tensor& grad) { return grad.view_as(grad); }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false,
+                "cross_entropy: double backward (differentiating the gradient of fused_train's cross-entropy "
+                "again) is not supported; use torch.nn.functional.cross_entropy for that");
+  }
+};
+
+// saved_data keys.
+constexpr const char* kGrad = "grad";
+constexpr const char* kOptions = "options";
+
+struct CrossEntropyLoss : public torch::autograd::Function<CrossEntropyLoss> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
+                            const std::optional<at::Tensor>& weight, int64_t reduction, int64_t ignore_index,
+                            double label_smoothing, double lse_square_scale) {
+    auto [loss, z_loss, lse, denominator, grad] =
+        forward_backward_op().call(input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale);
+    ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), lse, denominator});
+    ctx->saved_data[kGrad] = std::move(grad);
+    ctx->saved_data[kOptions] =
+        std::make_tuple(reduction, ignore_index, label_smoothing, lse_square_scale);
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const at::Tensor& grad_loss = grad_outputs[0];
+    at::Tensor grad;
+    c10::IValue& kept = ctx->saved_data[kGrad];
+    if (kept.isTensor()) {
+      grad = std::move(kept).toTensor();
+      kept = c10::IValue();  // the context lets go: autograd can keep the gradient as .grad without a copy
+      const at::AutoGradMode no_grad(false);
+      scale_grad_op().call(grad, grad_loss);
+    } else {
+      const auto options = ctx->saved_data[kOptions].toTuple();
+      const auto& o = options->elements();
+      const variable_list saved = ctx->get_saved_variables();
+      const std::optional<at::Tensor> weight = saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
+      const at::AutoGradMode no_grad(false);
+      grad = backward_op().call(grad_loss, saved[0], saved[1], weight, saved[3], saved[4], o[0].toInt(), o[1].toInt(),
+                                o[2].toDouble(), o[3].toDouble());
+    }
+    if (at::GradMode::is_enabled()) grad = NoDoubleBackward::apply(grad.detach().requires_grad_());
+    // One entry per forward argument: only the logits get a gradient (none flows into targets or weights).
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor cross_entropy_loss_autograd(const at::Tensor& input, const at::Tensor& target,
+                                       const std::optional<at::Tensor>& weight, int64_t reduction,
+                                       int64_t ignore_index, double label_smoothing, double lse_square_scale) {
+  return CrossEntropyLoss::apply(input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale);
+}
+
+// Below autograd (inference mode, no gradient wanted): the forward alone.
+at::Tensor cross_entropy_loss_forward_only(const at::Tensor& input, const at::Tensor& target,
+                                           const std::optional<at::Tensor>& weight, int64_t reduction,
+                                           int64_t ignore_index, double label_smoothing, double lse_square_scale) {
+  return std::get<0>(
+      forward_op().call(input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale));
+}
+
+}  // namespace
+}  // namespace fused_train
+
+TORCH_LIBRARY_IMPL(fused_train, Autograd, m) {
+  m.impl("cross_entropy_loss", &fused_train::cross_entropy_loss_autograd);
+}
+
+TORCH_LIBRARY_IMPL(fused_train, CompositeExplicitAutograd, m) {
+  m.impl("cross_entropy_loss", &fused_train::cross_entropy_loss_forward_only);
+}
