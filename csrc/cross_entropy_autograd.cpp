@@ -1,7 +1,7 @@
 // fused_train::cross_entropy_loss: the loss with its autograd node in C++, for any device.
 //
-// fused_train.nn.functional.cross_entropy calls it for the common case, (N, C) logits that need a gradient
-// with class-index targets, outside torch.compile (which traces nn/functional.py's autograd.Function, the
+// fused_train.nn.functional.cross_entropy calls it for the common case, (N, C) logits with class-index
+// targets, outside torch.compile (which traces nn/functional.py's autograd.Function, the
 // path every other case takes). The reason is cost, not math: the two paths run the same ops. At the
 // tutorial's 64×10 a Python autograd.Function's node, and the Python of its forward and backward, cost more
 // than the loss's kernels, and more than torch's own C++ nodes for log_softmax + nll_loss.
@@ -82,6 +82,9 @@ struct CrossEntropyLoss : public torch::autograd::Function<CrossEntropyLoss> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
                             const std::optional<at::Tensor>& weight, int64_t reduction, int64_t ignore_index,
                             double label_smoothing, double lse_square_scale) {
+    // Straight to the device's kernel: the ops below have no autograd of their own (this node is it), and
+    // the dispatcher's autograd fallback would box every argument and result on the way.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, z_loss, lse, denominator, grad] =
         forward_backward_op().call(input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale);
     ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), lse, denominator});
@@ -98,14 +101,14 @@ struct CrossEntropyLoss : public torch::autograd::Function<CrossEntropyLoss> {
     if (kept.isTensor()) {
       grad = std::move(kept).toTensor();
       kept = c10::IValue();  // the context lets go: autograd can keep the gradient as .grad without a copy
-      const at::AutoGradMode no_grad(false);
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
       scale_grad_op().call(grad, grad_loss);
     } else {
       const auto options = ctx->saved_data[kOptions].toTuple();
       const auto& o = options->elements();
       const variable_list saved = ctx->get_saved_variables();
       const std::optional<at::Tensor> weight = saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
-      const at::AutoGradMode no_grad(false);
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
       grad = backward_op().call(grad_loss, saved[0], saved[1], weight, saved[3], saved[4], o[0].toInt(), o[1].toInt(),
                                 o[2].toDouble(), o[3].toDouble());
     }
@@ -115,18 +118,24 @@ struct CrossEntropyLoss : public torch::autograd::Function<CrossEntropyLoss> {
   }
 };
 
-at::Tensor cross_entropy_loss_autograd(const at::Tensor& input, const at::Tensor& target,
-                                       const std::optional<at::Tensor>& weight, int64_t reduction,
-                                       int64_t ignore_index, double label_smoothing, double lse_square_scale) {
-  return CrossEntropyLoss::apply(input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale);
-}
-
 // Below autograd (inference mode, no gradient wanted): the forward alone.
 at::Tensor cross_entropy_loss_forward_only(const at::Tensor& input, const at::Tensor& target,
                                            const std::optional<at::Tensor>& weight, int64_t reduction,
                                            int64_t ignore_index, double label_smoothing, double lse_square_scale) {
   return std::get<0>(
       forward_op().call(input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale));
+}
+
+at::Tensor cross_entropy_loss_autograd(const at::Tensor& input, const at::Tensor& target,
+                                       const std::optional<at::Tensor>& weight, int64_t reduction,
+                                       int64_t ignore_index, double label_smoothing, double lse_square_scale) {
+  if (at::GradMode::is_enabled() && input.requires_grad()) {
+    return CrossEntropyLoss::apply(input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale);
+  }
+  // No gradient to write (evaluation, torch.no_grad): one read of the logits, no node.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return cross_entropy_loss_forward_only(input, target, weight, reduction, ignore_index, label_smoothing,
+                                         lse_square_scale);
 }
 
 }  // namespace

@@ -420,6 +420,9 @@ def test_opcheck_loss_with_cpp_autograd(device, reduction):
     loss = torch.ops.fused_train.cross_entropy_loss.default
     torch.library.opcheck(loss, (x.requires_grad_(), target, weight), kw)
     torch.library.opcheck(loss, (x.detach(), target, None), kw)
+    expected = torch.ops.fused_train.cross_entropy_forward(x.detach(), target, weight, **kw)[0]
+    with torch.inference_mode():  # below autograd: the forward alone
+        torch.testing.assert_close(loss(x.detach(), target, weight, **kw), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

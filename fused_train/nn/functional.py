@@ -182,15 +182,15 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
         rows, target_rows, batch_shape = _rows_view(input, target)
         if inplace_backward and rows.stride(-1) != 1:
             rows = rows.contiguous()
-    grad_in_forward = input.requires_grad and torch.is_grad_enabled()
-    if (grad_in_forward and batch_shape is None and not (inplace_backward or want_lse)
-            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()):
+    if (batch_shape is None and not (inplace_backward or want_lse) and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()):
         # The training loop's common case: the same ops as _CrossEntropyFunction under an autograd node in
         # C++ (csrc/cross_entropy_autograd.cpp), which at small sizes costs a fraction of a Python one.
         # torch.compile and torch.func transforms trace _CrossEntropyFunction instead.
         return _cross_entropy_loss(rows, target_rows, weight, reduction=code, ignore_index=ignore_index,
                                    label_smoothing=label_smoothing, lse_square_scale=lse_square_scale)
-    options = (code, ignore_index, label_smoothing, lse_square_scale, inplace_backward, grad_in_forward, want_lse)
+    options = (code, ignore_index, label_smoothing, lse_square_scale, inplace_backward,
+               input.requires_grad and torch.is_grad_enabled(), want_lse)
     out = _CrossEntropyFunction.apply(rows, target_rows, weight, options)
     if not want_lse:
         if code == 0 and batch_shape is not None and len(batch_shape) != 1:
