@@ -12,6 +12,7 @@
 #include <string>
 
 #include "cpu/cpu_kernels.h"
+#include "cpu/gradient_cache.h"
 
 TORCH_LIBRARY(fused_train, m) {
   m.def(
@@ -74,6 +75,16 @@ TORCH_LIBRARY(fused_train, m) {
   // grad_input *= grad_loss (one element, or one per row for reduction='none'), for a gradient written over
   // the logits (forward_backward_), which cannot be recomputed: a second rounding.
   m.def("cross_entropy_scale_grad_(Tensor(a!) grad_input, Tensor grad_loss) -> ()");
+  // The loss alone, its autograd node in C++ (cross_entropy_autograd.cpp) over the ops above: what
+  // fused_train.nn.functional.cross_entropy runs for (N, C) logits that need a gradient, where a Python
+  // autograd.Function's node would cost more than the loss at small sizes.
+  m.def(
+      "cross_entropy_loss(Tensor input, Tensor target, Tensor? weight, *, int reduction, int ignore_index, "
+      "float label_smoothing, float lse_square_scale, bool opmath_loss=False) -> Tensor");
+
+  // Releases the memory fused_train keeps between calls for reuse (today the CPU loss's one gradient
+  // buffer, cpu/gradient_cache.h), as torch.cuda.empty_cache does for torch's caching allocator.
+  m.def("empty_cache() -> ()", &fused_train::cpu::empty_gradient_cache);
 
   // Build facts for fused_train.build_info(), as "key=value" lines.
   m.def("build_info() -> str", []() -> std::string {

@@ -36,6 +36,7 @@ from . import (
     optim,
 )
 from ._build_info import build_info
+from ._ops import empty_cache
 
-__all__ = ["build_info", "nn", "optim"]
+__all__ = ["build_info", "empty_cache", "nn", "optim"]
 __version__ = "0.1.0"

@@ -246,6 +246,30 @@ def cross_entropy_scale_grad_(grad_input: Tensor, grad_loss: Tensor) -> None:
     _ops.cross_entropy_scale_grad_.default(grad_input, grad_loss)
 
 
+def empty_cache() -> None:
+    r"""Releases the memory fused_train keeps between calls for reuse, as :func:`torch.cuda.empty_cache` does
+    for torch's CUDA caching allocator.
+
+    What is kept: on CPU, :func:`fused_train.nn.functional.cross_entropy` keeps the memory of the last
+    gradient of at least 1 MiB it wrote (an N×C buffer of the logits' dtype), so that the next step of the same
+    size writes into memory that is already paged in instead of page-faulting a fresh buffer (for 4096×32000
+    fp32 logits that costs more than the whole loss). The bound: at most one such buffer at any time, of the
+    size of the most recent large gradient. A loss of another size replaces it; so does one that finds it
+    still in use (a ``.grad`` not yet cleared: such a gradient is never written). Nothing else is kept: the
+    CUDA loss allocates through torch's caching allocator (see :func:`torch.cuda.empty_cache`).
+
+    Call it when training is done, or before a phase that needs the memory: the buffer goes back to the OS
+    as soon as no gradient refers to it any more. The next large loss pays the page faults once again.
+
+    Example::
+
+        >>> for logits, target in batches:
+        ...     fused_train.nn.functional.cross_entropy(logits, target).backward()
+        >>> fused_train.empty_cache()
+    """
+    _ops.empty_cache.default()
+
+
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -373,3 +397,13 @@ def _cross_entropy_backward_vmap(info, in_dims, grad_loss, input, target, weight
 
 torch.library.register_vmap("fused_train::cross_entropy_forward", _cross_entropy_forward_vmap)
 torch.library.register_vmap("fused_train::cross_entropy_backward", _cross_entropy_backward_vmap)
+
+
+# fused_train::cross_entropy_loss (csrc/cross_entropy_autograd.cpp) is the loss with its autograd node in C++;
+# nn/functional.py calls its OpOverload directly (a wrapper here would add a Python call to the path it exists
+# to shorten).
+@torch.library.register_fake("fused_train::cross_entropy_loss")
+def _cross_entropy_loss_fake(input, target, weight, *, reduction, ignore_index, label_smoothing, lse_square_scale,
+                             opmath_loss=False):
+    dtype = _opmath(input.dtype) if opmath_loss else input.dtype
+    return input.new_empty((input.shape[0],) if reduction == 0 else (), dtype=dtype)

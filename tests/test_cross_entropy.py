@@ -1,6 +1,9 @@
 """fused_train.nn cross-entropy against torch.nn.functional.cross_entropy: values and input gradients over
 devices × dtypes × target kinds × options, plus gradcheck, opcheck, torch.compile, extremes and errors."""
 
+import gc
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -406,12 +409,48 @@ def test_inplace_forward_overwrites_logits_and_flags_their_other_users(device):
 
 
 def test_gradient_is_handed_over_without_a_copy():
+    # The Python node (_CrossEntropyFunction, here via cross_entropy_with_lse) shows the forward's gradient.
     x = torch.randn(16, 30, requires_grad=True)
-    loss = cross_entropy(x, torch.randint(0, 30, (16,)))
-    grad_fn = loss.grad_fn
-    written = grad_fn.grad.data_ptr()
+    loss = cross_entropy_with_lse(x, torch.randint(0, 30, (16,))).loss
+    written = loss.grad_fn.grad.data_ptr()
     loss.backward()
     assert x.grad.data_ptr() == written
+    # The C++ node (plain (N, C) losses): what its backward returns becomes .grad as it is.
+    x = torch.randn(16, 30, requires_grad=True)
+    loss = cross_entropy(x, torch.randint(0, 30, (16,)))
+    returned = []
+    loss.grad_fn.register_hook(lambda grad_inputs, grad_outputs: returned.append(grad_inputs[0].data_ptr()))
+    loss.backward()
+    assert x.grad.data_ptr() == returned[0]
+
+
+@pytest.mark.parametrize("module", [False, True])
+def test_tutorial_loss_backward_runs_no_python(module):
+    # The tutorial's loop, (N, C) logits with class indices, gets an autograd node in C++ (as torch's
+    # log_softmax + nll_loss do): a Python autograd.Function node costs more than the whole loss at 64×10.
+    x = torch.randn(64, 10, requires_grad=True)
+    target = torch.randint(0, 10, (64,))
+    loss = fused_train.nn.CrossEntropyLoss()(x, target) if module else cross_entropy(x, target)
+    assert not isinstance(loss.grad_fn, torch.autograd.function.BackwardCFunction), type(loss.grad_fn)
+    loss.backward()
+    ref = x.detach().clone().requires_grad_(True)
+    expected = F.cross_entropy(ref, target)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, **XENT_TOL[torch.float32])
+    torch.testing.assert_close(x.grad, ref.grad, **XENT_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck_loss_with_cpp_autograd(device, reduction):
+    x, target, weight, kw = _op_args(device, False)
+    kw = dict(kw, reduction=reduction)
+    loss = torch.ops.fused_train.cross_entropy_loss.default
+    torch.library.opcheck(loss, (x.requires_grad_(), target, weight), kw)
+    torch.library.opcheck(loss, (x.detach(), target, None), kw)
+    expected = torch.ops.fused_train.cross_entropy_forward(x.detach(), target, weight, **kw)[0]
+    with torch.inference_mode():  # below autograd: the forward alone
+        torch.testing.assert_close(loss(x.detach(), target, weight, **kw), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -519,3 +558,58 @@ def test_large_gradient_buffer_is_reused_only_when_released():
     F.cross_entropy(ref, y).backward()
     torch.testing.assert_close(x3.grad, ref.grad, rtol=2e-5, atol=2e-6)
     assert x3.grad.data_ptr() == ptr, "a released gradient buffer is reused"
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS line in /proc/self/status")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the resident set size from /proc")
+def test_empty_cache_returns_the_kept_gradient_memory():
+    # After training, torch keeps none of the loss's memory resident; fused_train keeps one gradient (the
+    # documented bound: one buffer, of the most recent large gradient's size), until empty_cache(). Sizes far
+    # above glibc's mmap threshold, so freed buffers leave the resident set at once.
+    classes = 32768
+    small_bytes, large_bytes = 256 * classes * 4, 1024 * classes * 4  # 32 MiB and 128 MiB of fp32 gradient
+
+    def train_step(loss_fn, rows):  # the logits and their gradient die with this frame
+        x = torch.randn(rows, classes, requires_grad=True)
+        loss_fn(x, torch.randint(0, classes, (rows,))).backward()
+
+    fused_train.empty_cache()
+    gc.collect()
+    base = _resident_bytes()
+    train_step(F.cross_entropy, 1024)
+    torch_left = _resident_bytes() - base
+    train_step(cross_entropy, 256)
+    train_step(cross_entropy, 1024)  # another size: replaces the kept buffer, is not added to it
+    fused_left = _resident_bytes() - base
+    fused_train.empty_cache()
+    released_left = _resident_bytes() - base
+    mib = 2**20
+    assert large_bytes - 8 * mib < fused_left < large_bytes + small_bytes // 2, (
+        f"kept {fused_left / mib:.0f} MiB after training: expected one {large_bytes / mib:.0f} MiB gradient"
+    )
+    assert released_left < torch_left + 16 * mib, (
+        f"{released_left / mib:.0f} MiB still resident after empty_cache(), torch leaves {torch_left / mib:.0f} MiB"
+    )
+
+
+def test_empty_cache_leaves_gradients_in_use_intact():
+    # Releasing drops only the cache's reference: a gradient the caller holds keeps its memory and values,
+    # and the loss keeps working (and caching) afterwards.
+    y = torch.randint(0, 8192, (64,))
+    x = torch.randn(64, 8192, requires_grad=True)  # 2 MiB of fp32 gradient: a cached size
+    cross_entropy(x, y).backward()
+    fused_train.empty_cache()
+    fused_train.empty_cache()  # twice: nothing left to release is fine
+    ref = x.detach().clone().requires_grad_(True)
+    F.cross_entropy(ref, y).backward()
+    torch.testing.assert_close(x.grad, ref.grad, **XENT_TOL[torch.float32])
+    x.grad = None
+    cross_entropy(x, y).backward()
+    torch.testing.assert_close(x.grad, ref.grad, **XENT_TOL[torch.float32])

@@ -12,11 +12,11 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <mutex>
 #include <tuple>
 #include <vector>
 
 #include "cpu/cpu_kernels.h"
+#include "cpu/gradient_cache.h"
 #include "cross_entropy_args.h"
 
 namespace fused_train {
@@ -180,33 +180,13 @@ ForwardOutputs cross_entropy_forward_cpu(const at::Tensor& input, const at::Tens
   return run_forward(c, ignore_index, label_smoothing, lse_square_scale, opmath_loss, nullptr, 0);
 }
 
-// The memory of the last large N×C gradient, kept for the next call of the same size. A fresh buffer of
-// that size costs the OS a page fault per 4 KiB on first write: for 4096×32000 fp32 logits ~130 ms on our CI
-// machine, more than the kernel's whole read-and-write pass. Only the storage is kept, not the tensor, so
-// autograd still hands the gradient over without a copy (AccumulateGrad steals a tensor nobody else holds);
-// the storage is reused only when nothing but this cache refers to it any more, so reuse is invisible to
-// callers — a gradient the caller still holds is never written. Small gradients come cheaply from the
-// allocator's free lists and are not kept.
-constexpr int64_t kReuseGradBytes = 1 << 20;
-
-at::Tensor gradient_buffer(int64_t rows, int64_t classes, const at::TensorOptions& options) {
-  const int64_t bytes = rows * classes * static_cast<int64_t>(options.dtype().itemsize());
-  if (bytes < kReuseGradBytes) return at::empty({rows, classes}, options);
-  static std::mutex mutex;
-  static c10::Storage& kept = *new c10::Storage();  // never destroyed: no free after the allocator at exit
-  std::lock_guard<std::mutex> lock(mutex);
-  if (!(kept && kept.use_count() == 1 && static_cast<int64_t>(kept.nbytes()) == bytes)) {
-    kept = at::empty({rows, classes}, options).storage();
-  }
-  return at::empty({0}, options).set_(kept, 0, {rows, classes}, {classes, 1});
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
     int64_t ignore_index, double label_smoothing, double lse_square_scale, bool opmath_loss) {
   const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_forward_backward", input, target, weight,
                                                       reduction, label_smoothing, lse_square_scale, false);
-  at::Tensor grad = gradient_buffer(c.rows, c.classes, input.options());
+  // The memory of the last large gradient when it is free again (cpu/gradient_cache.h).
+  at::Tensor grad = reusable_gradient(c.rows, c.classes, input.options());
   auto [loss, z_loss, lse, denominator] =
       run_forward(c, ignore_index, label_smoothing, lse_square_scale, opmath_loss, grad.data_ptr(), c.classes);
   return {loss, z_loss, lse, denominator, grad};
