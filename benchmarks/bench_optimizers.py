@@ -183,7 +183,7 @@ def time_case(name: str, torch_name: str, kwargs: dict, n_states: int, kinds: tu
         gbs = bytes_per_param(dtype, n_states, zero_grad, state_dtype) * total / (ms * 1e-3) / 1e9
         same_pattern = state_dtype == torch.float32
         row = dict(
-            optimizer=name, shape=label, dtype=dtype, zero_grad=zero_grad,
+            optimizer=name, shape=label, dtype=str(dtype).replace("torch.", ""), zero_grad=zero_grad,
             impl=kind if kind in ("fused_train", "deepspeed") else f"torch {kind}",
             ms=ms, ratio_vs_this=timings["fused_train"] / ms,
             ratio_vs_fastest_torch=(timings["fused_train"] / fastest_torch
@@ -290,7 +290,7 @@ def format_rows(rows: list[dict]) -> str:
              f"{'fused/this':>10} {'GB/s':>7} {'%ceil':>6} {'ceil GB/s':>9} {'MiB':>6}"]
     for r in rows:
         lines.append(
-            f"{r['optimizer']:<13} {r['shape']:<10} {str(r['dtype']).replace('torch.', ''):<8} "
+            f"{r['optimizer']:<13} {r['shape']:<10} {r['dtype']:<8} "
             f"{cell(r.get('threads'), 'd'):>3} {r['zero_grad']!s:<5} {r['impl']:<14} {r['ms']:>9.3f} "
             f"{r['ratio_vs_this']:>9.2f}x {r['gbs']:>7.1f} {cell(r['pct_ceiling'], '.0f'):>5}% "
             f"{cell(r['ceiling_gbs'], '.1f'):>9} {r['working_set_mib']:>6.0f}"

@@ -3,6 +3,7 @@ its access pattern (checked value by value, so the compiler cannot have dropped 
 pattern are the bytes the step moves, and every row says its share of its own pattern's ceiling."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -105,6 +106,7 @@ def test_rows_report_their_share_of_their_own_patterns_ceiling(bench):
     assert bf16[0]["pct_ceiling"] is not None and bf16[1]["pct_ceiling"] is None
     assert bf16[1]["gbs"] == pytest.approx(14 * 4 * (1 << 16) / (bf16[1]["ms"] * 1e-3) / 1e9)
     assert all(r["threads"] == 1 for r in bf16)
+    json.dumps(rows + bf16)  # `fused-train bench --json` writes them as they are
 
 
 def test_full_run_times_adam_over_2000_small_tensors_beside_torch_fused(bench):

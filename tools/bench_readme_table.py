@@ -12,12 +12,12 @@ import json
 
 # (optimizer, shape, dtype) of the README's main table, in its order
 MAIN_CASES = [
-    ("Adam", "16 x 1M", "torch.float32"),
-    ("AdamW", "16 x 1M", "torch.float32"),
-    ("Adam", "2000 x 1k", "torch.float32"),
-    ("SGD+momentum", "16 x 1M", "torch.float32"),
-    ("RMSprop", "16 x 1M", "torch.float32"),
-    ("Adam", "16 x 1M", "torch.bfloat16"),
+    ("Adam", "16 x 1M", "float32"),
+    ("AdamW", "16 x 1M", "float32"),
+    ("Adam", "2000 x 1k", "float32"),
+    ("SGD+momentum", "16 x 1M", "float32"),
+    ("RMSprop", "16 x 1M", "float32"),
+    ("Adam", "16 x 1M", "bfloat16"),
 ]
 
 
@@ -69,7 +69,7 @@ def step_alone_table(rows: list[dict]) -> list[str]:
                 pct = f", {r['pct_ceiling']:.0f}%" if r.get("pct_ceiling") is not None else ""
                 ratio = "" if impl == "fused_train" else f" (fused_train {r['ratio_vs_this']:.2f}×)"
                 cells.append(f"{fmt_ms(r['ms'])}{pct}{ratio}")
-            label = f"{dtype.replace('torch.', '')}, {threads} thread{'s' if threads > 1 else ''}"
+            label = f"{dtype}, {threads} thread{'s' if threads > 1 else ''}"
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
