@@ -56,10 +56,12 @@ BF16_OPTIMIZERS = [("Adam", "Adam", dict(lr=1e-3), 2, ("foreach", "fused"))]
 CEILING_SOURCE = Path(__file__).resolve().with_name("streaming_ceiling.cpp")
 
 
-def bytes_per_param(dtype: torch.dtype, n_states: int, zero_grad: bool, state_dtype: torch.dtype = torch.float32) -> int:
+def bytes_per_param(dtype: torch.dtype, n_states: int, zero_grad: bool,
+                    state_dtype: torch.dtype = torch.float32) -> int:
     """Bytes one step moves per param: the param read and written, the grad read (and written when zeroed),
     each state read and written."""
-    size, state_size = torch.empty((), dtype=dtype).element_size(), torch.empty((), dtype=state_dtype).element_size()
+    size = torch.empty((), dtype=dtype).element_size()
+    state_size = torch.empty((), dtype=state_dtype).element_size()
     return 3 * size + 2 * n_states * state_size + (size if zero_grad else 0)
 
 
@@ -75,8 +77,8 @@ def load_streaming_pass():
              is_python_module=False, verbose=False)
         return torch.ops.fused_train_bench.streaming_pass_
     except Exception as exc:  # no compiler, no ninja: the bench goes on without a ceiling
-        print(f"bench_optimizers: no streaming ceiling ({type(exc).__name__}: {exc}); ceiling columns left empty",
-              file=sys.stderr)
+        print(f"bench_optimizers: no streaming ceiling ({type(exc).__name__}: {exc}); "
+              "ceiling columns left empty", file=sys.stderr)
         return None
 
 
@@ -117,7 +119,8 @@ def median_ms(fn, device: str, repeat: int) -> float:
     return time_ms(fn, device, warmup=3, repeat=repeat)
 
 
-def make_params(n_tensors: int, numel: int, device: str, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+def make_params(n_tensors: int, numel: int, device: str,
+                dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     params = [torch.randn(numel, device=device).to(dtype).requires_grad_() for _ in range(n_tensors)]
     for p in params:
         p.grad = torch.randn_like(p)
@@ -129,9 +132,11 @@ def make_step(kind: str, torch_name: str, kwargs: dict, params: list[torch.Tenso
         opt = getattr(fused_train.optim, torch_name)(params, zero_grad_in_step=zero_grad, **kwargs)
     elif kind == "deepspeed":
         # Adam with L2 weight decay as torch.optim.Adam (adamw_mode=False), fp32 state as fused_train's.
-        opt = deepspeed_adam_class()(params, adamw_mode=torch_name == "AdamW", fp32_optimizer_states=True, **kwargs)
+        opt = deepspeed_adam_class()(params, adamw_mode=torch_name == "AdamW", fp32_optimizer_states=True,
+                                     **kwargs)
     else:
-        flags = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}[kind]
+        flags = {"forloop": dict(foreach=False), "foreach": dict(foreach=True),
+                 "fused": dict(fused=True)}[kind]
         opt = getattr(torch.optim, torch_name)(params, **kwargs, **flags)
     # A warm grad (the kernel may have zeroed it) keeps the arithmetic identical across iterations.
     grads = [p.grad for p in params]
@@ -173,7 +178,9 @@ def time_case(name: str, torch_name: str, kwargs: dict, n_states: int, kinds: tu
     for restore in restores:
         restore()
     ceiling_ms = timings.pop("ceiling", None)
-    ceiling_gbs = bytes_per_param(dtype, n_states, zero_grad) * total / (ceiling_ms * 1e-3) / 1e9 if ceiling_ms else None
+    ceiling_gbs = None
+    if ceiling_ms:
+        ceiling_gbs = bytes_per_param(dtype, n_states, zero_grad) * total / (ceiling_ms * 1e-3) / 1e9
     torch_kinds = [k for k in kinds if k != "deepspeed"]
     fastest_torch = min(timings[k] for k in torch_kinds) if torch_kinds else None
     rows = []
@@ -204,15 +211,20 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     ratio_vs_this (fused_train ms / this impl's ms), ratio_vs_fastest_torch (on the fused_train row), gbs
     (effective), pct_ceiling (gbs as a % of ceiling_gbs: this access pattern's streaming pass, same shapes
     and threads, this run), working_set_mib, pct_copy_bw (gbs as a % of copy_gbs: an in-place scale).
-    "Step alone" rows (zero_grad False, a ``threads`` column) follow for Adam beside torch fused and DeepSpeed.
+    "Step alone" rows (zero_grad False, a ``threads`` column) follow for Adam beside torch fused and
+    DeepSpeed.
     """
     repeat = 5 if quick else 15
     copy_gbs = copy_bandwidth_gbs(device)
     shapes = QUICK_SHAPES if quick else SHAPES
     rows = []
+    on_cpu = torch.device(device).type == "cpu"
     for name, torch_name, kwargs, n_states, torch_kinds in OPTIMIZERS:
+        # DeepSpeed's CPU Adam (AdamW with adamw_mode) beside them, its zero_grad torch's
+        with_deepspeed = on_cpu and torch_name in ("Adam", "AdamW") and deepspeed_adam_class() is not None
+        kinds = torch_kinds + (("deepspeed",) if with_deepspeed else ())
         for label, n_tensors, numel in shapes:
-            rows += time_case(name, torch_name, kwargs, n_states, torch_kinds, label, n_tensors, numel,
+            rows += time_case(name, torch_name, kwargs, n_states, kinds, label, n_tensors, numel,
                               torch.float32, True, device, repeat)
     for name, torch_name, kwargs, n_states, torch_kinds in BF16_OPTIMIZERS:
         label, n_tensors, numel = shapes[0]
@@ -234,7 +246,8 @@ def run_step_alone(device: str, quick: bool, repeat: int) -> list[dict]:
     if deepspeed_adam_class() is not None:
         kinds += ("deepspeed",)
     else:
-        print("bench_optimizers: deepspeed not installed; step-alone rows without DeepSpeedCPUAdam", file=sys.stderr)
+        print("bench_optimizers: deepspeed not installed; Adam rows without DeepSpeedCPUAdam",
+              file=sys.stderr)
     label, n_tensors, numel = (QUICK_SHAPES if quick else SHAPES)[0]
     rows = []
     saved = torch.get_num_threads()
@@ -242,8 +255,8 @@ def run_step_alone(device: str, quick: bool, repeat: int) -> list[dict]:
         for threads in sorted({1, min(2, os.cpu_count() or 1)}):
             torch.set_num_threads(threads)
             for dtype in (torch.float32, torch.bfloat16):
-                rows += time_case("Adam", "Adam", dict(lr=1e-3), 2, kinds, label, n_tensors, numel, dtype, False,
-                                  device, repeat, threads=threads)
+                rows += time_case("Adam", "Adam", dict(lr=1e-3), 2, kinds, label, n_tensors, numel, dtype,
+                                  False, device, repeat, threads=threads)
     finally:
         torch.set_num_threads(saved)
     return rows
@@ -296,8 +309,8 @@ def format_rows(rows: list[dict]) -> str:
             f"{cell(r['ceiling_gbs'], '.1f'):>9} {r['working_set_mib']:>6.0f}"
         )
     if rows:
-        lines.append(f"in-place scale (read+write) bandwidth measured in this run: {rows[0]['copy_gbs']:.1f} GB/s "
-                     f"({rows[0]['device']})")
+        lines.append(f"in-place scale (read+write) bandwidth measured in this run: "
+                     f"{rows[0]['copy_gbs']:.1f} GB/s ({rows[0]['device']})")
     return "\n".join(lines)
 
 

@@ -74,8 +74,8 @@ struct Stream {
 };
 
 template <class T>
-void timed_passes(const std::vector<Stream<T>>& streams, const std::vector<int64_t>& offsets, int k, bool zero_grad,
-                  std::vector<double>& seconds) {
+void timed_passes(const std::vector<Stream<T>>& streams, const std::vector<int64_t>& offsets, int k,
+                  bool zero_grad, std::vector<double>& seconds) {
   const int64_t n = static_cast<int64_t>(streams.size());
   for (double& sec : seconds) {
     const auto start = std::chrono::steady_clock::now();
@@ -134,7 +134,8 @@ std::vector<double> streaming_pass_(at::TensorList params, at::TensorList grads,
     for (int j = 0; j < k; ++j) {
       const at::Tensor& s = states[j * n + i];
       TORCH_CHECK(s.is_cpu() && s.is_contiguous() && s.scalar_type() == at::kFloat && s.numel() == numel,
-                  "streaming_pass_: states[", j * n + i, "] must be a contiguous float32 tensor of its param's size");
+                  "streaming_pass_: states[", j * n + i,
+                  "] must be a contiguous float32 tensor of its param's size");
     }
     offsets[i + 1] = offsets[i] + numel;
   }
@@ -150,7 +151,9 @@ std::vector<double> streaming_pass_(at::TensorList params, at::TensorList grads,
 }  // namespace
 
 TORCH_LIBRARY(fused_train_bench, m) {
-  m.def("streaming_pass_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] states, bool zero_grad, int repeat) -> float[]");
+  m.def(
+      "streaming_pass_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] states, bool zero_grad, int repeat)"
+      " -> float[]");
 }
 
 TORCH_LIBRARY_IMPL(fused_train_bench, CPU, m) { m.impl("streaming_pass_", &streaming_pass_); }

@@ -15,7 +15,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_optimizers_under_test", BENCHMARKS / "bench_optimizers.py")
+    path = BENCHMARKS / "bench_optimizers.py"
+    spec = importlib.util.spec_from_file_location("bench_optimizers_under_test", path)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(BENCHMARKS))
     try:
@@ -44,7 +45,8 @@ def test_streaming_pass_reads_and_writes_every_stream(bench, dtype, n_states, ze
     params = [torch.randint(0, 100, (n,)).to(dtype) for n in sizes]
     grads = [torch.randint(1, 100, (n,)).to(dtype) for n in sizes]
     states = [torch.randint(0, 100, (n,)).float() for _ in range(n_states) for n in sizes]
-    before_p, before_g, before_s = [p.clone() for p in params], [g.clone() for g in grads], [s.clone() for s in states]
+    before_p, before_g = [p.clone() for p in params], [g.clone() for g in grads]
+    before_s = [s.clone() for s in states]
     repeat = 3
     seconds = streaming_pass(params, grads, states, zero_grad, repeat)
     assert len(seconds) == repeat and all(s > 0 for s in seconds)
@@ -101,8 +103,8 @@ def test_rows_report_their_share_of_their_own_patterns_ceiling(bench):
         assert row["gbs"] == pytest.approx(32 * 4 * (1 << 16) / (row["ms"] * 1e-3) / 1e9)
     assert rows[0]["ratio_vs_fastest_torch"] == pytest.approx(rows[0]["ms"] / rows[1]["ms"])
     # torch keeps bf16 state for bf16 params: its bytes are fewer, its pattern is not the ceiling's
-    bf16 = bench.time_case("Adam", "Adam", dict(lr=1e-3), 2, ("fused",), "4 x 64k", 4, 1 << 16, torch.bfloat16,
-                           False, "cpu", repeat=2, threads=1)
+    bf16 = bench.time_case("Adam", "Adam", dict(lr=1e-3), 2, ("fused",), "4 x 64k", 4, 1 << 16,
+                           torch.bfloat16, False, "cpu", repeat=2, threads=1)
     assert bf16[0]["pct_ceiling"] is not None and bf16[1]["pct_ceiling"] is None
     assert bf16[1]["gbs"] == pytest.approx(14 * 4 * (1 << 16) / (bf16[1]["ms"] * 1e-3) / 1e9)
     assert all(r["threads"] == 1 for r in bf16)

@@ -43,7 +43,8 @@ def main_table(rows: list[dict]) -> list[str]:
             continue
         torch_rows = [r for r in case if r["impl"].startswith("torch")]
         fastest = min(torch_rows, key=lambda r: r["ms"])
-        name = f"{optimizer}{', bf16 params' if dtype.endswith('bfloat16') else ''}, {shape.replace('x', '×')}"
+        params = ", bf16 params" if dtype == "bfloat16" else ""
+        name = f"{optimizer}{params}, {shape.replace('x', '×')}"
         lines.append(f"| {name} | {fmt_ms(fused['ms'])} | {fmt_ms(fastest['ms'])} ({fastest['impl'][6:]}) "
                      f"| **{fused['ratio_vs_fastest_torch']:.2f}×** | {bandwidth_cell(fused)} "
                      f"| {fused['working_set_mib']:.0f} MiB |")
