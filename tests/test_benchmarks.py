@@ -116,3 +116,17 @@ def test_full_run_times_adam_over_2000_small_tensors_beside_torch_fused(bench):
     assert ("2000 x 1k", 2000, 1000) in bench.SHAPES
     adam = next(o for o in bench.OPTIMIZERS if o[0] == "Adam")
     assert "fused" in adam[4]
+
+
+def test_interleaved_timing_rotates_the_order_and_takes_self_timed_seconds():
+    from fused_train.benchmarking import interleaved_ms
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    fns["self_timed"] = lambda: calls.append("self_timed") or 0.25  # reports 250 ms of its own
+    times = interleaved_ms(fns, "cpu", warmup=1, repeat=4)
+    assert set(times) == set(fns) and times["self_timed"] == pytest.approx(250.0)
+    assert all(calls.count(name) == 5 for name in fns)
+    rounds = [calls[i:i + 4] for i in range(0, len(calls), 4)]
+    assert [r[0] for r in rounds] == ["a", "b", "c", "self_timed", "a"]  # each leads a round in turn
+    assert all(sorted(r) == sorted(fns) for r in rounds)
