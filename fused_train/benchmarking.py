@@ -65,6 +65,46 @@ def time_ms(fn: Callable[[], object], device: str | torch.device = "cpu", *, war
     return statistics.median(times)
 
 
+def interleaved_ms(fns: dict[str, Callable[[], object]], device: str | torch.device = "cpu", *,
+                   warmup: int = 3, repeat: int = 20) -> dict[str, float]:
+    """Median wall time in milliseconds of each of several functions timed in turns: one call of each per
+    round, the order rotating from round to round, so that a slow spell of a shared machine falls on all
+    of them alike and none always runs right after the same neighbour (whose data it would find in, or
+    have evicted from, the cache). Timed as :func:`time_ms` times (CUDA events, or ``perf_counter``).
+
+    A function may instead return its own time in seconds (a ``float``): then that is used, e.g. for work
+    that times itself inside an extension to leave the call's own cost out.
+
+    Args:
+        fns (dict[str, callable]): the work to time, by name.
+        device (str or torch.device): where they run.
+        warmup (int, optional): untimed rounds first (default: 3).
+        repeat (int, optional): timed rounds (default: 20).
+    """
+    device = torch.device(device)
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + repeat):
+        for k in range(len(names)):
+            name = names[(r + k) % len(names)]
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                result = fns[name]()
+                end.record()
+                end.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                start = time.perf_counter()
+                result = fns[name]()
+                ms = (time.perf_counter() - start) * 1e3
+            if isinstance(result, float):
+                ms = result * 1e3
+            if r >= warmup:
+                times[name].append(ms)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def copy_bandwidth_gbs(device: str | torch.device = "cpu", nbytes: int | None = None,
                        repeat: int = 10) -> float:
     """The read + write memory bandwidth of ``device`` in GB/s (10^9 bytes per second): an in-place
@@ -150,7 +190,8 @@ def is_measurement_column(key: str) -> bool:
     of the case (size, dtype, optimizer, implementation)."""
     k = key.lower()
     return (k == "ms" or k.endswith("_ms") or k.endswith("_us") or "ratio" in k or "speedup" in k
-            or "copy" in k or k.endswith("_mb") or k.endswith("_gb") or is_bandwidth_column(key))
+            or "copy" in k or "pct" in k or "%" in k or k.endswith("_mb") or k.endswith("_mib")
+            or k.endswith("_gb") or is_bandwidth_column(key))
 
 
 def case_label(row: dict) -> str:

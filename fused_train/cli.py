@@ -408,6 +408,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
           f"{'quick' if args.quick else 'full'} run")
     print(f"copy bandwidth (in-place scale, read + write, measured now): {copy_gbs:.1f} GB/s; a '% copy' "
           "column is a kernel's GB/s as a share of it")
+    if args.device == "cpu":
+        print("pct_ceiling (optimizers) = a kernel's GB/s as a % of ceiling_gbs: a compiled streaming pass "
+              "with that optimizer's access pattern over tensors of the same shapes, measured now")
     print("ratio = fused_train time / torch time: below 1, fused_train is faster")
     results: dict[str, list[dict]] = {}
     for name, path in found.items():

@@ -2,8 +2,10 @@
 // (isa/kernels_<isa>.cpp includes this file inside namespace fused_train::cpu::CPU_CAPABILITY).
 //
 // Work arrives as chunks (one element range of one parameter). Each chunk is walked in small tiles
-// that stay in L1: low-precision params and grads are widened to fp32 once per tile, every update
-// runs on whole Vectorized registers with a scalar tail, the param is rounded once on store, and the
+// that stay in L1. Within a tile every update runs on whole Vectorized registers with a scalar tail:
+// low-precision params and grads are loaded and widened to fp32 in registers, updated, and the param
+// is rounded once on store, in the same loop (no widened copy of the tile: the conversions then run in
+// the shadow of the update's divisions and square roots instead of in passes of their own). The
 // gradient is zeroed (or written back unscaled) while its tile is still in cache.
 #pragma once
 
@@ -59,20 +61,18 @@ struct HyperPair {
   }
 };
 
-// Per-op element functors: apply<A>(p, g, i) updates element(s) i.. of one tile. p and g point at the
-// tile's opmath param and grad; the state pointers are already offset to the tile.
+// Per-op element functors: apply<A>(param, grad, i) updates element(s) i.. of one tile; param and grad
+// are opmath values already loaded (and widened), the state pointers are already offset to the tile.
 template <class O>
 struct SgdTile {
   HyperPair<O, math::SgdHyper> h;
   O* momentum_buf;
   template <class A>
-  void apply(O* p, const O* g, int64_t i) const {
+  void apply(typename A::V& param, const typename A::V& grad, int64_t i) const {
     using V = typename A::V;
-    V param = A::load(p + i);
     V buf = momentum_buf != nullptr ? A::load(momentum_buf + i) : V(0);
-    math::sgd_update<V>(param, A::load(g + i), &buf, h.template get<A>());
+    math::sgd_update<V>(param, grad, &buf, h.template get<A>());
     if (momentum_buf != nullptr) A::store(momentum_buf + i, buf);
-    A::store(p + i, param);
   }
 };
 
@@ -82,18 +82,17 @@ struct AdamTile {
   O *exp_avg, *exp_avg_sq, *max_exp_avg_sq;
   O neg_step_size, bc2_sqrt;
   template <class A>
-  void apply(O* p, const O* g, int64_t i) const {
+  void apply(typename A::V& param, const typename A::V& grad, int64_t i) const {
     using V = typename A::V;
-    V param = A::load(p + i), m = A::load(exp_avg + i), v = A::load(exp_avg_sq + i);
+    V m = A::load(exp_avg + i), v = A::load(exp_avg_sq + i);
     const V nss(neg_step_size), bc2(bc2_sqrt);
     if (max_exp_avg_sq != nullptr) {
       V vmax = A::load(max_exp_avg_sq + i);
-      math::adam_update<V>(param, A::load(g + i), m, v, &vmax, nss, bc2, h.template get<A>());
+      math::adam_update<V>(param, grad, m, v, &vmax, nss, bc2, h.template get<A>());
       A::store(max_exp_avg_sq + i, vmax);
     } else {
-      math::adam_update<V>(param, A::load(g + i), m, v, nullptr, nss, bc2, h.template get<A>());
+      math::adam_update<V>(param, grad, m, v, nullptr, nss, bc2, h.template get<A>());
     }
-    A::store(p + i, param);
     A::store(exp_avg + i, m);
     A::store(exp_avg_sq + i, v);
   }
@@ -104,98 +103,77 @@ struct RmspropTile {
   HyperPair<O, math::RmspropHyper> h;
   O *square_avg, *grad_avg, *momentum_buf;
   template <class A>
-  void apply(O* p, const O* g, int64_t i) const {
+  void apply(typename A::V& param, const typename A::V& grad, int64_t i) const {
     using V = typename A::V;
-    V param = A::load(p + i), sq = A::load(square_avg + i);
+    V sq = A::load(square_avg + i);
     V gavg = grad_avg != nullptr ? A::load(grad_avg + i) : V(0);
     V buf = momentum_buf != nullptr ? A::load(momentum_buf + i) : V(0);
-    math::rmsprop_update<V>(param, A::load(g + i), sq, &gavg, &buf, h.template get<A>());
-    A::store(p + i, param);
+    math::rmsprop_update<V>(param, grad, sq, &gavg, &buf, h.template get<A>());
     A::store(square_avg + i, sq);
     if (grad_avg != nullptr) A::store(grad_avg + i, gavg);
     if (momentum_buf != nullptr) A::store(momentum_buf + i, buf);
   }
 };
 
-// Widening and narrowing between the storage type T and opmath O for one tile.
-template <class T>
-void widen_tile(const T* src, float* dst, int64_t n) {
-  using TV = Vectorized<T>;
-  using FV = Vectorized<float>;
-  int64_t i = 0;
-  for (; i + TV::size() <= n; i += TV::size()) {
-    auto [lo, hi] = at::vec::convert_to_float<T>(TV::loadu(src + i));
-    lo.store(dst + i);
-    hi.store(dst + i + FV::size());
-  }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-template <class T>
-void narrow_tile(const float* src, T* dst, int64_t n) {
-  using TV = Vectorized<T>;
-  using FV = Vectorized<float>;
-  int64_t i = 0;
-  for (; i + TV::size() <= n; i += TV::size()) {
-    at::vec::convert_from_float<T>(FV::loadu(src + i), FV::loadu(src + i + FV::size())).store(dst + i);
-  }
-  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);  // round to nearest even, as torch does
-}
-
-// Walks one chunk tile by tile. T: storage type of param and grad; O: opmath.
+// Walks one chunk tile by tile. T: storage type of param and grad; O: opmath. A low-precision vector
+// (Vectorized<T>, twice as many elements as Vectorized<O>) widens to two opmath vectors, both are updated,
+// and the pair narrows back (round to nearest even, as torch does) in one store.
 template <class T, class O, class Tile>
 void run_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, int64_t end, Tile tile,
                O** state_ptrs, int n_state) {
-  constexpr bool kWiden = !std::is_same_v<T, O>;
+  using OV = Vectorized<O>;
+  using VA = VecAccess<O>;
+  using SA = ScalarAccess<O>;
   T* param = static_cast<T*>(slot.param);
   T* grad = static_cast<T*>(slot.grad);
-  alignas(64) O pbuf[kWiden ? kTile : 1];
-  alignas(64) O gbuf[kTile];
+  // GradScaler's unscale, done here instead of in a separate pass over every gradient; the unscaled
+  // gradient is written back when the step does not zero it.
+  const bool unscale = l.has_grad_scale;
+  const bool write_back_grad = l.has_grad_scale && !l.zero_grad;
   const O grad_scale = static_cast<O>(l.grad_scale);
+  const OV vgrad_scale(grad_scale);
   O* state_base[3];
   for (int k = 0; k < n_state; ++k) state_base[k] = state_ptrs[k];
 
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     const int64_t n = std::min(kTile, end - t0);
-    O* p;
-    O* g;
-    if constexpr (kWiden) {
-      widen_tile<T>(param + t0, pbuf, n);
-      widen_tile<T>(grad + t0, gbuf, n);
-      p = pbuf;
-      g = gbuf;
-    } else {
-      p = param + t0;
-      if (l.has_grad_scale) {
-        std::memcpy(gbuf, grad + t0, n * sizeof(O));
-        g = gbuf;
-      } else {
-        g = grad + t0;
-      }
-    }
-    if (l.has_grad_scale) {
-      // GradScaler's unscale, done here instead of in a separate pass over every gradient.
-      using VA = VecAccess<O>;
-      int64_t i = 0;
-      for (; i + VA::width <= n; i += VA::width) VA::store(g + i, VA::load(g + i) / typename VA::V(grad_scale));
-      for (; i < n; ++i) g[i] = g[i] / grad_scale;
-    }
+    T* p = param + t0;
+    T* g = grad + t0;
     for (int k = 0; k < n_state; ++k) state_ptrs[k] = state_base[k] == nullptr ? nullptr : state_base[k] + t0;
     tile.bind(state_ptrs);
 
     int64_t i = 0;
-    for (; i + VecAccess<O>::width <= n; i += VecAccess<O>::width) tile.template apply<VecAccess<O>>(p, g, i);
-    for (; i < n; ++i) tile.template apply<ScalarAccess<O>>(p, g, i);
-
-    if constexpr (kWiden) narrow_tile<T>(pbuf, param + t0, n);
-    if (l.zero_grad) {
-      std::memset(static_cast<void*>(grad + t0), 0, n * sizeof(T));
-    } else if (l.has_grad_scale) {
-      if constexpr (kWiden) {
-        narrow_tile<T>(gbuf, grad + t0, n);
-      } else {
-        std::memcpy(grad + t0, gbuf, n * sizeof(O));
+    if constexpr (!std::is_same_v<T, O>) {
+      using TV = Vectorized<T>;
+      for (; i + TV::size() <= n; i += TV::size()) {
+        auto [p0, p1] = at::vec::convert_to_float<T>(TV::loadu(p + i));
+        auto [g0, g1] = at::vec::convert_to_float<T>(TV::loadu(g + i));
+        if (unscale) {
+          g0 = g0 / vgrad_scale;
+          g1 = g1 / vgrad_scale;
+        }
+        tile.template apply<VA>(p0, g0, i);
+        tile.template apply<VA>(p1, g1, i + OV::size());
+        at::vec::convert_from_float<T>(p0, p1).store(p + i);
+        if (write_back_grad) at::vec::convert_from_float<T>(g0, g1).store(g + i);
+      }
+    } else {
+      for (; i + VA::width <= n; i += VA::width) {
+        OV pv = OV::loadu(p + i), gv = OV::loadu(g + i);
+        if (unscale) gv = gv / vgrad_scale;
+        tile.template apply<VA>(pv, gv, i);
+        pv.store(p + i);
+        if (write_back_grad) gv.store(g + i);
       }
     }
+    for (; i < n; ++i) {
+      O pv = static_cast<O>(p[i]), gv = static_cast<O>(g[i]);
+      if (unscale) gv = gv / grad_scale;
+      tile.template apply<SA>(pv, gv, i);
+      p[i] = static_cast<T>(pv);  // round to nearest even for bf16/fp16, as torch does
+      if (write_back_grad) g[i] = static_cast<T>(gv);
+    }
+    if (l.zero_grad) std::memset(static_cast<void*>(g), 0, n * sizeof(T));
   }
 }
 

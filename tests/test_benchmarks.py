@@ -1,0 +1,132 @@
+"""The optimizer benchmark's bandwidth ceiling: the compiled streaming pass does every read and write of
+its access pattern (checked value by value, so the compiler cannot have dropped any), the bytes counted per
+pattern are the bytes the step moves, and every row says its share of its own pattern's ceiling."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = BENCHMARKS / "bench_optimizers.py"
+    spec = importlib.util.spec_from_file_location("bench_optimizers_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_states", [0, 1, 2, 3])
+@pytest.mark.parametrize("zero_grad", [True, False])
+def test_streaming_pass_reads_and_writes_every_stream(bench, dtype, n_states, zero_grad):
+    streaming_pass = bench.load_streaming_pass()
+    assert streaming_pass is not None, "streaming_ceiling.cpp did not build"
+    torch.set_num_threads(2)
+    # Sizes that put the threads' split inside a tensor and across tensor boundaries, with vector tails.
+    sizes = [70001, 3, 1000, 40000, 17]
+    params = [torch.randint(0, 100, (n,)).to(dtype) for n in sizes]
+    grads = [torch.randint(1, 100, (n,)).to(dtype) for n in sizes]
+    states = [torch.randint(0, 100, (n,)).float() for _ in range(n_states) for n in sizes]
+    before_p, before_g = [p.clone() for p in params], [g.clone() for g in grads]
+    before_s = [s.clone() for s in states]
+    repeat = 3
+    seconds = streaming_pass(params, grads, states, zero_grad, repeat)
+    assert len(seconds) == repeat and all(s > 0 for s in seconds)
+    passes_with_grad = 1 if zero_grad else repeat  # a zeroed gradient adds nothing after the first pass
+    for i, n in enumerate(sizes):
+        if dtype == torch.float32:
+            g = before_g[i]
+            assert torch.equal(params[i], before_p[i] + passes_with_grad * g)
+        else:  # the raw 16 bits, added as integers
+            bits = before_p[i].view(torch.int16).to(torch.int32) & 0xFFFF
+            g = before_g[i].view(torch.int16).to(torch.int32) & 0xFFFF
+            expected = (bits + passes_with_grad * g) & 0xFFFF
+            assert torch.equal(params[i].view(torch.int16).to(torch.int32) & 0xFFFF, expected)
+            g = g.float()
+        for j in range(n_states):
+            k = j * len(sizes) + i
+            assert torch.equal(states[k], before_s[k] + passes_with_grad * g.float())
+        assert torch.equal(grads[i], torch.zeros_like(grads[i]) if zero_grad else before_g[i])
+
+
+def test_streaming_pass_refuses_mismatched_lists(bench):
+    streaming_pass = bench.load_streaming_pass()
+    p = [torch.ones(8)]
+    with pytest.raises(RuntimeError, match="grads"):
+        streaming_pass(p, [torch.ones(8, dtype=torch.float64)], [], True, 1)
+    with pytest.raises(RuntimeError, match="states"):
+        streaming_pass(p, [torch.ones(8)], [torch.ones(7)], True, 1)
+    with pytest.raises(RuntimeError, match="repeat"):
+        streaming_pass(p, [torch.ones(8)], [], True, 0)
+
+
+def test_bytes_counted_per_access_pattern(bench):
+    # Adam fp32: read p, g, m, v and write p, m, v = 28 B; +4 when the grad is written back as zero.
+    assert bench.bytes_per_param(torch.float32, 2, False) == 28
+    assert bench.bytes_per_param(torch.float32, 2, True) == 32
+    # SGD with momentum and RMSprop: one state.
+    assert bench.bytes_per_param(torch.float32, 1, False) == 20
+    # bf16 params and grads with fp32 state (fused_train's), and with bf16 state (torch's).
+    assert bench.bytes_per_param(torch.bfloat16, 2, False) == 22
+    assert bench.bytes_per_param(torch.bfloat16, 2, True) == 24
+    assert bench.bytes_per_param(torch.bfloat16, 2, False, torch.bfloat16) == 14
+    # 16 x 1M fp32 Adam touches 256 MiB (p, g, m, v), past any L3 cache; 2000 x 1k touches 32 MiB.
+    assert bench.working_set_mib(torch.float32, 2, 16 << 20) == 256
+    assert bench.working_set_mib(torch.float32, 2, 2000 * 1000) == pytest.approx(30.5, abs=0.1)
+
+
+def test_rows_report_their_share_of_their_own_patterns_ceiling(bench):
+    rows = bench.time_case("Adam", "Adam", dict(lr=1e-3), 2, ("fused",), "4 x 64k", 4, 1 << 16, torch.float32,
+                           True, "cpu", repeat=2)
+    assert [r["impl"] for r in rows] == ["fused_train", "torch fused"]
+    for row in rows:
+        assert row["ceiling_gbs"] > 0
+        assert row["pct_ceiling"] == pytest.approx(100 * row["gbs"] / row["ceiling_gbs"])
+        assert row["gbs"] == pytest.approx(32 * 4 * (1 << 16) / (row["ms"] * 1e-3) / 1e9)
+    assert rows[0]["ratio_vs_fastest_torch"] == pytest.approx(rows[0]["ms"] / rows[1]["ms"])
+    # torch keeps bf16 state for bf16 params: its bytes are fewer, its pattern is not the ceiling's
+    bf16 = bench.time_case("Adam", "Adam", dict(lr=1e-3), 2, ("fused",), "4 x 64k", 4, 1 << 16,
+                           torch.bfloat16, False, "cpu", repeat=2, threads=1)
+    assert bf16[0]["pct_ceiling"] is not None and bf16[1]["pct_ceiling"] is None
+    assert bf16[1]["gbs"] == pytest.approx(14 * 4 * (1 << 16) / (bf16[1]["ms"] * 1e-3) / 1e9)
+    assert all(r["threads"] == 1 for r in bf16)
+    json.dumps(rows + bf16)  # `fused-train bench --json` writes them as they are
+
+
+def test_full_run_times_adam_over_2000_small_tensors_beside_torch_fused(bench):
+    # The per-step host cost shows in this case; it must stay in the table beside torch's fused Adam.
+    assert ("2000 x 1k", 2000, 1000) in bench.SHAPES
+    adam = next(o for o in bench.OPTIMIZERS if o[0] == "Adam")
+    assert "fused" in adam[4]
+
+
+def test_interleaved_timing_rotates_the_order_and_takes_self_timed_seconds():
+    from fused_train.benchmarking import interleaved_ms
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    fns["self_timed"] = lambda: calls.append("self_timed") or 0.25  # reports 250 ms of its own
+    times = interleaved_ms(fns, "cpu", warmup=1, repeat=4)
+    assert set(times) == set(fns) and times["self_timed"] == pytest.approx(250.0)
+    assert all(calls.count(name) == 5 for name in fns)
+    rounds = [calls[i:i + 4] for i in range(0, len(calls), 4)]
+    assert [r[0] for r in rounds] == ["a", "b", "c", "self_timed", "a"]  # each leads a round in turn
+    assert all(sorted(r) == sorted(fns) for r in rounds)
