@@ -109,9 +109,14 @@ void check_cross_entropy_grad_input(const char* op, const CrossEntropyCall& call
                     op, ": grad_input must be a (", call.rows, ", ", call.classes, ") ", call.input.scalar_type(),
                     " tensor on ", call.input.device(), " with unit class stride, got shape ", grad_input.sizes(), " ",
                     grad_input.scalar_type(), " on ", grad_input.device(), " with strides ", grad_input.strides());
-  TORCH_CHECK(at::has_internal_overlap(grad_input) != at::MemOverlap::Yes &&
-                  at::get_overlap_status(grad_input, call.input) == at::MemOverlapStatus::No,
-              op, ": grad_input must not overlap itself or input (the logits are read after rows are written)");
+  // TooHard (either side not dense, e.g. logits[:, :V] of a padded vocabulary) is decided by the storages: the
+  // gradient is a buffer of its own unless it was made from the logits' memory.
+  const at::MemOverlapStatus overlap = at::get_overlap_status(grad_input, call.input);
+  const bool overlaps = overlap == at::MemOverlapStatus::Full || overlap == at::MemOverlapStatus::Partial ||
+                        (overlap == at::MemOverlapStatus::TooHard &&
+                         grad_input.storage().is_alias_of(call.input.storage()));
+  TORCH_CHECK(at::has_internal_overlap(grad_input) != at::MemOverlap::Yes && !overlaps, op,
+              ": grad_input must not overlap itself or input (the logits are read after rows are written)");
 }
 
 at::Tensor check_cross_entropy_scale_grad(const char* op, const at::Tensor& grad_input, const at::Tensor& grad_loss) {

@@ -88,6 +88,7 @@ struct NoDoubleBackward : public torch::autograd::Function<NoDoubleBackward> {
 // saved_data keys.
 constexpr const char* kGrad = "grad";
 constexpr const char* kOptions = "options";
+constexpr const char* kWeightNeedsGrad = "weight_needs_grad";
 
 struct CrossEntropyLoss : public torch::autograd::Function<CrossEntropyLoss> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
@@ -101,12 +102,17 @@ struct CrossEntropyLoss : public torch::autograd::Function<CrossEntropyLoss> {
                                    opmath_loss);
     ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), lse, denominator});
     ctx->saved_data[kGrad] = std::move(grad);
+    ctx->saved_data[kWeightNeedsGrad] = weight.has_value() && weight->requires_grad();
     ctx->saved_data[kOptions] =
         std::make_tuple(reduction, ignore_index, label_smoothing, lse_square_scale);
     return loss;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    // As torch's nll_loss: no derivative for the class weights; asking for one raises rather than giving none.
+    TORCH_CHECK(!ctx->saved_data[kWeightNeedsGrad].toBool(),
+                "cross_entropy: the derivative for 'weight' is not implemented (pass a weight that does not "
+                "require grad, e.g. weight.detach())");
     at::Tensor grad = gradient(ctx, grad_outputs[0]);
     // Under create_graph=True the gradient gets a node that raises if anything differentiates it again
     // (outside the below-autograd scope of gradient(), or the node would not be recorded).
@@ -120,10 +126,18 @@ struct CrossEntropyLoss : public torch::autograd::Function<CrossEntropyLoss> {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor grad;
     c10::IValue& kept = ctx->saved_data[kGrad];
+    // A batched grad_loss (autograd.grad(..., is_grads_batched=True), jacobian(vectorize=True)) wants one
+    // gradient per batch entry: the functional backward, which has a vmap rule, not the kept single one.
+    const bool batched = grad_loss.key_set().has_any(
+        c10::DispatchKeySet({c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::Batched}));
     if (kept.isTensor()) {
       grad = std::move(kept).toTensor();
       kept = c10::IValue();  // the context lets go: autograd can keep the gradient as .grad without a copy
-      if (grad_loss_is_one_op().call(grad_loss)) return grad;
+      if (batched) {
+        grad = at::Tensor();
+      } else if (grad_loss_is_one_op().call(grad_loss)) {
+        return grad;
+      }
     }
     const auto options = ctx->saved_data[kOptions].toTuple();
     const auto& o = options->elements();

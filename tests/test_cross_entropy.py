@@ -613,3 +613,74 @@ def test_empty_cache_leaves_gradients_in_use_intact():
     x.grad = None
     cross_entropy(x, y).backward()
     torch.testing.assert_close(x.grad, ref.grad, **XENT_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale", [1.0, 1024.0, 0.3])
+def test_sliced_logits_of_a_padded_vocabulary_backward_under_any_loss_gradient(scale, device):
+    # logits[:, :V] of a padded vocabulary: rows with gaps, so the gradient buffer's overlap with them cannot
+    # be decided from strides alone; it is a buffer of its own and must be accepted.
+    torch.manual_seed(0)
+    padded = torch.randn(16, 40, device=device)
+    target = torch.randint(0, 37, (16,), device=device)
+    grads = []
+    for loss_fn in (cross_entropy, F.cross_entropy):
+        full = padded.clone().requires_grad_()
+        (loss_fn(full[:, :37], target) * scale).backward()
+        grads.append(full.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    assert torch.all(grads[0][:, 37:] == 0)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_batched_loss_gradients_give_one_gradient_per_entry_like_torch(reduction):
+    # autograd.grad(..., is_grads_batched=True) and jacobian(vectorize=True) vmap the backward.
+    torch.manual_seed(0)
+    x = torch.randn(5, 7)
+    target = torch.randint(0, 7, (5,))
+    outs = []
+    for loss_fn in (cross_entropy, F.cross_entropy):
+        logits = x.clone().requires_grad_()
+        loss = loss_fn(logits, target, reduction=reduction)
+        batch = torch.eye(5) if reduction == "none" else torch.arange(1.0, 4.0)
+        (grad,) = torch.autograd.grad(loss, logits, batch, is_grads_batched=True)
+        jac = torch.autograd.functional.jacobian(lambda z: loss_fn(z, target, reduction=reduction), x.clone(),
+                                                 vectorize=True)
+        outs.append((grad, jac))
+    for mine, theirs in zip(outs[0], outs[1]):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (2, 5, 3)], ids=["2d", "nd"])
+def test_class_weight_that_requires_grad_raises_at_backward_like_torch(shape):
+    torch.manual_seed(0)
+    logits = torch.randn(*shape, requires_grad=True)
+    target = torch.randint(0, 5, (shape[0],) + shape[2:])
+    weight = torch.rand(5, requires_grad=True)
+    with pytest.raises(RuntimeError):
+        F.cross_entropy(logits, target, weight=weight).backward()
+    with pytest.raises(RuntimeError, match="derivative for 'weight'"):
+        cross_entropy(logits, target, weight=weight).backward()
+    loss = cross_entropy(logits, target, weight=weight.detach())
+    loss.backward()  # a weight that does not require grad is fine
+    assert weight.grad is None and logits.grad is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not fused_train.build_info()["cuda_compiled"],
+                    reason="no CUDA device here")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_probability_targets_under_cuda_autocast_match_torch(dtype):
+    # autocast's CUDA list casts mv to half; the kernels' own target-mass product must stay in fp32.
+    torch.manual_seed(0)
+    logits = torch.randn(64, 300, device="cuda")
+    soft = torch.softmax(torch.randn(64, 300, device="cuda"), dim=1)
+    results = []
+    for loss_fn in (cross_entropy, F.cross_entropy):
+        x = logits.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=dtype):
+            loss = loss_fn(x, soft, label_smoothing=0.1)
+        loss.backward()
+        results.append((loss, x.grad))
+    assert results[0][0].dtype == results[1][0].dtype == torch.float32
+    for mine, theirs in zip(results[0], results[1]):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)

@@ -15,6 +15,7 @@
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -403,7 +404,10 @@ void run_backward_cuda(const CrossEntropyCall& c, const at::Tensor& g, const at:
   if (c.rows == 0) return;
   at::Tensor target_mass;
   if (c.target_is_prob) {
-    // A_r = Σ_c w_c·((1-ε)·t_c + ε/C) = (1-ε)·(t·w)_r + (ε/C)·Σw: one matrix-vector product.
+    // A_r = Σ_c w_c·((1-ε)·t_c + ε/C) = (1-ε)·(t·w)_r + (ε/C)·Σw: one matrix-vector product. In opmath even
+    // under autocast, whose CUDA list casts mv to half (the op has no autocast kernel of its own, so the
+    // autocast keys are still live in here).
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     target_mass = at::mv(c.target.to(c.opmath), c.weight) * (1.0 - label_smoothing) +
                   c.weight.sum() * (label_smoothing / static_cast<double>(c.classes));
   }

@@ -106,8 +106,17 @@ def _raise_double_backward():
 
 
 def _backward(ctx, grad_loss):
+    if ctx.needs_input_grad[2]:
+        raise RuntimeError(  # as torch's nll_loss, rather than silently no gradient
+            "cross_entropy: the derivative for 'weight' is not implemented (pass a weight that does not "
+            "require grad, e.g. weight.detach())"
+        )
     grad = ctx.grad
     reduction, ignore_index, label_smoothing, lse_square_scale, inplace, _, _, _ = ctx.options
+    if grad is not None and not inplace and _transforms_active():
+        # A batched grad_loss (autograd.grad(..., is_grads_batched=True)) wants one gradient per entry: the
+        # functional backward below, which has a vmap rule, not the one kept from the forward.
+        ctx.grad = grad = None
     if grad is not None:
         ctx.grad = None
         if inplace:
