@@ -64,12 +64,28 @@ class _Bucket:
         self.needs_view = False  # complex or DTensor params: grads need _kernel_view too
 
 
+def _same_objects(a: list, b: list) -> bool:
+    """Whether a and b hold the very same objects, in order. Identity, never ==: Tensor.__eq__ is elementwise.
+    Eager, map/operator.is_ run as one C loop; traced, the ids of tensors are compared instead, which torch
+    2.5's dynamo can follow (it cannot trace `is` or id() on dicts, nor map over operator.is_)."""
+    if len(a) != len(b):
+        return False
+    if torch.compiler.is_compiling():
+        return all(id(x) == id(y) for x, y in zip(a, b))
+    return all(map(operator.is_, a, b))
+
+
+def _state_tensors(dicts: list) -> list:
+    # A replaced state dict holds new tensors (or none), so comparing the tensors covers it too.
+    return [v for d in dicts if d for v in d.values() if isinstance(v, Tensor)]
+
+
 class _GroupTable:
     """A group's buckets and what they were built from, reused while the group still holds the same params (the
     same objects, in order) and the options that decide which state exists are unchanged. The state they hold is
     checked once per step for the whole optimizer (_StateSnapshot)."""
 
-    __slots__ = ("group", "has_grad", "options", "params", "buckets", "state_dicts", "state_values")
+    __slots__ = ("group", "has_grad", "options", "params", "buckets", "state_values")
 
     def __init__(self, optimizer: "FusedOptimizer", group: dict[str, Any], has_grad: tuple[bool, ...],
                  buckets: list[_Bucket]) -> None:
@@ -78,23 +94,19 @@ class _GroupTable:
         self.options = optimizer._state_options(group)
         self.params = list(group["params"])  # also keeps the ids compared alive
         self.buckets = buckets
-        self.state_dicts = [optimizer.state.get(p) for p in self.params]
-        self.state_values = list(chain.from_iterable(map(dict.values, filter(None, self.state_dicts))))
+        # (Comprehensions, not map/filter over builtins: this and state_unchanged are traced by torch.compile,
+        # whose torch 2.5 version cannot trace those.)
+        self.state_values = _state_tensors([optimizer.state.get(p) for p in self.params])
 
     def still_valid(self, optimizer: "FusedOptimizer", group: dict[str, Any], has_grad: tuple[bool, ...]) -> bool:
-        # Identity, never ==: Tensor.__eq__ is elementwise. map/operator.is_ run as C loops.
-        params = group["params"]
-        return (self.group is group and self.has_grad == has_grad and len(params) == len(self.params)
-                and all(map(operator.is_, params, self.params)) and optimizer._state_options(group) == self.options)
+        # (Traced, the group dict itself is not compared: torch 2.5's dynamo cannot; its params are.)
+        return ((torch.compiler.is_compiling() or self.group is group) and self.has_grad == has_grad
+                and _same_objects(group["params"], self.params) and optimizer._state_options(group) == self.options)
 
     def state_unchanged(self, state: dict) -> bool:
         """This group's share of _StateSnapshot.matches, by looking each param up: the form torch.compile traces
         without guarding on the identity of every gradient (walking ``state`` itself makes it do so)."""
-        dicts = list(map(state.get, self.params))
-        if not all(map(operator.is_, dicts, self.state_dicts)):
-            return False
-        values = list(chain.from_iterable(map(dict.values, filter(None, dicts))))
-        return len(values) == len(self.state_values) and all(map(operator.is_, values, self.state_values))
+        return _same_objects(_state_tensors([state.get(p) for p in self.params]), self.state_values)
 
 
 class _StateSnapshot:

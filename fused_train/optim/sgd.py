@@ -65,8 +65,9 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
         )
         super().__init__(params, defaults, zero_grad_in_step=zero_grad_in_step)
-        # Momentum buffers created but not yet filled by a step (id -> buffer): their first real step copies
-        # the gradient in (torch's clone), whenever that step comes.
+        # Momentum buffers created but not yet filled by a step (id of the param -> its new buffer): their first
+        # real step copies the gradient in (torch's clone), whenever that step comes. Keyed by the param, not
+        # the buffer: a traced step cannot take the id of a tensor it created (torch 2.5).
         self._fresh_buffers: dict[int, Tensor] = {}
 
     def _state_options(self, group: dict[str, Any]) -> tuple:
@@ -82,7 +83,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             # Filled with the first gradient by the kernel (is_first_step), as torch's clone(grad); also when
             # momentum is switched on after the first step, as torch does.
             buffer = state["momentum_buffer"] = self._zeros_state(param)
-            self._fresh_buffers[id(buffer)] = buffer
+            self._fresh_buffers[id(param)] = buffer
 
     def _step_bucket(self, group, bucket, params, grads, states, steps, *, zero_grad, lr, lr_tensor,
                      grad_scale, found_inf) -> None:
@@ -100,7 +101,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         if fresh_buffers:
             # (buffers holds what the kernel sees, a view for complex params: look up the state's own tensor.)
             originals = [self.state[p]["momentum_buffer"] for p in bucket.originals]
-            fresh = [fresh_buffers.get(id(b)) is b for b in originals]
+            fresh = [fresh_buffers.get(id(p)) is b for p, b in zip(bucket.originals, originals)]
         else:
             fresh = None
         if not fresh or not any(fresh):
@@ -117,9 +118,9 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         # on the steps that create buffers (the first, as a rule), and not while a CUDA graph is captured.
         if found_inf is not None and not _capturing(found_inf) and bool(found_inf.item()):
             return
-        for b, f in zip(originals, fresh):
+        for p, f in zip(bucket.originals, fresh):
             if f:
-                del fresh_buffers[id(b)]
+                del fresh_buffers[id(p)]
 
     @torch._disable_dynamo  # as FusedOptimizer.load_state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
