@@ -142,12 +142,7 @@ def _backward(ctx, grad_loss):
             "cross_entropy: a second backward through a loss computed with inplace_backward=True is not "
             "supported: the first one used the gradient written over the logits, and the logits are gone"
         )
-    input, target, weight, row_lse, denominator = ctx.saved_tensors
-    grad = _ops.cross_entropy_backward(
-        grad_loss, input, target, weight, row_lse, denominator, reduction=reduction,
-        ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
-    )
-    return grad, None, None, None
+    return _gradient(ctx, grad_loss), None, None, None
 
 
 class _CrossEntropyTransformFunction(torch.autograd.Function):
@@ -368,8 +363,8 @@ def cross_entropy(
     it too, each row read once from memory and once more from cache, for a loss gradient of 1: nothing is
     left to do for ``loss.backward()``, and any other loss gradient (a GradScaler scale) is applied before
     the gradient's one rounding, by recomputing it from the logits (on CPU a power-of-two scale multiplies
-    bf16/fp32/fp64 gradients instead, which is exact for them). The gradient is then the only N×C buffer, alive from the forward to the backward. Otherwise
-    the forward reads the logits once.
+    bf16/fp32/fp64 gradients instead, which is exact for them). The gradient is then the only N×C buffer,
+    alive from the forward to the backward. Otherwise the forward reads the logits once.
 
     Same arguments, shapes and results as :func:`torch.nn.functional.cross_entropy`; the math runs in fp32
     for bf16/fp16 input (fp64 for fp64) and the loss is returned in ``input``'s dtype, or under autocast in

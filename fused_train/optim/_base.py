@@ -124,13 +124,11 @@ class _StateSnapshot:
         self.values = list(chain.from_iterable(map(dict.values, self.dicts)))
 
     def matches(self, state: dict) -> bool:
-        if state is not self.state or len(state) != len(self.dicts):
+        if state is not self.state:
             return False
         dicts = list(state.values())
-        if not all(map(operator.is_, dicts, self.dicts)):
-            return False
-        values = list(chain.from_iterable(map(dict.values, dicts)))
-        return len(values) == len(self.values) and all(map(operator.is_, values, self.values))
+        return _same_objects(dicts, self.dicts) and _same_objects(
+            list(chain.from_iterable(map(dict.values, dicts))), self.values)
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -238,8 +236,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     and step.dim() == 0):
                 if step is None:
                     raise KeyError(f"{type(self).__name__}: the state of a param has no 'step'")
-                state["step"] = torch.as_tensor(step).detach().to(device=p.device, dtype=torch.float32,
-                                                                   copy=True).reshape(())
+                state["step"] = _step_tensor(step, p.device)
         dtype = _state_like_dtype(p)
         for name in self._state_names:
             value = state.get(name)
@@ -423,8 +420,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             for key, value in saved.items():
                 if key == "step":
-                    step = value if torch.is_tensor(value) else torch.tensor(float(value))
-                    state[key] = step.detach().to(device=p.device, dtype=torch.float32, copy=True)
+                    state[key] = _step_tensor(value, p.device)
                 elif torch.is_tensor(value) and (value.is_floating_point() or value.is_complex()):
                     state[key] = value.detach().to(device=p.device, dtype=_state_like_dtype(p), copy=True)
 
@@ -436,6 +432,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_zero_grad_in_step", None)
         self.__dict__.setdefault("_grads_kept_allocated", False)
         self._step_supports_amp_scaling = True
+
+
+def _step_tensor(step: Any, device: torch.device) -> Tensor:
+    """A saved or assigned ``step`` (tensor or number) as the kernels keep it: a 0-dim fp32 tensor of its own on
+    the param's device."""
+    return torch.as_tensor(step).detach().to(device=device, dtype=torch.float32, copy=True).reshape(())
 
 
 def _state_like_dtype(param: Tensor) -> torch.dtype:
