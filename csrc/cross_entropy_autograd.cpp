@@ -131,9 +131,14 @@ struct CrossEntropyLoss : public torch::autograd::Function<CrossEntropyLoss> {
     const bool batched = grad_loss.key_set().has_any(
         c10::DispatchKeySet({c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::Batched}));
     if (kept.isTensor()) {
+      // The context is the kept gradient's one owner in an eager backward. Compiled autograd instead runs
+      // this backward on a context rebuilt from a copy of saved_data, every time: letting go there would not
+      // reach the node, and a retain_graph backward would get the same tensor again, already scaled in place.
+      // So a gradient someone else also holds is left alone and recomputed from the logits.
+      const bool sole_owner = kept.toTensor().use_count() == 1;
       grad = std::move(kept).toTensor();
       kept = c10::IValue();  // the context lets go: autograd can keep the gradient as .grad without a copy
-      if (batched) {
+      if (batched || !sole_owner) {
         grad = at::Tensor();
       } else if (grad_loss_is_one_op().call(grad_loss)) {
         return grad;
@@ -146,7 +151,7 @@ struct CrossEntropyLoss : public torch::autograd::Function<CrossEntropyLoss> {
     if (grad.defined()) {
       apply_grad_loss_op().call(grad, grad_loss, saved[0], saved[1], weight, saved[3], saved[4], o[0].toInt(),
                                 o[1].toInt(), o[2].toDouble(), o[3].toDouble());
-    } else {  // a second backward (retain_graph=True): recomputed from the saved logits
+    } else {  // a second backward (retain_graph=True), or a shared kept gradient: recomputed from the logits
       grad = backward_op().call(grad_loss, saved[0], saved[1], weight, saved[3], saved[4], o[0].toInt(), o[1].toInt(),
                                 o[2].toDouble(), o[3].toDouble());
     }

@@ -3,9 +3,6 @@
 //
 // Conventions (as aten::_fused_adam_): lists of tensors, each mutated list with its own alias set,
 // hyperparameters keyword-only, mutating ops end in `_` and return ().
-#ifndef FUSED_TRAIN_NO_PYTHON  // the CMake build is a plain C++ library
-#include <Python.h>
-#endif
 #include <torch/library.h>
 
 #include <sstream>
@@ -96,13 +93,3 @@ TORCH_LIBRARY(fused_train, m) {
     return s.str();
   });
 }
-
-#ifndef FUSED_TRAIN_NO_PYTHON
-// `import fused_train._C` loads this library, which runs the registrations above; the module itself is
-// empty (the ops are reached through torch.ops.fused_train).
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
-                                          nullptr,               nullptr, nullptr, nullptr};
-  return PyModule_Create(&module_def);
-}
-#endif

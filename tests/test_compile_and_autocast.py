@@ -144,3 +144,38 @@ def test_fp16_autocast_with_grad_scaler_steps(device):
     for g, r in zip(grads, ref_grads):
         assert torch.isfinite(g).all()
         torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-3 * 2**16)
+
+
+def _compiled_autograd(compiler):
+    from torch._dynamo import compiled_autograd
+
+    enable = getattr(compiled_autograd, "_enable", None) or compiled_autograd.enable
+    return enable(compiler)
+
+
+@pytest.mark.parametrize("node", ["C++ node", "Python node"])
+@pytest.mark.parametrize("grad_loss", [1.0, 3.0, 4.0])
+def test_retain_graph_backwards_under_compiled_autograd_match_torch(node, grad_loss):
+    """Compiled autograd runs a node's backward from what the node held when it was traced: the gradient the
+    forward kept must not be handed over (and scaled in place) a second time by a retain_graph backward."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 10), torch.randint(0, 10, (64,))
+    if node == "C++ node":
+        fused = fused_train.nn.functional.cross_entropy
+    else:  # cross_entropy_with_lse takes the Python autograd.Function
+        def fused(logits, target):
+            return fused_train.nn.functional.cross_entropy_with_lse(logits, target).loss
+
+    grads = []
+    for loss_fn in (fused, F.cross_entropy):
+        logits = x.clone().requires_grad_()
+        loss = loss_fn(logits, y) * grad_loss
+        with _compiled_autograd(torch.compile(backend="eager")):
+            loss.backward(retain_graph=True)
+            first = logits.grad.clone()
+            logits.grad.mul_(0.5)  # gradient clipping between the two backwards
+            loss.backward()
+        grads.append((first, logits.grad))
+    (first, second), (ref_first, ref_second) = grads
+    torch.testing.assert_close(first, ref_first, **TOL[torch.float32])
+    torch.testing.assert_close(second, ref_second, **TOL[torch.float32])

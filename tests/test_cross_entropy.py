@@ -440,6 +440,40 @@ def test_tutorial_loss_backward_runs_no_python(module):
     torch.testing.assert_close(x.grad, ref.grad, **XENT_TOL[torch.float32])
 
 
+def test_torch_function_modes_and_subclasses_see_the_loss_op():
+    # The eager loss skips the boxed op call only when nothing overrides torch functions; a mode or a tensor
+    # subclass with __torch_function__ sees torch.ops.fused_train.cross_entropy_loss as before.
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs)
+
+    x = torch.randn(8, 5, requires_grad=True)
+    target = torch.randint(0, 5, (8,))
+    expected = F.cross_entropy(x, target)
+    with Record():
+        loss = cross_entropy(x, target)
+    assert torch.ops.fused_train.cross_entropy_loss.default in seen
+    torch.testing.assert_close(loss, expected, **XENT_TOL[torch.float32])
+    seen.clear()
+    loss = cross_entropy(x.detach().as_subclass(Logged).requires_grad_(), target)
+    assert torch.ops.fused_train.cross_entropy_loss.default in seen
+    torch.testing.assert_close(loss.as_subclass(torch.Tensor), expected.detach(), **XENT_TOL[torch.float32])
+    seen.clear()
+    cross_entropy(x, target)  # nothing to tell
+    assert seen == []
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 def test_opcheck_loss_with_cpp_autograd(device, reduction):

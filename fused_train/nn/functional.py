@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-from .. import _ops
+from .. import _C, _ops
 
 __all__ = ["cross_entropy", "cross_entropy_with_lse", "CrossEntropyOutput"]
 
 _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
-# The op's C++ entry point itself (OpOverload._op, which also honours __torch_function__ and dispatch
-# modes): OpOverload.__call__ only forwards to it, at the cost of a Python frame (~1 us of the tutorial
-# loss's ~80). Only the eager path calls it; torch.compile traces _CrossEntropyFunction.
-_cross_entropy_loss = getattr(torch.ops.fused_train.cross_entropy_loss.default, "_op",
-                              torch.ops.fused_train.cross_entropy_loss.default)
+# The eager loss of (N, C) logits, fused_train::cross_entropy_loss, two ways. The op's own C++ entry point
+# (OpOverload._op: OpOverload.__call__ only adds a Python frame) honours __torch_function__ overrides and
+# modes. Without any, _C's entry point calls the same op through the dispatcher with positional arguments
+# and no boxing, ~5 us less per call (csrc/python_module.cpp). torch.compile traces _CrossEntropyFunction.
+_cross_entropy_loss_op = getattr(torch.ops.fused_train.cross_entropy_loss.default, "_op",
+                                 torch.ops.fused_train.cross_entropy_loss.default)
+_cross_entropy_loss = _C._cross_entropy_loss
+_has_torch_function = torch._C._has_torch_function_variadic
 
 
 class _CrossEntropyFunction(torch.autograd.Function):
@@ -113,9 +117,11 @@ def _backward(ctx, grad_loss):
         )
     grad = ctx.grad
     reduction, ignore_index, label_smoothing, lse_square_scale, inplace, _, _, _ = ctx.options
-    if grad is not None and not inplace and _transforms_active():
+    if grad is not None and not inplace and (_transforms_active() or _compiled_autograd_enabled()):
         # A batched grad_loss (autograd.grad(..., is_grads_batched=True)) wants one gradient per entry: the
-        # functional backward below, which has a vmap rule, not the one kept from the forward.
+        # functional backward below, which has a vmap rule, not the one kept from the forward. Compiled
+        # autograd replays this backward from what the node held when it traced it, so letting go of the kept
+        # gradient would not last: a retain_graph backward would get it again, already scaled in place.
         ctx.grad = grad = None
     if grad is not None:
         ctx.grad = None
@@ -238,6 +244,15 @@ _transforms_active = torch._C._are_functorch_transforms_active
 _is_compiling = torch.compiler.is_compiling
 
 
+def _compiled_autograd_enabled() -> bool:
+    """Whether this backward runs under compiled autograd (torch._dynamo.compiled_autograd, not imported
+    until someone uses it): its graph runs, and is traced, with in_compiled_autograd_region set."""
+    compiled_autograd = sys.modules.get("torch._dynamo.compiled_autograd")
+    return compiled_autograd is not None and bool(
+        compiled_autograd.in_compiled_autograd_region or compiled_autograd.compiled_autograd_enabled
+    )
+
+
 class CrossEntropyOutput(NamedTuple):
     """What :func:`cross_entropy_with_lse` returns."""
 
@@ -308,24 +323,34 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
     code = _REDUCTION_CODES.get(reduction)
     if code is None:
         raise ValueError(f"cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if input.dim() == 2 and target.dim() == 1 and not target.is_floating_point():
+    # Under autocast torch computes this loss in fp32 (cross_entropy is on autocast's fp32 list) and returns
+    # it in fp32; the kernels already compute in opmath, so only the loss's dtype changes, with no fp32 copy
+    # of the logits.
+    try:
+        opmath_loss = _any_autocast() and torch.is_autocast_enabled(input.device.type)
+        common = input.dim() == 2 and target.dim() == 1 and not target.is_floating_point()
+    except AttributeError:  # not tensors: say so, as torch's cross_entropy does
+        for name, value in (("input", input), ("target", target)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"cross_entropy: {name} must be a Tensor, got {type(value).__name__}") from None
+        raise
+    if common:
         # The common (N, C) logits with class indices: the op checks the rest and names the argument.
+        if not (inplace_backward or want_lse or _is_compiling() or _transforms_active()):
+            # The training loop's common case: the same ops as _CrossEntropyFunction under an autograd node
+            # in C++ (csrc/cross_entropy_autograd.cpp), which at small sizes costs a fraction of a Python one.
+            # torch.compile and torch.func transforms trace _CrossEntropyFunction instead.
+            if _has_torch_function(input, target, weight):
+                return _cross_entropy_loss_op(input, target, weight, reduction=code, ignore_index=ignore_index,
+                                              label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+                                              opmath_loss=opmath_loss)
+            return _cross_entropy_loss(input, target, weight, code, ignore_index, label_smoothing,
+                                       lse_square_scale, opmath_loss)
         rows, target_rows, batch_shape = input, target, None
     else:
         rows, target_rows, batch_shape = _rows_view(input, target)
         if inplace_backward and rows.stride(-1) != 1:
             rows = rows.contiguous()
-    # Under autocast torch computes this loss in fp32 (cross_entropy is on autocast's fp32 list) and returns
-    # it in fp32; the kernels already compute in opmath, so only the loss's dtype changes, with no fp32 copy
-    # of the logits.
-    opmath_loss = _any_autocast() and torch.is_autocast_enabled(input.device.type)
-    if batch_shape is None and not (inplace_backward or want_lse or _is_compiling() or _transforms_active()):
-        # The training loop's common case: the same ops as _CrossEntropyFunction under an autograd node in
-        # C++ (csrc/cross_entropy_autograd.cpp), which at small sizes costs a fraction of a Python one.
-        # torch.compile and torch.func transforms trace _CrossEntropyFunction instead.
-        return _cross_entropy_loss(rows, target_rows, weight, reduction=code, ignore_index=ignore_index,
-                                   label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
-                                   opmath_loss=opmath_loss)
     options = (code, ignore_index, label_smoothing, lse_square_scale, inplace_backward,
                input.requires_grad and torch.is_grad_enabled(), want_lse, opmath_loss)
     if _transforms_active():
