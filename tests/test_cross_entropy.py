@@ -2,6 +2,7 @@
 devices × dtypes × target kinds × options, plus gradcheck, opcheck, torch.compile, extremes and errors."""
 
 import gc
+import math
 import os
 
 import pytest
@@ -94,6 +95,49 @@ def _check(device, dtype, input_shape, target_kind="index", weighted=False, redu
 )
 def test_matches_torch(device, dtype, reduction, options):
     _check(device, dtype, (37, 101), reduction=reduction, **options)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("classes", [1, 2, 10, 16, 17])
+def test_few_classes_match_torch(device, dtype, classes):
+    # Up to 16 classes with class-index targets and no smoothing take a kernel of their own on CPU, rows
+    # across vector lanes a block at a time: row counts around the blocks (4, 8 and 16 lanes), its options.
+    for rows in (1, 7, 8, 9, 17, 64):
+        _check(device, dtype, (rows, classes))
+        _check(device, dtype, (rows, classes), weighted=True, ignore_some=True, reduction="none")
+        _check(device, dtype, (rows, classes), lse_square_scale=1e-2, target_dtype=torch.int32, reduction="sum",
+               scale=30.0)
+        _check(device, dtype, (rows, classes), transpose=True, ignore_some=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("classes", [10, 40, 100])  # the CPU kernel's three row paths
+def test_masked_and_nan_logits_match_torch(device, dtype, classes):
+    # -inf logits (masked classes) leave the other classes' loss and gradient finite; a row with a NaN or
+    # +inf logit, or with every logit -inf, gives NaN, as torch's.
+    x = torch.randn(12, classes, dtype=torch.float64)
+    target = torch.randint(3, classes, (12,))
+    x[0, :3] = -math.inf
+    x[1, :] = -math.inf
+    x[1, target[1]] = 0.5
+    x[2, 4] = math.nan
+    x[3, 5] = math.inf
+    x[4, :] = -math.inf
+    x = x.to(device=device, dtype=dtype)
+    target = target.to(device)
+    results = []
+    for loss_fn, logits in ((cross_entropy, x), (F.cross_entropy, x.to(_opmath(dtype)))):
+        logits = logits.detach().requires_grad_()
+        loss = loss_fn(logits, target, reduction="none")
+        loss.sum().backward()
+        results.append((loss.detach(), logits.grad))
+    (loss, grad), (ref_loss, ref_grad) = results
+    tol = dict(XENT_TOL[dtype], equal_nan=True)
+    torch.testing.assert_close(loss.to(ref_loss.dtype), ref_loss, **tol)
+    torch.testing.assert_close(grad.to(ref_grad.dtype), ref_grad, **tol)
+    assert torch.isfinite(loss[:2]).all() and loss[2:5].isnan().all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -347,11 +347,107 @@ FT_INLINE void write_row_grad(const CrossEntropyLaunch& l, const T* x, T* g, con
   }
 }
 
+// Stores one row's results: its log-sum-exp, and its loss and z-loss (per row for reduction='none', else
+// added to sums, in row order).
+template <class T>
+FT_INLINE void store_row_results(const CrossEntropyLaunch& l, int64_t r, const math::RowLse<XentOpmath<T>>& lse,
+                                 XentOpmath<T> loss, XentOpmath<T> z_loss, CrossEntropySums& sums) {
+  using O = XentOpmath<T>;
+  static_cast<O*>(l.lse)[2 * r] = lse.shift;
+  static_cast<O*>(l.lse)[2 * r + 1] = lse.log_sum;
+  if (l.row_loss != nullptr && l.loss_opmath) {
+    static_cast<O*>(l.row_loss)[r] = loss;
+    static_cast<O*>(l.row_z_loss)[r] = z_loss;
+  } else if (l.row_loss != nullptr) {
+    static_cast<T*>(l.row_loss)[r] = static_cast<T>(loss);
+    static_cast<T*>(l.row_z_loss)[r] = static_cast<T>(z_loss);
+  } else {
+    sums.loss += static_cast<double>(loss);
+    sums.z_loss += static_cast<double>(z_loss);
+  }
+}
+
+// Rows of at most kGroupClasses classes (the 10 of a tutorial) with class-index targets and no label
+// smoothing: V::size() rows at a time, one row per lane. One row at a time, such a row is a vector or two
+// of padding-filled lanes, two horizontal reductions and a scalar log, all latency. Transposed into a
+// scratch block (one vector per class), the row max, the sum of exps and the log are plain vector operations
+// over rows. The loss and the target's gradient element are per row, in the same math as the other paths,
+// and every other gradient element is the same expression as write_row_grad's.
+constexpr int64_t kGroupClasses = 16;
+
+template <class T>
+FT_XENT_FLATTEN CrossEntropySums forward_row_groups(const CrossEntropyLaunch& l, int64_t row_begin,
+                                                    int64_t row_end) {
+  using O = XentOpmath<T>;
+  using V = at::vec::Vectorized<O>;
+  constexpr int64_t G = V::size();
+  const math::XentHyper<O> h = xent_hyper<O>(l);
+  const O* weight = static_cast<const O*>(l.weight);
+  const O grad_scale = l.grad != nullptr ? O(1) / *static_cast<const O*>(l.denominator) : O(0);
+  const int64_t C = l.classes;
+  alignas(64) O xt[kGroupClasses][G];  // xt[c][i]: logit c of row r + i (rows past the end: zeros)
+  alignas(64) O shifts[G], log_sums[G], coefs[G], target_logits[G];
+  int64_t targets[G];
+  CrossEntropySums sums;
+  for (int64_t r = row_begin; r < row_end; r += G) {
+    const int64_t n = std::min<int64_t>(G, row_end - r);
+    for (int64_t i = 0; i < G; ++i) {
+      const T* x = static_cast<const T*>(l.logits) + (r + i) * l.logits_row_stride;
+      for (int64_t c = 0; c < C; ++c) xt[c][i] = i < n ? static_cast<O>(x[c]) : O(0);
+      coefs[i] = O(0);  // ignored rows and rows past the end: no gradient
+    }
+    V max = V::loadu(xt[0]);
+    for (int64_t c = 1; c < C; ++c) max = at::vec::maximum(max, V::loadu(xt[c]));  // NaN-propagating
+    const V shift = math::safe_shift(max);
+    V sum(0);
+    for (int64_t c = 0; c < C; ++c) sum = sum + math::exp_(V::loadu(xt[c]) - shift);
+    shift.store(shifts);
+    // finish_row's rule, per lane: a +inf logit makes the row NaN.
+    const V inf(std::numeric_limits<O>::infinity());
+    V::blendv(math::log_(sum), V(std::numeric_limits<O>::quiet_NaN()), max == inf).store(log_sums);
+    for (int64_t i = 0; i < n; ++i) {
+      const math::RowLse<O> lse{shifts[i], log_sums[i]};
+      const int64_t t = targets[i] = read_index(l, r + i);
+      O loss = 0, z_loss = 0;
+      if (t != l.ignore_index) {
+        const O w_t = weight != nullptr ? weight[t] : O(1);
+        target_logits[i] = xt[t][i];
+        // Without smoothing the row state enters the loss through its log-sum-exp alone.
+        loss = math::index_row_loss(math::empty_row_state<O>(), lse, target_logits[i], w_t, h);
+        z_loss = math::z_loss(lse, h);
+        coefs[i] = math::index_row_grad(grad_scale, lse, w_t, h).softmax_coef;
+      }
+      store_row_results<T>(l, r + i, lse, loss, z_loss, sums);
+    }
+    if (l.grad == nullptr) continue;
+    // softmax_coef · exp((x - shift) - log_sum) for every element, as write_row_grad computes it, in place.
+    const V v_shift = V::loadu(shifts), v_log_sum = V::loadu(log_sums), v_coef = V::loadu(coefs);
+    for (int64_t c = 0; c < C; ++c) (v_coef * math::exp_((V::loadu(xt[c]) - v_shift) - v_log_sum)).store(xt[c]);
+    for (int64_t i = 0; i < n; ++i) {
+      T* g = static_cast<T*>(l.grad) + (r + i) * l.grad_row_stride;
+      const int64_t t = targets[i];
+      if (t == l.ignore_index) {
+        std::memset(static_cast<void*>(g), 0, C * sizeof(T));
+        continue;
+      }
+      for (int64_t c = 0; c < C; ++c) g[c] = static_cast<T>(xt[c][i]);
+      // The true class in opmath, rounded once, as write_row_grad.
+      const O w_t = weight != nullptr ? weight[t] : O(1);
+      const math::RowGrad<O> rg = math::index_row_grad(grad_scale, {shifts[i], log_sums[i]}, w_t, h);
+      g[t] = static_cast<T>(math::target_grad(target_logits[i], O(0), rg));
+    }
+  }
+  return sums;
+}
+
 // The forward of rows [row_begin, row_end): each row is read once into its state, then (when l.grad is
 // set) read again while still in cache to write its gradient for grad_loss = 1. Returns the sums of the
 // row losses, added in row order.
 template <class T, bool kProb, bool kLinear>
 FT_XENT_FLATTEN CrossEntropySums forward_rows_typed(const CrossEntropyLaunch& l, int64_t row_begin, int64_t row_end) {
+  if constexpr (!kProb && !kLinear) {
+    if (l.classes <= kGroupClasses) return forward_row_groups<T>(l, row_begin, row_end);
+  }
   using O = XentOpmath<T>;
   const math::XentHyper<O> h = xent_hyper<O>(l);
   const auto hv = broadcast(h);
@@ -379,18 +475,7 @@ FT_XENT_FLATTEN CrossEntropySums forward_rows_typed(const CrossEntropyLaunch& l,
       }
     }
     if (!ignored) z_loss = math::z_loss(lse, h);
-    static_cast<O*>(l.lse)[2 * r] = lse.shift;
-    static_cast<O*>(l.lse)[2 * r + 1] = lse.log_sum;
-    if (l.row_loss != nullptr && l.loss_opmath) {
-      static_cast<O*>(l.row_loss)[r] = loss;
-      static_cast<O*>(l.row_z_loss)[r] = z_loss;
-    } else if (l.row_loss != nullptr) {
-      static_cast<T*>(l.row_loss)[r] = static_cast<T>(loss);
-      static_cast<T*>(l.row_z_loss)[r] = static_cast<T>(z_loss);
-    } else {
-      sums.loss += static_cast<double>(loss);
-      sums.z_loss += static_cast<double>(z_loss);
-    }
+    store_row_results<T>(l, r, lse, loss, z_loss, sums);
     if (l.grad != nullptr) {
       T* g = static_cast<T*>(l.grad) + r * l.grad_row_stride;
       if (ignored) {

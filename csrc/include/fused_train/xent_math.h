@@ -40,6 +40,10 @@ FT_INLINE V exp_(const V& x) {
 }
 FT_HOST_DEVICE FT_INLINE float log_(float x) { return ::logf(x); }
 FT_HOST_DEVICE FT_INLINE double log_(double x) { return ::log(x); }
+template <class V>
+FT_INLINE V log_(const V& x) {
+  return x.log();  // 1-ulp vector log (Sleef's u10), as glibc's logf
+}
 
 // The value a running max is subtracted as: 0 while the max is still -inf, so that a lane that has only
 // seen -inf logits yields exp(-inf - 0) = 0 instead of exp(-inf + inf) = NaN.
@@ -113,9 +117,11 @@ struct RowLse {
   T log_sum;
 };
 
+// A +inf logit makes its row's loss and gradient NaN, as in torch (where exp(x - max) is NaN for it): the NaN
+// log_sum carries into both (the gradient's coefficients multiply it, and 0 · NaN is NaN).
 template <class T>
 FT_HOST_DEVICE FT_INLINE RowLse<T> finish_row(const RowState<T>& st) {
-  return {safe_shift(st.max), log_(st.sum)};
+  return {safe_shift(st.max), st.max == static_cast<T>(INFINITY) ? static_cast<T>(NAN) : log_(st.sum)};
 }
 
 // Per-call constants of the loss, in opmath T.
