@@ -131,17 +131,18 @@ struct CrossEntropyLoss : public torch::autograd::Function<CrossEntropyLoss> {
     const bool batched = grad_loss.key_set().has_any(
         c10::DispatchKeySet({c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::Batched}));
     if (kept.isTensor()) {
-      // The context is the kept gradient's one owner in an eager backward. Compiled autograd instead runs
-      // this backward on a context rebuilt from a copy of saved_data, every time: letting go there would not
-      // reach the node, and a retain_graph backward would get the same tensor again, already scaled in place.
-      // So a gradient someone else also holds is left alone and recomputed from the logits.
-      const bool sole_owner = kept.toTensor().use_count() == 1;
-      grad = std::move(kept).toTensor();
-      kept = c10::IValue();  // the context lets go: autograd can keep the gradient as .grad without a copy
-      if (batched || !sole_owner) {
-        grad = at::Tensor();
-      } else if (grad_loss_is_one_op().call(grad_loss)) {
-        return grad;
+      if (batched) {
+        kept = c10::IValue();  // not used: one gradient per batch entry is recomputed below
+      } else if (kept.toTensor().use_count() == 1) {
+        // The context is the kept gradient's one owner in an eager backward. Compiled autograd instead runs
+        // this backward on a context rebuilt from a copy of saved_data, every time (torch 2.11 and 2.14; 2.5
+        // refuses C++ autograd functions there): letting go would not reach the node, and a
+        // retain_graph backward would get the same tensor again, already scaled in place. So a gradient
+        // something else also holds (compiled autograd; a dispatch mode that kept the forward's outputs)
+        // is left where it is and recomputed from the logits.
+        grad = std::move(kept).toTensor();
+        kept = c10::IValue();  // the context lets go: autograd can keep the gradient as .grad without a copy
+        if (grad_loss_is_one_op().call(grad_loss)) return grad;
       }
     }
     const auto options = ctx->saved_data[kOptions].toTuple();

@@ -35,21 +35,27 @@ const at::Tensor& tensor_argument(PyObject* obj, const char* name) {
   return THPVariable_Unpack(obj);
 }
 
+// A conversion's TypeError becomes one naming the argument; any other error (an OverflowError, or one
+// raised by the object's own __index__ / __float__) propagates as it is.
+[[noreturn]] void raise_conversion_error(PyObject* obj, const char* name, const char* expected) {
+  if (!PyErr_ExceptionMatches(PyExc_TypeError)) throw python_error();
+  PyErr_Clear();
+  TORCH_CHECK_TYPE(false, "cross_entropy: ", name, " must be ", expected, ", got ", Py_TYPE(obj)->tp_name);
+}
+
 int64_t int_argument(PyObject* obj, const char* name) {
-  const long long v = PyLong_AsLongLong(obj);  // ints and anything with __index__, as the op's schema
-  if (v == -1 && PyErr_Occurred()) {
-    PyErr_Clear();
-    TORCH_CHECK_TYPE(false, "cross_entropy: ", name, " must be an int, got ", Py_TYPE(obj)->tp_name);
-  }
+  // ints and anything with __index__ (numpy integers), not bools: as the op's schema
+  TORCH_CHECK_TYPE(!PyBool_Check(obj), "cross_entropy: ", name, " must be an int, got bool");
+  const long long v = PyLong_AsLongLong(obj);
+  if (v == -1 && PyErr_Occurred()) raise_conversion_error(obj, name, "an int");
   return v;
 }
 
 double float_argument(PyObject* obj, const char* name) {
+  // Not a tensor: reading one would be a device sync the op's schema does not allow either.
+  TORCH_CHECK_TYPE(!THPVariable_Check(obj), "cross_entropy: ", name, " must be a float, got Tensor");
   const double v = PyFloat_AsDouble(obj);
-  if (v == -1.0 && PyErr_Occurred()) {
-    PyErr_Clear();
-    TORCH_CHECK_TYPE(false, "cross_entropy: ", name, " must be a float, got ", Py_TYPE(obj)->tp_name);
-  }
+  if (v == -1.0 && PyErr_Occurred()) raise_conversion_error(obj, name, "a float");
   return v;
 }
 
@@ -64,13 +70,14 @@ PyObject* cross_entropy_loss(PyObject* /*module*/, PyObject* const* args, Py_ssi
   const int64_t ignore_index = int_argument(args[4], "ignore_index");
   const double label_smoothing = float_argument(args[5], "label_smoothing");
   const double lse_square_scale = float_argument(args[6], "lse_square_scale");
-  const bool opmath_loss = PyObject_IsTrue(args[7]) == 1;
+  const int opmath_loss = PyObject_IsTrue(args[7]);
+  if (opmath_loss < 0) throw python_error();
   at::Tensor loss;
   {
     // As torch's own bindings: other Python threads (data loading) run while the kernels do.
     const pybind11::gil_scoped_release no_gil;
     loss = cross_entropy_loss_op().call(input, target, weight, reduction, ignore_index, label_smoothing,
-                                        lse_square_scale, opmath_loss);
+                                        lse_square_scale, opmath_loss == 1);
   }
   return THPVariable_Wrap(std::move(loss));
   END_HANDLE_TH_ERRORS

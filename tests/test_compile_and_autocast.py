@@ -171,7 +171,12 @@ def test_retain_graph_backwards_under_compiled_autograd_match_torch(node, grad_l
         logits = x.clone().requires_grad_()
         loss = loss_fn(logits, y) * grad_loss
         with _compiled_autograd(torch.compile(backend="eager")):
-            loss.backward(retain_graph=True)
+            try:
+                loss.backward(retain_graph=True)
+            except RuntimeError as error:  # torch 2.5: no C++ autograd functions under compiled autograd
+                if "unsafe C++ autograd function" not in str(error):
+                    raise
+                pytest.skip(f"torch {torch.__version__} refuses C++ autograd functions under compiled autograd")
             first = logits.grad.clone()
             logits.grad.mul_(0.5)  # gradient clipping between the two backwards
             loss.backward()

@@ -109,6 +109,18 @@ def test_few_classes_match_torch(device, dtype, classes):
         _check(device, dtype, (rows, classes), lse_square_scale=1e-2, target_dtype=torch.int32, reduction="sum",
                scale=30.0)
         _check(device, dtype, (rows, classes), transpose=True, ignore_some=True)
+        _check(device, dtype, (rows, classes), inplace=True, ignore_some=True, reduction="none")
+        # The eager C++ node, logits with a row stride wider than their classes (a padded vocabulary's slice)
+        wide = torch.randn(rows, classes + 5, device=device, dtype=dtype)
+        logits = wide[:, :classes].requires_grad_()
+        target = torch.randint(0, classes, (rows,), device=device)
+        target[::4] = -100
+        ref = logits.detach().to(_opmath(dtype)).requires_grad_()
+        loss, ref_loss = cross_entropy(logits, target, reduction="sum"), F.cross_entropy(ref, target, reduction="sum")
+        loss.backward()
+        ref_loss.backward()
+        torch.testing.assert_close(loss.to(ref_loss.dtype), ref_loss, **XENT_TOL[dtype])
+        torch.testing.assert_close(logits.grad.to(ref.dtype), ref.grad, **XENT_TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)

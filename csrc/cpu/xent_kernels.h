@@ -8,6 +8,8 @@
 // lane's max grew, which after the first blocks is rare, so the forward costs about one exp per logit.
 // The lanes are folded into one row state at the end of the row. A row that fits in one block (small
 // vocabularies) is held in registers instead: row max first, then one exp per logit, no lanes to fold.
+// Up to 16 classes with class-index targets and no smoothing (the tutorial's 10), rows go across the lanes
+// instead, a block of V::size() rows at a time (forward_row_groups).
 //
 // Gradient, one write per logit: p_j = exp(x_j - lse), then the true-class element is recomputed in opmath
 // and stored once more. The forward writes it (when asked) right after the row's scan, while the row is
@@ -392,8 +394,12 @@ FT_XENT_FLATTEN CrossEntropySums forward_row_groups(const CrossEntropyLaunch& l,
   for (int64_t r = row_begin; r < row_end; r += G) {
     const int64_t n = std::min<int64_t>(G, row_end - r);
     for (int64_t i = 0; i < G; ++i) {
-      const T* x = static_cast<const T*>(l.logits) + (r + i) * l.logits_row_stride;
-      for (int64_t c = 0; c < C; ++c) xt[c][i] = i < n ? static_cast<O>(x[c]) : O(0);
+      if (i < n) {
+        const T* x = static_cast<const T*>(l.logits) + (r + i) * l.logits_row_stride;
+        for (int64_t c = 0; c < C; ++c) xt[c][i] = static_cast<O>(x[c]);
+      } else {
+        for (int64_t c = 0; c < C; ++c) xt[c][i] = O(0);
+      }
       coefs[i] = O(0);  // ignored rows and rows past the end: no gradient
     }
     V max = V::loadu(xt[0]);
