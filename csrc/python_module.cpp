@@ -52,8 +52,10 @@ int64_t int_argument(PyObject* obj, const char* name) {
 }
 
 double float_argument(PyObject* obj, const char* name) {
-  // Not a tensor: reading one would be a device sync the op's schema does not allow either.
-  TORCH_CHECK_TYPE(!THPVariable_Check(obj), "cross_entropy: ", name, " must be a float, got Tensor");
+  // As torch's own argument parser: a 0-dim tensor that needs no gradient is read as its value.
+  TORCH_CHECK_TYPE(!THPVariable_Check(obj) ||
+                       (THPVariable_Unpack(obj).dim() == 0 && !THPVariable_Unpack(obj).requires_grad()),
+                   "cross_entropy: ", name, " must be a float or a 0-dim tensor that does not require grad");
   const double v = PyFloat_AsDouble(obj);
   if (v == -1.0 && PyErr_Occurred()) raise_conversion_error(obj, name, "a float");
   return v;
