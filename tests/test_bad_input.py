@@ -71,6 +71,8 @@ LOSS_ROWS = [
      "ignore_index must be an int, got float"),
     ("label smoothing not a number", lambda m, o, x, y: cross_entropy(m(x), y, label_smoothing="0.1"), TypeError,
      "label_smoothing must be a float, got str"),
+    ("label smoothing a tensor that is not 0-dim", lambda m, o, x, y: cross_entropy(m(x), y,
+     label_smoothing=torch.full((2,), 0.1)), TypeError, "label_smoothing must be a float or a 0-dim tensor"),
     ("class-index target of a float-free dtype", lambda m, o, x, y: cross_entropy(m(x), y.to(torch.uint8)),
      TypeError, "int64 or int32"),
 ]

@@ -496,6 +496,17 @@ def test_tutorial_loss_backward_runs_no_python(module):
     torch.testing.assert_close(x.grad, ref.grad, **XENT_TOL[torch.float32])
 
 
+def test_loss_options_as_python_numbers_numpy_scalars_or_0_dim_tensors_like_torch():
+    np = pytest.importorskip("numpy")
+    x = torch.randn(8, 5, requires_grad=True)
+    target = torch.randint(0, 5, (8,))
+    target[0] = 3
+    expected = F.cross_entropy(x, target, ignore_index=3, label_smoothing=0.1)
+    for ignore_index, label_smoothing in ((3, 0.1), (np.int64(3), np.float32(0.1)), (3, torch.tensor(0.1))):
+        loss = cross_entropy(x, target, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        torch.testing.assert_close(loss, expected, **XENT_TOL[torch.float32])
+
+
 def test_torch_function_modes_and_subclasses_see_the_loss_op():
     # The eager loss skips the boxed op call only when nothing overrides torch functions; a mode or a tensor
     # subclass with __torch_function__ sees torch.ops.fused_train.cross_entropy_loss as before.
