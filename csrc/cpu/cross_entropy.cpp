@@ -248,6 +248,12 @@ void cross_entropy_backward_inplace_cpu(const at::Tensor& grad_loss, const at::T
                input.stride(0), false);
 }
 
+// grad_input *= scale, one element or one per row. A 0-dim CPU tensor multiplies as the scalar it holds,
+// in opmath (GradScaler's 2^16 would be inf as an fp16 tensor).
+void scale_rows_(const at::Tensor& grad_input, const at::Tensor& scale) {
+  grad_input.mul_(scale.dim() == 0 ? scale : scale.unsqueeze(1));
+}
+
 bool all_ones(const at::Tensor& t) {
   bool ones = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "cross_entropy_grad_loss_is_one", [&] {
@@ -304,8 +310,7 @@ void cross_entropy_apply_grad_loss_inplace_cpu(const at::Tensor& grad_input, con
   const at::Tensor g = check_cross_entropy_backward(op, c, grad_loss, lse, denominator);
   if (all_ones(g)) return;
   if (c.input.scalar_type() != at::kHalf && all_powers_of_two(g)) {
-    const at::Tensor scale = g.to(c.input.scalar_type());  // exact: a power of two within the dtype's range
-    grad_input.mul_(scale.dim() == 0 ? scale : scale.unsqueeze(1));
+    scale_rows_(grad_input, g.to(c.input.scalar_type()));  // exact: a power of two within the dtype's range
     return;
   }
   run_backward(c, g, lse, denominator, ignore_index, label_smoothing, lse_square_scale, grad_input.data_ptr(),
@@ -314,11 +319,10 @@ void cross_entropy_apply_grad_loss_inplace_cpu(const at::Tensor& grad_input, con
 
 // Scales the forward's gradient (written for grad_loss = 1) by grad_loss; nothing to do, and nothing read
 // but grad_loss, when it is 1, as it is for loss.backward(). For a gradient written over the logits
-// (inplace_backward), which cannot be recomputed: a second rounding. The scale stays in opmath (a 0-dim
-// tensor multiplies as the scalar it holds; GradScaler's 2^16 would be inf in fp16).
+// (inplace_backward), which cannot be recomputed: a second rounding. The scale stays in opmath.
 void cross_entropy_scale_grad_inplace_cpu(const at::Tensor& grad_input, const at::Tensor& grad_loss) {
   const at::Tensor scale = check_cross_entropy_scale_grad("cross_entropy_scale_grad_", grad_input, grad_loss);
-  if (!all_ones(scale)) grad_input.mul_(scale.dim() == 0 ? scale : scale.unsqueeze(1));
+  if (!all_ones(scale)) scale_rows_(grad_input, scale);
 }
 
 }  // namespace

@@ -390,6 +390,7 @@ FT_XENT_FLATTEN CrossEntropySums forward_row_groups(const CrossEntropyLaunch& l,
   alignas(64) O xt[kGroupClasses][G];  // xt[c][i]: logit c of row r + i (rows past the end: zeros)
   alignas(64) O shifts[G], log_sums[G], coefs[G], target_logits[G];
   int64_t targets[G];
+  math::RowGrad<O> row_grads[G];
   CrossEntropySums sums;
   for (int64_t r = row_begin; r < row_end; r += G) {
     const int64_t n = std::min<int64_t>(G, row_end - r);
@@ -408,9 +409,7 @@ FT_XENT_FLATTEN CrossEntropySums forward_row_groups(const CrossEntropyLaunch& l,
     V sum(0);
     for (int64_t c = 0; c < C; ++c) sum = sum + math::exp_(V::loadu(xt[c]) - shift);
     shift.store(shifts);
-    // finish_row's rule, per lane: a +inf logit makes the row NaN.
-    const V inf(std::numeric_limits<O>::infinity());
-    V::blendv(math::log_(sum), V(std::numeric_limits<O>::quiet_NaN()), max == inf).store(log_sums);
+    math::finish_log_sums(max, sum).store(log_sums);
     for (int64_t i = 0; i < n; ++i) {
       const math::RowLse<O> lse{shifts[i], log_sums[i]};
       const int64_t t = targets[i] = read_index(l, r + i);
@@ -421,7 +420,8 @@ FT_XENT_FLATTEN CrossEntropySums forward_row_groups(const CrossEntropyLaunch& l,
         // Without smoothing the row state enters the loss through its log-sum-exp alone.
         loss = math::index_row_loss(math::empty_row_state<O>(), lse, target_logits[i], w_t, h);
         z_loss = math::z_loss(lse, h);
-        coefs[i] = math::index_row_grad(grad_scale, lse, w_t, h).softmax_coef;
+        row_grads[i] = math::index_row_grad(grad_scale, lse, w_t, h);
+        coefs[i] = row_grads[i].softmax_coef;
       }
       store_row_results<T>(l, r + i, lse, loss, z_loss, sums);
     }
@@ -438,9 +438,7 @@ FT_XENT_FLATTEN CrossEntropySums forward_row_groups(const CrossEntropyLaunch& l,
       }
       for (int64_t c = 0; c < C; ++c) g[c] = static_cast<T>(xt[c][i]);
       // The true class in opmath, rounded once, as write_row_grad.
-      const O w_t = weight != nullptr ? weight[t] : O(1);
-      const math::RowGrad<O> rg = math::index_row_grad(grad_scale, {shifts[i], log_sums[i]}, w_t, h);
-      g[t] = static_cast<T>(math::target_grad(target_logits[i], O(0), rg));
+      g[t] = static_cast<T>(math::target_grad(target_logits[i], O(0), row_grads[i]));
     }
   }
   return sums;

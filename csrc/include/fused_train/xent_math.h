@@ -123,6 +123,12 @@ template <class T>
 FT_HOST_DEVICE FT_INLINE RowLse<T> finish_row(const RowState<T>& st) {
   return {safe_shift(st.max), st.max == static_cast<T>(INFINITY) ? static_cast<T>(NAN) : log_(st.sum)};
 }
+// finish_row's log_sum for a vector of rows, one per lane (max and sum as in RowState).
+template <class V>
+FT_INLINE V finish_log_sums(const V& max, const V& sum) {
+  using T = typename V::value_type;
+  return V::blendv(log_(sum), V(std::numeric_limits<T>::quiet_NaN()), max == V(std::numeric_limits<T>::infinity()));
+}
 
 // Per-call constants of the loss, in opmath T.
 template <class T>
