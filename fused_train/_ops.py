@@ -326,6 +326,104 @@ def _cross_entropy_scale_grad_fake(grad_input, grad_loss) -> None:
     return None
 
 
+# -- linear + cross-entropy (csrc/linear_cross_entropy.cpp, any device) --
+
+
+def linear_cross_entropy_forward(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    linear_bias: Tensor | None,
+    weight: Tensor | None,
+    *,
+    reduction: int,
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: float,
+    chunk_rows: int,
+    input_grad: bool,
+    linear_weight_grad: bool,
+    linear_bias_grad: bool,
+    opmath_loss: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Cross-entropy of ``input @ linear_weight.T + linear_bias`` (capped at ``softcap·tanh(·/softcap)`` when
+    ``softcap > 0``) against ``target``, over chunks of ``chunk_rows`` rows (0: sized automatically), never
+    holding the (N, V) logits. ``input`` (N, H); ``target`` (N,) class indices or (N, V) probabilities.
+
+    Returns ``(loss, row_lse, denominator, grad_input, grad_linear_weight, grad_linear_bias)``: the loss as
+    :func:`cross_entropy_forward`'s, what :func:`linear_cross_entropy_backward` needs, and, for a reduced loss,
+    the gradients asked for (``*_grad``) for a loss gradient of 1; the others are empty tensors."""
+    return _ops.linear_cross_entropy_forward.default(
+        input, linear_weight, target, linear_bias, weight, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
+        chunk_rows=chunk_rows, input_grad=input_grad, linear_weight_grad=linear_weight_grad,
+        linear_bias_grad=linear_bias_grad, opmath_loss=opmath_loss,
+    )
+
+
+def linear_cross_entropy_backward(
+    grad_loss: Tensor,
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    linear_bias: Tensor | None,
+    weight: Tensor | None,
+    row_lse: Tensor,
+    denominator: Tensor,
+    *,
+    reduction: int,
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: float,
+    chunk_rows: int,
+    input_grad: bool,
+    linear_weight_grad: bool,
+    linear_bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of :func:`linear_cross_entropy_forward`'s loss for ``grad_loss`` (one element, or (N,) for
+    ``reduction=0``), recomputed chunk by chunk from its ``row_lse`` and ``denominator``: ``(grad_input,
+    grad_linear_weight, grad_linear_bias)``, empty where not asked for."""
+    return _ops.linear_cross_entropy_backward.default(
+        grad_loss, input, linear_weight, target, linear_bias, weight, row_lse, denominator, reduction=reduction,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+        softcap=softcap, chunk_rows=chunk_rows, input_grad=input_grad, linear_weight_grad=linear_weight_grad,
+        linear_bias_grad=linear_bias_grad,
+    )
+
+
+def _linear_cross_entropy_grads_fake(input, linear_weight, linear_bias, input_grad, linear_weight_grad,
+                                     linear_bias_grad):
+    def grad(tensor, wanted):
+        return input.new_empty(tensor.shape if wanted and tensor is not None else (0,))
+
+    return (grad(input, input_grad), grad(linear_weight, linear_weight_grad), grad(linear_bias, linear_bias_grad))
+
+
+@torch.library.register_fake("fused_train::linear_cross_entropy_forward")
+def _linear_cross_entropy_forward_fake(input, linear_weight, target, linear_bias, weight, *, reduction,
+                                       input_grad, linear_weight_grad, linear_bias_grad, opmath_loss=False,
+                                       **kwargs):
+    rows = input.shape[0]
+    opmath = _opmath(input.dtype)
+    reduced = reduction != 0
+    return (
+        input.new_empty((rows,) if not reduced else (), dtype=opmath if opmath_loss else input.dtype),
+        input.new_empty((rows, 2), dtype=opmath),
+        input.new_empty((), dtype=opmath),
+        *_linear_cross_entropy_grads_fake(input, linear_weight, linear_bias, input_grad and reduced,
+                                          linear_weight_grad and reduced, linear_bias_grad and reduced),
+    )
+
+
+@torch.library.register_fake("fused_train::linear_cross_entropy_backward")
+def _linear_cross_entropy_backward_fake(grad_loss, input, linear_weight, target, linear_bias, weight, row_lse,
+                                        denominator, *, input_grad, linear_weight_grad, linear_bias_grad, **kwargs):
+    return _linear_cross_entropy_grads_fake(input, linear_weight, linear_bias, input_grad, linear_weight_grad,
+                                            linear_bias_grad)
+
+
 # vmap rules for the two functional cross-entropy ops, which is what torch.vmap (and with it per-sample
 # gradients, jacrev) meets under fused_train.nn.functional.cross_entropy: the vmapped dimension is folded
 # into the rows, so a batch of B losses is one call over B·rows rows, reduced per sample afterwards.

@@ -1,6 +1,6 @@
 """Fused drop-ins for torch.nn losses."""
 
 from . import functional
-from .modules import CrossEntropyLoss
+from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
-__all__ = ["CrossEntropyLoss", "functional"]
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "functional"]

@@ -11,7 +11,7 @@ from torch.nn import _reduction as _Reduction
 
 from .. import _C, _ops
 
-__all__ = ["cross_entropy", "cross_entropy_with_lse", "CrossEntropyOutput"]
+__all__ = ["cross_entropy", "cross_entropy_with_lse", "CrossEntropyOutput", "linear_cross_entropy"]
 
 _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 # The eager loss of (N, C) logits, fused_train::cross_entropy_loss, two ways. The op's own C++ entry point
@@ -464,3 +464,202 @@ def cross_entropy_with_lse(
         input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, inplace_backward,
         True,
     )
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    """linear + cross-entropy over (N, H) rows (csrc/linear_cross_entropy.cpp). For a reduced loss the forward
+    computes the gradients asked for, for a loss gradient of 1, chunk by chunk while each chunk's logits are
+    at hand; the backward hands them over (nothing to do for ``loss.backward()`` on CPU), or multiplies them by
+    any other loss gradient (rounded twice then for bf16, unless it is a power of two). fp16 leaves them to the
+    backward, which applies the loss gradient (GradScaler's scale) before rounding, as does
+    ``reduction='none'`` (one loss gradient per row): it recomputes them from the saved inputs and each row's
+    log-sum-exp, at the cost of the logits' GEMM once more. So does a second backward through the same graph
+    (``retain_graph=True``)."""
+
+    @staticmethod
+    def forward(ctx, input, linear_weight, target, linear_bias, weight, options):
+        reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_rows, opmath, wanted = options
+        in_forward = reduction != 0 and input.dtype != torch.float16 and any(wanted)
+        loss, row_lse, denominator, *grads = _ops.linear_cross_entropy_forward(
+            input, linear_weight, target, linear_bias, weight, reduction=reduction, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
+            chunk_rows=chunk_rows, input_grad=in_forward and wanted[0], linear_weight_grad=in_forward and wanted[1],
+            linear_bias_grad=in_forward and wanted[2], opmath_loss=opmath,
+        )
+        ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, row_lse, denominator)
+        ctx.options = options
+        ctx.grads = grads if in_forward else None  # handed over, not read: not saved tensors
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if not torch.is_grad_enabled():
+            return _linear_backward(ctx, grad_loss)
+        with torch.no_grad():  # create_graph=True: first-order gradients that refuse a second derivative
+            grads = _linear_backward(ctx, grad_loss)
+        return tuple(None if g is None else _NoDoubleBackward.apply(g.detach().requires_grad_()) for g in grads)
+
+
+def _linear_backward(ctx, grad_loss):
+    needs = ctx.needs_input_grad
+    if needs[4]:
+        raise RuntimeError(
+            "linear_cross_entropy: the derivative for 'weight' is not implemented (pass a weight that does not "
+            "require grad, e.g. weight.detach())"
+        )
+    grads = ctx.grads
+    if grads is not None and (_transforms_active() or _compiled_autograd_enabled()):
+        grads = None  # as in _backward: a batched grad_loss, or a replay that would reuse them, recomputes
+    if grads is not None:
+        ctx.grads = None
+        if _is_compiling() or not _ops.cross_entropy_grad_loss_is_one(grad_loss):
+            scale = grad_loss.reshape(())
+            for g in grads:
+                g.mul_(scale)
+    else:
+        reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_rows = ctx.options[:6]
+        grads = _ops.linear_cross_entropy_backward(
+            grad_loss, *ctx.saved_tensors, reduction=reduction, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
+            chunk_rows=chunk_rows, input_grad=needs[0], linear_weight_grad=needs[1], linear_bias_grad=needs[3],
+        )
+    grad_input, grad_weight, grad_bias = grads
+    return (grad_input if needs[0] else None, grad_weight if needs[1] else None, None,
+            grad_bias if needs[3] else None, None, None)
+
+
+class _LinearCrossEntropyTransformFunction(torch.autograd.Function):
+    """The same under torch.func transforms (grad, vjp): functional ops in the form functorch needs, the
+    gradients computed in the backward. No vmap rule (the ops have no batching rule)."""
+
+    @staticmethod
+    def forward(input, linear_weight, target, linear_bias, weight, options):
+        reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_rows, opmath, _ = options
+        loss, row_lse, denominator, *_ = _ops.linear_cross_entropy_forward(
+            input, linear_weight, target, linear_bias, weight, reduction=reduction, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
+            chunk_rows=chunk_rows, input_grad=False, linear_weight_grad=False, linear_bias_grad=False,
+            opmath_loss=opmath,
+        )
+        return loss, row_lse, denominator
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, linear_weight, target, linear_bias, weight, options = inputs
+        _, row_lse, denominator = output
+        ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, row_lse, denominator)
+        ctx.options = options
+        ctx.grads = None
+        ctx.mark_non_differentiable(row_lse, denominator)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        return _linear_backward(ctx, grad_loss)
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    r"""``cross_entropy(linear(input, linear_weight, linear_bias), target)`` without the (N, V) logits: the
+    language model's last layer and loss, as :func:`torch.nn.functional.linear_cross_entropy`, in chunks of
+    rows. Each chunk's logits come from one GEMM (ATen: MKL/oneDNN on CPU, cuBLAS on CUDA) into a buffer reused
+    by every chunk, the fused loss turns them into the loss and their gradient in one pass, and two more GEMMs
+    carry the gradient to ``input`` and ``linear_weight``: linear + cross_entropy's work, with one chunk of
+    logits (about 32 MiB, at least 256 rows) in memory instead of N×V.
+
+    Arguments, shapes and results as :func:`torch.nn.functional.linear_cross_entropy` (and
+    :func:`cross_entropy` for the loss options); the loss in ``input``'s dtype, or fp32 under autocast, which
+    casts ``input``, ``linear_weight`` and ``linear_bias`` to its dtype as it would for ``linear``.
+
+    Args:
+        input: :math:`(*, H)`, e.g. a causal LM's hidden states (batch, time, H).
+        linear_weight: :math:`(V, H)`, the LM head's weight (tied to the input embedding or not).
+        target: class indices of shape :math:`(*)` (int64 or int32, values in :math:`[0, V)` or
+            ``ignore_index``), or probabilities :math:`(*, V)` in ``input``'s dtype.
+        linear_bias: :math:`(V)`.
+        weight, reduction, label_smoothing, lse_square_scale: as :func:`cross_entropy`.
+        ignore_index: as :func:`cross_entropy`; ``None`` means -100, as torch's.
+        softcap: Gemma-style logit capping: the logits become ``softcap · tanh(logits / softcap)`` before the
+            loss (gradient included). ``None``: no capping.
+        chunk_size: rows per chunk; ``None`` sizes chunks to about 32 MiB of logits (at least 256 rows).
+
+    The gradients of a reduced loss are computed in the forward (for a loss gradient of 1) and applied in
+    the backward; ``reduction='none'``, fp16 and a second backward recompute them from the inputs, costing the
+    logits' GEMM once more. On CPU, bf16/fp16 GEMMs run in fp32 over fp32 copies of ``linear_weight`` and its
+    gradient (CPUs without half-precision matrix units emulate those GEMMs, many times slower). Works with
+    :func:`torch.compile`, and with :func:`torch.func.grad` / ``vjp`` (not ``vmap``); differentiating the
+    gradient again raises.
+    """
+    code = _REDUCTION_CODES.get(reduction)
+    if code is None:
+        raise ValueError(f"linear_cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    for name, value in (("input", input), ("linear_weight", linear_weight), ("target", target)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"linear_cross_entropy: {name} must be a Tensor, got {type(value).__name__}")
+    if linear_weight.dim() != 2:
+        raise ValueError(
+            f"linear_cross_entropy: linear_weight must be 2-D (num_classes, in_features), got shape "
+            f"{tuple(linear_weight.shape)} (K-dimensional weights are not supported)"
+        )
+    if input.dim() == 0 or input.shape[-1] != linear_weight.shape[1]:
+        raise ValueError(
+            f"linear_cross_entropy: input must have shape (*, in_features={linear_weight.shape[1]}), got "
+            f"{tuple(input.shape)}"
+        )
+    batch_shape = input.shape[:-1]
+    classes = linear_weight.shape[0]
+    prob = target.is_floating_point()
+    expected = batch_shape + (classes,) if prob else batch_shape
+    if target.shape != expected:
+        kind = "probability" if prob else "class-index"
+        raise ValueError(
+            f"linear_cross_entropy: {kind} target must have shape {tuple(expected)} for input of shape "
+            f"{tuple(input.shape)} and linear_weight of shape {tuple(linear_weight.shape)}, got {tuple(target.shape)}"
+        )
+    if softcap is None:
+        softcap = 0.0
+    elif not (isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and 0 < softcap < float("inf")):
+        raise ValueError(f"linear_cross_entropy: softcap must be a positive finite number or None, got {softcap!r}")
+    if chunk_size is None:
+        chunk_size = 0
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if ignore_index is None:
+        ignore_index = -100
+    opmath_loss = _any_autocast() and torch.is_autocast_enabled(input.device.type)
+    if opmath_loss:
+        # autocast would run linear in its dtype and the loss in fp32 (returned in fp32).
+        dtype = _autocast_dtype(input.device.type)
+        input, linear_weight = input.to(dtype), linear_weight.to(dtype)
+        if linear_bias is not None:
+            linear_bias = linear_bias.to(dtype)
+    rows = input.reshape(-1, input.shape[-1])
+    target_rows = target.reshape(-1, classes) if prob else target.reshape(-1)
+    grad = torch.is_grad_enabled()
+    wanted = (grad and rows.requires_grad, grad and linear_weight.requires_grad,
+              grad and linear_bias is not None and linear_bias.requires_grad)
+    options = (code, ignore_index, float(label_smoothing), float(lse_square_scale), float(softcap), chunk_size,
+               opmath_loss, wanted)
+    if _transforms_active():
+        loss = _LinearCrossEntropyTransformFunction.apply(rows, linear_weight, target_rows, linear_bias, weight,
+                                                          options)[0]
+    else:
+        loss = _LinearCrossEntropyFunction.apply(rows, linear_weight, target_rows, linear_bias, weight, options)
+    return loss.reshape(batch_shape) if code == 0 else loss
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype:
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from . import functional as F
 
-__all__ = ["CrossEntropyLoss"]
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -64,4 +64,64 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             parts.append(f"lse_square_scale={self.lse_square_scale}")
         if self.inplace_backward:
             parts.append("inplace_backward=True")
+        return ", ".join(parts)
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    r"""A language model's head and loss in one: ``linear`` (``self.linear``, an :class:`torch.nn.Linear` from
+    ``in_features`` to ``num_classes``) then cross-entropy, computed by
+    :func:`fused_train.nn.functional.linear_cross_entropy` without the (N, V) logits. Constructor as
+    :class:`torch.nn.LinearCrossEntropyLoss` (torch >= 2.14) without ``out_features`` and ``options``, plus
+    ``lse_square_scale``, ``softcap`` and ``chunk_size``. To tie the head to an input embedding, assign
+    ``loss_fn.linear.weight = embedding.weight``.
+
+    Shape:
+        - Input: :math:`(*, H)`; target: class indices :math:`(*)` or probabilities :math:`(*, V)`.
+        - Output: scalar, or the target's (batch) shape for ``reduction='none'``.
+
+    Example::
+
+        >>> loss_fn = fused_train.nn.LinearCrossEntropyLoss(64, 1000, ignore_index=-100)
+        >>> hidden = torch.randn(2, 16, 64, requires_grad=True)
+        >>> loss_fn(hidden, torch.randint(0, 1000, (2, 16))).backward()
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: Tensor | None = None,
+        ignore_index: int | None = -100,
+        label_smoothing: float = 0.0,
+        lse_square_scale: float = 0.0,
+        softcap: float | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("weight", weight)
+        self.reduction = reduction
+        self.ignore_index = -100 if ignore_index is None else ignore_index
+        self.label_smoothing = label_smoothing
+        self.lse_square_scale = lse_square_scale
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.linear_cross_entropy(
+            input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            lse_square_scale=self.lse_square_scale, softcap=self.softcap, chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        parts = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
+        for name in ("label_smoothing", "lse_square_scale", "softcap", "chunk_size"):
+            if getattr(self, name):
+                parts.append(f"{name}={getattr(self, name)}")
         return ", ".join(parts)
