@@ -1,0 +1,344 @@
+"""fused_train.nn.functional.linear_cross_entropy and nn.LinearCrossEntropyLoss against linear + cross_entropy:
+every option, chunk boundaries, gradients into existing .grad and tied weights, autocast, torch.compile, torch.func,
+bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fused_train
+import fused_train.nn.functional as F
+from conftest import DEVICES, TOL, assert_close_scaled
+
+ops = torch.ops.fused_train
+
+
+def make_case(n, h, v, dtype=torch.float64, device="cpu", bias=True, prob=False, ignored=0.2):
+    x = torch.randn(n, h, dtype=dtype, device=device).requires_grad_()
+    w = (torch.randn(v, h, dtype=dtype, device=device) / h**0.5).requires_grad_()
+    b = torch.randn(v, dtype=dtype, device=device).requires_grad_() if bias else None
+    if prob:
+        target = torch.randn(n, v, dtype=dtype, device=device).softmax(-1)
+    else:
+        target = torch.randint(0, v, (n,), device=device)
+        target[torch.rand(n, device=device) < ignored] = -100
+    return x, w, b, target
+
+
+def reference(x, w, b, target, softcap=None, lse_square_scale=0.0, **kwargs):
+    """linear + cross_entropy as a user writes it (fused_train's cross_entropy for the z-loss, torch's without)."""
+    logits = TF.linear(x, w, b)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if lse_square_scale:
+        return F.cross_entropy(logits, target, lse_square_scale=lse_square_scale, **kwargs)
+    return TF.cross_entropy(logits, target, **kwargs)
+
+
+def loss_and_grads(fn, params, grad_loss_seed=1):
+    loss = fn()
+    torch.manual_seed(grad_loss_seed)
+    # The same loss gradient whatever the loss's dtype.
+    loss.backward((torch.rand(loss.shape, dtype=torch.float64) + 0.5).to(loss.dtype))
+    grads = [p.grad.clone() for p in params if p is not None]
+    for p in params:
+        if p is not None:
+            p.grad = None
+    return loss.detach(), grads
+
+
+def assert_matches_reference(x, w, b, target, tol_dtype=None, chunk_size=None, **kwargs):
+    params = [x, w, b]
+    loss, grads = loss_and_grads(
+        lambda: F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=chunk_size, **kwargs), params)
+    ref_loss, ref_grads = loss_and_grads(lambda: reference(x, w, b, target, **kwargs), params)
+    assert loss.dtype == ref_loss.dtype and loss.shape == ref_loss.shape
+    assert_close_scaled(loss, ref_loss, tol_dtype)
+    for g, r in zip(grads, ref_grads):
+        assert_close_scaled(g, r, tol_dtype)
+
+
+OPTIONS = [
+    dict(),
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(label_smoothing=0.1),
+    dict(weight="rand"),
+    dict(weight="rand", label_smoothing=0.2),
+    dict(weight="rand", reduction="sum", ignore_index=3),
+    dict(lse_square_scale=1e-2),
+    dict(softcap=2.5),
+    dict(softcap=2.5, reduction="none", label_smoothing=0.1),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
+@pytest.mark.parametrize("bias", [False, True])
+def test_every_option_matches_linear_plus_cross_entropy_fp64(device, options, bias):
+    options = dict(options)
+    x, w, b, target = make_case(37, 16, 50, device=device, bias=bias)
+    if options.get("weight") == "rand":
+        options["weight"] = torch.rand(50, dtype=torch.float64, device=device)
+    if "ignore_index" in options:
+        target[target == -100] = options["ignore_index"]
+    # 37 rows in chunks of 8: four full chunks and a short one.
+    assert_matches_reference(x, w, b, target, chunk_size=8, **options)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_probability_targets_match(device, reduction):
+    x, w, b, target = make_case(19, 8, 30, device=device, prob=True)
+    assert_matches_reference(x, w, b, target, chunk_size=7, reduction=reduction, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_low_precision_is_one_rounding_from_the_exact_result(device, dtype, reduction):
+    """Against linear + cross_entropy in fp64 on the same (rounded) values: each result rounded once to dtype
+    (fp32 accumulation inside), within the dtype's tolerance."""
+    x, w, b, target = make_case(70, 32, 300, dtype=dtype, device=device)
+    params = [x, w, b]
+    loss, grads = loss_and_grads(
+        lambda: F.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction, chunk_size=16), params)
+    exact = [p.detach().double().requires_grad_() for p in params]
+    ref_loss, ref_grads = loss_and_grads(lambda: reference(*exact, target, reduction=reduction), exact)
+    assert loss.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert_close_scaled(loss, ref_loss.to(dtype), dtype)
+    for g, r in zip(grads, ref_grads):
+        assert_close_scaled(g, r.to(dtype), dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 40), h=st.integers(1, 12), v=st.integers(1, 70), chunk=st.integers(1, 50),
+    ignored=st.sampled_from([0.0, 0.3, 1.0]), reduction=st.sampled_from(["mean", "sum", "none"]),
+    bias=st.booleans(),
+)
+def test_any_shape_and_chunk_boundary_matches(n, h, v, chunk, ignored, reduction, bias):
+    """N and V not multiples of the chunk, V < chunk, N = 1, N = 0, every row ignored."""
+    x, w, b, target = make_case(n, h, v, bias=bias, ignored=ignored)
+    if n == 0 and reduction == "mean":  # torch: NaN loss; grads of zeros
+        loss = F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=chunk)
+        loss.backward()
+        assert loss.isnan() and w.grad.abs().sum() == 0
+        return
+    assert_matches_reference(x, w, b, target, chunk_size=chunk, reduction=reduction)
+
+
+def test_all_rows_ignored_gives_nan_mean_and_zero_gradients_like_torch():
+    x, w, b, target = make_case(10, 4, 9, ignored=1.0)
+    params = [x, w, b]
+    loss, grads = loss_and_grads(lambda: F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=3), params)
+    ref_loss, ref_grads = loss_and_grads(lambda: reference(x, w, b, target), params)
+    assert loss.isnan() and ref_loss.isnan()
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+        assert g.abs().sum() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_input_with_shifted_labels_like_a_causal_lm(device):
+    """A Hugging Face causal LM's loss: hidden (B, T, H), labels shifted by one with -100 padding."""
+    batch, time, hidden, vocab = 3, 11, 16, 64
+    h = torch.randn(batch, time, hidden, dtype=torch.float64, device=device, requires_grad=True)
+    head = torch.nn.Linear(hidden, vocab, bias=False, dtype=torch.float64, device=device)
+    labels = torch.randint(0, vocab, (batch, time), device=device)
+    labels[0, 7:] = -100  # padding
+    shift_hidden, shift_labels = h[:, :-1, :], labels[:, 1:]
+    loss = F.linear_cross_entropy(shift_hidden, head.weight, shift_labels, chunk_size=6)
+    loss.backward()
+    grads = [h.grad.clone(), head.weight.grad.clone()]
+    h.grad = head.weight.grad = None
+    ref = TF.cross_entropy(head(h)[:, :-1, :].reshape(-1, vocab), shift_labels.reshape(-1), ignore_index=-100)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, **TOL[torch.float64])
+    torch.testing.assert_close(grads[0], h.grad, **TOL[torch.float64])
+    torch.testing.assert_close(grads[1], head.weight.grad, **TOL[torch.float64])
+    none = F.linear_cross_entropy(shift_hidden, head.weight, shift_labels, reduction="none")
+    assert none.shape == shift_labels.shape
+
+
+def test_gradients_accumulate_into_existing_grads_and_tied_weights():
+    """Two micro-batches accumulate into .grad; the head tied to the input embedding gets both gradients."""
+    vocab, hidden = 40, 8
+    emb = torch.nn.Embedding(vocab, hidden, dtype=torch.float64)
+    tokens = torch.randint(0, vocab, (2, 9, 6))
+    grads = []
+    for fused in (True, False):
+        emb.weight.grad = None
+        for micro in tokens:  # gradient accumulation: .grad already holds the first micro-batch's
+            hid = torch.tanh(emb(micro))
+            if fused:
+                loss = F.linear_cross_entropy(hid[:, :-1], emb.weight, micro[:, 1:], chunk_size=7)
+            else:
+                loss = TF.cross_entropy(TF.linear(hid[:, :-1], emb.weight).reshape(-1, vocab), micro[:, 1:].reshape(-1))
+            (loss / 2).backward()
+        grads.append(emb.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("grad_loss", [1.0, 0.25, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_retain_graph_second_backward_and_any_loss_gradient(grad_loss, dtype):
+    x, w, b, target = make_case(21, 8, 30, dtype=dtype)
+    loss = F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=5)
+    (loss * grad_loss).backward(retain_graph=True)
+    first = [p.grad.clone() for p in (x, w, b)]
+    for p in (x, w, b):
+        p.grad = None
+    (loss * grad_loss).backward()
+    for g, p in zip(first, (x, w, b)):
+        torch.testing.assert_close(g, p.grad, **TOL[dtype])
+    exact = [p.detach().double().requires_grad_() for p in (x, w, b)]
+    (reference(*exact, target) * grad_loss).backward()
+    for g, r in zip(first, exact):
+        assert_close_scaled(g, r.grad.to(dtype), dtype)
+
+
+def test_frozen_head_or_input_computes_only_the_gradients_needed():
+    x, w, b, target = make_case(13, 6, 20)
+    w.requires_grad_(False)
+    F.linear_cross_entropy(x, w, target, linear_bias=b).backward()
+    assert w.grad is None and x.grad is not None and b.grad is not None
+    with torch.no_grad():
+        loss = F.linear_cross_entropy(x, w, target, linear_bias=b)
+    torch.testing.assert_close(loss, reference(x, w, b, target).detach(), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_loss_is_fp32_under_autocast_like_linear_plus_cross_entropy(device, reduction):
+    dtype = torch.bfloat16
+    x, w, b, target = make_case(24, 16, 40, dtype=torch.float32, device=device)
+    with torch.autocast(device, dtype=dtype):
+        loss = F.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction)
+        ref = TF.cross_entropy(TF.linear(x, w, b), target, reduction=reduction)
+    assert loss.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, **TOL[dtype])
+    grads = torch.autograd.grad(loss.sum(), (x, w, b))
+    ref_grads = torch.autograd.grad(ref.sum(), (x, w, b))
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32
+        assert_close_scaled(g, r, dtype)
+
+
+def test_torch_compile_traces_it_without_graph_breaks():
+    x, w, b, target = make_case(17, 8, 30, dtype=torch.float32)
+
+    def step(x, w, b, target):
+        return F.linear_cross_entropy(x, w, target, linear_bias=b, label_smoothing=0.1, softcap=5.0, chunk_size=4)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    params = [x, w, b]
+    loss, grads = loss_and_grads(lambda: compiled(x, w, b, target), params)
+    ref_loss, ref_grads = loss_and_grads(lambda: step(x, w, b, target), params)
+    torch.testing.assert_close(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x, w, b, target = make_case(9, 4, 11, dtype=torch.float32, device=device)
+    x, w, b = (t.detach() for t in (x, w, b))
+    weight = torch.rand(11, device=device)
+    kw = dict(reduction=1, ignore_index=-100, label_smoothing=0.1, lse_square_scale=0.01, softcap=3.0, chunk_rows=4)
+    grads = dict(input_grad=True, linear_weight_grad=True, linear_bias_grad=True)
+    torch.library.opcheck(ops.linear_cross_entropy_forward.default, (x, w, target, b, weight), {**kw, **grads})
+    _, lse, den, *_ = ops.linear_cross_entropy_forward(x, w, target, b, weight, **kw, **grads)
+    g = torch.tensor(1.5, device=device)
+    torch.library.opcheck(ops.linear_cross_entropy_backward.default, (g, x, w, target, b, weight, lse, den),
+                          {**kw, **grads})
+
+
+def test_torch_func_grad_matches_autograd():
+    x, w, b, target = make_case(15, 6, 25)
+
+    def loss_of(w, x):
+        return F.linear_cross_entropy(x, w, target, linear_bias=b.detach(), label_smoothing=0.1, chunk_size=4)
+
+    gw, gx = torch.func.grad(loss_of, argnums=(0, 1))(w.detach(), x.detach())
+    ref = torch.autograd.grad(reference(x, w, b.detach(), target, label_smoothing=0.1), (w, x))
+    torch.testing.assert_close(gw, ref[0], **TOL[torch.float64])
+    torch.testing.assert_close(gx, ref[1], **TOL[torch.float64])
+
+
+def test_double_backward_raises():
+    x, w, b, target = make_case(5, 3, 7)
+    (gx,) = torch.autograd.grad(F.linear_cross_entropy(x, w, target), (x,), create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()
+
+
+def test_module_matches_linear_and_cross_entropy_loss():
+    torch.manual_seed(1)
+    fused = fused_train.nn.LinearCrossEntropyLoss(8, 30, bias=True, label_smoothing=0.1, dtype=torch.float64,
+                                                  chunk_size=5)
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(8, 30, dtype=torch.float64)
+    assert list(fused.state_dict()) == ["linear.weight", "linear.bias"]
+    torch.testing.assert_close(fused.linear.weight, linear.weight)
+    x = torch.randn(4, 6, 8, dtype=torch.float64)
+    target = torch.randint(0, 30, (4, 6))
+    fused(x, target).backward()
+    TF.cross_entropy(linear(x).reshape(-1, 30), target.reshape(-1), label_smoothing=0.1).backward()
+    torch.testing.assert_close(fused.linear.weight.grad, linear.weight.grad, **TOL[torch.float64])
+    torch.testing.assert_close(fused.linear.bias.grad, linear.bias.grad, **TOL[torch.float64])
+    assert "label_smoothing=0.1" in repr(fused)
+
+
+BAD_INPUTS = [
+    # (what to change, error type, message fragment)
+    (lambda c: {**c, "w": c["w"][:, :-1]}, ValueError, "input must have shape"),
+    (lambda c: {**c, "w": c["w"].float()}, TypeError, "linear_weight must have input's dtype"),
+    (lambda c: {**c, "b": c["b"][:-1]}, ValueError, "linear_bias must have shape"),
+    (lambda c: {**c, "b": c["b"].float()}, TypeError, "linear_bias must have input's dtype"),
+    (lambda c: {**c, "target": c["target"][:-1]}, ValueError, "target must have shape"),
+    (lambda c: {**c, "target": c["target"].to(torch.int16)}, TypeError, "target must hold class indices"),
+    (lambda c: {**c, "target": torch.randn(5, 11, dtype=torch.float32)}, TypeError, "probability target"),
+    (lambda c: {**c, "weight": torch.rand(10, dtype=torch.float64)}, ValueError, "weight must have one entry"),
+    (lambda c: {**c, "w": c["w"].unsqueeze(0)}, ValueError, "linear_weight must be 2-D"),
+    (lambda c: {**c, "softcap": -1.0}, ValueError, "softcap must be a positive"),
+    (lambda c: {**c, "chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
+    (lambda c: {**c, "reduction": "avg"}, ValueError, "reduction must be"),
+    (lambda c: {**c, "label_smoothing": 1.5}, ValueError, "label_smoothing must be in"),
+    (lambda c: {**c, "target": c["target"].clone().fill_(11)}, IndexError, "out of bounds"),
+]
+
+
+@pytest.mark.parametrize("change, error, message", BAD_INPUTS)
+def test_bad_input_raises_naming_the_argument_and_leaves_grads_untouched(change, error, message):
+    x, w, b, target = make_case(5, 4, 11)
+    call = change(dict(x=x, w=w, b=b, target=target, weight=None, softcap=None, chunk_size=2, reduction="mean",
+                       label_smoothing=0.0))
+    for p in (x, w, b):
+        p.grad = torch.full_like(p, 7.0)
+    with pytest.raises(error, match=message):
+        F.linear_cross_entropy(call["x"], call["w"], call["target"], linear_bias=call["b"], weight=call["weight"],
+                               softcap=call["softcap"], chunk_size=call["chunk_size"], reduction=call["reduction"],
+                               label_smoothing=call["label_smoothing"]).backward()
+    for p in (x, w, b):
+        assert (p.grad == 7.0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_memory_stays_at_one_chunk_of_logits(device):
+    """The (N, V) logits never exist: the largest allocation of a forward + backward is one chunk of logits
+    (the profiler's record of every allocation), for every reduction."""
+    n, h, v, chunk = 512, 16, 2000, 64
+    x, w, b, target = make_case(n, h, v, dtype=torch.float32, device=device, bias=False)
+    for reduction in ("mean", "none"):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            F.linear_cross_entropy(x, w, target, chunk_size=chunk, reduction=reduction).sum().backward()
+        key = "cpu_memory_usage" if device == "cpu" else "device_memory_usage"
+        largest = max(getattr(e, key, 0) for e in prof.events())
+        assert largest == chunk * v * 4, (reduction, largest)
+        # ...against the N×V logits and their gradient that linear + cross_entropy allocates.
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            reference(x, w, None, target, reduction=reduction).sum().backward()
+        assert max(getattr(e, key, 0) for e in prof.events()) >= n * v * 4
