@@ -26,6 +26,8 @@ from ._build_info import build_info
 DEFAULT_EPOCHS = 10
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_OPTIMIZER = "adam"
+DEFAULT_LM_STEPS = 200
+LM_CONTEXT = 64
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,8 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=_positive_float, default=None,
                       help="learning rate (default: " + ", ".join(
                           f"{lr:g} for {name}" for name, (_, _, lr) in OPTIMIZERS.items()) + ")")
-    demo.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=DEFAULT_OPTIMIZER,
-                      help=f"(default: {DEFAULT_OPTIMIZER})")
+    demo.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=None,
+                      help=f"(default: {DEFAULT_OPTIMIZER}; adamw for --task lm)")
+    demo.add_argument("--task", choices=("classify", "lm"), default="classify",
+                      help="classify: the tutorial's image classifier (default); lm: a small causal language "
+                           "model on the Python standard library's sources, its head and loss through "
+                           "fused_train.nn.functional.linear_cross_entropy (--compare: beside linear + "
+                           "torch.nn.CrossEntropyLoss, with time per step and peak memory)")
+    demo.add_argument("--steps", type=_positive_int, default=None,
+                      help=f"optimizer steps for --task lm (default: {DEFAULT_LM_STEPS})")
     demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default: cpu)")
     demo.add_argument("--seed", type=int, default=0,
                       help="seeds the initial weights and the batch order (default: 0)")
@@ -216,6 +225,12 @@ def run_demo_command(args: argparse.Namespace) -> int:
     parser = args.subparser
     _check_device(parser, args.device)
     _check_output_paths(parser, args)
+    if args.task == "lm":
+        return run_lm_demo_command(args)
+    if args.steps is not None:
+        parser.error("argument --steps: only used with --task lm (the classifier trains for --epochs)")
+    if args.optimizer is None:
+        args.optimizer = DEFAULT_OPTIMIZER
     if args.root is not None and args.data != "fashion-mnist":
         parser.error("argument --root: only used with --data fashion-mnist")
     try:
@@ -314,6 +329,79 @@ def run_demo_command(args: argparse.Namespace) -> int:
         _plot_demo(args.plot, runs, f"{data.description} · {runs[0].optimizer_name.rsplit('.', 1)[-1]} "
                                     f"lr {lr:g} · batch {args.batch_size} · {device.type}")
         print(f"wrote {args.plot}")
+    return 0
+
+
+def run_lm_demo_command(args: argparse.Namespace) -> int:
+    """``fused-train demo --task lm``: see fused_train/lm_demo.py."""
+    from . import lm_demo
+    from .demo import IMPLEMENTATIONS, OPTIMIZERS
+
+    parser = args.subparser
+    for flag, value, default in (("--data", args.data, "digits"), ("--root", args.root, None),
+                                 ("--epochs", args.epochs, DEFAULT_EPOCHS), ("--plot", args.plot, None)):
+        if value != default:
+            parser.error(f"argument {flag}: not used with --task lm")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    optimizer = args.optimizer or "adamw"
+    lr = args.lr if args.lr is not None else 3e-3
+    steps = args.steps or DEFAULT_LM_STEPS
+    batch_size, context = args.batch_size, LM_CONTEXT
+    eval_every = max(1, steps // 8)
+    data = lm_demo.load_stdlib_text()
+    implementations = IMPLEMENTATIONS if args.compare else IMPLEMENTATIONS[:1]
+    runs = lm_demo.prepare_lm_runs(data, implementations=implementations, optimizer=optimizer, lr=lr,
+                                   context=context, seed=args.seed, device=device)
+    info = build_info()
+    print(f"fused_train demo --task lm · {data.description}")
+    print(f"{steps} steps · {batch_size} × {context} tokens per step · {OPTIMIZERS[optimizer][0].__name__} "
+          f"lr {lr:g} · {device.type} ({info['num_threads']} threads) · seed {args.seed}")
+    for run in runs:
+        loss_name = ("fused_train.nn.functional.linear_cross_entropy" if run.implementation == "fused_train"
+                     else "linear + torch.nn.CrossEntropyLoss")
+        print(f"{run.implementation:<11}  {run.optimizer_name} + {loss_name}")
+    for run in runs:
+        lm_demo.warm_up_lm(run, data, batch_size, context, device)
+
+    def on_eval(run, step):
+        if not args.quiet:
+            recent = statistics.fmean(run.train_losses[-eval_every:])
+            print(f"{run.implementation:<11}  step {step:>{len(str(steps))}}/{steps} · train loss {recent:.4f} · "
+                  f"val loss {run.val_losses[-1][1]:.4f}", flush=True)
+
+    for run in runs:
+        lm_demo.train_lm(run, data, steps=steps, batch_size=batch_size, context=context, seed=args.seed + 1,
+                         device=device, eval_every=eval_every, on_eval=on_eval)
+    print()
+    summary = {}
+    for run in runs:
+        median_step = statistics.median(run.step_seconds)
+        summary[run.implementation] = dict(final_val_loss=run.val_losses[-1][1], median_step_seconds=median_step,
+                                           peak_memory_mib=run.peak_mib)
+        print(f"{run.implementation:<11}  val loss {run.val_losses[-1][1]:.4f} · {1000 * median_step:.1f} ms "
+              f"per step (median) · peak memory +{run.peak_mib:.0f} MiB while training")
+    if args.compare:
+        fused, stock = summary["fused_train"], summary["torch"]
+        print(f"fused_train: {stock['median_step_seconds'] / fused['median_step_seconds']:.2f}× as fast per step, "
+              f"{fused['peak_memory_mib']:.0f} MiB against {stock['peak_memory_mib']:.0f} MiB peak, "
+              f"validation losses differ by {abs(fused['final_val_loss'] - stock['final_val_loss']):.4f}")
+    if args.json is not None:
+        _write_json(args.json, {
+            "command": "demo",
+            "settings": {"task": "lm", "steps": steps, "batch_size": batch_size, "context": context, "lr": lr,
+                         "optimizer": optimizer, "device": args.device, "seed": args.seed,
+                         "threads": torch.get_num_threads(), "compare": args.compare},
+            "dataset": {"description": data.description, "vocab_size": data.vocab_size,
+                        "train_tokens": len(data.train), "validation_tokens": len(data.validation)},
+            "runs": {run.implementation: {"optimizer": run.optimizer_name, "train_losses": run.train_losses,
+                                          "val_losses": run.val_losses, **summary[run.implementation]}
+                     for run in runs},
+            "build_info": info,
+            "environment": _environment(),
+        })
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -1,0 +1,170 @@
+"""The language model's last layer and loss, forward + backward, beside its peers: fused_train's
+``linear_cross_entropy``, ``linear`` + ``F.cross_entropy`` (torch), torch's chunked ``F.linear_cross_entropy``
+(torch >= 2.14, ``options=LinearCrossEntropyOptions()``), and the floor: the same three GEMMs alone
+(logits, input gradient, weight gradient) over preallocated tensors.
+
+    python benchmarks/bench_linear_cross_entropy.py [--cases N,H,V ...] [--dtypes float32 bfloat16]
+        [--impls fused torch chunked gemms] [--reps 3] [--device cpu] [--json FILE]
+
+Each (case, dtype, implementation) runs in a process of its own, so each peak is its own: the inputs are made,
+one forward + backward runs (a training loop's first step, whose one-time buffers, such as MKL's GEMM packing,
+stay), the peak resident memory (VmHWM; CUDA: the allocator's peak) is reset, and the next step's peak above what
+was resident before it, less the bytes of the gradients of input and weight (which every implementation must
+return), is the memory the implementation adds. The median time of ``--reps`` steps is reported (``--reps 0``:
+one step, the first, which gives both figures, for implementations that take minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+IMPLS = ("fused", "torch", "chunked", "gemms")
+DEFAULT_CASES = ("2048,1024,32000", "4096,2048,32000", "2048,2048,128256")
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak(device: str) -> int:
+    """Resets the peak and returns what is resident now."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (VmHWM) to the current RSS
+        f.write("5")
+    return _rss_bytes("VmRSS")
+
+
+def _peak(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return _rss_bytes("VmHWM")
+
+
+def run_one(impl: str, n: int, h: int, v: int, dtype_name: str, reps: int, device: str) -> dict:
+    """One implementation on one case, in this process."""
+    import torch
+    import torch.nn.functional as F
+
+    import fused_train.nn.functional as fused
+
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(n, h, generator=gen) / h**0.5).to(device, dtype).requires_grad_()
+    w = (torch.randn(v, h, generator=gen) * 0.02).to(device, dtype).requires_grad_()
+    target = torch.randint(0, v, (n,), generator=gen).to(device)
+    target[::17] = -100  # some padding, as a causal LM's shifted labels have
+
+    if impl == "fused":
+        def step():
+            fused.linear_cross_entropy(x, w, target).backward()
+    elif impl == "torch":
+        def step():
+            F.cross_entropy(F.linear(x, w), target).backward()
+    elif impl == "chunked":
+        options = torch.nn.LinearCrossEntropyOptions()
+
+        def step():
+            F.linear_cross_entropy(x, w, target, options=options).backward()
+    else:  # gemms: the floor, over buffers made once (not counted as memory of a step)
+        logits = torch.empty(n, v, device=device, dtype=dtype)
+        grad_x = torch.empty(n, h, device=device, dtype=dtype)
+        grad_w = torch.empty(v, h, device=device, dtype=dtype)
+
+        def step():
+            torch.mm(x.detach(), w.detach().t(), out=logits)
+            torch.mm(logits, w.detach(), out=grad_x)
+            torch.mm(logits.t(), x.detach(), out=grad_w)
+
+    def timed() -> float:
+        x.grad = w.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    grad_bytes = (x.numel() + w.numel()) * x.element_size()
+    if reps > 0:  # a training loop's step: after the first, whose one-time buffers (MKL's packing) stay
+        timed()
+    x.grad = w.grad = None
+    before = _reset_peak(device)
+    times = [timed()]
+    extra = _peak(device) - before - grad_bytes
+    times += [timed() for _ in range(reps - 1)]
+    return dict(impl=impl, n=n, h=h, v=v, dtype=dtype_name, device=device, seconds=statistics.median(times),
+                reps=len(times), extra_peak_mib=None if impl == "gemms" else round(extra / 2**20, 1),
+                torch=torch.__version__, threads=torch.get_num_threads())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), metavar="N,H,V")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", metavar="FILE", help="append one JSON line per row")
+    parser.add_argument("--one", nargs=5, metavar=("IMPL", "N", "H", "V", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        impl, n, h, v, dtype = args.one
+        print(json.dumps(run_one(impl, int(n), int(h), int(v), dtype, args.reps, args.device)))
+        return 0
+    for case in args.cases:
+        n, h, v = (int(part) for part in case.split(","))
+        for dtype in args.dtypes:
+            rows = {}
+            for impl in args.impls:
+                cmd = [sys.executable, os.path.abspath(__file__), "--one", impl, str(n), str(h), str(v), dtype,
+                       "--reps", str(args.reps), "--device", args.device]
+                # Every block above 128 KiB mapped on allocation and unmapped when freed: resident memory
+                # then follows live tensors (glibc's default would keep freed blocks up to 32 MiB resident
+                # and reuse them, hiding a step's temporaries behind the previous step's).
+                env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if done.returncode != 0:
+                    print(f"{impl} {case} {dtype}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                rows[impl] = row = json.loads(done.stdout.strip().splitlines()[-1])
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+            line = f"N={n} H={h} V={v} {dtype}:"
+            for impl, row in rows.items():
+                memory = "" if row["extra_peak_mib"] is None else f" +{row['extra_peak_mib']:.0f} MiB"
+                line += f"  {impl} {row['seconds']:.3f} s{memory}"
+            fused = rows.get("fused")
+            if fused:
+                for peer in ("torch", "chunked"):
+                    if peer in rows:
+                        line += f"  fused/{peer} {fused['seconds'] / rows[peer]['seconds']:.2f}x"
+                if "gemms" in rows:
+                    line += f"  GEMM floor/fused {100 * rows['gemms']['seconds'] / fused['seconds']:.0f}%"
+                if "torch" in rows and rows["torch"]["extra_peak_mib"] > 0:
+                    line += f"  memory fused/torch {100 * fused['extra_peak_mib'] / rows['torch']['extra_peak_mib']:.1f}%"
+            print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
