@@ -113,14 +113,13 @@ Call check_call(const char* op, const at::Tensor& input, const at::Tensor& linea
     TORCH_CHECK_VALUE(b.device() == dev, op, ": linear_bias must be on ", dev, " like input, got ", b.device());
   }
   if (at::isFloatingType(target.scalar_type())) {
-    TORCH_CHECK_TYPE(target.scalar_type() == dtype, op, ": probability target must have input's dtype ", dtype,
-                     ", got ", target.scalar_type());
+    // Any floating dtype: each chunk's rows are converted to the logits' (autocast leaves an fp32 target fp32).
     TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == c.rows && target.size(1) == c.classes, op,
                       ": probability target must have shape (N=", c.rows, ", num_classes=", c.classes, "), got ",
                       target.sizes());
   } else {
     TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
-                     ": target must hold class indices (int64 or int32) or probabilities (input's dtype), got ",
+                     ": target must hold class indices (int64 or int32) or probabilities (floating point), got ",
                      target.scalar_type());
     TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == c.rows, op, ": target must have shape (N=", c.rows,
                       ",), got ", target.sizes());
@@ -167,12 +166,33 @@ Call check_call(const char* op, const at::Tensor& input, const at::Tensor& linea
 at::Tensor mean_denominator(const Call& c) {
   const at::TensorOptions opmath = c.input.options().dtype(c.opmath);
   if (at::isFloatingType(c.target.scalar_type())) return at::scalar_tensor(static_cast<double>(c.rows), opmath);
-  const at::Tensor kept = c.target != c.ignore_index;
+  // In int64: an int32 target compared with an ignore_index beyond int32 would wrap it.
+  const at::Tensor kept = c.target.to(at::kLong) != c.ignore_index;
   if (!c.weight.has_value()) return kept.sum().to(c.opmath);
   // A target out of [0, V) is reported by the loss op of its chunk (on CPU before this call returns; on CUDA
   // as that op reports it); clamped here so the gather itself stays in bounds.
   const at::Tensor index = c.target.masked_fill(kept.logical_not(), 0).clamp(0, c.classes - 1).to(at::kLong);
   return (c.weight->to(c.opmath).index_select(0, index) * kept).sum();
+}
+
+// The chunk's rows of target; probabilities in the logits' dtype.
+at::Tensor chunk_target(const Call& c, int64_t begin, int64_t rows) {
+  const at::Tensor t = c.target.narrow(0, begin, rows);
+  return at::isFloatingType(t.scalar_type()) ? t.to(c.compute) : t;
+}
+
+// On CPU, every class index in [0, V) or ignore_index, checked before anything is computed, so that the
+// error names the row of the whole batch (the loss op would name the row of its chunk). On CUDA the loss op
+// of the chunk reports it, as fused_train's cross_entropy does.
+void check_cpu_targets(const char* op, const Call& c) {
+  if (!c.input.device().is_cpu() || at::isFloatingType(c.target.scalar_type()) || c.rows == 0) return;
+  const at::Tensor t = c.target.to(at::kLong);
+  const at::Tensor bad = (t != c.ignore_index).logical_and_((t < 0).logical_or_(t >= c.classes));
+  if (!bad.any().item<bool>()) return;
+  const int64_t row = bad.nonzero().select(1, 0)[0].item<int64_t>();
+  TORCH_CHECK_INDEX(false, op, ": target ", t[row].item<int64_t>(), " at position ", row,
+                    " is out of bounds: expected 0 <= target < ", c.classes, " or target == ignore_index (",
+                    c.ignore_index, ")");
 }
 
 // Fills logits (rows, V) with the chunk's logits: x @ W.T + b, and with softcap c: c·tanh((x @ W.T + b) / c),
@@ -279,6 +299,7 @@ ForwardOutputs linear_cross_entropy_forward(const at::Tensor& input, const at::T
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Call c = check_call("linear_cross_entropy_forward", input, linear_weight, target, linear_bias, weight,
                             reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_rows);
+  check_cpu_targets("linear_cross_entropy", c);
   const bool per_row = reduction == kNone;
   const at::TensorOptions opmath = input.options().dtype(c.opmath);
   const at::ScalarType loss_dtype = opmath_loss ? c.opmath : input.scalar_type();
@@ -292,7 +313,7 @@ ForwardOutputs linear_cross_entropy_forward(const at::Tensor& input, const at::T
   // Each chunk's loss is its sum (or its rows); the mean divides once, by the denominator of all rows.
   const int64_t chunk_reduction = per_row ? kNone : kSum;
   for_each_chunk(c, [&](int64_t begin, const at::Tensor& x, at::Tensor& logits, at::Tensor& tanh_rows) {
-    const at::Tensor target_rows = c.target.narrow(0, begin, x.size(0));
+    const at::Tensor target_rows = chunk_target(c, begin, x.size(0));
     const auto& op = with_grads ? loss_forward_backward_inplace_op() : loss_forward_op();
     auto [loss, z_loss, lse, unused] = op.call(logits, target_rows, c.weight, chunk_reduction, c.ignore_index,
                                                c.label_smoothing, c.lse_square_scale, true);
@@ -345,7 +366,7 @@ Grads linear_cross_entropy_backward(const at::Tensor& grad_loss, const at::Tenso
   for_each_chunk(c, [&](int64_t begin, const at::Tensor& x, at::Tensor& logits, at::Tensor& tanh_rows) {
     const int64_t n = x.size(0);
     const at::Tensor g = reduction == kNone ? grad_loss.narrow(0, begin, n) : grad_loss.reshape({});
-    loss_backward_inplace_op().call(g, logits, c.target.narrow(0, begin, n), c.weight, row_lse.narrow(0, begin, n),
+    loss_backward_inplace_op().call(g, logits, chunk_target(c, begin, n), c.weight, row_lse.narrow(0, begin, n),
                                     denominator, reduction, c.ignore_index, c.label_smoothing, c.lse_square_scale);
     grads.add(begin, x, logits, tanh_rows);
   });

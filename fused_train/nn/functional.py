@@ -502,13 +502,14 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
 def _linear_backward(ctx, grad_loss):
     needs = ctx.needs_input_grad
-    if needs[4]:
-        raise RuntimeError(
-            "linear_cross_entropy: the derivative for 'weight' is not implemented (pass a weight that does not "
-            "require grad, e.g. weight.detach())"
-        )
+    for position, name in ((4, "weight"), (2, "target")):
+        if needs[position]:
+            raise RuntimeError(
+                f"linear_cross_entropy: the derivative for '{name}' is not implemented (pass a {name} that does "
+                f"not require grad, e.g. {name}.detach())"
+            )
     grads = ctx.grads
-    if grads is not None and (_transforms_active() or _compiled_autograd_enabled()):
+    if grads is not None and (_transforms_active() or _compiled_autograd_enabled() or _is_batched(grad_loss)):
         grads = None  # as in _backward: a batched grad_loss, or a replay that would reuse them, recomputes
     if grads is not None:
         ctx.grads = None
@@ -554,7 +555,47 @@ class _LinearCrossEntropyTransformFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        return _linear_backward(ctx, grad_loss)
+        needs = ctx.needs_input_grad
+        if needs[2] or needs[4]:
+            return _linear_backward(ctx, grad_loss)  # raises, naming the argument
+        grads = _LinearTransformGradient.apply(grad_loss, *ctx.saved_tensors, ctx.options, needs)
+        return (grads[0] if needs[0] else None, grads[1] if needs[1] else None, None,
+                grads[2] if needs[3] else None, None, None)
+
+
+class _LinearTransformGradient(torch.autograd.Function):
+    """The gradients under torch.func, which differentiates with create_graph: a node that raises when anything
+    differentiates them again (torch.func.hessian, jacrev of grad), rather than an outer transform seeing a
+    constant and answering 0."""
+
+    @staticmethod
+    def forward(grad_loss, input, linear_weight, target, linear_bias, weight, row_lse, denominator, options, needs):
+        reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_rows = options[:6]
+        return _ops.linear_cross_entropy_backward(
+            grad_loss, input, linear_weight, target, linear_bias, weight, row_lse, denominator,
+            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            lse_square_scale=lse_square_scale, softcap=softcap, chunk_rows=chunk_rows, input_grad=needs[0],
+            linear_weight_grad=needs[1], linear_bias_grad=needs[3],
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grad_grads):
+        _raise_double_backward()
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        _raise_double_backward()
+
+
+def _is_batched(t: Tensor) -> bool:
+    """Whether t is a vmap batched tensor: autograd.grad(..., is_grads_batched=True) hands one to a backward
+    with legacy vmap's Batched dispatch key, which functorch's is_batchedtensor does not see and Python's
+    DispatchKey does not name."""
+    return "Batched" in str(torch._C._dispatch_keys(t))
 
 
 def linear_cross_entropy(
@@ -586,7 +627,7 @@ def linear_cross_entropy(
         input: :math:`(*, H)`, e.g. a causal LM's hidden states (batch, time, H).
         linear_weight: :math:`(V, H)`, the LM head's weight (tied to the input embedding or not).
         target: class indices of shape :math:`(*)` (int64 or int32, values in :math:`[0, V)` or
-            ``ignore_index``), or probabilities :math:`(*, V)` in ``input``'s dtype.
+            ``ignore_index``), or probabilities :math:`(*, V)` (floating point; read in ``input``'s dtype).
         linear_bias: :math:`(V)`.
         weight, reduction, label_smoothing, lse_square_scale: as :func:`cross_entropy`.
         ignore_index: as :func:`cross_entropy`; ``None`` means -100, as torch's.
@@ -604,8 +645,9 @@ def linear_cross_entropy(
     code = _REDUCTION_CODES.get(reduction)
     if code is None:
         raise ValueError(f"linear_cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    for name, value in (("input", input), ("linear_weight", linear_weight), ("target", target)):
-        if not isinstance(value, Tensor):
+    for name, value in (("input", input), ("linear_weight", linear_weight), ("target", target),
+                        ("linear_bias", linear_bias), ("weight", weight)):
+        if not isinstance(value, Tensor) and not (value is None and name in ("linear_bias", "weight")):
             raise TypeError(f"linear_cross_entropy: {name} must be a Tensor, got {type(value).__name__}")
     if linear_weight.dim() != 2:
         raise ValueError(
@@ -637,15 +679,18 @@ def linear_cross_entropy(
         raise ValueError(f"linear_cross_entropy: chunk_size must be a positive int or None, got {chunk_size!r}")
     if ignore_index is None:
         ignore_index = -100
-    opmath_loss = _any_autocast() and torch.is_autocast_enabled(input.device.type)
+    opmath_loss = (_any_autocast() and torch.is_autocast_enabled(input.device.type)
+                   and input.dtype in _AUTOCAST_CASTS)
     if opmath_loss:
-        # autocast would run linear in its dtype and the loss in fp32 (returned in fp32).
+        # autocast would run linear in its dtype (fp64 it leaves alone) and the loss in fp32, returned in fp32.
         dtype = _autocast_dtype(input.device.type)
-        input, linear_weight = input.to(dtype), linear_weight.to(dtype)
-        if linear_bias is not None:
-            linear_bias = linear_bias.to(dtype)
-    rows = input.reshape(-1, input.shape[-1])
-    target_rows = target.reshape(-1, classes) if prob else target.reshape(-1)
+        input, linear_weight, linear_bias = (
+            t.to(dtype) if t is not None and t.dtype in _AUTOCAST_CASTS else t
+            for t in (input, linear_weight, linear_bias)
+        )
+    rows_count = batch_shape.numel()
+    rows = input.reshape(rows_count, input.shape[-1])
+    target_rows = target.reshape(rows_count, classes) if prob else target.reshape(rows_count)
     grad = torch.is_grad_enabled()
     wanted = (grad and rows.requires_grad, grad and linear_weight.requires_grad,
               grad and linear_bias is not None and linear_bias.requires_grad)
@@ -657,6 +702,9 @@ def linear_cross_entropy(
     else:
         loss = _LinearCrossEntropyFunction.apply(rows, linear_weight, target_rows, linear_bias, weight, options)
     return loss.reshape(batch_shape) if code == 0 else loss
+
+
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype:
