@@ -112,7 +112,7 @@ def run_one(impl: str, n: int, h: int, v: int, dtype_name: str, reps: int, devic
     extra = _peak(device) - before - grad_bytes
     times += [timed() for _ in range(reps - 1)]
     return dict(impl=impl, n=n, h=h, v=v, dtype=dtype_name, device=device, seconds=statistics.median(times),
-                reps=len(times), extra_peak_mib=None if impl == "gemms" else round(extra / 2**20, 1),
+                seconds_min=min(times), reps=len(times), extra_peak_mib=None if impl == "gemms" else round(extra / 2**20, 1),
                 torch=torch.__version__, threads=torch.get_num_threads())
 
 
@@ -152,7 +152,7 @@ def main() -> int:
             line = f"N={n} H={h} V={v} {dtype}:"
             for impl, row in rows.items():
                 memory = "" if row["extra_peak_mib"] is None else f" +{row['extra_peak_mib']:.0f} MiB"
-                line += f"  {impl} {row['seconds']:.3f} s{memory}"
+                line += f"  {impl} {row['seconds']:.3f} s (min {row['seconds_min']:.3f}){memory}"
             fused = rows.get("fused")
             if fused:
                 for peer in ("torch", "chunked"):
