@@ -617,7 +617,7 @@ def linear_cross_entropy(
     rows. Each chunk's logits come from one GEMM (ATen: MKL/oneDNN on CPU, cuBLAS on CUDA) into a buffer reused
     by every chunk, the fused loss turns them into the loss and their gradient in one pass, and two more GEMMs
     carry the gradient to ``input`` and ``linear_weight``: linear + cross_entropy's work, with one chunk of
-    logits (about 24 MiB, at least 192 rows) in memory instead of N×V.
+    logits (a tenth of N×V within 24–64 MiB, at least 192 rows) in memory instead of N×V.
 
     Arguments, shapes and results as :func:`torch.nn.functional.linear_cross_entropy` (and
     :func:`cross_entropy` for the loss options); the loss in ``input``'s dtype, or fp32 under autocast, which
@@ -633,7 +633,7 @@ def linear_cross_entropy(
         ignore_index: as :func:`cross_entropy`; ``None`` means -100, as torch's.
         softcap: Gemma-style logit capping: the logits become ``softcap · tanh(logits / softcap)`` before the
             loss (gradient included). ``None``: no capping.
-        chunk_size: rows per chunk; ``None`` sizes chunks to about 24 MiB of logits (at least 192 rows).
+        chunk_size: rows per chunk; ``None``: a tenth of the N×V logits within 24–64 MiB, at least 192 rows.
 
     The gradients of a reduced loss are computed in the forward (for a loss gradient of 1) and applied in
     the backward; ``reduction='none'``, fp16 and a second backward recompute them from the inputs, costing the
