@@ -6,12 +6,16 @@
     python benchmarks/bench_linear_cross_entropy.py [--cases N,H,V ...] [--dtypes float32 bfloat16]
         [--impls fused torch chunked gemms] [--reps 3] [--device cpu] [--json FILE]
 
-Each (case, dtype, implementation) runs in a process of its own, so each peak is its own: the inputs are made,
-one forward + backward runs (a training loop's first step, whose one-time buffers, such as MKL's GEMM packing,
-stay), the peak resident memory (VmHWM; CUDA: the allocator's peak) is reset, and the next step's peak above what
-was resident before it, less the bytes of the gradients of input and weight (which every implementation must
-return), is the memory the implementation adds. The median time of ``--reps`` steps is reported (``--reps 0``:
-one step, the first, which gives both figures, for implementations that take minutes).
+Memory: each (case, dtype, implementation) in a process of its own, so each peak is its own. The inputs are
+made, one forward + backward runs (a training loop's first step, whose one-time buffers, such as MKL's GEMM
+packing, stay), the peak resident memory (VmHWM; CUDA: the allocator's peak) is reset, and the next step's
+peak above what was resident before it, less the bytes of the gradients of input and weight (which every
+implementation must return), is the memory the implementation adds.
+
+Time: per case and dtype, every implementation in one process, warmed up, then ``--reps`` rounds of one step
+each in alternating order; the median step and the median per-round ratio to fused are reported, so that a
+burst of load on a shared machine falls on every implementation of its round. ``--reps 0``: one step each,
+the memory run's (for implementations that take minutes).
 """
 
 from __future__ import annotations
@@ -58,8 +62,8 @@ def _peak(device: str) -> int:
     return _rss_bytes("VmHWM")
 
 
-def run_one(impl: str, n: int, h: int, v: int, dtype_name: str, reps: int, device: str) -> dict:
-    """One implementation on one case, in this process."""
+def make_step(impl: str, n: int, h: int, v: int, dtype_name: str, device: str):
+    """One forward + backward of ``impl`` on fresh inputs: (step, x, w); step() leaves x.grad and w.grad set."""
     import torch
     import torch.nn.functional as F
 
@@ -93,27 +97,68 @@ def run_one(impl: str, n: int, h: int, v: int, dtype_name: str, reps: int, devic
             torch.mm(logits, w.detach(), out=grad_x)
             torch.mm(logits.t(), x.detach(), out=grad_w)
 
-    def timed() -> float:
-        x.grad = w.grad = None
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+    return step, x, w
 
-    grad_bytes = (x.numel() + w.numel()) * x.element_size()
-    if reps > 0:  # a training loop's step: after the first, whose one-time buffers (MKL's packing) stay
-        timed()
+
+def _timed(step, x, w, device: str) -> float:
+    import torch
+
+    x.grad = w.grad = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure_memory(impl: str, n: int, h: int, v: int, dtype_name: str, warm: bool, device: str) -> dict:
+    """In this process: the memory ``impl`` adds to a step (after a first step when ``warm``), and that step's
+    time."""
+    step, x, w = make_step(impl, n, h, v, dtype_name, device)
+    if warm:  # a training loop's step: after the first, whose one-time buffers (MKL's packing) stay
+        _timed(step, x, w, device)
     x.grad = w.grad = None
     before = _reset_peak(device)
-    times = [timed()]
-    extra = _peak(device) - before - grad_bytes
-    times += [timed() for _ in range(reps - 1)]
-    return dict(impl=impl, n=n, h=h, v=v, dtype=dtype_name, device=device, seconds=statistics.median(times),
-                seconds_min=min(times), reps=len(times), extra_peak_mib=None if impl == "gemms" else round(extra / 2**20, 1),
-                torch=torch.__version__, threads=torch.get_num_threads())
+    seconds = _timed(step, x, w, device)
+    extra = _peak(device) - before - (x.numel() + w.numel()) * x.element_size()
+    return dict(extra_peak_mib=None if impl == "gemms" else round(extra / 2**20, 1), step_seconds=seconds)
+
+
+def measure_times(impls: list[str], n: int, h: int, v: int, dtype_name: str, reps: int, device: str) -> dict:
+    """In this process: every implementation warmed up, then ``reps`` rounds of one step each, the order
+    alternating, so that a burst of load on a shared machine slows every implementation of its round alike;
+    each implementation's median and minimum, and the median per-round ratio to fused."""
+    steps = {impl: make_step(impl, n, h, v, dtype_name, device) for impl in impls}
+    for step in steps.values():
+        _timed(*step, device)
+    times = {impl: [] for impl in impls}
+    for rep in range(reps):
+        for impl in (impls if rep % 2 == 0 else impls[::-1]):
+            times[impl].append(_timed(*steps[impl], device))
+    out = {}
+    for impl, ts in times.items():
+        row = dict(seconds=statistics.median(ts), seconds_min=min(ts), reps=len(ts))
+        if "fused" in times and impl != "fused":
+            row["fused_over_this"] = statistics.median(f / t for f, t in zip(times["fused"], ts))
+        out[impl] = row
+    return out
+
+
+def _run_self(args: list[str], exact_resident_memory: bool = False) -> dict:
+    env = dict(os.environ)
+    if exact_resident_memory:
+        # Every block above 128 KiB mapped on allocation and unmapped when freed: resident memory then follows
+        # live tensors (glibc's default would keep freed blocks up to 32 MiB resident and reuse them, hiding a
+        # step's temporaries behind the previous step's). Not for timing: every large tensor would be paged
+        # in afresh.
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True,
+                          env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -124,30 +169,39 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", metavar="FILE", help="append one JSON line per row")
-    parser.add_argument("--one", nargs=5, metavar=("IMPL", "N", "H", "V", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--times", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:
-        impl, n, h, v, dtype = args.one
-        print(json.dumps(run_one(impl, int(n), int(h), int(v), dtype, args.reps, args.device)))
+    if args.memory:
+        impl, n, h, v, dtype, warm = args.memory
+        print(json.dumps(measure_memory(impl, int(n), int(h), int(v), dtype, warm == "1", args.device)))
         return 0
+    if args.times:
+        n, h, v, dtype = args.times
+        print(json.dumps(measure_times(args.impls, int(n), int(h), int(v), dtype, args.reps, args.device)))
+        return 0
+    import torch
+
     for case in args.cases:
         n, h, v = (int(part) for part in case.split(","))
         for dtype in args.dtypes:
             rows = {}
             for impl in args.impls:
-                cmd = [sys.executable, os.path.abspath(__file__), "--one", impl, str(n), str(h), str(v), dtype,
-                       "--reps", str(args.reps), "--device", args.device]
-                # Every block above 128 KiB mapped on allocation and unmapped when freed: resident memory
-                # then follows live tensors (glibc's default would keep freed blocks up to 32 MiB resident
-                # and reuse them, hiding a step's temporaries behind the previous step's).
-                env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if done.returncode != 0:
-                    print(f"{impl} {case} {dtype}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
-                    continue
-                rows[impl] = row = json.loads(done.stdout.strip().splitlines()[-1])
-                if args.json:
-                    with open(args.json, "a") as f:
+                memory = _run_self(["--memory", impl, str(n), str(h), str(v), dtype, "1" if args.reps else "0",
+                                    "--device", args.device], exact_resident_memory=True)
+                rows[impl] = dict(impl=impl, n=n, h=h, v=v, dtype=dtype, device=args.device, torch=torch.__version__,
+                                  threads=torch.get_num_threads(), **memory)
+            if args.reps:
+                times = _run_self(["--times", str(n), str(h), str(v), dtype, "--reps", str(args.reps),
+                                   "--device", args.device, "--impls", *args.impls])
+                for impl, t in times.items():
+                    rows[impl].update(t)
+            else:  # one step each, the memory run's
+                for row in rows.values():
+                    row.update(seconds=row["step_seconds"], seconds_min=row["step_seconds"], reps=1)
+            if args.json:
+                with open(args.json, "a") as f:
+                    for row in rows.values():
                         f.write(json.dumps(row) + "\n")
             line = f"N={n} H={h} V={v} {dtype}:"
             for impl, row in rows.items():
@@ -157,11 +211,13 @@ def main() -> int:
             if fused:
                 for peer in ("torch", "chunked"):
                     if peer in rows:
-                        line += f"  fused/{peer} {fused['seconds'] / rows[peer]['seconds']:.2f}x"
+                        ratio = rows[peer].get("fused_over_this", fused["seconds"] / rows[peer]["seconds"])
+                        line += f"  fused/{peer} {ratio:.2f}x"
                 if "gemms" in rows:
                     line += f"  GEMM floor/fused {100 * rows['gemms']['seconds'] / fused['seconds']:.0f}%"
                 if "torch" in rows and rows["torch"]["extra_peak_mib"] > 0:
-                    line += f"  memory fused/torch {100 * fused['extra_peak_mib'] / rows['torch']['extra_peak_mib']:.1f}%"
+                    share = 100 * fused["extra_peak_mib"] / rows["torch"]["extra_peak_mib"]
+                    line += f"  memory fused/torch {share:.1f}%"
             print(line, flush=True)
     return 0
 

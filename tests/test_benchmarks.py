@@ -4,6 +4,7 @@ pattern are the bytes the step moves, and every row says its share of its own pa
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -130,3 +131,23 @@ def test_interleaved_timing_rotates_the_order_and_takes_self_timed_seconds():
     rounds = [calls[i:i + 4] for i in range(0, len(calls), 4)]
     assert [r[0] for r in rounds] == ["a", "b", "c", "self_timed", "a"]  # each leads a round in turn
     assert all(sorted(r) == sorted(fns) for r in rounds)
+
+
+def test_linear_cross_entropy_benchmark_measures_each_implementation_in_its_own_process(tmp_path):
+    """benchmarks/bench_linear_cross_entropy.py end to end on a small case: a JSON row per implementation, with
+    the memory each adds measured from /proc (the (N, V) logits of linear + cross_entropy, 256 × 4000 fp32 =
+    4 MiB, against fused_train's one chunk of 192 rows) and every implementation timed."""
+    impls = ["fused", "torch"] + (["chunked"] if hasattr(torch.nn, "LinearCrossEntropyOptions") else [])
+    out = tmp_path / "rows.jsonl"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_linear_cross_entropy.py"), "--cases", "256,32,4000", "--dtypes",
+         "float32", "--reps", "1", "--impls", *impls, "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {row["impl"]: row for row in map(json.loads, out.read_text().splitlines())}
+    assert sorted(rows) == sorted(impls)
+    assert all(row["seconds"] > 0 and row["reps"] == 1 for row in rows.values())
+    assert rows["torch"]["extra_peak_mib"] >= 3.9  # at least the logits
+    assert rows["fused"]["extra_peak_mib"] < rows["torch"]["extra_peak_mib"]
+    assert "fused_over_this" in rows["torch"] and "fused/torch" in done.stdout

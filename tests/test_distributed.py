@@ -31,6 +31,26 @@ def _model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
 
 
+class _HeadAndLoss(torch.nn.Module):
+    """A body and an LM-style head + loss (fused_train.nn.LinearCrossEntropyLoss), whose forward returns the
+    loss, as a DDP-wrapped language model's does."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU())
+        self.head = fused_train.nn.LinearCrossEntropyLoss(16, 4, bias=True, chunk_size=4)
+
+    def forward(self, x, y):
+        return self.head(self.body(x), y)
+
+
+def _loss(model, scenario, x, y):
+    if scenario == "ddp_linear_cross_entropy":
+        return model(x, y)
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
 def _global_batch(step: int):
     g = torch.Generator().manual_seed(100 + step)
     return torch.randn(WORLD * 6, 8, generator=g), torch.randint(0, 4, (WORLD * 6,), generator=g)
@@ -41,12 +61,12 @@ def _local_batch(step: int, rank: int):
     return x[rank * 6:(rank + 1) * 6], y[rank * 6:(rank + 1) * 6]
 
 
-def _single_process_reference() -> list[torch.Tensor]:
-    model = _model()
+def _single_process_reference(scenario: str) -> list[torch.Tensor]:
+    model = _HeadAndLoss() if scenario == "ddp_linear_cross_entropy" else _model()
     opt = fused_train.optim.AdamW(model.parameters(), lr=1e-2)
     for step in range(STEPS):
         x, y = _global_batch(step)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        _loss(model, scenario, x, y).backward()
         opt.step()
         opt.zero_grad()
     return [p.detach().clone() for p in model.parameters()]
@@ -58,7 +78,10 @@ def _worker(rank, scenario, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         model = _model()
-        if scenario == "ddp":
+        if scenario == "ddp_linear_cross_entropy":
+            model = torch.nn.parallel.DistributedDataParallel(_HeadAndLoss())
+            opt = fused_train.optim.AdamW(model.parameters(), lr=1e-2)
+        elif scenario == "ddp":
             model = torch.nn.parallel.DistributedDataParallel(model)
             opt = fused_train.optim.AdamW(model.parameters(), lr=1e-2)
         elif scenario == "zero":
@@ -78,7 +101,7 @@ def _worker(rank, scenario, port, out_dir):
             opt = fused_train.optim.AdamW(model.parameters(), lr=1e-2)
         for step in range(STEPS):
             x, y = _local_batch(step, rank)
-            torch.nn.functional.cross_entropy(model(x), y).backward()
+            _loss(model, scenario, x, y).backward()
             opt.step()
             opt.zero_grad()
         if scenario == "fsdp2":
@@ -133,7 +156,7 @@ DIST_TOL = dict(rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("scenario", [
-    "ddp", "zero",
+    "ddp", "zero", "ddp_linear_cross_entropy",
     pytest.param("fsdp2", marks=pytest.mark.skipif(
         TORCH_VERSION < (2, 6), reason="FSDP2 runs on CPU from torch 2.6 on (torch 2.5's needs CUDA streams)")),
 ])
@@ -141,5 +164,5 @@ def test_distributed_training_matches_single_process(scenario):
     per_rank = _run(scenario)
     for a, b in zip(*per_rank):
         assert torch.equal(a, b), f"{scenario}: ranks disagree"
-    for got, want in zip(per_rank[0], _single_process_reference()):
+    for got, want in zip(per_rank[0], _single_process_reference(scenario)):
         torch.testing.assert_close(got, want, **DIST_TOL)

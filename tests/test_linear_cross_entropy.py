@@ -74,6 +74,7 @@ OPTIONS = [
 ]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
 @pytest.mark.parametrize("bias", [False, True])
@@ -227,6 +228,7 @@ def test_loss_is_fp32_under_autocast_like_linear_plus_cross_entropy(device, redu
         assert_close_scaled(g, r, dtype)
 
 
+@pytest.mark.smoke
 def test_torch_compile_traces_it_without_graph_breaks():
     x, w, b, target = make_case(17, 8, 30, dtype=torch.float32)
 
@@ -242,6 +244,7 @@ def test_torch_compile_traces_it_without_graph_breaks():
         torch.testing.assert_close(g, r)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     x, w, b, target = make_case(9, 4, 11, dtype=torch.float32, device=device)
