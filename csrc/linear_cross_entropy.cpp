@@ -173,8 +173,8 @@ at::Tensor mean_denominator(const Call& c) {
   // In int64: an int32 target compared with an ignore_index beyond int32 would wrap it.
   const at::Tensor kept = c.target.to(at::kLong) != c.ignore_index;
   if (!c.weight.has_value()) return kept.sum().to(c.opmath);
-  // A target out of [0, V) is reported by the loss op of its chunk (on CPU before this call returns; on CUDA
-  // as that op reports it); clamped here so the gather itself stays in bounds.
+  // A target out of [0, V) has raised already on CPU (check_cpu_targets); on CUDA the loss op of its chunk
+  // reports it. Clamped here so the gather itself stays in bounds.
   const at::Tensor index = c.target.masked_fill(kept.logical_not(), 0).clamp(0, c.classes - 1).to(at::kLong);
   return (c.weight->to(c.opmath).index_select(0, index) * kept).sum();
 }
