@@ -509,7 +509,8 @@ def _linear_backward(ctx, grad_loss):
                 f"not require grad, e.g. {name}.detach())"
             )
     grads = ctx.grads
-    if grads is not None and (_transforms_active() or _compiled_autograd_enabled() or _is_batched(grad_loss)):
+    if grads is not None and (_transforms_active() or _compiled_autograd_enabled()
+                              or (not _is_compiling() and _is_batched(grad_loss))):
         grads = None  # as in _backward: a batched grad_loss, or a replay that would reuse them, recomputes
     if grads is not None:
         ctx.grads = None
