@@ -9,24 +9,41 @@
 
 namespace fused_train {
 
+void check_cross_entropy_dtype(const char* op, at::ScalarType dtype) {
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+                   op, ": input must be float32, float64, bfloat16 or float16, got ", dtype);
+}
+
+void check_cross_entropy_options(const char* op, int64_t reduction, double label_smoothing, double lse_square_scale) {
+  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+                    reduction);
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+                    ": label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK_VALUE(std::isfinite(lse_square_scale), op, ": lse_square_scale must be finite, got ",
+                    lse_square_scale);
+}
+
+void check_class_weight(const char* op, const at::Tensor& weight, int64_t classes, const at::Device& device) {
+  TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), op, ": weight must be floating point, got ",
+                   weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == classes, op, ": weight must have one entry per class (",
+                    classes, "), got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.device() == device, op, ": weight must be on ", device, " like input, got ",
+                    weight.device());
+}
+
 CrossEntropyCall check_cross_entropy_call(const char* op, const at::Tensor& input, const at::Tensor& target,
                                           const std::optional<at::Tensor>& weight, int64_t reduction,
                                           double label_smoothing, double lse_square_scale, bool writes_input) {
   CrossEntropyCall c;
   const auto dtype = input.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
-                   op, ": input must be float32, float64, bfloat16 or float16, got ", dtype);
+  check_cross_entropy_dtype(op, dtype);
   TORCH_CHECK_VALUE(input.dim() == 2, op, ": input must be 2-D (rows, classes), got shape ", input.sizes());
   c.rows = input.size(0);
   c.classes = input.size(1);
   TORCH_CHECK_VALUE(c.classes > 0, op, ": input must have at least one class, got shape ", input.sizes());
-  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-                    reduction);
+  check_cross_entropy_options(op, reduction, label_smoothing, lse_square_scale);
   c.reduction = static_cast<XentReduction>(reduction);
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
-                    ": label_smoothing must be in [0, 1], got ", label_smoothing);
-  TORCH_CHECK_VALUE(std::isfinite(lse_square_scale), op, ": lse_square_scale must be finite, got ",
-                    lse_square_scale);
   c.opmath = opmath_type(dtype);
 
   // The kernels read a row with vector loads, which needs unit class stride; a transposed view is copied
@@ -63,12 +80,7 @@ CrossEntropyCall check_cross_entropy_call(const char* op, const at::Tensor& inpu
   const bool linear = c.target_is_prob || label_smoothing > 0.0;
   if (weight.has_value() && weight->defined()) {
     const at::Tensor& w = *weight;
-    TORCH_CHECK_TYPE(at::isFloatingType(w.scalar_type()), op, ": weight must be floating point, got ",
-                     w.scalar_type());
-    TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == c.classes, op, ": weight must have one entry per class (",
-                      c.classes, "), got shape ", w.sizes());
-    TORCH_CHECK_VALUE(w.device() == input.device(), op, ": weight must be on ", input.device(), " like input, got ",
-                      w.device());
+    check_class_weight(op, w, c.classes, input.device());
     c.weight = w.to(c.opmath).contiguous();
     if (linear && !c.target_is_prob) c.class_weight_sum = c.weight.sum();
   } else if (linear) {

@@ -22,6 +22,16 @@ struct CrossEntropyCall {
   at::ScalarType opmath = at::kFloat;
 };
 
+// The input dtypes the loss kernels take: float32, float64, bfloat16, float16 (TypeError naming op otherwise).
+void check_cross_entropy_dtype(const char* op, at::ScalarType dtype);
+
+// The loss options every cross-entropy op takes: reduction 0/1/2, label_smoothing in [0, 1], a finite
+// lse_square_scale (ValueError naming the option otherwise).
+void check_cross_entropy_options(const char* op, int64_t reduction, double label_smoothing, double lse_square_scale);
+
+// A class weight: floating point, shape (classes,), on device.
+void check_class_weight(const char* op, const at::Tensor& weight, int64_t classes, const at::Device& device);
+
 // Checks one call and prepares its tensors; throws c10::Error (Python: ValueError/TypeError/RuntimeError)
 // naming the argument and the expectation. writes_input: the call overwrites the logits with the gradient.
 CrossEntropyCall check_cross_entropy_call(const char* op, const at::Tensor& input, const at::Tensor& target,

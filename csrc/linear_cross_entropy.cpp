@@ -25,6 +25,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cross_entropy_args.h"
 #include "optimizer_args.h"
 
 namespace fused_train {
@@ -92,8 +93,7 @@ Call check_call(const char* op, const at::Tensor& input, const at::Tensor& linea
                 double softcap, int64_t chunk_rows) {
   Call c;
   const auto dtype = input.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
-                   op, ": input must be float32, float64, bfloat16 or float16, got ", dtype);
+  check_cross_entropy_dtype(op, dtype);
   TORCH_CHECK_VALUE(input.dim() == 2, op, ": input must be 2-D (N, in_features), got shape ", input.sizes());
   c.rows = input.size(0);
   c.hidden = input.size(1);
@@ -130,19 +130,10 @@ Call check_call(const char* op, const at::Tensor& input, const at::Tensor& linea
   }
   TORCH_CHECK_VALUE(target.device() == dev, op, ": target must be on ", dev, " like input, got ", target.device());
   if (weight.has_value() && weight->defined()) {
-    const at::Tensor& w = *weight;
-    TORCH_CHECK_TYPE(at::isFloatingType(w.scalar_type()), op, ": weight must be floating point, got ",
-                     w.scalar_type());
-    TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == c.classes, op, ": weight must have one entry per class (",
-                      c.classes, "), got shape ", w.sizes());
-    TORCH_CHECK_VALUE(w.device() == dev, op, ": weight must be on ", dev, " like input, got ", w.device());
-    c.weight = w;
+    check_class_weight(op, *weight, c.classes, dev);
+    c.weight = *weight;
   }
-  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kSum, op,
-                    ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
-                    label_smoothing);
-  TORCH_CHECK_VALUE(std::isfinite(lse_square_scale), op, ": lse_square_scale must be finite, got ", lse_square_scale);
+  check_cross_entropy_options(op, reduction, label_smoothing, lse_square_scale);
   TORCH_CHECK_VALUE(softcap >= 0.0 && std::isfinite(softcap), op,
                     ": softcap must be a positive finite number (0 for none), got ", softcap);
   TORCH_CHECK_VALUE(chunk_rows >= 0, op, ": chunk_rows must be >= 0 (0 to size chunks automatically), got ",
