@@ -13,9 +13,9 @@ peak above what was resident before it, less the bytes of the gradients of input
 implementation must return), is the memory the implementation adds.
 
 Time: per case and dtype, every implementation in one process, warmed up, then ``--reps`` rounds of one step
-each in alternating order; the median step and the median per-round ratio to fused are reported, so that a
-burst of load on a shared machine falls on every implementation of its round. ``--reps 0``: one step each,
-the memory run's (for implementations that take minutes).
+each, the order rotating from round to round; the median step and the median per-round ratio to fused are
+reported, so that a burst of load on a shared machine falls on every implementation of its round.
+``--reps 0``: one step each, the memory run's (for implementations that take minutes).
 """
 
 from __future__ import annotations
@@ -30,36 +30,6 @@ import time
 
 IMPLS = ("fused", "torch", "chunked", "gemms")
 DEFAULT_CASES = ("2048,1024,32000", "4096,2048,32000", "2048,2048,128256")
-
-
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak(device: str) -> int:
-    """Resets the peak and returns what is resident now."""
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (VmHWM) to the current RSS
-        f.write("5")
-    return _rss_bytes("VmRSS")
-
-
-def _peak(device: str) -> int:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return _rss_bytes("VmHWM")
 
 
 def make_step(impl: str, n: int, h: int, v: int, dtype_name: str, device: str):
@@ -116,27 +86,29 @@ def _timed(step, x, w, device: str) -> float:
 def measure_memory(impl: str, n: int, h: int, v: int, dtype_name: str, warm: bool, device: str) -> dict:
     """In this process: the memory ``impl`` adds to a step (after a first step when ``warm``), and that step's
     time."""
+    from fused_train.benchmarking import peak_memory, reset_peak_memory
+
     step, x, w = make_step(impl, n, h, v, dtype_name, device)
     if warm:  # a training loop's step: after the first, whose one-time buffers (MKL's packing) stay
         _timed(step, x, w, device)
     x.grad = w.grad = None
-    before = _reset_peak(device)
+    before = reset_peak_memory(device)
     seconds = _timed(step, x, w, device)
-    extra = _peak(device) - before - (x.numel() + w.numel()) * x.element_size()
+    extra = peak_memory(device) - before - (x.numel() + w.numel()) * x.element_size()
     return dict(extra_peak_mib=None if impl == "gemms" else round(extra / 2**20, 1), step_seconds=seconds)
 
 
 def measure_times(impls: list[str], n: int, h: int, v: int, dtype_name: str, reps: int, device: str) -> dict:
-    """In this process: every implementation warmed up, then ``reps`` rounds of one step each, the order
-    alternating, so that a burst of load on a shared machine slows every implementation of its round alike;
-    each implementation's median and minimum, and the median per-round ratio to fused."""
+    """In this process: every implementation warmed up, then ``reps`` rounds of one step each in turns
+    (fused_train.benchmarking.interleaved_samples), so that a burst of load on a shared machine slows every
+    implementation of its round alike; each implementation's median and minimum, and the median per-round
+    ratio to fused."""
+    from fused_train.benchmarking import interleaved_samples
+
     steps = {impl: make_step(impl, n, h, v, dtype_name, device) for impl in impls}
-    for step in steps.values():
-        _timed(*step, device)
-    times = {impl: [] for impl in impls}
-    for rep in range(reps):
-        for impl in (impls if rep % 2 == 0 else impls[::-1]):
-            times[impl].append(_timed(*steps[impl], device))
+    samples = interleaved_samples({impl: (lambda s=step: _timed(*s, device)) for impl, step in steps.items()},
+                                  device, warmup=1, repeat=reps)
+    times = {impl: [ms / 1e3 for ms in ts] for impl, ts in samples.items()}
     out = {}
     for impl, ts in times.items():
         row = dict(seconds=statistics.median(ts), seconds_min=min(ts), reps=len(ts))

@@ -1,4 +1,4 @@
-"""What the benchmarks share: timing, the copy bandwidth their GB/s are measured against, finding and
+"""What the benchmarks share: timing, peak memory, the copy bandwidth their GB/s are measured against, finding and
 loading the ``benchmarks/bench_<topic>.py`` files, and the table ``fused-train bench`` prints.
 
 A benchmark file exposes ``run(device: str = "cpu", quick: bool = False) -> list[dict]``: one dict per
@@ -65,12 +65,12 @@ def time_ms(fn: Callable[[], object], device: str | torch.device = "cpu", *, war
     return statistics.median(times)
 
 
-def interleaved_ms(fns: dict[str, Callable[[], object]], device: str | torch.device = "cpu", *,
-                   warmup: int = 3, repeat: int = 20) -> dict[str, float]:
-    """Median wall time in milliseconds of each of several functions timed in turns: one call of each per
-    round, the order rotating from round to round, so that a slow spell of a shared machine falls on all
-    of them alike and none always runs right after the same neighbour (whose data it would find in, or
-    have evicted from, the cache). Timed as :func:`time_ms` times (CUDA events, or ``perf_counter``).
+def interleaved_samples(fns: dict[str, Callable[[], object]], device: str | torch.device = "cpu", *,
+                        warmup: int = 3, repeat: int = 20) -> dict[str, list[float]]:
+    """Wall times in milliseconds of each of several functions timed in turns, one list per function: one
+    call of each per round, the order rotating from round to round, so that a slow spell of a shared machine
+    falls on all of them alike and none always runs right after the same neighbour (whose data it would find
+    in, or have evicted from, the cache). Timed as :func:`time_ms` times (CUDA events, or ``perf_counter``).
 
     A function may instead return its own time in seconds (a ``float``): then that is used, e.g. for work
     that times itself inside an extension to leave the call's own cost out.
@@ -102,7 +102,45 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], device: str | torch.dev
                 ms = result * 1e3
             if r >= warmup:
                 times[name].append(ms)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], device: str | torch.device = "cpu", *,
+                   warmup: int = 3, repeat: int = 20) -> dict[str, float]:
+    """The median of each function's :func:`interleaved_samples`."""
+    samples = interleaved_samples(fns, device, warmup=warmup, repeat=repeat)
+    return {name: statistics.median(t) for name, t in samples.items()}
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_memory(device: str | torch.device = "cpu") -> int:
+    """Resets the peak-memory measure and returns the memory in use now, in bytes: on CUDA the caching
+    allocator's (after a synchronize), on CPU the process's resident memory (Linux: ``/proc/self/clear_refs``
+    resets VmHWM to VmRSS). Raises ``OSError`` where there is no such ``/proc`` (not Linux)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak resident memory (VmHWM) to now
+        f.write("5")
+    return _proc_status_bytes("VmRSS")
+
+
+def peak_memory(device: str | torch.device = "cpu") -> int:
+    """The peak memory in bytes since :func:`reset_peak_memory`, measured as it measures."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    return _proc_status_bytes("VmHWM")
 
 
 def copy_bandwidth_gbs(device: str | torch.device = "cpu", nbytes: int | None = None,

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import nn as fused_nn
+from .benchmarking import peak_memory, reset_peak_memory
 from .demo import OPTIMIZERS
 
 # Identifiers and words, numbers, single punctuation marks, line breaks: a vocabulary of source-code tokens.
@@ -144,33 +145,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reset_peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
+def _memory(measure, device: torch.device) -> int:
+    """measure(device) (fused_train.benchmarking's reset_peak_memory or peak_memory), or -1 where it cannot
+    be measured (no /proc: not Linux)."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:  # "5": reset VmHWM (peak resident memory) to now
-            f.write("5")
-        return _status_bytes("VmRSS")
+        return measure(device)
     except OSError:
         return -1
-
-
-def _peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        return _status_bytes("VmHWM")
-    except OSError:
-        return -1
-
-
-def _status_bytes(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(field_name)
 
 
 @torch.no_grad()
@@ -193,7 +174,7 @@ def train_lm(run: LMRun, data: TextData, *, steps: int, batch_size: int, context
     generator = torch.Generator().manual_seed(seed)
     stream = batches(data.train, batch_size, context, generator)
     model, optimizer = run.model, run.optimizer
-    before = _reset_peak(device)
+    before = _memory(reset_peak_memory, device)
     for step in range(1, steps + 1):
         x, y = (t.to(device) for t in next(stream))
         _synchronize(device)
@@ -206,13 +187,13 @@ def train_lm(run: LMRun, data: TextData, *, steps: int, batch_size: int, context
         run.step_seconds.append(time.perf_counter() - start)
         run.train_losses.append(loss.item())
         if step % eval_every == 0 or step == steps:
-            peak = _peak_bytes(device)
+            peak = _memory(peak_memory, device)
             run.val_losses.append((step, validation_loss(run, data, batch_size, context, device)))
             if on_eval is not None:
                 on_eval(run, step)
             if before >= 0 and peak >= 0:
                 run.peak_mib = max(run.peak_mib, (peak - before) / 2**20)
-            before = _reset_peak(device)  # the validation's own memory is not the training step's
+            before = _memory(reset_peak_memory, device)  # the validation's own memory is not the step's
 
 
 def warm_up_lm(run: LMRun, data: TextData, batch_size: int, context: int, device: torch.device) -> None:
