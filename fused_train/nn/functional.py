@@ -551,7 +551,6 @@ class _LinearCrossEntropyTransformFunction(torch.autograd.Function):
         _, row_lse, denominator = output
         ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, row_lse, denominator)
         ctx.options = options
-        ctx.grads = None
         ctx.mark_non_differentiable(row_lse, denominator)
 
     @staticmethod
