@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include "fused_train/quant_math.h"
+
 namespace fused_train {
 
 at::ScalarType opmath_type(at::ScalarType param_dtype) {
@@ -28,7 +30,8 @@ OptimizerTensors check_optimizer_call(const char* op, at::TensorList params, at:
                                       std::array<StateList, 3> states, at::TensorList steps, bool needs_steps,
                                       const std::optional<at::Tensor>& lr_tensor,
                                       const std::optional<at::Tensor>& grad_scale,
-                                      const std::optional<at::Tensor>& found_inf, bool writes_grad) {
+                                      const std::optional<at::Tensor>& found_inf, bool writes_grad,
+                                      bool contiguous) {
   OptimizerTensors out;
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, op, ": got ", n, " params but ", grads.size(), " grads");
@@ -89,7 +92,8 @@ OptimizerTensors check_optimizer_call(const char* op, at::TensorList params, at:
   for (int64_t i = 0; i < n; ++i) {
     at::Tensor p = params[i];
     at::Tensor g = grads[i];
-    bool alike = p.is_non_overlapping_and_dense() && g.strides() == p.strides();
+    bool alike = contiguous ? p.is_contiguous() && g.is_contiguous()
+                            : p.is_non_overlapping_and_dense() && g.strides() == p.strides();
     for (const auto& s : states) {
       if (s.used) alike = alike && s.tensors[i].strides() == p.strides();
     }
@@ -162,6 +166,46 @@ OptimizerTensors check_rmsprop_step(at::TensorList params, at::TensorList grads,
                                StateList{"momentum_buffers", momentum_buffers, momentum > 0.0}},
                               state_steps, true, lr_tensor, grad_scale, found_inf,
                               zero_grad || grad_scale.has_value());
+}
+
+OptimizerTensors check_adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_codes,
+                                     at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_codes,
+                                     at::TensorList exp_avg_sq_absmax, at::TensorList state_steps, bool zero_grad,
+                                     const std::optional<at::Tensor>& lr_tensor,
+                                     const std::optional<at::Tensor>& grad_scale,
+                                     const std::optional<at::Tensor>& found_inf) {
+  const char* op = "adam8bit_step_";
+  const std::array<std::pair<const char*, at::TensorList>, 4> lists = {
+      std::make_pair("exp_avg_codes", exp_avg_codes), std::make_pair("exp_avg_absmax", exp_avg_absmax),
+      std::make_pair("exp_avg_sq_codes", exp_avg_sq_codes), std::make_pair("exp_avg_sq_absmax", exp_avg_sq_absmax)};
+  for (const auto& [name, list] : lists) {
+    TORCH_CHECK(list.size() == params.size(), op, ": got ", params.size(), " params but ", list.size(), " ", name);
+  }
+  OptimizerTensors out = check_optimizer_call(op, params, grads,
+                                              {StateList{"", {}, false}, StateList{"", {}, false},
+                                               StateList{"", {}, false}},
+                                              state_steps, true, lr_tensor, grad_scale, found_inf,
+                                              zero_grad || grad_scale.has_value(), /*contiguous=*/true);
+  if (params.empty()) return out;
+  TORCH_CHECK_TYPE(out.dtype == at::kFloat || out.dtype == at::kBFloat16 || out.dtype == at::kHalf, op,
+                   ": params must be float32, bfloat16 or float16, got ", out.dtype);
+  for (auto& s : out.states) s.clear();  // the generic check filled them with undefined entries
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t numel = params[i].numel();
+    const int64_t blocks = (numel + math::kQuantBlock - 1) / math::kQuantBlock;
+    for (int k = 0; k < 4; ++k) {
+      const at::Tensor& s = lists[k].second[i];
+      const bool is_codes = k % 2 == 0;
+      const at::ScalarType want = is_codes ? at::kByte : at::kFloat;
+      const bool shape_ok = is_codes ? s.sizes() == params[i].sizes() : (s.dim() == 1 && s.size(0) == blocks);
+      TORCH_CHECK(s.device() == out.device && s.scalar_type() == want && shape_ok && s.is_contiguous(), op, ": ",
+                  lists[k].first, "[", i, "] must be a contiguous ", want, " tensor of shape ",
+                  is_codes ? params[i].sizes() : at::IntArrayRef{blocks}, " on ", out.device, ", got ",
+                  s.scalar_type(), " ", s.sizes(), s.is_contiguous() ? "" : " (not contiguous)", " on ", s.device());
+      out.states[k].push_back(s);
+    }
+  }
+  return out;
 }
 
 void finish_optimizer_call(OptimizerTensors& t) {

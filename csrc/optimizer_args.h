@@ -16,7 +16,7 @@ namespace fused_train {
 // all share one device and one param dtype. States not used by the call are undefined tensors.
 struct OptimizerTensors {
   std::vector<at::Tensor> params, grads;
-  std::array<std::vector<at::Tensor>, 3> states;
+  std::array<std::vector<at::Tensor>, 4> states;  // 8-bit Adam: codes, absmax, codes, absmax
   std::vector<at::Tensor> steps;  // empty when the optimizer keeps no step (SGD)
   // Non-dense or layout-mismatched entries run on contiguous copies; these pairs are copied back after.
   std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (original, working copy)
@@ -33,11 +33,14 @@ struct StateList {
 
 // Checks one call; throws c10::Error (Python: RuntimeError/ValueError/TypeError) naming the argument.
 // writes_grad: the kernel writes grads (zeroing or unscaled write-back), so non-dense grads need copy-back.
+// contiguous: the kernel walks params in their logical order (8-bit state's blocks), so any param or grad that
+// is not contiguous runs on a contiguous copy.
 OptimizerTensors check_optimizer_call(const char* op, at::TensorList params, at::TensorList grads,
                                       std::array<StateList, 3> states, at::TensorList steps, bool needs_steps,
                                       const std::optional<at::Tensor>& lr_tensor,
                                       const std::optional<at::Tensor>& grad_scale,
-                                      const std::optional<at::Tensor>& found_inf, bool writes_grad);
+                                      const std::optional<at::Tensor>& found_inf, bool writes_grad,
+                                      bool contiguous = false);
 
 // The three optimizer ops' checks, one per schema, shared by the CPU and CUDA implementations.
 OptimizerTensors check_sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -56,6 +59,15 @@ OptimizerTensors check_rmsprop_step(at::TensorList params, at::TensorList grads,
                                     const std::optional<at::Tensor>& lr_tensor,
                                     const std::optional<at::Tensor>& grad_scale,
                                     const std::optional<at::Tensor>& found_inf);
+
+// 8-bit Adam: the moments as uint8 codes (contiguous, the param's shape) and one fp32 absmax per
+// math::kQuantBlock elements (contiguous, 1-D); params float32, bfloat16 or float16.
+OptimizerTensors check_adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_codes,
+                                     at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_codes,
+                                     at::TensorList exp_avg_sq_absmax, at::TensorList state_steps, bool zero_grad,
+                                     const std::optional<at::Tensor>& lr_tensor,
+                                     const std::optional<at::Tensor>& grad_scale,
+                                     const std::optional<at::Tensor>& found_inf);
 
 // Copies the working copies back into the caller's tensors (only for non-dense entries).
 void finish_optimizer_call(OptimizerTensors& t);

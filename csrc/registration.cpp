@@ -21,6 +21,14 @@ TORCH_LIBRARY(fused_train, m) {
       "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, float lr, float beta1, float beta2, "
       "float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, bool zero_grad, "
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // 8-bit Adam/AdamW (fused_train.optim.Adam8bit): each moment as uint8 codes of the param's shape and one fp32
+  // absmax per 256 elements (csrc/include/fused_train/quant_math.h).
+  m.def(
+      "adam8bit_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avg_codes, "
+      "Tensor(d!)[] exp_avg_absmax, Tensor(e!)[] exp_avg_sq_codes, Tensor(f!)[] exp_avg_sq_absmax, "
+      "Tensor(g!)[] state_steps, *, float lr, float beta1, float beta2, float weight_decay, float eps, "
+      "bool maximize, bool decoupled_weight_decay, bool zero_grad, Tensor? lr_tensor=None, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def(
       "rmsprop_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, Tensor(d!)[] grad_avgs, "
       "Tensor(e!)[] momentum_buffers, Tensor(f!)[] state_steps, *, float lr, float alpha, float eps, "

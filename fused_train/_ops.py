@@ -74,6 +74,37 @@ def adam_step_(
     )
 
 
+def adam8bit_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avg_codes: list[Tensor],
+    exp_avg_absmax: list[Tensor],
+    exp_avg_sq_codes: list[Tensor],
+    exp_avg_sq_absmax: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    zero_grad: bool,
+    lr_tensor: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One Adam/AdamW step on 8-bit blockwise state; see :class:`fused_train.optim.Adam8bit`. Each moment is uint8
+    codes of the param's shape and one fp32 absmax per 256 elements; params are float32, bfloat16 or float16."""
+    _ops.adam8bit_step_.default(
+        params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, state_steps, lr=lr,
+        beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay, zero_grad=zero_grad, lr_tensor=lr_tensor,
+        grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
 def rmsprop_step_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -111,6 +142,12 @@ def _sgd_step_fake(params, grads, momentum_buffers, **kwargs) -> None:
 
 @torch.library.register_fake("fused_train::adam_step_")
 def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs) -> None:
+    return None
+
+
+@torch.library.register_fake("fused_train::adam8bit_step_")
+def _adam8bit_step_fake(params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
+                        state_steps, **kwargs) -> None:
     return None
 
 

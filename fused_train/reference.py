@@ -5,6 +5,10 @@ the math in fp32 with fp32 state and rounds the param once per step, which torch
 state in the param's dtype and rounds after every op); :class:`LowPrecisionOptimizerReference` reproduces
 fused_train's contract with torch.optim running on fp32 copies.
 
+8-bit optimizer state: :func:`quantize_blockwise_reference` rounds by comparing each value with every midpoint of
+the code (no search, no table); :func:`adam8bit_reference_step` is torch.optim's Adam step on the dequantized
+moments, requantized after.
+
 Cross-entropy: :func:`cross_entropy_reference`, F.cross_entropy in opmath plus the z-loss.
 """
 
@@ -63,6 +67,60 @@ class LowPrecisionOptimizerReference:
         self.optimizer.step()
         for p, w in zip(self.params, self.widened):
             p.copy_(w)  # the single rounding to the param's dtype
+
+
+# -- 8-bit optimizer state -----------------------------------------------------------------------------
+
+
+def quantize_blockwise_reference(t: Tensor, *, signed: bool, block_size: int = 256) -> tuple[Tensor, Tensor]:
+    """The 8-bit codes and per-block absmax of ``t``: block by block, x = value * (1 / absmax) (0 for an
+    all-zero block), and the code is the number of the code's fp32 midpoints below x."""
+    from fused_train.optim import _quantization
+
+    code = _quantization.SIGNED_CODE if signed else _quantization.UNSIGNED_CODE
+    midpoints = (code[:-1] + code[1:]) * 0.5
+    flat = t.detach().float().reshape(-1).cpu()
+    codes = torch.empty(flat.numel(), dtype=torch.uint8)
+    absmax = torch.empty((flat.numel() + block_size - 1) // block_size, dtype=torch.float32)
+    for b in range(absmax.numel()):
+        block = flat[b * block_size:(b + 1) * block_size]
+        absmax[b] = block.abs().max()
+        inverse = 1.0 / absmax[b] if absmax[b] > 0 else torch.zeros(())
+        x = block * inverse
+        codes[b * block_size:(b + 1) * block_size] = (x[:, None] > midpoints[None, :]).sum(dim=1).to(torch.uint8)
+    return codes.reshape(t.shape), absmax
+
+
+def dequantize_blockwise_reference(codes: Tensor, absmax: Tensor, *, signed: bool, block_size: int = 256) -> Tensor:
+    from fused_train.optim import _quantization
+
+    code = _quantization.SIGNED_CODE if signed else _quantization.UNSIGNED_CODE
+    flat = codes.reshape(-1).cpu().long()
+    scale = torch.stack([absmax.cpu()[i // block_size] for i in range(flat.numel())]) if flat.numel() else absmax[:0]
+    return (code[flat] * scale).reshape(codes.shape)
+
+
+@torch.no_grad()
+def adam8bit_reference_step(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, decoupled_weight_decay: bool,
+                            **adam_kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """One step of fused_train's 8-bit Adam/AdamW from ``state`` (its ``step``, codes and absmax): torch.optim's
+    Adam on an fp32 copy of the param with the dequantized moments, the param rounded once to its dtype, the new
+    moments quantized. Returns the new param and state; the inputs are left alone."""
+    p32 = param.detach().float().clone().requires_grad_(True)
+    p32.grad = grad.detach().float().clone()
+    optimizer = torch_optimizer("Adam")([p32], decoupled_weight_decay=decoupled_weight_decay, **adam_kwargs)
+    optimizer.state[p32] = {
+        "step": state["step"].detach().float().cpu().clone(),
+        "exp_avg": dequantize_blockwise_reference(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True),
+        "exp_avg_sq": dequantize_blockwise_reference(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"],
+                                                     signed=False),
+    }
+    optimizer.step()
+    new = optimizer.state[p32]
+    m_codes, m_absmax = quantize_blockwise_reference(new["exp_avg"], signed=True)
+    v_codes, v_absmax = quantize_blockwise_reference(new["exp_avg_sq"], signed=False)
+    return p32.detach().to(param.dtype), {"step": new["step"], "exp_avg_codes": m_codes, "exp_avg_absmax": m_absmax,
+                                          "exp_avg_sq_codes": v_codes, "exp_avg_sq_absmax": v_absmax}
 
 
 # -- cross-entropy ---------------------------------------------------------------------------------------

@@ -5,17 +5,21 @@
 
 #include <cstdint>
 
+#include "fused_train/quant_math.h"
+
 namespace fused_train {
 namespace cpu {
 
 enum class ScalarKind : int32_t { Float = 0, Double = 1, BFloat16 = 2, Half = 3 };
 
-// One parameter, its gradient and up to three state buffers (in opmath: float, or double for fp64),
-// all with the same dense layout, plus the per-tensor scalars the update needs.
+// One parameter, its gradient and up to four state buffers, plus the per-tensor scalars the update needs.
+// Full-precision state is in opmath (float, or double for fp64) with the param's dense layout; 8-bit Adam
+// keeps (exp_avg codes, exp_avg absmax, exp_avg_sq codes, exp_avg_sq absmax): uint8 codes as the contiguous
+// param, one float per math::kQuantBlock elements.
 struct ParamSlot {
   void* param;
   void* grad;
-  void* state[3];
+  void* state[4];
   int64_t numel;
   double neg_step_size;  // Adam: -lr / (1 - β1^t)
   double bc2_sqrt;       // Adam: sqrt(1 - β2^t)
@@ -28,7 +32,7 @@ struct ChunkRange {
   int64_t end;
 };
 
-enum class OptimizerKind : int32_t { Sgd = 0, Adam = 1, Rmsprop = 2 };
+enum class OptimizerKind : int32_t { Sgd = 0, Adam = 1, Rmsprop = 2, Adam8bit = 3 };
 
 // Everything a kernel needs for one multi-tensor step. Hyperparameters are in double; the kernels
 // convert them to opmath once.
@@ -44,6 +48,8 @@ struct OptimizerLaunch {
   bool zero_grad;        // write zeros into each consumed gradient
   bool has_grad_scale;   // divide gradients by grad_scale (written back unscaled unless zero_grad)
   double grad_scale;
+  const math::DynamicCode* signed_code;    // Adam8bit: exp_avg's code
+  const math::DynamicCode* unsigned_code;  // Adam8bit: exp_avg_sq's code
 };
 
 // Runs chunks [chunk_begin, chunk_end) of a launch.

@@ -15,11 +15,13 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 
 #include "cpu/cpu_kernels.h"
 #include "fused_train/optim_math.h"
+#include "fused_train/quant_math.h"
 
 namespace fused_train {
 namespace cpu {
@@ -117,10 +119,10 @@ struct RmspropTile {
 
 // Walks one chunk tile by tile. T: storage type of param and grad; O: opmath. A low-precision vector
 // (Vectorized<T>, twice as many elements as Vectorized<O>) widens to two opmath vectors, both are updated,
-// and the pair narrows back (round to nearest even, as torch does) in one store.
+// and the pair narrows back (round to nearest even, as torch does) in one store. Tile::kTileSize elements
+// per tile; tile.bind(t0) points the state at the tile starting at element t0, tile.finish(n) ends it.
 template <class T, class O, class Tile>
-void run_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, int64_t end, Tile tile,
-               O** state_ptrs, int n_state) {
+void run_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, int64_t end, Tile& tile) {
   using OV = Vectorized<O>;
   using VA = VecAccess<O>;
   using SA = ScalarAccess<O>;
@@ -132,15 +134,12 @@ void run_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, i
   const bool write_back_grad = l.has_grad_scale && !l.zero_grad;
   const O grad_scale = static_cast<O>(l.grad_scale);
   const OV vgrad_scale(grad_scale);
-  O* state_base[3];
-  for (int k = 0; k < n_state; ++k) state_base[k] = state_ptrs[k];
 
-  for (int64_t t0 = begin; t0 < end; t0 += kTile) {
-    const int64_t n = std::min(kTile, end - t0);
+  for (int64_t t0 = begin; t0 < end; t0 += Tile::kTileSize) {
+    const int64_t n = std::min(Tile::kTileSize, end - t0);
     T* p = param + t0;
     T* g = grad + t0;
-    for (int k = 0; k < n_state; ++k) state_ptrs[k] = state_base[k] == nullptr ? nullptr : state_base[k] + t0;
-    tile.bind(state_ptrs);
+    tile.bind(t0);
 
     int64_t i = 0;
     if constexpr (!std::is_same_v<T, O>) {
@@ -173,28 +172,163 @@ void run_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, i
       p[i] = static_cast<T>(pv);  // round to nearest even for bf16/fp16, as torch does
       if (write_back_grad) g[i] = static_cast<T>(gv);
     }
+    tile.finish(n);
     if (l.zero_grad) std::memset(static_cast<void*>(g), 0, n * sizeof(T));
   }
 }
 
+// Full-precision state: tiles of kTile elements, state pointers offset with the tile.
+template <class O, int N>
+struct StateBases {
+  static constexpr int64_t kTileSize = kTile;
+  O* base[N];
+  void set(const ParamSlot& slot) {
+    for (int k = 0; k < N; ++k) base[k] = static_cast<O*>(slot.state[k]);
+  }
+  O* at(int k, int64_t t0) const { return base[k] == nullptr ? nullptr : base[k] + t0; }
+  void finish(int64_t) {}
+};
+
 template <class O>
-struct SgdBound : SgdTile<O> {
-  void bind(O** s) { this->momentum_buf = s[0]; }
+struct SgdBound : SgdTile<O>, StateBases<O, 1> {
+  void bind(int64_t t0) { this->momentum_buf = this->at(0, t0); }
 };
 template <class O>
-struct AdamBound : AdamTile<O> {
-  void bind(O** s) {
-    this->exp_avg = s[0];
-    this->exp_avg_sq = s[1];
-    this->max_exp_avg_sq = s[2];
+struct AdamBound : AdamTile<O>, StateBases<O, 3> {
+  void bind(int64_t t0) {
+    this->exp_avg = this->at(0, t0);
+    this->exp_avg_sq = this->at(1, t0);
+    this->max_exp_avg_sq = this->at(2, t0);
   }
 };
 template <class O>
-struct RmspropBound : RmspropTile<O> {
-  void bind(O** s) {
-    this->square_avg = s[0];
-    this->grad_avg = s[1];
-    this->momentum_buf = s[2];
+struct RmspropBound : RmspropTile<O>, StateBases<O, 3> {
+  void bind(int64_t t0) {
+    this->square_avg = this->at(0, t0);
+    this->grad_avg = this->at(1, t0);
+    this->momentum_buf = this->at(2, t0);
+  }
+};
+
+// Writes the codes of x[0, n) (already divided by their block's absmax) into out. AVX2 and AVX-512 look
+// the cells up with gathers (the 32-bit gather at a byte offset reads the byte table, and the ISA gathers
+// take byte offsets, which at::vec's generic fallback does not); every ISA gives the same codes as
+// math::quantize_value, which the scalar path and the CUDA kernel use.
+inline void quantize_tile(const float* x, int64_t n, const math::DynamicCode& code, uint8_t* out) {
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  using FV = Vectorized<float>;
+  using IV = Vectorized<int32_t>;
+  const IV zero(0), byte_mask(0xFF), one(1);
+  for (; i + FV::size() <= n; i += FV::size()) {
+    const FV xv = FV::loadu(x + i);
+    const IV bits = at::vec::cast<int32_t>(xv);
+    const IV sign = (bits >> IV(31)) & one;
+    IV binade = ((bits >> IV(23)) & byte_mask) - IV(127 - math::kLutBinades);
+    IV mantissa = (bits >> IV(23 - math::kLutMantissaBits)) & IV((1 << math::kLutMantissaBits) - 1);
+    const IV outside = (binade < zero) | (binade >= IV(math::kLutBinades));
+    mantissa = IV::blendv(mantissa, zero, outside);
+    binade = at::vec::minimum(at::vec::maximum(binade, zero), IV(math::kLutBinades));
+    const IV key = sign * IV(math::kLutCellsPerSign) + (binade << IV(math::kLutMantissaBits)) + mantissa;
+    const IV low = at::vec::cast<int32_t>(at::vec::gather<1>(reinterpret_cast<const float*>(code.lut), key)) &
+                   byte_mask;
+    const FV midpoint = at::vec::gather<4>(code.boundary, low);
+    const IV above = at::vec::cast<int32_t>(xv > midpoint);  // all ones where x is past the midpoint
+    const IV codes = low - above;
+    int32_t lanes[FV::size()];
+    codes.store(lanes);
+    for (int k = 0; k < FV::size(); ++k) out[i + k] = static_cast<uint8_t>(lanes[k]);
+  }
+#endif
+  for (; i < n; ++i) out[i] = math::quantize_value(x[i], code.boundary, code.lut);
+}
+
+// 8-bit Adam: tiles are the quantization blocks. Each block is dequantized with its absmax as it is read,
+// updated in fp32 (the param from the updated fp32 moments, as bitsandbytes does), and the new moments are
+// kept in a stack buffer until finish() has their absmax and writes their codes.
+struct Adam8bitBound {
+  static constexpr int64_t kTileSize = math::kQuantBlock;
+  HyperPair<float, math::AdamHyper> h;
+  float neg_step_size, bc2_sqrt;
+  const math::DynamicCode* m_code;
+  const math::DynamicCode* v_code;
+  uint8_t *m_codes_base, *v_codes_base, *m_codes, *v_codes;
+  float *m_absmax, *v_absmax;
+  int64_t block;
+  float m_scale, v_scale;                      // the block's absmax before the step
+  Vectorized<float> m_max_vec, v_max_vec;      // running absmax of the new moments
+  float m_max, v_max;
+  alignas(64) float m_new[math::kQuantBlock];
+  alignas(64) float v_new[math::kQuantBlock];
+
+  void set(const ParamSlot& slot) {
+    m_codes_base = static_cast<uint8_t*>(slot.state[0]);
+    m_absmax = static_cast<float*>(slot.state[1]);
+    v_codes_base = static_cast<uint8_t*>(slot.state[2]);
+    v_absmax = static_cast<float*>(slot.state[3]);
+  }
+  void bind(int64_t t0) {
+    block = t0 / math::kQuantBlock;
+    m_codes = m_codes_base + t0;
+    v_codes = v_codes_base + t0;
+    m_scale = m_absmax[block];
+    v_scale = v_absmax[block];
+    m_max_vec = v_max_vec = Vectorized<float>(0.0f);
+    m_max = v_max = 0.0f;
+  }
+
+  template <class A>
+  void apply(typename A::V& param, const typename A::V& grad, int64_t i) {
+    using V = typename A::V;
+    V m, v;
+    if constexpr (std::is_same_v<V, float>) {
+      m = m_code->value[m_codes[i]] * m_scale;
+      v = v_code->value[v_codes[i]] * v_scale;
+    } else {
+      int32_t mi[V::size()], vi[V::size()];
+      for (int k = 0; k < V::size(); ++k) {
+        mi[k] = m_codes[i + k];
+        vi[k] = v_codes[i + k];
+      }
+      m = at::vec::gather<4>(m_code->value, Vectorized<int32_t>::loadu(mi)) * V(m_scale);
+      v = at::vec::gather<4>(v_code->value, Vectorized<int32_t>::loadu(vi)) * V(v_scale);
+    }
+    math::adam_update<V>(param, grad, m, v, nullptr, V(neg_step_size), V(bc2_sqrt), h.template get<A>());
+    if constexpr (std::is_same_v<V, float>) {
+      m_new[i] = m;
+      v_new[i] = v;
+      m_max = math::max_(m_max, std::fabs(m));
+      v_max = math::max_(v_max, v);
+    } else {
+      m.store(m_new + i);
+      v.store(v_new + i);
+      m_max_vec = at::vec::maximum(m_max_vec, m.abs());
+      v_max_vec = at::vec::maximum(v_max_vec, v);
+    }
+  }
+
+  void finish(int64_t n) {
+    float lanes[2][Vectorized<float>::size()];
+    m_max_vec.store(lanes[0]);
+    v_max_vec.store(lanes[1]);
+    for (int k = 0; k < Vectorized<float>::size(); ++k) {
+      m_max = math::max_(m_max, lanes[0][k]);
+      v_max = math::max_(v_max, lanes[1][k]);
+    }
+    m_absmax[block] = m_max;
+    v_absmax[block] = v_max;
+    const Vectorized<float> m_inv(math::inverse_absmax(m_max)), v_inv(math::inverse_absmax(v_max));
+    int64_t i = 0;
+    for (; i + Vectorized<float>::size() <= n; i += Vectorized<float>::size()) {
+      (Vectorized<float>::loadu(m_new + i) * m_inv).store(m_new + i);
+      (Vectorized<float>::loadu(v_new + i) * v_inv).store(v_new + i);
+    }
+    for (; i < n; ++i) {
+      m_new[i] *= math::inverse_absmax(m_max);
+      v_new[i] *= math::inverse_absmax(v_max);
+    }
+    quantize_tile(m_new, n, *m_code, m_codes);
+    quantize_tile(v_new, n, *v_code, v_codes);
   }
 };
 
@@ -205,50 +339,80 @@ void optimizer_chunks_typed(const OptimizerLaunch& l, int64_t chunk_begin, int64
   SgdBound<O> sgd{};
   AdamBound<O> adam{};
   RmspropBound<O> rms{};
-  int n_state = 0;
   switch (l.kind) {
     case OptimizerKind::Sgd:
       sgd.h.scalar = math::make_sgd_hyper<O>(l.lr, l.momentum, l.dampening, l.weight_decay,
                                              l.nesterov, l.maximize, l.first_step);
       sgd.h.vector = sgd.h.scalar.template as<VO>();
-      n_state = 1;
       break;
     case OptimizerKind::Adam:
       adam.h.scalar = math::make_adam_hyper<O>(l.lr, l.beta1, l.beta2, l.weight_decay, l.eps, l.amsgrad,
                                                l.maximize, l.decoupled_weight_decay);
       adam.h.vector = adam.h.scalar.template as<VO>();
-      n_state = 3;
       break;
     case OptimizerKind::Rmsprop:
       // RMSprop's alpha travels in the launch's beta2 slot.
       rms.h.scalar = math::make_rmsprop_hyper<O>(l.lr, l.beta2, l.eps, l.weight_decay, l.momentum, l.centered,
                                                  l.maximize);
       rms.h.vector = rms.h.scalar.template as<VO>();
-      n_state = 3;
       break;
+    case OptimizerKind::Adam8bit:
+      break;  // adam8bit_chunks_typed
   }
   for (int64_t c = chunk_begin; c < chunk_end; ++c) {
     const ChunkRange& chunk = l.chunks[c];
     const ParamSlot& slot = l.slots[chunk.slot];
-    O* state[3] = {static_cast<O*>(slot.state[0]), static_cast<O*>(slot.state[1]),
-                   static_cast<O*>(slot.state[2])};
     switch (l.kind) {
       case OptimizerKind::Sgd:
-        run_chunk<T, O>(l, slot, chunk.begin, chunk.end, sgd, state, n_state);
+        sgd.set(slot);
+        run_chunk<T, O>(l, slot, chunk.begin, chunk.end, sgd);
         break;
       case OptimizerKind::Adam:
+        adam.set(slot);
         adam.neg_step_size = static_cast<O>(slot.neg_step_size);
         adam.bc2_sqrt = static_cast<O>(slot.bc2_sqrt);
-        run_chunk<T, O>(l, slot, chunk.begin, chunk.end, adam, state, n_state);
+        run_chunk<T, O>(l, slot, chunk.begin, chunk.end, adam);
         break;
       case OptimizerKind::Rmsprop:
-        run_chunk<T, O>(l, slot, chunk.begin, chunk.end, rms, state, n_state);
+        rms.set(slot);
+        run_chunk<T, O>(l, slot, chunk.begin, chunk.end, rms);
+        break;
+      case OptimizerKind::Adam8bit:
         break;
     }
   }
 }
 
+// 8-bit Adam over fp32, bf16 or fp16 params (fp32 math). Chunks start on block boundaries.
+template <class T>
+void adam8bit_chunks_typed(const OptimizerLaunch& l, int64_t chunk_begin, int64_t chunk_end) {
+  Adam8bitBound tile;
+  tile.h.scalar = math::make_adam_hyper<float>(l.lr, l.beta1, l.beta2, l.weight_decay, l.eps, false, l.maximize,
+                                               l.decoupled_weight_decay);
+  tile.h.vector = tile.h.scalar.template as<Vectorized<float>>();
+  tile.m_code = l.signed_code;
+  tile.v_code = l.unsigned_code;
+  for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+    const ChunkRange& chunk = l.chunks[c];
+    const ParamSlot& slot = l.slots[chunk.slot];
+    tile.set(slot);
+    tile.neg_step_size = static_cast<float>(slot.neg_step_size);
+    tile.bc2_sqrt = static_cast<float>(slot.bc2_sqrt);
+    run_chunk<T, float>(l, slot, chunk.begin, chunk.end, tile);
+  }
+}
+
 inline void optimizer_chunks(const OptimizerLaunch& l, int64_t chunk_begin, int64_t chunk_end) {
+  if (l.kind == OptimizerKind::Adam8bit) {
+    switch (l.dtype) {
+      case ScalarKind::BFloat16:
+        return adam8bit_chunks_typed<c10::BFloat16>(l, chunk_begin, chunk_end);
+      case ScalarKind::Half:
+        return adam8bit_chunks_typed<c10::Half>(l, chunk_begin, chunk_end);
+      default:  // float (the op keeps float64 params on full-precision state)
+        return adam8bit_chunks_typed<float>(l, chunk_begin, chunk_end);
+    }
+  }
   switch (l.dtype) {
     case ScalarKind::Float:
       return optimizer_chunks_typed<float, float>(l, chunk_begin, chunk_end);

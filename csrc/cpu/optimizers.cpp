@@ -7,6 +7,7 @@
 
 #include "cpu/cpu_kernels.h"
 #include "fused_train/optim_math.h"
+#include "fused_train/quant_math.h"
 #include "optimizer_args.h"
 
 namespace fused_train {
@@ -15,6 +16,7 @@ namespace {
 
 // Elements per chunk: large enough to amortise the per-chunk setup, small enough to balance threads.
 constexpr int64_t kChunk = 32768;
+static_assert(kChunk % math::kQuantBlock == 0, "chunks must start on quantization blocks");
 // Below this many elements in total, one thread is faster than waking the pool.
 constexpr int64_t kSerialBelow = 65536;
 
@@ -42,9 +44,13 @@ void run(OptimizerLaunch launch, OptimizerTensors& t, PerSlot per_slot) {
     ParamSlot& s = slots[i];
     s.param = t.params[i].data_ptr();
     s.grad = t.grads[i].data_ptr();
-    for (int k = 0; k < 3; ++k) s.state[k] = t.states[k][i].defined() ? t.states[k][i].data_ptr() : nullptr;
+    for (int k = 0; k < 4; ++k) {
+      const auto& list = t.states[k];
+      s.state[k] = i < static_cast<int64_t>(list.size()) && list[i].defined() ? list[i].data_ptr() : nullptr;
+    }
     s.numel = t.params[i].numel();
     per_slot(i, s);
+    // (kChunk is a multiple of math::kQuantBlock: chunks of an 8-bit step start on block boundaries.)
     for (int64_t b = 0; b < s.numel; b += kChunk) chunks.push_back({i, b, std::min(b + kChunk, s.numel)});
     total += s.numel;
   }
@@ -157,11 +163,52 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   run(l, t, [&](int64_t i, ParamSlot&) { advance_step(t.steps[i]); });
 }
 
+// The two dynamic codes, built once.
+const math::DynamicCode& dynamic_code(bool is_signed) {
+  static const auto* codes = [] {
+    auto* c = new math::DynamicCode[2];
+    math::build_dynamic_code(c[0], false);
+    math::build_dynamic_code(c[1], true);
+    TORCH_INTERNAL_ASSERT(c[0].valid && c[1].valid, "fused_train: the 8-bit code's lookup table is inconsistent");
+    return c;
+  }();
+  return codes[is_signed ? 1 : 0];
+}
+
+void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_codes,
+                       at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_codes,
+                       at::TensorList exp_avg_sq_absmax, at::TensorList state_steps, double lr, double beta1,
+                       double beta2, double weight_decay, double eps, bool maximize, bool decoupled_weight_decay,
+                       bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
+                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  OptimizerTensors t = check_adam8bit_step(params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
+                                           exp_avg_sq_absmax, state_steps, zero_grad, lr_tensor, grad_scale,
+                                           found_inf);
+  OptimizerLaunch l{};
+  if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
+  l.kind = OptimizerKind::Adam8bit;
+  l.beta1 = beta1;
+  l.beta2 = beta2;
+  l.eps = eps;
+  l.weight_decay = weight_decay;
+  l.decoupled_weight_decay = decoupled_weight_decay;
+  l.maximize = maximize;
+  l.signed_code = &dynamic_code(true);
+  l.unsigned_code = &dynamic_code(false);
+  const double step_lr = l.lr;
+  run(l, t, [&](int64_t i, ParamSlot& s) {
+    const auto bc = math::adam_bias_correction(step_lr, beta1, beta2, advance_step(t.steps[i]));
+    s.neg_step_size = bc.neg_step_size;
+    s.bc2_sqrt = bc.bc2_sqrt;
+  });
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fused_train
 
 TORCH_LIBRARY_IMPL(fused_train, CPU, m) {
+  m.impl("adam8bit_step_", &fused_train::cpu::adam8bit_step_cpu);
   m.impl("sgd_step_", &fused_train::cpu::sgd_step_cpu);
   m.impl("adam_step_", &fused_train::cpu::adam_step_cpu);
   m.impl("rmsprop_step_", &fused_train::cpu::rmsprop_step_cpu);

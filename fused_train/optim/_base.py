@@ -15,7 +15,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from . import _quantization
+
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+# Moments that can be negative: quantized with the signed code (the others, squares, with the unsigned one).
+_SIGNED_MOMENTS = ("exp_avg",)
 
 
 def state_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
@@ -138,6 +144,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     _state_names: tuple[str, ...] = ()
     #: whether the state holds a per-param ``step`` tensor
     _has_step: bool = True
+    #: the state kept in the param's shape and the kernels' math type (a subclass with other state narrows it)
+    @property
+    def _full_precision_state_names(self) -> tuple[str, ...]:
+        return self._state_names
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, zero_grad_in_step: bool | None = None) -> None:
         if zero_grad_in_step not in (None, True, False):
@@ -184,6 +194,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _zeros_state(self, param: Tensor) -> Tensor:
         return torch.zeros_like(param, dtype=_state_like_dtype(param), memory_format=torch.preserve_format)
 
+    def _bucket_kind(self, p: Tensor, state: dict[str, Any]) -> Any:
+        """Params of one device and dtype that need different ops (8-bit and full-precision state) go to
+        different buckets by this."""
+        return None
+
     def _state_options(self, group: dict[str, Any]) -> tuple:
         """The group options that decide which state exists (a subclass adds e.g. amsgrad): switching one on
         rebuilds the tables, so the state it needs is created at that step, as torch.optim does."""
@@ -204,8 +219,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if len(state) == 0:
                 self._init_state(p, group, state)
             self._ensure_state(p, group, state)
-            self._check_state(p, state)
-            key = (p.device, p.dtype)
+            self._check_state(p, group, state)
+            key = (p.device, p.dtype, self._bucket_kind(p, state))
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = _Bucket()
@@ -224,7 +239,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         rebuilt.append(group_index)
         return result
 
-    def _check_state(self, p: Tensor, state: dict[str, Any]) -> None:
+    def _check_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """Brings state that a user assigned (or a checkpoint loaded) into the layout the kernels read, in
         place in ``state``, as torch.optim would use it: ``step`` as an fp32 tensor on the param's device (it
         may have been moved, or be a number), moments in the kernels' math type (fp32 for bf16/fp16 params).
@@ -237,8 +252,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if step is None:
                     raise KeyError(f"{type(self).__name__}: the state of a param has no 'step'")
                 state["step"] = _step_tensor(step, p.device)
+        self._convert_state(p, group, state)
         dtype = _state_like_dtype(p)
-        for name in self._state_names:
+        for name in self._full_precision_state_names:
             value = state.get(name)
             if value is None:
                 continue
@@ -256,6 +272,16 @@ class FusedOptimizer(torch.optim.Optimizer):
                 )
             if value.dtype != dtype:
                 state[name] = value.detach().to(dtype)
+
+    def _convert_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """Brings a param's state into the form this optimizer keeps, in place. Full-precision optimizers take an
+        8-bit optimizer's moments (``<name>_codes`` and ``<name>_absmax``) by dequantizing them."""
+        for name in self._state_names:
+            codes, absmax = state.get(f"{name}_codes"), state.get(f"{name}_absmax")
+            if isinstance(codes, Tensor) and isinstance(absmax, Tensor):
+                values = _quantization.dequantize_blockwise(codes, absmax, signed=name in _SIGNED_MOMENTS)
+                state[name] = values.to(device=p.device, dtype=_state_like_dtype(p)).reshape(p.shape)
+                del state[f"{name}_codes"], state[f"{name}_absmax"]
 
     def _invalidate_tables(self) -> None:
         self._tables.clear()
@@ -412,8 +438,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _restore_state_precision(self, state_dict: dict[str, Any]) -> None:
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params):
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        for saved_id, (p, group) in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id)
             if saved is None:
                 continue
@@ -421,8 +447,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, value in saved.items():
                 if key == "step":
                     state[key] = _step_tensor(value, p.device)
+                elif key.endswith("_codes") or key.endswith("_absmax"):
+                    # 8-bit state: torch cast it to the param's dtype; taken as saved (uint8 codes, fp32 absmax)
+                    state[key] = value.detach().to(device=p.device, copy=True)
                 elif torch.is_tensor(value) and (value.is_floating_point() or value.is_complex()):
                     state[key] = value.detach().to(device=p.device, dtype=_state_like_dtype(p), copy=True)
+            self._convert_state(p, group, state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         torch.optim.Optimizer.__setstate__(self, state)  # not the torch.optim subclass's: see __init__

@@ -12,6 +12,28 @@ from .. import _ops
 from ._base import FusedOptimizer, check_implementation_flags, check_lr
 
 
+def check_adam_arguments(name: str, lr: float | Tensor, betas: tuple, eps: float, weight_decay: float,
+                         foreach: bool | None, fused: bool | None, differentiable: bool) -> tuple:
+    """torch.optim.Adam's argument checks, same messages; returns betas as the group keeps them."""
+    check_lr(lr)
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    check_implementation_flags(name, foreach, fused, differentiable)
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor) and beta.numel() != 1:
+            raise ValueError(f"Tensor betas[{i}] must be 1-element")
+    # As torch: tensor betas stay tensors in the group (0-dim), numbers stay numbers.
+    return tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas)
+
+
 class Adam(FusedOptimizer, torch.optim.Adam):
     r"""Adam (Kingma & Ba, 2015) as :class:`torch.optim.Adam`, in one fused kernel per device and dtype.
 
@@ -66,23 +88,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         decoupled_weight_decay: bool = False,
         zero_grad_in_step: bool | None = None,
     ) -> None:
-        check_lr(lr)
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        check_implementation_flags(type(self).__name__, foreach, fused, differentiable)
-        if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
-            raise ValueError("betas must be either both floats or both Tensors")
-        for i, beta in enumerate(betas):
-            if isinstance(beta, Tensor) and beta.numel() != 1:
-                raise ValueError(f"Tensor betas[{i}] must be 1-element")
-        # As torch: tensor betas stay tensors in the group (0-dim), numbers stay numbers.
-        betas = tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas)
+        betas = check_adam_arguments(type(self).__name__, lr, betas, eps, weight_decay, foreach, fused, differentiable)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
