@@ -73,12 +73,13 @@ class LowPrecisionOptimizerReference:
 
 
 def quantize_blockwise_reference(t: Tensor, *, signed: bool, block_size: int = 256) -> tuple[Tensor, Tensor]:
-    """The 8-bit codes and per-block absmax of ``t``: block by block, x = value * (1 / absmax) (0 for an
-    all-zero block), and the code is the number of the code's fp32 midpoints below x."""
+    """The 8-bit codes and per-block absmax of ``t``: block by block, x = value * (1 / absmax) in fp32 (0 for an
+    all-zero block), and the code of the value nearest to x, found by measuring the distance to all 256 in
+    double (the lower code on a tie). fused_train's rounding may differ only where x is within fp32 rounding of
+    the midpoint between two values."""
     from fused_train.optim import _quantization
 
-    code = _quantization.SIGNED_CODE if signed else _quantization.UNSIGNED_CODE
-    midpoints = (code[:-1] + code[1:]) * 0.5
+    values = (_quantization.SIGNED if signed else _quantization.UNSIGNED).values.double()
     flat = t.detach().float().reshape(-1).cpu()
     codes = torch.empty(flat.numel(), dtype=torch.uint8)
     absmax = torch.empty((flat.numel() + block_size - 1) // block_size, dtype=torch.float32)
@@ -86,15 +87,15 @@ def quantize_blockwise_reference(t: Tensor, *, signed: bool, block_size: int = 2
         block = flat[b * block_size:(b + 1) * block_size]
         absmax[b] = block.abs().max()
         inverse = 1.0 / absmax[b] if absmax[b] > 0 else torch.zeros(())
-        x = block * inverse
-        codes[b * block_size:(b + 1) * block_size] = (x[:, None] > midpoints[None, :]).sum(dim=1).to(torch.uint8)
+        x = (block * inverse).double()
+        codes[b * block_size:(b + 1) * block_size] = (x[:, None] - values[None, :]).abs().argmin(dim=1).to(torch.uint8)
     return codes.reshape(t.shape), absmax
 
 
 def dequantize_blockwise_reference(codes: Tensor, absmax: Tensor, *, signed: bool, block_size: int = 256) -> Tensor:
     from fused_train.optim import _quantization
 
-    code = _quantization.SIGNED_CODE if signed else _quantization.UNSIGNED_CODE
+    code = _quantization.SIGNED.values if signed else _quantization.UNSIGNED.values
     flat = codes.reshape(-1).cpu().long()
     scale = torch.stack([absmax.cpu()[i // block_size] for i in range(flat.numel())]) if flat.numel() else absmax[:0]
     return (code[flat] * scale).reshape(codes.shape)

@@ -14,6 +14,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -210,37 +214,59 @@ struct RmspropBound : RmspropTile<O>, StateBases<O, 3> {
   }
 };
 
-// Writes the codes of x[0, n) (already divided by their block's absmax) into out. AVX2 and AVX-512 look
-// the cells up with gathers (the 32-bit gather at a byte offset reads the byte table, and the ISA gathers
-// take byte offsets, which at::vec's generic fallback does not); every ISA gives the same codes as
-// math::quantize_value, which the scalar path and the CUDA kernel use.
-inline void quantize_tile(const float* x, int64_t n, const math::DynamicCode& code, uint8_t* out) {
+// 8 uint8 codes (16 with AVX-512) widened to int32 lanes.
+inline Vectorized<int32_t> load_codes(const uint8_t* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+#else
+  int32_t lanes[Vectorized<int32_t>::size()];
+  for (int k = 0; k < Vectorized<int32_t>::size(); ++k) lanes[k] = p[k];
+  return Vectorized<int32_t>::loadu(lanes);
+#endif
+}
+
+// Writes the codes of x[0, n) (already divided by their block's absmax) into out: math::quantize_value, 8 lanes
+// at a time on AVX2 and AVX-512, where the per-state constants of the code are one register each and a lane's
+// state picks its entry with one permute.
+inline void quantize_tile(const float* x, int64_t n, const math::DynamicCode& c, uint8_t* out) {
   int64_t i = 0;
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  using FV = Vectorized<float>;
-  using IV = Vectorized<int32_t>;
-  const IV zero(0), byte_mask(0xFF), one(1);
-  for (; i + FV::size() <= n; i += FV::size()) {
-    const FV xv = FV::loadu(x + i);
-    const IV bits = at::vec::cast<int32_t>(xv);
-    const IV sign = (bits >> IV(31)) & one;
-    IV binade = ((bits >> IV(23)) & byte_mask) - IV(127 - math::kLutBinades);
-    IV mantissa = (bits >> IV(23 - math::kLutMantissaBits)) & IV((1 << math::kLutMantissaBits) - 1);
-    const IV outside = (binade < zero) | (binade >= IV(math::kLutBinades));
-    mantissa = IV::blendv(mantissa, zero, outside);
-    binade = at::vec::minimum(at::vec::maximum(binade, zero), IV(math::kLutBinades));
-    const IV key = sign * IV(math::kLutCellsPerSign) + (binade << IV(math::kLutMantissaBits)) + mantissa;
-    const IV low = at::vec::cast<int32_t>(at::vec::gather<1>(reinterpret_cast<const float*>(code.lut), key)) &
-                   byte_mask;
-    const FV midpoint = at::vec::gather<4>(code.boundary, low);
-    const IV above = at::vec::cast<int32_t>(xv > midpoint);  // all ones where x is past the midpoint
-    const IV codes = low - above;
-    int32_t lanes[FV::size()];
-    codes.store(lanes);
-    for (int k = 0; k < FV::size(); ++k) out[i + k] = static_cast<uint8_t>(lanes[k]);
+  const __m256 low = _mm256_loadu_ps(c.low), inverse_width = _mm256_loadu_ps(c.inverse_width);
+  const __m256i last = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.last));
+  const __m256i positive = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.positive));
+  const __m256i negative = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.negative));
+  const __m256i one_positive = _mm256_set1_epi32(c.one_positive), one_negative = _mm256_set1_epi32(c.one_negative);
+  const __m256 zero = _mm256_setzero_ps(), sign_bit = _mm256_set1_ps(-0.0f);
+  __m256 threshold[8];
+  for (int t = 0; t < 8; ++t) threshold[t] = _mm256_set1_ps(c.threshold[t]);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    const __m256 is_negative = c.is_signed ? _mm256_cmp_ps(xv, zero, _CMP_LT_OQ) : zero;
+    const __m256 a = c.is_signed ? _mm256_andnot_ps(sign_bit, xv) : xv;
+    __m256i state = _mm256_setzero_si256();
+    for (int t = 0; t < 7; ++t) {
+      state = _mm256_sub_epi32(state, _mm256_castps_si256(_mm256_cmp_ps(a, threshold[t], _CMP_GT_OQ)));
+    }
+    const __m256 f = _mm256_max_ps(_mm256_mul_ps(_mm256_sub_ps(a, _mm256_permutevar8x32_ps(low, state)),
+                                                 _mm256_permutevar8x32_ps(inverse_width, state)),
+                                   zero);  // (max_ps returns its second operand, 0, for NaN)
+    const __m256i k = _mm256_min_epi32(_mm256_cvttps_epi32(f), _mm256_permutevar8x32_epi32(last, state));
+    const __m256 neg = is_negative;
+    __m256i code = _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_add_epi32(_mm256_permutevar8x32_epi32(positive, state), k)),
+                         _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_permutevar8x32_epi32(negative, state), k)),
+                         neg));
+    const __m256i one = _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(one_positive), _mm256_castsi256_ps(one_negative), neg));
+    code = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(code), _mm256_castsi256_ps(one),
+                                                _mm256_cmp_ps(a, threshold[7], _CMP_GT_OQ)));
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(words, words));
   }
 #endif
-  for (; i < n; ++i) out[i] = math::quantize_value(x[i], code.boundary, code.lut);
+  for (; i < n; ++i) out[i] = math::quantize_value(x[i], c);
 }
 
 // 8-bit Adam: tiles are the quantization blocks. Each block is dequantized with its absmax as it is read,
@@ -285,13 +311,8 @@ struct Adam8bitBound {
       m = m_code->value[m_codes[i]] * m_scale;
       v = v_code->value[v_codes[i]] * v_scale;
     } else {
-      int32_t mi[V::size()], vi[V::size()];
-      for (int k = 0; k < V::size(); ++k) {
-        mi[k] = m_codes[i + k];
-        vi[k] = v_codes[i + k];
-      }
-      m = at::vec::gather<4>(m_code->value, Vectorized<int32_t>::loadu(mi)) * V(m_scale);
-      v = at::vec::gather<4>(v_code->value, Vectorized<int32_t>::loadu(vi)) * V(v_scale);
+      m = at::vec::gather<4>(m_code->value, load_codes(m_codes + i)) * V(m_scale);
+      v = at::vec::gather<4>(v_code->value, load_codes(v_codes + i)) * V(v_scale);
     }
     math::adam_update<V>(param, grad, m, v, nullptr, V(neg_step_size), V(bc2_sqrt), h.template get<A>());
     if constexpr (std::is_same_v<V, float>) {

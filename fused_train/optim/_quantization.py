@@ -5,7 +5,8 @@ The kernels' copy of the same definition is csrc/include/fused_train/quant_math.
 the same codes. A tensor is cut into blocks of ``BLOCK_SIZE`` elements in its logical (contiguous) order; each
 block keeps one fp32 absmax, each element one uint8 index into a 256-value dynamic code (bitsandbytes'
 ``create_dynamic_map``): signed on [-1, 1] for the first moment, unsigned on [0, 1] for the second. An element
-quantizes to the nearest code value of ``x * (1 / absmax)``; an exact midpoint rounds down.
+quantizes to the nearest code value of ``x * (1 / absmax)`` (up to fp32 rounding at the midpoints), found
+without a search: comparisons with the decade boundaries, then one product inside the decade.
 """
 
 from __future__ import annotations
@@ -16,34 +17,55 @@ from torch import Tensor
 BLOCK_SIZE = 256
 
 
-def _dynamic_code_values(signed: bool) -> list[float]:
-    # Per decade 10^(i-6), i = 0..6: 2^i (signed, each sign) or 2^(i+1) (unsigned) values at the midpoints of an
-    # even split of [0.1, 1]; plus 0 and 1. Computed in double and rounded once, as quant_math.h does.
-    values = []
-    for i, decade in enumerate((1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)):
-        points = 2**i if signed else 2 ** (i + 1)
-        for k in range(points):
-            v = decade * (0.1 + (k + 0.5) * 0.9 / points)
-            values.append(v)
-            if signed:
-                values.append(-v)
-    values += [0.0, 1.0]
-    return sorted(values)
+class _DynamicCode:
+    """The 256 values of the signed or unsigned code and the constants its rounding uses: quant_math.h's
+    DynamicCode, built the same way (in double, rounded once to fp32)."""
+
+    def __init__(self, signed: bool) -> None:
+        magnitudes: list[float] = []
+        low, inverse_width, last, first = [0.0], [0.0], [0], []
+        # Per decade 10^(i-6), i = 0..6: 2^i (signed) or 2^(i+1) (unsigned) values at the midpoints of an even split
+        # of [0.1, 1]; plus 0 and 1 (and the negatives, signed).
+        for i, decade in enumerate((1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)):
+            points = 2**i if signed else 2 ** (i + 1)
+            first.append(len(magnitudes))
+            magnitudes += [decade * (0.1 + (k + 0.5) * 0.9 / points) for k in range(points)]
+            low.append(decade * 0.1)
+            inverse_width.append(points / (decade * 0.9))
+            last.append(points - 1)
+        mags = torch.tensor(magnitudes, dtype=torch.float32)
+        zero = len(magnitudes) if signed else 0
+        self.signed = signed
+        self.zero_code = zero
+        self.values = torch.cat([-mags.flip(0) if signed else mags[:0], torch.zeros(1), mags, torch.ones(1)])
+        # between 0 and the smallest value; between one decade's last value and the next one's first; between the
+        # largest value below 1 and 1
+        self.threshold = torch.stack([(0.0 + mags[0]) * 0.5]
+                                     + [(mags[f - 1] + mags[f]) * 0.5 for f in first[1:]]
+                                     + [(mags[-1] + 1.0) * 0.5])
+        self.low = torch.tensor(low, dtype=torch.float32)
+        self.inverse_width = torch.tensor(inverse_width, dtype=torch.float32)
+        self.last = torch.tensor(last)
+        self.positive = torch.tensor([zero] + [zero + 1 + f for f in first])
+        self.negative = torch.tensor([zero] + [zero - 1 - f for f in first])
+
+    def quantize(self, x: Tensor) -> Tensor:
+        """The codes of fp32 ``x`` (already divided by its block's absmax), as quant_math.h's quantize_value."""
+        on = x.device
+        negative = (x < 0) if self.signed else torch.zeros_like(x, dtype=torch.bool)
+        a = torch.where(negative, -x, x)
+        state = (a[..., None] > self.threshold[:7].to(on)).sum(-1)
+        f = (a - self.low.to(on)[state]) * self.inverse_width.to(on)[state]
+        k = torch.minimum(torch.where(f > 0, f, torch.zeros_like(f)).long(), self.last.to(on)[state])
+        code = torch.where(negative, self.negative.to(on)[state] - k, self.positive.to(on)[state] + k)
+        one = torch.where(negative, 0, 255)  # the signed code has no -1: its most negative value
+        return torch.where(a > self.threshold[7].to(on), one, code).to(torch.uint8)
 
 
-SIGNED_CODE = torch.tensor(_dynamic_code_values(True), dtype=torch.float32)
-UNSIGNED_CODE = torch.tensor(_dynamic_code_values(False), dtype=torch.float32)
-SIGNED_ZERO_CODE = int((SIGNED_CODE == 0).nonzero()[0, 0])  # 127: the code a fresh first moment holds
-UNSIGNED_ZERO_CODE = 0
-
-
-def _code(signed: bool) -> Tensor:
-    return SIGNED_CODE if signed else UNSIGNED_CODE
-
-
-def _midpoints(signed: bool) -> Tensor:
-    code = _code(signed)
-    return (code[:-1] + code[1:]) * 0.5
+SIGNED = _DynamicCode(signed=True)
+UNSIGNED = _DynamicCode(signed=False)
+SIGNED_ZERO_CODE = SIGNED.zero_code  # 127: the code a fresh first moment holds
+UNSIGNED_ZERO_CODE = UNSIGNED.zero_code  # 0
 
 
 def num_blocks(numel: int) -> int:
@@ -59,13 +81,12 @@ def quantize_blockwise(t: Tensor, *, signed: bool) -> tuple[Tensor, Tensor]:
     absmax = blocks.abs().amax(dim=1) if n else flat.new_zeros(0)
     inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     x = (blocks * inverse[:, None]).reshape(-1)[:n]
-    codes = torch.searchsorted(_midpoints(signed).to(flat.device), x, right=False)
-    return codes.to(torch.uint8).reshape(t.shape), absmax
+    return (SIGNED if signed else UNSIGNED).quantize(x).reshape(t.shape), absmax
 
 
 def dequantize_blockwise(codes: Tensor, absmax: Tensor, *, signed: bool) -> Tensor:
     """The fp32 tensor (of ``codes``' shape) that ``codes`` and ``absmax`` stand for."""
     n = codes.numel()
-    values = _code(signed).to(codes.device)[codes.reshape(-1).long()]
+    values = (SIGNED if signed else UNSIGNED).values.to(codes.device)[codes.reshape(-1).long()]
     scale = absmax.float().repeat_interleave(BLOCK_SIZE)[:n]
     return (values * scale).reshape(codes.shape)

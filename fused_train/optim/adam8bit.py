@@ -112,6 +112,10 @@ class Adam8bit(FusedOptimizer, torch.optim.Optimizer):
             state["exp_avg"] = self._zeros_state(param)
             state["exp_avg_sq"] = self._zeros_state(param)
             return
+        if param.device.type != "cpu":
+            raise NotImplementedError(
+                f"{type(self).__name__}: 8-bit state has a CPU kernel only so far (a param is on {param.device}); "
+                f"use fused_train.optim.{'AdamW' if self._decoupled_weight_decay else 'Adam'} or bitsandbytes there")
         blocks = _quantization.num_blocks(param.numel())
         for name, signed in _MOMENTS:
             zero = _quantization.SIGNED_ZERO_CODE if signed else _quantization.UNSIGNED_ZERO_CODE
@@ -150,14 +154,27 @@ class Adam8bit(FusedOptimizer, torch.optim.Optimizer):
         state.pop("max_exp_avg_sq", None)  # an AMSGrad checkpoint's; 8-bit Adam has no use for it
 
     def _check_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """As the base class, and the 8-bit state's layout: checked here, while the tables are built, so that a bad
+        entry raises before any group steps."""
         super()._check_state(p, group, state)
+        if "exp_avg_codes" not in state:
+            return
+        blocks = (_quantization.num_blocks(p.numel()),)
         for name in ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax"):
             value = state.get(name)
-            if isinstance(value, Tensor) and value.device != p.device:
+            codes = name.endswith("_codes")
+            dtype, shape = (torch.uint8, p.shape) if codes else (torch.float32, blocks)
+            if not isinstance(value, Tensor) or value.dtype != dtype or value.shape != shape:
+                got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"{type(self).__name__}: state '{name}' must be a {dtype} tensor of shape "
+                                 f"{tuple(shape)}, got {got}")
+            if value.device != p.device:
                 raise ValueError(
                     f"{type(self).__name__}: state '{name}' is on {value.device} but its param is on {p.device}; "
                     f"the fused step needs them on the same device (move the state back before stepping)"
                 )
+            if not value.is_contiguous():
+                state[name] = value.contiguous()
 
     def _step_bucket(self, group, bucket, params, grads, states, steps, *, zero_grad, lr, lr_tensor,
                      grad_scale, found_inf) -> None:

@@ -4,8 +4,7 @@
 // A tensor is cut into blocks of kQuantBlock elements in its (contiguous) order. Each block keeps one fp32
 // absmax; each element one uint8 index into a 256-value "dynamic" code on [-1, 1] (signed, the first moment)
 // or [0, 1] (unsigned, the second moment). Dequantizing is code.value[c] * absmax. Quantizing x (already
-// divided by the block's absmax) picks the nearest value: the code is the number of midpoints
-// code.boundary[j] = (value[j] + value[j+1]) * 0.5f that lie below x, so an exact midpoint rounds down.
+// divided by the block's absmax) picks the nearest value, as quantize_value below computes it.
 // fused_train/optim/_quantization.py defines the same code and the same rounding in torch ops.
 //
 // The dynamic code is bitsandbytes' (create_dynamic_map): per decade 10^(i-6), i = 0..6, 2^i (signed, each
@@ -23,119 +22,85 @@ namespace math {
 
 constexpr int64_t kQuantBlock = 256;
 
-// Nearest-value search without a binary search: a table indexed by the sign, the binade and the top
-// kLutMantissaBits mantissa bits of x gives the smallest code any x of that cell can take, and every cell
-// holds at most one midpoint (checked when the table is built, and in tests/cpp), so one comparison finishes
-// it. Magnitudes below 2^-kLutBinades (under the smallest midpoint, 2.75e-7) share the lowest cell; 1.0 and
-// above (x can exceed 1 by an ulp, as x = s * (1/absmax)) the top one.
-constexpr int kLutMantissaBits = 7;
-constexpr int kLutBinades = 22;
-constexpr int kLutCellsPerSign = (kLutBinades + 1) << kLutMantissaBits;
-constexpr int kLutSize = 2 * kLutCellsPerSign;
-
+// The nearest value, found without a search: each magnitude a = |x| (x itself for the unsigned code) falls
+// in one of 9 states by comparing it with the code's decade boundaries (state 0: nearer 0 than any other
+// value, 1..7: decade 0..6, and past threshold[7]: nearer 1). Inside a decade the values are evenly spaced,
+// so the nearest one is k = floor((a - low) * inverse_width), clamped to the decade. The comparisons and
+// the one product are fp32 operations, done alike by the scalar code below, the CPU vector code
+// (cpu/optimizer_kernels.h), the CUDA kernel and fused_train/optim/_quantization.py, so all give the same
+// codes. The result is the nearest value up to fp32 rounding of the midpoints between two values.
 struct DynamicCode {
   float value[256];
-  float boundary[256];  // [255] = +inf, so that the one comparison may read past the last midpoint
-  uint8_t lut[kLutSize + 4];  // + 4: the CPU kernels read it with 32-bit gathers
+  float threshold[8];     // decade boundaries (midpoints between the neighbouring values), ascending
+  // per state 0..7 (state 0: zero; its width is 0, so k = 0 there)
+  float low[8];           // the decade's lower end, 0.1 * 10^(i-6)
+  float inverse_width[8]; // values per unit in the decade: n / (0.9 * 10^(i-6))
+  int32_t last[8];        // n - 1: the decade's last k
+  int32_t positive[8];    // code of the decade's first value for x >= 0 (state 0: the code of 0)
+  int32_t negative[8];    // code of the decade's first value for x < 0 (signed code; codes go down from it)
+  int32_t one_positive;   // the code of 1.0
+  int32_t one_negative;   // the most negative code (the signed code has no -1)
   bool is_signed;
-  bool valid;  // every cell holds at most one midpoint (false would be a bug in this file)
 };
 
-// The cell of x: sign, then binade (clamped to the table), then mantissa bits. Integer-only, so the CPU
-// vector path (cpu/optimizer_kernels.h) computes the same key lane by lane.
-FT_HOST_DEVICE FT_INLINE int32_t lut_key_from_bits(uint32_t bits) {
-  const int32_t sign = static_cast<int32_t>(bits >> 31);
-  const int32_t exponent = static_cast<int32_t>((bits >> 23) & 0xFF);
-  int32_t binade = exponent - (127 - kLutBinades);
-  int32_t mantissa = static_cast<int32_t>((bits >> (23 - kLutMantissaBits)) & ((1u << kLutMantissaBits) - 1));
-  if (binade < 0 || binade >= kLutBinades) mantissa = 0;
-  binade = binade < 0 ? 0 : (binade > kLutBinades ? kLutBinades : binade);
-  return sign * kLutCellsPerSign + (binade << kLutMantissaBits) + mantissa;
-}
-
-FT_HOST_DEVICE FT_INLINE uint32_t float_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t u;
-  __builtin_memcpy(&u, &x, sizeof(u));
-  return u;
-#endif
-}
-
-// The code of x in [-1, 1] (x = s * (1/absmax)); NaN gives 0 (the block's NaN absmax carries the NaN).
-FT_HOST_DEVICE FT_INLINE uint8_t quantize_value(float x, const float* boundary, const uint8_t* lut) {
-  const int32_t low = lut[lut_key_from_bits(float_bits(x))];
-  return static_cast<uint8_t>(low + (x > boundary[low] ? 1 : 0));
+FT_HOST_DEVICE FT_INLINE uint8_t quantize_value(float x, const DynamicCode& c) {
+  const bool negative = c.is_signed && x < 0.0f;
+  const float a = negative ? -x : x;
+  int state = 0;
+  for (int t = 0; t < 7; ++t) state += a > c.threshold[t] ? 1 : 0;
+  if (a > c.threshold[7]) return static_cast<uint8_t>(negative ? c.one_negative : c.one_positive);
+  float f = (a - c.low[state]) * c.inverse_width[state];
+  f = f > 0.0f ? f : 0.0f;  // also NaN (state 0): the code of 0; the block's NaN absmax carries the NaN
+  int32_t k = static_cast<int32_t>(f);
+  k = k < c.last[state] ? k : c.last[state];
+  return static_cast<uint8_t>(negative ? c.negative[state] - k : c.positive[state] + k);
 }
 
 // 1/absmax, or 0 for an all-zero block (every element then gets the code of 0). A NaN or inf absmax gives
 // NaN or 0 here; either way the block dequantizes to non-finite values, as the moments were.
 FT_HOST_DEVICE FT_INLINE float inverse_absmax(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
 
-// Builds the signed or unsigned dynamic code, its midpoints and the lookup table. Host-side, once per process.
+// Builds the signed or unsigned dynamic code. Host-side, once per process.
 inline void build_dynamic_code(DynamicCode& code, bool is_signed) {
   const double decade[7] = {1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0};
-  float values[256];
-  int n = 0;
+  float magnitude[256];  // the positive values below 1, ascending
+  int first[8] = {0};
+  int n_magnitudes = 0;
   for (int i = 0; i < 7; ++i) {
     const int points = is_signed ? (1 << i) : (2 << i);
+    first[i + 1] = first[i] + points;
     for (int k = 0; k < points; ++k) {
-      const float v = static_cast<float>(decade[i] * (0.1 + (k + 0.5) * 0.9 / points));
-      values[n++] = v;
-      if (is_signed) values[n++] = -v;
+      magnitude[n_magnitudes++] = static_cast<float>(decade[i] * (0.1 + (k + 0.5) * 0.9 / points));
     }
+    code.low[i + 1] = static_cast<float>(decade[i] * 0.1);
+    code.inverse_width[i + 1] = static_cast<float>(points / (decade[i] * 0.9));
+    code.last[i + 1] = points - 1;
   }
-  values[n++] = 0.0f;
-  values[n++] = 1.0f;
-  // insertion sort: 256 values, once
-  for (int i = 1; i < 256; ++i) {
-    const float v = values[i];
-    int j = i - 1;
-    for (; j >= 0 && values[j] > v; --j) values[j + 1] = values[j];
-    values[j + 1] = v;
-  }
-  for (int i = 0; i < 256; ++i) code.value[i] = values[i];
-  for (int i = 0; i < 255; ++i) code.boundary[i] = (values[i] + values[i + 1]) * 0.5f;
-  code.boundary[255] = __builtin_inff();
   code.is_signed = is_signed;
-
-  // Each cell's smallest code: that of its most negative member (its lowest magnitude for x >= 0, its
-  // highest for x < 0, approached from inside the cell).
-  auto count_below = [&](float x, bool strictly) {
-    int c = 0;
-    while (c < 255 && (strictly ? code.boundary[c] < x : code.boundary[c] <= x)) ++c;
-    return c;
-  };
-  code.valid = true;
-  for (int sign = 0; sign < 2; ++sign) {
-    for (int binade = 0; binade <= kLutBinades; ++binade) {
-      for (int m = 0; m < (1 << kLutMantissaBits); ++m) {
-        const int key = sign * kLutCellsPerSign + (binade << kLutMantissaBits) + m;
-        double low = 0.0, high = 0.0;  // magnitudes: [low, high) for binades inside the table
-        const double base = std::ldexp(1.0, binade - kLutBinades);
-        if (binade == kLutBinades) {
-          low = 1.0;
-          high = 1e30;  // 1 and above (also inf, NaN: any code will do)
-        } else {
-          low = (binade == 0 && m == 0) ? 0.0 : base * (1.0 + m / double(1 << kLutMantissaBits));
-          high = base * (1.0 + (m + 1) / double(1 << kLutMantissaBits));
-        }
-        // x in the cell: [low, high) for sign 0, (-high, -low] for sign 1.
-        const float most_negative = sign == 0 ? static_cast<float>(low) : -static_cast<float>(high);
-        const int smallest = sign == 0 ? count_below(most_negative, true) : count_below(most_negative, false);
-        code.lut[key] = static_cast<uint8_t>(smallest);
-        // At most one midpoint may lie inside the cell above the smallest code's range.
-        const float most_positive = sign == 0 ? static_cast<float>(high) : -static_cast<float>(low);
-        int inside = 0;
-        for (int j = smallest; j < 255; ++j) {
-          if (code.boundary[j] < most_positive) ++inside;
-        }
-        if (binade != kLutBinades && inside > 1) code.valid = false;
-      }
-    }
+  // Sorted code: signed = (-magnitudes descending, 0, magnitudes, 1); unsigned = (0, magnitudes, 1).
+  const int zero = is_signed ? n_magnitudes : 0;
+  int n = 0;
+  if (is_signed) {
+    for (int j = n_magnitudes - 1; j >= 0; --j) code.value[n++] = -magnitude[j];
   }
-  for (int i = 0; i < 4; ++i) code.lut[kLutSize + i] = 0;
+  code.value[n++] = 0.0f;
+  for (int j = 0; j < n_magnitudes; ++j) code.value[n++] = magnitude[j];
+  code.value[n++] = 1.0f;
+  for (int i = 1; i < 8; ++i) {
+    code.positive[i] = zero + 1 + first[i - 1];
+    code.negative[i] = zero - 1 - first[i - 1];
+  }
+  code.low[0] = 0.0f;
+  code.inverse_width[0] = 0.0f;
+  code.last[0] = 0;
+  code.positive[0] = code.negative[0] = zero;
+  code.one_positive = 255;
+  code.one_negative = 0;
+  // threshold[0]: between 0 and the smallest value; [1..6]: between a decade's last value and the next's first;
+  // [7]: between the largest value below 1 and 1.
+  code.threshold[0] = (0.0f + magnitude[0]) * 0.5f;
+  for (int i = 1; i < 7; ++i) code.threshold[i] = (magnitude[first[i] - 1] + magnitude[first[i]]) * 0.5f;
+  code.threshold[7] = (magnitude[n_magnitudes - 1] + 1.0f) * 0.5f;
 }
 
 }  // namespace math

@@ -1,0 +1,76 @@
+// Torch-free tests of the 8-bit quantization (csrc/include/fused_train/quant_math.h): the code's shape, and
+// quantize_value against a brute-force nearest-value search over all 256 values, at every midpoint and its fp32
+// neighbours and at millions of random points over 30 decades.
+#include <cmath>
+#include <cstdlib>
+#include <random>
+
+#include "check.h"
+#include "fused_train/quant_math.h"
+
+namespace math = fused_train::math;
+
+namespace {
+
+// The nearest value by distance, in double; the lower code on a tie.
+int nearest(const math::DynamicCode& c, float x) {
+  int best = 0;
+  for (int k = 1; k < 256; ++k) {
+    if (std::fabs(double(x) - c.value[k]) < std::fabs(double(x) - c.value[best])) best = k;
+  }
+  return best;
+}
+
+// quantize_value agrees with nearest() except where x is within fp32 rounding of a midpoint.
+void check_against_nearest(const math::DynamicCode& c, float x) {
+  const int got = math::quantize_value(x, c);
+  const int want = nearest(c, x);
+  if (got == want) {
+    FT_CHECK(true);
+    return;
+  }
+  FT_CHECK(std::abs(got - want) == 1);
+  const double midpoint = (double(c.value[got]) + c.value[want]) / 2;
+  FT_CHECK(std::fabs(x - midpoint) <= 1e-6 * std::fabs(midpoint));
+}
+
+void check_code(bool is_signed) {
+  static math::DynamicCode c;
+  math::build_dynamic_code(c, is_signed);
+  for (int k = 1; k < 256; ++k) FT_CHECK(c.value[k - 1] < c.value[k]);
+  FT_CHECK(c.value[255] == 1.0f);
+  FT_CHECK(c.value[is_signed ? 127 : 0] == 0.0f);
+  for (int k = 0; k < 256; ++k) FT_CHECK(math::quantize_value(c.value[k], c) == k);
+  for (int k = 0; k < 255; ++k) {
+    const float mid = (c.value[k] + c.value[k + 1]) * 0.5f;
+    check_against_nearest(c, mid);
+    check_against_nearest(c, std::nextafter(mid, 2.0f));
+    check_against_nearest(c, std::nextafter(mid, -2.0f));
+  }
+  std::mt19937 rng(is_signed ? 1 : 2);
+  std::uniform_real_distribution<float> uniform(is_signed ? -1.0f : 0.0f, 1.0f), exponent(-30.0f, 0.0f);
+  for (int i = 0; i < 200000; ++i) {
+    check_against_nearest(c, uniform(rng));
+    const float m = std::pow(10.0f, exponent(rng));
+    check_against_nearest(c, is_signed && (i & 1) ? -m : m);
+  }
+  // 0, -0, past 1 (x = s * (1/absmax) may exceed 1 by an ulp), and NaN (the code of 0)
+  FT_CHECK(math::quantize_value(0.0f, c) == (is_signed ? 127 : 0));
+  FT_CHECK(math::quantize_value(-0.0f, c) == (is_signed ? 127 : 0));
+  FT_CHECK(math::quantize_value(std::nextafter(1.0f, 2.0f), c) == 255);
+  if (is_signed) FT_CHECK(math::quantize_value(-std::nextafter(1.0f, 2.0f), c) == 0);
+  FT_CHECK(math::quantize_value(std::nanf(""), c) == (is_signed ? 127 : 0));
+}
+
+FT_TEST(signed_code) { check_code(true); }
+FT_TEST(unsigned_code) { check_code(false); }
+
+FT_TEST(inverse_absmax) {
+  FT_CHECK(math::inverse_absmax(0.0f) == 0.0f);
+  FT_CHECK(math::inverse_absmax(4.0f) == 0.25f);
+  FT_CHECK(math::inverse_absmax(std::nanf("")) == 0.0f);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) { return ft_test::run_tests(argc > 1 ? argv[1] : ""); }

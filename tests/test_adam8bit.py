@@ -1,0 +1,438 @@
+"""fused_train.optim.Adam8bit / AdamW8bit: the 8-bit code against a nearest-value reference, the kernel's codes
+against the Python quantizer, steps against torch.optim.Adam on the dequantized state, checkpoints both ways,
+GradScaler, gradient zeroing, bad arguments, torch.compile and convergence."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+import fused_train
+from fused_train.optim import Adam8bit, AdamW8bit, _quantization as Q
+from fused_train.reference import (adam8bit_reference_step, dequantize_blockwise_reference,
+                                   quantize_blockwise_reference, torch_optimizer)
+
+LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
+# Sizes around the 256-element block and the CPU's 32768-element chunk; one element; empty.
+SIZES = [0, 1, 255, 256, 257, 1000, 32769, 100_003]
+
+
+def _spread(n, generator=None, signed=True):
+    """Values over 12 decades, both signs: every decade of the code is used."""
+    x = torch.randn(n, generator=generator) * torch.logspace(-10, 2, max(n, 1))[:n][torch.randperm(n, generator=generator)]
+    return x if signed else x.abs()
+
+
+def _assert_codes_match_reference(codes, absmax, t, signed):
+    """Codes equal to the nearest-value reference, except where x lies at an fp32 midpoint between two values."""
+    ref_codes, ref_absmax = quantize_blockwise_reference(t, signed=signed)
+    assert torch.equal(absmax, ref_absmax)
+    differ = (codes.reshape(-1).long() != ref_codes.reshape(-1).long()).nonzero().reshape(-1)
+    if differ.numel() == 0:
+        return
+    values = (Q.SIGNED if signed else Q.UNSIGNED).values.double()
+    scale = absmax.repeat_interleave(Q.BLOCK_SIZE)[: t.numel()]
+    x = (t.reshape(-1).float() * torch.where(scale > 0, 1.0 / scale, 0.0)).double()
+    for i in differ.tolist():
+        a, b = int(codes.reshape(-1)[i]), int(ref_codes.reshape(-1)[i])
+        assert abs(a - b) == 1, (i, a, b)
+        midpoint = (values[a] + values[b]) / 2
+        assert abs(x[i] - midpoint) <= 1e-6 * abs(midpoint), (i, float(x[i]), float(midpoint))
+
+
+# -- the code ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_code_is_bitsandbytes_dynamic_map(signed):
+    code = (Q.SIGNED if signed else Q.UNSIGNED).values
+    assert code.numel() == 256 and torch.all(code[1:] > code[:-1])
+    assert code[-1] == 1.0 and (code == 0).sum() == 1
+    assert code[0] == (-0.99296875 if signed else 0.0)
+    # relative spacing in the top decade: 0.9/64 (signed) or 0.9/128 (unsigned)
+    top = code[code >= 0.1]
+    assert torch.allclose(top[1:-1] - top[:-2], torch.full_like(top[1:-1], 0.9 / (64 if signed else 128)), atol=1e-6)
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 4000])
+def test_quantize_matches_nearest_value_reference(signed, n):
+    g = torch.Generator().manual_seed(n)
+    t = _spread(n, g, signed)
+    codes, absmax = Q.quantize_blockwise(t, signed=signed)
+    assert codes.dtype == torch.uint8 and codes.shape == t.shape and absmax.shape == (Q.num_blocks(n),)
+    _assert_codes_match_reference(codes, absmax, t, signed)
+    back = Q.dequantize_blockwise(codes, absmax, signed=signed)
+    assert torch.equal(back, dequantize_blockwise_reference(codes, absmax, signed=signed))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantize_edges_of_the_code(signed):
+    code = (Q.SIGNED if signed else Q.UNSIGNED).values
+    # every value of the code maps to itself (block absmax 1 through the 1.0 element)
+    codes, absmax = Q.quantize_blockwise(code, signed=signed)
+    assert absmax.tolist() == [1.0] and torch.equal(codes.long(), torch.arange(256))
+    # midpoints and their neighbours, all-zero, tiny and huge blocks
+    mids = (code[1:] + code[:-1]) / 2
+    near = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0))])
+    for t in (near, torch.zeros(300), torch.full((300,), 1e-30) * _spread(300, signed=signed).sign().abs(),
+              _spread(600, signed=signed) * 1e30, torch.tensor([1.0, -0.0, 0.0]).abs() if not signed else
+              torch.tensor([1.0, -1.0, -0.0, 0.0, 1e-38])):
+        codes, absmax = Q.quantize_blockwise(t, signed=signed)
+        _assert_codes_match_reference(codes, absmax, t, signed)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_round_trip_error_is_bounded(signed):
+    t = _spread(100_000, torch.Generator().manual_seed(1), signed)
+    codes, absmax = Q.quantize_blockwise(t, signed=signed)
+    back = Q.dequantize_blockwise(codes, absmax, signed=signed)
+    scale = absmax.repeat_interleave(256)[: t.numel()]
+    # within the top decade (|x| >= 0.1 absmax) the grid step is 0.9/64 or 0.9/128 of absmax: half of it bounds the error
+    top = t.abs() >= 0.1 * scale
+    step = 0.9 / (64 if signed else 128)
+    assert ((back - t).abs()[top] <= step / 2 * scale[top] * (1 + 1e-5)).all()
+    # the block's absmax element comes back exactly (a negative one as -0.993: the signed code has no -1)
+    for b in range(0, absmax.numel(), 37):
+        i = b * 256 + int(t[b * 256:(b + 1) * 256].abs().argmax())
+        assert back[i] == (absmax[b] if t[i] > 0 else -0.99296875 * absmax[b])
+
+
+# -- the kernel ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("n", SIZES)
+def test_kernel_codes_equal_python_quantizer(dtype, n):
+    """With betas (0, 0) one step sets exp_avg = g and exp_avg_sq = g², so its codes are the quantizer's own."""
+    g = _spread(n, torch.Generator().manual_seed(n), True).clamp(-60000, 60000).to(dtype)
+    p = torch.randn(n, dtype=dtype, requires_grad=True)
+    p.grad = g.clone()
+    opt = Adam8bit([p], betas=(0.0, 0.0), min_8bit_size=0)
+    opt.step()
+    state = opt.state[p]
+    g32 = g.float()
+    for name, value, signed in (("exp_avg", g32, True), ("exp_avg_sq", g32 * g32, False)):
+        codes, absmax = Q.quantize_blockwise(value, signed=signed)
+        assert torch.equal(state[f"{name}_codes"], codes), name
+        assert torch.equal(state[f"{name}_absmax"], absmax), name
+
+
+CONFIGS = [
+    (Adam8bit, dict()),
+    (Adam8bit, dict(lr=0.01, weight_decay=0.1)),
+    (Adam8bit, dict(lr=0.01, betas=(0.3, 0.4), eps=1e-6, maximize=True)),
+    (AdamW8bit, dict()),
+    (AdamW8bit, dict(lr=0.01, weight_decay=0.5)),
+]
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("cls,kwargs", CONFIGS)
+def test_steps_match_torch_adam_on_dequantized_state(cls, kwargs, dtype):
+    """Each step from the optimizer's own state: torch.optim.Adam on the dequantized moments, then quantized."""
+    torch.manual_seed(0)
+    shapes = [(300, 7), (1000,), (5,)]
+    params = [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+    opt = cls(params, min_8bit_size=0, **kwargs)
+    reference_kwargs = {k: v for k, v in opt.defaults.items()
+                        if k in ("lr", "betas", "eps", "weight_decay", "maximize")}
+    for step in range(5):
+        grads = [torch.randn(s).to(dtype) * (10.0 ** (step - 2)) for s in shapes]
+        expected = []
+        for p, g in zip(params, grads):
+            state = opt.state[p] if opt.state[p] else {
+                "step": torch.zeros(()), "exp_avg_codes": torch.full(p.shape, 127, dtype=torch.uint8),
+                "exp_avg_absmax": torch.zeros(Q.num_blocks(p.numel())),
+                "exp_avg_sq_codes": torch.zeros(p.shape, dtype=torch.uint8),
+                "exp_avg_sq_absmax": torch.zeros(Q.num_blocks(p.numel()))}
+            expected.append(adam8bit_reference_step(p, g, state, decoupled_weight_decay=cls is AdamW8bit,
+                                                    **reference_kwargs))
+            p.grad = g.clone()
+        opt.step()
+        for p, (ref_p, ref_state) in zip(params, expected):
+            state = opt.state[p]
+            assert state["step"].item() == ref_state["step"].item()
+            # fp32 math in another operation order: a few ulps of the param's dtype
+            tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=0, atol=0)
+            if dtype != torch.float32:
+                assert (p.detach().float() - ref_p.float()).abs().le(
+                    p.detach().float().abs() * (2 ** -7 if dtype == torch.bfloat16 else 2 ** -10)).all()
+            else:
+                torch.testing.assert_close(p.detach(), ref_p, **tol)
+            for name in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(state[f"{name}_absmax"], ref_state[f"{name}_absmax"], rtol=1e-5, atol=0)
+                diff = (state[f"{name}_codes"].long() - ref_state[f"{name}_codes"].long()).abs()
+                # a moment a rounding away from a midpoint may take the neighbouring code
+                assert diff.max() <= 1 and diff.float().mean() < 0.01, (name, diff.max(), diff.float().mean())
+
+
+def test_small_params_keep_fp32_state_and_match_fused_adam():
+    torch.manual_seed(0)
+    sizes = [(10,), (4095,), (4096,)]
+    a = [torch.randn(s, requires_grad=True) for s in sizes]
+    b = [p.detach().clone().requires_grad_(True) for p in a]
+    opt8 = AdamW8bit(a, lr=0.01)
+    opt32 = fused_train.optim.AdamW(b, lr=0.01)
+    for _ in range(3):
+        for p, q in zip(a, b):
+            p.grad = torch.randn(p.shape)
+            q.grad = p.grad.clone()
+        opt8.step()
+        opt32.step()
+    assert set(opt8.state[a[0]]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert set(opt8.state[a[2]]) == {"step", "exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax"}
+    for p, q in zip(a[:2], b[:2]):
+        assert torch.equal(p, q)  # the same kernel, the same state
+
+
+def test_state_bytes_per_param():
+    p = torch.zeros(1 << 20, requires_grad=True)
+    p.grad = torch.randn(p.shape)
+    opt = Adam8bit([p])
+    opt.step()
+    state = opt.state[p]
+    moment_bytes = sum(t.numel() * t.element_size() for k, t in state.items() if k != "step")
+    assert moment_bytes / p.numel() <= 2.05
+    assert moment_bytes == 2 * p.numel() + 2 * 4 * (p.numel() // 256)
+
+
+def test_gradient_zeroed_in_step_and_threads_do_not_change_results():
+    torch.manual_seed(0)
+    runs = []
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            torch.manual_seed(1)
+            p = torch.randn(300_000, requires_grad=True)
+            opt = AdamW8bit([p], zero_grad_in_step=True)
+            for _ in range(3):
+                p.grad = torch.randn(p.shape) if p.grad is None else p.grad.copy_(torch.randn(p.shape))
+                opt.step()
+                assert torch.count_nonzero(p.grad) == 0
+            runs.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
+        finally:
+            torch.set_num_threads(old)
+    assert torch.equal(runs[0][0], runs[1][0])
+    for k in runs[0][1]:
+        assert torch.equal(runs[0][1][k], runs[1][1][k]), k
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+
+
+def _train(opt, params, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        opt.step()
+
+
+def test_state_dict_round_trip_resumes_bit_for_bit():
+    torch.manual_seed(0)
+    params = [torch.randn(5000, requires_grad=True), torch.randn(30, requires_grad=True)]
+    opt = AdamW8bit(params, lr=0.01)
+    _train(opt, params, 3, 0)
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buffer)
+    _train(opt, params, 3, 1)
+
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed = [p.clone().requires_grad_(True) for p in saved["params"]]
+    opt2 = AdamW8bit(resumed, lr=0.01)
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.state[resumed[0]]["exp_avg_codes"].dtype == torch.uint8
+    _train(opt2, resumed, 3, 1)
+    for p, q in zip(params, resumed):
+        assert torch.equal(p, q)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, opt2.state[q][k]), k
+
+
+def test_fp32_checkpoint_loads_quantized_and_8bit_checkpoint_loads_dequantized():
+    torch.manual_seed(0)
+    p = torch.randn(5000, requires_grad=True)
+    torch_opt = torch_optimizer("AdamW")([p], lr=0.01)
+    _train(torch_opt, [p], 2, 0)
+    fp32_state = torch_opt.state_dict()
+
+    q = p.detach().clone().requires_grad_(True)
+    opt8 = AdamW8bit([q], lr=0.01)
+    opt8.load_state_dict(fp32_state)
+    state = opt8.state[q]
+    assert "exp_avg" not in state
+    for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        codes, absmax = Q.quantize_blockwise(torch_opt.state[p][name], signed=signed)
+        assert torch.equal(state[f"{name}_codes"], codes) and torch.equal(state[f"{name}_absmax"], absmax)
+    assert state["step"].item() == 2
+
+    # 8-bit -> fused_train fp32 AdamW: dequantized in load_state_dict
+    r = p.detach().clone().requires_grad_(True)
+    opt32 = fused_train.optim.AdamW([r], lr=0.01)
+    opt32.load_state_dict(opt8.state_dict())
+    assert set(opt32.state[r]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert torch.equal(opt32.state[r]["exp_avg"],
+                       Q.dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True))
+    _train(opt32, [r], 1, 1)
+
+    # 8-bit -> torch.optim.AdamW through dequantize_state_dict; it steps as from the dequantized state
+    s = p.detach().clone().requires_grad_(True)
+    torch_opt2 = torch_optimizer("AdamW")([s], lr=0.01)
+    torch_opt2.load_state_dict(fused_train.optim.dequantize_state_dict(opt8.state_dict()))
+    _train(torch_opt2, [s], 1, 1)
+    torch.testing.assert_close(s, r, rtol=1e-6, atol=1e-7)
+
+
+# -- GradScaler, non-finite gradients ---------------------------------------------------------------------------
+
+
+def test_skipped_step_leaves_state_untouched_and_scaled_step_matches_unscaled():
+    torch.manual_seed(0)
+    p = torch.randn(3000, requires_grad=True)
+    q = p.detach().clone().requires_grad_(True)
+    opt, ref = Adam8bit([p], lr=0.01), Adam8bit([q], lr=0.01)
+    _train(opt, [p], 1, 0)
+    _train(ref, [q], 1, 0)
+    before = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+    scale = torch.tensor(1024.0)
+    opt.grad_scale, opt.found_inf = scale, torch.tensor(1.0)
+    p.grad = torch.randn(p.shape) * scale
+    opt.step()  # skipped
+    assert torch.equal(p, before[0])
+    for k, v in before[1].items():
+        assert torch.equal(opt.state[p][k], v), k
+    g = torch.randn(p.shape)
+    opt.found_inf = torch.tensor(0.0)
+    p.grad = g * scale
+    q.grad = g.clone()
+    opt.step()
+    ref.step()
+    torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_grad_scaler_in_a_training_loop():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(128, 64)
+    opt = AdamW8bit(model.parameters(), lr=0.01, min_8bit_size=1024)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    x, y = torch.randn(64, 128), torch.randn(64, 64)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert "exp_avg_codes" in opt.state[model.weight] and "exp_avg" in opt.state[model.bias]
+
+
+def test_nan_gradient_without_scaler_poisons_its_block_only():
+    p = torch.zeros(1024, requires_grad=True)
+    g = torch.randn(1024)
+    g[300] = float("nan")
+    p.grad = g
+    opt = Adam8bit([p], min_8bit_size=0)
+    opt.step()
+    assert torch.isnan(p[300]) and torch.isfinite(p[torch.arange(1024) != 300]).all()
+    absmax = opt.state[p]["exp_avg_absmax"]
+    assert torch.isnan(absmax[1]) and torch.isfinite(absmax[[0, 2, 3]]).all()
+
+
+# -- arguments -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(amsgrad=True), "amsgrad"),
+    (dict(optim_bits=8), "optim_bits"),
+    (dict(args=object()), "args"),
+    (dict(is_paged=True), "is_paged"),
+    (dict(percentile_clipping=5), "percentile_clipping"),
+    (dict(block_wise=False), "block_wise"),
+    (dict(min_8bit_size=-1), "min_8bit_size"),
+    (dict(lr=-1.0), "learning rate"),
+    (dict(betas=(1.0, 0.9)), "beta"),
+])
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Adam8bit([torch.zeros(3, requires_grad=True)], **kwargs)
+
+
+def test_bad_state_raises_before_anything_is_written():
+    a, b = torch.randn(5000, requires_grad=True), torch.randn(5000, requires_grad=True)
+    opt = Adam8bit([{"params": [a]}, {"params": [b]}])
+    _train(opt, [a, b], 1, 0)
+    opt.state[b]["exp_avg_absmax"] = torch.zeros(3)  # wrong number of blocks
+    before = [a.detach().clone(), b.detach().clone(), opt.state[a]["exp_avg_codes"].clone()]
+    a.grad, b.grad = torch.randn(5000), torch.randn(5000)
+    with pytest.raises(ValueError, match="exp_avg_absmax"):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+    assert torch.equal(opt.state[a]["exp_avg_codes"], before[2])
+
+
+def test_amsgrad_switched_on_in_a_loaded_group_raises():
+    p = torch.randn(10, requires_grad=True)
+    opt = Adam8bit([p])
+    opt.param_groups[0]["amsgrad"] = True
+    p.grad = torch.randn(10)
+    with pytest.raises(ValueError, match="amsgrad"):
+        opt.step()
+
+
+# -- torch.compile, float64, convergence -----------------------------------------------------------------------
+
+
+def test_compiled_step_matches_eager():
+    torch.manual_seed(0)
+    a = [torch.randn(3000, requires_grad=True), torch.randn(10, requires_grad=True)]
+    b = [p.detach().clone().requires_grad_(True) for p in a]
+    eager, compiled = AdamW8bit(a, lr=0.01), AdamW8bit(b, lr=0.01)
+    step = torch.compile(compiled.step, fullgraph=False)
+    for i in range(3):
+        for p, q in zip(a, b):
+            p.grad = torch.randn(p.shape)
+            q.grad = p.grad.clone()
+        eager.step()
+        step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+
+
+def test_float64_params_keep_float64_state():
+    p = torch.randn(5000, dtype=torch.float64, requires_grad=True)
+    q = p.detach().clone().requires_grad_(True)
+    opt, ref = Adam8bit([p], min_8bit_size=0), fused_train.optim.Adam([q])
+    _train(opt, [p], 2, 0)
+    _train(ref, [q], 2, 0)
+    assert opt.state[p]["exp_avg"].dtype == torch.float64 and torch.equal(p, q)
+
+
+def test_converges_like_fp32_adamw_on_digits():
+    """A small MLP on the embedded digits data: the final training loss within 2% of fp32 AdamW's."""
+    from fused_train.data import load_digits
+
+    data = load_digits()
+    x, y = data.train.images.flatten(1), data.train.labels
+    finals = {}
+    for name, cls in (("fp32", fused_train.optim.AdamW), ("8bit", AdamW8bit)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+        opt = cls(model.parameters(), lr=3e-3, **({"min_8bit_size": 1024} if cls is AdamW8bit else {}))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(300):
+            idx = torch.randint(0, x.shape[0], (64,), generator=g)
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            finals[name] = torch.nn.functional.cross_entropy(model(x), y).item()
+    assert finals["8bit"] <= finals["fp32"] * 1.02 + 0.005, finals
