@@ -227,10 +227,10 @@ inline Vectorized<int32_t> load_codes(const uint8_t* p) {
 #endif
 }
 
-// Writes the codes of x[0, n) (already divided by their block's absmax) into out: math::quantize_value, 8 lanes
+// Writes the codes of x[0, n) * inverse (1 / their block's absmax) into out: math::quantize_value, 8 lanes
 // at a time on AVX2 and AVX-512, where the per-state constants of the code are one register each and a lane's
 // state picks its entry with one permute.
-inline void quantize_tile(const float* x, int64_t n, const math::DynamicCode& c, uint8_t* out) {
+inline void quantize_tile(const float* x, float inverse, int64_t n, const math::DynamicCode& c, uint8_t* out) {
   int64_t i = 0;
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   const __m256 low = _mm256_loadu_ps(c.low), inverse_width = _mm256_loadu_ps(c.inverse_width);
@@ -238,11 +238,11 @@ inline void quantize_tile(const float* x, int64_t n, const math::DynamicCode& c,
   const __m256i positive = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.positive));
   const __m256i negative = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.negative));
   const __m256i one_positive = _mm256_set1_epi32(c.one_positive), one_negative = _mm256_set1_epi32(c.one_negative);
-  const __m256 zero = _mm256_setzero_ps(), sign_bit = _mm256_set1_ps(-0.0f);
+  const __m256 zero = _mm256_setzero_ps(), sign_bit = _mm256_set1_ps(-0.0f), scale = _mm256_set1_ps(inverse);
   __m256 threshold[8];
   for (int t = 0; t < 8; ++t) threshold[t] = _mm256_set1_ps(c.threshold[t]);
   for (; i + 8 <= n; i += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + i);
+    const __m256 xv = _mm256_mul_ps(_mm256_loadu_ps(x + i), scale);
     const __m256 is_negative = c.is_signed ? _mm256_cmp_ps(xv, zero, _CMP_LT_OQ) : zero;
     const __m256 a = c.is_signed ? _mm256_andnot_ps(sign_bit, xv) : xv;
     __m256i state = _mm256_setzero_si256();
@@ -266,7 +266,7 @@ inline void quantize_tile(const float* x, int64_t n, const math::DynamicCode& c,
     _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(words, words));
   }
 #endif
-  for (; i < n; ++i) out[i] = math::quantize_value(x[i], c);
+  for (; i < n; ++i) out[i] = math::quantize_value(x[i] * inverse, c);
 }
 
 // 8-bit Adam: tiles are the quantization blocks. Each block is dequantized with its absmax as it is read,
@@ -338,18 +338,8 @@ struct Adam8bitBound {
     }
     m_absmax[block] = m_max;
     v_absmax[block] = v_max;
-    const Vectorized<float> m_inv(math::inverse_absmax(m_max)), v_inv(math::inverse_absmax(v_max));
-    int64_t i = 0;
-    for (; i + Vectorized<float>::size() <= n; i += Vectorized<float>::size()) {
-      (Vectorized<float>::loadu(m_new + i) * m_inv).store(m_new + i);
-      (Vectorized<float>::loadu(v_new + i) * v_inv).store(v_new + i);
-    }
-    for (; i < n; ++i) {
-      m_new[i] *= math::inverse_absmax(m_max);
-      v_new[i] *= math::inverse_absmax(v_max);
-    }
-    quantize_tile(m_new, n, *m_code, m_codes);
-    quantize_tile(v_new, n, *v_code, v_codes);
+    quantize_tile(m_new, math::inverse_absmax(m_max), n, *m_code, m_codes);
+    quantize_tile(v_new, math::inverse_absmax(v_max), n, *v_code, v_codes);
   }
 };
 
