@@ -1,0 +1,144 @@
+"""8-bit AdamW step benchmark: fused_train.optim.AdamW8bit beside fused_train's fp32 AdamW, torch.optim.AdamW
+(fused=True) and bitsandbytes' AdamW8bit (where installed), in one run, timed in turns.
+
+Each timed unit is ``step()`` then ``zero_grad(set_to_none=False)``; fused_train zeroes the gradients inside its
+kernels (``zero_grad_in_step=True``). Bytes per param: the 8-bit step reads and writes the param (4 + 4), reads the
+grad and writes its zeros (4 + 4), reads and writes two uint8 codes (2 + 2) and 2 x 4 bytes of absmax per 256
+params: 20.03 B; fp32 AdamW 32 B. The ceiling is the compiled streaming pass of bench_optimizers.py with fp32
+param, grad zeroing and one fp32 state (24 B per param), timed in the same turns; its GB/s is the rate the 8-bit
+step's 20 B are set against (``pct_ceiling``). State bytes per param count the moments' tensors as allocated.
+
+bitsandbytes runs on CPU as eager torch ops; its step is timed with fewer rounds (``--bnb-repeat``).
+
+    python benchmarks/bench_adam8bit.py [--quick] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+import fused_train
+from fused_train.benchmarking import interleaved_ms
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_optimizers import bytes_per_param, ceiling_pass, make_params  # noqa: E402
+
+SHAPES = [("16 x 1M", 16, 1 << 20), ("2000 x 4k", 2000, 4096)]
+QUICK_SHAPES = [("4 x 256k", 4, 1 << 18)]
+BYTES_8BIT = 4 + 4 + 4 + 4 + 2 + 2 + 8 / 256
+
+
+def bitsandbytes_adamw8bit():
+    try:
+        import bitsandbytes
+    except Exception:
+        return None
+    return bitsandbytes.optim.AdamW8bit
+
+
+def make_step(kind: str, params: list[torch.Tensor]):
+    if kind == "fused_train 8-bit":
+        opt = fused_train.optim.AdamW8bit(params, lr=1e-3, zero_grad_in_step=True)
+    elif kind == "fused_train fp32":
+        opt = fused_train.optim.AdamW(params, lr=1e-3, zero_grad_in_step=True)
+    elif kind == "torch fused":
+        opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    else:
+        opt = bitsandbytes_adamw8bit()(params, lr=1e-3)
+    grads = [p.grad for p in params]
+
+    def step():
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    def restore():
+        for p, g in zip(params, grads):
+            p.grad = g
+
+    return opt, step, restore
+
+
+def state_bytes_per_param(opt, params) -> float:
+    total = sum(t.numel() * t.element_size() for p in params for k, t in opt.state[p].items()
+                if torch.is_tensor(t) and k not in ("step", "qmap1", "qmap2"))
+    return total / sum(p.numel() for p in params)
+
+
+def run(device: str = "cpu", quick: bool = False, repeat: int = 15, bnb_repeat: int = 3) -> list[dict]:
+    rows = []
+    for label, n_tensors, numel in QUICK_SHAPES if quick else SHAPES:
+        total = n_tensors * numel
+        kinds = ["fused_train 8-bit", "fused_train fp32", "torch fused"]
+        opts, fns, restores = {}, {}, []
+        for kind in kinds:
+            opts[kind], fns[kind], restore = make_step(kind, make_params(n_tensors, numel, device))
+            restores.append(restore)
+        ceiling = ceiling_pass(n_tensors, numel, torch.float32, 1, True, device)
+        if ceiling is not None:
+            fns["ceiling"] = ceiling
+        timings = interleaved_ms(fns, device, warmup=3, repeat=repeat)
+        bnb_cls = bitsandbytes_adamw8bit()
+        if bnb_cls is not None and device == "cpu":
+            params = make_params(n_tensors, numel, device)
+            opts["bitsandbytes 8-bit"], step, restore = make_step("bitsandbytes 8-bit", params)
+            timings["bitsandbytes 8-bit"] = interleaved_ms({"b": step}, device, warmup=1, repeat=bnb_repeat)["b"]
+            restores.append(restore)
+        for restore in restores:
+            restore()
+        ceiling_ms = timings.pop("ceiling", None)
+        ceiling_gbs = None
+        if ceiling_ms:
+            ceiling_gbs = bytes_per_param(torch.float32, 1, True) * total / (ceiling_ms * 1e-3) / 1e9
+        ours = timings["fused_train 8-bit"]
+        for kind, ms in timings.items():
+            per_param = BYTES_8BIT if "8-bit" in kind else 32
+            gbs = per_param * total / (ms * 1e-3) / 1e9
+            rows.append(dict(
+                shape=label, impl=kind, ms=ms, ratio_8bit_vs_this=ours / ms, gbs=gbs,
+                pct_ceiling=100 * gbs / ceiling_gbs if ceiling_gbs and kind == "fused_train 8-bit" else None,
+                ceiling_gbs=ceiling_gbs,
+                state_bytes_per_param=state_bytes_per_param(opts[kind], opts[kind].param_groups[0]["params"]),
+                threads=torch.get_num_threads(), device=device,
+            ))
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = f"{'shape':<10} {'impl':<20} {'ms':>9} {'8-bit/this':>10} {'GB/s':>7} {'%ceil':>6} {'state B/param':>13}"
+    lines = [head]
+    for r in rows:
+        pct = f"{r['pct_ceiling']:.0f}" if r["pct_ceiling"] is not None else ""
+        lines.append(f"{r['shape']:<10} {r['impl']:<20} {r['ms']:>9.2f} {r['ratio_8bit_vs_this']:>10.3f} "
+                     f"{r['gbs']:>7.1f} {pct:>6} {r['state_bytes_per_param']:>13.3f}")
+    if rows and rows[0]["ceiling_gbs"]:
+        lines.append(f"ceiling (streaming pass, 24 B/param): {rows[0]['ceiling_gbs']:.1f} GB/s; "
+                     f"threads {rows[0]['threads']}; torch {torch.__version__}")
+    return "\n".join(lines)
+
+
+def test_adamw8bit_runs_beside_its_peers():
+    """pytest benchmarks/bench_adam8bit.py: the quick case runs and every row is complete."""
+    rows = run(quick=True, repeat=2, bnb_repeat=1)
+    assert {r["impl"] for r in rows} >= {"fused_train 8-bit", "fused_train fp32", "torch fused"}
+    assert all(r["ms"] > 0 for r in rows)
+    assert next(r for r in rows if r["impl"] == "fused_train 8-bit")["state_bytes_per_param"] <= 2.05
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--bnb-repeat", type=int, default=3)
+    parser.add_argument("--json", help="also write the rows to this JSON-lines file")
+    args = parser.parse_args()
+    result = run("cpu", args.quick, args.repeat, args.bnb_repeat)
+    print(format_rows(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            for row in result:
+                f.write(json.dumps(row) + "\n")
