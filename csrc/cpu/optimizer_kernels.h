@@ -123,8 +123,8 @@ struct RmspropTile {
 
 // Walks one chunk tile by tile. T: storage type of param and grad; O: opmath. A low-precision vector
 // (Vectorized<T>, twice as many elements as Vectorized<O>) widens to two opmath vectors, both are updated,
-// and the pair narrows back (round to nearest even, as torch does) in one store. Tile::kTileSize elements
-// per tile; tile.bind(t0) points the state at the tile starting at element t0, tile.finish(n) ends it.
+// and the pair narrows back (round to nearest even, as torch does) in one store. tile.bind(t0) points the
+// state at the tile starting at element t0.
 template <class T, class O, class Tile>
 void run_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, int64_t end, Tile& tile) {
   using OV = Vectorized<O>;
@@ -139,8 +139,8 @@ void run_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, i
   const O grad_scale = static_cast<O>(l.grad_scale);
   const OV vgrad_scale(grad_scale);
 
-  for (int64_t t0 = begin; t0 < end; t0 += Tile::kTileSize) {
-    const int64_t n = std::min(Tile::kTileSize, end - t0);
+  for (int64_t t0 = begin; t0 < end; t0 += kTile) {
+    const int64_t n = std::min(kTile, end - t0);
     T* p = param + t0;
     T* g = grad + t0;
     tile.bind(t0);
@@ -176,7 +176,6 @@ void run_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, i
       p[i] = static_cast<T>(pv);  // round to nearest even for bf16/fp16, as torch does
       if (write_back_grad) g[i] = static_cast<T>(gv);
     }
-    tile.finish(n);
     if (l.zero_grad) std::memset(static_cast<void*>(g), 0, n * sizeof(T));
   }
 }
@@ -184,13 +183,11 @@ void run_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, i
 // Full-precision state: tiles of kTile elements, state pointers offset with the tile.
 template <class O, int N>
 struct StateBases {
-  static constexpr int64_t kTileSize = kTile;
   O* base[N];
   void set(const ParamSlot& slot) {
     for (int k = 0; k < N; ++k) base[k] = static_cast<O*>(slot.state[k]);
   }
   O* at(int k, int64_t t0) const { return base[k] == nullptr ? nullptr : base[k] + t0; }
-  void finish(int64_t) {}
 };
 
 template <class O>
@@ -269,79 +266,109 @@ inline void quantize_tile(const float* x, float inverse, int64_t n, const math::
   for (; i < n; ++i) out[i] = math::quantize_value(x[i] * inverse, c);
 }
 
-// 8-bit Adam: tiles are the quantization blocks. Each block is dequantized with its absmax as it is read,
-// updated in fp32 (the param from the updated fp32 moments, as bitsandbytes does), and the new moments are
-// kept in a stack buffer until finish() has their absmax and writes their codes.
-struct Adam8bitBound {
-  static constexpr int64_t kTileSize = math::kQuantBlock;
+// 8-bit Adam, one quantization block at a time: each block's codes are dequantized with its absmax as they are
+// read, updated in fp32 (the param from the updated fp32 moments, as bitsandbytes does), and the new moments
+// wait in a stack buffer until the block's new absmax is known and they are quantized. A loop of its own rather
+// than run_chunk's tiles: the running absmax and the constants stay in registers.
+struct Adam8bitConstants {
   HyperPair<float, math::AdamHyper> h;
-  float neg_step_size, bc2_sqrt;
-  const math::DynamicCode* m_code;
-  const math::DynamicCode* v_code;
-  uint8_t *m_codes_base, *v_codes_base, *m_codes, *v_codes;
-  float *m_absmax, *v_absmax;
-  int64_t block;
-  float m_scale, v_scale;                      // the block's absmax before the step
-  Vectorized<float> m_max_vec, v_max_vec;      // running absmax of the new moments
-  float m_max, v_max;
+  const math::DynamicCode* m_code;  // signed
+  const math::DynamicCode* v_code;  // unsigned
+};
+
+template <class T>
+void run_adam8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, int64_t end,
+                        const Adam8bitConstants& c) {
+  using FV = Vectorized<float>;
+  T* param = static_cast<T*>(slot.param);
+  T* grad = static_cast<T*>(slot.grad);
+  uint8_t* m_codes = static_cast<uint8_t*>(slot.state[0]);
+  float* m_absmax = static_cast<float*>(slot.state[1]);
+  uint8_t* v_codes = static_cast<uint8_t*>(slot.state[2]);
+  float* v_absmax = static_cast<float*>(slot.state[3]);
+  const bool unscale = l.has_grad_scale;
+  const bool write_back_grad = l.has_grad_scale && !l.zero_grad;
+  const float grad_scale = static_cast<float>(l.grad_scale);
+  const float neg_step_size = static_cast<float>(slot.neg_step_size), bc2_sqrt = static_cast<float>(slot.bc2_sqrt);
+  const FV vgrad_scale(grad_scale), vneg_step_size(neg_step_size), vbc2_sqrt(bc2_sqrt);
+  const math::AdamHyper<FV>& hv = c.h.vector;
+  const math::AdamHyper<float>& hs = c.h.scalar;
   alignas(64) float m_new[math::kQuantBlock];
   alignas(64) float v_new[math::kQuantBlock];
 
-  void set(const ParamSlot& slot) {
-    m_codes_base = static_cast<uint8_t*>(slot.state[0]);
-    m_absmax = static_cast<float*>(slot.state[1]);
-    v_codes_base = static_cast<uint8_t*>(slot.state[2]);
-    v_absmax = static_cast<float*>(slot.state[3]);
-  }
-  void bind(int64_t t0) {
-    block = t0 / math::kQuantBlock;
-    m_codes = m_codes_base + t0;
-    v_codes = v_codes_base + t0;
-    m_scale = m_absmax[block];
-    v_scale = v_absmax[block];
-    m_max_vec = v_max_vec = Vectorized<float>(0.0f);
-    m_max = v_max = 0.0f;
-  }
+  for (int64_t b0 = begin; b0 < end; b0 += math::kQuantBlock) {
+    const int64_t n = std::min(math::kQuantBlock, end - b0);
+    const int64_t block = b0 / math::kQuantBlock;
+    T* p = param + b0;
+    T* g = grad + b0;
+    const uint8_t* mc = m_codes + b0;
+    const uint8_t* vc = v_codes + b0;
+    const float m_scale = m_absmax[block], v_scale = v_absmax[block];
+    const FV vm_scale(m_scale), vv_scale(v_scale);
+    FV m_max_vec(0.0f), v_max_vec(0.0f);
 
-  template <class A>
-  void apply(typename A::V& param, const typename A::V& grad, int64_t i) {
-    using V = typename A::V;
-    V m, v;
-    if constexpr (std::is_same_v<V, float>) {
-      m = m_code->value[m_codes[i]] * m_scale;
-      v = v_code->value[v_codes[i]] * v_scale;
-    } else {
-      m = at::vec::gather<4>(m_code->value, load_codes(m_codes + i)) * V(m_scale);
-      v = at::vec::gather<4>(v_code->value, load_codes(v_codes + i)) * V(v_scale);
-    }
-    math::adam_update<V>(param, grad, m, v, nullptr, V(neg_step_size), V(bc2_sqrt), h.template get<A>());
-    if constexpr (std::is_same_v<V, float>) {
-      m_new[i] = m;
-      v_new[i] = v;
-      m_max = math::max_(m_max, std::fabs(m));
-      v_max = math::max_(v_max, v);
-    } else {
+    // One vector of params at element i: dequantize, update, keep the new moments and their running absmax.
+    auto update = [&](FV& pv, const FV& gv, int64_t i) {
+      FV m = at::vec::gather<4>(c.m_code->value, load_codes(mc + i)) * vm_scale;
+      FV v = at::vec::gather<4>(c.v_code->value, load_codes(vc + i)) * vv_scale;
+      math::adam_update<FV>(pv, gv, m, v, nullptr, vneg_step_size, vbc2_sqrt, hv);
       m.store(m_new + i);
       v.store(v_new + i);
       m_max_vec = at::vec::maximum(m_max_vec, m.abs());
       v_max_vec = at::vec::maximum(v_max_vec, v);
+    };
+    int64_t i = 0;
+    if constexpr (!std::is_same_v<T, float>) {
+      using TV = Vectorized<T>;
+      for (; i + TV::size() <= n; i += TV::size()) {
+        auto [p0, p1] = at::vec::convert_to_float<T>(TV::loadu(p + i));
+        auto [g0, g1] = at::vec::convert_to_float<T>(TV::loadu(g + i));
+        if (unscale) {
+          g0 = g0 / vgrad_scale;
+          g1 = g1 / vgrad_scale;
+        }
+        update(p0, g0, i);
+        update(p1, g1, i + FV::size());
+        at::vec::convert_from_float<T>(p0, p1).store(p + i);
+        if (write_back_grad) at::vec::convert_from_float<T>(g0, g1).store(g + i);
+      }
+    } else {
+      for (; i + FV::size() <= n; i += FV::size()) {
+        FV pv = FV::loadu(p + i), gv = FV::loadu(g + i);
+        if (unscale) gv = gv / vgrad_scale;
+        update(pv, gv, i);
+        pv.store(p + i);
+        if (write_back_grad) gv.store(g + i);
+      }
     }
-  }
-
-  void finish(int64_t n) {
-    float lanes[2][Vectorized<float>::size()];
+    float m_max = 0.0f, v_max = 0.0f;
+    for (; i < n; ++i) {
+      float pv = static_cast<float>(p[i]), gv = static_cast<float>(g[i]);
+      if (unscale) gv = gv / grad_scale;
+      float m = c.m_code->value[mc[i]] * m_scale;
+      float v = c.v_code->value[vc[i]] * v_scale;
+      math::adam_update<float>(pv, gv, m, v, nullptr, neg_step_size, bc2_sqrt, hs);
+      m_new[i] = m;
+      v_new[i] = v;
+      m_max = math::max_(m_max, std::fabs(m));
+      v_max = math::max_(v_max, v);
+      p[i] = static_cast<T>(pv);  // round to nearest even for bf16/fp16, as torch does
+      if (write_back_grad) g[i] = static_cast<T>(gv);
+    }
+    float lanes[2][FV::size()];
     m_max_vec.store(lanes[0]);
     v_max_vec.store(lanes[1]);
-    for (int k = 0; k < Vectorized<float>::size(); ++k) {
-      m_max = math::max_(m_max, lanes[0][k]);
+    for (int k = 0; k < FV::size(); ++k) {
+      m_max = math::max_(m_max, lanes[0][k]);  // NaN-propagating: a NaN moment makes the block's absmax NaN
       v_max = math::max_(v_max, lanes[1][k]);
     }
     m_absmax[block] = m_max;
     v_absmax[block] = v_max;
-    quantize_tile(m_new, math::inverse_absmax(m_max), n, *m_code, m_codes);
-    quantize_tile(v_new, math::inverse_absmax(v_max), n, *v_code, v_codes);
+    quantize_tile(m_new, math::inverse_absmax(m_max), n, *c.m_code, m_codes + b0);
+    quantize_tile(v_new, math::inverse_absmax(v_max), n, *c.v_code, v_codes + b0);
+    if (l.zero_grad) std::memset(static_cast<void*>(g), 0, n * sizeof(T));
   }
-};
+}
 
 template <class T, class O>
 void optimizer_chunks_typed(const OptimizerLaunch& l, int64_t chunk_begin, int64_t chunk_end) {
@@ -397,19 +424,15 @@ void optimizer_chunks_typed(const OptimizerLaunch& l, int64_t chunk_begin, int64
 // 8-bit Adam over fp32, bf16 or fp16 params (fp32 math). Chunks start on block boundaries.
 template <class T>
 void adam8bit_chunks_typed(const OptimizerLaunch& l, int64_t chunk_begin, int64_t chunk_end) {
-  Adam8bitBound tile;
-  tile.h.scalar = math::make_adam_hyper<float>(l.lr, l.beta1, l.beta2, l.weight_decay, l.eps, false, l.maximize,
-                                               l.decoupled_weight_decay);
-  tile.h.vector = tile.h.scalar.template as<Vectorized<float>>();
-  tile.m_code = l.signed_code;
-  tile.v_code = l.unsigned_code;
-  for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-    const ChunkRange& chunk = l.chunks[c];
-    const ParamSlot& slot = l.slots[chunk.slot];
-    tile.set(slot);
-    tile.neg_step_size = static_cast<float>(slot.neg_step_size);
-    tile.bc2_sqrt = static_cast<float>(slot.bc2_sqrt);
-    run_chunk<T, float>(l, slot, chunk.begin, chunk.end, tile);
+  Adam8bitConstants c;
+  c.h.scalar = math::make_adam_hyper<float>(l.lr, l.beta1, l.beta2, l.weight_decay, l.eps, false, l.maximize,
+                                            l.decoupled_weight_decay);
+  c.h.vector = c.h.scalar.template as<Vectorized<float>>();
+  c.m_code = l.signed_code;
+  c.v_code = l.unsigned_code;
+  for (int64_t k = chunk_begin; k < chunk_end; ++k) {
+    const ChunkRange& chunk = l.chunks[k];
+    run_adam8bit_chunk<T>(l, l.slots[chunk.slot], chunk.begin, chunk.end, c);
   }
 }
 
