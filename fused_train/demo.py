@@ -25,6 +25,9 @@ OPTIMIZERS: dict[str, tuple[type, type, float]] = {
     "adam": (fused_optim.Adam, torch.optim.Adam, 1e-3),
     "adamw": (fused_optim.AdamW, torch.optim.AdamW, 1e-3),
     "rmsprop": (fused_optim.RMSprop, torch.optim.RMSprop, 1e-3),
+    # 8-bit state; --compare sets them beside torch's fp32 Adam/AdamW
+    "adam8bit": (fused_optim.Adam8bit, torch.optim.Adam, 1e-3),
+    "adamw8bit": (fused_optim.AdamW8bit, torch.optim.AdamW, 1e-3),
 }
 
 #: the two implementations a demo run can train with, in the order they are reported

@@ -163,17 +163,6 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   run(l, t, [&](int64_t i, ParamSlot&) { advance_step(t.steps[i]); });
 }
 
-// The two dynamic codes, built once.
-const math::DynamicCode& dynamic_code(bool is_signed) {
-  static const auto* codes = [] {
-    auto* c = new math::DynamicCode[2];
-    math::build_dynamic_code(c[0], false);
-    math::build_dynamic_code(c[1], true);
-    return c;
-  }();
-  return codes[is_signed ? 1 : 0];
-}
-
 void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_codes,
                        at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_codes,
                        at::TensorList exp_avg_sq_absmax, at::TensorList state_steps, double lr, double beta1,
@@ -192,8 +181,8 @@ void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
   l.weight_decay = weight_decay;
   l.decoupled_weight_decay = decoupled_weight_decay;
   l.maximize = maximize;
-  l.signed_code = &dynamic_code(true);
-  l.unsigned_code = &dynamic_code(false);
+  l.signed_code = &math::kSignedCode;
+  l.unsigned_code = &math::kUnsignedCode;
   const double step_lr = l.lr;
   run(l, t, [&](int64_t i, ParamSlot& s) {
     const auto bc = math::adam_bias_correction(step_lr, beta1, beta2, advance_step(t.steps[i]));

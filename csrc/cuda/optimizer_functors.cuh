@@ -19,6 +19,7 @@
 #include "cuda/bad_target.cuh"
 #include "cuda/multi_tensor_apply.cuh"
 #include "fused_train/optim_math.h"
+#include "fused_train/quant_math.h"
 
 // #pragma unroll for the device pass only: the host compiler does not know it (-Wunknown-pragmas).
 #if defined(__CUDA_ARCH__)
@@ -316,6 +317,163 @@ struct RmspropFunctor {
     RmspropElementOp<O> op{hyper};
     op.h.lr = s.lr;
     step_chunk(c, op, common.grads, s.skip, s.grad_scale, thread, n_threads);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// 8-bit Adam / AdamW: lists param, grad, exp_avg codes, exp_avg_sq codes (uint8, the param's numel), exp_avg
+// absmax, exp_avg_sq absmax (one fp32 per math::kQuantBlock elements; chunks start on quantization blocks, as
+// kChunkSize is a multiple of it). On the device each warp takes one quantization block at a time, each lane
+// elements lane, lane + 32, ... (every load and store of the warp contiguous): dequantize, update in fp32, the
+// block's new absmax by a warp reduction, quantize. The host path runs the same math block by block.
+static_assert(kChunkSize % math::kQuantBlock == 0, "chunks must start on quantization blocks");
+
+#if defined(__CUDACC__)
+// The codes in device memory, initialised at module load (they are compile-time constants); each block copies
+// them to shared memory, where the lanes' scattered lookups are cheap.
+__device__ const math::DynamicCode kDeviceCodes[2] = {math::kSignedCode, math::kUnsignedCode};
+#endif
+
+template <class T>
+struct Adam8bitFunctor {
+  static constexpr bool kAdvancesSteps = true;
+  struct BlockScalars {
+    float neg_step_size, bc2_sqrt, decay_factor, grad_scale;
+    bool skip;
+  };
+  math::AdamHyper<float> hyper;  // decay_factor (1 - lr·wd) filled in per block
+  double beta1, beta2, weight_decay;
+  CommonScalars common;
+
+  FT_HOST_DEVICE BlockScalars block_scalars(float step_after) const {
+    BlockScalars s;
+    s.skip = common.skip_step();
+    const double lr = common.lr.load();
+    const math::AdamStepScalars bc = math::adam_bias_correction(lr, beta1, beta2, static_cast<double>(step_after));
+    s.neg_step_size = static_cast<float>(bc.neg_step_size);
+    s.bc2_sqrt = static_cast<float>(bc.bc2_sqrt);
+    s.decay_factor = static_cast<float>(1.0 - lr * weight_decay);
+    s.grad_scale = static_cast<float>(common.grad_scale.load());
+    return s;
+  }
+  FT_HOST_DEVICE bool advances_steps(const BlockScalars& s) const { return !s.skip; }
+
+  // Element e of a quantization block: the update, with m and v dequantized on entry and new on return.
+  FT_HOST_DEVICE FT_INLINE void update_element(T* p, T* g, const uint8_t* mc, const uint8_t* vc, int64_t e,
+                                               float m_scale, float v_scale, const math::DynamicCode& cm,
+                                               const math::DynamicCode& cv, const math::AdamHyper<float>& h,
+                                               const BlockScalars& s, float& m, float& v) const {
+    float grad = static_cast<float>(g[e]);
+    if (common.grads.has_grad_scale) grad = grad / s.grad_scale;
+    float param = static_cast<float>(p[e]);
+    m = cm.value[mc[e]] * m_scale;
+    v = cv.value[vc[e]] * v_scale;
+    math::adam_update<float>(param, grad, m, v, nullptr, s.neg_step_size, s.bc2_sqrt, h);
+    p[e] = static_cast<T>(param);  // the one rounding of a bf16/fp16 param
+    if (common.grads.zero_grad) {
+      g[e] = static_cast<T>(0.0f);
+    } else if (common.grads.has_grad_scale) {
+      g[e] = static_cast<T>(grad);
+    }
+  }
+
+  FT_HOST_DEVICE void operator()(const TensorListMetadata<6>& m, const BlockLocation& loc, const BlockScalars& s,
+                                 int thread, int n_threads) const {
+    T* param = static_cast<T*>(m.addresses[0][loc.slot]) + loc.begin;
+    T* grad = static_cast<T*>(m.addresses[1][loc.slot]) + loc.begin;
+    uint8_t* m_codes = static_cast<uint8_t*>(m.addresses[2][loc.slot]) + loc.begin;
+    uint8_t* v_codes = static_cast<uint8_t*>(m.addresses[3][loc.slot]) + loc.begin;
+    float* m_absmax = static_cast<float*>(m.addresses[4][loc.slot]) + loc.begin / math::kQuantBlock;
+    float* v_absmax = static_cast<float*>(m.addresses[5][loc.slot]) + loc.begin / math::kQuantBlock;
+    math::AdamHyper<float> h = hyper;
+    h.decay_factor = s.decay_factor;
+    const int64_t n_blocks = (loc.n + math::kQuantBlock - 1) / math::kQuantBlock;
+#if defined(__CUDA_ARCH__)
+    __shared__ math::DynamicCode codes[2];
+    {
+      constexpr int kWords = static_cast<int>(sizeof(codes) / sizeof(int32_t));
+      static_assert(sizeof(codes) % sizeof(int32_t) == 0, "copied as 32-bit words");
+      const int32_t* from = reinterpret_cast<const int32_t*>(kDeviceCodes);
+      int32_t* to = reinterpret_cast<int32_t*>(codes);
+      for (int w = thread; w < kWords; w += n_threads) to[w] = from[w];
+      __syncthreads();
+    }
+    if (s.skip) {
+      if (common.grads.zero_grad) {
+        ChunkPointers<T> c{param, grad, {nullptr, nullptr, nullptr}, loc.n};
+        zero_chunk_grads(c, thread, n_threads);
+      }
+      return;
+    }
+    constexpr int kPerLane = static_cast<int>(math::kQuantBlock / 32);
+    const int lane = thread & 31;
+    for (int64_t b = thread / 32; b < n_blocks; b += n_threads / 32) {
+      const int64_t b0 = b * math::kQuantBlock;
+      const int64_t n = loc.n - b0 < math::kQuantBlock ? loc.n - b0 : math::kQuantBlock;
+      const float m_scale = m_absmax[b], v_scale = v_absmax[b];
+      float mv[kPerLane], vv[kPerLane];
+      float m_max = 0.0f, v_max = 0.0f;
+FT_UNROLL
+      for (int j = 0; j < kPerLane; ++j) {
+        const int64_t e = j * 32 + lane;
+        mv[j] = vv[j] = 0.0f;
+        if (e < n) {
+          update_element(param + b0, grad + b0, m_codes + b0, v_codes + b0, e, m_scale, v_scale, codes[0], codes[1],
+                         h, s, mv[j], vv[j]);
+          m_max = math::max_(m_max, fabsf(mv[j]));
+          v_max = math::max_(v_max, vv[j]);
+        }
+      }
+      // The block's new absmax in every lane (NaN-propagating, as the CPU's).
+FT_UNROLL
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        m_max = math::max_(m_max, __shfl_xor_sync(0xffffffffu, m_max, offset));
+        v_max = math::max_(v_max, __shfl_xor_sync(0xffffffffu, v_max, offset));
+      }
+      if (lane == 0) {
+        m_absmax[b] = m_max;
+        v_absmax[b] = v_max;
+      }
+      const float m_inverse = math::inverse_absmax(m_max), v_inverse = math::inverse_absmax(v_max);
+FT_UNROLL
+      for (int j = 0; j < kPerLane; ++j) {
+        const int64_t e = b0 + j * 32 + lane;
+        if (e < loc.n) {
+          m_codes[e] = math::quantize_value(mv[j] * m_inverse, codes[0]);
+          v_codes[e] = math::quantize_value(vv[j] * v_inverse, codes[1]);
+        }
+      }
+    }
+#else
+    const math::DynamicCode& cm = math::kSignedCode;
+    const math::DynamicCode& cv = math::kUnsignedCode;
+    if (s.skip) {
+      if (common.grads.zero_grad) {
+        ChunkPointers<T> c{param, grad, {nullptr, nullptr, nullptr}, loc.n};
+        zero_chunk_grads(c, thread, n_threads);
+      }
+      return;
+    }
+    for (int64_t b = thread; b < n_blocks; b += n_threads) {
+      const int64_t b0 = b * math::kQuantBlock;
+      const int64_t n = loc.n - b0 < math::kQuantBlock ? loc.n - b0 : math::kQuantBlock;
+      const float m_scale = m_absmax[b], v_scale = v_absmax[b];
+      float mv[math::kQuantBlock], vv[math::kQuantBlock];
+      float m_max = 0.0f, v_max = 0.0f;
+      for (int64_t e = 0; e < n; ++e) {
+        update_element(param + b0, grad + b0, m_codes + b0, v_codes + b0, e, m_scale, v_scale, cm, cv, h, s, mv[e],
+                       vv[e]);
+        m_max = math::max_(m_max, fabsf(mv[e]));
+        v_max = math::max_(v_max, vv[e]);
+      }
+      m_absmax[b] = m_max;
+      v_absmax[b] = v_max;
+      for (int64_t e = 0; e < n; ++e) {
+        m_codes[b0 + e] = math::quantize_value(mv[e] * math::inverse_absmax(m_max), cm);
+        v_codes[b0 + e] = math::quantize_value(vv[e] * math::inverse_absmax(v_max), cv);
+      }
+    }
+#endif
   }
 };
 

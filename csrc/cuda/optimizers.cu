@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <type_traits>
 #include <optional>
 #include <vector>
 
@@ -185,11 +186,43 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   finish_optimizer_call(t);
 }
 
+void adam8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_codes,
+                        at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_codes,
+                        at::TensorList exp_avg_sq_absmax, at::TensorList state_steps, double lr, double beta1,
+                        double beta2, double weight_decay, double eps, bool maximize, bool decoupled_weight_decay,
+                        bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
+                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  OptimizerTensors t = check_adam8bit_step(params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
+                                           exp_avg_sq_absmax, state_steps, zero_grad, lr_tensor, grad_scale,
+                                           found_inf);
+  if (t.size() == 0) return;
+  c10::cuda::OptionalCUDAGuard guard(t.device);
+  raise_if_bad_target_seen("adam8bit_step_", t.device.index());
+  prepare_steps("adam8bit_step_", t);
+  std::vector<at::Tensor> keep_alive;
+  CommonScalars common{};
+  if (!prepare_common(common, t.device, lr, lr_tensor, grad_scale, found_inf, zero_grad, keep_alive)) return;
+  // states: (exp_avg codes, exp_avg absmax, exp_avg_sq codes, exp_avg_sq absmax); the launch takes the codes,
+  // which have the params' numel, before the absmax lists.
+  const std::array<at::TensorList, 6> lists = {t.params, t.grads, t.states[0], t.states[2], t.states[1],
+                                               t.states[3]};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.dtype, "adam8bit_step_cuda", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {  // (the check refuses float64)
+      const auto hyper =
+          math::make_adam_hyper<float>(0.0, beta1, beta2, weight_decay, eps, false, maximize, decoupled_weight_decay);
+      const Adam8bitFunctor<scalar_t> functor{hyper, beta1, beta2, weight_decay, common};
+      multi_tensor_apply<6>(lists, t.steps, functor);
+    }
+  });
+  finish_optimizer_call(t);
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fused_train
 
 TORCH_LIBRARY_IMPL(fused_train, CUDA, m) {
+  m.impl("adam8bit_step_", &fused_train::cuda::adam8bit_step_cuda);
   m.impl("sgd_step_", &fused_train::cuda::sgd_step_cuda);
   m.impl("adam_step_", &fused_train::cuda::adam_step_cuda);
   m.impl("rmsprop_step_", &fused_train::cuda::rmsprop_step_cuda);

@@ -112,10 +112,6 @@ class Adam8bit(FusedOptimizer, torch.optim.Optimizer):
             state["exp_avg"] = self._zeros_state(param)
             state["exp_avg_sq"] = self._zeros_state(param)
             return
-        if param.device.type != "cpu":
-            raise NotImplementedError(
-                f"{type(self).__name__}: 8-bit state has a CPU kernel only so far (a param is on {param.device}); "
-                f"use fused_train.optim.{'AdamW' if self._decoupled_weight_decay else 'Adam'} or bitsandbytes there")
         blocks = _quantization.num_blocks(param.numel())
         for name, signed in _MOMENTS:
             zero = _quantization.SIGNED_ZERO_CODE if signed else _quantization.UNSIGNED_ZERO_CODE

@@ -12,7 +12,6 @@
 // magnitudes get a fine grid, large ones a relative error of at most a few per cent.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 
 #include "fused_train/macros.h"
@@ -60,10 +59,12 @@ FT_HOST_DEVICE FT_INLINE uint8_t quantize_value(float x, const DynamicCode& c) {
 // NaN or 0 here; either way the block dequantizes to non-finite values, as the moments were.
 FT_HOST_DEVICE FT_INLINE float inverse_absmax(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
 
-// Builds the signed or unsigned dynamic code. Host-side, once per process.
-inline void build_dynamic_code(DynamicCode& code, bool is_signed) {
+// The signed or unsigned dynamic code, built at compile time (kSignedCode, kUnsignedCode below), so the CUDA
+// kernels read it from device memory with nothing to upload first.
+constexpr DynamicCode make_dynamic_code(bool is_signed) {
+  DynamicCode code{};
   const double decade[7] = {1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0};
-  float magnitude[256];  // the positive values below 1, ascending
+  float magnitude[256] = {};  // the positive values below 1, ascending
   int first[8] = {0};
   int n_magnitudes = 0;
   for (int i = 0; i < 7; ++i) {
@@ -101,7 +102,11 @@ inline void build_dynamic_code(DynamicCode& code, bool is_signed) {
   code.threshold[0] = (0.0f + magnitude[0]) * 0.5f;
   for (int i = 1; i < 7; ++i) code.threshold[i] = (magnitude[first[i] - 1] + magnitude[first[i]]) * 0.5f;
   code.threshold[7] = (magnitude[n_magnitudes - 1] + 1.0f) * 0.5f;
+  return code;
 }
+
+inline constexpr DynamicCode kSignedCode = make_dynamic_code(true);
+inline constexpr DynamicCode kUnsignedCode = make_dynamic_code(false);
 
 }  // namespace math
 }  // namespace fused_train
