@@ -73,8 +73,8 @@ class LowPrecisionOptimizerReference:
 
 
 def quantize_blockwise_reference(t: Tensor, *, signed: bool, block_size: int = 256) -> tuple[Tensor, Tensor]:
-    """The 8-bit codes and per-block absmax of ``t``: block by block, x = value * (1 / absmax) in fp32 (0 for an
-    all-zero block), and the code of the value nearest to x, found by measuring the distance to all 256 in
+    """The 8-bit codes and per-block absmax of ``t``: block by block, x = value * (1 / absmax) in fp32 (0 for a
+    block whose absmax is 0 or below the smallest normal float), and the code of the value nearest to x, found by measuring the distance to all 256 in
     double (the lower code on a tie). fused_train's rounding may differ only where x is within fp32 rounding of
     the midpoint between two values."""
     from fused_train.optim import _quantization
@@ -86,7 +86,8 @@ def quantize_blockwise_reference(t: Tensor, *, signed: bool, block_size: int = 2
     for b in range(absmax.numel()):
         block = flat[b * block_size:(b + 1) * block_size]
         absmax[b] = block.abs().max()
-        inverse = 1.0 / absmax[b] if absmax[b] > 0 else torch.zeros(())
+        normal = absmax[b] >= torch.finfo(torch.float32).tiny
+        inverse = 1.0 / absmax[b] if normal else torch.zeros(())
         x = (block * inverse).double()
         codes[b * block_size:(b + 1) * block_size] = (x[:, None] - values[None, :]).abs().argmin(dim=1).to(torch.uint8)
     return codes.reshape(t.shape), absmax

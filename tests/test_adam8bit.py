@@ -123,6 +123,23 @@ def test_kernel_codes_equal_python_quantizer(dtype, n):
         assert torch.equal(state[f"{name}_absmax"], absmax), name
 
 
+def test_block_below_the_smallest_normal_float_quantizes_to_zero():
+    """A block whose absmax is below FLT_MIN (a moment decaying without gradients) would have an infinite inverse:
+    it is stored as zeros with its absmax, in the kernel as in Python, instead of every element as ±absmax."""
+    g = torch.full((512,), 1e-21)
+    g[256:] = torch.linspace(-3, 3, 256)  # a normal block beside it
+    p = torch.zeros(512, requires_grad=True)
+    p.grad = g.clone()
+    opt = Adam8bit([p], betas=(0.0, 0.0), min_8bit_size=0)
+    opt.step()
+    state = opt.state[p]
+    assert 0 < state["exp_avg_sq_absmax"][0] < torch.finfo(torch.float32).tiny  # g² = 1e-42, subnormal
+    assert (state["exp_avg_sq_codes"][:256] == Q.UNSIGNED_ZERO_CODE).all()
+    codes, absmax = Q.quantize_blockwise(g * g, signed=False)
+    assert torch.equal(state["exp_avg_sq_codes"], codes) and torch.equal(state["exp_avg_sq_absmax"], absmax)
+    _assert_codes_match_reference(codes[:256], absmax[:1], (g * g)[:256], False)
+
+
 CONFIGS = [
     (Adam8bit, dict()),
     (Adam8bit, dict(lr=0.01, weight_decay=0.1)),
@@ -225,22 +242,44 @@ def test_gradient_zeroed_in_step_and_threads_do_not_change_results():
 
 
 @cuda_only
+def test_cuda_nan_gradient_poisons_its_block_only():
+    p = torch.zeros(1024, device="cuda", requires_grad=True)
+    g = torch.randn(1024, device="cuda")
+    g[300] = float("nan")
+    p.grad = g
+    opt = Adam8bit([p], min_8bit_size=0)
+    opt.step()
+    assert torch.isnan(p[300]) and torch.isfinite(p[torch.arange(1024, device="cuda") != 300]).all()
+    absmax = opt.state[p]["exp_avg_absmax"].cpu()
+    assert torch.isnan(absmax[1]) and torch.isfinite(absmax[[0, 2, 3]]).all()
+
+
+@cuda_only
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 def test_cuda_step_equals_cpu_step(dtype):
-    """The CUDA kernel runs the same per-element math and quantizer: codes and absmax equal the CPU's, params within
-    an ulp (the compilers may order the fp32 update differently)."""
+    """The CUDA kernel runs the same per-element math and quantizer: params within an ulp, absmax within rounding and
+    codes equal but where an ulp of a moment crosses a midpoint (the compilers may order the fp32 update
+    differently); with GradScaler's scale, a device found_inf, a skipped step and gradient zeroing."""
     torch.manual_seed(0)
-    sizes = [(1,), (255,), (257,), (65536 + 300,), (3, 1000)]
+    sizes = [(1,), (255,), (257,), (2 * 65536 + 300,), (3, 1000)]
     cpu = [torch.randn(s).to(dtype).requires_grad_(True) for s in sizes]
     gpu = [p.detach().cuda().requires_grad_(True) for p in cpu]
-    opt_cpu, opt_gpu = AdamW8bit(cpu, lr=0.01, min_8bit_size=0), AdamW8bit(gpu, lr=0.01, min_8bit_size=0)
-    for _ in range(3):
+    opt_cpu = AdamW8bit(cpu, lr=0.01, min_8bit_size=0, zero_grad_in_step=True)
+    opt_gpu = AdamW8bit(gpu, lr=0.01, min_8bit_size=0, zero_grad_in_step=True)
+    for step in range(4):
+        scale = torch.tensor(256.0)
         for p, q in zip(cpu, gpu):
-            p.grad = (torch.randn(p.shape) * 3).to(dtype)
+            p.grad = (torch.randn(p.shape) * 3 * scale).to(dtype)
             q.grad = p.grad.cuda()
+        # GradScaler's hand-off, found_inf on the device; step 2 is skipped (found_inf set)
+        found = torch.tensor(1.0 if step == 2 else 0.0)
+        opt_cpu.grad_scale, opt_cpu.found_inf = scale, found
+        opt_gpu.grad_scale, opt_gpu.found_inf = scale.cuda(), found.cuda()
         opt_cpu.step()
         opt_gpu.step()
         for p, q in zip(cpu, gpu):
+            assert torch.count_nonzero(q.grad) == 0 and torch.count_nonzero(p.grad) == 0
+            assert opt_gpu.state[q]["step"].item() == opt_cpu.state[p]["step"].item()
             torch.testing.assert_close(q.cpu(), p, rtol=2e-6 if dtype == torch.float32 else 1e-2, atol=1e-7)
             for k, v in opt_cpu.state[p].items():
                 w = opt_gpu.state[q][k].cpu()

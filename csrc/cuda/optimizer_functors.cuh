@@ -430,6 +430,7 @@ FT_UNROLL
         m_max = math::max_(m_max, __shfl_xor_sync(0xffffffffu, m_max, offset));
         v_max = math::max_(v_max, __shfl_xor_sync(0xffffffffu, v_max, offset));
       }
+      __syncwarp();  // every lane's read of the old absmax before lane 0 overwrites it
       if (lane == 0) {
         m_absmax[b] = m_max;
         v_absmax[b] = v_max;

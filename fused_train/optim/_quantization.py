@@ -15,6 +15,10 @@ import torch
 from torch import Tensor
 
 BLOCK_SIZE = 256
+# Elements quantized at a time when converting a checkpoint: bounds the temporaries (~25 bytes per element).
+_SLICE = 1 << 22
+# The smallest normal float: a block whose absmax is below it gets the inverse 0, as in quant_math.h.
+_SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
 
 
 class _DynamicCode:
@@ -45,18 +49,28 @@ class _DynamicCode:
                                      + [(mags[-1] + 1.0) * 0.5])
         self.low = torch.tensor(low, dtype=torch.float32)
         self.inverse_width = torch.tensor(inverse_width, dtype=torch.float32)
-        self.last = torch.tensor(last)
-        self.positive = torch.tensor([zero] + [zero + 1 + f for f in first])
-        self.negative = torch.tensor([zero] + [zero - 1 - f for f in first])
+        self.last = torch.tensor(last, dtype=torch.int32)
+        self.positive = torch.tensor([zero] + [zero + 1 + f for f in first], dtype=torch.int32)
+        self.negative = torch.tensor([zero] + [zero - 1 - f for f in first], dtype=torch.int32)
 
     def quantize(self, x: Tensor) -> Tensor:
-        """The codes of fp32 ``x`` (already divided by its block's absmax), as quant_math.h's quantize_value."""
+        """The codes of fp32 ``x`` (already divided by its block's absmax), as quant_math.h's quantize_value. Works
+        on 1-D ``x`` in slices, so that its temporaries stay small beside the state being converted."""
+        out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+        for begin in range(0, x.numel(), _SLICE):
+            out[begin:begin + _SLICE] = self._quantize(x[begin:begin + _SLICE])
+        return out
+
+    def _quantize(self, x: Tensor) -> Tensor:
         on = x.device
         negative = (x < 0) if self.signed else torch.zeros_like(x, dtype=torch.bool)
         a = torch.where(negative, -x, x)
-        state = (a[..., None] > self.threshold[:7].to(on)).sum(-1)
+        state = torch.zeros(x.shape, dtype=torch.int32, device=on)
+        for t in self.threshold[:7].tolist():
+            state += a > t
         f = (a - self.low.to(on)[state]) * self.inverse_width.to(on)[state]
-        k = torch.minimum(torch.where(f > 0, f, torch.zeros_like(f)).long(), self.last.to(on)[state])
+        # (clamped before the cast: lanes past threshold[7], even inf, get the code of 1 below anyway)
+        k = torch.minimum(torch.where(f > 0, f, torch.zeros_like(f)).clamp(max=255.0).int(), self.last.to(on)[state])
         code = torch.where(negative, self.negative.to(on)[state] - k, self.positive.to(on)[state] + k)
         one = torch.where(negative, 0, 255)  # the signed code has no -1: its most negative value
         return torch.where(a > self.threshold[7].to(on), one, code).to(torch.uint8)
@@ -79,7 +93,7 @@ def quantize_blockwise(t: Tensor, *, signed: bool) -> tuple[Tensor, Tensor]:
     n = flat.numel()
     blocks = torch.nn.functional.pad(flat, (0, num_blocks(n) * BLOCK_SIZE - n)).view(-1, BLOCK_SIZE)
     absmax = blocks.abs().amax(dim=1) if n else flat.new_zeros(0)
-    inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    inverse = torch.where(absmax >= _SMALLEST_NORMAL, 1.0 / absmax, torch.zeros_like(absmax))
     x = (blocks * inverse[:, None]).reshape(-1)[:n]
     return (SIGNED if signed else UNSIGNED).quantize(x).reshape(t.shape), absmax
 

@@ -121,7 +121,10 @@ class Adam8bit(FusedOptimizer, torch.optim.Optimizer):
     def _ensure_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         # Checked while the tables are built, before any group steps.
         if group.get("amsgrad"):
-            raise ValueError(f"{type(self).__name__}: amsgrad=True is not supported with 8-bit state")
+            raise ValueError(
+                f"{type(self).__name__}: amsgrad=True is not supported with 8-bit state (a group has it, e.g. from "
+                "a loaded torch.optim.Adam(amsgrad=True) checkpoint); set the group's 'amsgrad' to False to go on "
+                "without it")
         if group.get("decoupled_weight_decay", self._decoupled_weight_decay) != self._decoupled_weight_decay:
             group["decoupled_weight_decay"] = self._decoupled_weight_decay  # a loaded Adam/AdamW checkpoint's
 

@@ -69,6 +69,9 @@ FT_TEST(inverse_absmax) {
   FT_CHECK(math::inverse_absmax(0.0f) == 0.0f);
   FT_CHECK(math::inverse_absmax(4.0f) == 0.25f);
   FT_CHECK(math::inverse_absmax(std::nanf("")) == 0.0f);
+  // below the smallest normal float 1/absmax would overflow: such a block is stored as zeros
+  FT_CHECK(math::inverse_absmax(1e-39f) == 0.0f);
+  FT_CHECK(math::inverse_absmax(1.17549435e-38f) > 0.0f);
 }
 
 }  // namespace

@@ -55,9 +55,13 @@ FT_HOST_DEVICE FT_INLINE uint8_t quantize_value(float x, const DynamicCode& c) {
   return static_cast<uint8_t>(negative ? c.negative[state] - k : c.positive[state] + k);
 }
 
-// 1/absmax, or 0 for an all-zero block (every element then gets the code of 0). A NaN or inf absmax gives
-// NaN or 0 here; either way the block dequantizes to non-finite values, as the moments were.
-FT_HOST_DEVICE FT_INLINE float inverse_absmax(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
+// 1/absmax, or 0 for an all-zero block (every element then gets the code of 0) and for a block below the
+// smallest normal float, whose 1/absmax would overflow to inf (moments decaying without gradients reach it: a
+// frozen row's exp_avg after ~800 steps). A NaN absmax gives 0 here too; the block dequantizes to NaN anyway.
+constexpr float kSmallestNormal = 1.17549435e-38f;  // FLT_MIN
+FT_HOST_DEVICE FT_INLINE float inverse_absmax(float absmax) {
+  return absmax >= kSmallestNormal ? 1.0f / absmax : 0.0f;
+}
 
 // The signed or unsigned dynamic code, built at compile time (kSignedCode, kUnsignedCode below), so the CUDA
 // kernels read it from device memory with nothing to upload first.
