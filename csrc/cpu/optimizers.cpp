@@ -100,6 +100,15 @@ double advance_step(const at::Tensor& step) {
   }
 }
 
+// Adam's run: each param's step advances, then its bias corrections (in double, as torch) go into its slot.
+void run_adam(const OptimizerLaunch& l, OptimizerTensors& t) {
+  run(l, t, [&](int64_t i, ParamSlot& s) {
+    const auto bc = math::adam_bias_correction(l.lr, l.beta1, l.beta2, advance_step(t.steps[i]));
+    s.neg_step_size = bc.neg_step_size;
+    s.bc2_sqrt = bc.bc2_sqrt;
+  });
+}
+
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
                   double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                   bool is_first_step, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
@@ -136,12 +145,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   l.decoupled_weight_decay = decoupled_weight_decay;
   l.amsgrad = amsgrad;
   l.maximize = maximize;
-  const double step_lr = l.lr;
-  run(l, t, [&](int64_t i, ParamSlot& s) {
-    const auto bc = math::adam_bias_correction(step_lr, beta1, beta2, advance_step(t.steps[i]));
-    s.neg_step_size = bc.neg_step_size;
-    s.bc2_sqrt = bc.bc2_sqrt;
-  });
+  run_adam(l, t);
 }
 
 void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
@@ -183,12 +187,7 @@ void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
   l.maximize = maximize;
   l.signed_code = &math::kSignedCode;
   l.unsigned_code = &math::kUnsignedCode;
-  const double step_lr = l.lr;
-  run(l, t, [&](int64_t i, ParamSlot& s) {
-    const auto bc = math::adam_bias_correction(step_lr, beta1, beta2, advance_step(t.steps[i]));
-    s.neg_step_size = bc.neg_step_size;
-    s.bc2_sqrt = bc.bc2_sqrt;
-  });
+  run_adam(l, t);
 }
 
 }  // namespace

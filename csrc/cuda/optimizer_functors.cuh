@@ -241,6 +241,28 @@ struct SgdFunctor {
 };
 
 // ---------------------------------------------------------------------------------------------------
+// What Adam (fp32 and 8-bit state) reads once per block: the step's bias corrections, in double as torch computes
+// them in Python floats (once per block, not per thread), the decoupled decay factor, GradScaler's scale and
+// whether the step is skipped.
+template <class O>
+struct AdamBlockScalars {
+  O neg_step_size, bc2_sqrt, decay_factor, grad_scale;
+  bool skip;
+};
+template <class O>
+FT_HOST_DEVICE AdamBlockScalars<O> read_adam_block_scalars(const CommonScalars& common, double beta1, double beta2,
+                                                           double weight_decay, float step_after) {
+  AdamBlockScalars<O> s;
+  s.skip = common.skip_step();
+  const double lr = common.lr.load();
+  const math::AdamStepScalars bc = math::adam_bias_correction(lr, beta1, beta2, static_cast<double>(step_after));
+  s.neg_step_size = static_cast<O>(bc.neg_step_size);
+  s.bc2_sqrt = static_cast<O>(bc.bc2_sqrt);
+  s.decay_factor = static_cast<O>(1.0 - lr * weight_decay);
+  s.grad_scale = static_cast<O>(common.grad_scale.load());
+  return s;
+}
+
 // Adam / AdamW: lists param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq].
 template <class O>
 struct AdamElementOp {
@@ -255,26 +277,13 @@ template <class T, int Depth>
 struct AdamFunctor {
   using O = opmath_t<T>;
   static constexpr bool kAdvancesSteps = true;
-  struct BlockScalars {
-    O neg_step_size, bc2_sqrt, decay_factor, grad_scale;
-    bool skip;
-  };
+  using BlockScalars = AdamBlockScalars<O>;
   math::AdamHyper<O> hyper;  // decay_factor (1 - lr·wd) filled in per block
   double beta1, beta2, weight_decay;
   CommonScalars common;
 
   FT_HOST_DEVICE BlockScalars block_scalars(float step_after) const {
-    BlockScalars s;
-    s.skip = common.skip_step();
-    const double lr = common.lr.load();
-    // In double, as torch computes them in Python floats; once per block, not per thread.
-    const math::AdamStepScalars bc =
-        math::adam_bias_correction(lr, beta1, beta2, static_cast<double>(step_after));
-    s.neg_step_size = static_cast<O>(bc.neg_step_size);
-    s.bc2_sqrt = static_cast<O>(bc.bc2_sqrt);
-    s.decay_factor = static_cast<O>(1.0 - lr * weight_decay);
-    s.grad_scale = static_cast<O>(common.grad_scale.load());
-    return s;
+    return read_adam_block_scalars<O>(common, beta1, beta2, weight_decay, step_after);
   }
   FT_HOST_DEVICE bool advances_steps(const BlockScalars& s) const { return !s.skip; }
   FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth>& m, const BlockLocation& loc,
@@ -337,24 +346,13 @@ __device__ const math::DynamicCode kDeviceCodes[2] = {math::kSignedCode, math::k
 template <class T>
 struct Adam8bitFunctor {
   static constexpr bool kAdvancesSteps = true;
-  struct BlockScalars {
-    float neg_step_size, bc2_sqrt, decay_factor, grad_scale;
-    bool skip;
-  };
+  using BlockScalars = AdamBlockScalars<float>;
   math::AdamHyper<float> hyper;  // decay_factor (1 - lr·wd) filled in per block
   double beta1, beta2, weight_decay;
   CommonScalars common;
 
   FT_HOST_DEVICE BlockScalars block_scalars(float step_after) const {
-    BlockScalars s;
-    s.skip = common.skip_step();
-    const double lr = common.lr.load();
-    const math::AdamStepScalars bc = math::adam_bias_correction(lr, beta1, beta2, static_cast<double>(step_after));
-    s.neg_step_size = static_cast<float>(bc.neg_step_size);
-    s.bc2_sqrt = static_cast<float>(bc.bc2_sqrt);
-    s.decay_factor = static_cast<float>(1.0 - lr * weight_decay);
-    s.grad_scale = static_cast<float>(common.grad_scale.load());
-    return s;
+    return read_adam_block_scalars<float>(common, beta1, beta2, weight_decay, step_after);
   }
   FT_HOST_DEVICE bool advances_steps(const BlockScalars& s) const { return !s.skip; }
 
