@@ -131,15 +131,49 @@ OptimizerTensors check_optimizer_call(const char* op, at::TensorList params, at:
   return out;
 }
 
+namespace {
+
+// Stochastic rounding's seeds: none, or one per param, for bf16 params (other dtypes round to nearest; the caller
+// leaves their seeds out, so a seed there is a mistake worth naming).
+void check_rounding_seeds(const char* op, OptimizerTensors& out, const std::optional<at::TensorList>& seeds,
+                          int64_t n) {
+  if (!seeds.has_value() || seeds->empty()) return;
+  TORCH_CHECK(static_cast<int64_t>(seeds->size()) == n, op, ": got ", n, " params but ", seeds->size(),
+              " rounding_seeds");
+  if (n == 0) return;
+  TORCH_CHECK_TYPE(out.dtype == at::kBFloat16, op, ": rounding_seeds (stochastic rounding) apply to bfloat16 "
+                   "params only, got ", out.dtype, " params");
+  TORCH_CHECK(!out.steps.empty(), op, ": rounding_seeds need state_steps (the step is the rounding's counter)");
+  out.rounding_seeds.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& s = (*seeds)[i];
+    TORCH_CHECK(s.defined() && s.scalar_type() == at::kLong && s.numel() == 1 && s.device() == out.device, op,
+                ": rounding_seeds[", i, "] must be a one-element int64 tensor on ", out.device, ", got ",
+                s.defined() ? std::string(c10::toString(s.scalar_type())) + " of " + std::to_string(s.numel()) +
+                                  " elements on " + s.device().str()
+                            : std::string("an undefined tensor"));
+    out.rounding_seeds.push_back(s);
+  }
+}
+
+}  // namespace
+
 // Grads are written when the kernel zeroes them or writes them back unscaled.
 OptimizerTensors check_sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                                 double momentum, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                                 const std::optional<at::Tensor>& grad_scale,
-                                const std::optional<at::Tensor>& found_inf) {
-  return check_optimizer_call("sgd_step_", params, grads,
-                              {StateList{"momentum_buffers", momentum_buffers, momentum != 0.0},
-                               StateList{"", {}, false}, StateList{"", {}, false}},
-                              {}, false, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
+                                const std::optional<at::Tensor>& found_inf,
+                                const std::optional<at::TensorList>& state_steps,
+                                const std::optional<at::TensorList>& rounding_seeds) {
+  const bool has_steps = state_steps.has_value() && !state_steps->empty();
+  OptimizerTensors out = check_optimizer_call(
+      "sgd_step_", params, grads,
+      {StateList{"momentum_buffers", momentum_buffers, momentum != 0.0}, StateList{"", {}, false},
+       StateList{"", {}, false}},
+      has_steps ? *state_steps : at::TensorList{}, has_steps, lr_tensor, grad_scale, found_inf,
+      zero_grad || grad_scale.has_value());
+  check_rounding_seeds("sgd_step_", out, rounding_seeds, static_cast<int64_t>(params.size()));
+  return out;
 }
 
 OptimizerTensors check_adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -147,12 +181,15 @@ OptimizerTensors check_adam_step(at::TensorList params, at::TensorList grads, at
                                  at::TensorList state_steps, bool amsgrad, bool zero_grad,
                                  const std::optional<at::Tensor>& lr_tensor,
                                  const std::optional<at::Tensor>& grad_scale,
-                                 const std::optional<at::Tensor>& found_inf) {
-  return check_optimizer_call("adam_step_", params, grads,
-                              {StateList{"exp_avgs", exp_avgs, true}, StateList{"exp_avg_sqs", exp_avg_sqs, true},
-                               StateList{"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
-                              state_steps, true, lr_tensor, grad_scale, found_inf,
-                              zero_grad || grad_scale.has_value());
+                                 const std::optional<at::Tensor>& found_inf,
+                                 const std::optional<at::TensorList>& rounding_seeds) {
+  OptimizerTensors out = check_optimizer_call(
+      "adam_step_", params, grads,
+      {StateList{"exp_avgs", exp_avgs, true}, StateList{"exp_avg_sqs", exp_avg_sqs, true},
+       StateList{"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
+      state_steps, true, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
+  check_rounding_seeds("adam_step_", out, rounding_seeds, static_cast<int64_t>(params.size()));
+  return out;
 }
 
 OptimizerTensors check_rmsprop_step(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
@@ -173,7 +210,8 @@ OptimizerTensors check_adam8bit_step(at::TensorList params, at::TensorList grads
                                      at::TensorList exp_avg_sq_absmax, at::TensorList state_steps, bool zero_grad,
                                      const std::optional<at::Tensor>& lr_tensor,
                                      const std::optional<at::Tensor>& grad_scale,
-                                     const std::optional<at::Tensor>& found_inf) {
+                                     const std::optional<at::Tensor>& found_inf,
+                                     const std::optional<at::TensorList>& rounding_seeds) {
   const char* op = "adam8bit_step_";
   const std::array<std::pair<const char*, at::TensorList>, 4> lists = {
       std::make_pair("exp_avg_codes", exp_avg_codes), std::make_pair("exp_avg_absmax", exp_avg_absmax),
@@ -205,6 +243,7 @@ OptimizerTensors check_adam8bit_step(at::TensorList params, at::TensorList grads
       out.states[k].push_back(s);
     }
   }
+  check_rounding_seeds(op, out, rounding_seeds, static_cast<int64_t>(params.size()));
   return out;
 }
 

@@ -17,7 +17,10 @@ namespace fused_train {
 struct OptimizerTensors {
   std::vector<at::Tensor> params, grads;
   std::array<std::vector<at::Tensor>, 4> states;  // 8-bit Adam: codes, absmax, codes, absmax
-  std::vector<at::Tensor> steps;  // empty when the optimizer keeps no step (SGD)
+  std::vector<at::Tensor> steps;  // empty when the optimizer keeps no step (SGD without stochastic rounding)
+  // Empty, or one int64 one-element tensor per param on their device (bf16 params only): the update is rounded
+  // into the param stochastically, with the bits of csrc/include/fused_train/stochastic_round.h.
+  std::vector<at::Tensor> rounding_seeds;
   // Non-dense or layout-mismatched entries run on contiguous copies; these pairs are copied back after.
   std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (original, working copy)
   at::ScalarType dtype = at::kFloat;
@@ -43,16 +46,20 @@ OptimizerTensors check_optimizer_call(const char* op, at::TensorList params, at:
                                       bool contiguous = false);
 
 // The three optimizer ops' checks, one per schema, shared by the CPU and CUDA implementations.
+// SGD keeps step counters only for stochastic rounding (its counter): state_steps is then one per param.
 OptimizerTensors check_sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                                 double momentum, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                                 const std::optional<at::Tensor>& grad_scale,
-                                const std::optional<at::Tensor>& found_inf);
+                                const std::optional<at::Tensor>& found_inf,
+                                const std::optional<at::TensorList>& state_steps,
+                                const std::optional<at::TensorList>& rounding_seeds);
 OptimizerTensors check_adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                  at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                                  at::TensorList state_steps, bool amsgrad, bool zero_grad,
                                  const std::optional<at::Tensor>& lr_tensor,
                                  const std::optional<at::Tensor>& grad_scale,
-                                 const std::optional<at::Tensor>& found_inf);
+                                 const std::optional<at::Tensor>& found_inf,
+                                 const std::optional<at::TensorList>& rounding_seeds);
 OptimizerTensors check_rmsprop_step(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
                                     at::TensorList grad_avgs, at::TensorList momentum_buffers,
                                     at::TensorList state_steps, bool centered, double momentum, bool zero_grad,
@@ -67,7 +74,8 @@ OptimizerTensors check_adam8bit_step(at::TensorList params, at::TensorList grads
                                      at::TensorList exp_avg_sq_absmax, at::TensorList state_steps, bool zero_grad,
                                      const std::optional<at::Tensor>& lr_tensor,
                                      const std::optional<at::Tensor>& grad_scale,
-                                     const std::optional<at::Tensor>& found_inf);
+                                     const std::optional<at::Tensor>& found_inf,
+                                     const std::optional<at::TensorList>& rounding_seeds);
 
 // Copies the working copies back into the caller's tensors (only for non-dense entries).
 void finish_optimizer_call(OptimizerTensors& t);

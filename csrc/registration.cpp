@@ -12,15 +12,20 @@
 #include "cpu/gradient_cache.h"
 
 TORCH_LIBRARY(fused_train, m) {
+  // rounding_seeds (bf16 params, fused_train.optim's bf16_stochastic_round): one int64 one-element tensor per param
+  // on its device; the update is rounded into the param stochastically with bits drawn from (seed, step, element)
+  // (csrc/include/fused_train/stochastic_round.h). SGD then takes state_steps as the counter.
   m.def(
       "sgd_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, *, float lr, "
       "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool is_first_step, "
-      "bool zero_grad, Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "bool zero_grad, Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor(d!)[]? state_steps=None, Tensor[]? rounding_seeds=None) -> ()");
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
       "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, float lr, float beta1, float beta2, "
       "float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, bool zero_grad, "
-      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? rounding_seeds=None) "
+      "-> ()");
   // 8-bit Adam/AdamW (fused_train.optim.Adam8bit): each moment as uint8 codes of the param's shape and one fp32
   // absmax per 256 elements (csrc/include/fused_train/quant_math.h).
   m.def(
@@ -28,7 +33,7 @@ TORCH_LIBRARY(fused_train, m) {
       "Tensor(d!)[] exp_avg_absmax, Tensor(e!)[] exp_avg_sq_codes, Tensor(f!)[] exp_avg_sq_absmax, "
       "Tensor(g!)[] state_steps, *, float lr, float beta1, float beta2, float weight_decay, float eps, "
       "bool maximize, bool decoupled_weight_decay, bool zero_grad, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? rounding_seeds=None) -> ()");
   m.def(
       "rmsprop_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, Tensor(d!)[] grad_avgs, "
       "Tensor(e!)[] momentum_buffers, Tensor(f!)[] state_steps, *, float lr, float alpha, float eps, "

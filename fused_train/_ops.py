@@ -28,6 +28,8 @@ def sgd_step_(
     lr_tensor: Tensor | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    state_steps: list[Tensor] | None = None,
+    rounding_seeds: list[Tensor] | None = None,
 ) -> None:
     """One SGD step over same-device, same-dtype params; see :class:`fused_train.optim.SGD`.
 
@@ -35,11 +37,14 @@ def sgd_step_(
     overwritten with the first gradient (torch's ``clone`` on first use). ``zero_grad`` writes zeros
     into each gradient after reading it. ``grad_scale``/``found_inf`` come from GradScaler: grads are
     divided by ``grad_scale`` and the whole step is skipped when ``found_inf`` is nonzero.
+    ``rounding_seeds`` (bf16 params: one int64 one-element tensor each) rounds the update into the param
+    stochastically; ``state_steps`` are then its counters, advanced by the op.
     """
     _ops.sgd_step_.default(
         params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, is_first_step=is_first_step,
         zero_grad=zero_grad, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+        state_steps=state_steps, rounding_seeds=rounding_seeds,
     )
 
 
@@ -63,14 +68,16 @@ def adam_step_(
     lr_tensor: Tensor | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    rounding_seeds: list[Tensor] | None = None,
 ) -> None:
     """One Adam/AdamW step; see :class:`fused_train.optim.Adam`. Advances each ``state_steps`` entry by
-    one inside the op. ``max_exp_avg_sqs`` is empty unless ``amsgrad``."""
+    one inside the op. ``max_exp_avg_sqs`` is empty unless ``amsgrad``. ``rounding_seeds``: as in
+    :func:`sgd_step_`."""
     _ops.adam_step_.default(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
         beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
         decoupled_weight_decay=decoupled_weight_decay, zero_grad=zero_grad, lr_tensor=lr_tensor,
-        grad_scale=grad_scale, found_inf=found_inf,
+        grad_scale=grad_scale, found_inf=found_inf, rounding_seeds=rounding_seeds,
     )
 
 
@@ -94,14 +101,16 @@ def adam8bit_step_(
     lr_tensor: Tensor | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    rounding_seeds: list[Tensor] | None = None,
 ) -> None:
     """One Adam/AdamW step on 8-bit blockwise state; see :class:`fused_train.optim.Adam8bit`. Each moment is uint8
-    codes of the param's shape and one fp32 absmax per 256 elements; params are float32, bfloat16 or float16."""
+    codes of the param's shape and one fp32 absmax per 256 elements; params are float32, bfloat16 or float16.
+    ``rounding_seeds``: as in :func:`sgd_step_`."""
     _ops.adam8bit_step_.default(
         params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, state_steps, lr=lr,
         beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=maximize,
         decoupled_weight_decay=decoupled_weight_decay, zero_grad=zero_grad, lr_tensor=lr_tensor,
-        grad_scale=grad_scale, found_inf=found_inf,
+        grad_scale=grad_scale, found_inf=found_inf, rounding_seeds=rounding_seeds,
     )
 
 

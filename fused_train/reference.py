@@ -9,6 +9,10 @@ fused_train's contract with torch.optim running on fp32 copies.
 the code (no search, no table); :func:`adam8bit_reference_step` is torch.optim's Adam step on the dequantized
 moments, requantized after.
 
+bf16 stochastic rounding: :func:`stochastic_rounding_bits_reference` recomputes the kernels' counter-based bits in
+int64 torch ops, and :func:`round_to_bf16_stochastic_reference` rounds with them, so a test can hold a kernel to the
+exact bf16 values it must write.
+
 Cross-entropy: :func:`cross_entropy_reference`, F.cross_entropy in opmath plus the z-loss.
 """
 
@@ -126,6 +130,47 @@ def adam8bit_reference_step(param: Tensor, grad: Tensor, state: dict[str, Tensor
 
 
 # -- cross-entropy ---------------------------------------------------------------------------------------
+
+
+# -- bf16 stochastic rounding (csrc/include/fused_train/stochastic_round.h) ----------------------------------
+
+_MASK32 = (1 << 32) - 1
+_MASK64 = (1 << 64) - 1
+
+
+def _mix32(x: Tensor) -> Tensor:
+    # int64 lanes holding uint32 values; every product stays below 2^63.
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _MASK32
+    return x ^ (x >> 15)
+
+
+def _mix64(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def stochastic_rounding_bits_reference(seed: int, step: int, numel: int) -> Tensor:
+    """The 32 random bits (as int64 values in [0, 2^32)) of elements 0..numel-1 of a param with rounding seed
+    ``seed`` at step ``step`` (the step counter after the step's increment)."""
+    stream = _mix64((seed & _MASK64) ^ _mix64((step + 0x9E3779B97F4A7C15) & _MASK64))
+    index = torch.arange(numel, dtype=torch.int64)
+    high = torch.tensor((stream >> 32) & _MASK32, dtype=torch.int64) + (index >> 32)
+    key = (stream & _MASK32) ^ _mix32(high & _MASK32)
+    return _mix32((index & _MASK32) ^ key)
+
+
+def round_to_bf16_stochastic_reference(x: Tensor, bits: Tensor) -> Tensor:
+    """fp32 ``x`` rounded to bf16 with ``bits`` (one per element, from :func:`stochastic_rounding_bits_reference`):
+    the high 16 bits are added to x's bit pattern and the low 16 dropped; NaN stays NaN."""
+    x = x.detach().to(torch.float32).contiguous().reshape(-1)
+    pattern = x.view(torch.int32).to(torch.int64) & _MASK32
+    rounded = (pattern + (bits.reshape(-1) >> 16)) & 0xFFFF0000
+    rounded = torch.where(rounded >= 1 << 31, rounded - (1 << 32), rounded).to(torch.int32).view(torch.float32)
+    return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
 
 
 def cross_entropy_reference(

@@ -23,6 +23,7 @@ struct ParamSlot {
   int64_t numel;
   double neg_step_size;  // Adam: -lr / (1 - β1^t)
   double bc2_sqrt;       // Adam: sqrt(1 - β2^t)
+  uint64_t rounding_stream;  // stochastic rounding: math::rounding_stream(seed, step)
 };
 
 // A contiguous element range of one slot: the unit of work handed to a thread.
@@ -48,6 +49,8 @@ struct OptimizerLaunch {
   bool zero_grad;        // write zeros into each consumed gradient
   bool has_grad_scale;   // divide gradients by grad_scale (written back unscaled unless zero_grad)
   double grad_scale;
+  bool stochastic_round;  // bf16 params: round each update with its slot's rounding_stream
+
   const math::DynamicCode* signed_code;    // Adam8bit: exp_avg's code
   const math::DynamicCode* unsigned_code;  // Adam8bit: exp_avg_sq's code
 };

@@ -26,6 +26,7 @@
 #include "cpu/cpu_kernels.h"
 #include "fused_train/optim_math.h"
 #include "fused_train/quant_math.h"
+#include "fused_train/stochastic_round.h"
 
 namespace fused_train {
 namespace cpu {
@@ -121,6 +122,71 @@ struct RmspropTile {
   }
 };
 
+// math::round_to_bf16_stochastic on one vector: lane k is element index_low + k of the key's range. The hash's
+// 32-bit multiplies and shifts in AVX2/AVX-512 integer lanes, the same operations as the scalar code.
+inline Vectorized<float> round_to_bf16_stochastic(const Vectorized<float>& x, uint32_t key, uint32_t index_low) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(index_low)),
+                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i h = _mm512_xor_si512(index, _mm512_set1_epi32(static_cast<int32_t>(key)));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x21f0aaad));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x735a2d97));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
+  const __m512 v = x;
+  const __m512i rounded = _mm512_and_si512(_mm512_add_epi32(_mm512_castps_si512(v), _mm512_srli_epi32(h, 16)),
+                                           _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u)));
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_castsi512_ps(rounded), v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(index_low)),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i h = _mm256_xor_si256(index, _mm256_set1_epi32(static_cast<int32_t>(key)));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x21f0aaad));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x735a2d97));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
+  const __m256 v = x;
+  const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(_mm256_castps_si256(v), _mm256_srli_epi32(h, 16)),
+                                           _mm256_set1_epi32(static_cast<int32_t>(0xffff0000u)));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+#else
+  float lanes[Vectorized<float>::size()];
+  x.store(lanes);
+  for (int k = 0; k < Vectorized<float>::size(); ++k) {
+    lanes[k] = math::round_to_bf16_stochastic(lanes[k], math::rounding_bits(key, index_low + static_cast<uint32_t>(k)));
+  }
+  return Vectorized<float>::loadu(lanes);
+#endif
+}
+
+// Stochastic rounding of one tile's or block's params: the key of the elements from `first` on (a tile or block
+// never straddles a multiple of 2^32), applied when the launch asks for it and the params are bf16.
+template <class T>
+struct ParamRounding {
+  bool on = false;
+  uint32_t key = 0;
+  uint32_t first_low = 0;  // low half of the index of the tile's first element
+  ParamRounding(const OptimizerLaunch& l, const ParamSlot& slot, int64_t first) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      on = l.stochastic_round;
+      key = math::rounding_key(slot.rounding_stream, static_cast<uint32_t>(static_cast<uint64_t>(first) >> 32));
+      first_low = static_cast<uint32_t>(first);
+    }
+  }
+  // Elements i.. of the tile (vector) or element i (scalar), before they narrow to T.
+  void vector(Vectorized<float>& p, int64_t i) const {
+    if (on) p = round_to_bf16_stochastic(p, key, first_low + static_cast<uint32_t>(i));
+  }
+  template <class O>
+  void scalar(O& p, int64_t i) const {
+    if constexpr (std::is_same_v<O, float>) {
+      if (on) p = math::round_to_bf16_stochastic(p, math::rounding_bits(key, first_low + static_cast<uint32_t>(i)));
+    }
+  }
+};
+
 // Walks one chunk tile by tile. T: storage type of param and grad; O: opmath. A low-precision vector
 // (Vectorized<T>, twice as many elements as Vectorized<O>) widens to two opmath vectors, both are updated,
 // and the pair narrows back (round to nearest even, as torch does) in one store. tile.bind(t0) points the
@@ -144,6 +210,7 @@ void run_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, i
     T* p = param + t0;
     T* g = grad + t0;
     tile.bind(t0);
+    const ParamRounding<T> rounding(l, slot, t0);
 
     int64_t i = 0;
     if constexpr (!std::is_same_v<T, O>) {
@@ -157,6 +224,8 @@ void run_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, i
         }
         tile.template apply<VA>(p0, g0, i);
         tile.template apply<VA>(p1, g1, i + OV::size());
+        rounding.vector(p0, i);
+        rounding.vector(p1, i + OV::size());
         at::vec::convert_from_float<T>(p0, p1).store(p + i);
         if (write_back_grad) at::vec::convert_from_float<T>(g0, g1).store(g + i);
       }
@@ -173,7 +242,8 @@ void run_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, i
       O pv = static_cast<O>(p[i]), gv = static_cast<O>(g[i]);
       if (unscale) gv = gv / grad_scale;
       tile.template apply<SA>(pv, gv, i);
-      p[i] = static_cast<T>(pv);  // round to nearest even for bf16/fp16, as torch does
+      rounding.scalar(pv, i);
+      p[i] = static_cast<T>(pv);  // round to nearest even for bf16/fp16, as torch does (exact after rounding)
       if (write_back_grad) g[i] = static_cast<T>(gv);
     }
     if (l.zero_grad) std::memset(static_cast<void*>(g), 0, n * sizeof(T));
@@ -305,6 +375,7 @@ void run_adam8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t
     const uint8_t* vc = v_codes + b0;
     const float m_scale = m_absmax[block], v_scale = v_absmax[block];
     const FV vm_scale(m_scale), vv_scale(v_scale);
+    const ParamRounding<T> rounding(l, slot, b0);
     FV m_max_vec(0.0f), v_max_vec(0.0f);
 
     // One vector of params at element i: dequantize, update, keep the new moments and their running absmax.
@@ -329,6 +400,8 @@ void run_adam8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t
         }
         update(p0, g0, i);
         update(p1, g1, i + FV::size());
+        rounding.vector(p0, i);
+        rounding.vector(p1, i + FV::size());
         at::vec::convert_from_float<T>(p0, p1).store(p + i);
         if (write_back_grad) at::vec::convert_from_float<T>(g0, g1).store(g + i);
       }
@@ -352,7 +425,8 @@ void run_adam8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t
       v_new[i] = v;
       m_max = math::max_(m_max, std::fabs(m));
       v_max = math::max_(v_max, v);
-      p[i] = static_cast<T>(pv);  // round to nearest even for bf16/fp16, as torch does
+      rounding.scalar(pv, i);
+      p[i] = static_cast<T>(pv);  // round to nearest even for bf16/fp16, as torch does (exact after rounding)
       if (write_back_grad) g[i] = static_cast<T>(gv);
     }
     float lanes[2][FV::size()];

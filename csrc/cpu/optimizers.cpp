@@ -8,6 +8,7 @@
 #include "cpu/cpu_kernels.h"
 #include "fused_train/optim_math.h"
 #include "fused_train/quant_math.h"
+#include "fused_train/stochastic_round.h"
 #include "optimizer_args.h"
 
 namespace fused_train {
@@ -100,21 +101,34 @@ double advance_step(const at::Tensor& step) {
   }
 }
 
+// Stochastic rounding, when the call has seeds: the launch asks for it and each slot gets its stream at step.
+void set_rounding(OptimizerLaunch& l, const OptimizerTensors& t) { l.stochastic_round = !t.rounding_seeds.empty(); }
+void set_rounding_stream(const OptimizerTensors& t, int64_t i, double step, ParamSlot& s) {
+  if (t.rounding_seeds.empty()) return;
+  const at::Tensor& seed = t.rounding_seeds[i];
+  s.rounding_stream = math::rounding_stream(*seed.data_ptr<int64_t>(), step);
+}
+
 // Adam's run: each param's step advances, then its bias corrections (in double, as torch) go into its slot.
-void run_adam(const OptimizerLaunch& l, OptimizerTensors& t) {
+void run_adam(OptimizerLaunch l, OptimizerTensors& t) {
+  set_rounding(l, t);
   run(l, t, [&](int64_t i, ParamSlot& s) {
-    const auto bc = math::adam_bias_correction(l.lr, l.beta1, l.beta2, advance_step(t.steps[i]));
+    const double step = advance_step(t.steps[i]);
+    const auto bc = math::adam_bias_correction(l.lr, l.beta1, l.beta2, step);
     s.neg_step_size = bc.neg_step_size;
     s.bc2_sqrt = bc.bc2_sqrt;
+    set_rounding_stream(t, i, step, s);
   });
 }
 
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
                   double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                   bool is_first_step, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
-                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  OptimizerTensors t =
-      check_sgd_step(params, grads, momentum_buffers, momentum, zero_grad, lr_tensor, grad_scale, found_inf);
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                  const std::optional<at::TensorList>& state_steps,
+                  const std::optional<at::TensorList>& rounding_seeds) {
+  OptimizerTensors t = check_sgd_step(params, grads, momentum_buffers, momentum, zero_grad, lr_tensor, grad_scale,
+                                      found_inf, state_steps, rounding_seeds);
   OptimizerLaunch l{};
   if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
   l.kind = OptimizerKind::Sgd;
@@ -124,7 +138,11 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   l.nesterov = nesterov;
   l.maximize = maximize;
   l.first_step = is_first_step;
-  run(l, t, [](int64_t, ParamSlot&) {});
+  set_rounding(l, t);
+  // SGD's steps exist for stochastic rounding, as its counter.
+  run(l, t, [&](int64_t i, ParamSlot& s) {
+    if (!t.steps.empty()) set_rounding_stream(t, i, advance_step(t.steps[i]), s);
+  });
 }
 
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -132,9 +150,9 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
                    bool maximize, bool decoupled_weight_decay, bool zero_grad,
                    const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf) {
+                   const std::optional<at::Tensor>& found_inf, const std::optional<at::TensorList>& rounding_seeds) {
   OptimizerTensors t = check_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad,
-                                       zero_grad, lr_tensor, grad_scale, found_inf);
+                                       zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds);
   OptimizerLaunch l{};
   if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
   l.kind = OptimizerKind::Adam;
@@ -172,10 +190,11 @@ void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
                        at::TensorList exp_avg_sq_absmax, at::TensorList state_steps, double lr, double beta1,
                        double beta2, double weight_decay, double eps, bool maximize, bool decoupled_weight_decay,
                        bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
-                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                       const std::optional<at::TensorList>& rounding_seeds) {
   OptimizerTensors t = check_adam8bit_step(params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
                                            exp_avg_sq_absmax, state_steps, zero_grad, lr_tensor, grad_scale,
-                                           found_inf);
+                                           found_inf, rounding_seeds);
   OptimizerLaunch l{};
   if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
   l.kind = OptimizerKind::Adam8bit;

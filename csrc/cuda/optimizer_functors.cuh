@@ -20,6 +20,7 @@
 #include "cuda/multi_tensor_apply.cuh"
 #include "fused_train/optim_math.h"
 #include "fused_train/quant_math.h"
+#include "fused_train/stochastic_round.h"
 
 // #pragma unroll for the device pass only: the host compiler does not know it (-Wunknown-pragmas).
 #if defined(__CUDA_ARCH__)
@@ -63,8 +64,42 @@ FT_HOST_DEVICE FT_INLINE void store_elems(X* p, const Elems<X, kW>& e) {
 
 FT_HOST_DEVICE FT_INLINE bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// Stochastic rounding of one chunk's bf16 params (stochastic_round.h): the chunk's key and the low half of its first
+// element's index (chunks never straddle a multiple of 2^32). Off, and for other dtypes, the param rounds to nearest.
+struct ChunkRounding {
+  bool on;
+  uint32_t key;
+  uint32_t first_low;
+  // Element i of the chunk, before it narrows to the param's dtype.
+  template <class O>
+  FT_HOST_DEVICE FT_INLINE O apply(O param, int64_t i) const {
+    if constexpr (std::is_same_v<O, float>) {
+      if (on) return math::round_to_bf16_stochastic(param, math::rounding_bits(key, first_low + static_cast<uint32_t>(i)));
+    }
+    return param;
+  }
+};
+
+// The rounding of a block's chunk: the param's seed is list seed_list's one-element int64 tensor (-1: no seeds), its
+// counter the step after this step's increment.
+template <class T, int Depth>
+FT_HOST_DEVICE FT_INLINE ChunkRounding chunk_rounding(const TensorListMetadata<Depth>& m, const BlockLocation& loc,
+                                                      int seed_list, float step_after) {
+  ChunkRounding r{false, 0, 0};
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (seed_list >= 0 && seed_list < Depth) {
+      const int64_t seed = *static_cast<const int64_t*>(m.addresses[seed_list][loc.slot]);
+      r.on = true;
+      r.key = math::rounding_key(math::rounding_stream(seed, static_cast<double>(step_after)),
+                                 static_cast<uint32_t>(static_cast<uint64_t>(loc.begin) >> 32));
+      r.first_low = static_cast<uint32_t>(loc.begin);
+    }
+  }
+  return r;
+}
+
 // What every optimizer chunk shares: the param, its grad and up to three state buffers (nullptr when the
-// optimizer's options leave one unused), elements [0, n) of the chunk.
+// optimizer's options leave one unused), elements [0, n) of the chunk, and how its params round.
 template <class T>
 struct ChunkPointers {
   using O = opmath_t<T>;
@@ -72,6 +107,7 @@ struct ChunkPointers {
   T* grad;
   O* state[3];
   int64_t n;
+  ChunkRounding rounding;
   FT_HOST_DEVICE FT_INLINE bool all_aligned16() const {
     return aligned16(param) && aligned16(grad) && aligned16(state[0]) && aligned16(state[1]) &&
            aligned16(state[2]);  // nullptr is aligned
@@ -105,7 +141,7 @@ FT_UNROLL
     O param = static_cast<O>(p.v[j]);
     O state[3] = {s[0].v[j], s[1].v[j], s[2].v[j]};
     op.update(param, grad, state);
-    p.v[j] = static_cast<T>(param);  // the one rounding of a bf16/fp16 param
+    p.v[j] = static_cast<T>(c.rounding.apply(param, i + j));  // the one rounding of a bf16/fp16 param
     g.v[j] = gp.zero_grad ? static_cast<T>(0.0f) : static_cast<T>(grad);
 FT_UNROLL
     for (int k = 0; k < 3; ++k) s[k].v[j] = state[k];
@@ -175,6 +211,7 @@ FT_UNROLL
     c.state[k] = list >= 2 && list < Depth ? static_cast<O*>(m.addresses[list][loc.slot]) + loc.begin : nullptr;
   }
   c.n = loc.n;
+  c.rounding = ChunkRounding{false, 0, 0};
   return c;
 }
 
@@ -199,11 +236,13 @@ struct CommonScalars {
 template <class O>
 struct LrBlockScalars {
   O lr, grad_scale;
+  float step_after;  // the step counter after this step (0 without one)
   bool skip;
 };
 template <class O>
-FT_HOST_DEVICE LrBlockScalars<O> read_lr_block_scalars(const CommonScalars& common) {
+FT_HOST_DEVICE LrBlockScalars<O> read_lr_block_scalars(const CommonScalars& common, float step_after) {
   LrBlockScalars<O> s;
+  s.step_after = step_after;
   s.skip = common.skip_step();
   s.lr = static_cast<O>(common.lr.load());
   s.grad_scale = static_cast<O>(common.grad_scale.load());
@@ -211,7 +250,8 @@ FT_HOST_DEVICE LrBlockScalars<O> read_lr_block_scalars(const CommonScalars& comm
 }
 
 // ---------------------------------------------------------------------------------------------------
-// SGD: lists param, grad[, momentum_buffer].
+// SGD: lists param, grad[, momentum_buffer][, rounding seed]. With stochastic rounding it keeps step counters
+// (kSteps), its rounding's counter.
 template <class O>
 struct SgdElementOp {
   math::SgdHyper<O> h;
@@ -220,20 +260,24 @@ struct SgdElementOp {
   }
 };
 
-template <class T, int Depth>
+template <class T, int Depth, bool kSteps = false>
 struct SgdFunctor {
   using O = opmath_t<T>;
-  static constexpr bool kAdvancesSteps = false;
+  static constexpr bool kAdvancesSteps = kSteps;
   using BlockScalars = LrBlockScalars<O>;
   math::SgdHyper<O> hyper;  // lr filled in per block
   CommonScalars common;
+  int seed_list;  // -1: round to nearest
 
-  FT_HOST_DEVICE BlockScalars block_scalars(float) const { return read_lr_block_scalars<O>(common); }
-  FT_HOST_DEVICE bool advances_steps(const BlockScalars&) const { return false; }
+  FT_HOST_DEVICE BlockScalars block_scalars(float step_after) const {
+    return read_lr_block_scalars<O>(common, step_after);
+  }
+  FT_HOST_DEVICE bool advances_steps(const BlockScalars& s) const { return kSteps && !s.skip; }
   FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth>& m, const BlockLocation& loc,
                                  const BlockScalars& s, int thread, int n_threads) const {
-    const int state_lists[3] = {2, -1, -1};
-    const ChunkPointers<T> c = chunk_pointers<T>(m, loc, state_lists);
+    const int state_lists[3] = {hyper.has_momentum ? 2 : -1, -1, -1};
+    ChunkPointers<T> c = chunk_pointers<T>(m, loc, state_lists);
+    c.rounding = chunk_rounding<T>(m, loc, seed_list, s.step_after);
     SgdElementOp<O> op{hyper};
     op.h.lr = s.lr;
     step_chunk(c, op, common.grads, s.skip, s.grad_scale, thread, n_threads);
@@ -247,12 +291,14 @@ struct SgdFunctor {
 template <class O>
 struct AdamBlockScalars {
   O neg_step_size, bc2_sqrt, decay_factor, grad_scale;
+  float step_after;
   bool skip;
 };
 template <class O>
 FT_HOST_DEVICE AdamBlockScalars<O> read_adam_block_scalars(const CommonScalars& common, double beta1, double beta2,
                                                            double weight_decay, float step_after) {
   AdamBlockScalars<O> s;
+  s.step_after = step_after;
   s.skip = common.skip_step();
   const double lr = common.lr.load();
   const math::AdamStepScalars bc = math::adam_bias_correction(lr, beta1, beta2, static_cast<double>(step_after));
@@ -263,7 +309,7 @@ FT_HOST_DEVICE AdamBlockScalars<O> read_adam_block_scalars(const CommonScalars& 
   return s;
 }
 
-// Adam / AdamW: lists param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq].
+// Adam / AdamW: lists param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq][, rounding seed].
 template <class O>
 struct AdamElementOp {
   math::AdamHyper<O> h;
@@ -281,6 +327,7 @@ struct AdamFunctor {
   math::AdamHyper<O> hyper;  // decay_factor (1 - lr·wd) filled in per block
   double beta1, beta2, weight_decay;
   CommonScalars common;
+  int seed_list;  // -1: round to nearest
 
   FT_HOST_DEVICE BlockScalars block_scalars(float step_after) const {
     return read_adam_block_scalars<O>(common, beta1, beta2, weight_decay, step_after);
@@ -288,8 +335,9 @@ struct AdamFunctor {
   FT_HOST_DEVICE bool advances_steps(const BlockScalars& s) const { return !s.skip; }
   FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth>& m, const BlockLocation& loc,
                                  const BlockScalars& s, int thread, int n_threads) const {
-    const int state_lists[3] = {2, 3, 4};  // list 4 exists with amsgrad only (Depth 5)
-    const ChunkPointers<T> c = chunk_pointers<T>(m, loc, state_lists);
+    const int state_lists[3] = {2, 3, hyper.amsgrad ? 4 : -1};
+    ChunkPointers<T> c = chunk_pointers<T>(m, loc, state_lists);
+    c.rounding = chunk_rounding<T>(m, loc, seed_list, s.step_after);
     AdamElementOp<O> op{hyper, s.neg_step_size, s.bc2_sqrt};
     op.h.decay_factor = s.decay_factor;
     step_chunk(c, op, common.grads, s.skip, s.grad_scale, thread, n_threads);
@@ -314,7 +362,9 @@ struct RmspropFunctor {
   math::RmspropHyper<O> hyper;  // lr filled in per block
   CommonScalars common;
 
-  FT_HOST_DEVICE BlockScalars block_scalars(float) const { return read_lr_block_scalars<O>(common); }
+  FT_HOST_DEVICE BlockScalars block_scalars(float step_after) const {
+    return read_lr_block_scalars<O>(common, step_after);
+  }
   FT_HOST_DEVICE bool advances_steps(const BlockScalars& s) const { return !s.skip; }
   FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth>& m, const BlockLocation& loc,
                                  const BlockScalars& s, int thread, int n_threads) const {
@@ -331,7 +381,7 @@ struct RmspropFunctor {
 
 // ---------------------------------------------------------------------------------------------------
 // 8-bit Adam / AdamW: lists param, grad, exp_avg codes, exp_avg_sq codes (uint8, the param's numel), exp_avg
-// absmax, exp_avg_sq absmax (one fp32 per math::kQuantBlock elements; chunks start on quantization blocks, as
+// absmax, exp_avg_sq absmax[, rounding seed] (one fp32 per math::kQuantBlock elements; chunks start on quantization blocks, as
 // kChunkSize is a multiple of it). On the device each warp takes one quantization block at a time, each lane
 // elements lane, lane + 32, ... (every load and store of the warp contiguous): dequantize, update in fp32, the
 // block's new absmax by a warp reduction, quantize. The host path runs the same math block by block.
@@ -343,13 +393,14 @@ static_assert(kChunkSize % math::kQuantBlock == 0, "chunks must start on quantiz
 __device__ const math::DynamicCode kDeviceCodes[2] = {math::kSignedCode, math::kUnsignedCode};
 #endif
 
-template <class T>
+template <class T, int Depth>
 struct Adam8bitFunctor {
   static constexpr bool kAdvancesSteps = true;
   using BlockScalars = AdamBlockScalars<float>;
   math::AdamHyper<float> hyper;  // decay_factor (1 - lr·wd) filled in per block
   double beta1, beta2, weight_decay;
   CommonScalars common;
+  int seed_list;  // -1: round to nearest
 
   FT_HOST_DEVICE BlockScalars block_scalars(float step_after) const {
     return read_adam_block_scalars<float>(common, beta1, beta2, weight_decay, step_after);
@@ -357,17 +408,19 @@ struct Adam8bitFunctor {
   FT_HOST_DEVICE bool advances_steps(const BlockScalars& s) const { return !s.skip; }
 
   // Element e of a quantization block: the update, with m and v dequantized on entry and new on return.
+  // rounding_index: e's index within the chunk.
   FT_HOST_DEVICE FT_INLINE void update_element(T* p, T* g, const uint8_t* mc, const uint8_t* vc, int64_t e,
                                                float m_scale, float v_scale, const math::DynamicCode& cm,
                                                const math::DynamicCode& cv, const math::AdamHyper<float>& h,
-                                               const BlockScalars& s, float& m, float& v) const {
+                                               const BlockScalars& s, const ChunkRounding& rounding,
+                                               int64_t rounding_index, float& m, float& v) const {
     float grad = static_cast<float>(g[e]);
     if (common.grads.has_grad_scale) grad = grad / s.grad_scale;
     float param = static_cast<float>(p[e]);
     m = cm.value[mc[e]] * m_scale;
     v = cv.value[vc[e]] * v_scale;
     math::adam_update<float>(param, grad, m, v, nullptr, s.neg_step_size, s.bc2_sqrt, h);
-    p[e] = static_cast<T>(param);  // the one rounding of a bf16/fp16 param
+    p[e] = static_cast<T>(rounding.apply(param, rounding_index));  // the one rounding of a bf16/fp16 param
     if (common.grads.zero_grad) {
       g[e] = static_cast<T>(0.0f);
     } else if (common.grads.has_grad_scale) {
@@ -375,8 +428,9 @@ struct Adam8bitFunctor {
     }
   }
 
-  FT_HOST_DEVICE void operator()(const TensorListMetadata<6>& m, const BlockLocation& loc, const BlockScalars& s,
+  FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth>& m, const BlockLocation& loc, const BlockScalars& s,
                                  int thread, int n_threads) const {
+    const ChunkRounding rounding = chunk_rounding<T>(m, loc, seed_list, s.step_after);
     T* param = static_cast<T*>(m.addresses[0][loc.slot]) + loc.begin;
     T* grad = static_cast<T*>(m.addresses[1][loc.slot]) + loc.begin;
     uint8_t* m_codes = static_cast<uint8_t*>(m.addresses[2][loc.slot]) + loc.begin;
@@ -398,7 +452,7 @@ struct Adam8bitFunctor {
     }
     if (s.skip) {
       if (common.grads.zero_grad) {
-        ChunkPointers<T> c{param, grad, {nullptr, nullptr, nullptr}, loc.n};
+        ChunkPointers<T> c{param, grad, {nullptr, nullptr, nullptr}, loc.n, ChunkRounding{false, 0, 0}};
         zero_chunk_grads(c, thread, n_threads);
       }
       return;
@@ -417,7 +471,7 @@ FT_UNROLL
         mv[j] = vv[j] = 0.0f;
         if (e < n) {
           update_element(param + b0, grad + b0, m_codes + b0, v_codes + b0, e, m_scale, v_scale, codes[0], codes[1],
-                         h, s, mv[j], vv[j]);
+                         h, s, rounding, b0 + e, mv[j], vv[j]);
           m_max = math::max_(m_max, fabsf(mv[j]));
           v_max = math::max_(v_max, vv[j]);
         }
@@ -448,7 +502,7 @@ FT_UNROLL
     const math::DynamicCode& cv = math::kUnsignedCode;
     if (s.skip) {
       if (common.grads.zero_grad) {
-        ChunkPointers<T> c{param, grad, {nullptr, nullptr, nullptr}, loc.n};
+        ChunkPointers<T> c{param, grad, {nullptr, nullptr, nullptr}, loc.n, ChunkRounding{false, 0, 0}};
         zero_chunk_grads(c, thread, n_threads);
       }
       return;
@@ -460,8 +514,8 @@ FT_UNROLL
       float mv[math::kQuantBlock], vv[math::kQuantBlock];
       float m_max = 0.0f, v_max = 0.0f;
       for (int64_t e = 0; e < n; ++e) {
-        update_element(param + b0, grad + b0, m_codes + b0, v_codes + b0, e, m_scale, v_scale, cm, cv, h, s, mv[e],
-                       vv[e]);
+        update_element(param + b0, grad + b0, m_codes + b0, v_codes + b0, e, m_scale, v_scale, cm, cv, h, s,
+                       rounding, b0 + e, mv[e], vv[e]);
         m_max = math::max_(m_max, fabsf(mv[e]));
         v_max = math::max_(v_max, vv[e]);
       }

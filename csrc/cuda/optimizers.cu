@@ -69,7 +69,7 @@ void prepare_steps(const char* op, OptimizerTensors& t) {
   }
 }
 
-// The launch's lists: param, grad, then the used states in order.
+// The launch's lists: param, grad, the used states in order, then the rounding seeds if the call has them.
 template <int Depth>
 std::array<at::TensorList, Depth> lists_of(const OptimizerTensors& t, const std::array<bool, 3>& used) {
   std::array<at::TensorList, Depth> lists;
@@ -81,20 +81,27 @@ std::array<at::TensorList, Depth> lists_of(const OptimizerTensors& t, const std:
     TORCH_INTERNAL_ASSERT(k < Depth);
     lists[k++] = t.states[s];
   }
+  if (!t.rounding_seeds.empty()) {
+    TORCH_INTERNAL_ASSERT(k < Depth);
+    lists[k++] = t.rounding_seeds;
+  }
   TORCH_INTERNAL_ASSERT(k == Depth);
   return lists;
 }
 
-template <class T, int Depth>
+// Where the seeds are among a launch's Depth lists: the last, when the call has them.
+int seed_list_of(const OptimizerTensors& t, int depth) { return t.rounding_seeds.empty() ? -1 : depth - 1; }
+
+template <class T, int Depth, bool kSteps>
 void launch_sgd(OptimizerTensors& t, const math::SgdHyper<opmath_t<T>>& hyper, const CommonScalars& common) {
-  const SgdFunctor<T, Depth> functor{hyper, common};
-  multi_tensor_apply<Depth>(lists_of<Depth>(t, {hyper.has_momentum, false, false}), {}, functor);
+  const SgdFunctor<T, Depth, kSteps> functor{hyper, common, seed_list_of(t, Depth)};
+  multi_tensor_apply<Depth>(lists_of<Depth>(t, {hyper.has_momentum, false, false}), t.steps, functor);
 }
 
 template <class T, int Depth>
 void launch_adam(OptimizerTensors& t, const math::AdamHyper<opmath_t<T>>& hyper, double beta1, double beta2,
                  double weight_decay, const CommonScalars& common) {
-  const AdamFunctor<T, Depth> functor{hyper, beta1, beta2, weight_decay, common};
+  const AdamFunctor<T, Depth> functor{hyper, beta1, beta2, weight_decay, common, seed_list_of(t, Depth)};
   multi_tensor_apply<Depth>(lists_of<Depth>(t, {true, true, hyper.amsgrad}), t.steps, functor);
 }
 
@@ -108,24 +115,45 @@ void launch_rmsprop(OptimizerTensors& t, const math::RmspropHyper<opmath_t<T>>& 
 void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                    bool is_first_step, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::TensorList>& state_steps,
+                   const std::optional<at::TensorList>& rounding_seeds) {
   const bool has_momentum = momentum != 0.0;
-  OptimizerTensors t =
-      check_sgd_step(params, grads, momentum_buffers, momentum, zero_grad, lr_tensor, grad_scale, found_inf);
+  OptimizerTensors t = check_sgd_step(params, grads, momentum_buffers, momentum, zero_grad, lr_tensor, grad_scale,
+                                      found_inf, state_steps, rounding_seeds);
   if (t.size() == 0) return;
   c10::cuda::OptionalCUDAGuard guard(t.device);
   raise_if_bad_target_seen("sgd_step_", t.device.index());
+  prepare_steps("sgd_step_", t);
   std::vector<at::Tensor> keep_alive;
   CommonScalars common{};
   if (!prepare_common(common, t.device, lr, lr_tensor, grad_scale, found_inf, zero_grad, keep_alive)) return;
+  const bool has_steps = !t.steps.empty();
+  const bool has_seeds = !t.rounding_seeds.empty();  // (bf16 only: the check refuses seeds for other dtypes)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.dtype, "sgd_step_cuda", [&] {
     using O = opmath_t<scalar_t>;
     // lr-dependent fields are filled in per block (lr may be a device tensor).
     const auto hyper = math::make_sgd_hyper<O>(0.0, momentum, dampening, weight_decay, nesterov, maximize, is_first_step);
-    if (has_momentum) {
-      launch_sgd<scalar_t, 3>(t, hyper, common);
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (has_seeds) {
+        if (has_momentum) {
+          launch_sgd<scalar_t, 4, true>(t, hyper, common);
+        } else {
+          launch_sgd<scalar_t, 3, true>(t, hyper, common);
+        }
+        return;
+      }
+    }
+    if (has_steps) {  // steps without rounding: advanced all the same
+      if (has_momentum) {
+        launch_sgd<scalar_t, 3, true>(t, hyper, common);
+      } else {
+        launch_sgd<scalar_t, 2, true>(t, hyper, common);
+      }
+    } else if (has_momentum) {
+      launch_sgd<scalar_t, 3, false>(t, hyper, common);
     } else {
-      launch_sgd<scalar_t, 2>(t, hyper, common);
+      launch_sgd<scalar_t, 2, false>(t, hyper, common);
     }
   });
   finish_optimizer_call(t);
@@ -136,9 +164,9 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
                     bool maximize, bool decoupled_weight_decay, bool zero_grad,
                     const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
+                    const std::optional<at::Tensor>& found_inf, const std::optional<at::TensorList>& rounding_seeds) {
   OptimizerTensors t = check_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad,
-                                       zero_grad, lr_tensor, grad_scale, found_inf);
+                                       zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds);
   if (t.size() == 0) return;
   c10::cuda::OptionalCUDAGuard guard(t.device);
   raise_if_bad_target_seen("adam_step_", t.device.index());
@@ -150,6 +178,16 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     using O = opmath_t<scalar_t>;
     const auto hyper =
         math::make_adam_hyper<O>(0.0, beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay);
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (!t.rounding_seeds.empty()) {
+        if (amsgrad) {
+          launch_adam<scalar_t, 6>(t, hyper, beta1, beta2, weight_decay, common);
+        } else {
+          launch_adam<scalar_t, 5>(t, hyper, beta1, beta2, weight_decay, common);
+        }
+        return;
+      }
+    }
     if (amsgrad) {
       launch_adam<scalar_t, 5>(t, hyper, beta1, beta2, weight_decay, common);
     } else {
@@ -191,10 +229,11 @@ void adam8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
                         at::TensorList exp_avg_sq_absmax, at::TensorList state_steps, double lr, double beta1,
                         double beta2, double weight_decay, double eps, bool maximize, bool decoupled_weight_decay,
                         bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
-                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                        const std::optional<at::TensorList>& rounding_seeds) {
   OptimizerTensors t = check_adam8bit_step(params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
                                            exp_avg_sq_absmax, state_steps, zero_grad, lr_tensor, grad_scale,
-                                           found_inf);
+                                           found_inf, rounding_seeds);
   if (t.size() == 0) return;
   c10::cuda::OptionalCUDAGuard guard(t.device);
   raise_if_bad_target_seen("adam8bit_step_", t.device.index());
@@ -203,14 +242,23 @@ void adam8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
   CommonScalars common{};
   if (!prepare_common(common, t.device, lr, lr_tensor, grad_scale, found_inf, zero_grad, keep_alive)) return;
   // states: (exp_avg codes, exp_avg absmax, exp_avg_sq codes, exp_avg_sq absmax); the launch takes the codes,
-  // which have the params' numel, before the absmax lists.
+  // which have the params' numel, before the absmax lists, and the rounding seeds last.
   const std::array<at::TensorList, 6> lists = {t.params, t.grads, t.states[0], t.states[2], t.states[1],
                                                t.states[3]};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.dtype, "adam8bit_step_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {  // (the check refuses float64)
       const auto hyper =
           math::make_adam_hyper<float>(0.0, beta1, beta2, weight_decay, eps, false, maximize, decoupled_weight_decay);
-      const Adam8bitFunctor<scalar_t> functor{hyper, beta1, beta2, weight_decay, common};
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+        if (!t.rounding_seeds.empty()) {
+          const std::array<at::TensorList, 7> seeded = {lists[0], lists[1], lists[2], lists[3], lists[4], lists[5],
+                                                        t.rounding_seeds};
+          const Adam8bitFunctor<scalar_t, 7> functor{hyper, beta1, beta2, weight_decay, common, 6};
+          multi_tensor_apply<7>(seeded, t.steps, functor);
+          return;
+        }
+      }
+      const Adam8bitFunctor<scalar_t, 6> functor{hyper, beta1, beta2, weight_decay, common, -1};
       multi_tensor_apply<6>(lists, t.steps, functor);
     }
   });

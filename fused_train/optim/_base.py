@@ -49,6 +49,11 @@ def check_implementation_flags(name: str, foreach: bool | None, fused: bool | No
         )
 
 
+def check_stochastic_round(name: str, bf16_stochastic_round: Any) -> None:
+    if not isinstance(bf16_stochastic_round, bool):
+        raise ValueError(f"{name}: bf16_stochastic_round must be True or False, got {bf16_stochastic_round!r}")
+
+
 def check_lr(lr: float | Tensor) -> None:
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
@@ -59,7 +64,7 @@ def check_lr(lr: float | Tensor) -> None:
 class _Bucket:
     """The params of one group that share a device and dtype, with their state lists, in call order."""
 
-    __slots__ = ("indices", "originals", "params", "states", "steps", "needs_view")
+    __slots__ = ("indices", "originals", "params", "states", "steps", "rounding_seeds", "needs_view")
 
     def __init__(self) -> None:
         self.indices: list[int] = []
@@ -67,6 +72,7 @@ class _Bucket:
         self.params: list[Tensor] = []  # what the op sees: see _kernel_view
         self.states: dict[str, list[Tensor]] = {}
         self.steps: list[Tensor] = []
+        self.rounding_seeds: list[Tensor] | None = None  # bf16 params of a bf16_stochastic_round group
         self.needs_view = False  # complex or DTensor params: grads need _kernel_view too
 
 
@@ -97,7 +103,7 @@ class _GroupTable:
                  buckets: list[_Bucket]) -> None:
         self.group = group
         self.has_grad = has_grad
-        self.options = optimizer._state_options(group)
+        self.options = optimizer._table_options(group)
         self.params = list(group["params"])  # also keeps the ids compared alive
         self.buckets = buckets
         # (Comprehensions, not map/filter over builtins: this and state_unchanged are traced by torch.compile,
@@ -107,7 +113,7 @@ class _GroupTable:
     def still_valid(self, optimizer: "FusedOptimizer", group: dict[str, Any], has_grad: tuple[bool, ...]) -> bool:
         # (Traced, the group dict itself is not compared: torch 2.5's dynamo cannot; its params are.)
         return ((torch.compiler.is_compiling() or self.group is group) and self.has_grad == has_grad
-                and _same_objects(group["params"], self.params) and optimizer._state_options(group) == self.options)
+                and _same_objects(group["params"], self.params) and optimizer._table_options(group) == self.options)
 
     def state_unchanged(self, state: dict) -> bool:
         """This group's share of _StateSnapshot.matches, by looking each param up: the form torch.compile traces
@@ -204,6 +210,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         rebuilds the tables, so the state it needs is created at that step, as torch.optim does."""
         return ()
 
+    def _table_options(self, group: dict[str, Any]) -> tuple:
+        return self._state_options(group), _stochastic_rounding(group)
+
     def _tables_for(self, group_index: int, group: dict[str, Any], has_grad: tuple[bool, ...],
                     rebuilt: list[int]) -> list[_Bucket]:
         cached = self._tables.get(group_index)
@@ -211,6 +220,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 not torch.compiler.is_compiling() or cached.state_unchanged(self.state)):
             return cached.buckets
         buckets: dict[tuple, _Bucket] = {}
+        stochastic = _stochastic_rounding(group)
+        # The params' positions in the whole optimizer (as state_dict numbers them): each one's rounding seed.
+        first_position = sum(len(g["params"]) for g in self.param_groups[:group_index])
         for i, p in enumerate(group["params"]):
             if not has_grad[i]:
                 continue
@@ -219,6 +231,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             if len(state) == 0:
                 self._init_state(p, group, state)
             self._ensure_state(p, group, state)
+            rounds = stochastic and p.dtype == torch.bfloat16
+            if rounds:
+                self._ensure_rounding_state(p, state, first_position + i)
             self._check_state(p, group, state)
             key = (p.device, p.dtype, self._bucket_kind(p, state))
             bucket = buckets.get(key)
@@ -226,18 +241,45 @@ class FusedOptimizer(torch.optim.Optimizer):
                 bucket = buckets[key] = _Bucket()
                 bucket.needs_view = p.is_complex() or _is_dtensor(p)
                 bucket.states = {name: [] for name in self._state_names}
+                if rounds:
+                    bucket.rounding_seeds = []
             bucket.indices.append(i)
             bucket.originals.append(p)
             bucket.params.append(_kernel_view(p))
             for name in self._state_names:
                 value = state.get(name)
                 bucket.states[name].append(_kernel_view(value) if value is not None else None)
-            if self._has_step:
+            if self._has_step or rounds:
                 bucket.steps.append(state["step"])
+            if rounds:
+                bucket.rounding_seeds.append(state["rounding_seed"])
         result = list(buckets.values())
         self._tables[group_index] = _GroupTable(self, group, has_grad, result)
         rebuilt.append(group_index)
         return result
+
+    def _ensure_rounding_state(self, p: Tensor, state: dict[str, Any], position: int) -> None:
+        """What bf16_stochastic_round needs of a bf16 param's state: its rounding seed (an int64 0-dim tensor on the
+        param's device; created from the param's position, so every run, every rank and a resumed run draw the same
+        bits) and a ``step``, the rounding's counter (SGD keeps one for this alone)."""
+        seed = state.get("rounding_seed")
+        if seed is None:
+            state["rounding_seed"] = torch.tensor(_position_seed(position), dtype=torch.int64, device=p.device)
+        elif not (isinstance(seed, Tensor) and seed.dtype == torch.int64 and seed.device == p.device
+                  and seed.dim() == 0):
+            integral = isinstance(seed, int) or (
+                isinstance(seed, Tensor) and seed.numel() == 1 and not seed.is_floating_point() and not seed.is_complex())
+            if not integral:
+                raise TypeError(f"{type(self).__name__}: state 'rounding_seed' must be an int or a one-element integer "
+                                f"tensor, got {seed!r}")
+            state["rounding_seed"] = torch.as_tensor(seed).detach().to(device=p.device, dtype=torch.int64,
+                                                                        copy=True).reshape(())
+        step = state.get("step")
+        if step is None:
+            state["step"] = self._new_step_tensor(p)
+        elif not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device
+                  and step.dim() == 0):
+            state["step"] = _step_tensor(step, p.device)
 
     def _check_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """Brings state that a user assigned (or a checkpoint loaded) into the layout the kernels read, in
@@ -426,6 +468,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         def restore_precision(optimizer: torch.optim.Optimizer) -> None:
             self._restore_state_precision(loaded[-1])  # prepended: before the user's post-hooks
 
+        # A checkpoint whose groups do not say (torch.optim's, or one saved before the option) keeps the choice this
+        # optimizer was built with; torch's load would drop the key with the old group.
+        rounding = [group.get("bf16_stochastic_round") for group in self.param_groups]
         pre = self.register_load_state_dict_pre_hook(capture)
         post = self.register_load_state_dict_post_hook(restore_precision, prepend=True)
         try:
@@ -433,6 +478,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         finally:
             pre.remove()
             post.remove()
+        for group, choice in zip(self.param_groups, rounding):
+            if choice is not None:
+                group.setdefault("bf16_stochastic_round", choice)
         self._invalidate_tables()
         self._zeroed_grads = {}
 
@@ -447,6 +495,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, value in saved.items():
                 if key == "step":
                     state[key] = _step_tensor(value, p.device)
+                elif key == "rounding_seed":
+                    # torch cast it to the param's dtype (a bf16 seed is no seed): taken as saved
+                    state[key] = torch.as_tensor(value).detach().to(device=p.device, dtype=torch.int64, copy=True)
                 elif key.endswith("_codes") or key.endswith("_absmax"):
                     # 8-bit state: torch cast it to the param's dtype; taken as saved (uint8 codes, fp32 absmax)
                     state[key] = value.detach().to(device=p.device, copy=True)
@@ -462,6 +513,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_zero_grad_in_step", None)
         self.__dict__.setdefault("_grads_kept_allocated", False)
         self._step_supports_amp_scaling = True
+
+
+def _stochastic_rounding(group: dict[str, Any]) -> bool:
+    # (A branch, not bool(...) of the value: see SGD._state_options.)
+    return True if group.get("bf16_stochastic_round", False) else False
+
+
+def _position_seed(position: int) -> int:
+    """A param's rounding seed from its position in the optimizer: splitmix64 of the position, as a signed int64."""
+    mask = (1 << 64) - 1
+    z = (position + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    z ^= z >> 31
+    return z - (1 << 64) if z >= 1 << 63 else z
 
 
 def _step_tensor(step: Any, device: torch.device) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops
-from ._base import FusedOptimizer, check_implementation_flags, check_lr
+from ._base import FusedOptimizer, check_implementation_flags, check_lr, check_stochastic_round
 
 
 def check_adam_arguments(name: str, lr: float | Tensor, betas: tuple, eps: float, weight_decay: float,
@@ -61,6 +61,10 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         zero_grad_in_step (bool or None, optional): write zeros into each gradient in the same pass that
             reads it. ``None`` (default) does so after the loop last called ``zero_grad(set_to_none=False)``,
             i.e. exactly when gradients are kept allocated; see the README's "gradient zeroing".
+        bf16_stochastic_round (bool, optional): round each update into bf16 params stochastically instead of
+            to nearest, so bf16 weights without fp32 master copies keep learning from updates smaller than their
+            precision (default: False). The random bits are a function of the param's ``rounding_seed`` (state),
+            its step and the element: reproducible, and the same on every rank. Other dtypes are unaffected.
 
     Example:
         >>> optimizer = fused_train.optim.Adam(model.parameters(), lr=1e-3)
@@ -87,12 +91,14 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         zero_grad_in_step: bool | None = None,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         betas = check_adam_arguments(type(self).__name__, lr, betas, eps, weight_decay, foreach, fused, differentiable)
+        check_stochastic_round(type(self).__name__, bf16_stochastic_round)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=decoupled_weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, bf16_stochastic_round=bf16_stochastic_round,
         )
         super().__init__(params, defaults, zero_grad_in_step=zero_grad_in_step)
 
@@ -125,7 +131,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             lr=lr, beta1=float(beta1), beta2=float(beta2), weight_decay=float(group["weight_decay"]),
             eps=float(group["eps"]), amsgrad=amsgrad, maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"], zero_grad=zero_grad,
-            lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+            lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, rounding_seeds=bucket.rounding_seeds,
         )
 
 
@@ -135,6 +141,8 @@ class AdamW(Adam, torch.optim.AdamW):
 
     Example:
         >>> optimizer = fused_train.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        >>> model.to(torch.bfloat16)  # bf16 weights, no fp32 masters:
+        >>> optimizer = fused_train.optim.AdamW(model.parameters(), lr=1e-4, bf16_stochastic_round=True)
     """
 
     def __init__(
@@ -152,11 +160,12 @@ class AdamW(Adam, torch.optim.AdamW):
         differentiable: bool = False,
         fused: bool | None = None,
         zero_grad_in_step: bool | None = None,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
-            zero_grad_in_step=zero_grad_in_step,
+            zero_grad_in_step=zero_grad_in_step, bf16_stochastic_round=bf16_stochastic_round,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

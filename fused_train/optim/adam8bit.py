@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import _ops
 from . import _quantization
-from ._base import FusedOptimizer, _is_dtensor
+from ._base import FusedOptimizer, _is_dtensor, check_stochastic_round
 from .adam import check_adam_arguments
 
 _QUANTIZED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -48,6 +48,8 @@ class Adam8bit(FusedOptimizer, torch.optim.Optimizer):
         block_wise (bool): must be True; the state is always quantized blockwise.
         maximize (bool): maximize the objective (default: False).
         zero_grad_in_step (bool or None): as :class:`fused_train.optim.Adam`.
+        bf16_stochastic_round (bool): as :class:`fused_train.optim.Adam`: with bf16 params, 4 bytes per param in
+            all (weights and both moments) instead of 16 with fp32 masters and fp32 state (default: False).
 
     Example:
         >>> optimizer = fused_train.optim.Adam8bit(model.parameters(), lr=1e-3)
@@ -75,9 +77,11 @@ class Adam8bit(FusedOptimizer, torch.optim.Optimizer):
         block_wise: bool = True,
         maximize: bool = False,
         zero_grad_in_step: bool | None = None,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         name = type(self).__name__
         betas = check_adam_arguments(name, lr, betas, eps, weight_decay, None, None, False)
+        check_stochastic_round(name, bf16_stochastic_round)
         if amsgrad:
             raise ValueError(f"{name}: amsgrad=True is not supported with 8-bit state (nor by bitsandbytes)")
         if optim_bits != 32:
@@ -99,6 +103,7 @@ class Adam8bit(FusedOptimizer, torch.optim.Optimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False, maximize=maximize,
             foreach=None, capturable=False, differentiable=False, fused=None,
             decoupled_weight_decay=self._decoupled_weight_decay, min_8bit_size=min_8bit_size,
+            bf16_stochastic_round=bf16_stochastic_round,
         )
         super().__init__(params, defaults, zero_grad_in_step=zero_grad_in_step)
 
@@ -181,7 +186,8 @@ class Adam8bit(FusedOptimizer, torch.optim.Optimizer):
         hyper = dict(lr=lr, beta1=float(beta1), beta2=float(beta2), weight_decay=float(group["weight_decay"]),
                      eps=float(group["eps"]), maximize=group["maximize"],
                      decoupled_weight_decay=self._decoupled_weight_decay, zero_grad=zero_grad,
-                     lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
+                     lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+                     rounding_seeds=bucket.rounding_seeds)
         if states["exp_avg_codes"][0] is not None:
             _ops.adam8bit_step_(params, grads, states["exp_avg_codes"], states["exp_avg_absmax"],
                                 states["exp_avg_sq_codes"], states["exp_avg_sq_absmax"], steps, **hyper)
@@ -217,10 +223,11 @@ class AdamW8bit(Adam8bit):
         block_wise: bool = True,
         maximize: bool = False,
         zero_grad_in_step: bool | None = None,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size, is_paged,
                          percentile_clipping=percentile_clipping, block_wise=block_wise, maximize=maximize,
-                         zero_grad_in_step=zero_grad_in_step)
+                         zero_grad_in_step=zero_grad_in_step, bf16_stochastic_round=bf16_stochastic_round)
 
 
 def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:

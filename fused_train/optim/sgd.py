@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops
-from ._base import FusedOptimizer, check_implementation_flags, check_lr
+from ._base import FusedOptimizer, check_implementation_flags, check_lr, check_stochastic_round
 
 
 class SGD(FusedOptimizer, torch.optim.SGD):
@@ -29,6 +29,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         maximize (bool, optional): maximize the objective (default: False).
         foreach, fused, differentiable: see :class:`fused_train.optim.Adam`.
         zero_grad_in_step (bool or None, optional): see :class:`fused_train.optim.Adam`.
+        bf16_stochastic_round (bool, optional): see :class:`fused_train.optim.Adam`; bf16 params then also keep a
+            ``step`` in their state, the rounding's counter (default: False).
 
     Example:
         >>> optimizer = fused_train.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -51,6 +53,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         differentiable: bool = False,
         fused: bool | None = None,
         zero_grad_in_step: bool | None = None,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         check_lr(lr)
         if momentum < 0.0:
@@ -60,9 +63,11 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         check_implementation_flags("SGD", foreach, fused, differentiable)
+        check_stochastic_round("SGD", bf16_stochastic_round)
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
+            bf16_stochastic_round=bf16_stochastic_round,
         )
         super().__init__(params, defaults, zero_grad_in_step=zero_grad_in_step)
         # Momentum buffers created but not yet filled by a step (id of the param -> its new buffer): their first
@@ -93,8 +98,10 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"], maximize=group["maximize"],
             zero_grad=zero_grad, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
         )
+        seeds = bucket.rounding_seeds  # stochastic rounding: steps are its counters
+        rounding = dict(state_steps=steps, rounding_seeds=seeds) if seeds is not None else {}
         if momentum == 0:
-            _ops.sgd_step_(params, grads, [], is_first_step=False, **kwargs)
+            _ops.sgd_step_(params, grads, [], is_first_step=False, **kwargs, **rounding)
             return
         buffers = states["momentum_buffer"]
         fresh_buffers = self._fresh_buffers
@@ -105,14 +112,15 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         else:
             fresh = None
         if not fresh or not any(fresh):
-            _ops.sgd_step_(params, grads, buffers, is_first_step=False, **kwargs)
+            _ops.sgd_step_(params, grads, buffers, is_first_step=False, **kwargs, **rounding)
             return
         # A param whose buffer is new takes its first step (buf = grad); the call splits by that.
         for first in (True, False):
             idx = [i for i, f in enumerate(fresh) if f == first]
             if idx:
+                part = {key: [values[i] for i in idx] for key, values in rounding.items()}
                 _ops.sgd_step_([params[i] for i in idx], [grads[i] for i in idx], [buffers[i] for i in idx],
-                               is_first_step=first, **kwargs)
+                               is_first_step=first, **kwargs, **part)
         # A step GradScaler skipped (inf/NaN gradients) left the new buffers unfilled: they stay fresh, so the
         # next real step still copies its gradient in. Knowing that costs one host read of found_inf, only
         # on the steps that create buffers (the first, as a rule), and not while a CUDA graph is captured.

@@ -1,0 +1,88 @@
+// Stochastic rounding of an fp32 update into a bf16 param (bf16_stochastic_round=True), shared by the CPU and
+// CUDA kernels and checked without libtorch in tests/cpp.
+//
+// Why: a bf16 param has 8 significant bits, so an update smaller than half its spacing (|Δ| < 2^-9 |p|: lr 1e-4
+// on weights of order 1 already) is rounded away to nearest and the weight stops learning. Rounded up with the
+// probability of its fractional part instead, the expected stored value is the exact fp32 result, and small
+// updates accumulate on average (Gupta et al., "Deep Learning with Limited Numerical Precision", 2015).
+//
+// The random bits are counter-based, a pure function of (param seed, step, element index): no generator state,
+// nothing read or advanced on the host per step, and the same bits on every device, thread count and chunking.
+// The seed is the param's own (an int64 in its optimizer state), the step its step counter after the increment.
+// fused_train/reference.py computes the same bits in torch ops for the tests.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "fused_train/macros.h"
+
+namespace fused_train {
+namespace math {
+
+// A bijective 32-bit integer hash with full avalanche (two multiply-xorshift rounds; constants from Chris
+// Wellons' hash-prospector "lowbias32").
+FT_HOST_DEVICE FT_INLINE uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21f0aaadu;
+  x ^= x >> 15;
+  x *= 0x735a2d97u;
+  x ^= x >> 15;
+  return x;
+}
+
+// splitmix64's finalizer (Steele, Lea & Flood 2014).
+FT_HOST_DEVICE FT_INLINE uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// One param's stream at one step: once per param and step. step is the step counter after its increment (an
+// fp32 or double count; anything but a count >= 0 counts as 0).
+FT_HOST_DEVICE FT_INLINE uint64_t rounding_stream(int64_t seed, double step) {
+  const uint64_t t = step >= 1.0 && step < 1.8e19 ? static_cast<uint64_t>(step) : 0;
+  return mix64(static_cast<uint64_t>(seed) ^ mix64(t + 0x9e3779b97f4a7c15ull));
+}
+
+// The key of the stream's elements [index_high · 2^32, (index_high + 1) · 2^32): once per tile or chunk (the
+// kernels' tiles and chunks never straddle a multiple of 2^32).
+FT_HOST_DEVICE FT_INLINE uint32_t rounding_key(uint64_t stream, uint32_t index_high) {
+  return static_cast<uint32_t>(stream) ^ mix32(static_cast<uint32_t>(stream >> 32) + index_high);
+}
+
+// 32 random bits of the element whose index has low half index_low. Of these, the high 16 round.
+FT_HOST_DEVICE FT_INLINE uint32_t rounding_bits(uint32_t key, uint32_t index_low) { return mix32(index_low ^ key); }
+
+FT_HOST_DEVICE FT_INLINE uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+#endif
+}
+FT_HOST_DEVICE FT_INLINE float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+#endif
+}
+
+// x rounded to one of its two bf16 neighbours, returned as the fp32 value of that bf16 (its low 16 bits zero, so
+// the kernels' round-to-nearest narrowing that follows is exact). Adding r = bits >> 16, uniform on [0, 2^16),
+// to x's bit pattern carries into the kept bits with probability (x's dropped bits) / 2^16, which is where x
+// lies between the neighbours: magnitudes round away from zero with that probability, toward zero otherwise,
+// so E[result] = x. ±inf stay; a finite x past the largest bf16 may become inf with that probability, as it
+// would by nearest rounding above the midpoint. NaN is returned unchanged (its narrowing keeps it NaN).
+FT_HOST_DEVICE FT_INLINE float round_to_bf16_stochastic(float x, uint32_t bits) {
+  if (x != x) return x;
+  return bits_float((float_bits(x) + (bits >> 16)) & 0xffff0000u);
+}
+
+}  // namespace math
+}  // namespace fused_train
