@@ -100,6 +100,21 @@ def test_seeds_come_from_positions_and_differ():
         _assert_same_bits(p.detach(), q.detach())
 
 
+def test_optimizer_in_backward_gives_each_param_its_seed():
+    """One optimizer per param there: the seeds still follow the params' positions, as in one optimizer."""
+    params = [torch.zeros(8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    in_backward = fused_train.optim.OptimizerInBackward(params, AdamW, lr=1e-3, bf16_stochastic_round=True)
+    sum((p.float() * torch.arange(8)).sum() for p in params).backward()
+    seeds = [int(in_backward.optimizers[p].state[p]["rounding_seed"]) for p in params]
+    together = [torch.zeros(8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    opt = AdamW(together, lr=1e-3, bf16_stochastic_round=True)
+    sum((p.float() * torch.arange(8)).sum() for p in together).backward()
+    opt.step()
+    assert seeds == [int(opt.state[p]["rounding_seed"]) for p in together]
+    for p, q in zip(params, together):
+        _assert_same_bits(p.detach(), q.detach())
+
+
 # -- what it is for ----------------------------------------------------------------------------------------------
 
 
@@ -237,10 +252,11 @@ def test_grad_scaler_skip_and_scale():
         assert torch.equal(v, state[k]), k
 
 
-def test_compiled_step_matches_eager():
+@pytest.mark.parametrize("cls,kwargs", [(AdamW, {}), (SGD, dict(momentum=0.9)), (AdamW8bit, dict(min_8bit_size=1))])
+def test_compiled_step_matches_eager(cls, kwargs):
     eager_model, compiled_model = _model(0), _model(0)
-    eager = AdamW(eager_model.parameters(), lr=1e-2, bf16_stochastic_round=True)
-    compiled = AdamW(compiled_model.parameters(), lr=1e-2, bf16_stochastic_round=True)
+    eager = cls(eager_model.parameters(), lr=1e-2, bf16_stochastic_round=True, **kwargs)
+    compiled = cls(compiled_model.parameters(), lr=1e-2, bf16_stochastic_round=True, **kwargs)
     torch._dynamo.reset()
     try:
         step = torch.compile(compiled.step, fullgraph=True)

@@ -150,6 +150,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     _state_names: tuple[str, ...] = ()
     #: whether the state holds a per-param ``step`` tensor
     _has_step: bool = True
+    #: the position of this optimizer's first param among those whose rounding seeds must differ
+    #: (OptimizerInBackward gives each param an optimizer of its own)
+    _rounding_position_base: int = 0
     #: the state kept in the param's shape and the kernels' math type (a subclass with other state narrows it)
     @property
     def _full_precision_state_names(self) -> tuple[str, ...]:
@@ -222,7 +225,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         buckets: dict[tuple, _Bucket] = {}
         stochastic = _stochastic_rounding(group)
         # The params' positions in the whole optimizer (as state_dict numbers them): each one's rounding seed.
-        first_position = sum(len(g["params"]) for g in self.param_groups[:group_index])
+        first_position = self._rounding_position_base + sum(len(g["params"]) for g in self.param_groups[:group_index])
         for i, p in enumerate(group["params"]):
             if not has_grad[i]:
                 continue

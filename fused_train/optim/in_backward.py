@@ -11,6 +11,8 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
+from ._base import FusedOptimizer
+
 
 class OptimizerInBackward:
     """Runs a fused_train (or any torch.optim) optimizer per param inside ``backward()``.
@@ -39,7 +41,10 @@ class OptimizerInBackward:
         for p in params:
             if not p.requires_grad:
                 continue
-            self.optimizers[p] = optimizer_cls([p], **kwargs)
+            optimizer = self.optimizers[p] = optimizer_cls([p], **kwargs)
+            if isinstance(optimizer, FusedOptimizer):
+                # each param its own stochastic-rounding seed, as if all were in one optimizer
+                optimizer._rounding_position_base = len(self.optimizers) - 1
             self._handles.append(p.register_post_accumulate_grad_hook(self._step_param))
         if not self.optimizers:
             raise ValueError("OptimizerInBackward: got no params that require grad")
