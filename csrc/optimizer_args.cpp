@@ -162,16 +162,14 @@ void check_rounding_seeds(const char* op, OptimizerTensors& out, const std::opti
 OptimizerTensors check_sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                                 double momentum, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                                 const std::optional<at::Tensor>& grad_scale,
-                                const std::optional<at::Tensor>& found_inf,
-                                const std::optional<at::TensorList>& state_steps,
+                                const std::optional<at::Tensor>& found_inf, at::TensorList state_steps,
                                 const std::optional<at::TensorList>& rounding_seeds) {
-  const bool has_steps = state_steps.has_value() && !state_steps->empty();
+  const bool has_steps = !state_steps.empty();
   OptimizerTensors out = check_optimizer_call(
       "sgd_step_", params, grads,
       {StateList{"momentum_buffers", momentum_buffers, momentum != 0.0}, StateList{"", {}, false},
        StateList{"", {}, false}},
-      has_steps ? *state_steps : at::TensorList{}, has_steps, lr_tensor, grad_scale, found_inf,
-      zero_grad || grad_scale.has_value());
+      state_steps, has_steps, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
   check_rounding_seeds("sgd_step_", out, rounding_seeds, static_cast<int64_t>(params.size()));
   return out;
 }

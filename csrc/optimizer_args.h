@@ -50,8 +50,7 @@ OptimizerTensors check_optimizer_call(const char* op, at::TensorList params, at:
 OptimizerTensors check_sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                                 double momentum, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                                 const std::optional<at::Tensor>& grad_scale,
-                                const std::optional<at::Tensor>& found_inf,
-                                const std::optional<at::TensorList>& state_steps,
+                                const std::optional<at::Tensor>& found_inf, at::TensorList state_steps,
                                 const std::optional<at::TensorList>& rounding_seeds);
 OptimizerTensors check_adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                  at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,

@@ -14,12 +14,13 @@
 TORCH_LIBRARY(fused_train, m) {
   // rounding_seeds (bf16 params, fused_train.optim's bf16_stochastic_round): one int64 one-element tensor per param
   // on its device; the update is rounded into the param stochastically with bits drawn from (seed, step, element)
-  // (csrc/include/fused_train/stochastic_round.h). SGD then takes state_steps as the counter.
+  // (csrc/include/fused_train/stochastic_round.h). SGD then takes state_steps as the counter (else it is empty; a
+  // plain list, not an optional one: torch 2.5's auto_functionalize cannot take a mutated Tensor[]?).
   m.def(
-      "sgd_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, *, float lr, "
-      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool is_first_step, "
-      "bool zero_grad, Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor(d!)[]? state_steps=None, Tensor[]? rounding_seeds=None) -> ()");
+      "sgd_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor(d!)[] state_steps, "
+      "*, float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "bool is_first_step, bool zero_grad, Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor[]? rounding_seeds=None) -> ()");
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
       "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, float lr, float beta1, float beta2, "

@@ -41,10 +41,10 @@ def sgd_step_(
     stochastically; ``state_steps`` are then its counters, advanced by the op.
     """
     _ops.sgd_step_.default(
-        params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
-        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, is_first_step=is_first_step,
-        zero_grad=zero_grad, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-        state_steps=state_steps, rounding_seeds=rounding_seeds,
+        params, grads, momentum_buffers, state_steps if state_steps is not None else [], lr=lr, momentum=momentum,
+        dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+        is_first_step=is_first_step, zero_grad=zero_grad, lr_tensor=lr_tensor, grad_scale=grad_scale,
+        found_inf=found_inf, rounding_seeds=rounding_seeds,
     )
 
 
@@ -145,7 +145,7 @@ def rmsprop_step_(
 
 # Fake kernels: the optimizer ops return nothing and change no shapes.
 @torch.library.register_fake("fused_train::sgd_step_")
-def _sgd_step_fake(params, grads, momentum_buffers, **kwargs) -> None:
+def _sgd_step_fake(params, grads, momentum_buffers, state_steps, **kwargs) -> None:
     return None
 
 

@@ -156,7 +156,7 @@ def _mix64(z: int) -> int:
 def stochastic_rounding_bits_reference(seed: int, step: int, numel: int) -> Tensor:
     """The 32 random bits (as int64 values in [0, 2^32)) of elements 0..numel-1 of a param with rounding seed
     ``seed`` at step ``step`` (the step counter after the step's increment)."""
-    stream = _mix64((seed & _MASK64) ^ _mix64((step + 0x9E3779B97F4A7C15) & _MASK64))
+    stream = _mix64((seed & _MASK64) ^ _mix64((step * 0xD1B54A32D192ED03 + 0x8BB84B93962EACC9) & _MASK64))
     index = torch.arange(numel, dtype=torch.int64)
     high = torch.tensor((stream >> 32) & _MASK32, dtype=torch.int64) + (index >> 32)
     key = (stream & _MASK32) ^ _mix32(high & _MASK32)

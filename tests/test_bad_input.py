@@ -142,7 +142,7 @@ def test_op_refuses_grads_that_bypass_autograd_checks():
 def test_params_on_two_devices_in_one_op_call():
     p_cpu, p_cuda = torch.randn(3), torch.randn(3, device="cuda")
     with pytest.raises(RuntimeError, match=r"params\[1\] is on cuda:0 but params\[0\] is on cpu"):
-        torch.ops.fused_train.sgd_step_([p_cpu, p_cuda], [torch.randn(3), torch.randn(3, device="cuda")], [],
+        torch.ops.fused_train.sgd_step_([p_cpu, p_cuda], [torch.randn(3), torch.randn(3, device="cuda")], [], [],
                                         lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                                         maximize=False, is_first_step=False, zero_grad=False)
 

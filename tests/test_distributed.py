@@ -183,8 +183,9 @@ def test_distributed_training_matches_single_process(scenario):
     per_rank = _run(scenario)
     for a, b in zip(*per_rank):
         assert torch.equal(a, b), f"{scenario}: ranks disagree"
-    # bf16 with stochastic rounding: where the two gradients differ in their last fp32 bits, an element may round
-    # the other way, one bf16 step (2^-8 relative) per step at most.
-    tol = dict(rtol=STEPS * 2.0 ** -8, atol=1e-3) if scenario == "ddp_bf16_stochastic_round" else DIST_TOL
+    # bf16 with stochastic rounding: DDP averages the bf16 gradients in bf16, the single process sums them in one
+    # backward, so they differ at bf16 precision; where the update moves across a rounding threshold, an element
+    # lands one bf16 step away (at most 2^-7 relative) — at most one such step per optimizer step.
+    tol = dict(rtol=STEPS * 2.0 ** -7, atol=1e-3) if scenario == "ddp_bf16_stochastic_round" else DIST_TOL
     for got, want in zip(per_rank[0], _single_process_reference(scenario)):
         torch.testing.assert_close(got, want, **tol)

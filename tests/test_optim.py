@@ -514,7 +514,7 @@ def test_unsupported_dtype_raises_before_any_group_steps():
 def test_op_checks_name_the_argument():
     p, g = torch.randn(3), torch.randn(4)
     with pytest.raises(RuntimeError, match=r"grads\[0\] has shape \[4\] but its param has shape \[3\]"):
-        torch.ops.fused_train.sgd_step_([p], [g], [], lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0,
+        torch.ops.fused_train.sgd_step_([p], [g], [], [], lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0,
                                         nesterov=False, maximize=False, is_first_step=False, zero_grad=False)
     with pytest.raises(RuntimeError, match="got 1 params but 0 exp_avg_sqs"):
         torch.ops.fused_train.adam_step_([p], [p.clone()], [p.clone()], [], [], [torch.zeros(())], lr=0.1,
@@ -541,10 +541,19 @@ def _op_samples(device):
     sizes = [t.shape for t in p]
     zeros = lambda: [torch.zeros(s, device=device) for s in sizes]  # noqa: E731
     steps = lambda: [torch.zeros((), device=device) for _ in sizes]  # noqa: E731
+    bf16 = lambda: [t.to(torch.bfloat16) for t in lists()]  # noqa: E731
+    seeds = lambda: [torch.tensor(i, dtype=torch.int64, device=device) for i in range(3)]  # noqa: E731
     return [
-        (torch.ops.fused_train.sgd_step_.default, (p, g, zeros()),
+        (torch.ops.fused_train.sgd_step_.default, (p, g, zeros(), []),
          dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
               is_first_step=True, zero_grad=True)),
+        # bf16 stochastic rounding: SGD's steps are its counters
+        (torch.ops.fused_train.sgd_step_.default, (bf16(), bf16(), zeros(), steps()),
+         dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+              is_first_step=False, zero_grad=True, rounding_seeds=seeds())),
+        (torch.ops.fused_train.adam_step_.default, (bf16(), bf16(), zeros(), zeros(), [], steps()),
+         dict(lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.01, eps=1e-8, amsgrad=False, maximize=False,
+              decoupled_weight_decay=True, zero_grad=True, rounding_seeds=seeds())),
         (torch.ops.fused_train.adam_step_.default, (lists(), lists(), zeros(), zeros(), zeros(), steps()),
          dict(lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.01, eps=1e-8, amsgrad=True, maximize=False,
               decoupled_weight_decay=True, zero_grad=False,

@@ -121,11 +121,11 @@ void run_adam(OptimizerLaunch l, OptimizerTensors& t) {
   });
 }
 
-void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                  at::TensorList state_steps, double lr,
                   double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                   bool is_first_step, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                  const std::optional<at::TensorList>& state_steps,
                   const std::optional<at::TensorList>& rounding_seeds) {
   OptimizerTensors t = check_sgd_step(params, grads, momentum_buffers, momentum, zero_grad, lr_tensor, grad_scale,
                                       found_inf, state_steps, rounding_seeds);

@@ -112,11 +112,11 @@ void launch_rmsprop(OptimizerTensors& t, const math::RmspropHyper<opmath_t<T>>& 
   multi_tensor_apply<Depth>(lists_of<Depth>(t, {true, hyper.centered, hyper.has_momentum}), t.steps, functor);
 }
 
-void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                   at::TensorList state_steps, double lr,
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                    bool is_first_step, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                   const std::optional<at::TensorList>& state_steps,
                    const std::optional<at::TensorList>& rounding_seeds) {
   const bool has_momentum = momentum != 0.0;
   OptimizerTensors t = check_sgd_step(params, grads, momentum_buffers, momentum, zero_grad, lr_tensor, grad_scale,

@@ -223,6 +223,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 not torch.compiler.is_compiling() or cached.state_unchanged(self.state)):
             return cached.buckets
         buckets: dict[tuple, _Bucket] = {}
+        if "bf16_stochastic_round" in group:  # (a group dict may set it too)
+            check_stochastic_round(type(self).__name__, group["bf16_stochastic_round"])
         stochastic = _stochastic_rounding(group)
         # The params' positions in the whole optimizer (as state_dict numbers them): each one's rounding seed.
         first_position = self._rounding_position_base + sum(len(g["params"]) for g in self.param_groups[:group_index])
@@ -263,8 +265,10 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _ensure_rounding_state(self, p: Tensor, state: dict[str, Any], position: int) -> None:
         """What bf16_stochastic_round needs of a bf16 param's state: its rounding seed (an int64 0-dim tensor on the
-        param's device; created from the param's position, so every run, every rank and a resumed run draw the same
-        bits) and a ``step``, the rounding's counter (SGD keeps one for this alone)."""
+        param's device; created from the param's position among the optimizer's params, so every run, every DDP
+        rank and a resumed run draw the same bits) and a ``step``, the rounding's counter (SGD keeps one for this
+        alone). The counter is fp32, as torch's steps: past 2^24 steps it stops advancing, and each element's bits
+        then repeat from step to step."""
         seed = state.get("rounding_seed")
         if seed is None:
             state["rounding_seed"] = torch.tensor(_position_seed(position), dtype=torch.int64, device=p.device)
@@ -499,8 +503,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if key == "step":
                     state[key] = _step_tensor(value, p.device)
                 elif key == "rounding_seed":
-                    # torch cast it to the param's dtype (a bf16 seed is no seed): taken as saved
-                    state[key] = torch.as_tensor(value).detach().to(device=p.device, dtype=torch.int64, copy=True)
+                    # torch cast it to the param's dtype: taken as saved instead. A seed saved as a float (a checkpoint
+                    # that went through torch.optim, which cast it to bf16) has lost its bits: dropped, the next step
+                    # makes it again from the param's position.
+                    if torch.is_tensor(value) and (value.is_floating_point() or value.is_complex()):
+                        state.pop(key, None)
+                    else:
+                        state[key] = torch.as_tensor(value).detach().to(device=p.device, dtype=torch.int64, copy=True)
                 elif key.endswith("_codes") or key.endswith("_absmax"):
                     # 8-bit state: torch cast it to the param's dtype; taken as saved (uint8 codes, fp32 absmax)
                     state[key] = value.detach().to(device=p.device, copy=True)

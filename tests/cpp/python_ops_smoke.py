@@ -34,7 +34,7 @@ def run_pair(make_torch_optimizer, fused_step, dtype):
 
 def sgd(params, grads, state, step):
     bufs = state or [torch.zeros_like(p) for p in params]
-    torch.ops.fused_train.sgd_step_(params, grads, bufs, lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.01,
+    torch.ops.fused_train.sgd_step_(params, grads, bufs, [], lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.01,
                                     nesterov=True, maximize=False, is_first_step=step == 1, zero_grad=True)
     return bufs
 

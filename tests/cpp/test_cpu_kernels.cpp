@@ -308,10 +308,9 @@ FT_TEST(table_float16) { check_table_dtype<c10::Half, float>("float16"); }
 // ---------------------------------------------------------------------------------------------------------------
 // Part 2: the ops, through the dispatcher.
 using OptTensor = std::optional<at::Tensor>;
-using OptTensorList = std::optional<at::TensorList>;  // (state_steps, rounding_seeds: none here)
-using SgdOp = void(at::TensorList, at::TensorList, at::TensorList, double, double, double, double, bool, bool, bool,
-                   bool, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensorList&,
-                   const OptTensorList&);
+using OptTensorList = std::optional<at::TensorList>;  // (rounding_seeds: none here)
+using SgdOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, double, double, double, double,
+                   bool, bool, bool, bool, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensorList&);
 using AdamOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                     double, double, double, double, double, bool, bool, bool, bool, const OptTensor&,
                     const OptTensor&, const OptTensor&, const OptTensorList&);
@@ -387,8 +386,8 @@ void call_op(const OptimConfig& c, const GradMode& mode, int step, OpTensors& t,
   switch (c.kind) {
     case OptimizerKind::Sgd:
       find_op<SgdOp>("fused_train::sgd_step_")
-          .call(t.params, t.grads, t.states[0], c.lr, c.momentum, c.dampening, c.weight_decay, c.nesterov,
-                c.maximize, step == 1, mode.zero_grad, std::nullopt, scale, found_inf, std::nullopt, std::nullopt);
+          .call(t.params, t.grads, t.states[0], {}, c.lr, c.momentum, c.dampening, c.weight_decay, c.nesterov,
+                c.maximize, step == 1, mode.zero_grad, std::nullopt, scale, found_inf, std::nullopt);
       break;
     case OptimizerKind::Adam:
       find_op<AdamOp>("fused_train::adam_step_")

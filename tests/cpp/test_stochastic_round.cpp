@@ -116,6 +116,18 @@ FT_TEST(streams_differ_by_seed_step_and_range) {
   // a step that is no count (negative, NaN) counts as 0
   FT_CHECK(math::rounding_stream(3, -1.0) == math::rounding_stream(3, 0.0));
   FT_CHECK(math::rounding_stream(3, std::nan("")) == math::rounding_stream(3, 0.0));
+  // Seeds are splitmix64 outputs of positions (mix64(position + golden)): param p at step t must not draw param
+  // t's bits at step p, and no step may cancel a seed to a zero stream.
+  const auto position_seed = [](uint64_t p) { return static_cast<int64_t>(math::mix64(p + 0x9e3779b97f4a7c15ull)); };
+  for (uint64_t p = 0; p < 40; ++p) {
+    for (uint64_t t = 1; t < 40; ++t) {
+      if (p != t) {
+        FT_CHECK(math::rounding_stream(position_seed(p), double(t)) !=
+                 math::rounding_stream(position_seed(t), double(p)));
+      }
+      FT_CHECK(math::rounding_stream(position_seed(p), double(t)) != 0);
+    }
+  }
 }
 
 int main(int argc, char** argv) { return ft_test::run_tests(argc > 1 ? argv[1] : ""); }

@@ -39,10 +39,12 @@ FT_HOST_DEVICE FT_INLINE uint64_t mix64(uint64_t z) {
 }
 
 // One param's stream at one step: once per param and step. step is the step counter after its increment (an
-// fp32 or double count; anything but a count >= 0 counts as 0).
+// fp32 or double count; anything but a count >= 0 counts as 0). The step is mixed with an odd multiplier and a
+// constant of its own, so that (seed, step) pairs do not map onto each other when seeds are themselves splitmix64
+// outputs of small integers (fused_train/optim/_base.py's _position_seed).
 FT_HOST_DEVICE FT_INLINE uint64_t rounding_stream(int64_t seed, double step) {
   const uint64_t t = step >= 1.0 && step < 1.8e19 ? static_cast<uint64_t>(step) : 0;
-  return mix64(static_cast<uint64_t>(seed) ^ mix64(t + 0x9e3779b97f4a7c15ull));
+  return mix64(static_cast<uint64_t>(seed) ^ mix64(t * 0xd1b54a32d192ed03ull + 0x8bb84b93962eacc9ull));
 }
 
 // The key of the stream's elements [index_high · 2^32, (index_high + 1) · 2^32): once per tile or chunk (the
