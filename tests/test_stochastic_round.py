@@ -3,6 +3,9 @@ rounded with the reference bits (bit for bit), unbiasedness where round-to-neare
 threads, runs and torch.compile, checkpoints, GradScaler, other dtypes untouched, bad input."""
 
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -68,6 +71,20 @@ def _run_against_twin(name, sizes, steps=3, device="cpu"):
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_kernel_rounds_with_the_reference_bits(name):
     _run_against_twin(name, SIZES)
+
+
+def test_scalar_kernels_round_with_the_same_bits():
+    """The instruction set lowered to the scalar kernels (FUSED_TRAIN_CPU_CAPABILITY=default, read at load time, so in
+    a process of its own): the same bits as the vector kernels."""
+    code = ("import test_stochastic_round as T, fused_train\n"
+            "for name in ('AdamW', 'SGD', 'AdamW8bit'): T._run_against_twin(name, T.SIZES)\n"
+            "print(fused_train.build_info()['cpu_capability'])\n")
+    env = dict(os.environ, FUSED_TRAIN_CPU_CAPABILITY="default")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join([tests_dir, env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "default"
 
 
 @pytest.mark.parametrize("threads", [1, 2])
