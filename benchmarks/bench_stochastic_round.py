@@ -71,7 +71,9 @@ def run(quick: bool = False, repeat: int = 15) -> list[dict]:
         for restore in restores:
             restore()
         ceiling_ms = timings.pop("ceiling", None)
-        ceiling_gbs = bytes_per_param(torch.bfloat16, 2, True) * total / (ceiling_ms * 1e-3) / 1e9 if ceiling_ms else None
+        ceiling_gbs = None
+        if ceiling_ms:
+            ceiling_gbs = bytes_per_param(torch.bfloat16, 2, True) * total / (ceiling_ms * 1e-3) / 1e9
         for name, ms in timings.items():
             nearest = timings[name.replace("stochastic", "nearest")] if "stochastic" in name else None
             gbs = IMPLS[name][2] * total / (ms * 1e-3) / 1e9

@@ -227,7 +227,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             check_stochastic_round(type(self).__name__, group["bf16_stochastic_round"])
         stochastic = _stochastic_rounding(group)
         # The params' positions in the whole optimizer (as state_dict numbers them): each one's rounding seed.
-        first_position = self._rounding_position_base + sum(len(g["params"]) for g in self.param_groups[:group_index])
+        first_position = self._rounding_position_base + sum(
+            len(g["params"]) for g in self.param_groups[:group_index])
         for i, p in enumerate(group["params"]):
             if not has_grad[i]:
                 continue
