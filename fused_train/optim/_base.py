@@ -275,8 +275,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             state["rounding_seed"] = torch.tensor(_position_seed(position), dtype=torch.int64, device=p.device)
         elif not (isinstance(seed, Tensor) and seed.dtype == torch.int64 and seed.device == p.device
                   and seed.dim() == 0):
-            integral = isinstance(seed, int) or (
-                isinstance(seed, Tensor) and seed.numel() == 1 and not seed.is_floating_point() and not seed.is_complex())
+            integral = isinstance(seed, int) or (isinstance(seed, Tensor) and seed.numel() == 1
+                                                 and not seed.is_floating_point() and not seed.is_complex())
             if not integral:
                 raise TypeError(f"{type(self).__name__}: state 'rounding_seed' must be an int or a one-element integer "
                                 f"tensor, got {seed!r}")
