@@ -50,7 +50,6 @@ struct OptimizerLaunch {
   bool has_grad_scale;   // divide gradients by grad_scale (written back unscaled unless zero_grad)
   double grad_scale;
   bool stochastic_round;  // bf16 params: round each update with its slot's rounding_stream
-
   const math::DynamicCode* signed_code;    // Adam8bit: exp_avg's code
   const math::DynamicCode* unsigned_code;  // Adam8bit: exp_avg_sq's code
 };

@@ -122,9 +122,10 @@ struct RmspropTile {
   }
 };
 
-// math::round_to_bf16_stochastic on one vector: lane k is element index_low + k of the key's range. The hash's
-// 32-bit multiplies and shifts in AVX2/AVX-512 integer lanes, the same operations as the scalar code.
-inline Vectorized<float> round_to_bf16_stochastic(const Vectorized<float>& x, uint32_t key, uint32_t index_low) {
+// math::RunRounding::apply on one vector: lane k is element i + k of the run. The hash's 32-bit multiplies and
+// shifts in AVX2/AVX-512 integer lanes, the same operations as the scalar code. Called where r.on.
+inline Vectorized<float> round_to_bf16_stochastic(const Vectorized<float>& x, const math::RunRounding& r, int64_t i) {
+  const uint32_t key = r.key, index_low = r.first_low + static_cast<uint32_t>(i);
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(index_low)),
                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
@@ -154,38 +155,18 @@ inline Vectorized<float> round_to_bf16_stochastic(const Vectorized<float>& x, ui
 #else
   float lanes[Vectorized<float>::size()];
   x.store(lanes);
-  for (int k = 0; k < Vectorized<float>::size(); ++k) {
-    lanes[k] = math::round_to_bf16_stochastic(lanes[k], math::rounding_bits(key, index_low + static_cast<uint32_t>(k)));
-  }
+  for (int k = 0; k < Vectorized<float>::size(); ++k) lanes[k] = r.apply(lanes[k], i + k);
   return Vectorized<float>::loadu(lanes);
 #endif
 }
 
-// Stochastic rounding of one tile's or block's params: the key of the elements from `first` on (a tile or block
-// never straddles a multiple of 2^32), applied when the launch asks for it and the params are bf16.
+// The rounding of a tile or block from element `first` of a slot: stochastic when the launch asks for it and the
+// params are bf16.
 template <class T>
-struct ParamRounding {
-  bool on = false;
-  uint32_t key = 0;
-  uint32_t first_low = 0;  // low half of the index of the tile's first element
-  ParamRounding(const OptimizerLaunch& l, const ParamSlot& slot, int64_t first) {
-    if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      on = l.stochastic_round;
-      key = math::rounding_key(slot.rounding_stream, static_cast<uint32_t>(static_cast<uint64_t>(first) >> 32));
-      first_low = static_cast<uint32_t>(first);
-    }
-  }
-  // Elements i.. of the tile (vector) or element i (scalar), before they narrow to T.
-  void vector(Vectorized<float>& p, int64_t i) const {
-    if (on) p = round_to_bf16_stochastic(p, key, first_low + static_cast<uint32_t>(i));
-  }
-  template <class O>
-  void scalar(O& p, int64_t i) const {
-    if constexpr (std::is_same_v<O, float>) {
-      if (on) p = math::round_to_bf16_stochastic(p, math::rounding_bits(key, first_low + static_cast<uint32_t>(i)));
-    }
-  }
-};
+math::RunRounding run_rounding(const OptimizerLaunch& l, const ParamSlot& slot, int64_t first) {
+  return math::RunRounding::make(std::is_same_v<T, c10::BFloat16> && l.stochastic_round, slot.rounding_stream,
+                                 first);
+}
 
 // Walks one chunk tile by tile. T: storage type of param and grad; O: opmath. A low-precision vector
 // (Vectorized<T>, twice as many elements as Vectorized<O>) widens to two opmath vectors, both are updated,
@@ -210,7 +191,7 @@ void run_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, i
     T* p = param + t0;
     T* g = grad + t0;
     tile.bind(t0);
-    const ParamRounding<T> rounding(l, slot, t0);
+    const math::RunRounding rounding = run_rounding<T>(l, slot, t0);
 
     int64_t i = 0;
     if constexpr (!std::is_same_v<T, O>) {
@@ -224,8 +205,10 @@ void run_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, i
         }
         tile.template apply<VA>(p0, g0, i);
         tile.template apply<VA>(p1, g1, i + OV::size());
-        rounding.vector(p0, i);
-        rounding.vector(p1, i + OV::size());
+        if (rounding.on) {
+          p0 = round_to_bf16_stochastic(p0, rounding, i);
+          p1 = round_to_bf16_stochastic(p1, rounding, i + OV::size());
+        }
         at::vec::convert_from_float<T>(p0, p1).store(p + i);
         if (write_back_grad) at::vec::convert_from_float<T>(g0, g1).store(g + i);
       }
@@ -242,8 +225,8 @@ void run_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, i
       O pv = static_cast<O>(p[i]), gv = static_cast<O>(g[i]);
       if (unscale) gv = gv / grad_scale;
       tile.template apply<SA>(pv, gv, i);
-      rounding.scalar(pv, i);
-      p[i] = static_cast<T>(pv);  // round to nearest even for bf16/fp16, as torch does (exact after rounding)
+      // to nearest even for bf16/fp16, as torch does (exact when rounding stochastically, which already rounded)
+      p[i] = static_cast<T>(rounding.apply(pv, i));
       if (write_back_grad) g[i] = static_cast<T>(gv);
     }
     if (l.zero_grad) std::memset(static_cast<void*>(g), 0, n * sizeof(T));
@@ -375,7 +358,7 @@ void run_adam8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t
     const uint8_t* vc = v_codes + b0;
     const float m_scale = m_absmax[block], v_scale = v_absmax[block];
     const FV vm_scale(m_scale), vv_scale(v_scale);
-    const ParamRounding<T> rounding(l, slot, b0);
+    const math::RunRounding rounding = run_rounding<T>(l, slot, b0);
     FV m_max_vec(0.0f), v_max_vec(0.0f);
 
     // One vector of params at element i: dequantize, update, keep the new moments and their running absmax.
@@ -400,8 +383,10 @@ void run_adam8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t
         }
         update(p0, g0, i);
         update(p1, g1, i + FV::size());
-        rounding.vector(p0, i);
-        rounding.vector(p1, i + FV::size());
+        if (rounding.on) {
+          p0 = round_to_bf16_stochastic(p0, rounding, i);
+          p1 = round_to_bf16_stochastic(p1, rounding, i + FV::size());
+        }
         at::vec::convert_from_float<T>(p0, p1).store(p + i);
         if (write_back_grad) at::vec::convert_from_float<T>(g0, g1).store(g + i);
       }
@@ -425,8 +410,8 @@ void run_adam8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t
       v_new[i] = v;
       m_max = math::max_(m_max, std::fabs(m));
       v_max = math::max_(v_max, v);
-      rounding.scalar(pv, i);
-      p[i] = static_cast<T>(pv);  // round to nearest even for bf16/fp16, as torch does (exact after rounding)
+      // to nearest even for bf16/fp16, as torch does (exact when rounding stochastically, which already rounded)
+      p[i] = static_cast<T>(rounding.apply(pv, i));
       if (write_back_grad) g[i] = static_cast<T>(gv);
     }
     float lanes[2][FV::size()];

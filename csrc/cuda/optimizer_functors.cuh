@@ -64,38 +64,19 @@ FT_HOST_DEVICE FT_INLINE void store_elems(X* p, const Elems<X, kW>& e) {
 
 FT_HOST_DEVICE FT_INLINE bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// Stochastic rounding of one chunk's bf16 params (stochastic_round.h): the chunk's key and the low half of its first
-// element's index (chunks never straddle a multiple of 2^32). Off, and for other dtypes, the param rounds to nearest.
-struct ChunkRounding {
-  bool on;
-  uint32_t key;
-  uint32_t first_low;
-  // Element i of the chunk, before it narrows to the param's dtype.
-  template <class O>
-  FT_HOST_DEVICE FT_INLINE O apply(O param, int64_t i) const {
-    if constexpr (std::is_same_v<O, float>) {
-      if (on) return math::round_to_bf16_stochastic(param, math::rounding_bits(key, first_low + static_cast<uint32_t>(i)));
-    }
-    return param;
-  }
-};
-
-// The rounding of a block's chunk: the param's seed is list seed_list's one-element int64 tensor (-1: no seeds), its
-// counter the step after this step's increment.
+// The rounding of a block's chunk (stochastic_round.h; chunks never straddle a multiple of 2^32): stochastic for bf16
+// params when the launch has seeds, list seed_list's one-element int64 tensors (-1: none), the counter being the
+// step after this step's increment; else to nearest.
 template <class T, int Depth>
-FT_HOST_DEVICE FT_INLINE ChunkRounding chunk_rounding(const TensorListMetadata<Depth>& m, const BlockLocation& loc,
-                                                      int seed_list, float step_after) {
-  ChunkRounding r{false, 0, 0};
+FT_HOST_DEVICE FT_INLINE math::RunRounding chunk_rounding(const TensorListMetadata<Depth>& m,
+                                                          const BlockLocation& loc, int seed_list, float step_after) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (seed_list >= 0 && seed_list < Depth) {
       const int64_t seed = *static_cast<const int64_t*>(m.addresses[seed_list][loc.slot]);
-      r.on = true;
-      r.key = math::rounding_key(math::rounding_stream(seed, static_cast<double>(step_after)),
-                                 static_cast<uint32_t>(static_cast<uint64_t>(loc.begin) >> 32));
-      r.first_low = static_cast<uint32_t>(loc.begin);
+      return math::RunRounding::make(true, math::rounding_stream(seed, static_cast<double>(step_after)), loc.begin);
     }
   }
-  return r;
+  return math::RunRounding{};
 }
 
 // What every optimizer chunk shares: the param, its grad and up to three state buffers (nullptr when the
@@ -107,7 +88,7 @@ struct ChunkPointers {
   T* grad;
   O* state[3];
   int64_t n;
-  ChunkRounding rounding;
+  math::RunRounding rounding;
   FT_HOST_DEVICE FT_INLINE bool all_aligned16() const {
     return aligned16(param) && aligned16(grad) && aligned16(state[0]) && aligned16(state[1]) &&
            aligned16(state[2]);  // nullptr is aligned
@@ -211,7 +192,7 @@ FT_UNROLL
     c.state[k] = list >= 2 && list < Depth ? static_cast<O*>(m.addresses[list][loc.slot]) + loc.begin : nullptr;
   }
   c.n = loc.n;
-  c.rounding = ChunkRounding{false, 0, 0};
+  c.rounding = math::RunRounding{};
   return c;
 }
 
@@ -381,10 +362,10 @@ struct RmspropFunctor {
 
 // ---------------------------------------------------------------------------------------------------
 // 8-bit Adam / AdamW: lists param, grad, exp_avg codes, exp_avg_sq codes (uint8, the param's numel), exp_avg
-// absmax, exp_avg_sq absmax[, rounding seed] (one fp32 per math::kQuantBlock elements; chunks start on quantization blocks, as
-// kChunkSize is a multiple of it). On the device each warp takes one quantization block at a time, each lane
-// elements lane, lane + 32, ... (every load and store of the warp contiguous): dequantize, update in fp32, the
-// block's new absmax by a warp reduction, quantize. The host path runs the same math block by block.
+// absmax, exp_avg_sq absmax (one fp32 per math::kQuantBlock elements; chunks start on quantization blocks, as
+// kChunkSize is a multiple of it)[, rounding seed]. On the device each warp takes one quantization block at a
+// time, each lane elements lane, lane + 32, ... (every load and store of the warp contiguous): dequantize, update
+// in fp32, the block's new absmax by a warp reduction, quantize. The host path runs the same math block by block.
 static_assert(kChunkSize % math::kQuantBlock == 0, "chunks must start on quantization blocks");
 
 #if defined(__CUDACC__)
@@ -412,7 +393,7 @@ struct Adam8bitFunctor {
   FT_HOST_DEVICE FT_INLINE void update_element(T* p, T* g, const uint8_t* mc, const uint8_t* vc, int64_t e,
                                                float m_scale, float v_scale, const math::DynamicCode& cm,
                                                const math::DynamicCode& cv, const math::AdamHyper<float>& h,
-                                               const BlockScalars& s, const ChunkRounding& rounding,
+                                               const BlockScalars& s, const math::RunRounding& rounding,
                                                int64_t rounding_index, float& m, float& v) const {
     float grad = static_cast<float>(g[e]);
     if (common.grads.has_grad_scale) grad = grad / s.grad_scale;
@@ -430,7 +411,7 @@ struct Adam8bitFunctor {
 
   FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth>& m, const BlockLocation& loc, const BlockScalars& s,
                                  int thread, int n_threads) const {
-    const ChunkRounding rounding = chunk_rounding<T>(m, loc, seed_list, s.step_after);
+    const math::RunRounding rounding = chunk_rounding<T>(m, loc, seed_list, s.step_after);
     T* param = static_cast<T*>(m.addresses[0][loc.slot]) + loc.begin;
     T* grad = static_cast<T*>(m.addresses[1][loc.slot]) + loc.begin;
     uint8_t* m_codes = static_cast<uint8_t*>(m.addresses[2][loc.slot]) + loc.begin;
@@ -452,7 +433,7 @@ struct Adam8bitFunctor {
     }
     if (s.skip) {
       if (common.grads.zero_grad) {
-        ChunkPointers<T> c{param, grad, {nullptr, nullptr, nullptr}, loc.n, ChunkRounding{false, 0, 0}};
+        ChunkPointers<T> c{param, grad, {nullptr, nullptr, nullptr}, loc.n, math::RunRounding{}};
         zero_chunk_grads(c, thread, n_threads);
       }
       return;
@@ -502,7 +483,7 @@ FT_UNROLL
     const math::DynamicCode& cv = math::kUnsignedCode;
     if (s.skip) {
       if (common.grads.zero_grad) {
-        ChunkPointers<T> c{param, grad, {nullptr, nullptr, nullptr}, loc.n, ChunkRounding{false, 0, 0}};
+        ChunkPointers<T> c{param, grad, {nullptr, nullptr, nullptr}, loc.n, math::RunRounding{}};
         zero_chunk_grads(c, thread, n_threads);
       }
       return;

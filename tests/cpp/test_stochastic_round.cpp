@@ -130,4 +130,26 @@ FT_TEST(streams_differ_by_seed_step_and_range) {
   }
 }
 
+FT_TEST(run_rounding_is_the_bits_of_the_runs_elements) {
+  // The kernels' runs (a tile, a block, a chunk) start anywhere, also past 2^32: element i of a run from `first`
+  // draws the bits of element first + i.
+  const uint64_t stream = math::rounding_stream(99, 3.0);
+  for (int64_t first : {int64_t{0}, int64_t{512}, (int64_t{1} << 32) + 65536, (int64_t{5} << 32)}) {
+    const math::RunRounding run = math::RunRounding::make(true, stream, first);
+    for (int64_t i : {0, 1, 255}) {
+      const int64_t index = first + i;
+      const uint32_t want = math::rounding_bits(math::rounding_key(stream, static_cast<uint32_t>(index >> 32)),
+                                                static_cast<uint32_t>(index));
+      FT_CHECK(run.bits(i) == want);
+      const float x = 1.0f + 1.0f / 3.0f;
+      FT_CHECK(run.apply(x, i) == math::round_to_bf16_stochastic(x, want));
+    }
+  }
+  // off (or default), and for double: values pass through
+  const float x = 1.0f + 1.0f / 3.0f;
+  FT_CHECK(math::RunRounding{}.apply(x, 7) == x);
+  FT_CHECK(math::RunRounding::make(false, stream, 0).apply(x, 7) == x);
+  FT_CHECK(math::RunRounding::make(true, stream, 0).apply(1.0 / 3.0, 7) == 1.0 / 3.0);
+}
+
 int main(int argc, char** argv) { return ft_test::run_tests(argc > 1 ? argv[1] : ""); }

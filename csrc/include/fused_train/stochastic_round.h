@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "fused_train/macros.h"
 
@@ -85,6 +86,39 @@ FT_HOST_DEVICE FT_INLINE float round_to_bf16_stochastic(float x, uint32_t bits) 
   if (x != x) return x;
   return bits_float((float_bits(x) + (bits >> 16)) & 0xffff0000u);
 }
+
+// How the kernels round one run of consecutive elements of a param (a CPU tile or 8-bit block, a CUDA chunk; no run
+// straddles a multiple of 2^32): the key of the run's range and the low half of its first element's index.
+// Default-constructed, or made with on = false (rounding to nearest, or not a bf16 param), it leaves values as
+// they are.
+struct RunRounding {
+  bool on = false;
+  uint32_t key = 0;
+  uint32_t first_low = 0;
+
+  // The run of elements first, first + 1, ... of the param whose stream at this step is `stream`.
+  FT_HOST_DEVICE FT_INLINE static RunRounding make(bool on, uint64_t stream, int64_t first) {
+    RunRounding r;
+    if (on) {
+      r.on = true;
+      r.key = rounding_key(stream, static_cast<uint32_t>(static_cast<uint64_t>(first) >> 32));
+      r.first_low = static_cast<uint32_t>(first);
+    }
+    return r;
+  }
+  // The bits of element i of the run.
+  FT_HOST_DEVICE FT_INLINE uint32_t bits(int64_t i) const {
+    return rounding_bits(key, first_low + static_cast<uint32_t>(i));
+  }
+  // Element i of the run, before it narrows to the param's dtype (other math types, fp64's, pass through).
+  template <class V>
+  FT_HOST_DEVICE FT_INLINE V apply(V x, int64_t i) const {
+    if constexpr (std::is_same_v<V, float>) {
+      if (on) return round_to_bf16_stochastic(x, bits(i));
+    }
+    return x;
+  }
+};
 
 }  // namespace math
 }  // namespace fused_train
