@@ -78,9 +78,9 @@ class LowPrecisionOptimizerReference:
 
 def quantize_blockwise_reference(t: Tensor, *, signed: bool, block_size: int = 256) -> tuple[Tensor, Tensor]:
     """The 8-bit codes and per-block absmax of ``t``: block by block, x = value * (1 / absmax) in fp32 (0 for a
-    block whose absmax is 0 or below the smallest normal float), and the code of the value nearest to x, found by measuring the distance to all 256 in
-    double (the lower code on a tie). fused_train's rounding may differ only where x is within fp32 rounding of
-    the midpoint between two values."""
+    block whose absmax is 0 or below the smallest normal float), and the code of the value nearest to x, found by
+    measuring the distance to all 256 in double (the lower code on a tie). fused_train's rounding may differ only
+    where x is within fp32 rounding of the midpoint between two values."""
     from fused_train.optim import _quantization
 
     values = (_quantization.SIGNED if signed else _quantization.UNSIGNED).values.double()

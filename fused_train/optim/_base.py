@@ -225,7 +225,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         buckets: dict[tuple, _Bucket] = {}
         if "bf16_stochastic_round" in group:  # (a group dict may set it too)
             check_stochastic_round(type(self).__name__, group["bf16_stochastic_round"])
-        stochastic = _stochastic_rounding(group)
         # The params' positions in the whole optimizer (as state_dict numbers them): each one's rounding seed.
         first_position = self._rounding_position_base + sum(
             len(g["params"]) for g in self.param_groups[:group_index])
@@ -237,7 +236,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if len(state) == 0:
                 self._init_state(p, group, state)
             self._ensure_state(p, group, state)
-            rounds = stochastic and p.dtype == torch.bfloat16
+            rounds = _rounds_stochastically(group, p)
             if rounds:
                 self._ensure_rounding_state(p, state, first_position + i)
             self._check_state(p, group, state)
@@ -268,8 +267,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         """What bf16_stochastic_round needs of a bf16 param's state: its rounding seed (an int64 0-dim tensor on the
         param's device; created from the param's position among the optimizer's params, so every run, every DDP
         rank and a resumed run draw the same bits) and a ``step``, the rounding's counter (SGD keeps one for this
-        alone). The counter is fp32, as torch's steps: past 2^24 steps it stops advancing, and each element's bits
-        then repeat from step to step."""
+        alone; _check_state brings it into the kernels' layout). The counter is fp32, as torch's steps: past 2^24
+        steps it stops advancing, and each element's bits then repeat from step to step."""
         seed = state.get("rounding_seed")
         if seed is None:
             state["rounding_seed"] = torch.tensor(_position_seed(position), dtype=torch.int64, device=p.device)
@@ -282,12 +281,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                                 f"tensor, got {seed!r}")
             state["rounding_seed"] = torch.as_tensor(seed).detach().to(device=p.device, dtype=torch.int64,
                                                                         copy=True).reshape(())
-        step = state.get("step")
-        if step is None:
+        if state.get("step") is None:
             state["step"] = self._new_step_tensor(p)
-        elif not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device
-                  and step.dim() == 0):
-            state["step"] = _step_tensor(step, p.device)
 
     def _check_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """Brings state that a user assigned (or a checkpoint loaded) into the layout the kernels read, in
@@ -295,7 +290,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         may have been moved, or be a number), moments in the kernels' math type (fp32 for bf16/fp16 params).
         State on another device than its param, or of another shape, raises: torch's fused step raises too,
         and moving it silently would undo an offload the user meant."""
-        if self._has_step:
+        if self._has_step or _rounds_stochastically(group, p):
             step = state.get("step")
             if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device
                     and step.dim() == 0):
@@ -531,6 +526,10 @@ class FusedOptimizer(torch.optim.Optimizer):
 def _stochastic_rounding(group: dict[str, Any]) -> bool:
     # (A branch, not bool(...) of the value: see SGD._state_options.)
     return True if group.get("bf16_stochastic_round", False) else False
+
+
+def _rounds_stochastically(group: dict[str, Any], p: Tensor) -> bool:
+    return _stochastic_rounding(group) and p.dtype == torch.bfloat16
 
 
 def _position_seed(position: int) -> int:

@@ -48,8 +48,8 @@ class Adam8bit(FusedOptimizer, torch.optim.Optimizer):
         block_wise (bool): must be True; the state is always quantized blockwise.
         maximize (bool): maximize the objective (default: False).
         zero_grad_in_step (bool or None): as :class:`fused_train.optim.Adam`.
-        bf16_stochastic_round (bool): as :class:`fused_train.optim.Adam`: with bf16 params, 4 bytes per param in
-            all (weights and both moments) instead of 16 with fp32 masters and fp32 state (default: False).
+        bf16_stochastic_round (bool): as :class:`fused_train.optim.Adam`: with bf16 params, 4 bytes per param for
+            the weights and both moments, instead of 12 with fp32 masters and fp32 state (default: False).
 
     Example:
         >>> optimizer = fused_train.optim.Adam8bit(model.parameters(), lr=1e-3)
