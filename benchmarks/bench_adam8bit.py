@@ -26,7 +26,7 @@ import fused_train
 from fused_train.benchmarking import interleaved_ms
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_optimizers import bytes_per_param, ceiling_pass, make_params  # noqa: E402
+from bench_optimizers import bytes_per_param, ceiling_pass, make_params, step_and_restore  # noqa: E402
 
 SHAPES = [("16 x 1M", 16, 1 << 20), ("2000 x 4k", 2000, 4096)]
 QUICK_SHAPES = [("4 x 256k", 4, 1 << 18)]
@@ -50,17 +50,7 @@ def make_step(kind: str, params: list[torch.Tensor]):
         opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
     else:
         opt = bitsandbytes_adamw8bit()(params, lr=1e-3)
-    grads = [p.grad for p in params]
-
-    def step():
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-
-    def restore():
-        for p, g in zip(params, grads):
-            p.grad = g
-
-    return opt, step, restore
+    return (opt, *step_and_restore(opt, params))
 
 
 def state_bytes_per_param(opt, params) -> float:

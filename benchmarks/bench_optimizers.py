@@ -138,7 +138,13 @@ def make_step(kind: str, torch_name: str, kwargs: dict, params: list[torch.Tenso
         flags = {"forloop": dict(foreach=False), "foreach": dict(foreach=True),
                  "fused": dict(fused=True)}[kind]
         opt = getattr(torch.optim, torch_name)(params, **kwargs, **flags)
-    # A warm grad (the kernel may have zeroed it) keeps the arithmetic identical across iterations.
+    return step_and_restore(opt, params, zero_grad)
+
+
+def step_and_restore(opt: torch.optim.Optimizer, params: list[torch.Tensor], zero_grad: bool = True):
+    """The timed unit, ``opt.step()`` (then ``zero_grad(set_to_none=False)``), and a function that puts each param's
+    gradient back afterwards. A warm grad (the kernel may have zeroed it) keeps the arithmetic identical across
+    iterations."""
     grads = [p.grad for p in params]
 
     def step():

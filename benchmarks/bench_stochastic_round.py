@@ -23,7 +23,7 @@ import fused_train
 from fused_train.benchmarking import interleaved_ms
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_optimizers import bytes_per_param, ceiling_pass, make_params  # noqa: E402
+from bench_optimizers import bytes_per_param, ceiling_pass, make_params, step_and_restore  # noqa: E402
 
 SHAPES = [("16 x 1M", 16, 1 << 20), ("2000 x 4k", 2000, 4096)]
 QUICK_SHAPES = [("4 x 256k", 4, 1 << 18)]
@@ -43,17 +43,7 @@ def make_step(name: str, params: list[torch.Tensor]):
         opt = cls(params, lr=1e-3, **options)
     else:
         opt = cls(params, lr=1e-3, zero_grad_in_step=True, **options)
-    grads = [p.grad for p in params]
-
-    def step():
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-
-    def restore():
-        for p, g in zip(params, grads):
-            p.grad = g
-
-    return step, restore
+    return step_and_restore(opt, params)
 
 
 def run(quick: bool = False, repeat: int = 15) -> list[dict]:

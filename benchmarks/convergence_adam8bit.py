@@ -65,7 +65,9 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, *, key: str = "optimizer",
+         title: str = "Tiny causal LM on the stdlib sources, 3 seeds") -> None:
+    """Each row's validation curve, one colour per ``row[key]`` (in order of appearance), labelled once."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,13 +76,13 @@ def plot(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     colors = {}
     for r in rows:
-        color = colors.setdefault(r["optimizer"], f"C{len(colors)}")
+        color = colors.setdefault(r[key], f"C{len(colors)}")
         steps, losses = zip(*r["val_losses"])
-        label = r["optimizer"] if r["seed"] == rows[0]["seed"] else None
+        label = r[key] if r["seed"] == rows[0]["seed"] else None
         ax.plot(steps, losses, color=color, alpha=0.8, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss")
-    ax.set_title("Tiny causal LM on the stdlib sources, 3 seeds")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -20,13 +20,18 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import statistics
+import sys
 import time
 
 import torch
 
 import fused_train
 from fused_train import lm_demo
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from convergence_adam8bit import plot  # noqa: E402
 
 RUNS = {
     # name: (weights dtype, optimizer class, optimizer options)
@@ -124,26 +129,6 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    colors = {name: f"C{i}" for i, name in enumerate(RUNS)}
-    first_seed = rows[0]["seed"]
-    for r in rows:
-        steps, losses = zip(*r["val_losses"])
-        ax.plot(steps, losses, color=colors[r["run"]], alpha=0.8, label=r["run"] if r["seed"] == first_seed else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss")
-    ax.set_title("bf16 weights without fp32 masters: tiny causal LM, stdlib sources")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -162,4 +147,4 @@ if __name__ == "__main__":
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "args": vars(args), "rows": result}, f)
     if args.plot:
-        plot(result, args.plot)
+        plot(result, args.plot, key="run", title="bf16 weights without fp32 masters: tiny causal LM, stdlib sources")
