@@ -23,6 +23,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cross_entropy_args.h"
@@ -64,13 +65,15 @@ const auto& loss_backward_inplace_op() {
 // One checked call.
 struct Call {
   at::Tensor input;          // (N, H)
-  at::Tensor linear_weight;  // (V, H), in the compute dtype
+  at::Tensor linear_weight;  // (V, H), in the compute dtype (tiled: input's dtype, converted a block at a time)
   at::Tensor linear_bias;    // (V,), in the compute dtype, or undefined
   at::Tensor target;         // (N,) class indices or (N, V) probabilities
   std::optional<at::Tensor> weight;
   at::ScalarType compute = at::kFloat;  // the GEMMs' and the logits' dtype
   at::ScalarType opmath = at::kFloat;
   int64_t rows = 0, hidden = 0, classes = 0, chunk_rows = 1;
+  bool tiled = false;         // CPU bf16/fp16: the tiled road below (TiledLoss)
+  int64_t block_classes = 1;  // tiled: classes per block of linear_weight
   int64_t reduction = kMean, ignore_index = -100;
   double label_smoothing = 0.0, lse_square_scale = 0.0, softcap = 0.0;
 };
@@ -86,6 +89,11 @@ int64_t auto_chunk_rows(int64_t rows, int64_t classes, at::ScalarType compute) {
   const int64_t budget = std::clamp<int64_t>(rows * row_bytes / 10, int64_t{24} << 20, int64_t{64} << 20);
   return std::max<int64_t>(192, budget / row_bytes);
 }
+
+// Rows per chunk and classes per block of the tiled road: 2^20 / H of each (4 MiB of fp32 rows), within 64 to
+// 512. At (N, H, V) = (4096, 2048, 32000), 2 threads, fp32 GEMMs of 512 x 512 tiles ran at 175 GFLOP/s against
+// 183 for the whole matrices, and 256 x 512 ones at 127-160.
+int64_t auto_tile(int64_t hidden) { return std::clamp<int64_t>((int64_t{1} << 20) / std::max<int64_t>(hidden, 1), 64, 512); }
 
 Call check_call(const char* op, const at::Tensor& input, const at::Tensor& linear_weight, const at::Tensor& target,
                 const std::optional<at::Tensor>& linear_bias, const std::optional<at::Tensor>& weight,
@@ -142,8 +150,11 @@ Call check_call(const char* op, const at::Tensor& input, const at::Tensor& linea
   // CPUs without bf16/fp16 matrix units run half-precision GEMMs emulated, 6-300x slower than fp32 (2-core
   // AVX2, H=1024, V=32000); fp32 GEMMs over fp32 copies are the faster road there.
   c.compute = dev.is_cpu() ? c.opmath : dtype;
+  // Converting all of linear_weight (and summing its gradient) in fp32 would add 8 bytes per weight, as much as
+  // the logits this op exists to avoid: half precision on CPU goes the tiled road instead.
+  c.tiled = c.compute != dtype;
   c.input = input;
-  c.linear_weight = linear_weight.to(c.compute);
+  c.linear_weight = c.tiled ? linear_weight : linear_weight.to(c.compute);
   if (linear_bias.has_value() && linear_bias->defined()) c.linear_bias = linear_bias->to(c.compute);
   c.target = target;
   c.reduction = reduction;
@@ -151,8 +162,9 @@ Call check_call(const char* op, const at::Tensor& input, const at::Tensor& linea
   c.label_smoothing = label_smoothing;
   c.lse_square_scale = lse_square_scale;
   c.softcap = softcap;
-  c.chunk_rows = std::max<int64_t>(1, std::min(c.rows, chunk_rows > 0 ? chunk_rows
-                                                                      : auto_chunk_rows(c.rows, c.classes, c.compute)));
+  const int64_t auto_rows = c.tiled ? auto_tile(c.hidden) : auto_chunk_rows(c.rows, c.classes, c.compute);
+  c.chunk_rows = std::max<int64_t>(1, std::min(c.rows, chunk_rows > 0 ? chunk_rows : auto_rows));
+  c.block_classes = std::min(c.classes, chunk_rows > 0 ? chunk_rows : auto_tile(c.hidden));
   return c;
 }
 
@@ -190,16 +202,17 @@ void check_cpu_targets(const char* op, const Call& c) {
                     c.ignore_index, ")");
 }
 
-// Fills logits (rows, V) with the chunk's logits: x @ W.T + b, and with softcap c: c·tanh((x @ W.T + b) / c),
-// keeping tanh in tanh_rows for the gradient.
-void chunk_logits(const Call& c, const at::Tensor& x, at::Tensor& logits, at::Tensor& tanh_rows) {
+// Fills logits (rows, classes) with x @ w.T + b (w, b: rows of linear_weight and linear_bias; b may be
+// undefined), and with softcap c: c·tanh((x @ w.T + b) / c), keeping tanh in tanh_rows for the gradient.
+void chunk_logits(const Call& c, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& logits,
+                  at::Tensor& tanh_rows) {
   const double scale = c.softcap > 0.0 ? 1.0 / c.softcap : 1.0;
-  if (c.linear_bias.defined()) {
-    at::addmm_out(logits, c.linear_bias, x, c.linear_weight.t(), scale, scale);
+  if (b.defined()) {
+    at::addmm_out(logits, b, x, w.t(), scale, scale);
   } else if (scale == 1.0) {
-    at::mm_out(logits, x, c.linear_weight.t());
+    at::mm_out(logits, x, w.t());
   } else {
-    at::addmm_out(logits, logits, x, c.linear_weight.t(), 0.0, scale);  // beta 0: logits' old values unread
+    at::addmm_out(logits, logits, x, w.t(), 0.0, scale);  // beta 0: logits' old values unread
   }
   if (c.softcap > 0.0) {
     at::tanh_out(tanh_rows, logits);
@@ -274,9 +287,246 @@ void for_each_chunk(const Call& c, Fn&& fn) {
     const at::Tensor x = c.input.narrow(0, begin, n).to(c.compute);
     at::Tensor logits = logits_buffer.narrow(0, 0, n);
     at::Tensor tanh_rows = c.softcap > 0.0 ? tanh_buffer.narrow(0, 0, n) : at::Tensor();
-    chunk_logits(c, x, logits, tanh_rows);
+    chunk_logits(c, x, c.linear_weight, c.linear_bias, logits, tanh_rows);
     fn(begin, x, logits, tanh_rows);
   }
+}
+
+// ---- The tiled road: CPU bf16/fp16 ----
+//
+// The GEMMs run in fp32 (emulated half-precision GEMMs are 6-300x slower here), but fp32 copies of all of
+// linear_weight and of its gradient would add 8 bytes per weight: at H=1024, V=32000, N=2048 that is 80% of
+// what linear + cross_entropy adds in bf16. So the work goes in tiles of (rows x classes), each tile's GEMM
+// reading fp32 copies of a chunk of input's rows and a block of linear_weight's rows, and each gradient is summed
+// in fp32 over the loop that feeds it and rounded once:
+//  - rows pass (chunks outer, blocks inner): each row's log-sum-exp, online over the blocks, its loss, and
+//    input's gradient Σ_j g_j·W_j, summed flash-attention style as Σ_j exp(z_j - shift)·W_j and scaled by the row's
+//    gradient coefficients (xent_math.h's RowGrad) once its log-sum-exp is known;
+//  - classes pass (blocks outer, chunks inner): each tile's logit gradient again from those coefficients, summed
+//    into the block's rows of linear_weight's and linear_bias's gradients.
+// Four GEMMs instead of three; the memory is a few tiles and the (N,) row coefficients.
+class TiledLoss {
+ public:
+  // The running shift of a row moves only when a block's max passes it by this much: exp(z - shift) stays below
+  // e^8 (far from fp32's overflow), and the row's sums and input-gradient rows are rarely rescaled.
+  static constexpr double kShiftSlack = 8.0;
+
+  explicit TiledLoss(const Call& call)
+      : c(call),
+        opmath(c.input.options().dtype(c.opmath)),
+        prob(at::isFloatingType(c.target.scalar_type())),
+        linear(prob || c.label_smoothing > 0.0),
+        one_minus_smoothing(1.0 - c.label_smoothing),
+        smoothing_over_classes(c.label_smoothing / static_cast<double>(c.classes)) {
+    if (c.weight.has_value()) class_weight = c.weight->to(c.opmath);
+    if (!prob) {
+      const at::Tensor t = c.target.to(at::kLong);
+      kept = t != c.ignore_index;
+      index = t.masked_fill(kept.logical_not(), 0);  // in range: check_cpu_targets has run
+      target_weight = class_weight.defined() ? class_weight.index_select(0, index) * kept : kept.to(c.opmath);
+      class_weight_sum = class_weight.defined() ? class_weight.sum() : at::scalar_tensor(c.classes, opmath);
+    }
+    for (at::Tensor* t : {&shift, &log_sum, &softmax_coef, &linear_coef, &target_coef}) *t = at::empty({c.rows}, opmath);
+  }
+
+  // The row scale g_r of the gradient for a loss gradient grad_loss (one element, or (N,)): grad_loss_r /
+  // denominator, 0 for ignored rows and for a denominator of 0 (every row ignored).
+  at::Tensor row_scale(const at::Tensor& grad_loss, const at::Tensor& denominator) const {
+    const at::Tensor inverse = at::where(denominator != 0, denominator.reciprocal(), at::zeros({}, opmath));
+    at::Tensor s = grad_loss.to(c.opmath).reshape({-1}) * inverse;
+    s = s.expand({c.rows}).contiguous();
+    return prob ? s : s * kept;
+  }
+
+  // Rows pass. Writes row_lse (N, 2) and row_loss (N,) (opmath, 0 for ignored rows); with scale (N,) defined,
+  // the gradient coefficients that the classes pass needs and, when grad_input is defined, input's gradient.
+  void rows_pass(const at::Tensor& scale, at::Tensor& row_lse, at::Tensor& row_loss, at::Tensor grad_input) {
+    const bool input_grad = grad_input.defined();
+    const bool softcap = c.softcap > 0.0;
+    // The linear term's Σ_j a_j·W_j is the same for every row for class indices without softcap (a_j = w_j), else
+    // it is summed per row like the softmax's.
+    const bool row_linear = input_grad && linear && (prob || softcap);
+    at::Tensor shared_linear = input_grad && linear && !row_linear ? at::zeros({c.hidden}, opmath) : at::Tensor();
+    at::Tensor block_weight = at::empty({c.block_classes, c.hidden}, opmath);
+    at::Tensor tile = at::empty({c.chunk_rows, c.block_classes}, opmath);
+    at::Tensor tanh_tile = softcap ? at::empty({c.chunk_rows, c.block_classes}, opmath) : at::Tensor();
+    for (int64_t r0 = 0; r0 < c.rows; r0 += c.chunk_rows) {
+      const int64_t n = std::min(c.chunk_rows, c.rows - r0);
+      const at::Tensor x = c.input.narrow(0, r0, n).to(c.opmath);
+      // The row state of xent_math.h (max → shift, sum, dot, asum), in (n,) tensors.
+      at::Tensor row_shift = at::full({n}, -INFINITY, opmath), sum = at::zeros({n}, opmath);
+      at::Tensor dot = at::zeros({n}, opmath), asum = at::zeros({n}, opmath);
+      at::Tensor target_logit = at::zeros({n}, opmath), target_tanh = at::zeros({n}, opmath);
+      at::Tensor softmax_rows = input_grad ? at::zeros({n, c.hidden}, opmath) : at::Tensor();
+      at::Tensor linear_rows = row_linear ? at::zeros({n, c.hidden}, opmath) : at::Tensor();
+      at::Tensor safe_shift = at::zeros({n}, opmath);
+      for (int64_t v0 = 0; v0 < c.classes; v0 += c.block_classes) {
+        const int64_t vb = std::min(c.block_classes, c.classes - v0);
+        at::Tensor w = block_weight.narrow(0, 0, vb);
+        w.copy_(c.linear_weight.narrow(0, v0, vb));
+        at::Tensor z = tile.narrow(0, 0, n).narrow(1, 0, vb);
+        at::Tensor th = softcap ? tanh_tile.narrow(0, 0, n).narrow(1, 0, vb) : at::Tensor();
+        chunk_logits(c, x, w, bias_block(v0, vb), z, th);
+        const at::Tensor block_max = z.amax(1);
+        const at::Tensor moved = block_max > row_shift + kShiftSlack;  // a shift of -inf moves on any finite max
+        if (moved.any().item<bool>()) {
+          const at::Tensor new_shift = at::where(moved, block_max, row_shift);
+          const at::Tensor new_safe = at::where(new_shift == -INFINITY, at::zeros({}, opmath), new_shift);
+          const at::Tensor rescale = at::where(moved, at::exp(row_shift - new_shift), at::ones({}, opmath));
+          sum.mul_(rescale);
+          if (input_grad) softmax_rows.mul_(rescale.unsqueeze(1));
+          if (linear) dot.add_(asum * (safe_shift - new_safe));  // Σ a·(z - new) = dot + A·(old - new)
+          row_shift = new_shift;
+          safe_shift = new_safe;
+        }
+        const at::Tensor a = linear ? linear_coefficients(r0, n, v0, vb) : at::Tensor();
+        if (linear) {
+          dot.add_((a * (z - safe_shift.unsqueeze(1))).sum(1));
+          asum.add_(a.sum(1).expand({n}));
+        }
+        if (!prob) {  // the true class's logit (and tanh), from the block that holds it
+          const at::Tensor local = index.narrow(0, r0, n) - v0;
+          const at::Tensor here = kept.narrow(0, r0, n).logical_and(local >= 0).logical_and_(local < vb);
+          const at::Tensor column = local.clamp(0, vb - 1).unsqueeze(1);
+          target_logit = at::where(here, z.gather(1, column).squeeze(1), target_logit);
+          if (softcap) target_tanh = at::where(here, th.gather(1, column).squeeze(1), target_tanh);
+        }
+        at::Tensor u = z.sub_(safe_shift.unsqueeze(1)).exp_();  // exp(z - shift), over z
+        sum.add_(u.sum(1));
+        if (!input_grad) continue;
+        if (softcap) {  // d(c·tanh(y/c))/dy = 1 - tanh²
+          th.mul_(th).neg_().add_(1.0);
+          u.mul_(th);
+        }
+        softmax_rows.addmm_(u, w);
+        if (row_linear) linear_rows.addmm_(softcap ? a * th : a.expand({n, vb}), w);
+        if (shared_linear.defined() && r0 == 0) shared_linear.addmv_(w.t(), a.squeeze(0));
+      }
+      finish_rows(r0, n, safe_shift, sum, dot, asum, target_logit, scale, row_lse, row_loss);
+      if (!input_grad) continue;
+      // g·W summed: softmax_coef·Σ p_j W_j − linear_coef·Σ a_j W_j − target_coef·(1 - tanh_t²)·W_t.
+      const at::Tensor softmax_c = softmax_coef.narrow(0, r0, n), linear_c = linear_coef.narrow(0, r0, n);
+      softmax_rows.mul_((softmax_c / sum).unsqueeze(1));
+      if (row_linear) softmax_rows.addcmul_(linear_rows, linear_c.unsqueeze(1), -1.0);
+      if (shared_linear.defined()) softmax_rows.addr_(linear_c, shared_linear, 1.0, -1.0);
+      if (!prob) {
+        at::Tensor coef = target_coef.narrow(0, r0, n);
+        if (softcap) coef = coef * (1.0 - target_tanh * target_tanh);
+        const at::Tensor target_rows = c.linear_weight.index_select(0, index.narrow(0, r0, n)).to(c.opmath);
+        softmax_rows.addcmul_(target_rows, coef.unsqueeze(1), -1.0);
+      }
+      grad_input.narrow(0, r0, n).copy_(softmax_rows);
+    }
+  }
+
+  // Classes pass, after a rows pass with scale: linear_weight's gradient (V, H) and linear_bias's (V,), each
+  // written when defined.
+  void classes_pass(at::Tensor grad_weight, at::Tensor grad_bias) {
+    const bool softcap = c.softcap > 0.0;
+    if (c.rows == 0) {
+      if (grad_weight.defined()) grad_weight.zero_();
+      if (grad_bias.defined()) grad_bias.zero_();
+      return;
+    }
+    at::Tensor block_weight = at::empty({c.block_classes, c.hidden}, opmath);
+    at::Tensor block_grad = grad_weight.defined() ? at::empty({c.block_classes, c.hidden}, opmath) : at::Tensor();
+    at::Tensor tile = at::empty({c.chunk_rows, c.block_classes}, opmath);
+    at::Tensor tanh_tile = softcap ? at::empty({c.chunk_rows, c.block_classes}, opmath) : at::Tensor();
+    for (int64_t v0 = 0; v0 < c.classes; v0 += c.block_classes) {
+      const int64_t vb = std::min(c.block_classes, c.classes - v0);
+      at::Tensor w = block_weight.narrow(0, 0, vb);
+      w.copy_(c.linear_weight.narrow(0, v0, vb));
+      at::Tensor gw = grad_weight.defined() ? block_grad.narrow(0, 0, vb) : at::Tensor();
+      at::Tensor gb = grad_bias.defined() ? grad_bias.narrow(0, v0, vb) : at::Tensor();
+      for (int64_t r0 = 0; r0 < c.rows; r0 += c.chunk_rows) {
+        const int64_t n = std::min(c.chunk_rows, c.rows - r0);
+        const at::Tensor x = c.input.narrow(0, r0, n).to(c.opmath);
+        at::Tensor z = tile.narrow(0, 0, n).narrow(1, 0, vb);
+        at::Tensor th = softcap ? tanh_tile.narrow(0, 0, n).narrow(1, 0, vb) : at::Tensor();
+        chunk_logits(c, x, w, bias_block(v0, vb), z, th);
+        // xent_math.h's grad_element: softmax_coef·exp((z - shift) - log_sum) − linear_coef·a, then the true class.
+        z.sub_(shift.narrow(0, r0, n).unsqueeze(1)).sub_(log_sum.narrow(0, r0, n).unsqueeze(1)).exp_();
+        z.mul_(softmax_coef.narrow(0, r0, n).unsqueeze(1));
+        if (linear) z.addcmul_(linear_coefficients(r0, n, v0, vb), linear_coef.narrow(0, r0, n).unsqueeze(1), -1.0);
+        if (!prob) {
+          const at::Tensor local = index.narrow(0, r0, n) - v0;
+          const at::Tensor here = kept.narrow(0, r0, n).logical_and(local >= 0).logical_and_(local < vb);
+          z.scatter_add_(1, local.clamp(0, vb - 1).unsqueeze(1), (-target_coef.narrow(0, r0, n) * here).unsqueeze(1));
+        }
+        if (softcap) z.mul_(th.mul_(th).neg_().add_(1.0));
+        if (gw.defined()) at::addmm_out(gw, gw, z.t(), x, r0 == 0 ? 0.0 : 1.0, 1.0);  // beta 0: gw's old values unread
+        if (gb.defined()) gb.add_(z.sum(0));
+      }
+      if (gw.defined()) grad_weight.narrow(0, v0, vb).copy_(gw);
+    }
+  }
+
+ private:
+  at::Tensor bias_block(int64_t v0, int64_t vb) const {
+    return c.linear_bias.defined() ? c.linear_bias.narrow(0, v0, vb) : at::Tensor();
+  }
+
+  // The linear term's coefficients a_j over classes [v0, v0 + vb) of rows [r0, r0 + n): w_j (class indices with
+  // label smoothing) as (1, vb), or w_j·t'_j, t' = (1-ε)·t + ε/C (probabilities) as (n, vb).
+  at::Tensor linear_coefficients(int64_t r0, int64_t n, int64_t v0, int64_t vb) const {
+    if (!prob) return class_weight.defined() ? class_weight.narrow(0, v0, vb).unsqueeze(0) : at::ones({1, vb}, opmath);
+    at::Tensor t = c.target.narrow(0, r0, n).narrow(1, v0, vb).to(c.opmath);
+    if (c.label_smoothing > 0.0) t = t * one_minus_smoothing + smoothing_over_classes;
+    return class_weight.defined() ? t * class_weight.narrow(0, v0, vb) : t;
+  }
+
+  // A chunk's log-sum-exps and losses (xent_math.h's index_row_loss / prob_row_loss), and with scale its
+  // gradient coefficients (index_row_grad / prob_row_grad).
+  void finish_rows(int64_t r0, int64_t n, const at::Tensor& safe_shift, const at::Tensor& sum, const at::Tensor& dot,
+                   const at::Tensor& asum, const at::Tensor& target_logit, const at::Tensor& scale,
+                   at::Tensor& row_lse, at::Tensor& row_loss) {
+    const at::Tensor lsum = sum.log();  // a +inf logit: NaN (exp(inf - inf)), as torch
+    const at::Tensor full = safe_shift + lsum;
+    row_lse.narrow(0, r0, n).select(1, 0).copy_(safe_shift);
+    row_lse.narrow(0, r0, n).select(1, 1).copy_(lsum);
+    shift.narrow(0, r0, n).copy_(safe_shift);
+    log_sum.narrow(0, r0, n).copy_(lsum);
+    const double z = c.lse_square_scale;
+    at::Tensor loss;
+    if (prob) {
+      loss = asum * lsum - dot;
+    } else {
+      const at::Tensor wt = target_weight.narrow(0, r0, n);
+      loss = one_minus_smoothing * (wt * (lsum - (target_logit - safe_shift)));
+      if (c.label_smoothing > 0.0) loss = loss + smoothing_over_classes * (asum * lsum - dot);
+    }
+    if (z != 0.0) loss = loss + z * full * full;
+    if (!prob) loss = at::where(kept.narrow(0, r0, n), loss, at::zeros({}, opmath));
+    row_loss.narrow(0, r0, n).copy_(loss);
+    if (!scale.defined()) return;
+    const at::Tensor g = scale.narrow(0, r0, n);
+    const at::Tensor a = prob ? asum
+                              : one_minus_smoothing * target_weight.narrow(0, r0, n) +
+                                    smoothing_over_classes * class_weight_sum;
+    softmax_coef.narrow(0, r0, n).copy_(g * (a + 2.0 * z * full));
+    linear_coef.narrow(0, r0, n).copy_(prob ? g : g * smoothing_over_classes);
+    if (prob) {
+      target_coef.narrow(0, r0, n).zero_();
+    } else {
+      target_coef.narrow(0, r0, n).copy_(g * (one_minus_smoothing * target_weight.narrow(0, r0, n)));
+    }
+  }
+
+  const Call& c;
+  at::TensorOptions opmath;
+  bool prob, linear;
+  double one_minus_smoothing, smoothing_over_classes;
+  at::Tensor class_weight, kept, index, target_weight, class_weight_sum;  // class index targets: (N,) each
+  at::Tensor shift, log_sum, softmax_coef, linear_coef, target_coef;      // (N,): what the classes pass reads
+};
+
+// linear_weight's and linear_bias's gradients from a rows pass with a scale, each as asked (else empty).
+std::pair<at::Tensor, at::Tensor> tiled_param_grads(const Call& c, TiledLoss& tiles, bool weight_grad, bool bias_grad) {
+  at::Tensor grad_weight = weight_grad ? at::empty({c.classes, c.hidden}, c.input.options()) : at::Tensor();
+  at::Tensor grad_bias = bias_grad ? at::zeros({c.classes}, c.input.options().dtype(c.opmath)) : at::Tensor();
+  if (weight_grad || bias_grad) tiles.classes_pass(grad_weight, grad_bias);
+  const at::Tensor none = at::empty({0}, c.input.options());
+  return {weight_grad ? grad_weight : none, bias_grad ? grad_bias.to(c.input.scalar_type()) : none};
 }
 
 using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -300,6 +550,21 @@ ForwardOutputs linear_cross_entropy_forward(const at::Tensor& input, const at::T
   const at::ScalarType loss_dtype = opmath_loss ? c.opmath : input.scalar_type();
   at::Tensor row_lse = at::empty({c.rows, 2}, opmath);
   const at::Tensor denominator = reduction == kMean ? mean_denominator(c) : at::ones({}, opmath);
+  if (c.tiled) {
+    const bool bias_grad = linear_bias_grad && !per_row && c.linear_bias.defined();
+    const bool weight_grad = linear_weight_grad && !per_row;
+    TiledLoss tiles(c);
+    at::Tensor row_loss = at::empty({c.rows}, opmath);
+    at::Tensor grad_input = input_grad && !per_row ? at::empty({c.rows, c.hidden}, input.options()) : at::Tensor();
+    const bool with_grads = grad_input.defined() || weight_grad || bias_grad;
+    tiles.rows_pass(with_grads ? tiles.row_scale(at::ones({}, opmath), denominator) : at::Tensor(), row_lse, row_loss,
+                    grad_input);
+    auto [grad_weight, grad_bias] = tiled_param_grads(c, tiles, weight_grad, bias_grad);
+    at::Tensor loss = per_row ? row_loss : row_loss.sum();
+    if (reduction == kMean) loss = loss / denominator;  // all rows ignored: 0/0 = NaN, as torch
+    if (!grad_input.defined()) grad_input = at::empty({0}, input.options());
+    return {loss.to(loss_dtype), row_lse, denominator, grad_input, grad_weight, grad_bias};
+  }
   at::Tensor row_loss = per_row ? at::empty({c.rows}, input.options().dtype(loss_dtype)) : at::Tensor();
   std::vector<at::Tensor> chunk_sums;
   GradAccumulator grads(c, input_grad && !per_row, linear_weight_grad && !per_row,
@@ -357,6 +622,17 @@ Grads linear_cross_entropy_backward(const at::Tensor& grad_loss, const at::Tenso
   TORCH_CHECK_VALUE(reduction == kNone ? grad_loss.dim() == 1 && grad_loss.size(0) == c.rows : grad_loss.numel() == 1,
                     op, ": grad_loss must have shape (", c.rows, ",) for reduction='none' and one element otherwise, ",
                     "got ", grad_loss.sizes());
+  if (c.tiled) {  // the forward's rows pass again, for this grad_loss
+    TiledLoss tiles(c);
+    const at::TensorOptions opmath = input.options().dtype(c.opmath);
+    at::Tensor lse_again = at::empty({c.rows, 2}, opmath), row_loss = at::empty({c.rows}, opmath);
+    at::Tensor grad_input = input_grad ? at::empty({c.rows, c.hidden}, input.options()) : at::Tensor();
+    tiles.rows_pass(tiles.row_scale(grad_loss, denominator), lse_again, row_loss, grad_input);
+    auto [grad_weight, grad_bias] =
+        tiled_param_grads(c, tiles, linear_weight_grad, linear_bias_grad && c.linear_bias.defined());
+    if (!grad_input.defined()) grad_input = at::empty({0}, input.options());
+    return {grad_input, grad_weight, grad_bias};
+  }
   GradAccumulator grads(c, input_grad, linear_weight_grad, linear_bias_grad && c.linear_bias.defined());
   for_each_chunk(c, [&](int64_t begin, const at::Tensor& x, at::Tensor& logits, at::Tensor& tanh_rows) {
     const int64_t n = x.size(0);
