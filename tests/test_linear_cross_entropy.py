@@ -37,11 +37,12 @@ def reference(x, w, b, target, softcap=None, lse_square_scale=0.0, **kwargs):
     return TF.cross_entropy(logits, target, **kwargs)
 
 
-def loss_and_grads(fn, params, grad_loss_seed=1):
+def loss_and_grads(fn, params, grad_loss_seed=1, grad_loss_dtype=None):
     loss = fn()
     torch.manual_seed(grad_loss_seed)
-    # The same loss gradient whatever the loss's dtype.
-    loss.backward((torch.rand(loss.shape, dtype=torch.float64) + 0.5).to(loss.dtype))
+    # The same loss gradient whatever the loss's dtype (rounded to grad_loss_dtype first, when given).
+    grad_loss = (torch.rand(loss.shape, dtype=torch.float64) + 0.5).to(grad_loss_dtype or loss.dtype)
+    loss.backward(grad_loss.to(loss.dtype))
     grads = [p.grad.clone() for p in params if p is not None]
     for p in params:
         if p is not None:
@@ -443,3 +444,109 @@ def test_zero_width_input():
     w = torch.randn(5, 0, dtype=torch.float64, requires_grad=True)
     target = torch.randint(0, 5, (4,))
     assert_matches_reference(x, w, None, target, chunk_size=3)
+
+
+# -- CPU bf16/fp16: the tiled road (fp32 GEMMs over blocks of linear_weight, no fp32 copy of it or its gradient) --
+
+
+def within_one_rounding(actual, exact):
+    """Each element of actual (bf16/fp16) is exact rounded once: within one unit in the last place of exact's
+    magnitude, plus 1/16 of the unit at the tensor's largest magnitude for the fp32 sums (in another order than
+    fp64's, and cancelling: a gradient element is a difference of terms larger than itself). Summing in the
+    low precision, chunk by chunk, would be several units off."""
+    mantissa_bits = {torch.bfloat16: 7, torch.float16: 10}[actual.dtype]
+    _, exponent = torch.frexp(exact)
+    ulp = torch.ldexp(torch.ones_like(exact), exponent - 1 - mantissa_bits)
+    slack = ulp.max().item() / 16 if exact.numel() else 0.0
+    err = (actual.double() - exact).abs()
+    assert (err <= ulp + slack).all(), f"{(err - ulp).max().item()} beyond one rounding"
+
+
+def exact_reference(params, target, **options):
+    """linear + cross_entropy in fp64 on the same (rounded) values, and its gradients for the same (rounded) loss
+    gradient."""
+    exact = [p.detach().double().requires_grad_() if p is not None else None for p in params]
+    if options.get("weight") is not None:
+        options["weight"] = options["weight"].double()
+    target = target.double() if target.is_floating_point() else target
+    return loss_and_grads(lambda: reference(*exact, target, **options), exact, grad_loss_dtype=params[0].dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_half_precision_every_option_across_tiles_is_one_rounding(dtype, options, bias):
+    """37 rows × 50 classes in 8 × 8 tiles (both not multiples of 8): the loss and every gradient within one
+    rounding of the fp64 result, so each gradient was summed in fp32 over every tile and rounded once."""
+    options = dict(options)
+    x, w, b, target = make_case(37, 16, 50, dtype=dtype, bias=bias)
+    if options.get("weight") == "rand":
+        options["weight"] = torch.rand(50, dtype=torch.float64).to(dtype)
+    if "ignore_index" in options:
+        target[target == -100] = options["ignore_index"]
+    params = [x, w, b]
+    loss, grads = loss_and_grads(
+        lambda: F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=8, **options), params)
+    ref_loss, ref_grads = exact_reference(params, target, **options)
+    assert loss.dtype == dtype and all(g.dtype == dtype for g in grads)
+    within_one_rounding(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        within_one_rounding(g, r)
+
+
+def test_cpu_bf16_weight_gradient_over_many_row_chunks_is_rounded_once():
+    """600 rows in 75 chunks: a weight gradient added up in bf16 chunk by chunk would be several roundings off."""
+    x, w, b, target = make_case(600, 8, 30, dtype=torch.bfloat16)
+    params = [x, w, b]
+    _, grads = loss_and_grads(lambda: F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=8), params)
+    _, ref_grads = exact_reference(params, target)
+    for g, r in zip(grads, ref_grads):
+        within_one_rounding(g, r)
+
+
+@pytest.mark.parametrize("offset", ["large", "growing"])
+def test_cpu_bf16_logits_far_from_zero_or_growing_across_class_blocks(offset):
+    """The online log-sum-exp: a common offset of 3000 (exp would overflow unshifted), and logits that grow by
+    40 per block of classes, so each row's running shift moves and its sums are rescaled block after block."""
+    x, w, _, target = make_case(20, 8, 64, dtype=torch.bfloat16, bias=False)
+    b = (torch.full((64,), 3000.0) if offset == "large" else torch.arange(64.0) * 5.0).bfloat16().requires_grad_()
+    params = [x, w, b]
+    for options in (dict(), dict(label_smoothing=0.1, lse_square_scale=1e-4, reduction="sum")):
+        loss, grads = loss_and_grads(
+            lambda: F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=8, **options), params)
+        ref_loss, ref_grads = exact_reference(params, target, **options)
+        assert loss.isfinite().all()
+        within_one_rounding(loss, ref_loss)
+        for g, r in zip(grads, ref_grads):
+            within_one_rounding(g, r)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(0, 30), h=st.integers(1, 9), v=st.integers(1, 60), chunk=st.integers(1, 40),
+    ignored=st.sampled_from([0.0, 0.3, 1.0]), reduction=st.sampled_from(["mean", "sum", "none"]),
+    bias=st.booleans(), prob=st.booleans(),
+)
+def test_cpu_bf16_any_shape_and_tile_boundary_matches(n, h, v, chunk, ignored, reduction, bias, prob):
+    """Tiles of chunk × chunk over any N and V: N, V below, at and past the tile, N = 0, every row ignored."""
+    x, w, b, target = make_case(n, h, v, dtype=torch.bfloat16, bias=bias, prob=prob, ignored=ignored)
+    params = [x, w, b]
+    loss, grads = loss_and_grads(
+        lambda: F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=chunk, reduction=reduction), params)
+    ref_loss, ref_grads = exact_reference(params, target, reduction=reduction)
+    assert_close_scaled(loss, ref_loss.to(loss.dtype), torch.bfloat16)
+    for g, r in zip(grads, ref_grads):
+        assert_close_scaled(g, r.to(g.dtype), torch.bfloat16)
+
+
+def test_cpu_bf16_memory_holds_no_fp32_copy_of_the_weight_or_its_gradient():
+    """The largest allocation of a forward + backward is no larger than the bf16 weight gradient it returns:
+    no fp32 copy of linear_weight (4·V·H bytes) or of its gradient, and nothing of N × V."""
+    n, h, v, tile = 512, 16, 2000, 64
+    x, w, b, target = make_case(n, h, v, dtype=torch.bfloat16)
+    for reduction in ("mean", "none"):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=tile, reduction=reduction).sum().backward()
+        # ATen's allocations one by one (the op's own event sums those it keeps: its outputs).
+        largest = max(getattr(e, "cpu_memory_usage", 0) for e in prof.events() if e.name.startswith("aten::"))
+        assert 0 < largest <= v * h * 2, (reduction, largest)
