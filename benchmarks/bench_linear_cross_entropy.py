@@ -1,7 +1,8 @@
 """The language model's last layer and loss, forward + backward, beside its peers: fused_train's
 ``linear_cross_entropy``, ``linear`` + ``F.cross_entropy`` (torch), torch's chunked ``F.linear_cross_entropy``
 (torch >= 2.14, ``options=LinearCrossEntropyOptions()``), and the floor: the same three GEMMs alone
-(logits, input gradient, weight gradient) over preallocated tensors.
+(logits, input gradient, weight gradient) over preallocated tensors (on CPU in fp32 for bf16/fp16, where
+half-precision GEMMs are emulated and fused_train's run in fp32).
 
     python benchmarks/bench_linear_cross_entropy.py [--cases N,H,V ...] [--dtypes float32 bfloat16]
         [--impls fused torch chunked gemms] [--reps 3] [--device cpu] [--json FILE]
@@ -58,14 +59,18 @@ def make_step(impl: str, n: int, h: int, v: int, dtype_name: str, device: str):
         def step():
             F.linear_cross_entropy(x, w, target, options=options).backward()
     else:  # gemms: the floor, over buffers made once (not counted as memory of a step)
-        logits = torch.empty(n, v, device=device, dtype=dtype)
-        grad_x = torch.empty(n, h, device=device, dtype=dtype)
-        grad_w = torch.empty(v, h, device=device, dtype=dtype)
+        # On CPU in fp32 for bf16/fp16 too: half-precision GEMMs are emulated there, and fused_train's GEMMs run
+        # in fp32 (over converted blocks).
+        gemm_dtype = torch.float32 if device == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
+        x_in, w_in = x.detach().to(gemm_dtype), w.detach().to(gemm_dtype)
+        logits = torch.empty(n, v, device=device, dtype=gemm_dtype)
+        grad_x = torch.empty(n, h, device=device, dtype=gemm_dtype)
+        grad_w = torch.empty(v, h, device=device, dtype=gemm_dtype)
 
         def step():
-            torch.mm(x.detach(), w.detach().t(), out=logits)
-            torch.mm(logits, w.detach(), out=grad_x)
-            torch.mm(logits.t(), x.detach(), out=grad_w)
+            torch.mm(x_in, w_in.t(), out=logits)
+            torch.mm(logits, w_in, out=grad_x)
+            torch.mm(logits.t(), x_in, out=grad_w)
 
     return step, x, w
 

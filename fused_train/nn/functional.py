@@ -634,11 +634,18 @@ def linear_cross_entropy(
         softcap: Gemma-style logit capping: the logits become ``softcap · tanh(logits / softcap)`` before the
             loss (gradient included). ``None``: no capping.
         chunk_size: rows per chunk; ``None``: a tenth of the N×V logits within 24–64 MiB, at least 192 rows.
+            On CPU in bf16/fp16, rows per chunk and classes per block of the tiles below; ``None``: as many of
+            each (a multiple of 64, within 64–1024) as fit the tiles' fp32 buffers in a twelfth of the N×V
+            logits in ``input``'s dtype.
 
     The gradients of a reduced loss are computed in the forward (for a loss gradient of 1) and applied in
     the backward; ``reduction='none'``, fp16 and a second backward recompute them from the inputs, costing the
-    logits' GEMM once more. On CPU, bf16/fp16 GEMMs run in fp32 over fp32 copies of ``linear_weight`` and its
-    gradient (CPUs without half-precision matrix units emulate those GEMMs, many times slower). Works with
+    logits' GEMM once more. On CPU, bf16/fp16 GEMMs run in fp32 (CPUs without half-precision matrix units
+    emulate those GEMMs, many times slower), over tiles of rows × classes whose rows of ``input`` and
+    ``linear_weight`` are converted as each tile needs them: a rows pass (each row's log-sum-exp online over
+    the class blocks, its loss and ``input``'s gradient) and a classes pass (``linear_weight``'s and
+    ``linear_bias``'s gradients, block by block), four GEMMs instead of three, each gradient summed in fp32 and
+    rounded once, and no fp32 copy of ``linear_weight`` or its gradient. Works with
     :func:`torch.compile`, and with :func:`torch.func.grad` / ``vjp`` (not ``vmap``); differentiating the
     gradient again raises.
     """
