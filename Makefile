@@ -59,7 +59,7 @@ $(DEPS):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch>=2.5" ninja pybind11 setuptools wheel build cmake \
-		pytest pytest-benchmark hypothesis numpy tqdm scikit-learn matplotlib
+		pytest pytest-benchmark hypothesis numpy tqdm scikit-learn matplotlib transformers
 	touch $@
 
 $(EXT_STAMP): $(DEPS) $(SOURCES)
