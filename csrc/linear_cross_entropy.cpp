@@ -94,9 +94,10 @@ int64_t auto_chunk_rows(int64_t rows, int64_t classes, at::ScalarType compute) {
 }
 
 // Rows per chunk and classes per block of the tiled road, T each: the largest multiple of 64 within 64 to 1024
-// whose fp32 tile buffers (a chunk of input's rows and its input-gradient sum, a block of linear_weight's rows
-// or of their gradient, and the T x T logits: 4·(3·T·H + T²) bytes) fit in a twelfth of the (N, V) logits in
-// input's dtype, about 3% of what linear + cross_entropy adds. Larger tiles run faster GEMMs: at (N, H, V) =
+// whose main fp32 tile buffers (a chunk of input's rows and its input-gradient sum, a block of linear_weight's
+// rows or of their gradient, and the T x T logits: 4·(3·T·H + T²) bytes) fit in a twelfth of the (N, V) logits
+// in input's dtype. With the temporaries around them: 9-27 MiB at the benchmark's shapes, about 3% of what
+// linear + cross_entropy adds. Larger tiles run faster GEMMs: at (N, H, V) =
 // (4096, 2048, 32000), bf16, 2 threads, T = 768 and 1024 took about 0.93x the time of T = 512 (median of 3).
 int64_t auto_tile(int64_t rows, int64_t classes, int64_t hidden, at::ScalarType dtype) {
   const double budget = static_cast<double>(rows) * static_cast<double>(classes) *
@@ -316,7 +317,9 @@ void for_each_chunk(const Call& c, Fn&& fn) {
 //    gradient coefficients (xent_math.h's RowGrad) once its log-sum-exp is known;
 //  - classes pass (blocks outer, chunks inner): each tile's logit gradient again from those coefficients, summed
 //    into the block's rows of linear_weight's and linear_bias's gradients.
-// Four GEMMs instead of three; the memory is a few tiles and the (N,) row coefficients.
+// Four GEMMs instead of three (five with probability targets, or softcap with label smoothing: their linear
+// term's Σ_j a_j·W_j differs from row to row); the memory is a few tiles and the (N,) row coefficients. A row's
+// shift (row_lse's first column) is its lazy shift here, not its max: exp((z - shift) - log_sum) is the same.
 class TiledLoss {
  public:
   // The running shift of a row moves only when a block's max passes it by this much: exp(z - shift) stays below
@@ -334,11 +337,13 @@ class TiledLoss {
     if (!prob) {
       const at::Tensor t = c.target.to(at::kLong);
       kept = t != c.ignore_index;
-      index = t.masked_fill(kept.logical_not(), 0);  // in range: check_cpu_targets has run
+      index = t.masked_fill(kept.logical_not(), 0);  // checked by check_cpu_targets (else index_select raises)
       target_weight = class_weight.defined() ? class_weight.index_select(0, index) * kept : kept.to(c.opmath);
       class_weight_sum = class_weight.defined() ? class_weight.sum() : at::scalar_tensor(c.classes, opmath);
     }
-    for (at::Tensor* t : {&shift, &log_sum, &softmax_coef, &linear_coef, &target_coef}) *t = at::empty({c.rows}, opmath);
+    for (at::Tensor* t : {&shift, &log_sum, &softmax_coef, &linear_coef, &target_coef}) {
+      *t = at::empty({c.rows}, opmath);
+    }
   }
 
   // The row scale g_r of the gradient for a loss gradient grad_loss (one element, or (N,)): grad_loss_r /
@@ -347,7 +352,9 @@ class TiledLoss {
     const at::Tensor inverse = at::where(denominator != 0, denominator.reciprocal(), at::zeros({}, opmath));
     at::Tensor s = grad_loss.to(c.opmath).reshape({-1}) * inverse;
     s = s.expand({c.rows}).contiguous();
-    return prob ? s : s * kept;
+    // where, not a product: an ignored row's gradient is 0 whatever its grad_loss (inf·0 would be NaN, and the
+    // classes pass's GEMM would carry it into every weight).
+    return prob ? s : at::where(kept, s, at::zeros({}, opmath));
   }
 
   // Rows pass. Writes row_lse (N, 2) and row_loss (N,) (opmath, 0 for ignored rows); with scale (N,) defined,
@@ -463,7 +470,8 @@ class TiledLoss {
         if (!prob) {
           const at::Tensor local = index.narrow(0, r0, n) - v0;
           const at::Tensor here = kept.narrow(0, r0, n).logical_and(local >= 0).logical_and_(local < vb);
-          z.scatter_add_(1, local.clamp(0, vb - 1).unsqueeze(1), (-target_coef.narrow(0, r0, n) * here).unsqueeze(1));
+          const at::Tensor add = at::where(here, -target_coef.narrow(0, r0, n), at::zeros({}, opmath));
+          z.scatter_add_(1, local.clamp(0, vb - 1).unsqueeze(1), add.unsqueeze(1));
         }
         if (softcap) z.mul_(th.mul_(th).neg_().add_(1.0));
         if (gw.defined()) at::addmm_out(gw, gw, z.t(), x, r0 == 0 ? 0.0 : 1.0, 1.0);  // beta 0: gw's old values unread

@@ -550,3 +550,20 @@ def test_cpu_bf16_memory_holds_no_fp32_copy_of_the_weight_or_its_gradient():
         # ATen's allocations one by one (the op's own event sums those it keeps: its outputs).
         largest = max(getattr(e, "cpu_memory_usage", 0) for e in prof.events() if e.name.startswith("aten::"))
         assert 0 < largest <= v * h * 2, (reduction, largest)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_ignored_rows_infinite_loss_gradient_is_ignored_like_torch(dtype):
+    """loss_per_token / tokens_in_its_sequence, a sequence of padding only: inf (or NaN) at ignored rows, whose
+    gradient is 0 in torch; no NaN may reach any gradient (the weight's sums over every row)."""
+    x, w, b, target = make_case(12, 8, 20, dtype=dtype, ignored=0.0)
+    target[4:7] = -100
+    grad_loss = torch.ones(12, dtype=dtype)
+    grad_loss[4], grad_loss[5] = float("inf"), float("nan")
+    loss = F.linear_cross_entropy(x, w, target, linear_bias=b, reduction="none", chunk_size=5)
+    loss.backward(grad_loss)
+    exact = [p.detach().double().requires_grad_() for p in (x, w, b)]
+    reference(*exact, target, reduction="none").backward(grad_loss.double())
+    for p, e in zip((x, w, b), exact):
+        assert p.grad.isfinite().all()
+        assert_close_scaled(p.grad, e.grad.to(dtype), dtype)
