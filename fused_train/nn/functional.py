@@ -646,8 +646,8 @@ def linear_cross_entropy(
     the class blocks, its loss and ``input``'s gradient) and a classes pass (``linear_weight``'s and
     ``linear_bias``'s gradients, block by block), four GEMMs instead of three (five with probability targets, or
     softcap with label smoothing), each gradient summed in fp32 and rounded once, and no fp32 copy of
-    ``linear_weight`` or its gradient. Works with :func:`torch.compile`, and with :func:`torch.func.grad` / ``vjp`` (not ``vmap``); differentiating the
-    gradient again raises.
+    ``linear_weight`` or its gradient. Works with :func:`torch.compile`, and with :func:`torch.func.grad` /
+    ``vjp`` (not ``vmap``); differentiating the gradient again raises.
     """
     code = _REDUCTION_CODES.get(reduction)
     if code is None:
