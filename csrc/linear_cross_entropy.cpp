@@ -177,7 +177,7 @@ Call check_call(const char* op, const at::Tensor& input, const at::Tensor& linea
   const int64_t tile = c.tiled ? auto_tile(c.rows, c.classes, c.hidden, dtype) : 0;
   const int64_t auto_rows = c.tiled ? tile : auto_chunk_rows(c.rows, c.classes, c.compute);
   c.chunk_rows = std::max<int64_t>(1, std::min(c.rows, chunk_rows > 0 ? chunk_rows : auto_rows));
-  c.block_classes = std::min(c.classes, chunk_rows > 0 ? chunk_rows : tile);
+  if (c.tiled) c.block_classes = std::min(c.classes, chunk_rows > 0 ? chunk_rows : tile);
   return c;
 }
 
@@ -341,7 +341,7 @@ class TiledLoss {
       target_weight = class_weight.defined() ? class_weight.index_select(0, index) * kept : kept.to(c.opmath);
       class_weight_sum = class_weight.defined() ? class_weight.sum() : at::scalar_tensor(c.classes, opmath);
     }
-    for (at::Tensor* t : {&shift, &log_sum, &softmax_coef, &linear_coef, &target_coef}) {
+    for (at::Tensor* t : {&softmax_coef, &linear_coef, &target_coef}) {
       *t = at::empty({c.rows}, opmath);
     }
   }
@@ -383,9 +383,7 @@ class TiledLoss {
         const int64_t vb = std::min(c.block_classes, c.classes - v0);
         at::Tensor w = block_weight.narrow(0, 0, vb);
         w.copy_(c.linear_weight.narrow(0, v0, vb));
-        at::Tensor z = tile.narrow(0, 0, n).narrow(1, 0, vb);
-        at::Tensor th = softcap ? tanh_tile.narrow(0, 0, n).narrow(1, 0, vb) : at::Tensor();
-        chunk_logits(c, x, w, bias_block(v0, vb), z, th);
+        auto [z, th] = tile_logits(x, w, v0, tile, tanh_tile);
         const at::Tensor block_max = z.amax(1);
         const at::Tensor moved = block_max > row_shift + kShiftSlack;  // a shift of -inf moves on any finite max
         if (moved.any().item<bool>()) {
@@ -404,9 +402,7 @@ class TiledLoss {
           asum.add_(a.sum(1).expand({n}));
         }
         if (!prob) {  // the true class's logit (and tanh), from the block that holds it
-          const at::Tensor local = index.narrow(0, r0, n) - v0;
-          const at::Tensor here = kept.narrow(0, r0, n).logical_and(local >= 0).logical_and_(local < vb);
-          const at::Tensor column = local.clamp(0, vb - 1).unsqueeze(1);
+          const auto [here, column] = target_in_block(r0, n, v0, vb);
           target_logit = at::where(here, z.gather(1, column).squeeze(1), target_logit);
           if (softcap) target_tanh = at::where(here, th.gather(1, column).squeeze(1), target_tanh);
         }
@@ -438,9 +434,9 @@ class TiledLoss {
     }
   }
 
-  // Classes pass, after a rows pass with scale: linear_weight's gradient (V, H) and linear_bias's (V,), each
-  // written when defined.
-  void classes_pass(at::Tensor grad_weight, at::Tensor grad_bias) {
+  // Classes pass, after a rows pass with scale that wrote row_lse: linear_weight's gradient (V, H) and
+  // linear_bias's (V,), each written when defined.
+  void classes_pass(const at::Tensor& row_lse, at::Tensor grad_weight, at::Tensor grad_bias) {
     const bool softcap = c.softcap > 0.0;
     if (c.rows == 0) {
       if (grad_weight.defined()) grad_weight.zero_();
@@ -460,18 +456,15 @@ class TiledLoss {
       for (int64_t r0 = 0; r0 < c.rows; r0 += c.chunk_rows) {
         const int64_t n = std::min(c.chunk_rows, c.rows - r0);
         const at::Tensor x = c.input.narrow(0, r0, n).to(c.opmath);
-        at::Tensor z = tile.narrow(0, 0, n).narrow(1, 0, vb);
-        at::Tensor th = softcap ? tanh_tile.narrow(0, 0, n).narrow(1, 0, vb) : at::Tensor();
-        chunk_logits(c, x, w, bias_block(v0, vb), z, th);
+        auto [z, th] = tile_logits(x, w, v0, tile, tanh_tile);
         // xent_math.h's grad_element: softmax_coef·exp((z - shift) - log_sum) − linear_coef·a, then the true class.
-        z.sub_(shift.narrow(0, r0, n).unsqueeze(1)).sub_(log_sum.narrow(0, r0, n).unsqueeze(1)).exp_();
+        const at::Tensor lse = row_lse.narrow(0, r0, n);
+        z.sub_(lse.select(1, 0).unsqueeze(1)).sub_(lse.select(1, 1).unsqueeze(1)).exp_();
         z.mul_(softmax_coef.narrow(0, r0, n).unsqueeze(1));
         if (linear) z.addcmul_(linear_coefficients(r0, n, v0, vb), linear_coef.narrow(0, r0, n).unsqueeze(1), -1.0);
         if (!prob) {
-          const at::Tensor local = index.narrow(0, r0, n) - v0;
-          const at::Tensor here = kept.narrow(0, r0, n).logical_and(local >= 0).logical_and_(local < vb);
-          const at::Tensor add = at::where(here, -target_coef.narrow(0, r0, n), at::zeros({}, opmath));
-          z.scatter_add_(1, local.clamp(0, vb - 1).unsqueeze(1), add.unsqueeze(1));
+          const auto [here, column] = target_in_block(r0, n, v0, vb);
+          z.scatter_add_(1, column, at::where(here, -target_coef.narrow(0, r0, n), at::zeros({}, opmath)).unsqueeze(1));
         }
         if (softcap) z.mul_(th.mul_(th).neg_().add_(1.0));
         if (gw.defined()) at::addmm_out(gw, gw, z.t(), x, r0 == 0 ? 0.0 : 1.0, 1.0);  // beta 0: gw's old values unread
@@ -482,8 +475,24 @@ class TiledLoss {
   }
 
  private:
-  at::Tensor bias_block(int64_t v0, int64_t vb) const {
-    return c.linear_bias.defined() ? c.linear_bias.narrow(0, v0, vb) : at::Tensor();
+  // The logits of x's rows and block w of linear_weight's rows from class v0 on, in the tile buffers (z, and
+  // tanh for softcap: th, else undefined).
+  std::pair<at::Tensor, at::Tensor> tile_logits(const at::Tensor& x, const at::Tensor& w, int64_t v0,
+                                                const at::Tensor& tile, const at::Tensor& tanh_tile) const {
+    const int64_t n = x.size(0), vb = w.size(0);
+    at::Tensor z = tile.narrow(0, 0, n).narrow(1, 0, vb);
+    at::Tensor th = tanh_tile.defined() ? tanh_tile.narrow(0, 0, n).narrow(1, 0, vb) : at::Tensor();
+    const at::Tensor b = c.linear_bias.defined() ? c.linear_bias.narrow(0, v0, vb) : at::Tensor();
+    chunk_logits(c, x, w, b, z, th);
+    return {z, th};
+  }
+
+  // Rows [r0, r0 + n) whose true class is in classes [v0, v0 + vb) (ignored rows are not), and each row's
+  // column there as an (n, 1) index, clamped into the block for the others.
+  std::pair<at::Tensor, at::Tensor> target_in_block(int64_t r0, int64_t n, int64_t v0, int64_t vb) const {
+    const at::Tensor local = index.narrow(0, r0, n) - v0;
+    const at::Tensor here = kept.narrow(0, r0, n).logical_and(local >= 0).logical_and_(local < vb);
+    return {here, local.clamp(0, vb - 1).unsqueeze(1)};
   }
 
   // The linear term's coefficients a_j over classes [v0, v0 + vb) of rows [r0, r0 + n): w_j (class indices with
@@ -504,8 +513,6 @@ class TiledLoss {
     const at::Tensor full = safe_shift + lsum;
     row_lse.narrow(0, r0, n).select(1, 0).copy_(safe_shift);
     row_lse.narrow(0, r0, n).select(1, 1).copy_(lsum);
-    shift.narrow(0, r0, n).copy_(safe_shift);
-    log_sum.narrow(0, r0, n).copy_(lsum);
     const double z = c.lse_square_scale;
     at::Tensor loss;
     if (prob) {
@@ -537,14 +544,16 @@ class TiledLoss {
   bool prob, linear;
   double one_minus_smoothing, smoothing_over_classes;
   at::Tensor class_weight, kept, index, target_weight, class_weight_sum;  // class index targets: (N,) each
-  at::Tensor shift, log_sum, softmax_coef, linear_coef, target_coef;      // (N,): what the classes pass reads
+  at::Tensor softmax_coef, linear_coef, target_coef;  // (N,): what the classes pass reads, with row_lse
 };
 
-// linear_weight's and linear_bias's gradients from a rows pass with a scale, each as asked (else empty).
-std::pair<at::Tensor, at::Tensor> tiled_param_grads(const Call& c, TiledLoss& tiles, bool weight_grad, bool bias_grad) {
+// linear_weight's and linear_bias's gradients from a rows pass with a scale (which wrote row_lse), each as asked
+// (else empty).
+std::pair<at::Tensor, at::Tensor> tiled_param_grads(const Call& c, TiledLoss& tiles, const at::Tensor& row_lse,
+                                                    bool weight_grad, bool bias_grad) {
   at::Tensor grad_weight = weight_grad ? at::empty({c.classes, c.hidden}, c.input.options()) : at::Tensor();
   at::Tensor grad_bias = bias_grad ? at::zeros({c.classes}, c.input.options().dtype(c.opmath)) : at::Tensor();
-  if (weight_grad || bias_grad) tiles.classes_pass(grad_weight, grad_bias);
+  if (weight_grad || bias_grad) tiles.classes_pass(row_lse, grad_weight, grad_bias);
   const at::Tensor none = at::empty({0}, c.input.options());
   return {weight_grad ? grad_weight : none, bias_grad ? grad_bias.to(c.input.scalar_type()) : none};
 }
@@ -579,7 +588,7 @@ ForwardOutputs linear_cross_entropy_forward(const at::Tensor& input, const at::T
     const bool with_grads = grad_input.defined() || weight_grad || bias_grad;
     tiles.rows_pass(with_grads ? tiles.row_scale(at::ones({}, opmath), denominator) : at::Tensor(), row_lse, row_loss,
                     grad_input);
-    auto [grad_weight, grad_bias] = tiled_param_grads(c, tiles, weight_grad, bias_grad);
+    auto [grad_weight, grad_bias] = tiled_param_grads(c, tiles, row_lse, weight_grad, bias_grad);
     at::Tensor loss = per_row ? row_loss : row_loss.sum();
     if (reduction == kMean) loss = loss / denominator;  // all rows ignored: 0/0 = NaN, as torch
     if (!grad_input.defined()) grad_input = at::empty({0}, input.options());
@@ -649,7 +658,7 @@ Grads linear_cross_entropy_backward(const at::Tensor& grad_loss, const at::Tenso
     at::Tensor grad_input = input_grad ? at::empty({c.rows, c.hidden}, input.options()) : at::Tensor();
     tiles.rows_pass(tiles.row_scale(grad_loss, denominator), lse_again, row_loss, grad_input);
     auto [grad_weight, grad_bias] =
-        tiled_param_grads(c, tiles, linear_weight_grad, linear_bias_grad && c.linear_bias.defined());
+        tiled_param_grads(c, tiles, lse_again, linear_weight_grad, linear_bias_grad && c.linear_bias.defined());
     if (!grad_input.defined()) grad_input = at::empty({0}, input.options());
     return {grad_input, grad_weight, grad_bias};
   }
