@@ -195,13 +195,80 @@ OptimizerTensors check_rmsprop_step(at::TensorList params, at::TensorList grads,
                                     at::TensorList state_steps, bool centered, double momentum, bool zero_grad,
                                     const std::optional<at::Tensor>& lr_tensor,
                                     const std::optional<at::Tensor>& grad_scale,
-                                    const std::optional<at::Tensor>& found_inf) {
-  return check_optimizer_call("rmsprop_step_", params, grads,
-                              {StateList{"square_avgs", square_avgs, true}, StateList{"grad_avgs", grad_avgs, centered},
-                               StateList{"momentum_buffers", momentum_buffers, momentum > 0.0}},
-                              state_steps, true, lr_tensor, grad_scale, found_inf,
-                              zero_grad || grad_scale.has_value());
+                                    const std::optional<at::Tensor>& found_inf,
+                                    const std::optional<at::TensorList>& rounding_seeds) {
+  OptimizerTensors out = check_optimizer_call(
+      "rmsprop_step_", params, grads,
+      {StateList{"square_avgs", square_avgs, true}, StateList{"grad_avgs", grad_avgs, centered},
+       StateList{"momentum_buffers", momentum_buffers, momentum > 0.0}},
+      state_steps, true, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
+  check_rounding_seeds("rmsprop_step_", out, rounding_seeds, static_cast<int64_t>(params.size()));
+  return out;
 }
+
+namespace {
+
+// One quantized moment of an 8-bit op: its codes and absmax lists, and whether the call uses it (else both lists
+// must be empty).
+struct QuantizedList {
+  const char* codes_name;
+  at::TensorList codes;
+  const char* absmax_name;
+  at::TensorList absmax;
+  bool used;
+};
+
+OptimizerTensors check_8bit_step(const char* op, at::TensorList params, at::TensorList grads,
+                                 const std::vector<QuantizedList>& moments, at::TensorList state_steps,
+                                 bool needs_steps, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
+                                 const std::optional<at::Tensor>& grad_scale,
+                                 const std::optional<at::Tensor>& found_inf,
+                                 const std::optional<at::TensorList>& rounding_seeds) {
+  for (const QuantizedList& q : moments) {
+    for (const auto& [name, list] : {std::make_pair(q.codes_name, q.codes), std::make_pair(q.absmax_name, q.absmax)}) {
+      if (q.used) {
+        TORCH_CHECK(list.size() == params.size(), op, ": got ", params.size(), " params but ", list.size(), " ", name);
+      } else {
+        TORCH_CHECK(list.empty(), op, ": ", name, " must be empty when the call's options do not use it, got ",
+                    list.size(), " tensors");
+      }
+    }
+  }
+  OptimizerTensors out = check_optimizer_call(op, params, grads,
+                                              {StateList{"", {}, false}, StateList{"", {}, false},
+                                               StateList{"", {}, false}},
+                                              state_steps, needs_steps, lr_tensor, grad_scale, found_inf,
+                                              zero_grad || grad_scale.has_value(), /*contiguous=*/true);
+  if (params.empty()) return out;
+  TORCH_CHECK_TYPE(out.dtype == at::kFloat || out.dtype == at::kBFloat16 || out.dtype == at::kHalf, op,
+                   ": params must be float32, bfloat16 or float16, got ", out.dtype);
+  for (auto& s : out.states) s.clear();  // the generic check filled them with undefined entries
+  int slot = 0;
+  for (const QuantizedList& q : moments) {
+    if (!q.used) continue;
+    for (size_t i = 0; i < params.size(); ++i) {
+      const int64_t numel = params[i].numel();
+      const int64_t blocks = (numel + math::kQuantBlock - 1) / math::kQuantBlock;
+      for (int part = 0; part < 2; ++part) {
+        const bool is_codes = part == 0;
+        const at::Tensor& s = is_codes ? q.codes[i] : q.absmax[i];
+        const at::ScalarType want = is_codes ? at::kByte : at::kFloat;
+        const bool shape_ok = is_codes ? s.sizes() == params[i].sizes() : (s.dim() == 1 && s.size(0) == blocks);
+        TORCH_CHECK(s.device() == out.device && s.scalar_type() == want && shape_ok && s.is_contiguous(), op, ": ",
+                    is_codes ? q.codes_name : q.absmax_name, "[", i, "] must be a contiguous ", want,
+                    " tensor of shape ", is_codes ? params[i].sizes() : at::IntArrayRef{blocks}, " on ", out.device,
+                    ", got ", s.scalar_type(), " ", s.sizes(), s.is_contiguous() ? "" : " (not contiguous)", " on ",
+                    s.device());
+        out.states[slot + part].push_back(s);
+      }
+    }
+    slot += 2;
+  }
+  check_rounding_seeds(op, out, rounding_seeds, static_cast<int64_t>(params.size()));
+  return out;
+}
+
+}  // namespace
 
 OptimizerTensors check_adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_codes,
                                      at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_codes,
@@ -210,39 +277,43 @@ OptimizerTensors check_adam8bit_step(at::TensorList params, at::TensorList grads
                                      const std::optional<at::Tensor>& grad_scale,
                                      const std::optional<at::Tensor>& found_inf,
                                      const std::optional<at::TensorList>& rounding_seeds) {
-  const char* op = "adam8bit_step_";
-  const std::array<std::pair<const char*, at::TensorList>, 4> lists = {
-      std::make_pair("exp_avg_codes", exp_avg_codes), std::make_pair("exp_avg_absmax", exp_avg_absmax),
-      std::make_pair("exp_avg_sq_codes", exp_avg_sq_codes), std::make_pair("exp_avg_sq_absmax", exp_avg_sq_absmax)};
-  for (const auto& [name, list] : lists) {
-    TORCH_CHECK(list.size() == params.size(), op, ": got ", params.size(), " params but ", list.size(), " ", name);
-  }
-  OptimizerTensors out = check_optimizer_call(op, params, grads,
-                                              {StateList{"", {}, false}, StateList{"", {}, false},
-                                               StateList{"", {}, false}},
-                                              state_steps, true, lr_tensor, grad_scale, found_inf,
-                                              zero_grad || grad_scale.has_value(), /*contiguous=*/true);
-  if (params.empty()) return out;
-  TORCH_CHECK_TYPE(out.dtype == at::kFloat || out.dtype == at::kBFloat16 || out.dtype == at::kHalf, op,
-                   ": params must be float32, bfloat16 or float16, got ", out.dtype);
-  for (auto& s : out.states) s.clear();  // the generic check filled them with undefined entries
-  for (size_t i = 0; i < params.size(); ++i) {
-    const int64_t numel = params[i].numel();
-    const int64_t blocks = (numel + math::kQuantBlock - 1) / math::kQuantBlock;
-    for (int k = 0; k < 4; ++k) {
-      const at::Tensor& s = lists[k].second[i];
-      const bool is_codes = k % 2 == 0;
-      const at::ScalarType want = is_codes ? at::kByte : at::kFloat;
-      const bool shape_ok = is_codes ? s.sizes() == params[i].sizes() : (s.dim() == 1 && s.size(0) == blocks);
-      TORCH_CHECK(s.device() == out.device && s.scalar_type() == want && shape_ok && s.is_contiguous(), op, ": ",
-                  lists[k].first, "[", i, "] must be a contiguous ", want, " tensor of shape ",
-                  is_codes ? params[i].sizes() : at::IntArrayRef{blocks}, " on ", out.device, ", got ",
-                  s.scalar_type(), " ", s.sizes(), s.is_contiguous() ? "" : " (not contiguous)", " on ", s.device());
-      out.states[k].push_back(s);
-    }
-  }
-  check_rounding_seeds(op, out, rounding_seeds, static_cast<int64_t>(params.size()));
-  return out;
+  return check_8bit_step("adam8bit_step_", params, grads,
+                         {{"exp_avg_codes", exp_avg_codes, "exp_avg_absmax", exp_avg_absmax, true},
+                          {"exp_avg_sq_codes", exp_avg_sq_codes, "exp_avg_sq_absmax", exp_avg_sq_absmax, true}},
+                         state_steps, true, zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds);
+}
+
+OptimizerTensors check_sgd8bit_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffer_codes,
+                                    at::TensorList momentum_buffer_absmax, at::TensorList state_steps,
+                                    double momentum, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
+                                    const std::optional<at::Tensor>& grad_scale,
+                                    const std::optional<at::Tensor>& found_inf,
+                                    const std::optional<at::TensorList>& rounding_seeds) {
+  TORCH_CHECK(momentum != 0.0, "sgd8bit_step_: momentum must be nonzero (without momentum SGD keeps no state: "
+              "step with sgd_step_), got ", momentum);
+  return check_8bit_step("sgd8bit_step_", params, grads,
+                         {{"momentum_buffer_codes", momentum_buffer_codes, "momentum_buffer_absmax",
+                           momentum_buffer_absmax, true}},
+                         state_steps, !state_steps.empty(), zero_grad, lr_tensor, grad_scale, found_inf,
+                         rounding_seeds);
+}
+
+OptimizerTensors check_rmsprop8bit_step(at::TensorList params, at::TensorList grads, at::TensorList square_avg_codes,
+                                        at::TensorList square_avg_absmax, at::TensorList grad_avg_codes,
+                                        at::TensorList grad_avg_absmax, at::TensorList momentum_buffer_codes,
+                                        at::TensorList momentum_buffer_absmax, at::TensorList state_steps,
+                                        bool centered, double momentum, bool zero_grad,
+                                        const std::optional<at::Tensor>& lr_tensor,
+                                        const std::optional<at::Tensor>& grad_scale,
+                                        const std::optional<at::Tensor>& found_inf,
+                                        const std::optional<at::TensorList>& rounding_seeds) {
+  return check_8bit_step(
+      "rmsprop8bit_step_", params, grads,
+      {{"square_avg_codes", square_avg_codes, "square_avg_absmax", square_avg_absmax, true},
+       {"grad_avg_codes", grad_avg_codes, "grad_avg_absmax", grad_avg_absmax, centered},
+       {"momentum_buffer_codes", momentum_buffer_codes, "momentum_buffer_absmax", momentum_buffer_absmax,
+        momentum > 0.0}},
+      state_steps, true, zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds);
 }
 
 void finish_optimizer_call(OptimizerTensors& t) {

@@ -16,7 +16,7 @@ namespace fused_train {
 // all share one device and one param dtype. States not used by the call are undefined tensors.
 struct OptimizerTensors {
   std::vector<at::Tensor> params, grads;
-  std::array<std::vector<at::Tensor>, 4> states;  // 8-bit Adam: codes, absmax, codes, absmax
+  std::array<std::vector<at::Tensor>, 6> states;  // 8-bit state: (codes, absmax) per moment
   std::vector<at::Tensor> steps;  // empty when the optimizer keeps no step (SGD without stochastic rounding)
   // Empty, or one int64 one-element tensor per param on their device (bf16 params only): the update is rounded
   // into the param stochastically, with the bits of csrc/include/fused_train/stochastic_round.h.
@@ -64,10 +64,12 @@ OptimizerTensors check_rmsprop_step(at::TensorList params, at::TensorList grads,
                                     at::TensorList state_steps, bool centered, double momentum, bool zero_grad,
                                     const std::optional<at::Tensor>& lr_tensor,
                                     const std::optional<at::Tensor>& grad_scale,
-                                    const std::optional<at::Tensor>& found_inf);
+                                    const std::optional<at::Tensor>& found_inf,
+                                    const std::optional<at::TensorList>& rounding_seeds);
 
-// 8-bit Adam: the moments as uint8 codes (contiguous, the param's shape) and one fp32 absmax per
-// math::kQuantBlock elements (contiguous, 1-D); params float32, bfloat16 or float16.
+// 8-bit state: each moment as uint8 codes (contiguous, the param's shape) and one fp32 absmax per
+// math::kQuantBlock elements (contiguous, 1-D); params float32, bfloat16 or float16. states holds the
+// (codes, absmax) lists of the moments the call uses, in the op's order.
 OptimizerTensors check_adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_codes,
                                      at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_codes,
                                      at::TensorList exp_avg_sq_absmax, at::TensorList state_steps, bool zero_grad,
@@ -75,6 +77,23 @@ OptimizerTensors check_adam8bit_step(at::TensorList params, at::TensorList grads
                                      const std::optional<at::Tensor>& grad_scale,
                                      const std::optional<at::Tensor>& found_inf,
                                      const std::optional<at::TensorList>& rounding_seeds);
+// SGD's momentum_buffer (momentum must be nonzero); state_steps only with rounding_seeds, as sgd_step_.
+OptimizerTensors check_sgd8bit_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffer_codes,
+                                    at::TensorList momentum_buffer_absmax, at::TensorList state_steps,
+                                    double momentum, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
+                                    const std::optional<at::Tensor>& grad_scale,
+                                    const std::optional<at::Tensor>& found_inf,
+                                    const std::optional<at::TensorList>& rounding_seeds);
+// RMSprop's square_avg, grad_avg (centered; else empty lists) and momentum_buffer (momentum > 0; else empty).
+OptimizerTensors check_rmsprop8bit_step(at::TensorList params, at::TensorList grads, at::TensorList square_avg_codes,
+                                        at::TensorList square_avg_absmax, at::TensorList grad_avg_codes,
+                                        at::TensorList grad_avg_absmax, at::TensorList momentum_buffer_codes,
+                                        at::TensorList momentum_buffer_absmax, at::TensorList state_steps,
+                                        bool centered, double momentum, bool zero_grad,
+                                        const std::optional<at::Tensor>& lr_tensor,
+                                        const std::optional<at::Tensor>& grad_scale,
+                                        const std::optional<at::Tensor>& found_inf,
+                                        const std::optional<at::TensorList>& rounding_seeds);
 
 // Copies the working copies back into the caller's tensors (only for non-dense entries).
 void finish_optimizer_call(OptimizerTensors& t);

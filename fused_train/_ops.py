@@ -133,13 +133,80 @@ def rmsprop_step_(
     lr_tensor: Tensor | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    rounding_seeds: list[Tensor] | None = None,
 ) -> None:
     """One RMSprop step; see :class:`fused_train.optim.RMSprop`. ``grad_avgs`` is empty unless
-    ``centered``, ``momentum_buffers`` empty unless ``momentum > 0``."""
+    ``centered``, ``momentum_buffers`` empty unless ``momentum > 0``. ``rounding_seeds``: as in :func:`sgd_step_`."""
     _ops.rmsprop_step_.default(
         params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr=lr, alpha=alpha, eps=eps,
         weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize,
         zero_grad=zero_grad, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+        rounding_seeds=rounding_seeds,
+    )
+
+
+def sgd8bit_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_codes: list[Tensor],
+    momentum_buffer_absmax: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    is_first_step: bool,
+    zero_grad: bool,
+    lr_tensor: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    state_steps: list[Tensor] | None = None,
+    rounding_seeds: list[Tensor] | None = None,
+) -> None:
+    """One SGD step with an 8-bit momentum buffer (``momentum`` nonzero); see :class:`fused_train.optim.SGD8bit` and,
+    for the arguments, :func:`sgd_step_` and :func:`adam8bit_step_`."""
+    _ops.sgd8bit_step_.default(
+        params, grads, momentum_buffer_codes, momentum_buffer_absmax, state_steps if state_steps is not None else [],
+        lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+        maximize=maximize, is_first_step=is_first_step, zero_grad=zero_grad, lr_tensor=lr_tensor,
+        grad_scale=grad_scale, found_inf=found_inf, rounding_seeds=rounding_seeds,
+    )
+
+
+def rmsprop8bit_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avg_codes: list[Tensor],
+    square_avg_absmax: list[Tensor],
+    grad_avg_codes: list[Tensor],
+    grad_avg_absmax: list[Tensor],
+    momentum_buffer_codes: list[Tensor],
+    momentum_buffer_absmax: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+    zero_grad: bool,
+    lr_tensor: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    rounding_seeds: list[Tensor] | None = None,
+) -> None:
+    """One RMSprop step on 8-bit state; see :class:`fused_train.optim.RMSprop8bit`. The ``grad_avg`` lists are empty
+    unless ``centered``, the ``momentum_buffer`` lists empty unless ``momentum > 0``; the rest as
+    :func:`rmsprop_step_` and :func:`adam8bit_step_`."""
+    _ops.rmsprop8bit_step_.default(
+        params, grads, square_avg_codes, square_avg_absmax, grad_avg_codes, grad_avg_absmax, momentum_buffer_codes,
+        momentum_buffer_absmax, state_steps, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+        momentum=momentum, centered=centered, maximize=maximize, zero_grad=zero_grad, lr_tensor=lr_tensor,
+        grad_scale=grad_scale, found_inf=found_inf, rounding_seeds=rounding_seeds,
     )
 
 
@@ -162,6 +229,17 @@ def _adam8bit_step_fake(params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq
 
 @torch.library.register_fake("fused_train::rmsprop_step_")
 def _rmsprop_step_fake(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, **kwargs) -> None:
+    return None
+
+
+@torch.library.register_fake("fused_train::sgd8bit_step_")
+def _sgd8bit_step_fake(params, grads, momentum_buffer_codes, momentum_buffer_absmax, state_steps, **kwargs) -> None:
+    return None
+
+
+@torch.library.register_fake("fused_train::rmsprop8bit_step_")
+def _rmsprop8bit_step_fake(params, grads, square_avg_codes, square_avg_absmax, grad_avg_codes, grad_avg_absmax,
+                           momentum_buffer_codes, momentum_buffer_absmax, state_steps, **kwargs) -> None:
     return None
 
 

@@ -25,9 +25,11 @@ OPTIMIZERS: dict[str, tuple[type, type, float]] = {
     "adam": (fused_optim.Adam, torch.optim.Adam, 1e-3),
     "adamw": (fused_optim.AdamW, torch.optim.AdamW, 1e-3),
     "rmsprop": (fused_optim.RMSprop, torch.optim.RMSprop, 1e-3),
-    # 8-bit state; --compare sets them beside torch's fp32 Adam/AdamW
+    # 8-bit state; --compare sets them beside torch's fp32 optimizer of the same update (SGD8bit is left out: the
+    # demo's SGD has no momentum, so it would keep no state to quantize)
     "adam8bit": (fused_optim.Adam8bit, torch.optim.Adam, 1e-3),
     "adamw8bit": (fused_optim.AdamW8bit, torch.optim.AdamW, 1e-3),
+    "rmsprop8bit": (fused_optim.RMSprop8bit, torch.optim.RMSprop, 1e-3),
 }
 
 #: the two implementations a demo run can train with, in the order they are reported

@@ -107,26 +107,44 @@ def dequantize_blockwise_reference(codes: Tensor, absmax: Tensor, *, signed: boo
 
 
 @torch.no_grad()
-def adam8bit_reference_step(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, decoupled_weight_decay: bool,
-                            **adam_kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
-    """One step of fused_train's 8-bit Adam/AdamW from ``state`` (its ``step``, codes and absmax): torch.optim's
-    Adam on an fp32 copy of the param with the dequantized moments, the param rounded once to its dtype, the new
-    moments quantized. Returns the new param and state; the inputs are left alone."""
+def blockwise8bit_reference_step(optimizer: str, param: Tensor, grad: Tensor, state: dict[str, Tensor],
+                                 **kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """One step of one of fused_train's 8-bit optimizers from ``state`` (codes and absmax of each moment, and a
+    ``step`` where it keeps one): torch.optim's ``optimizer`` ("Adam", "SGD", "RMSprop"; ``kwargs`` are its arguments)
+    on an fp32 copy of the param with the dequantized moments, the param rounded once to its dtype, the new moments
+    quantized. A moment absent from ``state`` is absent for torch too (SGD's first step then copies the gradient into
+    its buffer). Returns the new param and state; the inputs are left alone."""
+    from fused_train.optim import _quantization
+
     p32 = param.detach().float().clone().requires_grad_(True)
     p32.grad = grad.detach().float().clone()
-    optimizer = torch_optimizer("Adam")([p32], decoupled_weight_decay=decoupled_weight_decay, **adam_kwargs)
-    optimizer.state[p32] = {
-        "step": state["step"].detach().float().cpu().clone(),
-        "exp_avg": dequantize_blockwise_reference(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True),
-        "exp_avg_sq": dequantize_blockwise_reference(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"],
-                                                     signed=False),
-    }
-    optimizer.step()
-    new = optimizer.state[p32]
-    m_codes, m_absmax = quantize_blockwise_reference(new["exp_avg"], signed=True)
-    v_codes, v_absmax = quantize_blockwise_reference(new["exp_avg_sq"], signed=False)
-    return p32.detach().to(param.dtype), {"step": new["step"], "exp_avg_codes": m_codes, "exp_avg_absmax": m_absmax,
-                                          "exp_avg_sq_codes": v_codes, "exp_avg_sq_absmax": v_absmax}
+    opt = torch_optimizer(optimizer)([p32], **kwargs)
+    torch_state: dict[str, Tensor] = {}
+    if "step" in state:
+        torch_state["step"] = state["step"].detach().float().cpu().clone()
+    for name, signed in _quantization.MOMENT_IS_SIGNED.items():
+        if f"{name}_codes" in state:
+            torch_state[name] = dequantize_blockwise_reference(state[f"{name}_codes"], state[f"{name}_absmax"],
+                                                               signed=signed)
+        elif state.get(name) is not None:  # a param kept on full-precision state
+            torch_state[name] = state[name].detach().float().cpu().clone()
+    opt.state[p32] = torch_state
+    opt.step()
+    new: dict[str, Tensor] = {}
+    for name, value in opt.state[p32].items():
+        if name == "step" or f"{name}_codes" not in state and name in state:
+            new[name] = value
+        elif name in _quantization.MOMENT_IS_SIGNED:
+            new[f"{name}_codes"], new[f"{name}_absmax"] = quantize_blockwise_reference(
+                value, signed=_quantization.MOMENT_IS_SIGNED[name])
+    return p32.detach().to(param.dtype), new
+
+
+def adam8bit_reference_step(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, decoupled_weight_decay: bool,
+                            **adam_kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """blockwise8bit_reference_step of fused_train's 8-bit Adam (AdamW with ``decoupled_weight_decay``)."""
+    return blockwise8bit_reference_step("Adam", param, grad, state, decoupled_weight_decay=decoupled_weight_decay,
+                                        **adam_kwargs)
 
 
 # -- cross-entropy ---------------------------------------------------------------------------------------

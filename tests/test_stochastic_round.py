@@ -1,5 +1,5 @@
-"""bf16_stochastic_round=True (Adam, AdamW, SGD, Adam8bit, AdamW8bit): the kernels' bf16 params against an fp32 twin
-rounded with the reference bits (bit for bit), unbiasedness where round-to-nearest stalls, determinism across
+"""bf16_stochastic_round=True (Adam, AdamW, SGD, RMSprop and their 8-bit forms): the kernels' bf16 params against an
+fp32 twin rounded with the reference bits (bit for bit), unbiasedness where round-to-nearest stalls, determinism across
 threads, runs and torch.compile, checkpoints, GradScaler, other dtypes untouched, bad input."""
 
 import io
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fused_train
-from fused_train.optim import SGD, Adam, Adam8bit, AdamW, AdamW8bit
+from fused_train.optim import SGD, Adam, Adam8bit, AdamW, AdamW8bit, RMSprop, RMSprop8bit, SGD8bit
 from fused_train.reference import round_to_bf16_stochastic_reference, stochastic_rounding_bits_reference
 
 from conftest import cuda_only
@@ -28,6 +28,10 @@ OPTIMIZERS = {
     "SGD-plain": (SGD, dict(lr=0.01)),
     "Adam8bit": (Adam8bit, dict(lr=1e-3, min_8bit_size=1)),
     "AdamW8bit": (AdamW8bit, dict(lr=1e-3, min_8bit_size=4096)),  # small params keep fp32 state
+    "RMSprop": (RMSprop, dict(lr=1e-3, weight_decay=0.01)),
+    "RMSprop-centered-momentum": (RMSprop, dict(lr=1e-3, centered=True, momentum=0.9)),
+    "SGD8bit": (SGD8bit, dict(lr=0.01, momentum=0.9, dampening=0.1, min_8bit_size=1)),
+    "RMSprop8bit": (RMSprop8bit, dict(lr=1e-3, centered=True, momentum=0.9, min_8bit_size=1)),
 }
 
 
@@ -77,7 +81,7 @@ def test_scalar_kernels_round_with_the_same_bits():
     """The instruction set lowered to the scalar kernels (FUSED_TRAIN_CPU_CAPABILITY=default, read at load time, so in
     a process of its own): the same bits as the vector kernels."""
     code = ("import test_stochastic_round as T, fused_train\n"
-            "for name in ('AdamW', 'SGD', 'AdamW8bit'): T._run_against_twin(name, T.SIZES)\n"
+            "for name in ('AdamW', 'SGD', 'AdamW8bit', 'RMSprop', 'RMSprop8bit'): T._run_against_twin(name, T.SIZES)\n"
             "print(fused_train.build_info()['cpu_capability'])\n")
     env = dict(os.environ, FUSED_TRAIN_CPU_CAPABILITY="default")
     tests_dir = os.path.dirname(os.path.abspath(__file__))
@@ -210,9 +214,13 @@ def _train(model, opt, steps, seed=1):
         opt.zero_grad()
 
 
-@pytest.mark.parametrize("cls", [AdamW, SGD, AdamW8bit])
+@pytest.mark.parametrize("cls", [AdamW, SGD, AdamW8bit, RMSprop8bit, SGD8bit])
 def test_checkpoint_resumes_bit_for_bit(cls):
-    kwargs = dict(lr=1e-2, bf16_stochastic_round=True) | (dict(min_8bit_size=1) if cls is AdamW8bit else {})
+    kwargs = dict(lr=1e-2, bf16_stochastic_round=True)
+    if cls in (AdamW8bit, RMSprop8bit, SGD8bit):
+        kwargs["min_8bit_size"] = 1
+    if cls in (RMSprop8bit, SGD8bit):
+        kwargs["momentum"] = 0.9
     straight = _model(0)
     opt = cls(straight.parameters(), **kwargs)
     _train(straight, opt, 3, seed=1)
@@ -269,7 +277,8 @@ def test_grad_scaler_skip_and_scale():
         assert torch.equal(v, state[k]), k
 
 
-@pytest.mark.parametrize("cls,kwargs", [(AdamW, {}), (SGD, dict(momentum=0.9)), (AdamW8bit, dict(min_8bit_size=1))])
+@pytest.mark.parametrize("cls,kwargs", [(AdamW, {}), (SGD, dict(momentum=0.9)), (AdamW8bit, dict(min_8bit_size=1)),
+                                        (RMSprop, dict(momentum=0.5)), (SGD8bit, dict(momentum=0.9, min_8bit_size=1))])
 def test_compiled_step_matches_eager(cls, kwargs):
     eager_model, compiled_model = _model(0), _model(0)
     eager = cls(eager_model.parameters(), lr=1e-2, bf16_stochastic_round=True, **kwargs)
@@ -302,7 +311,7 @@ def test_gradient_zeroing_in_the_step():
 # -- bad input ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls", [Adam, AdamW, SGD, Adam8bit, AdamW8bit])
+@pytest.mark.parametrize("cls", [Adam, AdamW, SGD, Adam8bit, AdamW8bit, RMSprop, RMSprop8bit, SGD8bit])
 def test_option_must_be_a_bool(cls):
     with pytest.raises(ValueError, match="bf16_stochastic_round must be True or False"):
         cls([torch.zeros(2, requires_grad=True)], lr=0.1, bf16_stochastic_round="yes")
@@ -353,7 +362,8 @@ def test_bad_seed_in_state_raises_before_any_group_steps():
 
 
 @cuda_only
-@pytest.mark.parametrize("name", ["AdamW", "SGD", "AdamW8bit", "Adam8bit"])
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "AdamW8bit", "Adam8bit", "RMSprop", "RMSprop-centered-momentum",
+                                  "SGD8bit", "RMSprop8bit"])
 def test_cuda_rounds_with_the_reference_bits(name):
     # 70_001 elements: two CUDA chunks (65536), with an odd tail
     _run_against_twin(name, [1, 513, 70_001], device="cuda")

@@ -12,14 +12,15 @@ namespace cpu {
 
 enum class ScalarKind : int32_t { Float = 0, Double = 1, BFloat16 = 2, Half = 3 };
 
-// One parameter, its gradient and up to four state buffers, plus the per-tensor scalars the update needs.
-// Full-precision state is in opmath (float, or double for fp64) with the param's dense layout; 8-bit Adam
-// keeps (exp_avg codes, exp_avg absmax, exp_avg_sq codes, exp_avg_sq absmax): uint8 codes as the contiguous
-// param, one float per math::kQuantBlock elements.
+// One parameter, its gradient and up to six state buffers, plus the per-tensor scalars the update needs.
+// Full-precision state is in opmath (float, or double for fp64) with the param's dense layout; 8-bit state
+// keeps (codes, absmax) per moment, in the op's order (Adam: exp_avg, exp_avg_sq; SGD: momentum_buffer;
+// RMSprop: square_avg[, grad_avg][, momentum_buffer]): uint8 codes as the contiguous param, one float per
+// math::kQuantBlock elements.
 struct ParamSlot {
   void* param;
   void* grad;
-  void* state[4];
+  void* state[6];
   int64_t numel;
   double neg_step_size;  // Adam: -lr / (1 - β1^t)
   double bc2_sqrt;       // Adam: sqrt(1 - β2^t)
@@ -33,7 +34,10 @@ struct ChunkRange {
   int64_t end;
 };
 
-enum class OptimizerKind : int32_t { Sgd = 0, Adam = 1, Rmsprop = 2, Adam8bit = 3 };
+enum class OptimizerKind : int32_t { Sgd = 0, Adam = 1, Rmsprop = 2, Adam8bit = 3, Sgd8bit = 4, Rmsprop8bit = 5 };
+inline bool is_8bit(OptimizerKind k) {
+  return k == OptimizerKind::Adam8bit || k == OptimizerKind::Sgd8bit || k == OptimizerKind::Rmsprop8bit;
+}
 
 // Everything a kernel needs for one multi-tensor step. Hyperparameters are in double; the kernels
 // convert them to opmath once.
@@ -50,8 +54,8 @@ struct OptimizerLaunch {
   bool has_grad_scale;   // divide gradients by grad_scale (written back unscaled unless zero_grad)
   double grad_scale;
   bool stochastic_round;  // bf16 params: round each update with its slot's rounding_stream
-  const math::DynamicCode* signed_code;    // Adam8bit: exp_avg's code
-  const math::DynamicCode* unsigned_code;  // Adam8bit: exp_avg_sq's code
+  const math::DynamicCode* signed_code;    // 8-bit state: the code of moments that can be negative
+  const math::DynamicCode* unsigned_code;  // 8-bit state: the code of squares (exp_avg_sq, square_avg)
 };
 
 // Runs chunks [chunk_begin, chunk_end) of a launch.

@@ -60,7 +60,11 @@ struct HyperPair {
   H<Vectorized<O>> vector;
   template <class A>
   const H<typename A::V>& get() const {
-    if constexpr (std::is_same_v<typename A::V, O>) {
+    return of<typename A::V>();
+  }
+  template <class V>  // V: O or Vectorized<O>
+  const H<V>& of() const {
+    if constexpr (std::is_same_v<V, O>) {
       return scalar;
     } else {
       return vector;
@@ -153,6 +157,7 @@ inline Vectorized<float> round_to_bf16_stochastic(const Vectorized<float>& x, co
                                            _mm256_set1_epi32(static_cast<int32_t>(0xffff0000u)));
   return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 #else
+  (void)key, (void)index_low;  // (the hash is r.apply's, lane by lane)
   float lanes[Vectorized<float>::size()];
   x.store(lanes);
   for (int k = 0; k < Vectorized<float>::size(); ++k) lanes[k] = r.apply(lanes[k], i + k);
@@ -319,57 +324,60 @@ inline void quantize_tile(const float* x, float inverse, int64_t n, const math::
   for (; i < n; ++i) out[i] = math::quantize_value(x[i] * inverse, c);
 }
 
-// 8-bit Adam, one quantization block at a time: each block's codes are dequantized with its absmax as they are
-// read, updated in fp32 (the param from the updated fp32 moments, as bitsandbytes does), and the new moments
-// wait in a stack buffer until the block's new absmax is known and they are quantized. A loop of its own rather
-// than run_chunk's tiles: the running absmax and the constants stay in registers.
-struct Adam8bitConstants {
-  HyperPair<float, math::AdamHyper> h;
-  const math::DynamicCode* m_code;  // signed
-  const math::DynamicCode* v_code;  // unsigned
-};
-
-template <class T>
-void run_adam8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, int64_t end,
-                        const Adam8bitConstants& c) {
+// 8-bit state (Adam's two moments, SGD's momentum, RMSprop's square average, gradient average and momentum), one
+// quantization block at a time: each block's codes are dequantized with its absmax as they are read, updated in
+// fp32 (the param from the updated fp32 moments, as bitsandbytes does), and the new moments wait in a stack buffer
+// until the block's new absmax is known and they are quantized. A loop of its own rather than run_chunk's tiles:
+// the running absmax and the constants stay in registers.
+//
+// Op (Adam8bitOp, Sgd8bitOp, Rmsprop8bitOp below) is the optimizer's update on its K quantized moments:
+//   static constexpr int kMoments;                    // K, 1 to 3
+//   static constexpr bool is_signed(int k);           // moment k's code: signed, or unsigned (squares)
+//   template <class V> void update(V& param, const V& grad, V (&moment)[kMoments]) const;  // V: float or FV
+// and the slot holds (codes, absmax) of moment k at state[2k], state[2k + 1].
+template <class T, class Op>
+void run_8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, int64_t end, const Op& op) {
   using FV = Vectorized<float>;
+  constexpr int K = Op::kMoments;
   T* param = static_cast<T*>(slot.param);
   T* grad = static_cast<T*>(slot.grad);
-  uint8_t* m_codes = static_cast<uint8_t*>(slot.state[0]);
-  float* m_absmax = static_cast<float*>(slot.state[1]);
-  uint8_t* v_codes = static_cast<uint8_t*>(slot.state[2]);
-  float* v_absmax = static_cast<float*>(slot.state[3]);
+  uint8_t* codes[K];
+  float* absmax[K];
+  const math::DynamicCode* code[K];
+  for (int k = 0; k < K; ++k) {
+    codes[k] = static_cast<uint8_t*>(slot.state[2 * k]);
+    absmax[k] = static_cast<float*>(slot.state[2 * k + 1]);
+    code[k] = Op::is_signed(k) ? l.signed_code : l.unsigned_code;
+  }
   const bool unscale = l.has_grad_scale;
   const bool write_back_grad = l.has_grad_scale && !l.zero_grad;
   const float grad_scale = static_cast<float>(l.grad_scale);
-  const float neg_step_size = static_cast<float>(slot.neg_step_size), bc2_sqrt = static_cast<float>(slot.bc2_sqrt);
-  const FV vgrad_scale(grad_scale), vneg_step_size(neg_step_size), vbc2_sqrt(bc2_sqrt);
-  const math::AdamHyper<FV>& hv = c.h.vector;
-  const math::AdamHyper<float>& hs = c.h.scalar;
-  alignas(64) float m_new[math::kQuantBlock];
-  alignas(64) float v_new[math::kQuantBlock];
+  const FV vgrad_scale(grad_scale);
+  alignas(64) float fresh[K][math::kQuantBlock];
 
   for (int64_t b0 = begin; b0 < end; b0 += math::kQuantBlock) {
     const int64_t n = std::min(math::kQuantBlock, end - b0);
     const int64_t block = b0 / math::kQuantBlock;
     T* p = param + b0;
     T* g = grad + b0;
-    const uint8_t* mc = m_codes + b0;
-    const uint8_t* vc = v_codes + b0;
-    const float m_scale = m_absmax[block], v_scale = v_absmax[block];
-    const FV vm_scale(m_scale), vv_scale(v_scale);
+    float scale[K];
+    FV vscale[K], vmax[K];
+    for (int k = 0; k < K; ++k) {
+      scale[k] = absmax[k][block];
+      vscale[k] = FV(scale[k]);
+      vmax[k] = FV(0.0f);
+    }
     const math::RunRounding rounding = run_rounding<T>(l, slot, b0);
-    FV m_max_vec(0.0f), v_max_vec(0.0f);
 
     // One vector of params at element i: dequantize, update, keep the new moments and their running absmax.
     auto update = [&](FV& pv, const FV& gv, int64_t i) {
-      FV m = at::vec::gather<4>(c.m_code->value, load_codes(mc + i)) * vm_scale;
-      FV v = at::vec::gather<4>(c.v_code->value, load_codes(vc + i)) * vv_scale;
-      math::adam_update<FV>(pv, gv, m, v, nullptr, vneg_step_size, vbc2_sqrt, hv);
-      m.store(m_new + i);
-      v.store(v_new + i);
-      m_max_vec = at::vec::maximum(m_max_vec, m.abs());
-      v_max_vec = at::vec::maximum(v_max_vec, v);
+      FV m[K];
+      for (int k = 0; k < K; ++k) m[k] = at::vec::gather<4>(code[k]->value, load_codes(codes[k] + b0 + i)) * vscale[k];
+      op.update(pv, gv, m);
+      for (int k = 0; k < K; ++k) {
+        m[k].store(fresh[k] + i);
+        vmax[k] = at::vec::maximum(vmax[k], Op::is_signed(k) ? m[k].abs() : m[k]);
+      }
     };
     int64_t i = 0;
     if constexpr (!std::is_same_v<T, float>) {
@@ -399,33 +407,135 @@ void run_adam8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t
         if (write_back_grad) gv.store(g + i);
       }
     }
-    float m_max = 0.0f, v_max = 0.0f;
+    float max[K];
+    for (int k = 0; k < K; ++k) max[k] = 0.0f;
     for (; i < n; ++i) {
       float pv = static_cast<float>(p[i]), gv = static_cast<float>(g[i]);
       if (unscale) gv = gv / grad_scale;
-      float m = c.m_code->value[mc[i]] * m_scale;
-      float v = c.v_code->value[vc[i]] * v_scale;
-      math::adam_update<float>(pv, gv, m, v, nullptr, neg_step_size, bc2_sqrt, hs);
-      m_new[i] = m;
-      v_new[i] = v;
-      m_max = math::max_(m_max, std::fabs(m));
-      v_max = math::max_(v_max, v);
+      float m[K];
+      for (int k = 0; k < K; ++k) m[k] = code[k]->value[codes[k][b0 + i]] * scale[k];
+      op.update(pv, gv, m);
+      for (int k = 0; k < K; ++k) {
+        fresh[k][i] = m[k];
+        max[k] = math::max_(max[k], Op::is_signed(k) ? std::fabs(m[k]) : m[k]);
+      }
       // to nearest even for bf16/fp16, as torch does (exact when rounding stochastically, which already rounded)
       p[i] = static_cast<T>(rounding.apply(pv, i));
       if (write_back_grad) g[i] = static_cast<T>(gv);
     }
-    float lanes[2][FV::size()];
-    m_max_vec.store(lanes[0]);
-    v_max_vec.store(lanes[1]);
-    for (int k = 0; k < FV::size(); ++k) {
-      m_max = math::max_(m_max, lanes[0][k]);  // NaN-propagating: a NaN moment makes the block's absmax NaN
-      v_max = math::max_(v_max, lanes[1][k]);
+    for (int k = 0; k < K; ++k) {
+      float lanes[FV::size()];
+      vmax[k].store(lanes);
+      for (int j = 0; j < FV::size(); ++j) max[k] = math::max_(max[k], lanes[j]);  // NaN-propagating
+      absmax[k][block] = max[k];
+      quantize_tile(fresh[k], math::inverse_absmax(max[k]), n, *code[k], codes[k] + b0);
     }
-    m_absmax[block] = m_max;
-    v_absmax[block] = v_max;
-    quantize_tile(m_new, math::inverse_absmax(m_max), n, *c.m_code, m_codes + b0);
-    quantize_tile(v_new, math::inverse_absmax(v_max), n, *c.v_code, v_codes + b0);
     if (l.zero_grad) std::memset(static_cast<void*>(g), 0, n * sizeof(T));
+  }
+}
+
+// A scalar in both widths, picked by the math type as HyperPair::of picks hyperparameters.
+struct FloatPair {
+  float scalar;
+  Vectorized<float> vector;
+  explicit FloatPair(float x = 0.0f) : scalar(x), vector(x) {}
+  template <class V>
+  const V& of() const {
+    if constexpr (std::is_same_v<V, float>) {
+      return scalar;
+    } else {
+      return vector;
+    }
+  }
+};
+
+// 8-bit Adam / AdamW: (exp_avg signed, exp_avg_sq unsigned); the bias corrections per slot.
+struct Adam8bitOp {
+  static constexpr int kMoments = 2;
+  static constexpr bool is_signed(int k) { return k == 0; }
+  HyperPair<float, math::AdamHyper> h;
+  FloatPair neg_step_size, bc2_sqrt;
+  template <class V>
+  void update(V& param, const V& grad, V (&moment)[2]) const {
+    math::adam_update<V>(param, grad, moment[0], moment[1], nullptr, neg_step_size.of<V>(), bc2_sqrt.of<V>(),
+                         h.of<V>());
+  }
+};
+
+// 8-bit SGD: the momentum buffer (signed); with is_first_step it becomes the gradient, as torch's clone.
+struct Sgd8bitOp {
+  static constexpr int kMoments = 1;
+  static constexpr bool is_signed(int) { return true; }
+  HyperPair<float, math::SgdHyper> h;
+  template <class V>
+  void update(V& param, const V& grad, V (&moment)[1]) const {
+    math::sgd_update<V>(param, grad, &moment[0], h.of<V>());
+  }
+};
+
+// 8-bit RMSprop: square_avg (unsigned), then grad_avg (signed) when centered, then momentum_buffer (signed) with
+// momentum; one instantiation per combination, so the moments a call lacks cost nothing.
+template <bool kCentered, bool kMomentum>
+struct Rmsprop8bitOp {
+  static constexpr int kMoments = 1 + int{kCentered} + int{kMomentum};
+  static constexpr bool is_signed(int k) { return k > 0; }
+  HyperPair<float, math::RmspropHyper> h;
+  template <class V>
+  void update(V& param, const V& grad, V (&moment)[kMoments]) const {
+    V unused(0.0f);
+    V* grad_avg = &unused;
+    V* momentum_buf = &unused;
+    if constexpr (kCentered) grad_avg = &moment[1];
+    if constexpr (kMomentum) momentum_buf = &moment[kMoments - 1];
+    math::rmsprop_update<V>(param, grad, moment[0], grad_avg, momentum_buf, h.of<V>());
+  }
+};
+
+// The 8-bit ops over fp32, bf16 or fp16 params (fp32 math). Chunks start on block boundaries.
+template <class T, class Op>
+void run_8bit_chunks(const OptimizerLaunch& l, int64_t chunk_begin, int64_t chunk_end, Op& op) {
+  for (int64_t k = chunk_begin; k < chunk_end; ++k) {
+    const ChunkRange& chunk = l.chunks[k];
+    const ParamSlot& slot = l.slots[chunk.slot];
+    if constexpr (std::is_same_v<Op, Adam8bitOp>) {
+      op.neg_step_size = FloatPair(static_cast<float>(slot.neg_step_size));
+      op.bc2_sqrt = FloatPair(static_cast<float>(slot.bc2_sqrt));
+    }
+    run_8bit_chunk<T>(l, slot, chunk.begin, chunk.end, op);
+  }
+}
+
+template <class T>
+void optimizer_8bit_chunks_typed(const OptimizerLaunch& l, int64_t chunk_begin, int64_t chunk_end) {
+  using FV = Vectorized<float>;
+  switch (l.kind) {
+    case OptimizerKind::Adam8bit: {
+      Adam8bitOp op;
+      op.h.scalar = math::make_adam_hyper<float>(l.lr, l.beta1, l.beta2, l.weight_decay, l.eps, false, l.maximize,
+                                                 l.decoupled_weight_decay);
+      op.h.vector = op.h.scalar.template as<FV>();
+      return run_8bit_chunks<T>(l, chunk_begin, chunk_end, op);
+    }
+    case OptimizerKind::Sgd8bit: {
+      Sgd8bitOp op;
+      op.h.scalar = math::make_sgd_hyper<float>(l.lr, l.momentum, l.dampening, l.weight_decay, l.nesterov,
+                                                l.maximize, l.first_step);
+      op.h.vector = op.h.scalar.template as<FV>();
+      return run_8bit_chunks<T>(l, chunk_begin, chunk_end, op);
+    }
+    default: {  // Rmsprop8bit (alpha in the beta2 slot, as for Rmsprop)
+      const auto hyper = math::make_rmsprop_hyper<float>(l.lr, l.beta2, l.eps, l.weight_decay, l.momentum,
+                                                         l.centered, l.maximize);
+      auto run_with = [&](auto op) {
+        op.h.scalar = hyper;
+        op.h.vector = hyper.template as<FV>();
+        run_8bit_chunks<T>(l, chunk_begin, chunk_end, op);
+      };
+      if (hyper.centered) {
+        return hyper.has_momentum ? run_with(Rmsprop8bitOp<true, true>{}) : run_with(Rmsprop8bitOp<true, false>{});
+      }
+      return hyper.has_momentum ? run_with(Rmsprop8bitOp<false, true>{}) : run_with(Rmsprop8bitOp<false, false>{});
+    }
   }
 }
 
@@ -453,8 +563,8 @@ void optimizer_chunks_typed(const OptimizerLaunch& l, int64_t chunk_begin, int64
                                                  l.maximize);
       rms.h.vector = rms.h.scalar.template as<VO>();
       break;
-    case OptimizerKind::Adam8bit:
-      break;  // adam8bit_chunks_typed
+    default:
+      break;  // the 8-bit kinds: optimizer_8bit_chunks_typed
   }
   for (int64_t c = chunk_begin; c < chunk_end; ++c) {
     const ChunkRange& chunk = l.chunks[c];
@@ -474,36 +584,21 @@ void optimizer_chunks_typed(const OptimizerLaunch& l, int64_t chunk_begin, int64
         rms.set(slot);
         run_chunk<T, O>(l, slot, chunk.begin, chunk.end, rms);
         break;
-      case OptimizerKind::Adam8bit:
+      default:
         break;
     }
   }
 }
 
-// 8-bit Adam over fp32, bf16 or fp16 params (fp32 math). Chunks start on block boundaries.
-template <class T>
-void adam8bit_chunks_typed(const OptimizerLaunch& l, int64_t chunk_begin, int64_t chunk_end) {
-  Adam8bitConstants c;
-  c.h.scalar = math::make_adam_hyper<float>(l.lr, l.beta1, l.beta2, l.weight_decay, l.eps, false, l.maximize,
-                                            l.decoupled_weight_decay);
-  c.h.vector = c.h.scalar.template as<Vectorized<float>>();
-  c.m_code = l.signed_code;
-  c.v_code = l.unsigned_code;
-  for (int64_t k = chunk_begin; k < chunk_end; ++k) {
-    const ChunkRange& chunk = l.chunks[k];
-    run_adam8bit_chunk<T>(l, l.slots[chunk.slot], chunk.begin, chunk.end, c);
-  }
-}
-
 inline void optimizer_chunks(const OptimizerLaunch& l, int64_t chunk_begin, int64_t chunk_end) {
-  if (l.kind == OptimizerKind::Adam8bit) {
+  if (is_8bit(l.kind)) {
     switch (l.dtype) {
       case ScalarKind::BFloat16:
-        return adam8bit_chunks_typed<c10::BFloat16>(l, chunk_begin, chunk_end);
+        return optimizer_8bit_chunks_typed<c10::BFloat16>(l, chunk_begin, chunk_end);
       case ScalarKind::Half:
-        return adam8bit_chunks_typed<c10::Half>(l, chunk_begin, chunk_end);
-      default:  // float (the op keeps float64 params on full-precision state)
-        return adam8bit_chunks_typed<float>(l, chunk_begin, chunk_end);
+        return optimizer_8bit_chunks_typed<c10::Half>(l, chunk_begin, chunk_end);
+      default:  // float (the 8-bit ops refuse float64 params, which keep full-precision state)
+        return optimizer_8bit_chunks_typed<float>(l, chunk_begin, chunk_end);
     }
   }
   switch (l.dtype) {

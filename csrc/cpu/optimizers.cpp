@@ -45,7 +45,7 @@ void run(OptimizerLaunch launch, OptimizerTensors& t, PerSlot per_slot) {
     ParamSlot& s = slots[i];
     s.param = t.params[i].data_ptr();
     s.grad = t.grads[i].data_ptr();
-    for (int k = 0; k < 4; ++k) {
+    for (int k = 0; k < 6; ++k) {
       const auto& list = t.states[k];
       s.state[k] = i < static_cast<int64_t>(list.size()) && list[i].defined() ? list[i].data_ptr() : nullptr;
     }
@@ -121,6 +121,20 @@ void run_adam(OptimizerLaunch l, OptimizerTensors& t) {
   });
 }
 
+// RMSprop's run: each param's step advances (the rounding's counter, when there are seeds).
+void run_rmsprop(OptimizerLaunch l, OptimizerTensors& t) {
+  set_rounding(l, t);
+  run(l, t, [&](int64_t i, ParamSlot& s) { set_rounding_stream(t, i, advance_step(t.steps[i]), s); });
+}
+
+// SGD's run: its steps exist for stochastic rounding, as its counter.
+void run_sgd(OptimizerLaunch l, OptimizerTensors& t) {
+  set_rounding(l, t);
+  run(l, t, [&](int64_t i, ParamSlot& s) {
+    if (!t.steps.empty()) set_rounding_stream(t, i, advance_step(t.steps[i]), s);
+  });
+}
+
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                   at::TensorList state_steps, double lr,
                   double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
@@ -138,11 +152,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   l.nesterov = nesterov;
   l.maximize = maximize;
   l.first_step = is_first_step;
-  set_rounding(l, t);
-  // SGD's steps exist for stochastic rounding, as its counter.
-  run(l, t, [&](int64_t i, ParamSlot& s) {
-    if (!t.steps.empty()) set_rounding_stream(t, i, advance_step(t.steps[i]), s);
-  });
+  run_sgd(l, t);
 }
 
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -170,9 +180,11 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList state_steps,
                       double lr, double alpha, double eps, double weight_decay, double momentum, bool centered,
                       bool maximize, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
-                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::TensorList>& rounding_seeds) {
   OptimizerTensors t = check_rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps,
-                                          centered, momentum, zero_grad, lr_tensor, grad_scale, found_inf);
+                                          centered, momentum, zero_grad, lr_tensor, grad_scale, found_inf,
+                                          rounding_seeds);
   OptimizerLaunch l{};
   if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
   l.kind = OptimizerKind::Rmsprop;
@@ -182,7 +194,7 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   l.momentum = momentum;
   l.centered = centered;
   l.maximize = maximize;
-  run(l, t, [&](int64_t i, ParamSlot&) { advance_step(t.steps[i]); });
+  run_rmsprop(l, t);
 }
 
 void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_codes,
@@ -209,6 +221,54 @@ void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
   run_adam(l, t);
 }
 
+void sgd8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffer_codes,
+                      at::TensorList momentum_buffer_absmax, at::TensorList state_steps, double lr, double momentum,
+                      double dampening, double weight_decay, bool nesterov, bool maximize, bool is_first_step,
+                      bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::TensorList>& rounding_seeds) {
+  OptimizerTensors t = check_sgd8bit_step(params, grads, momentum_buffer_codes, momentum_buffer_absmax, state_steps,
+                                          momentum, zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds);
+  OptimizerLaunch l{};
+  if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
+  l.kind = OptimizerKind::Sgd8bit;
+  l.momentum = momentum;
+  l.dampening = dampening;
+  l.weight_decay = weight_decay;
+  l.nesterov = nesterov;
+  l.maximize = maximize;
+  l.first_step = is_first_step;
+  l.signed_code = &math::kSignedCode;
+  l.unsigned_code = &math::kUnsignedCode;
+  run_sgd(l, t);
+}
+
+void rmsprop8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avg_codes,
+                          at::TensorList square_avg_absmax, at::TensorList grad_avg_codes,
+                          at::TensorList grad_avg_absmax, at::TensorList momentum_buffer_codes,
+                          at::TensorList momentum_buffer_absmax, at::TensorList state_steps, double lr, double alpha,
+                          double eps, double weight_decay, double momentum, bool centered, bool maximize,
+                          bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
+                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                          const std::optional<at::TensorList>& rounding_seeds) {
+  OptimizerTensors t = check_rmsprop8bit_step(params, grads, square_avg_codes, square_avg_absmax, grad_avg_codes,
+                                              grad_avg_absmax, momentum_buffer_codes, momentum_buffer_absmax,
+                                              state_steps, centered, momentum, zero_grad, lr_tensor, grad_scale,
+                                              found_inf, rounding_seeds);
+  OptimizerLaunch l{};
+  if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
+  l.kind = OptimizerKind::Rmsprop8bit;
+  l.beta2 = alpha;
+  l.eps = eps;
+  l.weight_decay = weight_decay;
+  l.momentum = momentum;
+  l.centered = centered;
+  l.maximize = maximize;
+  l.signed_code = &math::kSignedCode;
+  l.unsigned_code = &math::kUnsignedCode;
+  run_rmsprop(l, t);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fused_train
@@ -218,4 +278,6 @@ TORCH_LIBRARY_IMPL(fused_train, CPU, m) {
   m.impl("sgd_step_", &fused_train::cpu::sgd_step_cpu);
   m.impl("adam_step_", &fused_train::cpu::adam_step_cpu);
   m.impl("rmsprop_step_", &fused_train::cpu::rmsprop_step_cpu);
+  m.impl("sgd8bit_step_", &fused_train::cpu::sgd8bit_step_cpu);
+  m.impl("rmsprop8bit_step_", &fused_train::cpu::rmsprop8bit_step_cpu);
 }

@@ -1,5 +1,6 @@
-// The multi-tensor functors of the fused optimizers (SgdFunctor, AdamFunctor, RmspropFunctor): how one
-// block walks its chunk. The per-element math is optim_math.h's, the same code the CPU kernels run.
+// The multi-tensor functors of the fused optimizers (SgdFunctor, AdamFunctor, RmspropFunctor, and
+// Blockwise8bitFunctor for 8-bit state): how one block walks its chunk. The per-element math is
+// optim_math.h's, the same code the CPU kernels run.
 //
 // Every chunk is walked with 16-byte loads and stores (4 fp32, 8 bf16/fp16, 2 fp64 elements per access;
 // the fp32 state of a bf16/fp16 param takes two) and a scalar tail, when all of the chunk's addresses are
@@ -326,7 +327,8 @@ struct AdamFunctor {
 };
 
 // ---------------------------------------------------------------------------------------------------
-// RMSprop: lists param, grad, square_avg[, grad_avg if centered][, momentum_buffer if momentum > 0].
+// RMSprop: lists param, grad, square_avg[, grad_avg if centered][, momentum_buffer if momentum > 0][, rounding
+// seed].
 template <class O>
 struct RmspropElementOp {
   math::RmspropHyper<O> h;
@@ -342,6 +344,7 @@ struct RmspropFunctor {
   using BlockScalars = LrBlockScalars<O>;
   math::RmspropHyper<O> hyper;  // lr filled in per block
   CommonScalars common;
+  int seed_list;  // -1: round to nearest
 
   FT_HOST_DEVICE BlockScalars block_scalars(float step_after) const {
     return read_lr_block_scalars<O>(common, step_after);
@@ -353,7 +356,8 @@ struct RmspropFunctor {
     const int grad_avg_list = hyper.centered ? 3 : -1;
     const int momentum_list = hyper.has_momentum ? (hyper.centered ? 4 : 3) : -1;
     const int state_lists[3] = {2, grad_avg_list, momentum_list};
-    const ChunkPointers<T> c = chunk_pointers<T>(m, loc, state_lists);
+    ChunkPointers<T> c = chunk_pointers<T>(m, loc, state_lists);
+    c.rounding = chunk_rounding<T>(m, loc, seed_list, s.step_after);
     RmspropElementOp<O> op{hyper};
     op.h.lr = s.lr;
     step_chunk(c, op, common.grads, s.skip, s.grad_scale, thread, n_threads);
@@ -361,11 +365,11 @@ struct RmspropFunctor {
 };
 
 // ---------------------------------------------------------------------------------------------------
-// 8-bit Adam / AdamW: lists param, grad, exp_avg codes, exp_avg_sq codes (uint8, the param's numel), exp_avg
-// absmax, exp_avg_sq absmax (one fp32 per math::kQuantBlock elements; chunks start on quantization blocks, as
-// kChunkSize is a multiple of it)[, rounding seed]. On the device each warp takes one quantization block at a
-// time, each lane elements lane, lane + 32, ... (every load and store of the warp contiguous): dequantize, update
-// in fp32, the block's new absmax by a warp reduction, quantize. The host path runs the same math block by block.
+// 8-bit state (Blockwise8bitFunctor): lists param, grad, the K moments' codes (uint8, the param's numel), their
+// absmax (one fp32 per math::kQuantBlock elements; chunks start on quantization blocks, as kChunkSize is a multiple
+// of it)[, rounding seed]. On the device each warp takes one quantization block at a time, each lane elements lane,
+// lane + 32, ... (every load and store of the warp contiguous): dequantize, update in fp32, each moment's new absmax
+// by a warp reduction, quantize. The host path runs the same math block by block.
 static_assert(kChunkSize % math::kQuantBlock == 0, "chunks must start on quantization blocks");
 
 #if defined(__CUDACC__)
@@ -374,33 +378,104 @@ static_assert(kChunkSize % math::kQuantBlock == 0, "chunks must start on quantiz
 __device__ const math::DynamicCode kDeviceCodes[2] = {math::kSignedCode, math::kUnsignedCode};
 #endif
 
-template <class T, int Depth>
-struct Adam8bitFunctor {
-  static constexpr bool kAdvancesSteps = true;
+// The ops of the 8-bit functor, as the CPU's (cpu/optimizer_kernels.h):
+//   static constexpr int kMoments;  static constexpr bool is_signed(int k);  using BlockScalars;
+//   BlockScalars block_scalars(const CommonScalars&, float step_after) const;
+//   Op for_block(const BlockScalars&) const;         // the op with the block's lr-dependent scalars filled in
+//   void update(float& param, float grad, float (&moment)[kMoments]) const;
+// Adam / AdamW: exp_avg (signed), exp_avg_sq (unsigned).
+struct Adam8bitElementOp {
+  static constexpr int kMoments = 2;
+  FT_HOST_DEVICE static constexpr bool is_signed(int k) { return k == 0; }
   using BlockScalars = AdamBlockScalars<float>;
-  math::AdamHyper<float> hyper;  // decay_factor (1 - lr·wd) filled in per block
+  math::AdamHyper<float> h;  // decay_factor (1 - lr·wd) filled in per block
   double beta1, beta2, weight_decay;
+  float neg_step_size, bc2_sqrt;  // per block
+  FT_HOST_DEVICE BlockScalars block_scalars(const CommonScalars& common, float step_after) const {
+    return read_adam_block_scalars<float>(common, beta1, beta2, weight_decay, step_after);
+  }
+  FT_HOST_DEVICE Adam8bitElementOp for_block(const BlockScalars& s) const {
+    Adam8bitElementOp op = *this;
+    op.h.decay_factor = s.decay_factor;
+    op.neg_step_size = s.neg_step_size;
+    op.bc2_sqrt = s.bc2_sqrt;
+    return op;
+  }
+  FT_HOST_DEVICE FT_INLINE void update(float& param, float grad, float (&moment)[2]) const {
+    math::adam_update<float>(param, grad, moment[0], moment[1], nullptr, neg_step_size, bc2_sqrt, h);
+  }
+};
+
+// SGD: momentum_buffer (signed); with is_first_step it becomes the gradient.
+struct Sgd8bitElementOp {
+  static constexpr int kMoments = 1;
+  FT_HOST_DEVICE static constexpr bool is_signed(int) { return true; }
+  using BlockScalars = LrBlockScalars<float>;
+  math::SgdHyper<float> h;  // lr filled in per block
+  FT_HOST_DEVICE BlockScalars block_scalars(const CommonScalars& common, float step_after) const {
+    return read_lr_block_scalars<float>(common, step_after);
+  }
+  FT_HOST_DEVICE Sgd8bitElementOp for_block(const BlockScalars& s) const {
+    Sgd8bitElementOp op = *this;
+    op.h.lr = s.lr;
+    return op;
+  }
+  FT_HOST_DEVICE FT_INLINE void update(float& param, float grad, float (&moment)[1]) const {
+    math::sgd_update<float>(param, grad, &moment[0], h);
+  }
+};
+
+// RMSprop: square_avg (unsigned), then grad_avg (signed) when centered, then momentum_buffer (signed) with momentum.
+template <bool kCentered, bool kMomentum>
+struct Rmsprop8bitElementOp {
+  static constexpr int kMoments = 1 + int{kCentered} + int{kMomentum};
+  FT_HOST_DEVICE static constexpr bool is_signed(int k) { return k > 0; }
+  using BlockScalars = LrBlockScalars<float>;
+  math::RmspropHyper<float> h;  // lr filled in per block
+  FT_HOST_DEVICE BlockScalars block_scalars(const CommonScalars& common, float step_after) const {
+    return read_lr_block_scalars<float>(common, step_after);
+  }
+  FT_HOST_DEVICE Rmsprop8bitElementOp for_block(const BlockScalars& s) const {
+    Rmsprop8bitElementOp op = *this;
+    op.h.lr = s.lr;
+    return op;
+  }
+  FT_HOST_DEVICE FT_INLINE void update(float& param, float grad, float (&moment)[kMoments]) const {
+    float unused = 0.0f;
+    float* grad_avg = &unused;
+    float* momentum_buf = &unused;
+    if constexpr (kCentered) grad_avg = &moment[1];
+    if constexpr (kMomentum) momentum_buf = &moment[kMoments - 1];
+    math::rmsprop_update<float>(param, grad, moment[0], grad_avg, momentum_buf, h);
+  }
+};
+
+// kSteps: the launch has step counters (all but SGD without stochastic rounding) and advances them.
+template <class T, int Depth, class Op, bool kSteps = true>
+struct Blockwise8bitFunctor {
+  static constexpr bool kAdvancesSteps = kSteps;
+  static constexpr int K = Op::kMoments;
+  using BlockScalars = typename Op::BlockScalars;
+  Op op;
   CommonScalars common;
   int seed_list;  // -1: round to nearest
 
-  FT_HOST_DEVICE BlockScalars block_scalars(float step_after) const {
-    return read_adam_block_scalars<float>(common, beta1, beta2, weight_decay, step_after);
-  }
-  FT_HOST_DEVICE bool advances_steps(const BlockScalars& s) const { return !s.skip; }
+  FT_HOST_DEVICE BlockScalars block_scalars(float step_after) const { return op.block_scalars(common, step_after); }
+  FT_HOST_DEVICE bool advances_steps(const BlockScalars& s) const { return kSteps && !s.skip; }
 
-  // Element e of a quantization block: the update, with m and v dequantized on entry and new on return.
-  // rounding_index: e's index within the chunk.
-  FT_HOST_DEVICE FT_INLINE void update_element(T* p, T* g, const uint8_t* mc, const uint8_t* vc, int64_t e,
-                                               float m_scale, float v_scale, const math::DynamicCode& cm,
-                                               const math::DynamicCode& cv, const math::AdamHyper<float>& h,
-                                               const BlockScalars& s, const math::RunRounding& rounding,
-                                               int64_t rounding_index, float& m, float& v) const {
+  // Element e of a quantization block (p, g and codes start at the block): the update, with the moments
+  // dequantized on entry and new on return. rounding_index: e's index within the chunk.
+  FT_HOST_DEVICE FT_INLINE void update_element(T* p, T* g, uint8_t* const (&codes)[K], int64_t e,
+                                               const float (&scale)[K], const math::DynamicCode* const (&code)[K],
+                                               const Op& block_op, float grad_scale,
+                                               const math::RunRounding& rounding, int64_t rounding_index,
+                                               float (&moment)[K]) const {
     float grad = static_cast<float>(g[e]);
-    if (common.grads.has_grad_scale) grad = grad / s.grad_scale;
+    if (common.grads.has_grad_scale) grad = grad / grad_scale;
     float param = static_cast<float>(p[e]);
-    m = cm.value[mc[e]] * m_scale;
-    v = cv.value[vc[e]] * v_scale;
-    math::adam_update<float>(param, grad, m, v, nullptr, s.neg_step_size, s.bc2_sqrt, h);
+FT_UNROLL
+    for (int k = 0; k < K; ++k) moment[k] = code[k]->value[codes[k][e]] * scale[k];
+    block_op.update(param, grad, moment);
     p[e] = static_cast<T>(rounding.apply(param, rounding_index));  // the one rounding of a bf16/fp16 param
     if (common.grads.zero_grad) {
       g[e] = static_cast<T>(0.0f);
@@ -409,28 +484,36 @@ struct Adam8bitFunctor {
     }
   }
 
+  // A moment's contribution to its block's absmax (NaN-propagating, as the CPU's).
+  FT_HOST_DEVICE static FT_INLINE float magnitude(int k, float x) { return Op::is_signed(k) ? fabsf(x) : x; }
+
   FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth>& m, const BlockLocation& loc, const BlockScalars& s,
                                  int thread, int n_threads) const {
     const math::RunRounding rounding = chunk_rounding<T>(m, loc, seed_list, s.step_after);
     T* param = static_cast<T*>(m.addresses[0][loc.slot]) + loc.begin;
     T* grad = static_cast<T*>(m.addresses[1][loc.slot]) + loc.begin;
-    uint8_t* m_codes = static_cast<uint8_t*>(m.addresses[2][loc.slot]) + loc.begin;
-    uint8_t* v_codes = static_cast<uint8_t*>(m.addresses[3][loc.slot]) + loc.begin;
-    float* m_absmax = static_cast<float*>(m.addresses[4][loc.slot]) + loc.begin / math::kQuantBlock;
-    float* v_absmax = static_cast<float*>(m.addresses[5][loc.slot]) + loc.begin / math::kQuantBlock;
-    math::AdamHyper<float> h = hyper;
-    h.decay_factor = s.decay_factor;
+    uint8_t* codes[K];
+    float* absmax[K];
+FT_UNROLL
+    for (int k = 0; k < K; ++k) {
+      codes[k] = static_cast<uint8_t*>(m.addresses[2 + k][loc.slot]) + loc.begin;
+      absmax[k] = static_cast<float*>(m.addresses[2 + K + k][loc.slot]) + loc.begin / math::kQuantBlock;
+    }
+    const Op block_op = op.for_block(s);
     const int64_t n_blocks = (loc.n + math::kQuantBlock - 1) / math::kQuantBlock;
 #if defined(__CUDA_ARCH__)
-    __shared__ math::DynamicCode codes[2];
+    __shared__ math::DynamicCode shared_codes[2];
     {
-      constexpr int kWords = static_cast<int>(sizeof(codes) / sizeof(int32_t));
-      static_assert(sizeof(codes) % sizeof(int32_t) == 0, "copied as 32-bit words");
+      constexpr int kWords = static_cast<int>(sizeof(shared_codes) / sizeof(int32_t));
+      static_assert(sizeof(shared_codes) % sizeof(int32_t) == 0, "copied as 32-bit words");
       const int32_t* from = reinterpret_cast<const int32_t*>(kDeviceCodes);
-      int32_t* to = reinterpret_cast<int32_t*>(codes);
+      int32_t* to = reinterpret_cast<int32_t*>(shared_codes);
       for (int w = thread; w < kWords; w += n_threads) to[w] = from[w];
       __syncthreads();
     }
+    const math::DynamicCode* code[K];
+FT_UNROLL
+    for (int k = 0; k < K; ++k) code[k] = &shared_codes[Op::is_signed(k) ? 0 : 1];
     if (s.skip) {
       if (common.grads.zero_grad) {
         ChunkPointers<T> c{param, grad, {nullptr, nullptr, nullptr}, loc.n, math::RunRounding{}};
@@ -443,44 +526,53 @@ struct Adam8bitFunctor {
     for (int64_t b = thread / 32; b < n_blocks; b += n_threads / 32) {
       const int64_t b0 = b * math::kQuantBlock;
       const int64_t n = loc.n - b0 < math::kQuantBlock ? loc.n - b0 : math::kQuantBlock;
-      const float m_scale = m_absmax[b], v_scale = v_absmax[b];
-      float mv[kPerLane], vv[kPerLane];
-      float m_max = 0.0f, v_max = 0.0f;
+      float scale[K], max[K];
+      uint8_t* block_codes[K];
+FT_UNROLL
+      for (int k = 0; k < K; ++k) {
+        scale[k] = absmax[k][b];
+        max[k] = 0.0f;
+        block_codes[k] = codes[k] + b0;
+      }
+      float moments[kPerLane][K];
 FT_UNROLL
       for (int j = 0; j < kPerLane; ++j) {
         const int64_t e = j * 32 + lane;
-        mv[j] = vv[j] = 0.0f;
+FT_UNROLL
+        for (int k = 0; k < K; ++k) moments[j][k] = 0.0f;
         if (e < n) {
-          update_element(param + b0, grad + b0, m_codes + b0, v_codes + b0, e, m_scale, v_scale, codes[0], codes[1],
-                         h, s, rounding, b0 + e, mv[j], vv[j]);
-          m_max = math::max_(m_max, fabsf(mv[j]));
-          v_max = math::max_(v_max, vv[j]);
+          update_element(param + b0, grad + b0, block_codes, e, scale, code, block_op, s.grad_scale, rounding, b0 + e,
+                         moments[j]);
+FT_UNROLL
+          for (int k = 0; k < K; ++k) max[k] = math::max_(max[k], magnitude(k, moments[j][k]));
         }
       }
-      // The block's new absmax in every lane (NaN-propagating, as the CPU's).
+      // The block's new absmax in every lane.
 FT_UNROLL
       for (int offset = 16; offset > 0; offset >>= 1) {
-        m_max = math::max_(m_max, __shfl_xor_sync(0xffffffffu, m_max, offset));
-        v_max = math::max_(v_max, __shfl_xor_sync(0xffffffffu, v_max, offset));
+FT_UNROLL
+        for (int k = 0; k < K; ++k) max[k] = math::max_(max[k], __shfl_xor_sync(0xffffffffu, max[k], offset));
       }
       __syncwarp();  // every lane's read of the old absmax before lane 0 overwrites it
       if (lane == 0) {
-        m_absmax[b] = m_max;
-        v_absmax[b] = v_max;
+FT_UNROLL
+        for (int k = 0; k < K; ++k) absmax[k][b] = max[k];
       }
-      const float m_inverse = math::inverse_absmax(m_max), v_inverse = math::inverse_absmax(v_max);
+      float inverse[K];
+FT_UNROLL
+      for (int k = 0; k < K; ++k) inverse[k] = math::inverse_absmax(max[k]);
 FT_UNROLL
       for (int j = 0; j < kPerLane; ++j) {
         const int64_t e = b0 + j * 32 + lane;
         if (e < loc.n) {
-          m_codes[e] = math::quantize_value(mv[j] * m_inverse, codes[0]);
-          v_codes[e] = math::quantize_value(vv[j] * v_inverse, codes[1]);
+FT_UNROLL
+          for (int k = 0; k < K; ++k) codes[k][e] = math::quantize_value(moments[j][k] * inverse[k], *code[k]);
         }
       }
     }
 #else
-    const math::DynamicCode& cm = math::kSignedCode;
-    const math::DynamicCode& cv = math::kUnsignedCode;
+    const math::DynamicCode* code[K];
+    for (int k = 0; k < K; ++k) code[k] = Op::is_signed(k) ? &math::kSignedCode : &math::kUnsignedCode;
     if (s.skip) {
       if (common.grads.zero_grad) {
         ChunkPointers<T> c{param, grad, {nullptr, nullptr, nullptr}, loc.n, math::RunRounding{}};
@@ -491,20 +583,23 @@ FT_UNROLL
     for (int64_t b = thread; b < n_blocks; b += n_threads) {
       const int64_t b0 = b * math::kQuantBlock;
       const int64_t n = loc.n - b0 < math::kQuantBlock ? loc.n - b0 : math::kQuantBlock;
-      const float m_scale = m_absmax[b], v_scale = v_absmax[b];
-      float mv[math::kQuantBlock], vv[math::kQuantBlock];
-      float m_max = 0.0f, v_max = 0.0f;
-      for (int64_t e = 0; e < n; ++e) {
-        update_element(param + b0, grad + b0, m_codes + b0, v_codes + b0, e, m_scale, v_scale, cm, cv, h, s,
-                       rounding, b0 + e, mv[e], vv[e]);
-        m_max = math::max_(m_max, fabsf(mv[e]));
-        v_max = math::max_(v_max, vv[e]);
+      float scale[K], max[K];
+      uint8_t* block_codes[K];
+      for (int k = 0; k < K; ++k) {
+        scale[k] = absmax[k][b];
+        max[k] = 0.0f;
+        block_codes[k] = codes[k] + b0;
       }
-      m_absmax[b] = m_max;
-      v_absmax[b] = v_max;
+      float moments[math::kQuantBlock][K];
       for (int64_t e = 0; e < n; ++e) {
-        m_codes[b0 + e] = math::quantize_value(mv[e] * math::inverse_absmax(m_max), cm);
-        v_codes[b0 + e] = math::quantize_value(vv[e] * math::inverse_absmax(v_max), cv);
+        update_element(param + b0, grad + b0, block_codes, e, scale, code, block_op, s.grad_scale, rounding, b0 + e,
+                       moments[e]);
+        for (int k = 0; k < K; ++k) max[k] = math::max_(max[k], magnitude(k, moments[e][k]));
+      }
+      for (int k = 0; k < K; ++k) {
+        absmax[k][b] = max[k];
+        const float inverse = math::inverse_absmax(max[k]);
+        for (int64_t e = 0; e < n; ++e) block_codes[k][e] = math::quantize_value(moments[e][k] * inverse, *code[k]);
       }
     }
 #endif

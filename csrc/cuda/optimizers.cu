@@ -108,8 +108,34 @@ void launch_adam(OptimizerTensors& t, const math::AdamHyper<opmath_t<T>>& hyper,
 template <class T, int Depth>
 void launch_rmsprop(OptimizerTensors& t, const math::RmspropHyper<opmath_t<T>>& hyper,
                     const CommonScalars& common) {
-  const RmspropFunctor<T, Depth> functor{hyper, common};
+  const RmspropFunctor<T, Depth> functor{hyper, common, seed_list_of(t, Depth)};
   multi_tensor_apply<Depth>(lists_of<Depth>(t, {true, hyper.centered, hyper.has_momentum}), t.steps, functor);
+}
+
+// An 8-bit op's launch: lists param, grad, the op's K moments' codes, their absmax (t.states holds (codes, absmax)
+// per moment), then the rounding seeds when the call has them (bf16 params only: the check refuses others).
+template <class T, class Op, bool kSteps = true>
+void launch_8bit(OptimizerTensors& t, const Op& op, const CommonScalars& common) {
+  constexpr int K = Op::kMoments;
+  auto launch = [&](auto depth) {
+    constexpr int Depth = decltype(depth)::value;
+    std::array<at::TensorList, Depth> lists;
+    lists[0] = t.params;
+    lists[1] = t.grads;
+    for (int k = 0; k < K; ++k) {
+      lists[2 + k] = t.states[2 * k];
+      lists[2 + K + k] = t.states[2 * k + 1];
+    }
+    constexpr bool kSeeded = Depth == 3 + 2 * K;
+    if constexpr (kSeeded) lists[Depth - 1] = t.rounding_seeds;
+    const Blockwise8bitFunctor<T, Depth, Op, kSteps> functor{op, common, kSeeded ? Depth - 1 : -1};
+    multi_tensor_apply<Depth>(lists, t.steps, functor);
+  };
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (!t.rounding_seeds.empty()) return launch(std::integral_constant<int, 3 + 2 * K>{});
+  }
+  TORCH_INTERNAL_ASSERT(t.rounding_seeds.empty());
+  launch(std::integral_constant<int, 2 + 2 * K>{});
 }
 
 void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -201,10 +227,12 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList state_steps,
                        double lr, double alpha, double eps, double weight_decay, double momentum, bool centered,
                        bool maximize, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
-                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                       const std::optional<at::TensorList>& rounding_seeds) {
   const bool has_momentum = momentum > 0.0;
   OptimizerTensors t = check_rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps,
-                                          centered, momentum, zero_grad, lr_tensor, grad_scale, found_inf);
+                                          centered, momentum, zero_grad, lr_tensor, grad_scale, found_inf,
+                                          rounding_seeds);
   if (t.size() == 0) return;
   c10::cuda::OptionalCUDAGuard guard(t.device);
   raise_if_bad_target_seen("rmsprop_step_", t.device.index());
@@ -215,10 +243,13 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.dtype, "rmsprop_step_cuda", [&] {
     using O = opmath_t<scalar_t>;
     const auto hyper = math::make_rmsprop_hyper<O>(0.0, alpha, eps, weight_decay, momentum, centered, maximize);
-    switch (2 + 1 + int{centered} + int{has_momentum}) {
+    int depth = 2 + 1 + int{centered} + int{has_momentum};
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) depth += t.rounding_seeds.empty() ? 0 : 1;
+    switch (depth) {
       case 3: launch_rmsprop<scalar_t, 3>(t, hyper, common); break;
       case 4: launch_rmsprop<scalar_t, 4>(t, hyper, common); break;
-      default: launch_rmsprop<scalar_t, 5>(t, hyper, common); break;
+      case 5: launch_rmsprop<scalar_t, 5>(t, hyper, common); break;
+      default: launch_rmsprop<scalar_t, 6>(t, hyper, common); break;
     }
   });
   finish_optimizer_call(t);
@@ -241,25 +272,81 @@ void adam8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
   std::vector<at::Tensor> keep_alive;
   CommonScalars common{};
   if (!prepare_common(common, t.device, lr, lr_tensor, grad_scale, found_inf, zero_grad, keep_alive)) return;
-  // states: (exp_avg codes, exp_avg absmax, exp_avg_sq codes, exp_avg_sq absmax); the launch takes the codes,
-  // which have the params' numel, before the absmax lists, and the rounding seeds last.
-  const std::array<at::TensorList, 6> lists = {t.params, t.grads, t.states[0], t.states[2], t.states[1],
-                                               t.states[3]};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.dtype, "adam8bit_step_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {  // (the check refuses float64)
-      const auto hyper =
-          math::make_adam_hyper<float>(0.0, beta1, beta2, weight_decay, eps, false, maximize, decoupled_weight_decay);
-      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-        if (!t.rounding_seeds.empty()) {
-          const std::array<at::TensorList, 7> seeded = {lists[0], lists[1], lists[2], lists[3], lists[4], lists[5],
-                                                        t.rounding_seeds};
-          const Adam8bitFunctor<scalar_t, 7> functor{hyper, beta1, beta2, weight_decay, common, 6};
-          multi_tensor_apply<7>(seeded, t.steps, functor);
-          return;
-        }
+      Adam8bitElementOp op{};
+      op.h = math::make_adam_hyper<float>(0.0, beta1, beta2, weight_decay, eps, false, maximize,
+                                          decoupled_weight_decay);
+      op.beta1 = beta1;
+      op.beta2 = beta2;
+      op.weight_decay = weight_decay;
+      launch_8bit<scalar_t>(t, op, common);
+    }
+  });
+  finish_optimizer_call(t);
+}
+
+void sgd8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffer_codes,
+                       at::TensorList momentum_buffer_absmax, at::TensorList state_steps, double lr, double momentum,
+                       double dampening, double weight_decay, bool nesterov, bool maximize, bool is_first_step,
+                       bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
+                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                       const std::optional<at::TensorList>& rounding_seeds) {
+  OptimizerTensors t = check_sgd8bit_step(params, grads, momentum_buffer_codes, momentum_buffer_absmax, state_steps,
+                                          momentum, zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds);
+  if (t.size() == 0) return;
+  c10::cuda::OptionalCUDAGuard guard(t.device);
+  raise_if_bad_target_seen("sgd8bit_step_", t.device.index());
+  prepare_steps("sgd8bit_step_", t);
+  std::vector<at::Tensor> keep_alive;
+  CommonScalars common{};
+  if (!prepare_common(common, t.device, lr, lr_tensor, grad_scale, found_inf, zero_grad, keep_alive)) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.dtype, "sgd8bit_step_cuda", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {  // (the check refuses float64)
+      const Sgd8bitElementOp op{
+          math::make_sgd_hyper<float>(0.0, momentum, dampening, weight_decay, nesterov, maximize, is_first_step)};
+      if (t.steps.empty()) {
+        launch_8bit<scalar_t, Sgd8bitElementOp, false>(t, op, common);
+      } else {  // the stochastic rounding's counters (or steps kept without it: advanced all the same)
+        launch_8bit<scalar_t, Sgd8bitElementOp, true>(t, op, common);
       }
-      const Adam8bitFunctor<scalar_t, 6> functor{hyper, beta1, beta2, weight_decay, common, -1};
-      multi_tensor_apply<6>(lists, t.steps, functor);
+    }
+  });
+  finish_optimizer_call(t);
+}
+
+void rmsprop8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList square_avg_codes,
+                           at::TensorList square_avg_absmax, at::TensorList grad_avg_codes,
+                           at::TensorList grad_avg_absmax, at::TensorList momentum_buffer_codes,
+                           at::TensorList momentum_buffer_absmax, at::TensorList state_steps, double lr, double alpha,
+                           double eps, double weight_decay, double momentum, bool centered, bool maximize,
+                           bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
+                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                           const std::optional<at::TensorList>& rounding_seeds) {
+  OptimizerTensors t = check_rmsprop8bit_step(params, grads, square_avg_codes, square_avg_absmax, grad_avg_codes,
+                                              grad_avg_absmax, momentum_buffer_codes, momentum_buffer_absmax,
+                                              state_steps, centered, momentum, zero_grad, lr_tensor, grad_scale,
+                                              found_inf, rounding_seeds);
+  if (t.size() == 0) return;
+  c10::cuda::OptionalCUDAGuard guard(t.device);
+  raise_if_bad_target_seen("rmsprop8bit_step_", t.device.index());
+  prepare_steps("rmsprop8bit_step_", t);
+  std::vector<at::Tensor> keep_alive;
+  CommonScalars common{};
+  if (!prepare_common(common, t.device, lr, lr_tensor, grad_scale, found_inf, zero_grad, keep_alive)) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.dtype, "rmsprop8bit_step_cuda", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {  // (the check refuses float64)
+      const auto hyper = math::make_rmsprop_hyper<float>(0.0, alpha, eps, weight_decay, momentum, centered, maximize);
+      auto launch = [&](auto op) {
+        op.h = hyper;
+        launch_8bit<scalar_t>(t, op, common);
+      };
+      if (hyper.centered) {
+        hyper.has_momentum ? launch(Rmsprop8bitElementOp<true, true>{}) : launch(Rmsprop8bitElementOp<true, false>{});
+      } else {
+        hyper.has_momentum ? launch(Rmsprop8bitElementOp<false, true>{})
+                           : launch(Rmsprop8bitElementOp<false, false>{});
+      }
     }
   });
   finish_optimizer_call(t);
@@ -274,4 +361,6 @@ TORCH_LIBRARY_IMPL(fused_train, CUDA, m) {
   m.impl("sgd_step_", &fused_train::cuda::sgd_step_cuda);
   m.impl("adam_step_", &fused_train::cuda::adam_step_cuda);
   m.impl("rmsprop_step_", &fused_train::cuda::rmsprop_step_cuda);
+  m.impl("sgd8bit_step_", &fused_train::cuda::sgd8bit_step_cuda);
+  m.impl("rmsprop8bit_step_", &fused_train::cuda::rmsprop8bit_step_cuda);
 }

@@ -20,10 +20,6 @@ from . import _quantization
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-# Moments that can be negative: quantized with the signed code (the others, squares, with the unsigned one).
-_SIGNED_MOMENTS = ("exp_avg",)
-
-
 def state_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
     """Optimizer state is kept in the kernels' math type: fp32 for bf16/fp16 params."""
     return torch.float64 if param_dtype == torch.float64 else torch.float32
@@ -324,7 +320,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for name in self._state_names:
             codes, absmax = state.get(f"{name}_codes"), state.get(f"{name}_absmax")
             if isinstance(codes, Tensor) and isinstance(absmax, Tensor):
-                values = _quantization.dequantize_blockwise(codes, absmax, signed=name in _SIGNED_MOMENTS)
+                values = _quantization.dequantize_blockwise(codes, absmax, signed=_quantization.MOMENT_IS_SIGNED[name])
                 state[name] = values.to(device=p.device, dtype=_state_like_dtype(p)).reshape(p.shape)
                 del state[f"{name}_codes"], state[f"{name}_absmax"]
 

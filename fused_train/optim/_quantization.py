@@ -20,6 +20,10 @@ _SLICE = 1 << 22
 # The smallest normal float: a block whose absmax is below it gets the inverse 0, as in quant_math.h.
 _SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
 
+#: every moment an 8-bit optimizer keeps, and whether it can be negative (the signed code) or is a square (unsigned)
+MOMENT_IS_SIGNED = {"exp_avg": True, "exp_avg_sq": False, "momentum_buffer": True, "square_avg": False,
+                    "grad_avg": True}
+
 
 class _DynamicCode:
     """The 256 values of the signed or unsigned code and the constants its rounding uses: quant_math.h's

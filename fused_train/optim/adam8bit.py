@@ -11,15 +11,12 @@ import torch
 from torch import Tensor
 
 from .. import _ops
-from . import _quantization
-from ._base import FusedOptimizer, _is_dtensor, check_stochastic_round
+from ._base import FusedOptimizer, check_stochastic_round
+from ._state8bit import State8bit, check_8bit_arguments
 from .adam import check_adam_arguments
 
-_QUANTIZED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (name, signed code)
 
-
-class Adam8bit(FusedOptimizer, torch.optim.Optimizer):
+class Adam8bit(State8bit, FusedOptimizer, torch.optim.Optimizer):
     r"""Adam with 8-bit blockwise state, a drop-in for ``bitsandbytes.optim.Adam8bit``.
 
     Each moment of a param with at least ``min_8bit_size`` elements is kept as one uint8 code per element and one
@@ -58,6 +55,7 @@ class Adam8bit(FusedOptimizer, torch.optim.Optimizer):
     _state_names = ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes",
                     "exp_avg_sq_absmax")
     _full_precision_state_names = ("exp_avg", "exp_avg_sq")
+    _moments = ("exp_avg", "exp_avg_sq")
     _decoupled_weight_decay = False
 
     def __init__(
@@ -84,20 +82,8 @@ class Adam8bit(FusedOptimizer, torch.optim.Optimizer):
         check_stochastic_round(name, bf16_stochastic_round)
         if amsgrad:
             raise ValueError(f"{name}: amsgrad=True is not supported with 8-bit state (nor by bitsandbytes)")
-        if optim_bits != 32:
-            raise ValueError(f"{name}: optim_bits must be left at 32 (as in bitsandbytes: the state is always 8-bit), "
-                             f"got {optim_bits}")
-        if args is not None:
-            raise ValueError(f"{name}: bitsandbytes' args override object is not supported; pass the arguments")
-        if is_paged:
-            raise ValueError(f"{name}: is_paged=True (bitsandbytes' CUDA unified-memory paging) is not supported")
-        if percentile_clipping != 100:
-            raise ValueError(f"{name}: percentile_clipping={percentile_clipping} is not supported; clip gradients "
-                             "with torch.nn.utils.clip_grad_norm_ before the step")
-        if not block_wise:
-            raise ValueError(f"{name}: block_wise=False (one absmax per tensor) is not supported")
-        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
-            raise ValueError(f"{name}: min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
+        check_8bit_arguments(name, min_8bit_size=min_8bit_size, optim_bits=optim_bits, args=args, is_paged=is_paged,
+                             percentile_clipping=percentile_clipping, block_wise=block_wise)
         # torch.optim.Adam's group keys as well, so a checkpoint loads into fused_train.optim.Adam unchanged.
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False, maximize=maximize,
@@ -107,21 +93,10 @@ class Adam8bit(FusedOptimizer, torch.optim.Optimizer):
         )
         super().__init__(params, defaults, zero_grad_in_step=zero_grad_in_step)
 
-    def _quantizes(self, p: Tensor, group: dict[str, Any]) -> bool:
-        return (p.dtype in _QUANTIZED_DTYPES and not _is_dtensor(p)
-                and p.numel() >= group.get("min_8bit_size", self.defaults["min_8bit_size"]))
-
     def _init_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         state["step"] = self._new_step_tensor(param)
-        if not self._quantizes(param, group):
-            state["exp_avg"] = self._zeros_state(param)
-            state["exp_avg_sq"] = self._zeros_state(param)
-            return
-        blocks = _quantization.num_blocks(param.numel())
-        for name, signed in _MOMENTS:
-            zero = _quantization.SIGNED_ZERO_CODE if signed else _quantization.UNSIGNED_ZERO_CODE
-            state[f"{name}_codes"] = torch.full(param.shape, zero, dtype=torch.uint8, device=param.device)
-            state[f"{name}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=param.device)
+        for name in self._moments:
+            self._new_moment(param, group, state, name)
 
     def _ensure_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         # Checked while the tables are built, before any group steps.
@@ -136,49 +111,10 @@ class Adam8bit(FusedOptimizer, torch.optim.Optimizer):
     def _state_options(self, group: dict[str, Any]) -> tuple:
         return (bool(group.get("amsgrad")), group.get("min_8bit_size"))
 
-    def _bucket_kind(self, p: Tensor, state: dict[str, Any]) -> bool:
-        return "exp_avg_codes" in state
-
     def _convert_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        """Quantizes full-precision moments (a loaded fp32 checkpoint, state assigned by hand) of a param that
-        keeps 8-bit state; dequantizes 8-bit moments of one that does not (e.g. after min_8bit_size grew)."""
-        if not self._quantizes(p, group):
-            super()._convert_state(p, group, state)
-            return
-        for name, signed in _MOMENTS:
-            value = state.get(name)
-            if isinstance(value, Tensor):
-                if value.shape != p.shape:
-                    raise ValueError(f"{type(self).__name__}: state '{name}' has shape {tuple(value.shape)} but "
-                                     f"its param has {tuple(p.shape)}")
-                codes, absmax = _quantization.quantize_blockwise(value, signed=signed)
-                state[f"{name}_codes"] = codes.to(p.device)
-                state[f"{name}_absmax"] = absmax.to(p.device)
-                del state[name]
-        state.pop("max_exp_avg_sq", None)  # an AMSGrad checkpoint's; 8-bit Adam has no use for it
-
-    def _check_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        """As the base class, and the 8-bit state's layout: checked here, while the tables are built, so that a bad
-        entry raises before any group steps."""
-        super()._check_state(p, group, state)
-        if "exp_avg_codes" not in state:
-            return
-        blocks = (_quantization.num_blocks(p.numel()),)
-        for name in ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax"):
-            value = state.get(name)
-            codes = name.endswith("_codes")
-            dtype, shape = (torch.uint8, p.shape) if codes else (torch.float32, blocks)
-            if not isinstance(value, Tensor) or value.dtype != dtype or value.shape != shape:
-                got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(f"{type(self).__name__}: state '{name}' must be a {dtype} tensor of shape "
-                                 f"{tuple(shape)}, got {got}")
-            if value.device != p.device:
-                raise ValueError(
-                    f"{type(self).__name__}: state '{name}' is on {value.device} but its param is on {p.device}; "
-                    f"the fused step needs them on the same device (move the state back before stepping)"
-                )
-            if not value.is_contiguous():
-                state[name] = value.contiguous()
+        super()._convert_state(p, group, state)
+        if self._quantizes(p, group):
+            state.pop("max_exp_avg_sq", None)  # an AMSGrad checkpoint's; 8-bit Adam has no use for it
 
     def _step_bucket(self, group, bucket, params, grads, states, steps, *, zero_grad, lr, lr_tensor,
                      grad_scale, found_inf) -> None:
@@ -188,7 +124,7 @@ class Adam8bit(FusedOptimizer, torch.optim.Optimizer):
                      decoupled_weight_decay=self._decoupled_weight_decay, zero_grad=zero_grad,
                      lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
                      rounding_seeds=bucket.rounding_seeds)
-        if states["exp_avg_codes"][0] is not None:
+        if self._is_quantized(states):
             _ops.adam8bit_step_(params, grads, states["exp_avg_codes"], states["exp_avg_absmax"],
                                 states["exp_avg_sq_codes"], states["exp_avg_sq_absmax"], steps, **hyper)
         else:
@@ -228,17 +164,3 @@ class AdamW8bit(Adam8bit):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size, is_paged,
                          percentile_clipping=percentile_clipping, block_wise=block_wise, maximize=maximize,
                          zero_grad_in_step=zero_grad_in_step, bf16_stochastic_round=bf16_stochastic_round)
-
-
-def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """A copy of an :class:`Adam8bit`/:class:`AdamW8bit` ``state_dict()`` with every 8-bit moment as an fp32 tensor
-    (``exp_avg``, ``exp_avg_sq``), the format torch.optim.Adam and AdamW load."""
-    out = {"state": {}, "param_groups": [dict(g) for g in state_dict["param_groups"]]}
-    for key, saved in state_dict["state"].items():
-        state = dict(saved)
-        for name, signed in _MOMENTS:
-            codes, absmax = state.pop(f"{name}_codes", None), state.pop(f"{name}_absmax", None)
-            if codes is not None and absmax is not None:
-                state[name] = _quantization.dequantize_blockwise(codes, absmax, signed=signed)
-        out["state"][key] = state
-    return out
