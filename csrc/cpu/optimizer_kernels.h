@@ -335,8 +335,11 @@ inline void quantize_tile(const float* x, float inverse, int64_t n, const math::
 //   static constexpr bool is_signed(int k);           // moment k's code: signed, or unsigned (squares)
 //   template <class V> void update(V& param, const V& grad, V (&moment)[kMoments]) const;  // V: float or FV
 // and the slot holds (codes, absmax) of moment k at state[2k], state[2k + 1].
+// (the moments' loops fully unrolled, so that the per-moment arrays live in registers)
+#define FT_UNROLL_K _Pragma("GCC unroll 4")
 template <class T, class Op>
-void run_8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, int64_t end, const Op& op) {
+void run_8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t begin, int64_t end, const Op& shared_op) {
+  const Op op = shared_op;  // a local copy: its constants stay in registers (stores to the buffers cannot alias it)
   using FV = Vectorized<float>;
   constexpr int K = Op::kMoments;
   T* param = static_cast<T*>(slot.param);
@@ -344,7 +347,7 @@ void run_8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t beg
   uint8_t* codes[K];
   float* absmax[K];
   const math::DynamicCode* code[K];
-  for (int k = 0; k < K; ++k) {
+  FT_UNROLL_K for (int k = 0; k < K; ++k) {
     codes[k] = static_cast<uint8_t*>(slot.state[2 * k]);
     absmax[k] = static_cast<float*>(slot.state[2 * k + 1]);
     code[k] = Op::is_signed(k) ? l.signed_code : l.unsigned_code;
@@ -362,7 +365,7 @@ void run_8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t beg
     T* g = grad + b0;
     float scale[K];
     FV vscale[K], vmax[K];
-    for (int k = 0; k < K; ++k) {
+    FT_UNROLL_K for (int k = 0; k < K; ++k) {
       scale[k] = absmax[k][block];
       vscale[k] = FV(scale[k]);
       vmax[k] = FV(0.0f);
@@ -372,9 +375,9 @@ void run_8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t beg
     // One vector of params at element i: dequantize, update, keep the new moments and their running absmax.
     auto update = [&](FV& pv, const FV& gv, int64_t i) {
       FV m[K];
-      for (int k = 0; k < K; ++k) m[k] = at::vec::gather<4>(code[k]->value, load_codes(codes[k] + b0 + i)) * vscale[k];
+      FT_UNROLL_K for (int k = 0; k < K; ++k) m[k] = at::vec::gather<4>(code[k]->value, load_codes(codes[k] + b0 + i)) * vscale[k];
       op.update(pv, gv, m);
-      for (int k = 0; k < K; ++k) {
+      FT_UNROLL_K for (int k = 0; k < K; ++k) {
         m[k].store(fresh[k] + i);
         vmax[k] = at::vec::maximum(vmax[k], Op::is_signed(k) ? m[k].abs() : m[k]);
       }
@@ -408,14 +411,14 @@ void run_8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t beg
       }
     }
     float max[K];
-    for (int k = 0; k < K; ++k) max[k] = 0.0f;
+    FT_UNROLL_K for (int k = 0; k < K; ++k) max[k] = 0.0f;
     for (; i < n; ++i) {
       float pv = static_cast<float>(p[i]), gv = static_cast<float>(g[i]);
       if (unscale) gv = gv / grad_scale;
       float m[K];
-      for (int k = 0; k < K; ++k) m[k] = code[k]->value[codes[k][b0 + i]] * scale[k];
+      FT_UNROLL_K for (int k = 0; k < K; ++k) m[k] = code[k]->value[codes[k][b0 + i]] * scale[k];
       op.update(pv, gv, m);
-      for (int k = 0; k < K; ++k) {
+      FT_UNROLL_K for (int k = 0; k < K; ++k) {
         fresh[k][i] = m[k];
         max[k] = math::max_(max[k], Op::is_signed(k) ? std::fabs(m[k]) : m[k]);
       }
@@ -423,7 +426,7 @@ void run_8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t beg
       p[i] = static_cast<T>(rounding.apply(pv, i));
       if (write_back_grad) g[i] = static_cast<T>(gv);
     }
-    for (int k = 0; k < K; ++k) {
+    FT_UNROLL_K for (int k = 0; k < K; ++k) {
       float lanes[FV::size()];
       vmax[k].store(lanes);
       for (int j = 0; j < FV::size(); ++j) max[k] = math::max_(max[k], lanes[j]);  // NaN-propagating
