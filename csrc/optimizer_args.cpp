@@ -299,10 +299,9 @@ OptimizerTensors check_sgd8bit_step(at::TensorList params, at::TensorList grads,
 }
 
 OptimizerTensors check_rmsprop8bit_step(at::TensorList params, at::TensorList grads, at::TensorList square_avg_codes,
-                                        at::TensorList square_avg_absmax, at::TensorList grad_avg_codes,
-                                        at::TensorList grad_avg_absmax, at::TensorList momentum_buffer_codes,
+                                        at::TensorList square_avg_absmax, at::TensorList momentum_buffer_codes,
                                         at::TensorList momentum_buffer_absmax, at::TensorList state_steps,
-                                        bool centered, double momentum, bool zero_grad,
+                                        double momentum, bool zero_grad,
                                         const std::optional<at::Tensor>& lr_tensor,
                                         const std::optional<at::Tensor>& grad_scale,
                                         const std::optional<at::Tensor>& found_inf,
@@ -310,7 +309,6 @@ OptimizerTensors check_rmsprop8bit_step(at::TensorList params, at::TensorList gr
   return check_8bit_step(
       "rmsprop8bit_step_", params, grads,
       {{"square_avg_codes", square_avg_codes, "square_avg_absmax", square_avg_absmax, true},
-       {"grad_avg_codes", grad_avg_codes, "grad_avg_absmax", grad_avg_absmax, centered},
        {"momentum_buffer_codes", momentum_buffer_codes, "momentum_buffer_absmax", momentum_buffer_absmax,
         momentum > 0.0}},
       state_steps, true, zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds);

@@ -84,12 +84,11 @@ OptimizerTensors check_sgd8bit_step(at::TensorList params, at::TensorList grads,
                                     const std::optional<at::Tensor>& grad_scale,
                                     const std::optional<at::Tensor>& found_inf,
                                     const std::optional<at::TensorList>& rounding_seeds);
-// RMSprop's square_avg, grad_avg (centered; else empty lists) and momentum_buffer (momentum > 0; else empty).
+// RMSprop's square_avg and momentum_buffer (momentum > 0; else empty lists).
 OptimizerTensors check_rmsprop8bit_step(at::TensorList params, at::TensorList grads, at::TensorList square_avg_codes,
-                                        at::TensorList square_avg_absmax, at::TensorList grad_avg_codes,
-                                        at::TensorList grad_avg_absmax, at::TensorList momentum_buffer_codes,
+                                        at::TensorList square_avg_absmax, at::TensorList momentum_buffer_codes,
                                         at::TensorList momentum_buffer_absmax, at::TensorList state_steps,
-                                        bool centered, double momentum, bool zero_grad,
+                                        double momentum, bool zero_grad,
                                         const std::optional<at::Tensor>& lr_tensor,
                                         const std::optional<at::Tensor>& grad_scale,
                                         const std::optional<at::Tensor>& found_inf,

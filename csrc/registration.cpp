@@ -41,7 +41,8 @@ TORCH_LIBRARY(fused_train, m) {
       "float weight_decay, float momentum, bool centered, bool maximize, bool zero_grad, Tensor? lr_tensor=None, "
       "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? rounding_seeds=None) -> ()");
   // 8-bit SGD and RMSprop (fused_train.optim.SGD8bit, RMSprop8bit), as adam8bit_step_: SGD's momentum_buffer; RMSprop's
-  // square_avg (unsigned code), grad_avg (centered) and momentum_buffer (momentum > 0), each list empty when unused.
+  // square_avg (unsigned code) and momentum_buffer (momentum > 0; else empty lists). No centered RMSprop: its variance
+  // (square_avg - grad_avg²) is below the 8-bit codes' error wherever the gradient's mean dominates.
   // sgd8bit_step_ takes state_steps only with rounding_seeds, as sgd_step_.
   m.def(
       "sgd8bit_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffer_codes, "
@@ -50,10 +51,9 @@ TORCH_LIBRARY(fused_train, m) {
       "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? rounding_seeds=None) -> ()");
   m.def(
       "rmsprop8bit_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avg_codes, "
-      "Tensor(d!)[] square_avg_absmax, Tensor(e!)[] grad_avg_codes, Tensor(f!)[] grad_avg_absmax, "
-      "Tensor(g!)[] momentum_buffer_codes, Tensor(h!)[] momentum_buffer_absmax, Tensor(i!)[] state_steps, *, "
-      "float lr, float alpha, float eps, float weight_decay, float momentum, bool centered, bool maximize, "
-      "bool zero_grad, Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor(d!)[] square_avg_absmax, Tensor(e!)[] momentum_buffer_codes, Tensor(f!)[] momentum_buffer_absmax, "
+      "Tensor(g!)[] state_steps, *, float lr, float alpha, float eps, float weight_decay, float momentum, "
+      "bool maximize, bool zero_grad, Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
       "Tensor[]? rounding_seeds=None) -> ()");
 
   // -- cross-entropy ops --

@@ -180,8 +180,6 @@ def rmsprop8bit_step_(
     grads: list[Tensor],
     square_avg_codes: list[Tensor],
     square_avg_absmax: list[Tensor],
-    grad_avg_codes: list[Tensor],
-    grad_avg_absmax: list[Tensor],
     momentum_buffer_codes: list[Tensor],
     momentum_buffer_absmax: list[Tensor],
     state_steps: list[Tensor],
@@ -191,7 +189,6 @@ def rmsprop8bit_step_(
     eps: float,
     weight_decay: float,
     momentum: float,
-    centered: bool,
     maximize: bool,
     zero_grad: bool,
     lr_tensor: Tensor | None = None,
@@ -199,14 +196,14 @@ def rmsprop8bit_step_(
     found_inf: Tensor | None = None,
     rounding_seeds: list[Tensor] | None = None,
 ) -> None:
-    """One RMSprop step on 8-bit state; see :class:`fused_train.optim.RMSprop8bit`. The ``grad_avg`` lists are empty
-    unless ``centered``, the ``momentum_buffer`` lists empty unless ``momentum > 0``; the rest as
-    :func:`rmsprop_step_` and :func:`adam8bit_step_`."""
+    """One (uncentered) RMSprop step on 8-bit state; see :class:`fused_train.optim.RMSprop8bit`. The
+    ``momentum_buffer`` lists are empty unless ``momentum > 0``; the rest as :func:`rmsprop_step_` and
+    :func:`adam8bit_step_`."""
     _ops.rmsprop8bit_step_.default(
-        params, grads, square_avg_codes, square_avg_absmax, grad_avg_codes, grad_avg_absmax, momentum_buffer_codes,
-        momentum_buffer_absmax, state_steps, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-        momentum=momentum, centered=centered, maximize=maximize, zero_grad=zero_grad, lr_tensor=lr_tensor,
-        grad_scale=grad_scale, found_inf=found_inf, rounding_seeds=rounding_seeds,
+        params, grads, square_avg_codes, square_avg_absmax, momentum_buffer_codes, momentum_buffer_absmax,
+        state_steps, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, maximize=maximize,
+        zero_grad=zero_grad, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+        rounding_seeds=rounding_seeds,
     )
 
 
@@ -238,8 +235,8 @@ def _sgd8bit_step_fake(params, grads, momentum_buffer_codes, momentum_buffer_abs
 
 
 @torch.library.register_fake("fused_train::rmsprop8bit_step_")
-def _rmsprop8bit_step_fake(params, grads, square_avg_codes, square_avg_absmax, grad_avg_codes, grad_avg_absmax,
-                           momentum_buffer_codes, momentum_buffer_absmax, state_steps, **kwargs) -> None:
+def _rmsprop8bit_step_fake(params, grads, square_avg_codes, square_avg_absmax, momentum_buffer_codes,
+                           momentum_buffer_absmax, state_steps, **kwargs) -> None:
     return None
 
 

@@ -23,9 +23,8 @@ SGD_CONFIGS = [
 ]
 RMSPROP_CONFIGS = [
     dict(lr=0.01),
-    dict(lr=0.01, centered=True),
     dict(lr=0.01, momentum=0.9),
-    dict(lr=0.01, alpha=0.9, centered=True, momentum=0.5, weight_decay=0.1, maximize=True),
+    dict(lr=0.01, alpha=0.9, momentum=0.5, weight_decay=0.1, maximize=True),
     dict(lr=0.001, alpha=0.0, eps=1e-6),  # square_avg = g² each step (bitsandbytes refuses alpha=0)
 ]
 CASES = ([(SGD8bit, "SGD", kw) for kw in SGD_CONFIGS] + [(RMSprop8bit, "RMSprop", kw) for kw in RMSPROP_CONFIGS])
@@ -82,25 +81,24 @@ def test_steps_match_torch_on_dequantized_state(cls, torch_name, kwargs, dtype):
 @pytest.mark.smoke
 @pytest.mark.parametrize("n", [1, 255, 257, 32769, 70_001])
 def test_first_moments_are_the_quantizers_codes(n):
-    """SGD's first step sets buf = g; RMSprop with alpha 0 sets square_avg = g² (and grad_avg = g, centered): the
-    kernel's codes are then exactly the Python quantizer's, across blocks and chunks."""
+    """SGD's first step sets buf = g; RMSprop with alpha 0 sets square_avg = g²: the kernel's codes are then exactly the
+    Python quantizer's, across blocks and chunks."""
     g = torch.randn(n, generator=torch.Generator().manual_seed(n)) * torch.logspace(-8, 2, n)
     p, q = torch.zeros(n, requires_grad=True), torch.zeros(n, requires_grad=True)
     p.grad, q.grad = g.clone(), g.clone()
     sgd = SGD8bit([p], lr=0.1, momentum=0.9, dampening=0.5, min_8bit_size=0)
-    rms = RMSprop8bit([q], lr=0.1, alpha=0.0, centered=True, min_8bit_size=0)
+    rms = RMSprop8bit([q], lr=0.1, alpha=0.0, min_8bit_size=0)
     sgd.step()
     rms.step()
-    for opt, param, name, value, signed in ((sgd, p, "momentum_buffer", g, True), (rms, q, "square_avg", g * g, False),
-                                            (rms, q, "grad_avg", g, True)):
+    for opt, param, name, value, signed in ((sgd, p, "momentum_buffer", g, True), (rms, q, "square_avg", g * g, False)):
         codes, absmax = Q.quantize_blockwise(value, signed=signed)
         assert torch.equal(opt.state[param][f"{name}_codes"], codes), name
         assert torch.equal(opt.state[param][f"{name}_absmax"], absmax), name
 
 
 def test_state_appears_as_options_switch_on():
-    """As torch: momentum switched on later creates the buffer (SGD's first use copies the gradient in), centered
-    creates grad_avg; the 8-bit form for quantized params."""
+    """As torch: momentum switched on later creates the buffer (SGD's first use copies the gradient in), in the 8-bit
+    form for quantized params. RMSprop8bit refuses centered, also switched on later, before anything is written."""
     torch.manual_seed(0)
     p, q = torch.randn(5000, requires_grad=True), torch.randn(5000, requires_grad=True)
     sgd, rms = SGD8bit([p], lr=0.1), RMSprop8bit([q], lr=0.01)
@@ -108,8 +106,6 @@ def test_state_appears_as_options_switch_on():
         if step == 1:
             sgd.param_groups[0]["momentum"] = 0.9
             rms.param_groups[0]["momentum"] = 0.9
-        if step == 2:
-            rms.param_groups[0]["centered"] = True
         g = torch.randn(5000)
         expected = blockwise8bit_reference_step("SGD", p, g, sgd.state[p], **_torch_group(sgd))
         before = p.detach().clone()
@@ -119,7 +115,13 @@ def test_state_appears_as_options_switch_on():
         _assert_param_close(p, expected[0], torch.float32, before)
     assert set(sgd.state[p]) == {"momentum_buffer_codes", "momentum_buffer_absmax"}
     assert set(rms.state[q]) == {"step", "square_avg_codes", "square_avg_absmax", "momentum_buffer_codes",
-                                 "momentum_buffer_absmax", "grad_avg_codes", "grad_avg_absmax"}
+                                 "momentum_buffer_absmax"}
+    rms.param_groups[0]["centered"] = True
+    before = (q.detach().clone(), {k: v.clone() for k, v in rms.state[q].items()})
+    q.grad = torch.randn(5000)
+    with pytest.raises(ValueError, match="centered"):
+        rms.step()
+    assert torch.equal(q, before[0]) and all(torch.equal(rms.state[q][k], v) for k, v in before[1].items())
 
 
 def _torch_group(opt):
@@ -130,7 +132,7 @@ def _torch_group(opt):
 
 @pytest.mark.parametrize("cls,fp32_cls,kwargs", [
     (SGD8bit, fused_train.optim.SGD, dict(lr=0.1, momentum=0.9)),
-    (RMSprop8bit, fused_train.optim.RMSprop, dict(lr=0.01, momentum=0.9, centered=True)),
+    (RMSprop8bit, fused_train.optim.RMSprop, dict(lr=0.01, momentum=0.9)),
 ])
 def test_small_params_keep_fp32_state_and_match_the_fp32_optimizer(cls, fp32_cls, kwargs):
     torch.manual_seed(0)
@@ -153,7 +155,7 @@ def test_small_params_keep_fp32_state_and_match_the_fp32_optimizer(cls, fp32_cls
 @pytest.mark.parametrize("make,moments", [
     (lambda ps: SGD8bit(ps, lr=0.1, momentum=0.9), 1),
     (lambda ps: RMSprop8bit(ps), 1),
-    (lambda ps: RMSprop8bit(ps, centered=True, momentum=0.9), 3),
+    (lambda ps: RMSprop8bit(ps, momentum=0.9), 2),
 ])
 def test_state_bytes_per_param(make, moments):
     p = torch.zeros(1 << 20, requires_grad=True)
@@ -166,7 +168,7 @@ def test_state_bytes_per_param(make, moments):
 
 
 @pytest.mark.parametrize("make", [lambda ps: SGD8bit(ps, lr=0.1, momentum=0.9, zero_grad_in_step=True),
-                                  lambda ps: RMSprop8bit(ps, momentum=0.5, centered=True, zero_grad_in_step=True)])
+                                  lambda ps: RMSprop8bit(ps, momentum=0.5, zero_grad_in_step=True)])
 def test_gradient_zeroed_in_step_and_threads_do_not_change_results(make):
     runs = []
     for threads in (1, 2):
@@ -200,7 +202,7 @@ def _train(opt, params, steps, seed):
 
 
 @pytest.mark.parametrize("make", [lambda ps: SGD8bit(ps, lr=0.1, momentum=0.9, nesterov=True),
-                                  lambda ps: RMSprop8bit(ps, lr=0.01, momentum=0.9, centered=True)])
+                                  lambda ps: RMSprop8bit(ps, lr=0.01, momentum=0.9)])
 def test_state_dict_round_trip_resumes_bit_for_bit(make):
     torch.manual_seed(0)
     params = [torch.randn(5000, requires_grad=True), torch.randn(30, requires_grad=True)]
@@ -224,7 +226,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit(make):
 
 @pytest.mark.parametrize("cls,name,kwargs,moments", [
     (SGD8bit, "SGD", dict(lr=0.1, momentum=0.9), ("momentum_buffer",)),
-    (RMSprop8bit, "RMSprop", dict(lr=0.01, momentum=0.9, centered=True), ("square_avg", "grad_avg", "momentum_buffer")),
+    (RMSprop8bit, "RMSprop", dict(lr=0.01, momentum=0.9), ("square_avg", "momentum_buffer")),
 ])
 def test_fp32_checkpoint_loads_quantized_and_8bit_checkpoint_loads_dequantized(cls, name, kwargs, moments):
     torch.manual_seed(0)
@@ -256,11 +258,28 @@ def test_fp32_checkpoint_loads_quantized_and_8bit_checkpoint_loads_dequantized(c
     torch.testing.assert_close(s, r, rtol=1e-6, atol=1e-7)
 
 
+def test_centered_checkpoint_raises_until_its_group_is_set_uncentered():
+    torch.manual_seed(0)
+    p = torch.randn(5000, requires_grad=True)
+    torch_opt = torch.optim.RMSprop([p], lr=0.01, centered=True)
+    _train(torch_opt, [p], 2, 0)
+    q = p.detach().clone().requires_grad_(True)
+    opt = RMSprop8bit([q], lr=0.01)
+    opt.load_state_dict(torch_opt.state_dict())
+    q.grad = torch.randn(5000)
+    with pytest.raises(ValueError, match="set the group's 'centered' to False"):
+        opt.step()
+    assert torch.equal(q, p)
+    opt.param_groups[0]["centered"] = False
+    opt.step()
+    assert set(opt.state[q]) == {"step", "square_avg_codes", "square_avg_absmax"}
+
+
 # -- GradScaler --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("make", [lambda ps: SGD8bit(ps, lr=0.1, momentum=0.9),
-                                  lambda ps: RMSprop8bit(ps, lr=0.01, momentum=0.9, centered=True)])
+                                  lambda ps: RMSprop8bit(ps, lr=0.01, momentum=0.9)])
 def test_skipped_step_leaves_state_untouched_and_scaled_step_matches_unscaled(make):
     torch.manual_seed(0)
     p = torch.randn(5000, requires_grad=True)
@@ -317,20 +336,27 @@ def test_first_step_skipped_by_grad_scaler_still_copies_the_next_gradient():
     (RMSprop8bit, dict(min_8bit_size=1.5), "min_8bit_size"),
     (RMSprop8bit, dict(alpha=-0.5), "alpha"),
     (RMSprop8bit, dict(eps=-1.0), "epsilon"),
+    (RMSprop8bit, dict(centered=True), "centered"),
 ])
 def test_bad_arguments_raise(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls([torch.zeros(3, requires_grad=True)], **kwargs)
 
 
-def test_bad_state_raises_before_anything_is_written():
+@pytest.mark.parametrize("spoil,match", [
+    (lambda state: state.update(momentum_buffer_codes=torch.zeros(5000, dtype=torch.int32)), "momentum_buffer_codes"),
+    (lambda state: state.pop("momentum_buffer_absmax"), "momentum_buffer_absmax"),
+])
+def test_bad_state_raises_before_anything_is_written(spoil, match):
+    """A wrong dtype or a missing absmax (a hand-edited state): raised while the tables are built, before the first
+    group steps. (A buffer missing altogether is created anew, as fused_train.optim.RMSprop does.)"""
     a, b = torch.randn(5000, requires_grad=True), torch.randn(5000, requires_grad=True)
     opt = RMSprop8bit([{"params": [a]}, {"params": [b]}], momentum=0.9)
     _train(opt, [a, b], 1, 0)
-    opt.state[b]["momentum_buffer_codes"] = torch.zeros(5000, dtype=torch.int32)
+    spoil(opt.state[b])
     before = [a.detach().clone(), b.detach().clone(), opt.state[a]["square_avg_codes"].clone()]
     a.grad, b.grad = torch.randn(5000), torch.randn(5000)
-    with pytest.raises(ValueError, match="momentum_buffer_codes"):
+    with pytest.raises(ValueError, match=match):
         opt.step()
     assert torch.equal(a, before[0]) and torch.equal(b, before[1])
     assert torch.equal(opt.state[a]["square_avg_codes"], before[2])
@@ -354,16 +380,15 @@ def test_ops_name_what_is_wrong():
         _ops.sgd8bit_step_([p.double()], [g.double()], [codes], [absmax], momentum=0.9, **sgd)
     rms = dict(lr=0.1, alpha=0.99, eps=1e-8, weight_decay=0.0, maximize=False, zero_grad=False)
     step = [torch.zeros(())]
-    with pytest.raises(RuntimeError, match="grad_avg_codes must be empty"):
-        _ops.rmsprop8bit_step_([p], [g], [codes], [absmax], [codes], [absmax], [], [], step, momentum=0.0,
-                               centered=False, **rms)
+    with pytest.raises(RuntimeError, match="momentum_buffer_codes must be empty"):
+        _ops.rmsprop8bit_step_([p], [g], [codes], [absmax], [codes], [absmax], step, momentum=0.0, **rms)
     with pytest.raises(RuntimeError, match="got 1 params but 0 momentum_buffer_codes"):
-        _ops.rmsprop8bit_step_([p], [g], [codes], [absmax], [], [], [], [], step, momentum=0.9, centered=False, **rms)
+        _ops.rmsprop8bit_step_([p], [g], [codes], [absmax], [], [], step, momentum=0.9, **rms)
     assert torch.equal(p, g) and step[0].item() == 0  # nothing written
 
 
 @pytest.mark.parametrize("make", [lambda ps: SGD8bit(ps, lr=0.1, momentum=0.9),
-                                  lambda ps: RMSprop8bit(ps, lr=0.01, momentum=0.9, centered=True)])
+                                  lambda ps: RMSprop8bit(ps, lr=0.01, momentum=0.9)])
 def test_compiled_step_matches_eager(make):
     torch.manual_seed(0)
     a = [torch.randn(5000, requires_grad=True), torch.randn(10, requires_grad=True)]
@@ -391,11 +416,10 @@ def test_opcheck():
               is_first_step=True, zero_grad=True)
     torch.library.opcheck(torch.ops.fused_train.sgd8bit_step_.default,
                           ([p.clone()], [g.clone()], [codes.clone()], [absmax.clone()], []), kw)
-    kw = dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=True, maximize=False,
-              zero_grad=True)
+    kw = dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.9, maximize=False, zero_grad=True)
     torch.library.opcheck(torch.ops.fused_train.rmsprop8bit_step_.default,
                           ([p.clone()], [g.clone()], [u_codes.clone()], [absmax.clone()], [codes.clone()],
-                           [absmax.clone()], [codes.clone()], [absmax.clone()], [torch.zeros(())]), kw)
+                           [absmax.clone()], [torch.zeros(())]), kw)
 
 
 # -- convergence -----------------------------------------------------------------------------------------------
@@ -435,7 +459,7 @@ def test_converges_like_the_fp32_optimizer_on_digits(cls, fp32_cls, kwargs):
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("make", [lambda ps: SGD8bit(ps, lr=0.1, momentum=0.9, dampening=0.2, min_8bit_size=0,
                                                      zero_grad_in_step=True),
-                                  lambda ps: RMSprop8bit(ps, lr=0.01, momentum=0.9, centered=True, min_8bit_size=0,
+                                  lambda ps: RMSprop8bit(ps, lr=0.01, momentum=0.9, min_8bit_size=0,
                                                          zero_grad_in_step=True),
                                   lambda ps: RMSprop8bit(ps, lr=0.01, min_8bit_size=0, zero_grad_in_step=True)])
 def test_cuda_step_equals_cpu_step(make, dtype):

@@ -445,6 +445,20 @@ def test_bad_state_raises_before_anything_is_written():
     assert torch.equal(opt.state[a]["exp_avg_codes"], before[2])
 
 
+def test_missing_moment_raises_before_anything_is_written():
+    """A quantized param whose state lacks a moment altogether (a hand-edited state): raised while the tables are
+    built, before the first group steps, naming what is missing."""
+    a, b = torch.randn(5000, requires_grad=True), torch.randn(5000, requires_grad=True)
+    opt = Adam8bit([{"params": [a]}, {"params": [b]}])
+    _train(opt, [a, b], 1, 0)
+    del opt.state[b]["exp_avg_sq_codes"], opt.state[b]["exp_avg_sq_absmax"]
+    before = a.detach().clone()
+    a.grad, b.grad = torch.randn(5000), torch.randn(5000)
+    with pytest.raises(ValueError, match="exp_avg_sq_codes"):
+        opt.step()
+    assert torch.equal(a, before)
+
+
 def test_amsgrad_switched_on_in_a_loaded_group_raises():
     p = torch.randn(10, requires_grad=True)
     opt = Adam8bit([p])

@@ -561,6 +561,9 @@ def _op_samples(device):
         (torch.ops.fused_train.rmsprop_step_.default, (lists(), lists(), zeros(), zeros(), zeros(), steps()),
          dict(lr=0.1, alpha=0.9, eps=1e-8, weight_decay=0.0, momentum=0.5, centered=True, maximize=False,
               zero_grad=True, lr_tensor=torch.tensor(0.01, device=device))),
+        (torch.ops.fused_train.rmsprop_step_.default, (bf16(), bf16(), zeros(), [], zeros(), steps()),
+         dict(lr=0.1, alpha=0.9, eps=1e-8, weight_decay=0.0, momentum=0.5, centered=False, maximize=False,
+              zero_grad=True, rounding_seeds=seeds())),
     ]
 
 

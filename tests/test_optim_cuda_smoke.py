@@ -16,7 +16,8 @@ ops = torch.ops.fused_train
 @pytest.mark.skipif(
     not fused_train.build_info()["cuda_compiled"], reason="fused_train was built without CUDA kernels"
 )
-@pytest.mark.parametrize("op", ["sgd_step_", "adam_step_", "rmsprop_step_"])
+@pytest.mark.parametrize("op", ["sgd_step_", "adam_step_", "rmsprop_step_", "adam8bit_step_", "sgd8bit_step_",
+                                "rmsprop8bit_step_"])
 def test_cuda_kernels_are_registered(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_train::{op}", "CUDA")
 

@@ -31,7 +31,7 @@ OPTIMIZERS = {
     "RMSprop": (RMSprop, dict(lr=1e-3, weight_decay=0.01)),
     "RMSprop-centered-momentum": (RMSprop, dict(lr=1e-3, centered=True, momentum=0.9)),
     "SGD8bit": (SGD8bit, dict(lr=0.01, momentum=0.9, dampening=0.1, min_8bit_size=1)),
-    "RMSprop8bit": (RMSprop8bit, dict(lr=1e-3, centered=True, momentum=0.9, min_8bit_size=1)),
+    "RMSprop8bit": (RMSprop8bit, dict(lr=1e-3, momentum=0.9, min_8bit_size=1)),
 }
 
 

@@ -324,7 +324,7 @@ inline void quantize_tile(const float* x, float inverse, int64_t n, const math::
   for (; i < n; ++i) out[i] = math::quantize_value(x[i] * inverse, c);
 }
 
-// 8-bit state (Adam's two moments, SGD's momentum, RMSprop's square average, gradient average and momentum), one
+// 8-bit state (Adam's two moments, SGD's momentum, RMSprop's square average and momentum), one
 // quantization block at a time: each block's codes are dequantized with its absmax as they are read, updated in
 // fp32 (the param from the updated fp32 moments, as bitsandbytes does), and the new moments wait in a stack buffer
 // until the block's new absmax is known and they are quantized. A loop of its own rather than run_chunk's tiles:
@@ -476,21 +476,19 @@ struct Sgd8bitOp {
   }
 };
 
-// 8-bit RMSprop: square_avg (unsigned), then grad_avg (signed) when centered, then momentum_buffer (signed) with
-// momentum; one instantiation per combination, so the moments a call lacks cost nothing.
-template <bool kCentered, bool kMomentum>
+// 8-bit RMSprop (not centered): square_avg (unsigned), then momentum_buffer (signed) with momentum; one instantiation
+// each, so a call without momentum carries no second moment.
+template <bool kMomentum>
 struct Rmsprop8bitOp {
-  static constexpr int kMoments = 1 + int{kCentered} + int{kMomentum};
+  static constexpr int kMoments = 1 + int{kMomentum};
   static constexpr bool is_signed(int k) { return k > 0; }
   HyperPair<float, math::RmspropHyper> h;
   template <class V>
   void update(V& param, const V& grad, V (&moment)[kMoments]) const {
     V unused(0.0f);
-    V* grad_avg = &unused;
     V* momentum_buf = &unused;
-    if constexpr (kCentered) grad_avg = &moment[1];
-    if constexpr (kMomentum) momentum_buf = &moment[kMoments - 1];
-    math::rmsprop_update<V>(param, grad, moment[0], grad_avg, momentum_buf, h.of<V>());
+    if constexpr (kMomentum) momentum_buf = &moment[1];
+    math::rmsprop_update<V>(param, grad, moment[0], nullptr, momentum_buf, h.of<V>());
   }
 };
 
@@ -526,18 +524,15 @@ void optimizer_8bit_chunks_typed(const OptimizerLaunch& l, int64_t chunk_begin, 
       op.h.vector = op.h.scalar.template as<FV>();
       return run_8bit_chunks<T>(l, chunk_begin, chunk_end, op);
     }
-    default: {  // Rmsprop8bit (alpha in the beta2 slot, as for Rmsprop)
-      const auto hyper = math::make_rmsprop_hyper<float>(l.lr, l.beta2, l.eps, l.weight_decay, l.momentum,
-                                                         l.centered, l.maximize);
+    default: {  // Rmsprop8bit (alpha in the beta2 slot, as for Rmsprop; never centered)
+      const auto hyper = math::make_rmsprop_hyper<float>(l.lr, l.beta2, l.eps, l.weight_decay, l.momentum, false,
+                                                         l.maximize);
       auto run_with = [&](auto op) {
         op.h.scalar = hyper;
         op.h.vector = hyper.template as<FV>();
         run_8bit_chunks<T>(l, chunk_begin, chunk_end, op);
       };
-      if (hyper.centered) {
-        return hyper.has_momentum ? run_with(Rmsprop8bitOp<true, true>{}) : run_with(Rmsprop8bitOp<true, false>{});
-      }
-      return hyper.has_momentum ? run_with(Rmsprop8bitOp<false, true>{}) : run_with(Rmsprop8bitOp<false, false>{});
+      return hyper.has_momentum ? run_with(Rmsprop8bitOp<true>{}) : run_with(Rmsprop8bitOp<false>{});
     }
   }
 }

@@ -244,17 +244,14 @@ void sgd8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
 }
 
 void rmsprop8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avg_codes,
-                          at::TensorList square_avg_absmax, at::TensorList grad_avg_codes,
-                          at::TensorList grad_avg_absmax, at::TensorList momentum_buffer_codes,
+                          at::TensorList square_avg_absmax, at::TensorList momentum_buffer_codes,
                           at::TensorList momentum_buffer_absmax, at::TensorList state_steps, double lr, double alpha,
-                          double eps, double weight_decay, double momentum, bool centered, bool maximize,
-                          bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
+                          double eps, double weight_decay, double momentum, bool maximize, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                           const std::optional<at::TensorList>& rounding_seeds) {
-  OptimizerTensors t = check_rmsprop8bit_step(params, grads, square_avg_codes, square_avg_absmax, grad_avg_codes,
-                                              grad_avg_absmax, momentum_buffer_codes, momentum_buffer_absmax,
-                                              state_steps, centered, momentum, zero_grad, lr_tensor, grad_scale,
-                                              found_inf, rounding_seeds);
+  OptimizerTensors t = check_rmsprop8bit_step(params, grads, square_avg_codes, square_avg_absmax, momentum_buffer_codes,
+                                              momentum_buffer_absmax, state_steps, momentum, zero_grad, lr_tensor,
+                                              grad_scale, found_inf, rounding_seeds);
   OptimizerLaunch l{};
   if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
   l.kind = OptimizerKind::Rmsprop8bit;
@@ -262,7 +259,7 @@ void rmsprop8bit_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   l.eps = eps;
   l.weight_decay = weight_decay;
   l.momentum = momentum;
-  l.centered = centered;
+  l.centered = false;
   l.maximize = maximize;
   l.signed_code = &math::kSignedCode;
   l.unsigned_code = &math::kUnsignedCode;

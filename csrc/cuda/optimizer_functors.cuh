@@ -425,10 +425,10 @@ struct Sgd8bitElementOp {
   }
 };
 
-// RMSprop: square_avg (unsigned), then grad_avg (signed) when centered, then momentum_buffer (signed) with momentum.
-template <bool kCentered, bool kMomentum>
+// RMSprop (not centered): square_avg (unsigned), then momentum_buffer (signed) with momentum.
+template <bool kMomentum>
 struct Rmsprop8bitElementOp {
-  static constexpr int kMoments = 1 + int{kCentered} + int{kMomentum};
+  static constexpr int kMoments = 1 + int{kMomentum};
   FT_HOST_DEVICE static constexpr bool is_signed(int k) { return k > 0; }
   using BlockScalars = LrBlockScalars<float>;
   math::RmspropHyper<float> h;  // lr filled in per block
@@ -442,11 +442,9 @@ struct Rmsprop8bitElementOp {
   }
   FT_HOST_DEVICE FT_INLINE void update(float& param, float grad, float (&moment)[kMoments]) const {
     float unused = 0.0f;
-    float* grad_avg = &unused;
     float* momentum_buf = &unused;
-    if constexpr (kCentered) grad_avg = &moment[1];
-    if constexpr (kMomentum) momentum_buf = &moment[kMoments - 1];
-    math::rmsprop_update<float>(param, grad, moment[0], grad_avg, momentum_buf, h);
+    if constexpr (kMomentum) momentum_buf = &moment[1];
+    math::rmsprop_update<float>(param, grad, moment[0], nullptr, momentum_buf, h);
   }
 };
 

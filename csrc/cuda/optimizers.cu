@@ -316,17 +316,14 @@ void sgd8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
 }
 
 void rmsprop8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList square_avg_codes,
-                           at::TensorList square_avg_absmax, at::TensorList grad_avg_codes,
-                           at::TensorList grad_avg_absmax, at::TensorList momentum_buffer_codes,
+                           at::TensorList square_avg_absmax, at::TensorList momentum_buffer_codes,
                            at::TensorList momentum_buffer_absmax, at::TensorList state_steps, double lr, double alpha,
-                           double eps, double weight_decay, double momentum, bool centered, bool maximize,
-                           bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
+                           double eps, double weight_decay, double momentum, bool maximize, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                            const std::optional<at::TensorList>& rounding_seeds) {
-  OptimizerTensors t = check_rmsprop8bit_step(params, grads, square_avg_codes, square_avg_absmax, grad_avg_codes,
-                                              grad_avg_absmax, momentum_buffer_codes, momentum_buffer_absmax,
-                                              state_steps, centered, momentum, zero_grad, lr_tensor, grad_scale,
-                                              found_inf, rounding_seeds);
+  OptimizerTensors t = check_rmsprop8bit_step(params, grads, square_avg_codes, square_avg_absmax, momentum_buffer_codes,
+                                              momentum_buffer_absmax, state_steps, momentum, zero_grad, lr_tensor,
+                                              grad_scale, found_inf, rounding_seeds);
   if (t.size() == 0) return;
   c10::cuda::OptionalCUDAGuard guard(t.device);
   raise_if_bad_target_seen("rmsprop8bit_step_", t.device.index());
@@ -336,16 +333,15 @@ void rmsprop8bit_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
   if (!prepare_common(common, t.device, lr, lr_tensor, grad_scale, found_inf, zero_grad, keep_alive)) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.dtype, "rmsprop8bit_step_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {  // (the check refuses float64)
-      const auto hyper = math::make_rmsprop_hyper<float>(0.0, alpha, eps, weight_decay, momentum, centered, maximize);
+      const auto hyper = math::make_rmsprop_hyper<float>(0.0, alpha, eps, weight_decay, momentum, false, maximize);
       auto launch = [&](auto op) {
         op.h = hyper;
         launch_8bit<scalar_t>(t, op, common);
       };
-      if (hyper.centered) {
-        hyper.has_momentum ? launch(Rmsprop8bitElementOp<true, true>{}) : launch(Rmsprop8bitElementOp<true, false>{});
+      if (hyper.has_momentum) {
+        launch(Rmsprop8bitElementOp<true>{});
       } else {
-        hyper.has_momentum ? launch(Rmsprop8bitElementOp<false, true>{})
-                           : launch(Rmsprop8bitElementOp<false, false>{});
+        launch(Rmsprop8bitElementOp<false>{});
       }
     }
   });

@@ -58,6 +58,10 @@ class State8bit:
         state[f"{name}_absmax"] = torch.zeros(_quantization.num_blocks(param.numel()), dtype=torch.float32,
                                               device=param.device)
 
+    def _moments_in_use(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The moments a quantized param of this group must have (the first one, and those its options use)."""
+        return self._moments
+
     def _has_moment(self, state: dict[str, Any], name: str) -> bool:
         return state.get(name) is not None or f"{name}_codes" in state
 
@@ -90,8 +94,10 @@ class State8bit:
         entry raises before any group steps."""
         super()._check_state(p, group, state)
         blocks = (_quantization.num_blocks(p.numel()),)
+        # A quantized param's moments in use must all be there; any other moment only if a part of it is.
+        required = self._moments_in_use(group) if self._bucket_kind(p, state) else ()
         for moment in self._moments:
-            if f"{moment}_codes" not in state and f"{moment}_absmax" not in state:
+            if moment not in required and f"{moment}_codes" not in state and f"{moment}_absmax" not in state:
                 continue
             for name in (f"{moment}_codes", f"{moment}_absmax"):
                 value = state.get(name)

@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import _ops
 from ._base import FusedOptimizer, check_stochastic_round
 from ._state8bit import State8bit, check_8bit_arguments
+from ._state8bit import dequantize_state_dict  # noqa: F401  (its former home; fused_train.optim has it too)
 from .adam import check_adam_arguments
 
 

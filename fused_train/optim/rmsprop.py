@@ -115,23 +115,26 @@ RMSProp = RMSprop
 class RMSprop8bit(State8bit, FusedOptimizer, torch.optim.Optimizer):
     r"""RMSprop with 8-bit blockwise state, a drop-in for ``bitsandbytes.optim.RMSprop8bit``.
 
-    The step is :class:`torch.optim.RMSprop`'s in fp32, on the dequantized state: ``square_avg`` (unsigned code),
-    ``grad_avg`` when ``centered`` and ``momentum_buffer`` when ``momentum > 0`` (signed code), each one uint8 code per
-    element and one fp32 absmax per 256 elements (1.02 bytes per param and state, instead of 4). The param is
-    updated from the fp32 state before it is requantized. Params under ``min_8bit_size`` elements, float64, complex
-    and DTensor params keep fp32 (float64) state and take :class:`fused_train.optim.RMSprop`'s kernel.
+    The step is :class:`torch.optim.RMSprop`'s in fp32, on the dequantized state: ``square_avg`` (unsigned code) and
+    ``momentum_buffer`` when ``momentum > 0`` (signed code), each one uint8 code per element and one fp32 absmax per
+    256 elements (1.02 bytes per param and state, instead of 4). The param is updated from the fp32 state before it
+    is requantized. Params under ``min_8bit_size`` elements, float64, complex and DTensor params keep fp32 (float64)
+    state and take :class:`fused_train.optim.RMSprop`'s kernel.
 
-    Unlike bitsandbytes (which refuses them), ``centered=True`` and ``alpha=0`` work, and ``momentum`` is torch's;
-    the square average uses the unsigned code (bitsandbytes quantizes it with the signed one, so half its codes go
-    unused). ``state_dict()`` holds ``<name>_codes`` and ``<name>_absmax`` for quantized params and a ``step``;
-    checkpoints convert both ways as :class:`Adam8bit`'s do (torch.optim.RMSprop's loads here quantized; this one
+    ``centered=True`` raises, as in bitsandbytes: the centered variance ``square_avg - grad_avg²`` is smaller than the
+    8-bit codes' error wherever the gradient's mean dominates its noise, and goes negative there (NaN). Unlike
+    bitsandbytes, ``alpha=0`` works and ``momentum`` is torch's; the square average uses the unsigned code
+    (bitsandbytes quantizes it with the signed one, so half its codes go unused).
+
+    ``state_dict()`` holds ``<name>_codes`` and ``<name>_absmax`` for quantized params and a ``step``; checkpoints
+    convert both ways as :class:`Adam8bit`'s do (torch.optim.RMSprop's loads here quantized; this one
     loads into fused_train.optim.RMSprop dequantized, and into torch.optim.RMSprop after
     :func:`fused_train.optim.dequantize_state_dict`).
 
     Args:
         params (iterable): params or param groups to optimize.
-        lr, alpha, eps, weight_decay, momentum, centered: as torch.optim.RMSprop (defaults 1e-2, 0.99, 1e-8, 0, 0,
-            False).
+        lr, alpha, eps, weight_decay, momentum: as torch.optim.RMSprop (defaults 1e-2, 0.99, 1e-8, 0, 0).
+        centered (bool): must be False (see above).
         args: bitsandbytes' override object; must be None.
         min_8bit_size (int): params with fewer elements keep fp32 state (default: 4096, as bitsandbytes).
         maximize, zero_grad_in_step, bf16_stochastic_round: as :class:`fused_train.optim.RMSprop`.
@@ -140,10 +143,10 @@ class RMSprop8bit(State8bit, FusedOptimizer, torch.optim.Optimizer):
         >>> optimizer = fused_train.optim.RMSprop8bit(model.parameters(), lr=1e-3, momentum=0.9)
     """
 
-    _state_names = ("square_avg", "grad_avg", "momentum_buffer", "square_avg_codes", "square_avg_absmax",
-                    "grad_avg_codes", "grad_avg_absmax", "momentum_buffer_codes", "momentum_buffer_absmax")
-    _full_precision_state_names = ("square_avg", "grad_avg", "momentum_buffer")
-    _moments = ("square_avg", "grad_avg", "momentum_buffer")
+    _state_names = ("square_avg", "momentum_buffer", "square_avg_codes", "square_avg_absmax", "momentum_buffer_codes",
+                    "momentum_buffer_absmax")
+    _full_precision_state_names = ("square_avg", "momentum_buffer")
+    _moments = ("square_avg", "momentum_buffer")
 
     def __init__(
         self,
@@ -164,6 +167,8 @@ class RMSprop8bit(State8bit, FusedOptimizer, torch.optim.Optimizer):
         name = type(self).__name__
         check_rmsprop_arguments(name, lr, alpha, eps, weight_decay, momentum, bf16_stochastic_round)
         check_8bit_arguments(name, min_8bit_size=min_8bit_size, args=args)
+        if centered:
+            raise ValueError(_CENTERED_8BIT.format(name=name, where="centered=True"))
         # torch.optim.RMSprop's group keys as well, so a checkpoint loads into fused_train.optim.RMSprop unchanged.
         defaults = dict(
             lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered, weight_decay=weight_decay,
@@ -177,28 +182,40 @@ class RMSprop8bit(State8bit, FusedOptimizer, torch.optim.Optimizer):
         self._new_moment(param, group, state, "square_avg")
 
     def _ensure_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        # Checked while the tables are built, before any group steps.
+        if group.get("centered"):
+            raise ValueError(_CENTERED_8BIT.format(
+                name=type(self).__name__, where="a group with centered=True (e.g. from a loaded checkpoint; set the "
+                "group's 'centered' to False to go on uncentered)"))
         if group["momentum"] > 0 and not self._has_moment(state, "momentum_buffer"):
             self._new_moment(param, group, state, "momentum_buffer")
-        if group["centered"] and not self._has_moment(state, "grad_avg"):
-            self._new_moment(param, group, state, "grad_avg")
+
+    def _moments_in_use(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("square_avg", "momentum_buffer") if group["momentum"] > 0 else ("square_avg",)
 
     def _state_options(self, group: dict[str, Any]) -> tuple:
         return RMSprop._state_options(self, group) + (group.get("min_8bit_size"),)
 
+    def _convert_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        super()._convert_state(p, group, state)
+        state.pop("grad_avg", None)  # a centered checkpoint's, once its group was set uncentered
+
     def _step_bucket(self, group, bucket, params, grads, states, steps, *, zero_grad, lr, lr_tensor,
                      grad_scale, found_inf) -> None:
-        centered, momentum = group["centered"], float(group["momentum"])
+        momentum = float(group["momentum"])
         hyper = dict(lr=lr, alpha=float(group["alpha"]), eps=float(group["eps"]),
-                     weight_decay=float(group["weight_decay"]), momentum=momentum, centered=centered,
-                     maximize=group["maximize"], zero_grad=zero_grad, lr_tensor=lr_tensor, grad_scale=grad_scale,
-                     found_inf=found_inf, rounding_seeds=bucket.rounding_seeds)
+                     weight_decay=float(group["weight_decay"]), momentum=momentum, maximize=group["maximize"],
+                     zero_grad=zero_grad, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+                     rounding_seeds=bucket.rounding_seeds)
         if not self._is_quantized(states):
-            _ops.rmsprop_step_(params, grads, states["square_avg"], states["grad_avg"] if centered else [],
-                               states["momentum_buffer"] if momentum > 0 else [], steps, **hyper)
+            buffers = states["momentum_buffer"] if momentum > 0 else []
+            _ops.rmsprop_step_(params, grads, states["square_avg"], [], buffers, steps, centered=False, **hyper)
             return
+        buffers = (states["momentum_buffer_codes"], states["momentum_buffer_absmax"]) if momentum > 0 else ([], [])
+        _ops.rmsprop8bit_step_(params, grads, states["square_avg_codes"], states["square_avg_absmax"], *buffers, steps,
+                               **hyper)
 
-        def lists(name: str, used: bool) -> tuple[list[Tensor], list[Tensor]]:
-            return (states[f"{name}_codes"], states[f"{name}_absmax"]) if used else ([], [])
 
-        _ops.rmsprop8bit_step_(params, grads, *lists("square_avg", True), *lists("grad_avg", centered),
-                               *lists("momentum_buffer", momentum > 0), steps, **hyper)
+_CENTERED_8BIT = ("{name}: {where} is not supported with 8-bit state (nor by bitsandbytes): the centered variance "
+                  "square_avg - grad_avg² falls below the 8-bit codes' error wherever the gradient's mean dominates "
+                  "its noise; use fused_train.optim.RMSprop for centered RMSprop")

@@ -209,6 +209,9 @@ class SGD8bit(State8bit, SGD):
     def _state_options(self, group: dict[str, Any]) -> tuple:
         return super()._state_options(group) + (group.get("min_8bit_size"),)
 
+    def _moments_in_use(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
     def _ensure_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         if group["momentum"] != 0 and not self._has_moment(state, "momentum_buffer"):
             # Filled with the first gradient by the kernel (is_first_step), as SGD's.

@@ -316,7 +316,7 @@ using AdamOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorLi
                     const OptTensor&, const OptTensor&, const OptTensorList&);
 using RmspropOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                        at::TensorList, double, double, double, double, double, bool, bool, bool, const OptTensor&,
-                       const OptTensor&, const OptTensor&);
+                       const OptTensor&, const OptTensor&, const OptTensorList&);
 
 template <class Sig>
 c10::TypedOperatorHandle<Sig> find_op(const char* name) {
@@ -398,7 +398,8 @@ void call_op(const OptimConfig& c, const GradMode& mode, int step, OpTensors& t,
     case OptimizerKind::Rmsprop:
       find_op<RmspropOp>("fused_train::rmsprop_step_")
           .call(t.params, t.grads, t.states[0], t.states[1], t.states[2], t.steps, c.lr, c.beta2, c.eps,
-                c.weight_decay, c.momentum, c.centered, c.maximize, mode.zero_grad, std::nullopt, scale, found_inf);
+                c.weight_decay, c.momentum, c.centered, c.maximize, mode.zero_grad, std::nullopt, scale, found_inf,
+                std::nullopt);
       break;
   }
 }
