@@ -131,9 +131,11 @@ def format_rows(rows: list[dict]) -> str:
         pct = f"{r['pct_ceiling']:.0f}" if r["pct_ceiling"] is not None else ""
         lines.append(f"{r['optimizer']:<8} {r['shape']:<10} {r['impl']:<20} {r['ms']:>9.2f} {r['ratio_8bit_vs_this']:>10.3f} "
                      f"{r['gbs']:>7.1f} {pct:>6} {r['state_bytes_per_param']:>13.3f}")
-    if rows and rows[0]["ceiling_gbs"]:
-        lines.append(f"ceiling (streaming pass, 24 B/param): {rows[0]['ceiling_gbs']:.1f} GB/s; "
-                     f"threads {rows[0]['threads']}; torch {torch.__version__}")
+    for optimizer in dict.fromkeys(r["optimizer"] for r in rows):
+        first = next(r for r in rows if r["optimizer"] == optimizer)
+        if first["ceiling_gbs"]:
+            lines.append(f"{optimizer}: ceiling (streaming pass, 24 B/param) {first['ceiling_gbs']:.1f} GB/s; "
+                         f"threads {first['threads']}; torch {torch.__version__}")
     return "\n".join(lines)
 
 
