@@ -5,8 +5,6 @@
 
 #include <cstdint>
 
-#include "fused_train/quant_math.h"
-
 namespace fused_train {
 namespace cpu {
 
@@ -54,8 +52,6 @@ struct OptimizerLaunch {
   bool has_grad_scale;   // divide gradients by grad_scale (written back unscaled unless zero_grad)
   double grad_scale;
   bool stochastic_round;  // bf16 params: round each update with its slot's rounding_stream
-  const math::DynamicCode* signed_code;    // 8-bit state: the code of moments that can be negative
-  const math::DynamicCode* unsigned_code;  // 8-bit state: the code of squares (exp_avg_sq, square_avg)
 };
 
 // Runs chunks [chunk_begin, chunk_end) of a launch.

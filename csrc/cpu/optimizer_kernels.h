@@ -333,6 +333,7 @@ inline void quantize_tile(const float* x, float inverse, int64_t n, const math::
 // Op (Adam8bitOp, Sgd8bitOp, Rmsprop8bitOp below) is the optimizer's update on its K quantized moments:
 //   static constexpr int kMoments;                    // K, 1 to 3
 //   static constexpr bool is_signed(int k);           // moment k's code: signed, or unsigned (squares)
+//   void set_slot(const ParamSlot&);                 // the per-param scalars (Adam's bias corrections), if any
 //   template <class V> void update(V& param, const V& grad, V (&moment)[kMoments]) const;  // V: float or FV
 // and the slot holds (codes, absmax) of moment k at state[2k], state[2k + 1].
 // (the moments' loops fully unrolled, so that the per-moment arrays live in registers)
@@ -350,7 +351,7 @@ void run_8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t beg
   FT_UNROLL_K for (int k = 0; k < K; ++k) {
     codes[k] = static_cast<uint8_t*>(slot.state[2 * k]);
     absmax[k] = static_cast<float*>(slot.state[2 * k + 1]);
-    code[k] = Op::is_signed(k) ? l.signed_code : l.unsigned_code;
+    code[k] = Op::is_signed(k) ? &math::kSignedCode : &math::kUnsignedCode;
   }
   const bool unscale = l.has_grad_scale;
   const bool write_back_grad = l.has_grad_scale && !l.zero_grad;
@@ -458,6 +459,10 @@ struct Adam8bitOp {
   static constexpr bool is_signed(int k) { return k == 0; }
   HyperPair<float, math::AdamHyper> h;
   FloatPair neg_step_size, bc2_sqrt;
+  void set_slot(const ParamSlot& slot) {
+    neg_step_size = FloatPair(static_cast<float>(slot.neg_step_size));
+    bc2_sqrt = FloatPair(static_cast<float>(slot.bc2_sqrt));
+  }
   template <class V>
   void update(V& param, const V& grad, V (&moment)[2]) const {
     math::adam_update<V>(param, grad, moment[0], moment[1], nullptr, neg_step_size.of<V>(), bc2_sqrt.of<V>(),
@@ -470,6 +475,7 @@ struct Sgd8bitOp {
   static constexpr int kMoments = 1;
   static constexpr bool is_signed(int) { return true; }
   HyperPair<float, math::SgdHyper> h;
+  void set_slot(const ParamSlot&) {}
   template <class V>
   void update(V& param, const V& grad, V (&moment)[1]) const {
     math::sgd_update<V>(param, grad, &moment[0], h.of<V>());
@@ -483,6 +489,7 @@ struct Rmsprop8bitOp {
   static constexpr int kMoments = 1 + int{kMomentum};
   static constexpr bool is_signed(int k) { return k > 0; }
   HyperPair<float, math::RmspropHyper> h;
+  void set_slot(const ParamSlot&) {}
   template <class V>
   void update(V& param, const V& grad, V (&moment)[kMoments]) const {
     V unused(0.0f);
@@ -498,10 +505,7 @@ void run_8bit_chunks(const OptimizerLaunch& l, int64_t chunk_begin, int64_t chun
   for (int64_t k = chunk_begin; k < chunk_end; ++k) {
     const ChunkRange& chunk = l.chunks[k];
     const ParamSlot& slot = l.slots[chunk.slot];
-    if constexpr (std::is_same_v<Op, Adam8bitOp>) {
-      op.neg_step_size = FloatPair(static_cast<float>(slot.neg_step_size));
-      op.bc2_sqrt = FloatPair(static_cast<float>(slot.bc2_sqrt));
-    }
+    op.set_slot(slot);
     run_8bit_chunk<T>(l, slot, chunk.begin, chunk.end, op);
   }
 }

@@ -109,8 +109,26 @@ void set_rounding_stream(const OptimizerTensors& t, int64_t i, double step, Para
   s.rounding_stream = math::rounding_stream(*seed.data_ptr<int64_t>(), step);
 }
 
-// Adam's run: each param's step advances, then its bias corrections (in double, as torch) go into its slot.
-void run_adam(OptimizerLaunch l, OptimizerTensors& t) {
+// What follows an op's checks, shared by the fp32 and 8-bit ops of one update (kind): GradScaler's prologue, the
+// hyperparameters into the launch, the steps advanced and the kernels run. The 8-bit kernels read their codes from
+// quant_math.h's constants.
+using OptionalTensor = std::optional<at::Tensor>;
+
+// Adam: each param's step advances, then its bias corrections (in double, as torch) go into its slot.
+void step_adam(OptimizerKind kind, OptimizerTensors& t, at::TensorList grads, double lr, double beta1, double beta2,
+               double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
+               bool zero_grad, const OptionalTensor& lr_tensor, const OptionalTensor& grad_scale,
+               const OptionalTensor& found_inf) {
+  OptimizerLaunch l{};
+  if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
+  l.kind = kind;
+  l.beta1 = beta1;
+  l.beta2 = beta2;
+  l.eps = eps;
+  l.weight_decay = weight_decay;
+  l.decoupled_weight_decay = decoupled_weight_decay;
+  l.amsgrad = amsgrad;
+  l.maximize = maximize;
   set_rounding(l, t);
   run(l, t, [&](int64_t i, ParamSlot& s) {
     const double step = advance_step(t.steps[i]);
@@ -121,18 +139,41 @@ void run_adam(OptimizerLaunch l, OptimizerTensors& t) {
   });
 }
 
-// RMSprop's run: each param's step advances (the rounding's counter, when there are seeds).
-void run_rmsprop(OptimizerLaunch l, OptimizerTensors& t) {
-  set_rounding(l, t);
-  run(l, t, [&](int64_t i, ParamSlot& s) { set_rounding_stream(t, i, advance_step(t.steps[i]), s); });
-}
-
-// SGD's run: its steps exist for stochastic rounding, as its counter.
-void run_sgd(OptimizerLaunch l, OptimizerTensors& t) {
+// SGD: its steps exist for stochastic rounding, as its counter.
+void step_sgd(OptimizerKind kind, OptimizerTensors& t, at::TensorList grads, double lr, double momentum,
+              double dampening, double weight_decay, bool nesterov, bool maximize, bool is_first_step, bool zero_grad,
+              const OptionalTensor& lr_tensor, const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
+  OptimizerLaunch l{};
+  if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
+  l.kind = kind;
+  l.momentum = momentum;
+  l.dampening = dampening;
+  l.weight_decay = weight_decay;
+  l.nesterov = nesterov;
+  l.maximize = maximize;
+  l.first_step = is_first_step;
   set_rounding(l, t);
   run(l, t, [&](int64_t i, ParamSlot& s) {
     if (!t.steps.empty()) set_rounding_stream(t, i, advance_step(t.steps[i]), s);
   });
+}
+
+// RMSprop: each param's step advances (the rounding's counter, when there are seeds).
+void step_rmsprop(OptimizerKind kind, OptimizerTensors& t, at::TensorList grads, double lr, double alpha, double eps,
+                  double weight_decay, double momentum, bool centered, bool maximize, bool zero_grad,
+                  const OptionalTensor& lr_tensor, const OptionalTensor& grad_scale,
+                  const OptionalTensor& found_inf) {
+  OptimizerLaunch l{};
+  if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
+  l.kind = kind;
+  l.beta2 = alpha;
+  l.eps = eps;
+  l.weight_decay = weight_decay;
+  l.momentum = momentum;
+  l.centered = centered;
+  l.maximize = maximize;
+  set_rounding(l, t);
+  run(l, t, [&](int64_t i, ParamSlot& s) { set_rounding_stream(t, i, advance_step(t.steps[i]), s); });
 }
 
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -143,16 +184,8 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   const std::optional<at::TensorList>& rounding_seeds) {
   OptimizerTensors t = check_sgd_step(params, grads, momentum_buffers, momentum, zero_grad, lr_tensor, grad_scale,
                                       found_inf, state_steps, rounding_seeds);
-  OptimizerLaunch l{};
-  if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
-  l.kind = OptimizerKind::Sgd;
-  l.momentum = momentum;
-  l.dampening = dampening;
-  l.weight_decay = weight_decay;
-  l.nesterov = nesterov;
-  l.maximize = maximize;
-  l.first_step = is_first_step;
-  run_sgd(l, t);
+  step_sgd(OptimizerKind::Sgd, t, grads, lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step,
+           zero_grad, lr_tensor, grad_scale, found_inf);
 }
 
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -163,17 +196,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::TensorList>& rounding_seeds) {
   OptimizerTensors t = check_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad,
                                        zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds);
-  OptimizerLaunch l{};
-  if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
-  l.kind = OptimizerKind::Adam;
-  l.beta1 = beta1;
-  l.beta2 = beta2;
-  l.eps = eps;
-  l.weight_decay = weight_decay;
-  l.decoupled_weight_decay = decoupled_weight_decay;
-  l.amsgrad = amsgrad;
-  l.maximize = maximize;
-  run_adam(l, t);
+  step_adam(OptimizerKind::Adam, t, grads, lr, beta1, beta2, weight_decay, eps, amsgrad, maximize,
+            decoupled_weight_decay, zero_grad, lr_tensor, grad_scale, found_inf);
 }
 
 void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
@@ -185,16 +209,8 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   OptimizerTensors t = check_rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps,
                                           centered, momentum, zero_grad, lr_tensor, grad_scale, found_inf,
                                           rounding_seeds);
-  OptimizerLaunch l{};
-  if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
-  l.kind = OptimizerKind::Rmsprop;
-  l.beta2 = alpha;
-  l.eps = eps;
-  l.weight_decay = weight_decay;
-  l.momentum = momentum;
-  l.centered = centered;
-  l.maximize = maximize;
-  run_rmsprop(l, t);
+  step_rmsprop(OptimizerKind::Rmsprop, t, grads, lr, alpha, eps, weight_decay, momentum, centered, maximize,
+               zero_grad, lr_tensor, grad_scale, found_inf);
 }
 
 void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_codes,
@@ -207,18 +223,8 @@ void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
   OptimizerTensors t = check_adam8bit_step(params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
                                            exp_avg_sq_absmax, state_steps, zero_grad, lr_tensor, grad_scale,
                                            found_inf, rounding_seeds);
-  OptimizerLaunch l{};
-  if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
-  l.kind = OptimizerKind::Adam8bit;
-  l.beta1 = beta1;
-  l.beta2 = beta2;
-  l.eps = eps;
-  l.weight_decay = weight_decay;
-  l.decoupled_weight_decay = decoupled_weight_decay;
-  l.maximize = maximize;
-  l.signed_code = &math::kSignedCode;
-  l.unsigned_code = &math::kUnsignedCode;
-  run_adam(l, t);
+  step_adam(OptimizerKind::Adam8bit, t, grads, lr, beta1, beta2, weight_decay, eps, false, maximize,
+            decoupled_weight_decay, zero_grad, lr_tensor, grad_scale, found_inf);
 }
 
 void sgd8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffer_codes,
@@ -229,41 +235,22 @@ void sgd8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       const std::optional<at::TensorList>& rounding_seeds) {
   OptimizerTensors t = check_sgd8bit_step(params, grads, momentum_buffer_codes, momentum_buffer_absmax, state_steps,
                                           momentum, zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds);
-  OptimizerLaunch l{};
-  if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
-  l.kind = OptimizerKind::Sgd8bit;
-  l.momentum = momentum;
-  l.dampening = dampening;
-  l.weight_decay = weight_decay;
-  l.nesterov = nesterov;
-  l.maximize = maximize;
-  l.first_step = is_first_step;
-  l.signed_code = &math::kSignedCode;
-  l.unsigned_code = &math::kUnsignedCode;
-  run_sgd(l, t);
+  step_sgd(OptimizerKind::Sgd8bit, t, grads, lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step,
+           zero_grad, lr_tensor, grad_scale, found_inf);
 }
 
 void rmsprop8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avg_codes,
                           at::TensorList square_avg_absmax, at::TensorList momentum_buffer_codes,
                           at::TensorList momentum_buffer_absmax, at::TensorList state_steps, double lr, double alpha,
-                          double eps, double weight_decay, double momentum, bool maximize, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
-                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                          double eps, double weight_decay, double momentum, bool maximize, bool zero_grad,
+                          const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf,
                           const std::optional<at::TensorList>& rounding_seeds) {
   OptimizerTensors t = check_rmsprop8bit_step(params, grads, square_avg_codes, square_avg_absmax, momentum_buffer_codes,
                                               momentum_buffer_absmax, state_steps, momentum, zero_grad, lr_tensor,
                                               grad_scale, found_inf, rounding_seeds);
-  OptimizerLaunch l{};
-  if (t.size() == 0 || !begin_launch(l, grads, lr, lr_tensor, grad_scale, found_inf, zero_grad)) return;
-  l.kind = OptimizerKind::Rmsprop8bit;
-  l.beta2 = alpha;
-  l.eps = eps;
-  l.weight_decay = weight_decay;
-  l.momentum = momentum;
-  l.centered = false;
-  l.maximize = maximize;
-  l.signed_code = &math::kSignedCode;
-  l.unsigned_code = &math::kUnsignedCode;
-  run_rmsprop(l, t);
+  step_rmsprop(OptimizerKind::Rmsprop8bit, t, grads, lr, alpha, eps, weight_decay, momentum, false, maximize,
+               zero_grad, lr_tensor, grad_scale, found_inf);
 }
 
 }  // namespace
