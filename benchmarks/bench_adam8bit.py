@@ -125,12 +125,13 @@ def run(device: str = "cpu", quick: bool = False, repeat: int = 15, bnb_repeat: 
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = f"{'opt':<8} {'shape':<10} {'impl':<20} {'ms':>9} {'8-bit/this':>10} {'GB/s':>7} {'%ceil':>6} {'state B/param':>13}"
+    head = (f"{'opt':<8} {'shape':<10} {'impl':<20} {'ms':>9} {'8-bit/this':>10} {'GB/s':>7} {'%ceil':>6} "
+            f"{'state B/param':>13}")
     lines = [head]
     for r in rows:
         pct = f"{r['pct_ceiling']:.0f}" if r["pct_ceiling"] is not None else ""
-        lines.append(f"{r['optimizer']:<8} {r['shape']:<10} {r['impl']:<20} {r['ms']:>9.2f} {r['ratio_8bit_vs_this']:>10.3f} "
-                     f"{r['gbs']:>7.1f} {pct:>6} {r['state_bytes_per_param']:>13.3f}")
+        lines.append(f"{r['optimizer']:<8} {r['shape']:<10} {r['impl']:<20} {r['ms']:>9.2f} "
+                     f"{r['ratio_8bit_vs_this']:>10.3f} {r['gbs']:>7.1f} {pct:>6} {r['state_bytes_per_param']:>13.3f}")
     for optimizer in dict.fromkeys(r["optimizer"] for r in rows):
         first = next(r for r in rows if r["optimizer"] == optimizer)
         if first["ceiling_gbs"]:
