@@ -547,21 +547,57 @@ def _linear_cross_entropy_backward_fake(grad_loss, input, linear_weight, target,
 
 # vmap rules for the two functional cross-entropy ops, which is what torch.vmap (and with it per-sample
 # gradients, jacrev) meets under fused_train.nn.functional.cross_entropy: the vmapped dimension is folded
-# into the rows, so a batch of B losses is one call over B·rows rows, reduced per sample afterwards.
+# into the rows, so a batch of B losses is one call over B·rows rows, reduced per sample afterwards (a batch
+# of class weights: one call per sample).
 def _batch_first(t: Tensor, dim: int | None, batch_size: int) -> Tensor:
     return t.expand(batch_size, *t.shape) if dim is None else t.movedim(dim, 0)
 
 
-def _unbatched_weight(in_dims, position: int) -> None:
-    if in_dims[position] is not None:
-        raise NotImplementedError(
-            "cross_entropy: vmap over weight is not supported; vmap over input and target with one weight"
-        )
+def _vmap_per_sample(op, info, in_dims, args, kwargs):
+    """The op once per sample, results stacked: the vmap rule for what cannot fold into rows (a batched
+    linear_weight, linear_bias or class weight, or per-sample parameter gradients)."""
+    def sample_of(arg, dim, index):
+        return arg if dim is None or arg is None else arg.select(dim, index)
+
+    def call(*sample):
+        out = op(*sample, **kwargs)
+        return (out,) if isinstance(out, Tensor) else out
+
+    if info.batch_size == 0:  # no sample to run: each output's shape from the op's fake kernel
+        device = next(a.device for a in args if isinstance(a, Tensor))
+        meta = [None if a is None else a.to("meta") for a in args]
+        sample = [None if a is None else (a if d is None else a.new_empty(a.shape[:d] + a.shape[d + 1:]))
+                  for a, d in zip(meta, in_dims)]
+        outs = tuple(torch.empty((0, *o.shape), dtype=o.dtype, device=device) for o in call(*sample))
+    else:
+        results = [call(*(sample_of(a, d, b) for a, d in zip(args, in_dims))) for b in range(info.batch_size)]
+        outs = tuple(torch.stack(r) for r in zip(*results))
+    if len(op._schema.returns) == 1:  # an op returning one Tensor, not a tuple
+        return outs[0], 0
+    return outs, (0,) * len(outs)
+
+
+def _mean_denominators(target: Tensor, weight: Tensor | None, ignore_index: int, classes: int,
+                       opmath: torch.dtype) -> Tensor:
+    """Each sample's mean divisor for targets (batch, rows[, classes]), as the ops compute it for one: its
+    rows for probabilities, else Σ weight[target] over its rows that are not ignored (0 when all are). In
+    int64: an int32 target compared with an ignore_index beyond int32 would wrap it."""
+    if target.is_floating_point():
+        return torch.full((target.shape[0],), target.shape[1], dtype=opmath, device=target.device)
+    kept = target.long() != ignore_index
+    if weight is None:
+        return kept.sum(1).to(opmath)
+    return torch.where(kept, weight.to(opmath)[target.long().clamp(0, classes - 1)], 0).sum(1)
 
 
 def _cross_entropy_forward_vmap(info, in_dims, input, target, weight, *, reduction, ignore_index,
                                 label_smoothing, lse_square_scale, opmath_loss=False):
-    _unbatched_weight(in_dims, 2)
+    if in_dims[2] is not None:  # a class weight per sample
+        return _vmap_per_sample(
+            _ops.cross_entropy_forward.default, info, in_dims, (input, target, weight),
+            dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                 lse_square_scale=lse_square_scale, opmath_loss=opmath_loss),
+        )
     x = _batch_first(input, in_dims[0], info.batch_size)
     t = _batch_first(target, in_dims[1], info.batch_size)
     batch, rows, classes = x.shape
@@ -577,23 +613,24 @@ def _cross_entropy_forward_vmap(info, in_dims, input, target, weight, *, reducti
     one = row_lse.new_ones(())
     if reduction == 0:
         return (loss.to(loss_dtype), z_loss.to(loss_dtype), row_lse, one), (0, 0, 0, None)
-    denominator, denominator_dim = one, None
-    if reduction == 1 and t.is_floating_point():
-        denominator = row_lse.new_full((), rows)
-    elif reduction == 1:
-        # torch's weighted mean: Σ w_t over each sample's rows that are not ignored (0/0 = NaN when all are).
-        kept = t != ignore_index
-        row_weight = (kept.to(opmath) if weight is None
-                      else torch.where(kept, weight.to(opmath)[t.clamp(0, classes - 1)], 0))
-        denominator, denominator_dim = row_weight.sum(1), 0
+    if reduction == 2:
+        return (loss.sum(1).to(loss_dtype), z_loss.sum(1).to(loss_dtype), row_lse, one), (0, 0, 0, None)
+    # torch's weighted mean (0/0 = NaN for a sample whose rows are all ignored).
+    denominator = _mean_denominators(t, weight, ignore_index, classes, opmath)
     loss = (loss.sum(1) / denominator).to(loss_dtype)
     z_loss = (z_loss.sum(1) / denominator).to(loss_dtype)
-    return (loss, z_loss, row_lse, denominator), (0, 0, 0, denominator_dim)
+    return (loss, z_loss, row_lse, denominator), (0, 0, 0, 0)
 
 
 def _cross_entropy_backward_vmap(info, in_dims, grad_loss, input, target, weight, row_lse, denominator, *,
                                  reduction, ignore_index, label_smoothing, lse_square_scale):
-    _unbatched_weight(in_dims, 3)
+    if in_dims[3] is not None:
+        return _vmap_per_sample(
+            _ops.cross_entropy_backward.default, info, in_dims,
+            (grad_loss, input, target, weight, row_lse, denominator),
+            dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                 lse_square_scale=lse_square_scale),
+        )
     size = info.batch_size
     x = _batch_first(input, in_dims[1], size)
     t = _batch_first(target, in_dims[2], size)
@@ -616,6 +653,79 @@ def _cross_entropy_backward_vmap(info, in_dims, grad_loss, input, target, weight
 
 torch.library.register_vmap("fused_train::cross_entropy_forward", _cross_entropy_forward_vmap)
 torch.library.register_vmap("fused_train::cross_entropy_backward", _cross_entropy_backward_vmap)
+
+
+def _linear_cross_entropy_forward_vmap(info, in_dims, input, linear_weight, target, linear_bias, weight, *,
+                                       reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
+                                       chunk_rows, input_grad, linear_weight_grad, linear_bias_grad,
+                                       opmath_loss=False):
+    options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+                   softcap=softcap, chunk_rows=chunk_rows)
+    op = _ops.linear_cross_entropy_forward.default
+    grads = dict(input_grad=input_grad, linear_weight_grad=linear_weight_grad, linear_bias_grad=linear_bias_grad)
+    if any(d is not None for d in in_dims[1:2] + in_dims[3:]) or any(grads.values()):
+        return _vmap_per_sample(op, info, in_dims, (input, linear_weight, target, linear_bias, weight),
+                                dict(reduction=reduction, opmath_loss=opmath_loss, **options, **grads))
+    # One weight for every sample (per-sample losses, the forward of per-sample gradients): the samples'
+    # rows folded into one call, each sample's loss reduced afterwards.
+    x = _batch_first(input, in_dims[0], info.batch_size)
+    t = _batch_first(target, in_dims[2], info.batch_size)
+    batch, rows = x.shape[:2]
+    loss, row_lse, one, *empty = op(
+        x.reshape(batch * rows, x.shape[-1]), linear_weight, t.reshape(batch * rows, *t.shape[2:]), linear_bias,
+        weight, reduction=0, opmath_loss=True, **options, **grads,
+    )
+    loss_dtype = row_lse.dtype if opmath_loss else input.dtype
+    loss, row_lse = loss.reshape(batch, rows), row_lse.reshape(batch, rows, 2)
+    unbatched = (None,) * len(empty)
+    if reduction == 0:
+        return (loss.to(loss_dtype), row_lse, one, *empty), (0, 0, None, *unbatched)
+    if reduction == 2:
+        return (loss.sum(1).to(loss_dtype), row_lse, one, *empty), (0, 0, None, *unbatched)
+    denominator = _mean_denominators(t, weight, ignore_index, linear_weight.shape[0], row_lse.dtype)
+    return (loss.sum(1).div(denominator).to(loss_dtype), row_lse, denominator, *empty), (0, 0, 0, *unbatched)
+
+
+def _linear_cross_entropy_backward_vmap(info, in_dims, grad_loss, input, linear_weight, target, linear_bias,
+                                        weight, row_lse, denominator, *, reduction, ignore_index, label_smoothing,
+                                        lse_square_scale, softcap, chunk_rows, input_grad, linear_weight_grad,
+                                        linear_bias_grad):
+    options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+                   softcap=softcap, chunk_rows=chunk_rows, input_grad=input_grad)
+    op = _ops.linear_cross_entropy_backward.default
+    if (any(d is not None for d in (in_dims[2], in_dims[4], in_dims[5])) or linear_weight_grad
+            or linear_bias_grad):
+        # A gradient of linear_weight or linear_bias per sample: one call per sample.
+        return _vmap_per_sample(
+            op, info, in_dims, (grad_loss, input, linear_weight, target, linear_bias, weight, row_lse, denominator),
+            dict(reduction=reduction, linear_weight_grad=linear_weight_grad, linear_bias_grad=linear_bias_grad,
+                 **options),
+        )
+    # Only input's gradient, which is per row: the samples folded into the rows as in the forward, each row's
+    # loss gradient being its sample's grad_loss / denominator (0 where the denominator is: all rows ignored).
+    size = info.batch_size
+    x = _batch_first(input, in_dims[1], size)
+    t = _batch_first(target, in_dims[3], size)
+    lse = _batch_first(row_lse, in_dims[6], size)
+    batch, rows = x.shape[:2]
+    g = _batch_first(grad_loss, in_dims[0], size).to(lse.dtype)
+    if reduction == 0:
+        g = g.reshape(batch, rows)
+    else:
+        den = _batch_first(denominator, in_dims[7], size).reshape(batch).to(lse.dtype)
+        g = torch.where(den != 0, g.reshape(batch) / den, 0)[:, None].expand(batch, rows)
+    grad_input, *empty = op(
+        g.reshape(batch * rows), x.reshape(batch * rows, x.shape[-1]), linear_weight,
+        t.reshape(batch * rows, *t.shape[2:]), linear_bias, weight, lse.reshape(batch * rows, 2), lse.new_ones(()),
+        reduction=0, linear_weight_grad=False, linear_bias_grad=False, **options,
+    )
+    if input_grad:
+        return (grad_input.reshape(x.shape), *empty), (0, None, None)
+    return (grad_input, *empty), (None, None, None)
+
+
+torch.library.register_vmap("fused_train::linear_cross_entropy_forward", _linear_cross_entropy_forward_vmap)
+torch.library.register_vmap("fused_train::linear_cross_entropy_backward", _linear_cross_entropy_backward_vmap)
 
 
 # fused_train::cross_entropy_loss (csrc/cross_entropy_autograd.cpp) is the loss with its autograd node in C++;

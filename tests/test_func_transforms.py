@@ -106,11 +106,27 @@ def test_transforms_leave_the_logits_alone_with_inplace_backward(device):
     assert torch.equal(x, before)
 
 
-def test_vmap_over_weight_raises_clearly():
-    x, target, _ = _problem("cpu", 4, 9, batch=(3,))
-    weights = torch.rand(3, 9, dtype=torch.float64)
-    with pytest.raises(NotImplementedError, match="vmap over weight is not supported"):
-        vmap(lambda z, t, w: cross_entropy(z, t, weight=w))(x, target, weights)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_vmap_over_class_weights_matches_torch_sample_by_sample(device, reduction):
+    # A class weight per sample (one call per sample), alone and with the logits and targets batched too.
+    x, target, _ = _problem(device, 4, 9, batch=(3,), ignore=True, label_smoothing=0.1)
+    weights = torch.rand(3, 9, dtype=torch.float64, device=device) + 0.1
+
+    def ours(z, t, w):
+        return cross_entropy(z, t, weight=w, reduction=reduction, label_smoothing=0.1)
+
+    def ref(z, t, w):
+        return F.cross_entropy(z, t, weight=w, reduction=reduction, label_smoothing=0.1)
+
+    expected = torch.stack([ref(x[i], target[i], weights[i]) for i in range(3)])
+    torch.testing.assert_close(vmap(ours)(x, target, weights), expected, **TIGHT)
+    expected = torch.stack([ref(x[0], target[0], weights[i]) for i in range(3)])
+    torch.testing.assert_close(vmap(ours, in_dims=(None, None, 0))(x[0], target[0], weights), expected, **TIGHT)
+    if reduction != "none":
+        grads = vmap(grad(ours))(x, target, weights)
+        expected = torch.stack([grad(ref)(x[i], target[i], weights[i]) for i in range(3)])
+        torch.testing.assert_close(grads, expected, **TIGHT)
 
 
 def test_hessian_and_grad_of_grad_raise_instead_of_answering_zero():

@@ -432,6 +432,186 @@ def test_batched_loss_gradients_match_torch():
         torch.testing.assert_close(g, r, **TOL[torch.float64])
 
 
+# -- torch.vmap: per-sample losses and gradients, ensembles of heads, Jacobians --
+
+
+def per_sample(fn, *batched):
+    """fn on each sample of the batched arguments, results stacked: what vmap must give."""
+    results = [fn(*(a[i] for a in batched)) for i in range(len(batched[0]))]
+    if isinstance(results[0], torch.Tensor):
+        return torch.stack(results)
+    return tuple(torch.stack(r) for r in zip(*results))
+
+
+VMAP_OPTIONS = [
+    dict(),
+    dict(reduction="sum"),
+    dict(weight="rand", label_smoothing=0.1),
+    dict(lse_square_scale=1e-2, softcap=2.5),
+    dict(prob=True, label_smoothing=0.2),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("options", VMAP_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_vmap_per_sample_losses_and_gradients_match_torch(device, options):
+    """torch.func's per-sample-gradient recipe, vmap(grad(loss of one sample)), over a batch of samples of 7 rows
+    each (one sample with every row ignored: a NaN mean and zero gradients, as torch), against torch's linear
+    + cross_entropy run sample by sample. The losses and input's gradient fold the samples into one call; the
+    parameters' per-sample gradients take one call per sample."""
+    options = dict(options)
+    prob = options.pop("prob", False)
+    batch, rows, h, v = 5, 7, 6, 23
+    x, w, b, _ = make_case(batch * rows, h, v, device=device)
+    x, w, b = x.detach().reshape(batch, rows, h), w.detach(), b.detach()
+    if prob:
+        target = torch.randn(batch, rows, v, dtype=x.dtype, device=device).softmax(-1)
+    else:
+        target = torch.randint(0, v, (batch, rows), device=device)
+        target[torch.rand(batch, rows, device=device) < 0.2] = -100
+        target[3] = -100
+    if options.get("weight") == "rand":
+        options["weight"] = torch.rand(v, dtype=torch.float64, device=device)
+
+    def ours(w, b, x, t):
+        return F.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=3, **options)
+
+    def ref(w, b, x, t):
+        return reference(x, w, b, t, **options)
+
+    torch.testing.assert_close(torch.vmap(ours, in_dims=(None, None, 0, 0))(w, b, x, target),
+                               per_sample(lambda x, t: ref(w, b, x, t), x, target), equal_nan=True,
+                               **TOL[torch.float64])
+    grads = torch.vmap(torch.func.grad(ours, argnums=(0, 1, 2)), in_dims=(None, None, 0, 0))(w, b, x, target)
+    expected = per_sample(lambda x, t: torch.func.grad(ref, argnums=(0, 1, 2))(w, b, x, t), x, target)
+    for g, r in zip(grads, expected):
+        assert g.shape == r.shape
+        torch.testing.assert_close(g, r, **TOL[torch.float64])
+    grad_input = torch.vmap(torch.func.grad(ours, argnums=2), in_dims=(None, None, 0, 0))(w, b, x, target)
+    torch.testing.assert_close(grad_input, expected[2], **TOL[torch.float64])
+    options["reduction"] = "none"
+    torch.testing.assert_close(torch.vmap(ours, in_dims=(None, None, 0, 0))(w, b, x, target),
+                               per_sample(lambda x, t: ref(w, b, x, t), x, target), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vmap_in_low_precision_is_one_rounding_from_the_exact_result(device, dtype):
+    """The folded call and the per-sample calls in fp32 and bf16 (CPU: the tiled road), against the exact
+    per-sample results of the same rounded values."""
+    batch, rows, h, v = 3, 40, 32, 300
+    x = torch.randn(batch, rows, h, device=device).to(dtype)
+    w = (torch.randn(v, h, device=device) / h**0.5).to(dtype)
+    target = torch.randint(0, v, (batch, rows), device=device)
+
+    def ours(w, x, t):
+        return F.linear_cross_entropy(x, w, t, chunk_size=16)
+
+    def exact(w, x, t):
+        return reference(x.double(), w.double(), None, t)
+
+    loss = torch.vmap(ours, in_dims=(None, 0, 0))(w, x, target)
+    assert loss.dtype == dtype
+    assert_close_scaled(loss, per_sample(lambda x, t: exact(w, x, t), x, target).to(dtype), dtype)
+    grads = torch.vmap(torch.func.grad(ours, argnums=(0, 1)), in_dims=(None, 0, 0))(w, x, target)
+    expected = per_sample(lambda x, t: torch.func.grad(exact, argnums=(0, 1))(w, x, t), x, target)
+    for g, r in zip(grads, expected):
+        assert g.dtype == dtype
+        assert_close_scaled(g, r.to(dtype), dtype)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(0, 4), rows=st.integers(1, 9), h=st.integers(1, 6), v=st.integers(1, 20),
+    chunk=st.integers(1, 10), ignored=st.sampled_from([0.0, 0.4, 1.0]),
+    reduction=st.sampled_from(["mean", "sum", "none"]), bias=st.booleans(),
+)
+def test_vmap_any_batch_shape_and_chunk_boundary_matches(batch, rows, h, v, chunk, ignored, reduction, bias):
+    """vmap over samples of any size, chunks that split them anywhere (the folded rows cross samples' edges),
+    an empty batch, samples with every row ignored; per-sample gradients of every argument."""
+    x = torch.randn(batch, rows, h, dtype=torch.float64)
+    w = torch.randn(v, h, dtype=torch.float64)
+    b = torch.randn(v, dtype=torch.float64) if bias else None
+    target = torch.randint(0, v, (batch, rows))
+    target[torch.rand(batch, rows) < ignored] = -100
+
+    def ours(w, b, x, t):
+        return F.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, chunk_size=chunk)
+
+    def ref(w, b, x, t):
+        return reference(x, w, b, t, reduction=reduction)
+
+    losses = torch.vmap(ours, in_dims=(None, None, 0, 0))(w, b, x, target)
+    assert losses.shape == (batch, rows) if reduction == "none" else (batch,)
+    if batch:
+        torch.testing.assert_close(losses, per_sample(lambda x, t: ref(w, b, x, t), x, target), equal_nan=True,
+                                   **TOL[torch.float64])
+    if reduction == "none":
+        return
+    argnums = (0, 1, 2) if bias else (0, 2)
+    grads = torch.vmap(torch.func.grad(ours, argnums=argnums), in_dims=(None, None, 0, 0))(w, b, x, target)
+    shapes = [(batch, *shape) for shape in (w.shape, None if b is None else b.shape, x.shape[1:]) if shape]
+    assert [tuple(g.shape) for g in grads] == shapes
+    if batch:
+        expected = per_sample(lambda x, t: torch.func.grad(ref, argnums=argnums)(w, b, x, t), x, target)
+        for g, r in zip(grads, expected):
+            torch.testing.assert_close(g, r, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_over_heads_biases_and_class_weights(device):
+    """An ensemble: a batch of linear_weight (and of linear_bias, of class weights) over one input, and
+    gradients of each head, one call per head."""
+    x, w, b, target = make_case(9, 5, 13, device=device)
+    heads = torch.randn(4, 13, 5, dtype=torch.float64, device=device)
+    biases = torch.randn(4, 13, dtype=torch.float64, device=device)
+    class_weights = torch.rand(4, 13, dtype=torch.float64, device=device)
+    x = x.detach()
+
+    def ours(w, b, cw):
+        return F.linear_cross_entropy(x, w, target, linear_bias=b, weight=cw, label_smoothing=0.1, chunk_size=4)
+
+    def ref(w, b, cw):
+        return reference(x, w, b, target, weight=cw, label_smoothing=0.1)
+
+    torch.testing.assert_close(torch.vmap(ours)(heads, biases, class_weights),
+                               per_sample(ref, heads, biases, class_weights), **TOL[torch.float64])
+    torch.testing.assert_close(torch.vmap(ours, in_dims=(0, None, None))(heads, b.detach(), None),
+                               per_sample(lambda w: ref(w, b.detach(), None), heads), **TOL[torch.float64])
+    grads = torch.vmap(torch.func.grad(ours, argnums=(0, 1)))(heads, biases, class_weights)
+    expected = per_sample(torch.func.grad(ref, argnums=(0, 1)), heads, biases, class_weights)
+    for g, r in zip(grads, expected):
+        torch.testing.assert_close(g, r, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_jacobians_match_torch(device):
+    """jacrev, which vmaps the backward over the rows of an identity: of the per-row losses with respect to
+    input, and of the mean loss with respect to linear_weight."""
+    x, w, b, target = make_case(6, 4, 9, device=device)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    jacobian = torch.func.jacrev(lambda x: F.linear_cross_entropy(x, w, target, linear_bias=b, reduction="none",
+                                                                  chunk_size=4))(x)
+    expected = torch.func.jacrev(lambda x: reference(x, w, b, target, reduction="none"))(x)
+    torch.testing.assert_close(jacobian, expected, **TOL[torch.float64])
+    jacobian = torch.func.jacrev(lambda w: F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=4))(w)
+    expected = torch.func.jacrev(lambda w: reference(x, w, b, target))(w)
+    torch.testing.assert_close(jacobian, expected, **TOL[torch.float64])
+
+
+def test_vmap_over_an_empty_batch_gives_empty_results():
+    x, w, b, target = make_case(4, 3, 5)
+    x, w = x.detach(), w.detach()
+    xs, targets = x.expand(0, 4, 3), target.expand(0, 4)
+
+    def loss_of(w, x, t):
+        return F.linear_cross_entropy(x, w, t)
+
+    assert torch.vmap(loss_of, in_dims=(None, 0, 0))(w, xs, targets).shape == (0,)
+    grads = torch.vmap(torch.func.grad(loss_of, argnums=(0, 1)), in_dims=(None, 0, 0))(w, xs, targets)
+    assert grads[0].shape == (0, 5, 3) and grads[1].shape == (0, 4, 3)
+
+
 def test_probability_target_that_requires_grad_raises_naming_it():
     x, w, b, target = make_case(5, 3, 7, prob=True)
     target.requires_grad_()

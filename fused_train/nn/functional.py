@@ -531,8 +531,11 @@ def _linear_backward(ctx, grad_loss):
 
 
 class _LinearCrossEntropyTransformFunction(torch.autograd.Function):
-    """The same under torch.func transforms (grad, vjp): functional ops in the form functorch needs, the
-    gradients computed in the backward. No vmap rule (the ops have no batching rule)."""
+    """The same under torch.func transforms (grad, vjp, vmap, jacrev): functional ops in the form functorch
+    needs, the gradients computed in the backward, vmapped through the ops' own vmap rules (_ops.py): the
+    samples' rows folded into one call where linear_weight is shared, one call per sample otherwise."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(input, linear_weight, target, linear_bias, weight, options):
@@ -567,6 +570,8 @@ class _LinearTransformGradient(torch.autograd.Function):
     """The gradients under torch.func, which differentiates with create_graph: a node that raises when anything
     differentiates them again (torch.func.hessian, jacrev of grad), rather than an outer transform seeing a
     constant and answering 0."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(grad_loss, input, linear_weight, target, linear_bias, weight, row_lse, denominator, options, needs):
@@ -646,8 +651,10 @@ def linear_cross_entropy(
     the class blocks, its loss and ``input``'s gradient) and a classes pass (``linear_weight``'s and
     ``linear_bias``'s gradients, block by block), four GEMMs instead of three (five with probability targets, or
     softcap with label smoothing), each gradient summed in fp32 and rounded once, and no fp32 copy of
-    ``linear_weight`` or its gradient. Works with :func:`torch.compile`, and with :func:`torch.func.grad` /
-    ``vjp`` (not ``vmap``); differentiating the gradient again raises.
+    ``linear_weight`` or its gradient. Works with :func:`torch.compile`, and with :func:`torch.func.grad`,
+    ``vjp``, ``jacrev`` and ``vmap`` (per-sample gradients as ``vmap(grad(...))``; with one ``linear_weight``
+    the samples' rows fold into one call, while per-sample gradients of ``linear_weight`` or ``linear_bias``
+    and a batch of heads take one call per sample); forward mode and differentiating the gradient raise.
     """
     code = _REDUCTION_CODES.get(reduction)
     if code is None:
