@@ -136,3 +136,8 @@ def test_hessian_and_grad_of_grad_raise_instead_of_answering_zero():
         torch.func.hessian(loss)(x)
     with pytest.raises(RuntimeError, match="double backward .* is not supported"):
         grad(lambda z: grad(loss)(z).sum())(x)
+    # and of the forward-mode derivative: reverse or forward over it (these gave 0 and a pytree error)
+    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+        jacrev(jacfwd(loss))(x)
+    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+        jacfwd(jacfwd(loss))(x)
