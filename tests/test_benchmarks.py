@@ -151,3 +151,25 @@ def test_linear_cross_entropy_benchmark_measures_each_implementation_in_its_own_
     assert rows["torch"]["extra_peak_mib"] >= 3.9  # at least the logits
     assert rows["fused"]["extra_peak_mib"] < rows["torch"]["extra_peak_mib"]
     assert "fused_over_this" in rows["torch"] and "fused/torch" in done.stdout
+
+
+def test_per_sample_gradients_benchmark_measures_both_kinds_beside_torch(tmp_path):
+    """benchmarks/bench_per_sample_gradients.py end to end on a small case: a JSON row per implementation and
+    kind of gradient, timed in turns, with the memory each adds measured in a process of its own (torch holds
+    the (B, N, V) logits, 4 × 64 × 4000 fp32 = 4 MiB, and their gradient; fused_train one chunk of them)."""
+    out = tmp_path / "rows.jsonl"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_per_sample_gradients.py"), "--cases", "4,64,32,4000", "--reps", "1",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((row["impl"], row["grads"]) for row in rows) == [
+        ("fused", "all"), ("fused", "input"), ("torch", "all"), ("torch", "input")]
+    assert all(row["seconds"] > 0 and row["reps"] == 1 for row in rows)
+    memory = {(row["impl"], row["grads"]): row["extra_peak_mib"] for row in rows}
+    assert memory[("torch", "input")] >= 3.9  # at least the logits
+    assert memory[("fused", "input")] < memory[("torch", "input")]
+    assert all("fused_over_this" in row for row in rows if row["impl"] == "torch")
+    assert done.stdout.count("fused/torch") == 2
