@@ -570,8 +570,16 @@ def _vmap_per_sample(op, info, in_dims, args, kwargs):
                   for a, d in zip(meta, in_dims)]
         outs = tuple(torch.empty((0, *o.shape), dtype=o.dtype, device=device) for o in call(*sample))
     else:
-        results = [call(*(sample_of(a, d, b) for a, d in zip(args, in_dims))) for b in range(info.batch_size)]
-        outs = tuple(torch.stack(r) for r in zip(*results))
+        # Each sample's results written into the batched outputs as they come (per-sample gradients of a
+        # weight are as large as the outputs: stacking at the end would hold them twice).
+        outs = None
+        for b in range(info.batch_size):
+            results = call(*(sample_of(a, d, b) for a, d in zip(args, in_dims)))
+            if outs is None:
+                outs = tuple(r.new_empty((info.batch_size, *r.shape)) for r in results)
+            for out, r in zip(outs, results):
+                out[b].copy_(r)
+            del results
     if len(op._schema.returns) == 1:  # an op returning one Tensor, not a tuple
         return outs[0], 0
     return outs, (0,) * len(outs)
