@@ -10,8 +10,8 @@ under the same two transforms. B samples of N rows each, hidden size H, V classe
     python benchmarks/bench_per_sample_gradients.py [--cases B,N,H,V ...] [--grads input all] [--reps 5]
         [--json FILE]
 
-Time: both implementations warmed up, then ``--reps`` rounds of one call each in turns; medians, and the
-median per-round ratio. Memory: each (case, grads, implementation) in a process of its own, glibc mapping
+Time: both implementations warmed up, then ``--reps`` rounds (more where that takes under a second, up to
+500) of one call each in turns; medians, and the median per-round ratio. Memory: each (case, grads, implementation) in a process of its own, glibc mapping
 every block above 128 KiB (so resident memory follows live tensors): the peak resident memory of one call
 above what was resident before it, less the bytes of the gradients it returns.
 """
@@ -75,6 +75,12 @@ def measure_times(b: int, n: int, h: int, v: int, grads: str, reps: int) -> dict
     from fused_train.benchmarking import interleaved_samples
 
     calls = {impl: make_call(impl, b, n, h, v, grads)[0] for impl in IMPLS}
+    slowest = 0.0
+    for call in calls.values():  # warm-up, and how many rounds make a second: short calls are noisy
+        start = time.perf_counter()
+        call()
+        slowest = max(slowest, time.perf_counter() - start)
+    reps = max(reps, min(500, int(1.0 / slowest)))
     samples = interleaved_samples(calls, "cpu", warmup=1, repeat=reps)
     out = {}
     for impl, ms in samples.items():
@@ -129,8 +135,8 @@ def main() -> int:
                         f.write(json.dumps(row) + "\n")
             fused, peer = rows["fused"], rows["torch"]
             print(f"B={b} N={n} H={h} V={v} grads={grads}:  fused {1e3 * fused['seconds']:.1f} ms "
-                  f"+{fused['extra_peak_mib']:.0f} MiB  torch {1e3 * peer['seconds']:.1f} ms "
-                  f"+{peer['extra_peak_mib']:.0f} MiB  fused/torch {peer['fused_over_this']:.2f}x", flush=True)
+                  f"{fused['extra_peak_mib']:+.0f} MiB  torch {1e3 * peer['seconds']:.1f} ms "
+                  f"{peer['extra_peak_mib']:+.0f} MiB  fused/torch {peer['fused_over_this']:.2f}x", flush=True)
     return 0
 
 

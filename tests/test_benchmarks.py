@@ -167,7 +167,7 @@ def test_per_sample_gradients_benchmark_measures_both_kinds_beside_torch(tmp_pat
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted((row["impl"], row["grads"]) for row in rows) == [
         ("fused", "all"), ("fused", "input"), ("torch", "all"), ("torch", "input")]
-    assert all(row["seconds"] > 0 and row["reps"] == 1 for row in rows)
+    assert all(row["seconds"] > 0 and row["reps"] >= 1 for row in rows)
     memory = {(row["impl"], row["grads"]): row["extra_peak_mib"] for row in rows}
     assert memory[("torch", "input")] >= 3.9  # at least the logits
     assert memory[("fused", "input")] < memory[("torch", "input")]
