@@ -77,9 +77,12 @@ struct StepIO {
       lo = V::set(V(pad), V::loadu(p, n_lo), n_lo);
       hi = n > V::size() ? V::set(V(pad), V::loadu(p + V::size(), n - V::size()), n - V::size()) : V(pad);
     } else {
+      // Through a padded buffer, not Vectorized<T>::set: torch 2.5's AVX-512 set/blend of bf16/fp16 reads
+      // lanes out of bounds (garbage instead of the padding).
       using TV = at::vec::Vectorized<T>;
-      const TV raw = TV::set(TV(pad), TV::loadu(p, static_cast<int>(n)), n);
-      std::tie(lo, hi) = at::vec::convert_to_float<T>(raw);
+      alignas(64) T padded[TV::size()];
+      for (int64_t i = 0; i < TV::size(); ++i) padded[i] = i < n ? p[i] : pad;
+      std::tie(lo, hi) = at::vec::convert_to_float<T>(TV::loadu(padded));
     }
   }
   static void store_partial(T* p, int64_t n, const V& lo, const V& hi) {
