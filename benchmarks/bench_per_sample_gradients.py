@@ -11,9 +11,10 @@ under the same two transforms. B samples of N rows each, hidden size H, V classe
         [--json FILE]
 
 Time: both implementations warmed up, then ``--reps`` rounds (more where that takes under a second, up to
-500) of one call each in turns; medians, and the median per-round ratio. Memory: each (case, grads, implementation) in a process of its own, glibc mapping
-every block above 128 KiB (so resident memory follows live tensors): the peak resident memory of one call
-above what was resident before it, less the bytes of the gradients it returns.
+500) of one call each in turns; medians, and the median per-round ratio. Memory: each (case, grads,
+implementation) in a process of its own, glibc mapping every block above 128 KiB (so resident memory
+follows live tensors): the peak resident memory of one call above what was resident before it, less the
+bytes of the gradients it returns.
 """
 
 from __future__ import annotations

@@ -425,64 +425,35 @@ def test_second_derivatives_under_torch_func_raise(second):
         "jacrev(grad)": func.jacrev(func.grad(loss_of)), "hessian": func.hessian(loss_of),
         "jacrev(jacfwd)": func.jacrev(func.jacfwd(loss_of)), "jacfwd(jacfwd)": func.jacfwd(func.jacfwd(loss_of)),
     }[second]
-    with pytest.raises(RuntimeError, match="double backward"):
+    # forward mode itself is not implemented: those through jacfwd raise torch's error for that (jacfwd of
+    # jacfwd an assertion of torch's vmap, before our Function is asked for its jvp)
+    with pytest.raises((RuntimeError, NotImplementedError, AssertionError), match="double backward|jvp|flat_bdims"):
         second_derivative(w.detach())
 
 
-JVP_OPTIONS = [
-    dict(),
-    dict(reduction="none"),
-    dict(reduction="sum", weight="rand", label_smoothing=0.1),
-    dict(softcap=2.5, lse_square_scale=1e-2),
-    dict(prob=True, label_smoothing=0.2),
-]
+def test_forward_mode_raises():
+    x, w, b, target = make_case(5, 3, 7)
+    with pytest.raises(NotImplementedError, match="jvp"):
+        torch.func.jvp(lambda w: F.linear_cross_entropy(x.detach(), w, target), (w.detach(),),
+                       (torch.randn_like(w),))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("options", JVP_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
-def test_forward_mode_jvp_and_jacfwd_match_torch(device, options):
-    """torch.func.jvp with tangents of input, linear_weight and linear_bias at once, and jacfwd with respect to
-    each: against linear + cross_entropy's own forward mode, over chunks that split the rows unevenly."""
-    options = dict(options)
-    prob = options.pop("prob", False)
-    x, w, b, target = make_case(11, 5, 17, device=device, prob=prob)
-    x, w, b = x.detach(), w.detach(), b.detach()
-    if options.get("weight") == "rand":
-        options["weight"] = torch.rand(17, dtype=torch.float64, device=device)
-
-    def ours(x, w, b):
-        return F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=4, **options)
-
-    def ref(x, w, b):
-        return reference(x, w, b, target, **options)
-
-    tangents = (torch.randn_like(x), torch.randn_like(w), torch.randn_like(b))
-    loss, tangent = torch.func.jvp(ours, (x, w, b), tangents)
-    ref_loss, ref_tangent = torch.func.jvp(ref, (x, w, b), tangents)
-    torch.testing.assert_close(loss, ref_loss, **TOL[torch.float64])
-    torch.testing.assert_close(tangent, ref_tangent, **TOL[torch.float64])
-    for argnums in (0, 1, 2):
-        torch.testing.assert_close(torch.func.jacfwd(ours, argnums=argnums)(x, w, b),
-                                   torch.func.jacfwd(ref, argnums=argnums)(x, w, b), **TOL[torch.float64])
+def test_compiled_torch_func_grad_of_the_input_matches_eager():
+    x, w, b, target = make_case(9, 4, 11)
+    x, w = x.detach(), w.detach()
+    grad_of = torch.func.grad(lambda x: F.linear_cross_entropy(x, w, target, chunk_size=4))
+    torch.testing.assert_close(torch.compile(grad_of, backend="eager")(x), grad_of(x), **TOL[torch.float64])
+    torch.testing.assert_close(grad_of(x), torch.func.grad(lambda x: reference(x, w, None, target))(x),
+                               **TOL[torch.float64])
 
 
-def test_forward_mode_in_bf16_is_one_rounding_from_the_exact_tangent():
-    x = torch.randn(40, 32).bfloat16()
-    w = (torch.randn(300, 32) / 32**0.5).bfloat16()
-    target = torch.randint(0, 300, (40,))
-    tangents = (torch.randn_like(x), torch.randn_like(w))
-    _, tangent = torch.func.jvp(lambda x, w: F.linear_cross_entropy(x, w, target), (x, w), tangents)
-    _, exact = torch.func.jvp(lambda x, w: reference(x, w, None, target), (x.double(), w.double()),
-                              tuple(t.double() for t in tangents))
-    assert tangent.dtype == torch.bfloat16
-    assert_close_scaled(tangent, exact.bfloat16(), torch.bfloat16)
-
-
-def test_forward_mode_tangent_of_a_probability_target_raises_naming_it():
-    x, w, b, target = make_case(5, 3, 7, prob=True)
-    with pytest.raises(RuntimeError, match="derivative for 'target'"):
-        torch.func.jvp(lambda t: F.linear_cross_entropy(x.detach(), w.detach(), t), (target,),
-                       (torch.randn_like(target),))
+@pytest.mark.xfail(strict=True, reason="known bug, open: torch.compile(torch.func.grad(...)) with respect to "
+                                       "linear_weight returns zeros (so does cross_entropy's under compile)")
+def test_compiled_torch_func_grad_of_the_weight_matches_eager():
+    x, w, b, target = make_case(9, 4, 11)
+    x, w = x.detach(), w.detach()
+    grad_of = torch.func.grad(lambda w: F.linear_cross_entropy(x, w, target, chunk_size=4))
+    torch.testing.assert_close(torch.compile(grad_of, backend="eager")(w), grad_of(w), **TOL[torch.float64])
 
 
 def test_batched_loss_gradients_match_torch():
@@ -606,7 +577,7 @@ def test_vmap_any_batch_shape_and_chunk_boundary_matches(batch, rows, h, v, chun
         return reference(x, w, b, t, reduction=reduction)
 
     losses = torch.vmap(ours, in_dims=(None, None, 0, 0))(w, b, x, target)
-    assert losses.shape == (batch, rows) if reduction == "none" else (batch,)
+    assert losses.shape == ((batch, rows) if reduction == "none" else (batch,))
     if batch:
         torch.testing.assert_close(losses, per_sample(lambda x, t: ref(w, b, x, t), x, target), equal_nan=True,
                                    **TOL[torch.float64])

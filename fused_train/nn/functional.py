@@ -561,22 +561,8 @@ class _LinearCrossEntropyTransformFunction(torch.autograd.Function):
         input, linear_weight, target, linear_bias, weight, options = inputs
         _, row_lse, denominator = output
         ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, row_lse, denominator)
-        ctx.save_for_forward(input, linear_weight, target, linear_bias, weight, row_lse, denominator)
         ctx.options = options
         ctx.mark_non_differentiable(row_lse, denominator)
-        ctx.set_materialize_grads(False)  # None, not zeros, for the tangents of arguments not differentiated
-
-    @staticmethod
-    def jvp(ctx, input_tangent, linear_weight_tangent, target_tangent, linear_bias_tangent, weight_tangent,
-            unused):
-        for name, tangent in (("target", target_tangent), ("weight", weight_tangent)):
-            if tangent is not None:
-                raise RuntimeError(
-                    f"linear_cross_entropy: the derivative for '{name}' is not implemented (pass a {name} that "
-                    f"does not require grad, e.g. {name}.detach())"
-                )
-        return _LinearTangent.apply(*ctx.saved_tensors, input_tangent, linear_weight_tangent,
-                                    linear_bias_tangent, ctx.options), None, None
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
@@ -586,64 +572,6 @@ class _LinearCrossEntropyTransformFunction(torch.autograd.Function):
         grads = _LinearTransformGradient.apply(grad_loss, *ctx.saved_tensors, ctx.options, _Options(needs))
         return (grads[0] if needs[0] else None, grads[1] if needs[1] else None, None,
                 grads[2] if needs[3] else None, None, None)
-
-
-class _LinearTangent(torch.autograd.Function):
-    """Forward mode (jvp, jacfwd): each row's loss changes by <∂loss_r/∂logits_r, d logits_r>, with d logits =
-    d input·Wᵀ + input·d Wᵀ + d bias (through softcap's derivative), chunk by chunk of rows in opmath, the
-    loss's gradient from the fused loss's own forward-backward; then reduced as the loss. A node that raises
-    when anything differentiates the tangent again, as _LinearTransformGradient for the gradients."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(input, linear_weight, target, linear_bias, weight, row_lse, denominator, input_tangent,
-                linear_weight_tangent, linear_bias_tangent, options):
-        reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_rows, opmath_loss, _ = options
-        opmath = row_lse.dtype
-        x, w, b, dx, dw, db = (None if t is None else t.to(opmath) for t in (
-            input, linear_weight, linear_bias, input_tangent, linear_weight_tangent, linear_bias_tangent))
-        step = chunk_rows or max(1, (4 << 20) // max(w.shape[0], 1))  # 16 MiB of fp32 logits at a time
-        linear = torch.nn.functional.linear
-        per_row = []
-        for begin in range(0, x.shape[0], step):
-            x_rows = x[begin:begin + step]
-            logits = linear(x_rows, w, b)
-            d_logits = torch.zeros_like(logits)
-            if dx is not None:
-                d_logits = d_logits + linear(dx[begin:begin + step], w)
-            if dw is not None:
-                d_logits = d_logits + linear(x_rows, dw)
-            if db is not None:
-                d_logits = d_logits + db
-            if softcap:
-                capped = torch.tanh(logits / softcap)
-                logits, d_logits = softcap * capped, d_logits * (1 - capped * capped)
-            target_rows = target[begin:begin + step]
-            *_, grad = _ops.cross_entropy_forward_backward(
-                logits, target_rows.to(opmath) if target_rows.is_floating_point() else target_rows, weight,
-                reduction=0, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                lse_square_scale=lse_square_scale,
-            )
-            per_row.append((grad * d_logits).sum(-1))
-        tangent = torch.cat(per_row) if per_row else x.new_zeros(0)
-        if reduction != 0:
-            tangent = tangent.sum()
-        if reduction == 1:
-            tangent = tangent / denominator  # all rows ignored: NaN, as the loss
-        return tangent.to(opmath if opmath_loss else input.dtype)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad_grad):
-        _raise_double_backward()
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        _raise_double_backward()
 
 
 class _LinearTransformGradient(torch.autograd.Function):
@@ -734,8 +662,8 @@ def linear_cross_entropy(
     ``linear_weight`` or its gradient. Works with :func:`torch.compile`, and with :func:`torch.func.grad`,
     ``vjp``, ``jacrev``, ``vmap`` (per-sample gradients as ``vmap(grad(...))``; with one ``linear_weight`` the
     samples' rows fold into one call, while per-sample gradients of ``linear_weight`` or ``linear_bias`` and a
-    batch of heads take one call per sample) and forward mode (``jvp``, ``jacfwd``); differentiating a
-    derivative again raises.
+    batch of heads take one call per sample); not forward mode (``jvp``, ``jacfwd``), and differentiating the
+    gradient again raises.
     """
     code = _REDUCTION_CODES.get(reduction)
     if code is None:
