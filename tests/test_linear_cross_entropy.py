@@ -425,9 +425,14 @@ def test_second_derivatives_under_torch_func_raise(second):
         "jacrev(grad)": func.jacrev(func.grad(loss_of)), "hessian": func.hessian(loss_of),
         "jacrev(jacfwd)": func.jacrev(func.jacfwd(loss_of)), "jacfwd(jacfwd)": func.jacfwd(func.jacfwd(loss_of)),
     }[second]
-    # forward mode itself is not implemented: those through jacfwd raise torch's error for that (jacfwd of
-    # jacfwd an assertion of torch's vmap, before our Function is asked for its jvp)
-    with pytest.raises((RuntimeError, NotImplementedError, AssertionError), match="double backward|jvp|flat_bdims"):
+    if second == "jacrev(grad)":
+        with pytest.raises(RuntimeError, match="double backward"):
+            second_derivative(w.detach())
+        return
+    # The others go through forward mode (hessian is jacfwd(jacrev)), which is not implemented: torch's error
+    # for that, or for jacfwd of jacfwd an assertion of torch's vmap before our Function is asked for its jvp
+    # (the messages differ between torch versions).
+    with pytest.raises((RuntimeError, NotImplementedError, AssertionError)):
         second_derivative(w.detach())
 
 
@@ -447,8 +452,9 @@ def test_compiled_torch_func_grad_of_the_input_matches_eager():
                                **TOL[torch.float64])
 
 
-@pytest.mark.xfail(strict=True, reason="known bug, open: torch.compile(torch.func.grad(...)) with respect to "
-                                       "linear_weight returns zeros (so does cross_entropy's under compile)")
+# Not strict: right on torch 2.5.1, zeros on 2.14.1; the versions between are not known.
+@pytest.mark.xfail(strict=False, reason="known bug, open: torch.compile(torch.func.grad(...)) with respect to "
+                                        "linear_weight returns zeros (so does cross_entropy's under compile)")
 def test_compiled_torch_func_grad_of_the_weight_matches_eager():
     x, w, b, target = make_case(9, 4, 11)
     x, w = x.detach(), w.detach()
