@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -124,18 +122,9 @@ def measure_times(impls: list[str], n: int, h: int, v: int, dtype_name: str, rep
 
 
 def _run_self(args: list[str], exact_resident_memory: bool = False) -> dict:
-    env = dict(os.environ)
-    if exact_resident_memory:
-        # Every block above 128 KiB mapped on allocation and unmapped when freed: resident memory then follows
-        # live tensors (glibc's default would keep freed blocks up to 32 MiB resident and reuse them, hiding a
-        # step's temporaries behind the previous step's). Not for timing: every large tensor would be paged
-        # in afresh.
-        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True,
-                          env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    from fused_train.benchmarking import run_json_in_subprocess
+
+    return run_json_in_subprocess(__file__, args, exact_resident_memory)
 
 
 def main() -> int:

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -91,14 +89,9 @@ def measure_times(b: int, n: int, h: int, v: int, grads: str, reps: int) -> dict
 
 
 def _run_self(args: list[str], exact_resident_memory: bool = False) -> dict:
-    env = dict(os.environ)
-    if exact_resident_memory:
-        env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # not for timing: every large tensor would be paged in afresh
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True,
-                          env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    from fused_train.benchmarking import run_json_in_subprocess
+
+    return run_json_in_subprocess(__file__, args, exact_resident_memory)
 
 
 def main() -> int:

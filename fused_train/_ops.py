@@ -554,8 +554,8 @@ def _batch_first(t: Tensor, dim: int | None, batch_size: int) -> Tensor:
 
 
 def _vmap_per_sample(op, info, in_dims, args, kwargs):
-    """The op once per sample, results stacked: the vmap rule for what cannot fold into rows (a batched
-    linear_weight, linear_bias or class weight, or per-sample parameter gradients)."""
+    """The op once per sample, its results gathered into batched outputs: the vmap rule for what cannot fold
+    into rows (a batched linear_weight, linear_bias or class weight, or per-sample parameter gradients)."""
     def sample_of(arg, dim, index):
         return arg if dim is None or arg is None else arg.select(dim, index)
 

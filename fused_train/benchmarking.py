@@ -9,9 +9,11 @@ measured case, with its parameters (``N``, ``V``, ``dtype`` ...) and its measure
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -110,6 +112,25 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], device: str | torch.dev
     """The median of each function's :func:`interleaved_samples`."""
     samples = interleaved_samples(fns, device, warmup=warmup, repeat=repeat)
     return {name: statistics.median(t) for name, t in samples.items()}
+
+
+def run_json_in_subprocess(script: str | os.PathLike, args: list[str], exact_resident_memory: bool = False) -> dict:
+    """Runs ``python script *args`` in a fresh process and returns the JSON object on its last line of output:
+    a measurement in a process of its own, whose peak memory is its own. Raises ``RuntimeError`` with the end
+    of its stderr if it fails.
+
+    With ``exact_resident_memory`` every block above 128 KiB is mapped on allocation and unmapped when freed,
+    so resident memory follows live tensors (glibc's default would keep freed blocks up to 32 MiB resident and
+    reuse them, hiding a step's temporaries behind the previous step's). Not for timing: every large tensor
+    would be paged in afresh."""
+    env = dict(os.environ)
+    if exact_resident_memory:
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    done = subprocess.run([sys.executable, os.path.abspath(script), *args], capture_output=True, text=True,
+                          env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _proc_status_bytes(field: str) -> int:
