@@ -141,11 +141,3 @@ def test_hessian_and_grad_of_grad_raise_instead_of_answering_zero():
         jacrev(jacfwd(loss))(x)
     with pytest.raises(RuntimeError, match="double backward .* is not supported"):
         jacfwd(jacfwd(loss))(x)
-
-
-@pytest.mark.xfail(strict=True, reason="known bug, open: torch.compile(torch.func.grad(...)) of the loss "
-                                       "returns zeros (README, Limitations)")
-def test_compiled_torch_func_grad_matches_eager():
-    x, target, _ = _problem("cpu", 6, 9)
-    grad_of = grad(lambda z: cross_entropy(z, target))
-    torch.testing.assert_close(torch.compile(grad_of, backend="eager")(x), grad_of(x), **TIGHT)

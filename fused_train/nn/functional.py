@@ -185,6 +185,8 @@ class _CrossEntropyTransformFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
+        if _is_compiling():
+            _check_compiled_transform_backward("cross_entropy")
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         input, target, weight, row_lse, denominator = ctx.saved_tensors
@@ -193,6 +195,8 @@ class _CrossEntropyTransformFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, input_tangent, *unused):
+        if _is_compiling():
+            _refuse_compiled_transform("cross_entropy")
         # d loss_r = Σ_j ∂loss_r/∂x_rj · t_rj: the gradient for a loss gradient of ones, times the tangent.
         reduction = ctx.options[0]
         input, row_lse = ctx.saved_tensors[0], ctx.saved_tensors[3]
@@ -205,6 +209,77 @@ class _CrossEntropyTransformFunction(torch.autograd.Function):
             tangent = tangent.sum()
         loss_dtype = row_lse.dtype if ctx.options[7] else input.dtype
         return tangent.to(loss_dtype), None, None, None
+
+
+class _CompiledCrossEntropyTransformFunction(_CrossEntropyTransformFunction):
+    """The same without forward mode, for torch.compile of torch.func.grad: dynamo refuses to trace an
+    autograd.Function with a jvp of its own. Forward mode never takes this road (_compiled_transform_road)."""
+
+    jvp = torch.autograd.Function.jvp
+
+
+# torch.compile of torch.func transforms over the losses. Dynamo traces an autograd.Function as a node with its
+# backward only where it sees an argument that requires grad, and it judges that from the argument as it first
+# saw it: torch.func.grad sets requires_grad on its inputs after that, so the loss was traced as its forward
+# alone, which has no derivative, and the gradient came out as zeros (pytorch/pytorch#193279). A view of each
+# argument is seen afresh. Dynamo also drops a custom jvp (#192985) and cannot vmap the node it makes: those
+# forms are refused with an error, which makes dynamo leave them to eager torch.func, where they are right.
+
+
+# Dynamo reads torch.func's levels from torch 2.7 on (pytorch/pytorch#144444).
+_DYNAMO_READS_FUNCTORCH_LEVELS = torch.__version__ >= (2, 7)
+
+
+def _functorch_levels():
+    """(number of torch.func levels, the innermost one or None), constants to dynamo: a level's number is one
+    more than the levels below it."""
+    from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+
+    if not _DYNAMO_READS_FUNCTORCH_LEVELS:
+        return -1, None  # unknown: refused
+    innermost = retrieve_current_functorch_interpreter()
+    return (0, None) if innermost is None else (innermost.level(), innermost)
+
+
+def _compiled_transform_road(loss, *tensors):
+    """Under torch.compile (run by dynamo as it traces), the transform Function to apply and the tensors to apply
+    it to: for one level of grad, vjp or jacrev, views seen afresh and the Function without forward mode; for
+    one level of vmap of a loss nobody differentiates, the Function as it is (the ops' vmap rules). Anything
+    else raises."""
+    from torch._C._functorch import TransformType
+
+    depth, innermost = _functorch_levels()
+    if depth == 1 and innermost.key() == TransformType.Grad:
+        fresh = tuple(None if t is None else t.view_as(t) for t in tensors)
+        return (_CompiledCrossEntropyTransformFunction, *fresh)
+    if depth == 1 and innermost.key() == TransformType.Vmap:
+        # Ordinary autograd through a compiled vmap would meet the same dropped derivative; under vmap the
+        # requires_grad that counts is the unbatched tensor's.
+        level = innermost.level()
+        if not (torch.is_grad_enabled() and any(
+                t is not None and torch._C._functorch._unwrap_batched(t, level)[0].requires_grad for t in tensors)):
+            return (_CrossEntropyTransformFunction, *tensors)
+    _refuse_compiled_transform(loss)
+
+
+def _check_compiled_transform_backward(loss):
+    """In a transform Function's backward under torch.compile: dynamo traces it within a compiled grad road, and
+    as a frame of its own inside an eager transform (the others' fallback), where its gradient's node with a
+    jvp would break the graph mid-frame: refused there, so the whole backward runs uncompiled."""
+    from torch._C._functorch import TransformType
+
+    depth, innermost = _functorch_levels()
+    if depth != 0 and not (depth == 1 and innermost.key() == TransformType.Grad):
+        _refuse_compiled_transform(loss)
+
+
+def _refuse_compiled_transform(loss):
+    raise RuntimeError(
+        f"{loss}: torch.compile cannot trace this torch.func transform of the loss (forward mode, a transform "
+        f"over grad, or vmap under autograd): it would drop the loss's derivative and return zeros "
+        f"(pytorch/pytorch#193279). Without fullgraph=True torch.compile runs this part uncompiled, and right; "
+        f"with fullgraph=True, call the transform outside the compiled function"
+    )
 
 
 class _TransformGradient(torch.autograd.Function):
@@ -362,7 +437,10 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
     options = (code, ignore_index, label_smoothing, lse_square_scale, inplace_backward,
                input.requires_grad and torch.is_grad_enabled(), want_lse, opmath_loss)
     if _transforms_active():
-        out = _CrossEntropyTransformFunction.apply(rows, target_rows, weight, _Options(options))
+        function = _CrossEntropyTransformFunction
+        if _is_compiling():
+            function, rows, weight = _compiled_transform_road("cross_entropy", rows, weight)
+        out = function.apply(rows, target_rows, weight, _Options(options))
         out = out[:3] if want_lse else out[0]
     else:
         out = _CrossEntropyFunction.apply(rows, target_rows, weight, options)
@@ -566,6 +644,8 @@ class _LinearCrossEntropyTransformFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
+        if _is_compiling():
+            _check_compiled_transform_backward("linear_cross_entropy")
         needs = ctx.needs_input_grad
         if needs[2] or needs[4]:
             return _linear_backward(ctx, grad_loss)  # raises, naming the argument
@@ -720,6 +800,9 @@ def linear_cross_entropy(
     options = (code, ignore_index, float(label_smoothing), float(lse_square_scale), float(softcap), chunk_size,
                opmath_loss, wanted)
     if _transforms_active():
+        if _is_compiling():
+            _, rows, linear_weight, linear_bias, weight = _compiled_transform_road(
+                "linear_cross_entropy", rows, linear_weight, linear_bias, weight)
         loss = _LinearCrossEntropyTransformFunction.apply(rows, linear_weight, target_rows, linear_bias, weight,
                                                           _Options(options))[0]
     else:
