@@ -213,7 +213,7 @@ class _CrossEntropyTransformFunction(torch.autograd.Function):
 
 class _CompiledCrossEntropyTransformFunction(_CrossEntropyTransformFunction):
     """The same without forward mode, for torch.compile of torch.func.grad: dynamo refuses to trace an
-    autograd.Function with a jvp of its own. Forward mode never takes this road (_compiled_transform_road)."""
+    autograd.Function with a jvp of its own. Forward mode never comes here (_compiled_transform_road)."""
 
     jvp = torch.autograd.Function.jvp
 
@@ -242,23 +242,22 @@ def _functorch_levels():
 
 
 def _compiled_transform_road(loss, *tensors):
-    """Under torch.compile (run by dynamo as it traces), the transform Function to apply and the tensors to apply
-    it to: for one level of grad, vjp or jacrev, views seen afresh and the Function without forward mode; for
-    one level of vmap of a loss nobody differentiates, the Function as it is (the ops' vmap rules). Anything
-    else raises."""
+    """Under torch.compile (run by dynamo as it traces), how to apply a loss's transform Function: ("grad",
+    views of the tensors, seen afresh) for one level of grad, vjp or jacrev, where the Function must have no
+    jvp of its own; ("vmap", the tensors) for one level of vmap of a loss nobody differentiates (the ops'
+    vmap rules). Anything else raises."""
     from torch._C._functorch import TransformType
 
     depth, innermost = _functorch_levels()
     if depth == 1 and innermost.key() == TransformType.Grad:
-        fresh = tuple(None if t is None else t.view_as(t) for t in tensors)
-        return (_CompiledCrossEntropyTransformFunction, *fresh)
+        return "grad", tuple(None if t is None else t.view_as(t) for t in tensors)
     if depth == 1 and innermost.key() == TransformType.Vmap:
         # Ordinary autograd through a compiled vmap would meet the same dropped derivative; under vmap the
         # requires_grad that counts is the unbatched tensor's.
         level = innermost.level()
         if not (torch.is_grad_enabled() and any(
                 t is not None and torch._C._functorch._unwrap_batched(t, level)[0].requires_grad for t in tensors)):
-            return (_CrossEntropyTransformFunction, *tensors)
+            return "vmap", tensors
     _refuse_compiled_transform(loss)
 
 
@@ -274,11 +273,15 @@ def _check_compiled_transform_backward(loss):
 
 
 def _refuse_compiled_transform(loss):
+    if not _DYNAMO_READS_FUNCTORCH_LEVELS:
+        what = f"on torch {torch.__version__} (< 2.7) torch.compile cannot trace torch.func transforms of the loss"
+    else:
+        what = ("torch.compile cannot trace this torch.func transform of the loss (forward mode, a transform over "
+                "grad, or vmap under autograd)")
     raise RuntimeError(
-        f"{loss}: torch.compile cannot trace this torch.func transform of the loss (forward mode, a transform "
-        f"over grad, or vmap under autograd): it would drop the loss's derivative and return zeros "
-        f"(pytorch/pytorch#193279). Without fullgraph=True torch.compile runs this part uncompiled, and right; "
-        f"with fullgraph=True, call the transform outside the compiled function"
+        f"{loss}: {what}: dynamo would drop the loss's derivative and return zeros (pytorch/pytorch#193279). "
+        f"Without fullgraph=True torch.compile runs this part uncompiled, and right; with fullgraph=True, call "
+        f"the transform outside the compiled function"
     )
 
 
@@ -439,7 +442,9 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
     if _transforms_active():
         function = _CrossEntropyTransformFunction
         if _is_compiling():
-            function, rows, weight = _compiled_transform_road("cross_entropy", rows, weight)
+            road, (rows, weight) = _compiled_transform_road("cross_entropy", rows, weight)
+            if road == "grad":
+                function = _CompiledCrossEntropyTransformFunction
         out = function.apply(rows, target_rows, weight, _Options(options))
         out = out[:3] if want_lse else out[0]
     else:
@@ -801,7 +806,7 @@ def linear_cross_entropy(
                opmath_loss, wanted)
     if _transforms_active():
         if _is_compiling():
-            _, rows, linear_weight, linear_bias, weight = _compiled_transform_road(
+            _, (rows, linear_weight, linear_bias, weight) = _compiled_transform_road(
                 "linear_cross_entropy", rows, linear_weight, linear_bias, weight)
         loss = _LinearCrossEntropyTransformFunction.apply(rows, linear_weight, target_rows, linear_bias, weight,
                                                           _Options(options))[0]
