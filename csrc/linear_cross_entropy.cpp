@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -195,6 +196,25 @@ at::Tensor mean_denominator(const Call& c) {
   return (c.weight->to(c.opmath).index_select(0, index) * kept).sum();
 }
 
+// A mean over a denominator of 0 (every row ignored, or every kept target of class weight 0) is NaN, as torch's
+// (its NLL part is 0/0 there), also where label smoothing or the z-loss would make it ±inf.
+at::Tensor mean_over(const at::Tensor& total, const at::Tensor& denominator) {
+  return at::where(denominator != 0, total / denominator, std::numeric_limits<double>::quiet_NaN());
+}
+
+// The mean's gradient scale: 1/denominator, NaN for a denominator of 0. The rows not ignored then get NaN
+// gradients, as torch's (its NLL backward divides 0 by 0 there); ignored rows keep 0, and a batch whose rows
+// are all ignored has no gradient (0), as torch's.
+at::Tensor gradient_inverse(const at::Tensor& denominator) {
+  return at::where(denominator != 0, denominator.reciprocal(), std::numeric_limits<double>::quiet_NaN());
+}
+
+// The rows that count: all of them for probabilities, else those whose target is not ignore_index.
+at::Tensor kept_rows(const Call& c) {
+  if (at::isFloatingType(c.target.scalar_type())) return at::ones({c.rows}, c.target.options().dtype(at::kBool));
+  return c.target.to(at::kLong) != c.ignore_index;
+}
+
 // The chunk's rows of target; probabilities in the logits' dtype.
 at::Tensor chunk_target(const Call& c, int64_t begin, int64_t rows) {
   const at::Tensor t = c.target.narrow(0, begin, rows);
@@ -276,14 +296,18 @@ struct GradAccumulator {
 
   // The gradients in the parameters' dtypes, times scale (a 0-dim opmath tensor) when given; absent ones as
   // empty tensors.
-  Grads finish(const std::optional<at::Tensor>& scale) {
-    const auto out = [&](at::Tensor& g, at::ScalarType dtype) {
+  // The summed gradients, each multiplied by its scale where given: input_scale (N, 1) per row, param_scale
+  // for linear_weight's and linear_bias's.
+  Grads finish(const std::optional<at::Tensor>& input_scale = std::nullopt,
+               const std::optional<at::Tensor>& param_scale = std::nullopt) {
+    const auto out = [&](at::Tensor& g, const std::optional<at::Tensor>& scale, at::ScalarType dtype) {
       if (!g.defined()) return at::empty({0}, c.input.options());
       if (scale.has_value()) g.mul_(*scale);
       return g.scalar_type() == dtype ? g : g.to(dtype);
     };
     const at::ScalarType dtype = c.input.scalar_type();
-    return {out(grad_input, dtype), out(grad_weight, dtype), out(grad_bias, dtype)};
+    return {out(grad_input, input_scale, dtype), out(grad_weight, param_scale, dtype),
+            out(grad_bias, param_scale, dtype)};
   }
 };
 
@@ -347,9 +371,9 @@ class TiledLoss {
   }
 
   // The row scale g_r of the gradient for a loss gradient grad_loss (one element, or (N,)): grad_loss_r /
-  // denominator, 0 for ignored rows and for a denominator of 0 (every row ignored).
+  // denominator (NaN for a denominator of 0: gradient_inverse), 0 for ignored rows.
   at::Tensor row_scale(const at::Tensor& grad_loss, const at::Tensor& denominator) const {
-    const at::Tensor inverse = at::where(denominator != 0, denominator.reciprocal(), at::zeros({}, opmath));
+    const at::Tensor inverse = gradient_inverse(denominator);
     at::Tensor s = grad_loss.to(c.opmath).reshape({-1}) * inverse;
     s = s.expand({c.rows}).contiguous();
     // where, not a product: an ignored row's gradient is 0 whatever its grad_loss (inf·0 would be NaN, and the
@@ -590,7 +614,7 @@ ForwardOutputs linear_cross_entropy_forward(const at::Tensor& input, const at::T
                     grad_input);
     auto [grad_weight, grad_bias] = tiled_param_grads(c, tiles, row_lse, weight_grad, bias_grad);
     at::Tensor loss = per_row ? row_loss : row_loss.sum();
-    if (reduction == kMean) loss = loss / denominator;  // all rows ignored: 0/0 = NaN, as torch
+    if (reduction == kMean) loss = mean_over(loss, denominator);
     if (!grad_input.defined()) grad_input = at::empty({0}, input.options());
     return {loss.to(loss_dtype), row_lse, denominator, grad_input, grad_weight, grad_bias};
   }
@@ -619,15 +643,19 @@ ForwardOutputs linear_cross_entropy_forward(const at::Tensor& input, const at::T
     loss = row_loss;
   } else {
     at::Tensor total = chunk_sums.empty() ? at::zeros({}, opmath) : at::stack(chunk_sums).sum();
-    if (reduction == kMean) total = total / denominator;  // all rows ignored: 0/0 = NaN, as torch
+    if (reduction == kMean) total = mean_over(total, denominator);
     loss = total.to(loss_dtype);
   }
-  // The mean's gradients were summed; divided here, once. All rows ignored: no gradient (0, not 0·inf).
-  std::optional<at::Tensor> scale;
+  // The mean's gradients were summed; divided here, once (gradient_inverse: NaN for a denominator of 0). Per
+  // row for input's, whose ignored rows stay 0; linear_weight's and linear_bias's stay 0 when no row is kept.
+  std::optional<at::Tensor> input_scale, param_scale;
   if (reduction == kMean && with_grads) {
-    scale = at::where(denominator != 0, denominator.reciprocal(), at::zeros({}, opmath));
+    const at::Tensor inverse = gradient_inverse(denominator);
+    const at::Tensor kept = kept_rows(c);
+    if (grads.input_grad) input_scale = at::where(kept, inverse, 0.0).to(c.opmath).unsqueeze(1);
+    param_scale = at::where(kept.any(), inverse, 0.0).to(c.opmath);
   }
-  auto [grad_input, grad_weight, grad_bias] = grads.finish(scale);
+  auto [grad_input, grad_weight, grad_bias] = grads.finish(input_scale, param_scale);
   return {loss, row_lse, denominator, grad_input, grad_weight, grad_bias};
 }
 
@@ -670,7 +698,7 @@ Grads linear_cross_entropy_backward(const at::Tensor& grad_loss, const at::Tenso
                                     denominator, reduction, c.ignore_index, c.label_smoothing, c.lse_square_scale);
     grads.add(begin, x, logits, tanh_rows);
   });
-  return grads.finish(std::nullopt);
+  return grads.finish();
 }
 
 }  // namespace

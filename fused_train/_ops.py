@@ -598,6 +598,12 @@ def _mean_denominators(target: Tensor, weight: Tensor | None, ignore_index: int,
     return torch.where(kept, weight.to(opmath)[target.long().clamp(0, classes - 1)], 0).sum(1)
 
 
+def _mean(total: Tensor, denominator: Tensor) -> Tensor:
+    """A sample's mean as the ops take it: NaN over a denominator of 0, as torch's (its NLL part is 0/0
+    there), also where label smoothing or the z-loss would make it ±inf."""
+    return torch.where(denominator != 0, total / denominator, float("nan"))
+
+
 def _cross_entropy_forward_vmap(info, in_dims, input, target, weight, *, reduction, ignore_index,
                                 label_smoothing, lse_square_scale, opmath_loss=False):
     if in_dims[2] is not None:  # a class weight per sample
@@ -623,10 +629,10 @@ def _cross_entropy_forward_vmap(info, in_dims, input, target, weight, *, reducti
         return (loss.to(loss_dtype), z_loss.to(loss_dtype), row_lse, one), (0, 0, 0, None)
     if reduction == 2:
         return (loss.sum(1).to(loss_dtype), z_loss.sum(1).to(loss_dtype), row_lse, one), (0, 0, 0, None)
-    # torch's weighted mean (0/0 = NaN for a sample whose rows are all ignored).
+    # torch's weighted mean.
     denominator = _mean_denominators(t, weight, ignore_index, classes, opmath)
-    loss = (loss.sum(1) / denominator).to(loss_dtype)
-    z_loss = (z_loss.sum(1) / denominator).to(loss_dtype)
+    loss = _mean(loss.sum(1), denominator).to(loss_dtype)
+    z_loss = _mean(z_loss.sum(1), denominator).to(loss_dtype)
     return (loss, z_loss, row_lse, denominator), (0, 0, 0, 0)
 
 
@@ -648,9 +654,10 @@ def _cross_entropy_backward_vmap(info, in_dims, grad_loss, input, target, weight
     if reduction == 0:
         g = g.reshape(batch, rows)
     else:
-        # Each sample's grad_loss / denominator, in opmath, as the kernel applies it to every row.
+        # Each sample's grad_loss / denominator, in opmath, as the kernel applies it to every row (NaN for a
+        # denominator of 0, as the kernel's rows that are not ignored get; the ignored ones stay 0).
         den = _batch_first(denominator, in_dims[5], size).reshape(batch).to(lse.dtype)
-        g = (g.reshape(batch) / den)[:, None].expand(batch, rows)
+        g = _mean(g.reshape(batch), den)[:, None].expand(batch, rows)
     grad = _ops.cross_entropy_backward.default(
         g.reshape(batch * rows), x.reshape(batch * rows, classes), t.reshape(batch * rows, *t.shape[2:]),
         weight, lse.reshape(batch * rows, 2), lse.new_ones(()), reduction=0, ignore_index=ignore_index,
@@ -691,7 +698,7 @@ def _linear_cross_entropy_forward_vmap(info, in_dims, input, linear_weight, targ
     if reduction == 2:
         return (loss.sum(1).to(loss_dtype), row_lse, one, *empty), (0, 0, None, *unbatched)
     denominator = _mean_denominators(t, weight, ignore_index, linear_weight.shape[0], row_lse.dtype)
-    return (loss.sum(1).div(denominator).to(loss_dtype), row_lse, denominator, *empty), (0, 0, 0, *unbatched)
+    return (_mean(loss.sum(1), denominator).to(loss_dtype), row_lse, denominator, *empty), (0, 0, 0, *unbatched)
 
 
 def _linear_cross_entropy_backward_vmap(info, in_dims, grad_loss, input, linear_weight, target, linear_bias,
@@ -710,7 +717,8 @@ def _linear_cross_entropy_backward_vmap(info, in_dims, grad_loss, input, linear_
                  **options),
         )
     # Only input's gradient, which is per row: the samples folded into the rows as in the forward, each row's
-    # loss gradient being its sample's grad_loss / denominator (0 where the denominator is: all rows ignored).
+    # loss gradient being its sample's grad_loss / denominator (NaN where the denominator is 0: the rows that
+    # are not ignored get NaN, as torch's; the ignored ones stay 0).
     size = info.batch_size
     x = _batch_first(input, in_dims[1], size)
     t = _batch_first(target, in_dims[3], size)
@@ -721,7 +729,7 @@ def _linear_cross_entropy_backward_vmap(info, in_dims, grad_loss, input, linear_
         g = g.reshape(batch, rows)
     else:
         den = _batch_first(denominator, in_dims[7], size).reshape(batch).to(lse.dtype)
-        g = torch.where(den != 0, g.reshape(batch) / den, 0)[:, None].expand(batch, rows)
+        g = _mean(g.reshape(batch), den)[:, None].expand(batch, rows)
     grad_input, *empty = op(
         g.reshape(batch * rows), x.reshape(batch * rows, x.shape[-1]), linear_weight,
         t.reshape(batch * rows, *t.shape[2:]), linear_bias, weight, lse.reshape(batch * rows, 2), lse.new_ones(()),

@@ -246,6 +246,34 @@ def test_all_ignored_and_empty(device, reduction):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1), dict(lse_square_scale=1e-3)],
+                         ids=["plain", "smoothing", "z_loss"])
+def test_zero_total_class_weight_gives_nan_like_torch(device, options):
+    # Every kept target's class weight is 0: the weighted mean is 0/0, NaN in torch even where label smoothing
+    # alone would make it inf; the gradient is NaN on the rows that are not ignored, 0 on the ignored ones.
+    x = torch.randn(6, 5, dtype=torch.float64, device=device, requires_grad=True)
+    target = torch.tensor([1, 3, -100, 1, 3, -100], device=device)
+    weight = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64, device=device)
+    z_loss = options.pop("lse_square_scale", 0.0)
+    ours = cross_entropy(x, target, weight=weight, lse_square_scale=z_loss, **options)
+    (grad,) = torch.autograd.grad(ours, x)
+    assert ours.isnan()
+    if not z_loss:  # torch has no z-loss
+        ref = F.cross_entropy(x, target, weight=weight, **options)
+        (ref_grad,) = torch.autograd.grad(ref, x)
+        assert ref.isnan() and torch.equal(grad.isnan(), ref_grad.isnan())
+    assert grad[[0, 1, 3, 4]].isnan().all() and grad[[2, 5]].eq(0).all()
+    # The same per sample under vmap (the rows folded into one call), beside a sample with a finite mean.
+    xs = torch.stack([x.detach(), x.detach().flip(0)])
+    targets = torch.stack([target, torch.tensor([0, 2, 4, 0, 2, 4], device=device)])
+    losses, grads = torch.func.vmap(torch.func.grad_and_value(
+        lambda z, t: cross_entropy(z, t, weight=weight, lse_square_scale=z_loss, **options)), in_dims=(0, 0))(
+        xs, targets)[::-1]
+    assert losses[0].isnan() and losses[1].isfinite()
+    assert torch.equal(grads[0].isnan(), grad.isnan()) and grads[1].isfinite().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_fp64(device):
     x = torch.randn(5, 7, 2, device=device, dtype=torch.float64, requires_grad=True)
     target = torch.randint(0, 7, (5, 2), device=device)

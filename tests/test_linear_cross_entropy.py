@@ -143,6 +143,67 @@ def test_all_rows_ignored_gives_nan_mean_and_zero_gradients_like_torch():
         assert g.abs().sum() == 0
 
 
+def _zero_total_weight_case(dtype, device="cpu"):
+    """Every kept target's class weight is 0: the weighted mean is 0/0. torch gives a NaN loss, NaN gradients
+    for the rows that are not ignored (its NLL backward divides 0 by 0) and so for the weight and bias, and 0
+    for the ignored rows."""
+    x, w, b, target = make_case(10, 4, 9, dtype=dtype, device=device, ignored=0.0)
+    target[::2] = 3
+    target[1::4] = 5
+    target[3::4] = -100
+    class_weight = torch.ones(9, dtype=dtype, device=device)
+    class_weight[[3, 5]] = 0
+    return x, w, b, target, class_weight
+
+
+def _assert_same_nan_pattern(ours, ref):
+    assert torch.equal(ours.isnan(), ref.isnan()), (ours, ref)
+    torch.testing.assert_close(ours.nan_to_num(), ref.nan_to_num().to(ours.dtype))
+
+
+# Every road: the forward's own gradients (fp32/fp64), the tiled road (CPU bf16), fp16 (gradients in the backward)
+# and a second backward through the same graph (recomputed).
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1), dict(lse_square_scale=1e-3)],
+                         ids=["plain", "smoothing", "z_loss"])
+def test_zero_total_class_weight_gives_nan_like_torch_on_every_road(dtype, options):
+    x, w, b, target, class_weight = _zero_total_weight_case(dtype)
+    loss = F.linear_cross_entropy(x, w, target, linear_bias=b, weight=class_weight, chunk_size=3, **options)
+    exact = [p.detach().double().requires_grad_() for p in (x, w, b)]
+    ref = reference(*exact, target, weight=class_weight.double(), **options)
+    ref.backward()
+    assert loss.isnan() and ref.isnan()
+    for backward in range(2):  # the second one recomputes the gradients
+        grads = torch.autograd.grad(loss, (x, w, b), retain_graph=True)
+        for g, e in zip(grads, exact):
+            _assert_same_nan_pattern(g, e.grad)
+        assert grads[0][3::4].eq(0).all() and grads[0][0].isnan().all()  # ignored rows 0, kept ones NaN
+
+
+def test_zero_total_class_weight_under_vmap_gives_nan_per_sample_like_torch():
+    # One sample of three with a zero total class weight: its loss and gradients NaN, the others' finite.
+    x, w, b, target, class_weight = _zero_total_weight_case(torch.float64)
+    xs = torch.stack([x, x.flip(0), x])
+    targets = torch.stack([target, torch.arange(10) % 9, (torch.arange(10) + 4) % 9])
+    targets[2, :3] = -100  # and its row 4 has class 5, of weight 0
+
+    def ours(x, w, b, t):
+        return F.linear_cross_entropy(x, w, t, linear_bias=b, weight=class_weight, label_smoothing=0.1, chunk_size=4)
+
+    def torchs(x, w, b, t):
+        return TF.cross_entropy(TF.linear(x, w, b), t, weight=class_weight, label_smoothing=0.1)
+
+    for argnums in (0, (0, 1, 2)):  # folded rows (input only), one call per sample (the parameters)
+        per_sample = torch.func.vmap(torch.func.grad_and_value(ours, argnums=argnums), in_dims=(0, None, None, 0))
+        expected = torch.func.vmap(torch.func.grad_and_value(torchs, argnums=argnums), in_dims=(0, None, None, 0))
+        (grads, losses), (ref_grads, ref_losses) = per_sample(xs, w.detach(), b.detach(), targets), expected(
+            xs, w.detach(), b.detach(), targets)
+        _assert_same_nan_pattern(losses, ref_losses)
+        assert losses[0].isnan() and losses[1:].isfinite().all()
+        for g, r in zip(torch.utils._pytree.tree_leaves(grads), torch.utils._pytree.tree_leaves(ref_grads)):
+            _assert_same_nan_pattern(g, r)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_batched_input_with_shifted_labels_like_a_causal_lm(device):
     """A Hugging Face causal LM's loss: hidden (B, T, H), labels shifted by one with -100 padding."""

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -165,8 +166,11 @@ ForwardOutputs run_forward(const CrossEntropyCall& c, int64_t ignore_index, doub
     sums = run_forward_rows(l);
   }
   if (!per_row) {
-    loss = scalar_like(sums.loss / denominator, options);
-    z_loss = scalar_like(sums.z_loss / denominator, options);
+    // A mean over a denominator of 0 is NaN, as torch's (its NLL part is 0/0 there), also where label
+    // smoothing or the z-loss would make it ±inf.
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    loss = scalar_like(denominator == 0.0 ? nan : sums.loss / denominator, options);
+    z_loss = scalar_like(denominator == 0.0 ? nan : sums.z_loss / denominator, options);
   }
   return {loss, z_loss, lse, denominator_opmath};
 }

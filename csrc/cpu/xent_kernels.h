@@ -388,7 +388,7 @@ FT_XENT_FLATTEN CrossEntropySums forward_row_groups(const CrossEntropyLaunch& l,
   constexpr int64_t G = V::size();
   const math::XentHyper<O> h = xent_hyper<O>(l);
   const O* weight = static_cast<const O*>(l.weight);
-  const O grad_scale = l.grad != nullptr ? O(1) / *static_cast<const O*>(l.denominator) : O(0);
+  const O grad_scale = l.grad != nullptr ? math::mean_scale(O(1), *static_cast<const O*>(l.denominator)) : O(0);
   const int64_t C = l.classes;
   alignas(64) O xt[kGroupClasses][G];  // xt[c][i]: logit c of row r + i (rows past the end: zeros)
   alignas(64) O shifts[G], log_sums[G], coefs[G], target_logits[G];
@@ -459,7 +459,7 @@ FT_XENT_FLATTEN CrossEntropySums forward_rows_typed(const CrossEntropyLaunch& l,
   const math::XentHyper<O> h = xent_hyper<O>(l);
   const auto hv = broadcast(h);
   const O* weight = static_cast<const O*>(l.weight);
-  const O grad_scale = l.grad != nullptr ? O(1) / *static_cast<const O*>(l.denominator) : O(0);
+  const O grad_scale = l.grad != nullptr ? math::mean_scale(O(1), *static_cast<const O*>(l.denominator)) : O(0);
   const bool short_rows = l.classes <= kBlockSteps * StepIO<T>::kWidth;
   CrossEntropySums sums;
   for (int64_t r = row_begin; r < row_end; ++r) {
@@ -516,7 +516,7 @@ FT_XENT_FLATTEN void backward_rows_typed(const CrossEntropyLaunch& l, int64_t ro
     const math::RowLse<O> lse{saved[0], saved[1]};
     // grad_loss / denominator in opmath, applied before the element's one rounding: under loss scaling
     // (grad_loss = 2^15, say) fp16's (p - y)/N would underflow if it were rounded first and scaled after.
-    const O scale = row_grad_loss / denominator;
+    const O scale = math::mean_scale(row_grad_loss, denominator);
     int64_t t = -1;
     O x_t = 0, target_mass = 0;  // x_t is read before the row is written: the in-place backward writes over the logits
     if constexpr (kProb) {

@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_backward_kernel(XentAr
     T* g = a.grad + row * a.grad_row_stride + begin;
     const math::RowLse<O> lse{a.row_lse[2 * row], a.row_lse[2 * row + 1]};
     // In opmath before the one rounding (fp16 under loss scaling would underflow otherwise).
-    const O scale = row_grad_loss / *a.denominator;
+    const O scale = math::mean_scale(row_grad_loss, *a.denominator);
     int64_t t = -1;
     bool ignored = false, bad = false;
     math::RowGrad<O> rg;
@@ -389,11 +389,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
     return {row_loss.to(dtype), row_z_loss.to(dtype), row_lse, at::ones({}, opts)};
   }
   // Reductions with ATen's kernels on the current stream; no host synchronisation.
-  at::Tensor denominator = at::ones({}, opts);
-  if (c.reduction == XentReduction::Mean) {
-    denominator = c.target_is_prob ? at::full({}, static_cast<double>(c.rows), opts) : row_weight.sum();
+  if (c.reduction == XentReduction::Sum) {
+    return {row_loss.sum().to(dtype), row_z_loss.sum().to(dtype), row_lse, at::ones({}, opts)};
   }
-  return {(row_loss.sum() / denominator).to(dtype), (row_z_loss.sum() / denominator).to(dtype), row_lse, denominator};
+  const at::Tensor denominator =
+      c.target_is_prob ? at::full({}, static_cast<double>(c.rows), opts) : row_weight.sum();
+  // A mean over a denominator of 0 is NaN, as torch's (its NLL part is 0/0 there), also where label
+  // smoothing or the z-loss would make it ±inf.
+  const at::Tensor nan = at::full({}, std::numeric_limits<double>::quiet_NaN(), opts);
+  const auto mean = [&](const at::Tensor& rows) { return at::where(denominator != 0, rows.sum() / denominator, nan); };
+  return {mean(row_loss).to(dtype), mean(row_z_loss).to(dtype), row_lse, denominator};
 }
 
 // g: grad_loss in opmath (check_cross_entropy_backward). keep_unit_rows: see XentArgs.

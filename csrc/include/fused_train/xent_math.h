@@ -187,7 +187,15 @@ struct RowGrad {
   T target_coef;    // g·(1-ε)·w_t (class index only)
 };
 
-// scale: grad_out_r / denominator, already 0 for an ignored row.
+// A row's gradient scale g_r = grad_out_r / denominator. NaN for a denominator of 0 (a mean over no weight,
+// 0/0 in torch's NLL backward): every row that is not ignored gets a NaN gradient, as in torch, whatever its
+// terms (the unweighted z-loss's would give ±inf).
+template <class T>
+FT_HOST_DEVICE FT_INLINE T mean_scale(T grad_out, T denominator) {
+  return denominator != T(0) ? grad_out / denominator : std::numeric_limits<T>::quiet_NaN();
+}
+
+// scale: grad_out_r / denominator (mean_scale), already 0 for an ignored row.
 template <class T>
 FT_HOST_DEVICE FT_INLINE RowGrad<T> index_row_grad(T scale, const RowLse<T>& lse, T target_weight,
                                                    const XentHyper<T>& h) {
