@@ -4,12 +4,13 @@ Dynamo traces an autograd.Function's backward only where it sees an argument tha
 the argument as it first saw it, before torch.func.grad set requires_grad on it: the losses were traced as
 their forward alone and the gradients came out as zeros (pytorch/pytorch#193279). The forms dynamo can trace
 (one level of grad, vjp, jacrev or vmap) must compile in one graph (fullgraph=True) and be right; the others
-(forward mode, vmap over grad, ordinary autograd through a vmap) must be right without fullgraph (dynamo
-leaves them to eager torch.func) and raise, never answer zeros, with it.
+(more than one level, forward mode, ordinary autograd around grad or vmap) must be right, or raise as eager
+does, without fullgraph (dynamo leaves them to eager torch.func), and raise with it: never answer zeros.
 """
 
 import pytest
 import torch
+import torch._dynamo.testing
 import torch.nn.functional as TF
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
 
@@ -63,12 +64,15 @@ def test_compiled_grad_is_right_on_every_torch():
 
 
 @needs_levels
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 @pytest.mark.parametrize("options", CROSS_ENTROPY_OPTIONS)
-def test_compiled_grad_of_the_logits_matches_torch(options):
+def test_compiled_grad_of_the_logits_matches_torch(options, backend):
     x, target, weight = _logits_problem()
     target, kwargs = CROSS_ENTROPY_OPTIONS[options](target, weight)
-    ours = _traced(grad(lambda z: F.cross_entropy(z, target, **kwargs)))(x)
+    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    ours = torch.compile(grad(lambda z: F.cross_entropy(z, target, **kwargs)), backend=counter, fullgraph=True)(x)
     expected = grad(lambda z: TF.cross_entropy(z, target, **kwargs))(x)
+    assert counter.frame_count == 1  # compiled, not left to eager
     assert ours.abs().sum() > 0
     torch.testing.assert_close(ours, expected, **TIGHT)
 
@@ -162,10 +166,54 @@ def test_ordinary_backward_through_a_compiled_vmap_matches_torch():
         grads.append(z.grad)
     assert grads[0] is not None
     torch.testing.assert_close(grads[0], grads[1], **TIGHT)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=REFUSED):
+        _traced(lambda z: vmap(lambda r: F.cross_entropy(r, target))(z).sum())(xb.clone().requires_grad_())
     with torch.no_grad():  # no gradient wanted: traced in one graph
         torch._dynamo.reset()
         torch.testing.assert_close(_traced(lambda z: vmap(lambda r: F.cross_entropy(r, target))(z))(xb),
                                    vmap(lambda r: TF.cross_entropy(r, target))(xb), **TIGHT)
+
+
+@needs_levels
+@pytest.mark.parametrize("loss", ["cross_entropy", "linear_cross_entropy"])
+def test_second_order_through_a_compiled_grad_raises_as_eager(loss):
+    # MAML's inner step: ordinary autograd differentiates a torch.func.grad of the loss. Eager raises (no
+    # double backward); compiled, dynamo would drop that derivative and answer a partial gradient.
+    x, target, _ = _logits_problem()
+    w = (torch.eye(9, dtype=torch.float64) + 0.1).requires_grad_()
+    if loss == "cross_entropy":
+        def inner_loss(v):
+            return F.cross_entropy(x @ v, target)
+    else:
+        def inner_loss(v):
+            return F.linear_cross_entropy(x, v.T, target)
+
+    def outer(w):
+        return inner_loss(w - 0.5 * grad(inner_loss)(w))
+
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(outer(w), w)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(torch.compile(outer, backend="aot_eager")(w), w)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=REFUSED):
+        _traced(outer)(w)
+
+
+@needs_levels
+def test_compiled_grad_over_parameters_that_require_grad_matches_torch():
+    # Parameters passed as they are (not detached): left to eager torch.func, right to first order.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(9, 9).double()
+    x, target, _ = _logits_problem()
+
+    def grad_of(cross_entropy):
+        return grad(lambda p: cross_entropy(functional_call(model, p, (x,)), target))
+
+    params = dict(model.named_parameters())
+    torch.testing.assert_close(torch.compile(grad_of(F.cross_entropy), backend="aot_eager")(params),
+                               grad_of(TF.cross_entropy)(params), **TIGHT)
 
 
 @needs_levels
@@ -220,9 +268,8 @@ def test_compiled_linear_cross_entropy_grad_matches_torch(argnums):
     ours, torchs = _linear_losses(target, class_weight)
     got = _traced(grad(ours, argnums=argnums))(x, w, b)
     expected = grad(torchs, argnums=argnums)(x, w, b)
-    for g, e in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)):
-        assert e.abs().sum() > 0
-        torch.testing.assert_close(g, e, **TIGHT)
+    assert all(e.abs().sum() > 0 for e in torch.utils._pytree.tree_leaves(expected))
+    torch.testing.assert_close(got, expected, **TIGHT)
 
 
 @needs_levels
@@ -244,8 +291,7 @@ def test_compiled_linear_cross_entropy_per_sample_gradients_match_torch():
     xb = torch.stack([x, x.flip(0), 2 * x])
     per_sample = lambda f: vmap(grad(f, argnums=(1, 2)), in_dims=(0, None, None))  # noqa: E731
     got = torch.compile(per_sample(ours), backend="aot_eager")(xb, w, b)
-    for g, e in zip(got, per_sample(torchs)(xb, w, b)):
-        torch.testing.assert_close(g, e, **TIGHT)
+    torch.testing.assert_close(got, per_sample(torchs)(xb, w, b), **TIGHT)
     torch._dynamo.reset()
     with pytest.raises(Exception, match=REFUSED):
         _traced(per_sample(ours))(xb, w, b)

@@ -141,3 +141,11 @@ def test_hessian_and_grad_of_grad_raise_instead_of_answering_zero():
         jacrev(jacfwd(loss))(x)
     with pytest.raises(RuntimeError, match="double backward .* is not supported"):
         jacfwd(jacfwd(loss))(x)
+
+
+def test_grad_with_respect_to_the_class_weight_raises():
+    # As torch's and as fused_train's ordinary autograd: no derivative for weight, rather than zeros.
+    x, target, options = _problem("cpu", 6, 9, weighted=True)
+    with pytest.raises(RuntimeError, match="derivative for 'weight' is not implemented"):
+        grad(lambda w: cross_entropy(x, target, weight=w))(options["weight"])
+

@@ -187,6 +187,8 @@ class _CrossEntropyTransformFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused):
         if _is_compiling():
             _check_compiled_transform_backward("cross_entropy")
+        if ctx.needs_input_grad[2]:
+            _backward(ctx, grad_loss)  # raises, naming weight (0 would be silently wrong)
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         input, target, weight, row_lse, denominator = ctx.saved_tensors
@@ -222,8 +224,9 @@ class _CompiledCrossEntropyTransformFunction(_CrossEntropyTransformFunction):
 # backward only where it sees an argument that requires grad, and it judges that from the argument as it first
 # saw it: torch.func.grad sets requires_grad on its inputs after that, so the loss was traced as its forward
 # alone, which has no derivative, and the gradient came out as zeros (pytorch/pytorch#193279). A view of each
-# argument is seen afresh. Dynamo also drops a custom jvp (#192985) and cannot vmap the node it makes: those
-# forms are refused with an error, which makes dynamo leave them to eager torch.func, where they are right.
+# argument is seen afresh. Dynamo also drops a custom jvp (#192985), cannot vmap the node it makes, and drops
+# the derivative an autograd around the transform would need: those forms are refused with an error, which
+# makes dynamo leave them to eager torch.func, where they are right (or raise, as eager does).
 
 
 # Dynamo reads torch.func's levels from torch 2.7 on (pytorch/pytorch#144444).
@@ -249,15 +252,19 @@ def _compiled_transform_road(loss, *tensors):
     from torch._C._functorch import TransformType
 
     depth, innermost = _functorch_levels()
-    if depth == 1 and innermost.key() == TransformType.Grad:
-        return "grad", tuple(None if t is None else t.view_as(t) for t in tensors)
-    if depth == 1 and innermost.key() == TransformType.Vmap:
-        # Ordinary autograd through a compiled vmap would meet the same dropped derivative; under vmap the
-        # requires_grad that counts is the unbatched tensor's.
+    if depth == 1:
+        # Ordinary autograd around the transform (a tensor below the level requires grad: MAML's second
+        # order through grad, autograd through vmap) would meet a derivative dynamo dropped: not traced.
         level = innermost.level()
-        if not (torch.is_grad_enabled() and any(
-                t is not None and torch._C._functorch._unwrap_batched(t, level)[0].requires_grad for t in tensors)):
-            return "vmap", tensors
+        if innermost.key() == TransformType.Grad:
+            unwrap = torch._C._functorch._unwrap_for_grad
+            if not any(t is not None and unwrap(t, level).requires_grad for t in tensors):
+                return "grad", tuple(None if t is None else t.view_as(t) for t in tensors)
+        elif innermost.key() == TransformType.Vmap:
+            if not (torch.is_grad_enabled() and any(
+                    t is not None and torch._C._functorch._unwrap_batched(t, level)[0].requires_grad
+                    for t in tensors)):
+                return "vmap", tensors
     _refuse_compiled_transform(loss)
 
 
@@ -276,8 +283,9 @@ def _refuse_compiled_transform(loss):
     if not _DYNAMO_READS_FUNCTORCH_LEVELS:
         what = f"on torch {torch.__version__} (< 2.7) torch.compile cannot trace torch.func transforms of the loss"
     else:
-        what = ("torch.compile cannot trace this torch.func transform of the loss (forward mode, a transform over "
-                "grad, or vmap under autograd)")
+        what = ("torch.compile cannot trace this torch.func transform of the loss (more than one level of "
+                "torch.func, e.g. vmap(grad), grad(vmap) or vmap(vmap); forward mode; or ordinary autograd "
+                "around grad or vmap)")
     raise RuntimeError(
         f"{loss}: {what}: dynamo would drop the loss's derivative and return zeros (pytorch/pytorch#193279). "
         f"Without fullgraph=True torch.compile runs this part uncompiled, and right; with fullgraph=True, call "
