@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <limits>
 
 #include "optimizer_args.h"
 
@@ -148,6 +149,10 @@ at::Tensor check_cross_entropy_scale_grad(const char* op, const at::Tensor& grad
   // Opmath: GradScaler's 2^16 is inf in fp16.
   const at::ScalarType opmath = opmath_type(grad_input.scalar_type());
   return scale.scalar_type() == opmath ? scale : scale.to(opmath);
+}
+
+at::Tensor mean_over(const at::Tensor& total, const at::Tensor& denominator) {
+  return at::where(denominator != 0, total / denominator, std::numeric_limits<double>::quiet_NaN());
 }
 
 }  // namespace fused_train

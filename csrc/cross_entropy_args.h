@@ -53,4 +53,9 @@ void check_cross_entropy_grad_input(const char* op, const CrossEntropyCall& call
 // resp. (rows,) tensor in grad_input's opmath.
 at::Tensor check_cross_entropy_scale_grad(const char* op, const at::Tensor& grad_input, const at::Tensor& grad_loss);
 
+// A mean computed with ATen's kernels, total / denominator (0-dim tensors, no host synchronisation): NaN over a
+// denominator of 0 (every row ignored, or every kept target of class weight 0), as torch's (its NLL part is 0/0
+// there), also where label smoothing or the z-loss would make it ±inf.
+at::Tensor mean_over(const at::Tensor& total, const at::Tensor& denominator);
+
 }  // namespace fused_train

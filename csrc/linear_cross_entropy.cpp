@@ -182,13 +182,19 @@ Call check_call(const char* op, const at::Tensor& input, const at::Tensor& linea
   return c;
 }
 
+// The rows that count: all of them for probabilities, else those whose target is not ignore_index (compared in
+// int64: an int32 target compared with an ignore_index beyond int32 would wrap it).
+at::Tensor kept_rows(const Call& c) {
+  if (at::isFloatingType(c.target.scalar_type())) return at::ones({c.rows}, c.target.options().dtype(at::kBool));
+  return c.target.to(at::kLong) != c.ignore_index;
+}
+
 // The mean's divisor: Σ weight[target] over the rows that are not ignored (the number of rows for probability
 // targets), 0-dim opmath, computed on the device without a host sync.
 at::Tensor mean_denominator(const Call& c) {
   const at::TensorOptions opmath = c.input.options().dtype(c.opmath);
   if (at::isFloatingType(c.target.scalar_type())) return at::scalar_tensor(static_cast<double>(c.rows), opmath);
-  // In int64: an int32 target compared with an ignore_index beyond int32 would wrap it.
-  const at::Tensor kept = c.target.to(at::kLong) != c.ignore_index;
+  const at::Tensor kept = kept_rows(c);
   if (!c.weight.has_value()) return kept.sum().to(c.opmath);
   // A target out of [0, V) has raised already on CPU (check_cpu_targets); on CUDA the loss op of its chunk
   // reports it. Clamped here so the gather itself stays in bounds.
@@ -196,23 +202,11 @@ at::Tensor mean_denominator(const Call& c) {
   return (c.weight->to(c.opmath).index_select(0, index) * kept).sum();
 }
 
-// A mean over a denominator of 0 (every row ignored, or every kept target of class weight 0) is NaN, as torch's
-// (its NLL part is 0/0 there), also where label smoothing or the z-loss would make it ±inf.
-at::Tensor mean_over(const at::Tensor& total, const at::Tensor& denominator) {
-  return at::where(denominator != 0, total / denominator, std::numeric_limits<double>::quiet_NaN());
-}
-
 // The mean's gradient scale: 1/denominator, NaN for a denominator of 0. The rows not ignored then get NaN
 // gradients, as torch's (its NLL backward divides 0 by 0 there); ignored rows keep 0, and a batch whose rows
 // are all ignored has no gradient (0), as torch's.
 at::Tensor gradient_inverse(const at::Tensor& denominator) {
   return at::where(denominator != 0, denominator.reciprocal(), std::numeric_limits<double>::quiet_NaN());
-}
-
-// The rows that count: all of them for probabilities, else those whose target is not ignore_index.
-at::Tensor kept_rows(const Call& c) {
-  if (at::isFloatingType(c.target.scalar_type())) return at::ones({c.rows}, c.target.options().dtype(at::kBool));
-  return c.target.to(at::kLong) != c.ignore_index;
 }
 
 // The chunk's rows of target; probabilities in the logits' dtype.
@@ -294,10 +288,8 @@ struct GradAccumulator {
     if (bias_grad) grad_bias.add_(at::sum(logit_grad, {0}, false, c.opmath));
   }
 
-  // The gradients in the parameters' dtypes, times scale (a 0-dim opmath tensor) when given; absent ones as
-  // empty tensors.
-  // The summed gradients, each multiplied by its scale where given: input_scale (N, 1) per row, param_scale
-  // for linear_weight's and linear_bias's.
+  // The gradients in the parameters' dtypes, each times its scale when given (input_scale (N, 1) per row of
+  // input's, param_scale 0-dim for linear_weight's and linear_bias's, both opmath); absent ones as empty tensors.
   Grads finish(const std::optional<at::Tensor>& input_scale = std::nullopt,
                const std::optional<at::Tensor>& param_scale = std::nullopt) {
     const auto out = [&](at::Tensor& g, const std::optional<at::Tensor>& scale, at::ScalarType dtype) {

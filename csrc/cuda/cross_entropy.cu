@@ -394,11 +394,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
   }
   const at::Tensor denominator =
       c.target_is_prob ? at::full({}, static_cast<double>(c.rows), opts) : row_weight.sum();
-  // A mean over a denominator of 0 is NaN, as torch's (its NLL part is 0/0 there), also where label
-  // smoothing or the z-loss would make it ±inf.
-  const at::Tensor nan = at::full({}, std::numeric_limits<double>::quiet_NaN(), opts);
-  const auto mean = [&](const at::Tensor& rows) { return at::where(denominator != 0, rows.sum() / denominator, nan); };
-  return {mean(row_loss).to(dtype), mean(row_z_loss).to(dtype), row_lse, denominator};
+  return {mean_over(row_loss.sum(), denominator).to(dtype), mean_over(row_z_loss.sum(), denominator).to(dtype), row_lse,
+          denominator};
 }
 
 // g: grad_loss in opmath (check_cross_entropy_backward). keep_unit_rows: see XentArgs.

@@ -253,16 +253,15 @@ def _compiled_transform_road(loss, *tensors):
 
     depth, innermost = _functorch_levels()
     if depth == 1:
-        # Ordinary autograd around the transform (a tensor below the level requires grad: MAML's second
-        # order through grad, autograd through vmap) would meet a derivative dynamo dropped: not traced.
-        level = innermost.level()
+        # Ordinary autograd around the transform (a tensor below level 1 requires grad: MAML's second order
+        # through grad, autograd through vmap) would meet a derivative dynamo dropped: not traced.
         if innermost.key() == TransformType.Grad:
             unwrap = torch._C._functorch._unwrap_for_grad
-            if not any(t is not None and unwrap(t, level).requires_grad for t in tensors):
+            if not any(t is not None and unwrap(t, 1).requires_grad for t in tensors):
                 return "grad", tuple(None if t is None else t.view_as(t) for t in tensors)
         elif innermost.key() == TransformType.Vmap:
             if not (torch.is_grad_enabled() and any(
-                    t is not None and torch._C._functorch._unwrap_batched(t, level)[0].requires_grad
+                    t is not None and torch._C._functorch._unwrap_batched(t, 1)[0].requires_grad
                     for t in tensors)):
                 return "vmap", tensors
     _refuse_compiled_transform(loss)
