@@ -269,11 +269,10 @@ struct RmspropBound : RmspropTile<O>, StateBases<O, 3> {
   }
 };
 
-// 8 uint8 codes (16 with AVX-512) widened to int32 lanes.
+#if !defined(CPU_CAPABILITY_AVX512)
+// 8 uint8 codes widened to int32 lanes, the indices of a gather (AVX-512 permutes instead: CodeValues16).
 inline Vectorized<int32_t> load_codes(const uint8_t* p) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-#elif defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2)
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 #else
   int32_t lanes[Vectorized<int32_t>::size()];
@@ -281,13 +280,80 @@ inline Vectorized<int32_t> load_codes(const uint8_t* p) {
   return Vectorized<int32_t>::loadu(lanes);
 #endif
 }
+#else
+// 16 codes' values by permutes from registers instead of a gather (about 1.7x faster on Zen 4). The unsigned code's
+// 256 values are 8 register pairs. The signed code's values mirror around code 127, so |code - 127| indexes its
+// 128 values from 0 up (4 pairs), and the sign and code 255 (1.0, which has no mirror) are patched in.
+struct CodeValues16 {
+  __m512 table[16];
+  void load(const math::DynamicCode& c) {
+    const float* from = c.is_signed ? c.value + 127 : c.value;  // value[127 + d], d = 0..127, ends at value[254]
+    for (int j = 0; j < 16; ++j) table[j] = j < (c.is_signed ? 8 : 16) ? _mm512_loadu_ps(from + 16 * j) : _mm512_setzero_ps();
+  }
+  // is_signed: the code's, a constant where the caller's moment loop is unrolled
+  __m512 dequantize(const uint8_t* p, bool is_signed) const {
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    if (is_signed) {
+      const __m512i d = _mm512_abs_epi32(_mm512_sub_epi32(c, _mm512_set1_epi32(127)));
+      const __mmask16 bit5 = _mm512_test_epi32_mask(d, _mm512_set1_epi32(32));
+      const __mmask16 bit6 = _mm512_test_epi32_mask(d, _mm512_set1_epi32(64));
+      const __m512 low = _mm512_mask_mov_ps(_mm512_permutex2var_ps(table[0], d, table[1]), bit5,
+                                            _mm512_permutex2var_ps(table[2], d, table[3]));
+      const __m512 high = _mm512_mask_mov_ps(_mm512_permutex2var_ps(table[4], d, table[5]), bit5,
+                                             _mm512_permutex2var_ps(table[6], d, table[7]));
+      __m512i v = _mm512_castps_si512(_mm512_mask_mov_ps(low, bit6, high));
+      v = _mm512_mask_xor_epi32(v, _mm512_cmplt_epi32_mask(c, _mm512_set1_epi32(127)), v,
+                                _mm512_set1_epi32(static_cast<int32_t>(0x80000000u)));
+      return _mm512_mask_mov_ps(_mm512_castsi512_ps(v), _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(255)),
+                                _mm512_set1_ps(1.0f));
+    }
+    __m512 pair[8];
+    for (int j = 0; j < 8; ++j) pair[j] = _mm512_permutex2var_ps(table[2 * j], c, table[2 * j + 1]);
+    const __mmask16 bit5 = _mm512_test_epi32_mask(c, _mm512_set1_epi32(32));
+    const __mmask16 bit6 = _mm512_test_epi32_mask(c, _mm512_set1_epi32(64));
+    const __mmask16 bit7 = _mm512_test_epi32_mask(c, _mm512_set1_epi32(128));
+    for (int j = 0; j < 4; ++j) pair[j] = _mm512_mask_mov_ps(pair[2 * j], bit5, pair[2 * j + 1]);
+    for (int j = 0; j < 2; ++j) pair[j] = _mm512_mask_mov_ps(pair[2 * j], bit6, pair[2 * j + 1]);
+    return _mm512_mask_mov_ps(pair[0], bit7, pair[1]);
+  }
+};
+#endif
 
-// Writes the codes of x[0, n) * inverse (1 / their block's absmax) into out: math::quantize_value, 8 lanes
-// at a time on AVX2 and AVX-512, where the per-state constants of the code are one register each and a lane's
-// state picks its entry with one permute.
+// Writes the codes of x[0, n) * inverse (1 / their block's absmax) into out: math::quantize_value's codes, on
+// AVX-512 16 lanes at a time by math::quantize_value_by_binade (one lookup for the state, each state's constants
+// in one register, a lane picking its entry by a permute), on AVX2 8 lanes by quantize_value's own comparisons.
 inline void quantize_tile(const float* x, float inverse, int64_t n, const math::DynamicCode& c, uint8_t* out) {
   int64_t i = 0;
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512)
+  const math::BinadeCode& t = c.is_signed ? math::kSignedBinade : math::kUnsignedBinade;
+  const __m512i state_lo = _mm512_loadu_si512(t.state), state_hi = _mm512_loadu_si512(t.state + 16);
+  const __m512 threshold_lo = _mm512_loadu_ps(t.threshold), threshold_hi = _mm512_loadu_ps(t.threshold + 16);
+  const __m512 low = _mm512_loadu_ps(t.low), inverse_width = _mm512_loadu_ps(t.inverse_width);
+  const __m512i first_and_last = _mm512_loadu_si512(t.first_and_last);
+  const __m512 scale = _mm512_set1_ps(inverse), zero = _mm512_setzero_ps();
+  const __m512i bias = _mm512_set1_epi32(math::kBinadeBias), last_binade = _mm512_set1_epi32(31);
+  const __m512i one = _mm512_set1_epi32(1), low_byte = _mm512_set1_epi32(255), mirror = _mm512_set1_epi32(254);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 xv = _mm512_mul_ps(_mm512_loadu_ps(x + i), scale);
+    const __m512 a = c.is_signed ? _mm512_abs_ps(xv) : xv;
+    const __mmask16 negative = c.is_signed ? _mm512_cmp_ps_mask(xv, zero, _CMP_LT_OQ) : 0;
+    const __m512i b = _mm512_min_epu32(_mm512_sub_epi32(_mm512_srli_epi32(_mm512_castps_si512(a), 23), bias),
+                                       last_binade);
+    __m512i state = _mm512_permutex2var_epi32(state_lo, b, state_hi);
+    const __mmask16 above = _mm512_cmp_ps_mask(a, _mm512_permutex2var_ps(threshold_lo, b, threshold_hi), _CMP_GT_OQ);
+    state = _mm512_mask_add_epi32(state, above, state, one);
+    const __m512 f = _mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(a, _mm512_permutexvar_ps(state, low)),
+                                                 _mm512_permutexvar_ps(state, inverse_width)),
+                                   zero);  // (max_ps returns its second operand, 0, for NaN)
+    const __m512i first_last = _mm512_permutexvar_epi32(state, first_and_last);
+    const __m512i k = _mm512_min_epi32(_mm512_cvttps_epi32(f), _mm512_srli_epi32(first_last, 8));
+    __m512i code = _mm512_add_epi32(_mm512_and_si512(first_last, low_byte), k);
+    if (c.is_signed) {
+      code = _mm512_mask_max_epi32(code, negative, _mm512_sub_epi32(mirror, code), _mm512_setzero_si512());
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(code));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
   const __m256 low = _mm256_loadu_ps(c.low), inverse_width = _mm256_loadu_ps(c.inverse_width);
   const __m256i last = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.last));
   const __m256i positive = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.positive));
@@ -358,6 +424,10 @@ void run_8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t beg
   const float grad_scale = static_cast<float>(l.grad_scale);
   const FV vgrad_scale(grad_scale);
   alignas(64) float fresh[K][math::kQuantBlock];
+#if defined(CPU_CAPABILITY_AVX512)
+  CodeValues16 values[K];
+  FT_UNROLL_K for (int k = 0; k < K; ++k) values[k].load(*code[k]);
+#endif
 
   for (int64_t b0 = begin; b0 < end; b0 += math::kQuantBlock) {
     const int64_t n = std::min(math::kQuantBlock, end - b0);
@@ -376,7 +446,13 @@ void run_8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t beg
     // One vector of params at element i: dequantize, update, keep the new moments and their running absmax.
     auto update = [&](FV& pv, const FV& gv, int64_t i) {
       FV m[K];
+#if defined(CPU_CAPABILITY_AVX512)
+      FT_UNROLL_K for (int k = 0; k < K; ++k) {
+        m[k] = FV(values[k].dequantize(codes[k] + b0 + i, Op::is_signed(k))) * vscale[k];
+      }
+#else
       FT_UNROLL_K for (int k = 0; k < K; ++k) m[k] = at::vec::gather<4>(code[k]->value, load_codes(codes[k] + b0 + i)) * vscale[k];
+#endif
       op.update(pv, gv, m);
       FT_UNROLL_K for (int k = 0; k < K; ++k) {
         m[k].store(fresh[k] + i);

@@ -2,7 +2,9 @@
 // quantize_value against a brute-force nearest-value search over all 256 values, at every midpoint and its fp32
 // neighbours and at millions of random points over 30 decades.
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 
 #include "check.h"
@@ -64,6 +66,47 @@ void check_code(bool is_signed) {
 
 FT_TEST(signed_code) { check_code(true); }
 FT_TEST(unsigned_code) { check_code(false); }
+
+// The binade lookup (the AVX-512 kernels' form) gives quantize_value's code for every magnitude below 4, NaN and
+// -0: every 61st float bit pattern of [0, 4) with both signs, and each threshold and value with its 4 fp32
+// neighbours on either side.
+void check_binade_lookup(bool is_signed) {
+  const math::DynamicCode& c = is_signed ? math::kSignedCode : math::kUnsignedCode;
+  const math::BinadeCode& t = is_signed ? math::kSignedBinade : math::kUnsignedBinade;
+  auto same = [&](float x) { FT_CHECK(math::quantize_value_by_binade(x, c, t) == math::quantize_value(x, c)); };
+  auto from_bits = [](uint32_t bits) {
+    float x;
+    std::memcpy(&x, &bits, sizeof x);
+    return x;
+  };
+  int64_t checked = 0;
+  for (uint32_t bits = 0; bits < 0x40800000u; bits += 61, ++checked) {  // 0x40800000: 4.0f
+    same(from_bits(bits));
+    if (is_signed) same(-from_bits(bits));
+  }
+  FT_CHECK(checked > 17000000);
+  auto around = [&](float x) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    for (int d = -4; d <= 4; ++d) {
+      same(from_bits(bits + d));
+      if (is_signed) same(-from_bits(bits + d));
+    }
+  };
+  for (float threshold : c.threshold) around(threshold);
+  for (float value : c.value) {
+    if (value > 0.0f) around(value);
+  }
+  same(0.0f);
+  same(-0.0f);
+  same(std::nanf(""));
+  same(-std::nanf(""));
+  same(1e-30f);
+  same(1e-40f);  // subnormal
+}
+
+FT_TEST(signed_code_binade_lookup) { check_binade_lookup(true); }
+FT_TEST(unsigned_code_binade_lookup) { check_binade_lookup(false); }
 
 FT_TEST(inverse_absmax) {
   FT_CHECK(math::inverse_absmax(0.0f) == 0.0f);

@@ -12,7 +12,10 @@
 // magnitudes get a fine grid, large ones a relative error of at most a few per cent.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 
 #include "fused_train/macros.h"
 
@@ -111,6 +114,82 @@ constexpr DynamicCode make_dynamic_code(bool is_signed) {
 
 inline constexpr DynamicCode kSignedCode = make_dynamic_code(true);
 inline constexpr DynamicCode kUnsignedCode = make_dynamic_code(false);
+
+// The same rounding with the state found by one lookup instead of 7 comparisons, for SIMD lanes that pick table
+// entries by permutes (the AVX-512 kernels, 16 or 32 entries a register). A magnitude's binade, [2^e, 2^(e+1)),
+// is its float exponent; the code's thresholds are at least 6x apart, so a binade holds at most one of them and
+// the state is binade_state[b] + (a > binade_threshold[b]). Being nearer 1 than any other value is state 8 here
+// (value 1.0: low 0, inverse width 0, so k = 0), so the rest needs no special case either.
+// b = (biased exponent - kBinadeBias) as unsigned, clamped to 31: binades 2^-29 .. 2^1 are b = 0..30, and b = 31
+// holds everything else: below 2^-29 (under every threshold), NaN (state 0, as quantize_value) and a >= 4, which
+// never occurs (a = |x| / absmax of x's own block is at most 1 plus rounding) and would not get quantize_value's
+// code 255 here.
+constexpr int32_t kBinadeBias = 127 - 29;
+
+struct BinadeCode {
+  int32_t state[32];          // the state below binade b
+  float threshold[32];        // the threshold inside binade b, or +inf
+  float low[16];              // per state 0..8 as DynamicCode, 8 being "nearer 1"
+  float inverse_width[16];
+  int32_t first_and_last[16]; // positive[s] | last[s] << 8
+  bool one_threshold_per_binade;  // checked below at compile time
+};
+
+constexpr BinadeCode make_binade_code(const DynamicCode& c) {
+  BinadeCode t{};
+  t.one_threshold_per_binade = true;
+  float low_end = 1.0f;  // 2^-29, exactly
+  for (int i = 0; i < 29; ++i) low_end *= 0.5f;
+  for (int b = 0; b < 32; ++b, low_end *= 2.0f) {
+    t.threshold[b] = std::numeric_limits<float>::infinity();
+    if (b == 31) break;  // state 0
+    int below = 0, inside = 0;
+    for (int k = 0; k < 8; ++k) {
+      if (c.threshold[k] < low_end) {
+        ++below;
+      } else if (c.threshold[k] < 2.0f * low_end) {
+        ++inside;
+        t.threshold[b] = c.threshold[k];
+      }
+    }
+    if (inside > 1 || (b == 0 && below > 0)) t.one_threshold_per_binade = false;
+    t.state[b] = below;
+  }
+  for (int s = 0; s < 8; ++s) {
+    t.low[s] = c.low[s];
+    t.inverse_width[s] = c.inverse_width[s];
+    t.first_and_last[s] = c.positive[s] | (c.last[s] << 8);
+  }
+  t.first_and_last[8] = c.one_positive;
+  return t;
+}
+
+inline constexpr BinadeCode kSignedBinade = make_binade_code(kSignedCode);
+inline constexpr BinadeCode kUnsignedBinade = make_binade_code(kUnsignedCode);
+static_assert(kSignedBinade.one_threshold_per_binade && kUnsignedBinade.one_threshold_per_binade,
+              "a binade holds two thresholds of the dynamic code: the one-lookup state needs another table");
+
+// quantize_value by the binade lookup, in the operations the AVX-512 kernel runs per lane (cpu/optimizer_kernels.h);
+// tests/cpp checks it equals quantize_value for every |x| < 4 (host only: the CUDA kernels keep quantize_value).
+// The signed code's negative half mirrors the positive one around code 127 (code 254 - c), except for 1.0, whose
+// mirror would be -1: its code is 0.
+inline uint8_t quantize_value_by_binade(float x, const DynamicCode& c, const BinadeCode& t) {
+  const bool negative = c.is_signed && x < 0.0f;
+  const float a = c.is_signed ? std::fabs(x) : x;
+  uint32_t bits = 0;
+  std::memcpy(&bits, &a, sizeof bits);
+  uint32_t b = (bits >> 23) - static_cast<uint32_t>(kBinadeBias);
+  b = b < 31u ? b : 31u;
+  const int s = t.state[b] + (a > t.threshold[b] ? 1 : 0);
+  float f = (a - t.low[s]) * t.inverse_width[s];
+  f = f > 0.0f ? f : 0.0f;  // NaN too
+  int32_t k = static_cast<int32_t>(f);
+  const int32_t last = t.first_and_last[s] >> 8;
+  k = k < last ? k : last;
+  int32_t code = (t.first_and_last[s] & 255) + k;
+  if (negative) code = 254 - code > 0 ? 254 - code : 0;
+  return static_cast<uint8_t>(code);
+}
 
 }  // namespace math
 }  // namespace fused_train
