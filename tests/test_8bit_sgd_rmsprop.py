@@ -3,6 +3,9 @@ created as options switch on, small params on full-precision state, bytes per pa
 GradScaler, gradient zeroing, threads, bad arguments and ops, torch.compile and convergence."""
 
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -94,6 +97,91 @@ def test_first_moments_are_the_quantizers_codes(n):
         codes, absmax = Q.quantize_blockwise(value, signed=signed)
         assert torch.equal(opt.state[param][f"{name}_codes"], codes), name
         assert torch.equal(opt.state[param][f"{name}_absmax"], absmax), name
+
+
+def _float_sweep(stride: int) -> torch.Tensor:
+    """Every stride-th fp32 bit pattern from 0 to 1, each code value and threshold of both codes with its 3 fp32
+    neighbours on either side, and 0."""
+    sweep = torch.arange(0, 0x3F800001, stride, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    marks = torch.cat([code.values for code in (Q.SIGNED, Q.UNSIGNED)] + [code.threshold for code in (Q.SIGNED, Q.UNSIGNED)])
+    marks = marks[(marks > 0) & (marks < 1)].view(torch.int32)
+    near = (marks[:, None] + torch.arange(-3, 4, dtype=torch.int32)).view(torch.float32).reshape(-1)
+    return torch.cat([sweep, near, torch.zeros(1)])
+
+
+@pytest.mark.smoke
+def test_codes_equal_the_quantizers_over_a_sweep_of_floats():
+    """The vectorized quantizer (on AVX-512 a binade lookup, not the comparisons) against the Python quantizer's
+    codes for ~300k magnitudes of every binade below 1, both signs, each block holding a 1 so that the kernel
+    quantizes the magnitude itself; and a block holding a NaN, which quantizes as the Python quantizer does."""
+    x = _float_sweep(3989)
+    blocks = x[: x.numel() // 255 * 255].view(-1, 255)
+    blocks = blocks[:, torch.randperm(255, generator=torch.Generator().manual_seed(0))]
+    g = torch.cat([blocks, torch.ones(blocks.shape[0], 1)], dim=1).reshape(-1)
+    g = torch.where(torch.arange(g.numel()) % 3 == 0, -g, g)
+    g = torch.cat([g, torch.tensor([0.5, float("nan"), -0.25, 1e-30])])
+    p, q = torch.zeros(g.numel(), requires_grad=True), torch.zeros(g.numel(), requires_grad=True)
+    p.grad, q.grad = g.clone(), g.clone()
+    sgd = SGD8bit([p], lr=0.1, momentum=0.9, min_8bit_size=0)
+    rms = RMSprop8bit([q], lr=0.1, alpha=0.0, min_8bit_size=0)
+    sgd.step()
+    rms.step()
+    for opt, param, name, value, signed in ((sgd, p, "momentum_buffer", g, True), (rms, q, "square_avg", g * g, False)):
+        codes, absmax = Q.quantize_blockwise(value, signed=signed)
+        got = opt.state[param][f"{name}_codes"]
+        mismatch = (got != codes).nonzero().flatten()
+        assert mismatch.numel() == 0, (name, value[mismatch[:5]].tolist(), got[mismatch[:5]], codes[mismatch[:5]])
+        assert torch.equal(opt.state[param][f"{name}_absmax"].nan_to_num(-1), absmax.nan_to_num(-1)), name
+    assert g.numel() > 250_000
+
+
+@pytest.mark.smoke
+def test_every_code_dequantizes_to_its_value():
+    """All 256 codes of both codes in blocks of three scales: a step with a zero gradient halves each moment exactly
+    (SGD: buf = 0.5 buf; RMSprop: square_avg = 0.5 square_avg + 0.5 * 0), so SGD's param shows the dequantized
+    values themselves, and both moments come back with their codes unchanged and their absmax halved."""
+    n = 3 * 256 + 37
+    codes = torch.arange(n, dtype=torch.int64).remainder(256).to(torch.uint8)
+    codes = codes[torch.randperm(n, generator=torch.Generator().manual_seed(1))]
+    codes[:3] = 255  # each of the first blocks holds the value 1, so the halved absmax is the block's largest value
+    codes[256:259] = 255
+    codes[512:515] = 255
+    codes[768:771] = 255
+    absmax = torch.tensor([1.0, 0.375, 3e-5, 7.0])
+    p, q = torch.zeros(n, requires_grad=True), torch.zeros(n, requires_grad=True)
+    sgd = SGD8bit([p], lr=1.0, momentum=0.5, min_8bit_size=0)
+    rms = RMSprop8bit([q], lr=1.0, alpha=0.5, min_8bit_size=0)
+    for opt, param in ((sgd, p), (rms, q)):
+        param.grad = torch.ones(n)
+        opt.step()  # creates the state (SGD's fresh buffer is spent)
+        with torch.no_grad():
+            param.zero_()
+    for opt, param, name, signed in ((sgd, p, "momentum_buffer", True), (rms, q, "square_avg", False)):
+        opt.state[param][f"{name}_codes"].copy_(codes)
+        opt.state[param][f"{name}_absmax"].copy_(absmax)
+        param.grad = torch.zeros(n)
+        opt.step()
+        assert torch.equal(opt.state[param][f"{name}_codes"], codes), name
+        assert torch.equal(opt.state[param][f"{name}_absmax"], absmax * 0.5), name
+    assert torch.equal(p.detach(), -0.5 * Q.dequantize_blockwise(codes, absmax, signed=True))
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_lower_instruction_sets_quantize_and_dequantize_alike(capability):
+    """The two tests above with the kernels lowered to AVX2 (a gather and comparisons) or to the scalar code
+    (FUSED_TRAIN_CPU_CAPABILITY is read at load time, so in a process of its own)."""
+    code = ("import test_8bit_sgd_rmsprop as T, fused_train\n"
+            "T.test_codes_equal_the_quantizers_over_a_sweep_of_floats()\n"
+            "T.test_every_code_dequantizes_to_its_value()\n"
+            "print(fused_train.build_info()['cpu_capability'])\n")
+    env = dict(os.environ, FUSED_TRAIN_CPU_CAPABILITY=capability)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join([tests_dir, env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ran_on = done.stdout.strip().splitlines()[-1]
+    if ran_on != capability:
+        pytest.skip(f"this CPU has no {capability} kernels (ran on {ran_on})")
 
 
 def test_state_appears_as_options_switch_on():

@@ -342,11 +342,12 @@ inline void quantize_tile(const float* x, float inverse, int64_t n, const math::
     __m512i state = _mm512_permutex2var_epi32(state_lo, b, state_hi);
     const __mmask16 above = _mm512_cmp_ps_mask(a, _mm512_permutex2var_ps(threshold_lo, b, threshold_hi), _CMP_GT_OQ);
     state = _mm512_mask_add_epi32(state, above, state, one);
-    const __m512 f = _mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(a, _mm512_permutexvar_ps(state, low)),
-                                                 _mm512_permutexvar_ps(state, inverse_width)),
-                                   zero);  // (max_ps returns its second operand, 0, for NaN)
+    // f >= 0 (a state's magnitudes lie above its low end), or NaN, which is state 0's only: converted unsigned,
+    // NaN is UINT_MAX and the clamp to state 0's last, 0, gives quantize_value's k = 0 without its max(f, 0)
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(a, _mm512_permutexvar_ps(state, low)),
+                                   _mm512_permutexvar_ps(state, inverse_width));
     const __m512i first_last = _mm512_permutexvar_epi32(state, first_and_last);
-    const __m512i k = _mm512_min_epi32(_mm512_cvttps_epi32(f), _mm512_srli_epi32(first_last, 8));
+    const __m512i k = _mm512_min_epu32(_mm512_cvttps_epu32(f), _mm512_srli_epi32(first_last, 8));
     __m512i code = _mm512_add_epi32(_mm512_and_si512(first_last, low_byte), k);
     if (c.is_signed) {
       code = _mm512_mask_max_epi32(code, negative, _mm512_sub_epi32(mirror, code), _mm512_setzero_si512());
@@ -435,11 +436,14 @@ void run_8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t beg
     T* p = param + b0;
     T* g = grad + b0;
     float scale[K];
-    FV vscale[K], vmax[K];
+    FV vscale[K];
+    // The running absmax as bit patterns: non-negative floats order as their int32 bits, and NaN's bits (sign
+    // cleared) are above inf's, so one integer max is a NaN-propagating float max.
+    Vectorized<int32_t> vmax_bits[K];
     FT_UNROLL_K for (int k = 0; k < K; ++k) {
       scale[k] = absmax[k][block];
       vscale[k] = FV(scale[k]);
-      vmax[k] = FV(0.0f);
+      vmax_bits[k] = Vectorized<int32_t>(0);
     }
     const math::RunRounding rounding = run_rounding<T>(l, slot, b0);
 
@@ -456,7 +460,8 @@ void run_8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t beg
       op.update(pv, gv, m);
       FT_UNROLL_K for (int k = 0; k < K; ++k) {
         m[k].store(fresh[k] + i);
-        vmax[k] = at::vec::maximum(vmax[k], Op::is_signed(k) ? m[k].abs() : m[k]);
+        // (abs for the unsigned moments too, which are sums of squares: it clears x86's negative default NaN)
+        vmax_bits[k] = at::vec::maximum(vmax_bits[k], at::vec::cast<int32_t>(m[k].abs()));
       }
     };
     int64_t i = 0;
@@ -504,9 +509,12 @@ void run_8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t beg
       if (write_back_grad) g[i] = static_cast<T>(gv);
     }
     FT_UNROLL_K for (int k = 0; k < K; ++k) {
-      float lanes[FV::size()];
-      vmax[k].store(lanes);
-      for (int j = 0; j < FV::size(); ++j) max[k] = math::max_(max[k], lanes[j]);  // NaN-propagating
+      int32_t lanes[FV::size()];
+      vmax_bits[k].store(lanes);
+      float vector_max;
+      const int32_t max_bits = *std::max_element(lanes, lanes + FV::size());
+      std::memcpy(&vector_max, &max_bits, sizeof vector_max);
+      max[k] = math::max_(max[k], vector_max);  // NaN-propagating
       absmax[k][block] = max[k];
       quantize_tile(fresh[k], math::inverse_absmax(max[k]), n, *code[k], codes[k] + b0);
     }
