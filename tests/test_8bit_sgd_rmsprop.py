@@ -103,7 +103,8 @@ def _float_sweep(stride: int) -> torch.Tensor:
     """Every stride-th fp32 bit pattern from 0 to 1, each code value and threshold of both codes with its 3 fp32
     neighbours on either side, and 0."""
     sweep = torch.arange(0, 0x3F800001, stride, dtype=torch.int64).to(torch.int32).view(torch.float32)
-    marks = torch.cat([code.values for code in (Q.SIGNED, Q.UNSIGNED)] + [code.threshold for code in (Q.SIGNED, Q.UNSIGNED)])
+    codes = (Q.SIGNED, Q.UNSIGNED)
+    marks = torch.cat([code.values for code in codes] + [code.threshold for code in codes])
     marks = marks[(marks > 0) & (marks < 1)].view(torch.int32)
     near = (marks[:, None] + torch.arange(-3, 4, dtype=torch.int32)).view(torch.float32).reshape(-1)
     return torch.cat([sweep, near, torch.zeros(1)])
