@@ -345,7 +345,7 @@ struct DequantTables {  // (AVX2 and the scalar code read DynamicCode::value)
 
 // out[0, n) = the values of codes[0, n) times scale: by 16-bit permutes on AVX-512, a gather on AVX2, else scalar.
 inline void dequantize_block(const uint8_t* codes, int64_t n, const math::DynamicCode& c,
-                             const DequantTables& tables, float scale, float* out) {
+                             [[maybe_unused]] const DequantTables& tables, float scale, float* out) {
   int64_t i = 0;
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 vscale = _mm512_set1_ps(scale);
