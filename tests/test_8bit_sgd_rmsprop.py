@@ -100,7 +100,7 @@ def test_first_moments_are_the_quantizers_codes(n):
 
 
 def _float_sweep(stride: int) -> torch.Tensor:
-    """Every stride-th fp32 bit pattern from 0 to 1, each code value and threshold of both codes with its 3 fp32
+    """Every stride-th fp32 bit pattern from 0 to 1, each value and threshold of both codes below 1 with its 3 fp32
     neighbours on either side, and 0."""
     sweep = torch.arange(0, 0x3F800001, stride, dtype=torch.int64).to(torch.int32).view(torch.float32)
     codes = (Q.SIGNED, Q.UNSIGNED)
@@ -113,14 +113,17 @@ def _float_sweep(stride: int) -> torch.Tensor:
 @pytest.mark.smoke
 def test_codes_equal_the_quantizers_over_a_sweep_of_floats():
     """The vectorized quantizer (on AVX-512 a binade lookup, not the comparisons) against the Python quantizer's
-    codes for ~300k magnitudes of every binade below 1, both signs, each block holding a 1 so that the kernel
-    quantizes the magnitude itself; and a block holding a NaN, which quantizes as the Python quantizer does."""
+    codes for ~270k magnitudes of every binade below 1, both signs, each block holding a 1 so that the kernel
+    quantizes the magnitude itself (the unsigned code sees their squares); a whole block holding a NaN, through the
+    vector body; and a 4-element tail with a NaN."""
     x = _float_sweep(3989)
-    blocks = x[: x.numel() // 255 * 255].view(-1, 255)
-    blocks = blocks[:, torch.randperm(255, generator=torch.Generator().manual_seed(0))]
+    x = torch.cat([x, torch.full((-x.numel() % 255,), 0.5)])
+    blocks = x.view(-1, 255)[:, torch.randperm(255, generator=torch.Generator().manual_seed(0))]
     g = torch.cat([blocks, torch.ones(blocks.shape[0], 1)], dim=1).reshape(-1)
     g = torch.where(torch.arange(g.numel()) % 3 == 0, -g, g)
-    g = torch.cat([g, torch.tensor([0.5, float("nan"), -0.25, 1e-30])])
+    nan_block = torch.linspace(-1, 1, 256)
+    nan_block[77] = float("nan")
+    g = torch.cat([g, nan_block, torch.tensor([0.5, float("nan"), -0.25, 1e-30])])
     p, q = torch.zeros(g.numel(), requires_grad=True), torch.zeros(g.numel(), requires_grad=True)
     p.grad, q.grad = g.clone(), g.clone()
     sgd = SGD8bit([p], lr=0.1, momentum=0.9, min_8bit_size=0)
@@ -134,6 +137,21 @@ def test_codes_equal_the_quantizers_over_a_sweep_of_floats():
         assert mismatch.numel() == 0, (name, value[mismatch[:5]].tolist(), got[mismatch[:5]], codes[mismatch[:5]])
         assert torch.equal(opt.state[param][f"{name}_absmax"].nan_to_num(-1), absmax.nan_to_num(-1)), name
     assert g.numel() > 250_000
+
+
+def test_negative_square_average_counts_in_the_absmax_as_the_quantizer_counts_it():
+    """RMSprop's alpha > 1 (torch allows it) makes the square average negative: its block's absmax is the largest
+    magnitude in the vector body and the scalar tail alike, as the Python quantizer takes it; the codes are 0."""
+    n = 300
+    g = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    q = torch.zeros(n, requires_grad=True)
+    q.grad = g.clone()
+    opt = RMSprop8bit([q], lr=0.1, alpha=2.0, min_8bit_size=0)
+    opt.step()
+    codes, absmax = Q.quantize_blockwise((1 - 2.0) * g * g, signed=False)
+    assert torch.equal(opt.state[q]["square_avg_absmax"], absmax)
+    assert torch.equal(opt.state[q]["square_avg_codes"], codes)
+    assert absmax[1] == (g[256:] * g[256:]).max()  # the 44-element tail block
 
 
 @pytest.mark.smoke
@@ -181,6 +199,8 @@ def test_lower_instruction_sets_quantize_and_dequantize_alike(capability):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ran_on = done.stdout.strip().splitlines()[-1]
+    order = ["default", "avx2", "avx512"]
+    assert order.index(ran_on) <= order.index(capability), f"asked for {capability}, ran on {ran_on}"
     if ran_on != capability:
         pytest.skip(f"this CPU has no {capability} kernels (ran on {ran_on})")
 

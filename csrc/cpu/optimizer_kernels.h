@@ -493,7 +493,8 @@ void run_8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t beg
       op.update(pv, gv, m);
       FT_UNROLL_K for (int k = 0; k < K; ++k) {
         m[k].store(fresh[k] + i);
-        // (abs for the unsigned moments too, which are sums of squares: it clears x86's negative default NaN)
+        // (abs for the unsigned moments too: it clears x86's negative default NaN, and a square average that
+        // RMSprop's alpha > 1 made negative counts as the Python quantizer counts it)
         vmax_bits[k] = at::vec::maximum(vmax_bits[k], at::vec::cast<int32_t>(m[k].abs()));
       }
     };
@@ -535,7 +536,7 @@ void run_8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t beg
       op.update(pv, gv, m);
       FT_UNROLL_K for (int k = 0; k < K; ++k) {
         fresh[k][i] = m[k];
-        max[k] = math::max_(max[k], Op::is_signed(k) ? std::fabs(m[k]) : m[k]);
+        max[k] = math::max_(max[k], std::fabs(m[k]));
       }
       // to nearest even for bf16/fp16, as torch does (exact when rounding stochastically, which already rounded)
       p[i] = static_cast<T>(rounding.apply(pv, i));

@@ -482,8 +482,9 @@ FT_UNROLL
     }
   }
 
-  // A moment's contribution to its block's absmax (NaN-propagating, as the CPU's).
-  FT_HOST_DEVICE static FT_INLINE float magnitude(int k, float x) { return Op::is_signed(k) ? fabsf(x) : x; }
+  // A moment's contribution to its block's absmax (NaN-propagating, as the CPU's): |x| for the unsigned moments
+  // too, which are sums of squares unless RMSprop's alpha > 1 makes one negative.
+  FT_HOST_DEVICE static FT_INLINE float magnitude(int, float x) { return fabsf(x); }
 
   FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth>& m, const BlockLocation& loc, const BlockScalars& s,
                                  int thread, int n_threads) const {

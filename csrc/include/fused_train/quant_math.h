@@ -169,8 +169,9 @@ inline constexpr BinadeCode kUnsignedBinade = make_binade_code(kUnsignedCode);
 static_assert(kSignedBinade.one_threshold_per_binade && kUnsignedBinade.one_threshold_per_binade,
               "a binade holds two thresholds of the dynamic code: the one-lookup state needs another table");
 
-// quantize_value by the binade lookup, in the operations the AVX-512 kernel runs per lane (cpu/optimizer_kernels.h);
-// tests/cpp checks it equals quantize_value for every |x| < 4 (host only: the CUDA kernels keep quantize_value).
+// quantize_value by the binade lookup, the steps the AVX-512 kernel runs per lane (cpu/optimizer_kernels.h, which
+// also drops max(f, 0) for an unsigned conversion); tests/cpp checks it equals quantize_value over every 61st
+// float below 4 and around each value and threshold (host only: the CUDA kernels keep quantize_value).
 // The signed code's negative half mirrors the positive one around code 127 (code 254 - c), except for 1.0, whose
 // mirror would be -1: its code is 0.
 inline uint8_t quantize_value_by_binade(float x, const DynamicCode& c, const BinadeCode& t) {
