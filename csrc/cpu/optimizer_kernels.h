@@ -272,8 +272,9 @@ struct RmspropBound : RmspropTile<O>, StateBases<O, 3> {
 #if defined(CPU_CAPABILITY_AVX512)
 // The code's values split into 16-bit halves, so that a 64-entry permute of 16-bit lanes (two registers) looks up
 // 32 lanes: 8 permutes for 32 values of the unsigned code where fp32 entries take 16, and no gather (on Zen 4,
-// standalone: 0.12 ns per unsigned value, 0.20 with fp32 entries, 0.33 gathered). The signed code's values mirror around code 127, so its tables hold value[127 + d],
-// d = |code - 127| = 0..127, and the sign and code 255 (1.0, which has no mirror) are patched in.
+// standalone: 0.12 ns per unsigned value, 0.20 with fp32 entries, 0.33 gathered). The signed code's values
+// mirror around code 127, so its tables hold value[127 + d], d = |code - 127| = 0..127, and the sign and code 255
+// (1.0, which has no mirror) are patched in.
 struct CodeHalves {
   alignas(64) uint16_t high[256];
   alignas(64) uint16_t low[256];
