@@ -1,4 +1,9 @@
-"""Shared test settings: the devices to run on, and one tolerance table per dtype."""
+"""Shared test settings: the devices to run on, one tolerance table per dtype, and a runner for code that needs
+the CPU kernels lowered to another instruction set."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -32,6 +37,20 @@ TOL = {
     torch.float16: dict(rtol=2e-3, atol=1e-4),
 }
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def run_on_cpu_capability(code: str, capability: str) -> str:
+    """Runs ``code`` (which may import the test modules) in a Python process of its own with the CPU kernels
+    lowered to ``capability`` (FUSED_TRAIN_CPU_CAPABILITY: default, avx2 or avx512, read when fused_train
+    loads, never raising the set above what the CPU has); asserts it succeeded and returns the instruction set
+    fused_train reported there."""
+    code += "\nimport fused_train\nprint(fused_train.build_info()['cpu_capability'])\n"
+    env = dict(os.environ, FUSED_TRAIN_CPU_CAPABILITY=capability)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join([tests_dir, env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(autouse=True)

@@ -3,9 +3,6 @@ created as options switch on, small params on full-precision state, bytes per pa
 GradScaler, gradient zeroing, threads, bad arguments and ops, torch.compile and convergence."""
 
 import io
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +12,7 @@ from fused_train import _ops
 from fused_train.optim import RMSprop8bit, SGD8bit, _quantization as Q
 from fused_train.reference import blockwise8bit_reference_step, torch_optimizer
 
-from conftest import cuda_only
+from conftest import cuda_only, run_on_cpu_capability
 
 LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -189,16 +186,9 @@ def test_every_code_dequantizes_to_its_value():
 def test_lower_instruction_sets_quantize_and_dequantize_alike(capability):
     """The two tests above with the kernels lowered to AVX2 (a gather and comparisons) or to the scalar code
     (FUSED_TRAIN_CPU_CAPABILITY is read at load time, so in a process of its own)."""
-    code = ("import test_8bit_sgd_rmsprop as T, fused_train\n"
-            "T.test_codes_equal_the_quantizers_over_a_sweep_of_floats()\n"
-            "T.test_every_code_dequantizes_to_its_value()\n"
-            "print(fused_train.build_info()['cpu_capability'])\n")
-    env = dict(os.environ, FUSED_TRAIN_CPU_CAPABILITY=capability)
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join([tests_dir, env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ran_on = done.stdout.strip().splitlines()[-1]
+    ran_on = run_on_cpu_capability("import test_8bit_sgd_rmsprop as T\n"
+                                   "T.test_codes_equal_the_quantizers_over_a_sweep_of_floats()\n"
+                                   "T.test_every_code_dequantizes_to_its_value()", capability)
     order = ["default", "avx2", "avx512"]
     assert order.index(ran_on) <= order.index(capability), f"asked for {capability}, ran on {ran_on}"
     if ran_on != capability:

@@ -3,9 +3,6 @@ fp32 twin rounded with the reference bits (bit for bit), unbiasedness where roun
 threads, runs and torch.compile, checkpoints, GradScaler, other dtypes untouched, bad input."""
 
 import io
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ import fused_train
 from fused_train.optim import SGD, Adam, Adam8bit, AdamW, AdamW8bit, RMSprop, RMSprop8bit, SGD8bit
 from fused_train.reference import round_to_bf16_stochastic_reference, stochastic_rounding_bits_reference
 
-from conftest import cuda_only
+from conftest import cuda_only, run_on_cpu_capability
 
 # Sizes around the vector width, the CPU tile (512) and chunk (32768), and the 8-bit block (256).
 SIZES = [1, 7, 513, 4099, 70_001]
@@ -80,15 +77,9 @@ def test_kernel_rounds_with_the_reference_bits(name):
 def test_scalar_kernels_round_with_the_same_bits():
     """The instruction set lowered to the scalar kernels (FUSED_TRAIN_CPU_CAPABILITY=default, read at load time, so in
     a process of its own): the same bits as the vector kernels."""
-    code = ("import test_stochastic_round as T, fused_train\n"
-            "for name in ('AdamW', 'SGD', 'AdamW8bit', 'RMSprop', 'RMSprop8bit'): T._run_against_twin(name, T.SIZES)\n"
-            "print(fused_train.build_info()['cpu_capability'])\n")
-    env = dict(os.environ, FUSED_TRAIN_CPU_CAPABILITY="default")
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join([tests_dir, env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "default"
+    code = ("import test_stochastic_round as T\n"
+            "for name in ('AdamW', 'SGD', 'AdamW8bit', 'RMSprop', 'RMSprop8bit'): T._run_against_twin(name, T.SIZES)")
+    assert run_on_cpu_capability(code, "default") == "default"
 
 
 @pytest.mark.parametrize("threads", [1, 2])
