@@ -475,18 +475,17 @@ void run_8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t beg
     const int64_t block = b0 / math::kQuantBlock;
     T* p = param + b0;
     T* g = grad + b0;
-    float scale[K];
     // The running absmax as bit patterns: non-negative floats order as their int32 bits, and NaN's bits (sign
     // cleared) are above inf's, so one integer max is a NaN-propagating float max.
     Vectorized<int32_t> vmax_bits[K];
+    // The block's moments in fp32, in fresh (with the old absmax; the new one replaces it below); the update
+    // overwrites them with the new ones.
     FT_UNROLL_K for (int k = 0; k < K; ++k) {
-      scale[k] = absmax[k][block];
       vmax_bits[k] = Vectorized<int32_t>(0);
+      dequantize_block(codes[k] + b0, n, *code[k], tables[k], absmax[k][block], fresh[k]);
     }
     const math::RunRounding rounding = run_rounding<T>(l, slot, b0);
 
-    // The block's moments in fp32, in fresh; the update overwrites them with the new ones.
-    FT_UNROLL_K for (int k = 0; k < K; ++k) dequantize_block(codes[k] + b0, n, *code[k], tables[k], scale[k], fresh[k]);
     // One vector of params at element i: update, keep the new moments and their running absmax.
     auto update = [&](FV& pv, const FV& gv, int64_t i) {
       FV m[K];

@@ -482,10 +482,6 @@ FT_UNROLL
     }
   }
 
-  // A moment's contribution to its block's absmax (NaN-propagating, as the CPU's): |x| for the unsigned moments
-  // too, which are sums of squares unless RMSprop's alpha > 1 makes one negative.
-  FT_HOST_DEVICE static FT_INLINE float magnitude(int, float x) { return fabsf(x); }
-
   FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth>& m, const BlockLocation& loc, const BlockScalars& s,
                                  int thread, int n_threads) const {
     const math::RunRounding rounding = chunk_rounding<T>(m, loc, seed_list, s.step_after);
@@ -542,8 +538,10 @@ FT_UNROLL
         if (e < n) {
           update_element(param + b0, grad + b0, block_codes, e, scale, code, block_op, s.grad_scale, rounding, b0 + e,
                          moments[j]);
+          // the block's absmax, NaN-propagating: |x| for the unsigned moments too, as the CPU (sums of squares
+          // unless RMSprop's alpha > 1 makes one negative)
 FT_UNROLL
-          for (int k = 0; k < K; ++k) max[k] = math::max_(max[k], magnitude(k, moments[j][k]));
+          for (int k = 0; k < K; ++k) max[k] = math::max_(max[k], fabsf(moments[j][k]));
         }
       }
       // The block's new absmax in every lane.
@@ -593,7 +591,7 @@ FT_UNROLL
       for (int64_t e = 0; e < n; ++e) {
         update_element(param + b0, grad + b0, block_codes, e, scale, code, block_op, s.grad_scale, rounding, b0 + e,
                        moments[e]);
-        for (int k = 0; k < K; ++k) max[k] = math::max_(max[k], magnitude(k, moments[e][k]));
+        for (int k = 0; k < K; ++k) max[k] = math::max_(max[k], fabsf(moments[e][k]));  // NaN-propagating, as above
       }
       for (int k = 0; k < K; ++k) {
         absmax[k][b] = max[k];
