@@ -136,7 +136,14 @@ namespace {
 // Stochastic rounding's seeds: none, or one per param, for bf16 params (other dtypes round to nearest; the caller
 // leaves their seeds out, so a seed there is a mistake worth naming).
 void check_rounding_seeds(const char* op, OptimizerTensors& out, const std::optional<at::TensorList>& seeds,
-                          int64_t n) {
+                          int64_t n, at::OptionalIntArrayRef offsets = std::nullopt) {
+  if (offsets.has_value() && !offsets->empty()) {
+    TORCH_CHECK(seeds.has_value() && static_cast<int64_t>(seeds->size()) == n && n > 0, op,
+                ": rounding_offsets apply with rounding_seeds, one per param: got ", offsets->size(),
+                " rounding_offsets, ", seeds.has_value() ? seeds->size() : 0, " rounding_seeds and ", n, " params");
+    TORCH_CHECK(static_cast<int64_t>(offsets->size()) == n, op, ": got ", n, " params but ", offsets->size(),
+                " rounding_offsets");
+  }
   if (!seeds.has_value() || seeds->empty()) return;
   TORCH_CHECK(static_cast<int64_t>(seeds->size()) == n, op, ": got ", n, " params but ", seeds->size(),
               " rounding_seeds");
@@ -154,6 +161,9 @@ void check_rounding_seeds(const char* op, OptimizerTensors& out, const std::opti
                             : std::string("an undefined tensor"));
     out.rounding_seeds.push_back(s);
   }
+  if (offsets.has_value() && !offsets->empty()) {
+    for (const int64_t offset : *offsets) out.rounding_offsets.push_back(static_cast<uint64_t>(offset));
+  }
 }
 
 }  // namespace
@@ -163,14 +173,15 @@ OptimizerTensors check_sgd_step(at::TensorList params, at::TensorList grads, at:
                                 double momentum, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                                 const std::optional<at::Tensor>& grad_scale,
                                 const std::optional<at::Tensor>& found_inf, at::TensorList state_steps,
-                                const std::optional<at::TensorList>& rounding_seeds) {
+                                const std::optional<at::TensorList>& rounding_seeds,
+                                at::OptionalIntArrayRef rounding_offsets) {
   const bool has_steps = !state_steps.empty();
   OptimizerTensors out = check_optimizer_call(
       "sgd_step_", params, grads,
       {StateList{"momentum_buffers", momentum_buffers, momentum != 0.0}, StateList{"", {}, false},
        StateList{"", {}, false}},
       state_steps, has_steps, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
-  check_rounding_seeds("sgd_step_", out, rounding_seeds, static_cast<int64_t>(params.size()));
+  check_rounding_seeds("sgd_step_", out, rounding_seeds, static_cast<int64_t>(params.size()), rounding_offsets);
   return out;
 }
 
@@ -180,13 +191,14 @@ OptimizerTensors check_adam_step(at::TensorList params, at::TensorList grads, at
                                  const std::optional<at::Tensor>& lr_tensor,
                                  const std::optional<at::Tensor>& grad_scale,
                                  const std::optional<at::Tensor>& found_inf,
-                                 const std::optional<at::TensorList>& rounding_seeds) {
+                                 const std::optional<at::TensorList>& rounding_seeds,
+                                 at::OptionalIntArrayRef rounding_offsets) {
   OptimizerTensors out = check_optimizer_call(
       "adam_step_", params, grads,
       {StateList{"exp_avgs", exp_avgs, true}, StateList{"exp_avg_sqs", exp_avg_sqs, true},
        StateList{"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
       state_steps, true, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
-  check_rounding_seeds("adam_step_", out, rounding_seeds, static_cast<int64_t>(params.size()));
+  check_rounding_seeds("adam_step_", out, rounding_seeds, static_cast<int64_t>(params.size()), rounding_offsets);
   return out;
 }
 
@@ -196,13 +208,14 @@ OptimizerTensors check_rmsprop_step(at::TensorList params, at::TensorList grads,
                                     const std::optional<at::Tensor>& lr_tensor,
                                     const std::optional<at::Tensor>& grad_scale,
                                     const std::optional<at::Tensor>& found_inf,
-                                    const std::optional<at::TensorList>& rounding_seeds) {
+                                    const std::optional<at::TensorList>& rounding_seeds,
+                                    at::OptionalIntArrayRef rounding_offsets) {
   OptimizerTensors out = check_optimizer_call(
       "rmsprop_step_", params, grads,
       {StateList{"square_avgs", square_avgs, true}, StateList{"grad_avgs", grad_avgs, centered},
        StateList{"momentum_buffers", momentum_buffers, momentum > 0.0}},
       state_steps, true, lr_tensor, grad_scale, found_inf, zero_grad || grad_scale.has_value());
-  check_rounding_seeds("rmsprop_step_", out, rounding_seeds, static_cast<int64_t>(params.size()));
+  check_rounding_seeds("rmsprop_step_", out, rounding_seeds, static_cast<int64_t>(params.size()), rounding_offsets);
   return out;
 }
 

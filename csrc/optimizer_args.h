@@ -21,6 +21,9 @@ struct OptimizerTensors {
   // Empty, or one int64 one-element tensor per param on their device (bf16 params only): the update is rounded
   // into the param stochastically, with the bits of csrc/include/fused_train/stochastic_round.h.
   std::vector<at::Tensor> rounding_seeds;
+  // Empty (all 0), or with the seeds one per param: the index, modulo 2^64, whose bits the param's element 0
+  // draws (a shard's first element's index in its whole tensor).
+  std::vector<uint64_t> rounding_offsets;
   // Non-dense or layout-mismatched entries run on contiguous copies; these pairs are copied back after.
   std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (original, working copy)
   at::ScalarType dtype = at::kFloat;
@@ -51,21 +54,24 @@ OptimizerTensors check_sgd_step(at::TensorList params, at::TensorList grads, at:
                                 double momentum, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                                 const std::optional<at::Tensor>& grad_scale,
                                 const std::optional<at::Tensor>& found_inf, at::TensorList state_steps,
-                                const std::optional<at::TensorList>& rounding_seeds);
+                                const std::optional<at::TensorList>& rounding_seeds,
+                                at::OptionalIntArrayRef rounding_offsets = std::nullopt);
 OptimizerTensors check_adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                  at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                                  at::TensorList state_steps, bool amsgrad, bool zero_grad,
                                  const std::optional<at::Tensor>& lr_tensor,
                                  const std::optional<at::Tensor>& grad_scale,
                                  const std::optional<at::Tensor>& found_inf,
-                                 const std::optional<at::TensorList>& rounding_seeds);
+                                 const std::optional<at::TensorList>& rounding_seeds,
+                                 at::OptionalIntArrayRef rounding_offsets = std::nullopt);
 OptimizerTensors check_rmsprop_step(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
                                     at::TensorList grad_avgs, at::TensorList momentum_buffers,
                                     at::TensorList state_steps, bool centered, double momentum, bool zero_grad,
                                     const std::optional<at::Tensor>& lr_tensor,
                                     const std::optional<at::Tensor>& grad_scale,
                                     const std::optional<at::Tensor>& found_inf,
-                                    const std::optional<at::TensorList>& rounding_seeds);
+                                    const std::optional<at::TensorList>& rounding_seeds,
+                                    at::OptionalIntArrayRef rounding_offsets = std::nullopt);
 
 // 8-bit state: each moment as uint8 codes (contiguous, the param's shape) and one fp32 absmax per
 // math::kQuantBlock elements (contiguous, 1-D); params float32, bfloat16 or float16. states holds the

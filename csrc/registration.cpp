@@ -16,17 +16,20 @@ TORCH_LIBRARY(fused_train, m) {
   // on its device; the update is rounded into the param stochastically with bits drawn from (seed, step, element)
   // (csrc/include/fused_train/stochastic_round.h). SGD then takes state_steps as the counter (else it is empty; a
   // plain list, not an optional one: torch 2.5's auto_functionalize cannot take a mutated Tensor[]?).
+  // rounding_offsets (with rounding_seeds, one per param; default all 0): the index, modulo 2^64, whose bits the
+  // param's element 0 draws. A shard (an FSDP2 param's local tensor) passes its first element's index in the
+  // whole tensor, so that it rounds as the whole tensor would and not with its sibling shards' bits.
   m.def(
       "sgd_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor(d!)[] state_steps, "
       "*, float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
       "bool is_first_step, bool zero_grad, Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor[]? rounding_seeds=None) -> ()");
+      "Tensor[]? rounding_seeds=None, int[]? rounding_offsets=None) -> ()");
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
       "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, float lr, float beta1, float beta2, "
       "float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, bool zero_grad, "
-      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? rounding_seeds=None) "
-      "-> ()");
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? rounding_seeds=None, "
+      "int[]? rounding_offsets=None) -> ()");
   // 8-bit Adam/AdamW (fused_train.optim.Adam8bit): each moment as uint8 codes of the param's shape and one fp32
   // absmax per 256 elements (csrc/include/fused_train/quant_math.h).
   m.def(
@@ -39,7 +42,8 @@ TORCH_LIBRARY(fused_train, m) {
       "rmsprop_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, Tensor(d!)[] grad_avgs, "
       "Tensor(e!)[] momentum_buffers, Tensor(f!)[] state_steps, *, float lr, float alpha, float eps, "
       "float weight_decay, float momentum, bool centered, bool maximize, bool zero_grad, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? rounding_seeds=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? rounding_seeds=None, "
+      "int[]? rounding_offsets=None) -> ()");
   // 8-bit SGD and RMSprop (fused_train.optim.SGD8bit, RMSprop8bit), as adam8bit_step_: SGD's momentum_buffer; RMSprop's
   // square_avg (unsigned code) and momentum_buffer (momentum > 0; else empty lists). No centered RMSprop: its variance
   // (square_avg - grad_avg²) is below the 8-bit codes' error wherever the gradient's mean dominates.

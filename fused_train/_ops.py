@@ -30,6 +30,7 @@ def sgd_step_(
     found_inf: Tensor | None = None,
     state_steps: list[Tensor] | None = None,
     rounding_seeds: list[Tensor] | None = None,
+    rounding_offsets: list[int] | None = None,
 ) -> None:
     """One SGD step over same-device, same-dtype params; see :class:`fused_train.optim.SGD`.
 
@@ -38,13 +39,15 @@ def sgd_step_(
     into each gradient after reading it. ``grad_scale``/``found_inf`` come from GradScaler: grads are
     divided by ``grad_scale`` and the whole step is skipped when ``found_inf`` is nonzero.
     ``rounding_seeds`` (bf16 params: one int64 one-element tensor each) rounds the update into the param
-    stochastically; ``state_steps`` are then its counters, advanced by the op.
+    stochastically; ``state_steps`` are then its counters, advanced by the op. ``rounding_offsets`` (with the
+    seeds, one int per param; default all 0) is the index, modulo 2^64, whose bits each param's element 0 draws:
+    a shard's first element's index in its whole tensor.
     """
     _ops.sgd_step_.default(
         params, grads, momentum_buffers, state_steps if state_steps is not None else [], lr=lr, momentum=momentum,
         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
         is_first_step=is_first_step, zero_grad=zero_grad, lr_tensor=lr_tensor, grad_scale=grad_scale,
-        found_inf=found_inf, rounding_seeds=rounding_seeds,
+        found_inf=found_inf, rounding_seeds=rounding_seeds, rounding_offsets=rounding_offsets,
     )
 
 
@@ -69,15 +72,16 @@ def adam_step_(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     rounding_seeds: list[Tensor] | None = None,
+    rounding_offsets: list[int] | None = None,
 ) -> None:
     """One Adam/AdamW step; see :class:`fused_train.optim.Adam`. Advances each ``state_steps`` entry by
-    one inside the op. ``max_exp_avg_sqs`` is empty unless ``amsgrad``. ``rounding_seeds``: as in
-    :func:`sgd_step_`."""
+    one inside the op. ``max_exp_avg_sqs`` is empty unless ``amsgrad``. ``rounding_seeds`` and
+    ``rounding_offsets``: as in :func:`sgd_step_`."""
     _ops.adam_step_.default(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
         beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
         decoupled_weight_decay=decoupled_weight_decay, zero_grad=zero_grad, lr_tensor=lr_tensor,
-        grad_scale=grad_scale, found_inf=found_inf, rounding_seeds=rounding_seeds,
+        grad_scale=grad_scale, found_inf=found_inf, rounding_seeds=rounding_seeds, rounding_offsets=rounding_offsets,
     )
 
 
@@ -134,14 +138,16 @@ def rmsprop_step_(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     rounding_seeds: list[Tensor] | None = None,
+    rounding_offsets: list[int] | None = None,
 ) -> None:
     """One RMSprop step; see :class:`fused_train.optim.RMSprop`. ``grad_avgs`` is empty unless
-    ``centered``, ``momentum_buffers`` empty unless ``momentum > 0``. ``rounding_seeds``: as in :func:`sgd_step_`."""
+    ``centered``, ``momentum_buffers`` empty unless ``momentum > 0``. ``rounding_seeds`` and ``rounding_offsets``: as
+    in :func:`sgd_step_`."""
     _ops.rmsprop_step_.default(
         params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr=lr, alpha=alpha, eps=eps,
         weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize,
         zero_grad=zero_grad, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-        rounding_seeds=rounding_seeds,
+        rounding_seeds=rounding_seeds, rounding_offsets=rounding_offsets,
     )
 
 

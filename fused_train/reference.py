@@ -171,14 +171,17 @@ def _mix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def stochastic_rounding_bits_reference(seed: int, step: int, numel: int) -> Tensor:
+def stochastic_rounding_bits_reference(seed: int, step: int, numel: int, offset: int = 0) -> Tensor:
     """The 32 random bits (as int64 values in [0, 2^32)) of elements 0..numel-1 of a param with rounding seed
-    ``seed`` at step ``step`` (the step counter after the step's increment)."""
+    ``seed`` at step ``step`` (the step counter after the step's increment) and rounding offset ``offset`` (element
+    i draws the bits of index offset + i, modulo 2^64)."""
     stream = _mix64((seed & _MASK64) ^ _mix64((step * 0xD1B54A32D192ED03 + 0x8BB84B93962EACC9) & _MASK64))
-    index = torch.arange(numel, dtype=torch.int64)
-    high = torch.tensor((stream >> 32) & _MASK32, dtype=torch.int64) + (index >> 32)
+    offset &= _MASK64
+    low = (offset & _MASK32) + torch.arange(numel, dtype=torch.int64)  # below 2^33: no int64 overflow
+    index_high = ((offset >> 32) + (low >> 32)) & _MASK32
+    high = ((stream >> 32) & _MASK32) + index_high
     key = (stream & _MASK32) ^ _mix32(high & _MASK32)
-    return _mix32((index & _MASK32) ^ key)
+    return _mix32((low & _MASK32) ^ key)
 
 
 def round_to_bf16_stochastic_reference(x: Tensor, bits: Tensor) -> Tensor:

@@ -169,6 +169,99 @@ def _run(scenario: str) -> list[list[torch.Tensor]]:
         return [torch.load(path) for path in results]
 
 
+# -- bf16 stochastic rounding of DTensor shards (FSDP2's params) ---------------------------------------------------
+# Each param is given whole on every rank, with its gradients, and stepped as a DTensor of the placement below; the
+# shards' rounding must draw the whole tensor's bits (offsets), so a dim-0 sharding ends bit for bit where one
+# process ends. Shapes: even and uneven row cuts, a rank with an empty shard, a tensor split mid-row... none of
+# which may change a bit.
+_SHARD_SHAPES = [(64, 33), (7, 5), (1, 9), (3,), (2, 3, 129)]
+
+
+def _sharded_rounding_params():
+    g = torch.Generator().manual_seed(11)
+    params = [torch.randn(shape, generator=g).to(torch.bfloat16) for shape in _SHARD_SHAPES]
+    grads = [[torch.randn(shape, generator=g).to(torch.bfloat16) for shape in _SHARD_SHAPES] for _ in range(STEPS)]
+    # The Shard(1) case: a (16, 2 * 40) tensor whose two column halves, and their gradients, are equal.
+    half = torch.randn(16, 40, generator=g).to(torch.bfloat16)
+    twin = torch.cat([half, half], dim=1)
+    twin_grad = torch.randn(16, 40, generator=g).to(torch.bfloat16)
+    return params, grads, twin, torch.cat([twin_grad, twin_grad], dim=1)
+
+
+def _step_sharded_rounding(params, grads, make_param, make_grad):
+    model = [torch.nn.Parameter(make_param(p)) for p in params]
+    opt = fused_train.optim.AdamW(model, lr=1e-2, weight_decay=0.1, bf16_stochastic_round=True)
+    for step_grads in grads:
+        for p, grad in zip(model, step_grads):
+            p.grad = make_grad(grad)
+        opt.step()
+    return model
+
+
+def _sharded_rounding_worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        params, grads, twin, twin_grads = _sharded_rounding_params()
+        results = {}
+        for name, placements in (("shard0", [Shard(0)]), ("replicate", [Replicate()])):
+            model = _step_sharded_rounding(params, grads, lambda t: distribute_tensor(t, mesh, placements),
+                                           lambda t: distribute_tensor(t, mesh, placements))
+            results[name] = [p.detach().full_tensor() for p in model]
+        (twin_param,) = _step_sharded_rounding([twin], [[twin_grads]],
+                                               lambda t: distribute_tensor(t, mesh, [Shard(1)]),
+                                               lambda t: distribute_tensor(t, mesh, [Shard(1)]))
+        results["shard1"] = twin_param.detach().full_tensor()
+        from fused_train.optim._base import _rounding_offset
+
+        results["shard1_range"] = (_rounding_offset(twin_param), twin_param.to_local().numel())
+        dist.barrier()
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(TORCH_VERSION < (2, 6), reason="DTensor on CPU over gloo: as FSDP2, from torch 2.6 on")
+def test_shards_round_as_their_whole_tensor():
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(_sharded_rounding_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+        deadline = time.monotonic() + TIMEOUT_S
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"workers did not finish within {TIMEOUT_S} s")
+        per_rank = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    params, grads, twin, twin_grads = _sharded_rounding_params()
+    whole = _step_sharded_rounding(params, grads, lambda t: t.clone(), lambda t: t.clone())
+    for result in per_rank:
+        # Dim-0 shards and replicas: bit for bit the single process's result.
+        for name in ("shard0", "replicate"):
+            for got, want in zip(result[name], whole):
+                assert torch.equal(got.view(torch.int16), want.detach().view(torch.int16)), name
+        assert torch.equal(result["shard1"].view(torch.int16), per_rank[0]["shard1"].view(torch.int16))
+    # Column shards are not one run of the whole tensor: they draw bits of their own, but not each other's. Equal
+    # halves with equal gradients would come out equal if both drew the same bits; they must not, and each element
+    # must still be one of the two bf16 neighbours of the exact (fp32) result of the step.
+    got = per_rank[0]["shard1"]
+    assert not torch.equal(got[:, :40].view(torch.int16), got[:, 40:].view(torch.int16))
+    (exact,) = _step_sharded_rounding([twin.float()], [[twin_grads.float()]], lambda t: t.clone(),
+                                      lambda t: t.clone())
+    # and the index ranges the column shards draw from do not overlap (each shard's first element's index times
+    # numel: rank 1's starts at 40 · 1280)
+    ranges = sorted(result["shard1_range"] for result in per_rank)
+    assert ranges[0] == (0, 640) and ranges[1] == (40 * 1280, 640)
+    toward_zero = (exact.detach().view(torch.int32) & -65536).view(torch.float32)
+    away = ((exact.detach().view(torch.int32) & -65536) + 65536).view(torch.float32)
+    assert torch.all((got.float() == toward_zero) | (got.float() == away))
+
+
 # DDP averages the two ranks' gradients; the single process takes the mean over the whole batch. The two
 # differ only in summation order, a few fp32 ulps.
 DIST_TOL = dict(rtol=1e-5, atol=1e-6)

@@ -334,6 +334,107 @@ def test_op_refuses_bad_seeds_before_writing():
     assert torch.all(p == 1)
 
 
+# -- rounding offsets: a shard rounds as its whole tensor ---------------------------------------------------------
+
+_HYPER = {
+    "adam": dict(lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8, amsgrad=False, maximize=False,
+                 decoupled_weight_decay=True, zero_grad=True),
+    "sgd": dict(lr=0.01, momentum=0.9, dampening=0.0, weight_decay=1e-3, nesterov=True, maximize=False,
+                is_first_step=True, zero_grad=True),
+    "rmsprop": dict(lr=1e-3, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=True, maximize=False,
+                    zero_grad=True),
+}
+
+
+def _op_step(kind, params, grads, seeds=None, offsets=None):
+    """One step of the op ``kind`` over params (bf16 with seeds, or fp32 twins without) from zero state."""
+    extra = {} if seeds is None else dict(rounding_seeds=seeds, rounding_offsets=offsets)
+    steps = [torch.zeros((), device=p.device) for p in params]
+    states = [[torch.zeros(p.shape, device=p.device) for p in params] for _ in range(3)]
+    if kind == "adam":
+        fused_train._ops.adam_step_(params, grads, states[0], states[1], [], steps, **_HYPER[kind], **extra)
+    elif kind == "sgd":
+        fused_train._ops.sgd_step_(params, grads, states[0], **_HYPER[kind], state_steps=steps, **extra)
+    else:
+        fused_train._ops.rmsprop_step_(params, grads, states[0], states[1], states[2], steps, **_HYPER[kind],
+                                       **extra)
+
+
+def _pieces_round_as_the_whole(kind, device):
+    g = torch.Generator().manual_seed(5)
+    n, cuts = 140_003, [0, 333, 65_541, 140_003]  # pieces that start mid-vector, mid-tile and mid-chunk
+    whole = torch.randn(n, generator=g).to(torch.bfloat16).to(device)
+    grad = torch.randn(n, generator=g).to(torch.bfloat16).to(device)
+    seed = torch.tensor(-7_654_321, dtype=torch.int64, device=device)
+    pieces = [whole[a:b].clone() for a, b in zip(cuts, cuts[1:])]
+    piece_grads = [grad[a:b].clone() for a, b in zip(cuts, cuts[1:])]
+    _op_step(kind, [whole], [grad.clone()], [seed])
+    _op_step(kind, pieces, piece_grads, [seed.clone() for _ in pieces], cuts[:-1])
+    _assert_same_bits(torch.cat(pieces), whole)
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd", "rmsprop"])
+def test_offsets_make_pieces_round_as_the_whole(kind):
+    """A tensor cut into pieces (as FSDP2 cuts a param into shards), each piece stepped with its first element's
+    index in the whole as its rounding offset and the whole's seed, gives the whole's result bit for bit."""
+    _pieces_round_as_the_whole(kind, "cpu")
+
+
+def test_offsets_matter():
+    """The same pieces with offsets 0 draw each other's bits, and their results differ from the whole's."""
+    g = torch.Generator().manual_seed(6)
+    half = torch.randn(4096, generator=g).to(torch.bfloat16)
+    grad = torch.randn(4096, generator=g).to(torch.bfloat16)
+    seed = torch.tensor(99, dtype=torch.int64)
+    for offsets, equal_halves in ((None, True), ([0, 4096], False)):
+        pieces, grads = [half.clone(), half.clone()], [grad.clone(), grad.clone()]
+        _op_step("adam", pieces, grads, [seed, seed.clone()], offsets)
+        assert torch.equal(_bits(pieces[0]), _bits(pieces[1])) == equal_halves
+
+
+def _offsets_past_2_to_the_32(device="cpu"):
+    """Offsets whose pieces cross a multiple of 2^32 (mid-vector) and wrap past 2^64: every element draws the bits
+    of its own index, as the reference computes them."""
+    g = torch.Generator().manual_seed(7)
+    n = 1000
+    for offset in ((1 << 32) - 301, (5 << 32) - 7, -501, (1 << 63) - 10):
+        bf16 = torch.randn(n, generator=g).to(torch.bfloat16).to(device)
+        grad = torch.randn(n, generator=g).to(torch.bfloat16).to(device)
+        twin = bf16.float()
+        _op_step("adam", [bf16], [grad.clone()], [torch.tensor(3, dtype=torch.int64, device=device)], [offset])
+        _op_step("adam", [twin], [grad.float()])
+        want = round_to_bf16_stochastic_reference(twin.cpu(), stochastic_rounding_bits_reference(3, 1, n, offset))
+        _assert_same_bits(bf16.cpu(), want)
+
+
+def test_offsets_past_2_to_the_32():
+    _offsets_past_2_to_the_32()
+
+
+def test_offsets_on_lower_instruction_sets():
+    code = ("import test_stochastic_round as T\n"
+            "T._offsets_past_2_to_the_32()\n"
+            "for kind in ('adam', 'sgd', 'rmsprop'): T._pieces_round_as_the_whole(kind, 'cpu')")
+    for capability in ("avx2", "default"):
+        assert run_on_cpu_capability(code, capability) == capability
+
+
+def test_op_refuses_bad_offsets_before_writing():
+    p = torch.ones(8, dtype=torch.bfloat16)
+    g = torch.ones(8, dtype=torch.bfloat16)
+    m, v = torch.zeros(8), torch.zeros(8)
+    step = torch.zeros(())
+    seed = torch.tensor(1, dtype=torch.int64)
+    cases = [
+        (dict(rounding_offsets=[0]), "rounding_offsets apply with rounding_seeds"),
+        (dict(rounding_seeds=[seed], rounding_offsets=[0, 8]), "got 1 params but 2 rounding_offsets"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            fused_train._ops.adam_step_([p], [g], [m], [v], [], [step], **_HYPER["adam"], **extra)
+    assert torch.all(p == 1) and torch.all(g == 1) and float(step) == 0 and torch.all(m == 0)
+
+
 def test_bad_seed_in_state_raises_before_any_group_steps():
     a, b = (torch.ones(4, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     opt = AdamW([{"params": [a]}, {"params": [b]}], lr=0.1, bf16_stochastic_round=True)
@@ -358,3 +459,14 @@ def test_bad_seed_in_state_raises_before_any_group_steps():
 def test_cuda_rounds_with_the_reference_bits(name):
     # 70_001 elements: two CUDA chunks (65536), with an odd tail
     _run_against_twin(name, [1, 513, 70_001], device="cuda")
+
+
+@cuda_only
+@pytest.mark.parametrize("kind", ["adam", "sgd", "rmsprop"])
+def test_cuda_offsets_make_pieces_round_as_the_whole(kind):
+    _pieces_round_as_the_whole(kind, "cuda")
+
+
+@cuda_only
+def test_cuda_offsets_past_2_to_the_32():
+    _offsets_past_2_to_the_32("cuda")

@@ -41,6 +41,7 @@ def check(name, actual, expected, dtype):
 
 
 def optimizer_cases():
+    global CASES
     # 150 tensors: more than one launch holds at any depth; one of two chunks plus a tail; empty ones.
     sizes = [0, 65536 * 2 + 7, 1, 33] + [1 + (i * 7) % 300 for i in range(146)]
     configs = [
@@ -99,6 +100,27 @@ def optimizer_cases():
                 ref.step()
             check(f"{name}{cfg} {dtype} (CUDA vs CPU)", torch.cat([p.flatten().double().cpu() for p in ours]),
                   torch.cat([p.flatten().double() for p in on_cpu]), dtype)
+    # Rounding offsets (FSDP2 shards): launches with per-slot index bases, over more tensors than one such launch
+    # holds, offsets that cross multiples of 2^32 mid-chunk; CUDA must give the CPU kernels' bits exactly.
+    g = torch.Generator().manual_seed(2)
+    master = [torch.randn(n, generator=g).to(torch.bfloat16) for n in sizes]
+    grads = [torch.randn(n, generator=g).to(torch.bfloat16) for n in sizes]
+    offsets = [i * (1 << 31) + (1 << 32) - 40_000 * (i % 3) for i in range(len(sizes))]
+    results = []
+    for device in ("cuda", "cpu"):
+        params = [p.clone().to(device) for p in master]
+        state = [[torch.zeros(n, device=device) for n in sizes] for _ in range(2)]
+        seeds = [torch.tensor(1000 + i, dtype=torch.int64, device=device) for i in range(len(sizes))]
+        fused_train._ops.adam_step_(params, [gr.clone().to(device) for gr in grads], state[0], state[1], [],
+                                    [torch.zeros((), device=device) for _ in sizes], lr=1e-2, beta1=0.9,
+                                    beta2=0.999, weight_decay=0.1, eps=1e-8, amsgrad=False, maximize=False,
+                                    decoupled_weight_decay=True, zero_grad=True, rounding_seeds=seeds,
+                                    rounding_offsets=offsets)
+        results.append(torch.cat([p.flatten().cpu() for p in params]))
+    CASES += 1
+    if not torch.equal(results[0].view(torch.int16), results[1].view(torch.int16)):
+        FAILURES.append(f"AdamW bf16 rounding_offsets (CUDA vs CPU): "
+                        f"{int((results[0].view(torch.int16) != results[1].view(torch.int16)).sum())} elements differ")
     # GradScaler path: unscale by grad_scale, skip everything when found_inf.
     for found in (0.0, 1.0):
         p = torch.randn(70000, device="cuda", requires_grad=True)

@@ -23,6 +23,7 @@ struct ParamSlot {
   double neg_step_size;  // Adam: -lr / (1 - β1^t)
   double bc2_sqrt;       // Adam: sqrt(1 - β2^t)
   uint64_t rounding_stream;  // stochastic rounding: math::rounding_stream(seed, step)
+  uint64_t rounding_offset;  // and the index its element 0 draws the bits of (the op's rounding_offsets)
 };
 
 // A contiguous element range of one slot: the unit of work handed to a thread.

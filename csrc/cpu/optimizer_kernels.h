@@ -127,13 +127,17 @@ struct RmspropTile {
 };
 
 // math::RunRounding::apply on one vector: lane k is element i + k of the run. The hash's 32-bit multiplies and
-// shifts in AVX2/AVX-512 integer lanes, the same operations as the scalar code. Called where r.on.
+// shifts in AVX2/AVX-512 integer lanes, the same operations as the scalar code, and the same per-lane choice of
+// key (lanes whose low index wrapped below the run's first take the next range's). Called where r.on.
 inline Vectorized<float> round_to_bf16_stochastic(const Vectorized<float>& x, const math::RunRounding& r, int64_t i) {
-  const uint32_t key = r.key, index_low = r.first_low + static_cast<uint32_t>(i);
+  const uint32_t index_low = r.first_low + static_cast<uint32_t>(i);
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(index_low)),
                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  __m512i h = _mm512_xor_si512(index, _mm512_set1_epi32(static_cast<int32_t>(key)));
+  const __m512i key = _mm512_mask_blend_epi32(
+      _mm512_cmplt_epu32_mask(index, _mm512_set1_epi32(static_cast<int32_t>(r.first_low))),
+      _mm512_set1_epi32(static_cast<int32_t>(r.key)), _mm512_set1_epi32(static_cast<int32_t>(r.next_key)));
+  __m512i h = _mm512_xor_si512(index, key);
   h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
   h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x21f0aaad));
   h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
@@ -146,7 +150,13 @@ inline Vectorized<float> round_to_bf16_stochastic(const Vectorized<float>& x, co
 #elif defined(CPU_CAPABILITY_AVX2)
   const __m256i index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(index_low)),
                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  __m256i h = _mm256_xor_si256(index, _mm256_set1_epi32(static_cast<int32_t>(key)));
+  // (no unsigned compare in AVX2: flipping the sign bits of both sides makes the signed one order them so)
+  const __m256i sign = _mm256_set1_epi32(static_cast<int32_t>(0x80000000u));
+  const __m256i first = _mm256_set1_epi32(static_cast<int32_t>(r.first_low));
+  const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(first, sign), _mm256_xor_si256(index, sign));
+  const __m256i key = _mm256_blendv_epi8(_mm256_set1_epi32(static_cast<int32_t>(r.key)),
+                                         _mm256_set1_epi32(static_cast<int32_t>(r.next_key)), wrapped);
+  __m256i h = _mm256_xor_si256(index, key);
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
   h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x21f0aaad));
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
@@ -157,7 +167,7 @@ inline Vectorized<float> round_to_bf16_stochastic(const Vectorized<float>& x, co
                                            _mm256_set1_epi32(static_cast<int32_t>(0xffff0000u)));
   return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 #else
-  (void)key, (void)index_low;  // (the hash is r.apply's, lane by lane)
+  (void)index_low;  // (the hash is r.apply's, lane by lane)
   float lanes[Vectorized<float>::size()];
   x.store(lanes);
   for (int k = 0; k < Vectorized<float>::size(); ++k) lanes[k] = r.apply(lanes[k], i + k);
@@ -170,7 +180,7 @@ inline Vectorized<float> round_to_bf16_stochastic(const Vectorized<float>& x, co
 template <class T>
 math::RunRounding run_rounding(const OptimizerLaunch& l, const ParamSlot& slot, int64_t first) {
   return math::RunRounding::make(std::is_same_v<T, c10::BFloat16> && l.stochastic_round, slot.rounding_stream,
-                                 first);
+                                 slot.rounding_offset + static_cast<uint64_t>(first));
 }
 
 // Walks one chunk tile by tile. T: storage type of param and grad; O: opmath. A low-precision vector

@@ -107,6 +107,7 @@ void set_rounding_stream(const OptimizerTensors& t, int64_t i, double step, Para
   if (t.rounding_seeds.empty()) return;
   const at::Tensor& seed = t.rounding_seeds[i];
   s.rounding_stream = math::rounding_stream(*seed.data_ptr<int64_t>(), step);
+  if (!t.rounding_offsets.empty()) s.rounding_offset = t.rounding_offsets[i];
 }
 
 // What follows an op's checks, shared by the fp32 and 8-bit ops of one update (kind): GradScaler's prologue, the
@@ -181,9 +182,10 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                   bool is_first_step, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                  const std::optional<at::TensorList>& rounding_seeds) {
+                  const std::optional<at::TensorList>& rounding_seeds,
+                  at::OptionalIntArrayRef rounding_offsets) {
   OptimizerTensors t = check_sgd_step(params, grads, momentum_buffers, momentum, zero_grad, lr_tensor, grad_scale,
-                                      found_inf, state_steps, rounding_seeds);
+                                      found_inf, state_steps, rounding_seeds, rounding_offsets);
   step_sgd(OptimizerKind::Sgd, t, grads, lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step,
            zero_grad, lr_tensor, grad_scale, found_inf);
 }
@@ -193,9 +195,10 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
                    bool maximize, bool decoupled_weight_decay, bool zero_grad,
                    const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf, const std::optional<at::TensorList>& rounding_seeds) {
+                   const std::optional<at::Tensor>& found_inf, const std::optional<at::TensorList>& rounding_seeds,
+                   at::OptionalIntArrayRef rounding_offsets) {
   OptimizerTensors t = check_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad,
-                                       zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds);
+                                       zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds, rounding_offsets);
   step_adam(OptimizerKind::Adam, t, grads, lr, beta1, beta2, weight_decay, eps, amsgrad, maximize,
             decoupled_weight_decay, zero_grad, lr_tensor, grad_scale, found_inf);
 }
@@ -205,10 +208,11 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       double lr, double alpha, double eps, double weight_decay, double momentum, bool centered,
                       bool maximize, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                      const std::optional<at::TensorList>& rounding_seeds) {
+                      const std::optional<at::TensorList>& rounding_seeds,
+                      at::OptionalIntArrayRef rounding_offsets) {
   OptimizerTensors t = check_rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps,
                                           centered, momentum, zero_grad, lr_tensor, grad_scale, found_inf,
-                                          rounding_seeds);
+                                          rounding_seeds, rounding_offsets);
   step_rmsprop(OptimizerKind::Rmsprop, t, grads, lr, alpha, eps, weight_decay, momentum, centered, maximize,
                zero_grad, lr_tensor, grad_scale, found_inf);
 }

@@ -28,20 +28,30 @@ constexpr int kFunctorParamBytes = 256;
 constexpr int64_t kMaxBlocksPerLaunch = int64_t{1} << 20;
 
 // Tensors per launch for `depth` lists: each tensor costs `depth` addresses + numel + step pointer
-// (8 bytes each) + its first block (4 bytes); the fixed part is first_chunk, the closing block offset,
-// n_tensors, n_finished and padding (32 bytes).
-constexpr int max_tensors_per_launch(int depth) {
-  return (kKernelParamBytes - kFunctorParamBytes - 32) / (8 * depth + 20);
+// (8 bytes each) + its first block (4 bytes), and its index base (8 bytes) in a launch that has them; the
+// fixed part is first_chunk, the closing block offset, n_tensors, n_finished and padding (32 bytes).
+constexpr int max_tensors_per_launch(int depth, bool index_bases = false) {
+  return (kKernelParamBytes - kFunctorParamBytes - 32) / (8 * depth + 20 + (index_bases ? 8 : 0));
 }
 static_assert(max_tensors_per_launch(2) == 105 && max_tensors_per_launch(5) == 63,
               "update the numbers quoted in the docs when the launch layout changes");
 
+// Per-slot index bases, in the launches of a call that has them (stochastic rounding of shards: the index in the
+// whole tensor of each shard's element 0); other launches carry none, and lose no tensor per launch to them.
+template <int N, bool kIndexBases>
+struct SlotIndexBases {
+  uint64_t index_base[N];
+};
+template <int N>
+struct SlotIndexBases<N, false> {};
+
 // What one launch covers: tensors ("slots") 0..n_tensors-1, slot s owning blocks
 // [block_start[s], block_start[s + 1]). Slot 0 may continue a tensor begun in the previous launch
 // (first_chunk > 0); the last slot may end before its tensor does (then n_finished = n_tensors - 1).
-template <int Depth>
-struct TensorListMetadata {
-  static constexpr int kMaxTensors = max_tensors_per_launch(Depth);
+template <int Depth, bool kIndexBases = false>
+struct TensorListMetadata : SlotIndexBases<max_tensors_per_launch(Depth, kIndexBases), kIndexBases> {
+  static constexpr bool kHasIndexBases = kIndexBases;
+  static constexpr int kMaxTensors = max_tensors_per_launch(Depth, kIndexBases);
   void* addresses[Depth][kMaxTensors];  // list k (param, grad, states...) of slot s
   int64_t numel[kMaxTensors];
   float* steps[kMaxTensors];  // per-tensor step counter (fp32, on the device), or nullptr
@@ -59,8 +69,8 @@ struct BlockLocation {
   int64_t n;
 };
 
-template <int Depth>
-FT_HOST_DEVICE FT_INLINE BlockLocation locate_block(const TensorListMetadata<Depth>& m, int64_t block) {
+template <int Depth, bool kIndexBases>
+FT_HOST_DEVICE FT_INLINE BlockLocation locate_block(const TensorListMetadata<Depth, kIndexBases>& m, int64_t block) {
   // The last slot whose first block is <= block (block_start is strictly increasing: every slot has at
   // least one block). At most log2(105) = 7 uniform steps over the parameter bank.
   int lo = 0;
@@ -85,16 +95,18 @@ FT_HOST_DEVICE FT_INLINE BlockLocation locate_block(const TensorListMetadata<Dep
 //   int64_t numel(int64_t i) const;              elements of tensor i (every list alike)
 //   void* address(int k, int64_t i) const;       tensor i of list k
 //   bool has_steps() const;  float* step(int64_t i) const;   per-tensor step counters, if any
+//   uint64_t index_base(int64_t i) const;        with kIndexBases only: tensor i's index base
 // Tensors without elements get no block, except when they carry a step, which must still advance. The
 // limits are arguments so that the CPU test can reach tensor splits with small ones.
-template <int Depth, class Tensors, class Launch>
+template <int Depth, bool kIndexBases = false, class Tensors, class Launch>
 void plan_launches(const Tensors& tensors, int max_tensors, int64_t max_blocks, Launch&& launch) {
-  if (max_tensors < 1 || max_tensors > TensorListMetadata<Depth>::kMaxTensors || max_blocks < 1 ||
+  using Meta = TensorListMetadata<Depth, kIndexBases>;
+  if (max_tensors < 1 || max_tensors > Meta::kMaxTensors || max_blocks < 1 ||
       max_blocks > kMaxBlocksPerLaunch) {
     throw std::logic_error("plan_launches: limits out of range (max_tensors " + std::to_string(max_tensors) +
                            ", max_blocks " + std::to_string(max_blocks) + ")");
   }
-  TensorListMetadata<Depth> m{};
+  Meta m{};
   int nt = 0;
   int64_t blocks = 0;
   const int64_t n = tensors.size();
@@ -111,6 +123,7 @@ void plan_launches(const Tensors& tensors, int max_tensors, int64_t max_blocks, 
       for (int k = 0; k < Depth; ++k) m.addresses[k][nt] = tensors.address(k, i);
       m.numel[nt] = numel;
       m.steps[nt] = tensors.has_steps() ? tensors.step(i) : nullptr;
+      if constexpr (kIndexBases) m.index_base[nt] = tensors.index_base(i);
       m.block_start[nt] = static_cast<int32_t>(blocks);
       const int64_t take = std::min(chunks - done, max_blocks - blocks);
       blocks += take;
@@ -120,7 +133,7 @@ void plan_launches(const Tensors& tensors, int max_tensors, int64_t max_blocks, 
         m.n_tensors = nt;
         m.n_finished = done == chunks ? nt : nt - 1;
         m.block_start[nt] = static_cast<int32_t>(blocks);
-        launch(static_cast<const TensorListMetadata<Depth>&>(m), blocks);
+        launch(static_cast<const Meta&>(m), blocks);
         nt = 0;
         blocks = 0;
       }
@@ -130,7 +143,7 @@ void plan_launches(const Tensors& tensors, int max_tensors, int64_t max_blocks, 
     m.n_tensors = nt;
     m.n_finished = nt;
     m.block_start[nt] = static_cast<int32_t>(blocks);
-    launch(static_cast<const TensorListMetadata<Depth>&>(m), blocks);
+    launch(static_cast<const Meta&>(m), blocks);
   }
 }
 

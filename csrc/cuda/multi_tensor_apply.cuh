@@ -46,6 +46,8 @@ struct TensorListsView {
   void* address(int k, int64_t i) const { return lists[k][i].data_ptr(); }
   bool has_steps() const { return !steps.empty(); }
   float* step(int64_t i) const { return steps[i].data_ptr<float>(); }
+  c10::ArrayRef<uint64_t> index_bases;  // empty, or one per tensor (launches with index bases)
+  uint64_t index_base(int64_t i) const { return index_bases[i]; }
 };
 
 // Functor contract (F is trivially copyable, at most kFunctorParamBytes - 16 bytes):
@@ -55,13 +57,14 @@ struct TensorListsView {
 //       run by one thread per block; step_after = the block's tensor step + 1 (0 without steps). Reads
 //       the device scalars (lr, grad_scale, found_inf) once per block.
 //   bool advances_steps(const BlockScalars&) const;    // false: leave every step as it is (e.g. found_inf)
-//   void operator()(const TensorListMetadata<Depth>&, const BlockLocation&, const BlockScalars&,
-//                   int thread, int n_threads) const;  // every thread of the block
+//   void operator()(const TensorListMetadata<Depth, kIndexBases>&, const BlockLocation&, const BlockScalars&,
+//                   int thread, int n_threads) const;  // every thread of the block (kIndexBases: a template
+//                                                       // parameter where the functor takes index bases)
 // All four are __host__ __device__ so the chunk code can be exercised on the CPU.
 
-template <int Depth, class Functor>
+template <int Depth, class Functor, bool kIndexBases>
 struct MultiTensorArgs {
-  TensorListMetadata<Depth> meta;
+  TensorListMetadata<Depth, kIndexBases> meta;
   Functor functor;
   unsigned int* captured_ticket;  // the ticket of a launch recorded in a CUDA graph, else nullptr
   int32_t ticket_slot;            // eager launches: index into step_tickets (unused without steps)
@@ -118,11 +121,11 @@ inline int32_t eager_ticket_slot(const c10::cuda::CUDAStream& stream) {
   return slot;
 }
 
-template <int Depth, class Functor>
+template <int Depth, class Functor, bool kIndexBases>
 __global__ void __launch_bounds__(kBlockSize)
-    multi_tensor_apply_kernel(const __grid_constant__ MultiTensorArgs<Depth, Functor> args) {
+    multi_tensor_apply_kernel(const __grid_constant__ MultiTensorArgs<Depth, Functor, kIndexBases> args) {
   using BlockScalars = typename Functor::BlockScalars;
-  const TensorListMetadata<Depth>& m = args.meta;
+  const TensorListMetadata<Depth, kIndexBases>& m = args.meta;
   const BlockLocation loc = locate_block(m, static_cast<int64_t>(blockIdx.x));
 
   // One thread reads the step and the device scalars; the block shares them.
@@ -161,19 +164,24 @@ __global__ void __launch_bounds__(kBlockSize)
 
 // Runs functor over every chunk of lists (list 0 decides the sizes; the other lists hold tensors of the
 // same numel and layout, on the same device). steps: one fp32 step tensor per tensor on that device when
-// Functor::kAdvancesSteps, else empty. Asynchronous on the current stream of the tensors' device.
-template <int Depth, class Functor>
-void multi_tensor_apply(const std::array<at::TensorList, Depth>& lists, at::TensorList steps,
-                        const Functor& functor) {
+// Functor::kAdvancesSteps, else empty. kIndexBases: index_bases holds one per tensor, each slot's
+// TensorListMetadata::index_base (the functor must take metadata with them); else it is empty. Asynchronous on the
+// current stream of the tensors' device.
+template <int Depth, bool kIndexBases, class Functor>
+void multi_tensor_apply_impl(const std::array<at::TensorList, Depth>& lists, at::TensorList steps,
+                             c10::ArrayRef<uint64_t> index_bases, const Functor& functor) {
+  using Meta = TensorListMetadata<Depth, kIndexBases>;
+  using Args = MultiTensorArgs<Depth, Functor, kIndexBases>;
   static_assert(Depth >= 1, "at least one tensor list");
   // The ticket pointer and slot after the functor take 16 bytes with padding (the contract above).
   static_assert(sizeof(Functor) + 16 <= kFunctorParamBytes, "functor exceeds its parameter budget");
-  static_assert(sizeof(MultiTensorArgs<Depth, Functor>) <= kKernelParamBytes, "kernel parameters exceed 4 KB");
+  static_assert(sizeof(Args) <= kKernelParamBytes, "kernel parameters exceed 4 KB");
   static_assert(std::is_trivially_copyable_v<Functor>, "the functor is copied into kernel parameters");
   const auto n = lists[0].size();
   if (n == 0) return;
   for (int k = 1; k < Depth; ++k) TORCH_INTERNAL_ASSERT(lists[k].size() == n);
   TORCH_INTERNAL_ASSERT(steps.size() == (Functor::kAdvancesSteps ? n : 0));
+  TORCH_INTERNAL_ASSERT(index_bases.size() == (kIndexBases ? n : 0));
 
   c10::cuda::OptionalCUDAGuard guard(lists[0][0].device());
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
@@ -192,13 +200,27 @@ void multi_tensor_apply(const std::array<at::TensorList, Depth>& lists, at::Tens
     }
   }
   unsigned int* ticket = captured_ticket.defined() ? static_cast<unsigned int*>(captured_ticket.data_ptr()) : nullptr;
-  plan_launches<Depth>(TensorListsView<Depth>{lists, steps}, TensorListMetadata<Depth>::kMaxTensors,
-                       kMaxBlocksPerLaunch, [&](const TensorListMetadata<Depth>& meta, int64_t n_blocks) {
-                         const MultiTensorArgs<Depth, Functor> args{meta, functor, ticket, slot};
-                         multi_tensor_apply_kernel<Depth, Functor>
-                             <<<static_cast<unsigned int>(n_blocks), kBlockSize, 0, stream.stream()>>>(args);
-                         C10_CUDA_KERNEL_LAUNCH_CHECK();
-                       });
+  plan_launches<Depth, kIndexBases>(TensorListsView<Depth>{lists, steps, index_bases}, Meta::kMaxTensors,
+                                    kMaxBlocksPerLaunch, [&](const Meta& meta, int64_t n_blocks) {
+                                      const Args args{meta, functor, ticket, slot};
+                                      multi_tensor_apply_kernel<Depth, Functor, kIndexBases>
+                                          <<<static_cast<unsigned int>(n_blocks), kBlockSize, 0, stream.stream()>>>(
+                                              args);
+                                      C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                    });
+}
+
+template <int Depth, class Functor>
+void multi_tensor_apply(const std::array<at::TensorList, Depth>& lists, at::TensorList steps,
+                        const Functor& functor) {
+  multi_tensor_apply_impl<Depth, false>(lists, steps, {}, functor);
+}
+
+// With per-tensor index bases (one per tensor).
+template <int Depth, class Functor>
+void multi_tensor_apply(const std::array<at::TensorList, Depth>& lists, at::TensorList steps,
+                        c10::ArrayRef<uint64_t> index_bases, const Functor& functor) {
+  multi_tensor_apply_impl<Depth, true>(lists, steps, index_bases, functor);
 }
 
 }  // namespace cuda

@@ -65,16 +65,19 @@ FT_HOST_DEVICE FT_INLINE void store_elems(X* p, const Elems<X, kW>& e) {
 
 FT_HOST_DEVICE FT_INLINE bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// The rounding of a block's chunk (stochastic_round.h; chunks never straddle a multiple of 2^32): stochastic for bf16
-// params when the launch has seeds, list seed_list's one-element int64 tensors (-1: none), the counter being the
-// step after this step's increment; else to nearest.
-template <class T, int Depth>
-FT_HOST_DEVICE FT_INLINE math::RunRounding chunk_rounding(const TensorListMetadata<Depth>& m,
+// The rounding of a block's chunk (stochastic_round.h): stochastic for bf16 params when the launch has seeds, list
+// seed_list's one-element int64 tensors (-1: none), the counter being the step after this step's increment, the
+// chunk's elements drawing the bits of their index plus the slot's index base (launches with index bases); else to
+// nearest.
+template <class T, int Depth, bool kIndexBases>
+FT_HOST_DEVICE FT_INLINE math::RunRounding chunk_rounding(const TensorListMetadata<Depth, kIndexBases>& m,
                                                           const BlockLocation& loc, int seed_list, float step_after) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (seed_list >= 0 && seed_list < Depth) {
       const int64_t seed = *static_cast<const int64_t*>(m.addresses[seed_list][loc.slot]);
-      return math::RunRounding::make(true, math::rounding_stream(seed, static_cast<double>(step_after)), loc.begin);
+      uint64_t first = static_cast<uint64_t>(loc.begin);
+      if constexpr (kIndexBases) first += m.index_base[loc.slot];
+      return math::RunRounding::make(true, math::rounding_stream(seed, static_cast<double>(step_after)), first);
     }
   }
   return math::RunRounding{};
@@ -180,8 +183,8 @@ FT_HOST_DEVICE FT_INLINE void step_chunk(const ChunkPointers<T>& c, const Op& op
 }
 
 // The chunk of one block; list k of the launch maps to state[k - 2], lists past Depth are absent.
-template <class T, int Depth>
-FT_HOST_DEVICE FT_INLINE ChunkPointers<T> chunk_pointers(const TensorListMetadata<Depth>& m,
+template <class T, int Depth, bool kIndexBases>
+FT_HOST_DEVICE FT_INLINE ChunkPointers<T> chunk_pointers(const TensorListMetadata<Depth, kIndexBases>& m,
                                                          const BlockLocation& loc, const int (&state_list)[3]) {
   using O = opmath_t<T>;
   ChunkPointers<T> c;
@@ -255,7 +258,8 @@ struct SgdFunctor {
     return read_lr_block_scalars<O>(common, step_after);
   }
   FT_HOST_DEVICE bool advances_steps(const BlockScalars& s) const { return kSteps && !s.skip; }
-  FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth>& m, const BlockLocation& loc,
+  template <bool kIndexBases>
+  FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth, kIndexBases>& m, const BlockLocation& loc,
                                  const BlockScalars& s, int thread, int n_threads) const {
     const int state_lists[3] = {hyper.has_momentum ? 2 : -1, -1, -1};
     ChunkPointers<T> c = chunk_pointers<T>(m, loc, state_lists);
@@ -315,7 +319,8 @@ struct AdamFunctor {
     return read_adam_block_scalars<O>(common, beta1, beta2, weight_decay, step_after);
   }
   FT_HOST_DEVICE bool advances_steps(const BlockScalars& s) const { return !s.skip; }
-  FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth>& m, const BlockLocation& loc,
+  template <bool kIndexBases>
+  FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth, kIndexBases>& m, const BlockLocation& loc,
                                  const BlockScalars& s, int thread, int n_threads) const {
     const int state_lists[3] = {2, 3, hyper.amsgrad ? 4 : -1};
     ChunkPointers<T> c = chunk_pointers<T>(m, loc, state_lists);
@@ -350,7 +355,8 @@ struct RmspropFunctor {
     return read_lr_block_scalars<O>(common, step_after);
   }
   FT_HOST_DEVICE bool advances_steps(const BlockScalars& s) const { return !s.skip; }
-  FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth>& m, const BlockLocation& loc,
+  template <bool kIndexBases>
+  FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth, kIndexBases>& m, const BlockLocation& loc,
                                  const BlockScalars& s, int thread, int n_threads) const {
     // The optional states are packed: grad_avg (centered) comes first, then momentum_buffer.
     const int grad_avg_list = hyper.centered ? 3 : -1;

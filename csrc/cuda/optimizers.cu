@@ -92,24 +92,36 @@ std::array<at::TensorList, Depth> lists_of(const OptimizerTensors& t, const std:
 // Where the seeds are among a launch's Depth lists: the last, when the call has them.
 int seed_list_of(const OptimizerTensors& t, int depth) { return t.rounding_seeds.empty() ? -1 : depth - 1; }
 
+// Runs an fp32-state functor, with the call's rounding offsets as the launches' index bases when it has them (bf16
+// params with seeds only: the check refuses offsets without seeds, and seeds for other dtypes).
+template <class T, int Depth, class Functor>
+void launch_with_offsets(const OptimizerTensors& t, const std::array<at::TensorList, Depth>& lists,
+                         const Functor& functor) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (!t.rounding_offsets.empty()) return multi_tensor_apply<Depth>(lists, t.steps, t.rounding_offsets, functor);
+  }
+  TORCH_INTERNAL_ASSERT(t.rounding_offsets.empty());
+  multi_tensor_apply<Depth>(lists, t.steps, functor);
+}
+
 template <class T, int Depth, bool kSteps>
 void launch_sgd(OptimizerTensors& t, const math::SgdHyper<opmath_t<T>>& hyper, const CommonScalars& common) {
   const SgdFunctor<T, Depth, kSteps> functor{hyper, common, seed_list_of(t, Depth)};
-  multi_tensor_apply<Depth>(lists_of<Depth>(t, {hyper.has_momentum, false, false}), t.steps, functor);
+  launch_with_offsets<T, Depth>(t, lists_of<Depth>(t, {hyper.has_momentum, false, false}), functor);
 }
 
 template <class T, int Depth>
 void launch_adam(OptimizerTensors& t, const math::AdamHyper<opmath_t<T>>& hyper, double beta1, double beta2,
                  double weight_decay, const CommonScalars& common) {
   const AdamFunctor<T, Depth> functor{hyper, beta1, beta2, weight_decay, common, seed_list_of(t, Depth)};
-  multi_tensor_apply<Depth>(lists_of<Depth>(t, {true, true, hyper.amsgrad}), t.steps, functor);
+  launch_with_offsets<T, Depth>(t, lists_of<Depth>(t, {true, true, hyper.amsgrad}), functor);
 }
 
 template <class T, int Depth>
 void launch_rmsprop(OptimizerTensors& t, const math::RmspropHyper<opmath_t<T>>& hyper,
                     const CommonScalars& common) {
   const RmspropFunctor<T, Depth> functor{hyper, common, seed_list_of(t, Depth)};
-  multi_tensor_apply<Depth>(lists_of<Depth>(t, {true, hyper.centered, hyper.has_momentum}), t.steps, functor);
+  launch_with_offsets<T, Depth>(t, lists_of<Depth>(t, {true, hyper.centered, hyper.has_momentum}), functor);
 }
 
 // An 8-bit op's launch: lists param, grad, the op's K moments' codes, their absmax (t.states holds (codes, absmax)
@@ -143,10 +155,11 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                    bool is_first_step, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                   const std::optional<at::TensorList>& rounding_seeds) {
+                   const std::optional<at::TensorList>& rounding_seeds,
+                   at::OptionalIntArrayRef rounding_offsets) {
   const bool has_momentum = momentum != 0.0;
   OptimizerTensors t = check_sgd_step(params, grads, momentum_buffers, momentum, zero_grad, lr_tensor, grad_scale,
-                                      found_inf, state_steps, rounding_seeds);
+                                      found_inf, state_steps, rounding_seeds, rounding_offsets);
   if (t.size() == 0) return;
   c10::cuda::OptionalCUDAGuard guard(t.device);
   raise_if_bad_target_seen("sgd_step_", t.device.index());
@@ -190,9 +203,10 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
                     bool maximize, bool decoupled_weight_decay, bool zero_grad,
                     const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf, const std::optional<at::TensorList>& rounding_seeds) {
+                    const std::optional<at::Tensor>& found_inf, const std::optional<at::TensorList>& rounding_seeds,
+                    at::OptionalIntArrayRef rounding_offsets) {
   OptimizerTensors t = check_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad,
-                                       zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds);
+                                       zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds, rounding_offsets);
   if (t.size() == 0) return;
   c10::cuda::OptionalCUDAGuard guard(t.device);
   raise_if_bad_target_seen("adam_step_", t.device.index());
@@ -228,11 +242,12 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        double lr, double alpha, double eps, double weight_decay, double momentum, bool centered,
                        bool maximize, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                       const std::optional<at::TensorList>& rounding_seeds) {
+                       const std::optional<at::TensorList>& rounding_seeds,
+                       at::OptionalIntArrayRef rounding_offsets) {
   const bool has_momentum = momentum > 0.0;
   OptimizerTensors t = check_rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps,
                                           centered, momentum, zero_grad, lr_tensor, grad_scale, found_inf,
-                                          rounding_seeds);
+                                          rounding_seeds, rounding_offsets);
   if (t.size() == 0) return;
   c10::cuda::OptionalCUDAGuard guard(t.device);
   raise_if_bad_target_seen("rmsprop_step_", t.device.index());

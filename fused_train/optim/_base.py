@@ -60,7 +60,8 @@ def check_lr(lr: float | Tensor) -> None:
 class _Bucket:
     """The params of one group that share a device and dtype, with their state lists, in call order."""
 
-    __slots__ = ("indices", "originals", "params", "states", "steps", "rounding_seeds", "needs_view")
+    __slots__ = ("indices", "originals", "params", "states", "steps", "rounding_seeds", "rounding_offsets",
+                 "needs_view")
 
     def __init__(self) -> None:
         self.indices: list[int] = []
@@ -69,6 +70,8 @@ class _Bucket:
         self.states: dict[str, list[Tensor]] = {}
         self.steps: list[Tensor] = []
         self.rounding_seeds: list[Tensor] | None = None  # bf16 params of a bf16_stochastic_round group
+        # with the seeds, where a param is a shard: the index in its whole tensor of each one's element 0
+        self.rounding_offsets: list[int] | None = None
         self.needs_view = False  # complex or DTensor params: grads need _kernel_view too
 
 
@@ -244,6 +247,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 bucket.states = {name: [] for name in self._state_names}
                 if rounds:
                     bucket.rounding_seeds = []
+                    bucket.rounding_offsets = []
             bucket.indices.append(i)
             bucket.originals.append(p)
             bucket.params.append(_kernel_view(p))
@@ -254,7 +258,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 bucket.steps.append(state["step"])
             if rounds:
                 bucket.rounding_seeds.append(state["rounding_seed"])
+                bucket.rounding_offsets.append(_rounding_offset(p) if _is_dtensor(p) else 0)
         result = list(buckets.values())
+        for bucket in result:
+            if bucket.rounding_offsets is not None and not any(bucket.rounding_offsets):
+                bucket.rounding_offsets = None  # (the op's default: plain tensors' calls stay as they were)
         self._tables[group_index] = _GroupTable(self, group, has_grad, result)
         rebuilt.append(group_index)
         return result
@@ -552,6 +560,38 @@ def _state_like_dtype(param: Tensor) -> torch.dtype:
 
 def _is_dtensor(t: Tensor) -> bool:
     return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
+
+
+def _rounding_offset(p: Tensor) -> int:
+    """Where a DTensor param's local shard draws its stochastic-rounding bits from: the index, in the whole tensor,
+    of the shard's element 0, so that the shards of one tensor round as the whole tensor would on one device, and
+    replicas (Replicate placements, HSDP) alike. That holds where the shard is one run of the whole tensor's
+    elements in order (dim-0 sharding, FSDP2's default, even or uneven). A shard of another cut (a Shard(1), say) is
+    given L * numel instead, L being its first element's index in the whole tensor: a range of indices no other
+    shard of the tensor uses, so the shards still draw different bits, though not the whole tensor's."""
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
+    global_shape = tuple(p.shape)
+    local = p._local_tensor
+    _, offsets = compute_local_shape_and_global_offset(global_shape, p.device_mesh, p.placements)
+    if local.numel() == 0 or len(offsets) != len(global_shape):  # nothing to round, or a rank outside the mesh
+        return 0
+    stride = 1
+    first = 0
+    for size, offset in zip(reversed(global_shape), reversed(offsets)):
+        first += offset * stride
+        stride *= size
+    local_shape = tuple(local.shape)
+    cut = [d for d, (a, b) in enumerate(zip(local_shape, global_shape)) if a != b]
+    # One run in order: every dim after the first cut one whole, every dim before it of size 1, and the local
+    # tensor stepped in that order (contiguous).
+    in_order = not cut or (all(local_shape[d] == global_shape[d] for d in range(cut[0] + 1, len(global_shape)))
+                           and all(global_shape[d] == 1 for d in range(cut[0])))
+    index = first if in_order and local.is_contiguous() else first * p.numel()
+    index %= 1 << 64
+    return index - (1 << 64) if index >= 1 << 63 else index  # (the op's int64; it counts modulo 2^64)
 
 
 def _kernel_view(t: Tensor) -> Tensor:

@@ -132,6 +132,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             eps=float(group["eps"]), amsgrad=amsgrad, maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"], zero_grad=zero_grad,
             lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, rounding_seeds=bucket.rounding_seeds,
+            rounding_offsets=bucket.rounding_offsets,
         )
 
 

@@ -105,7 +105,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             lr=lr, alpha=float(group["alpha"]), eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), momentum=momentum, centered=centered,
             maximize=group["maximize"], zero_grad=zero_grad, lr_tensor=lr_tensor, grad_scale=grad_scale,
-            found_inf=found_inf, rounding_seeds=bucket.rounding_seeds,
+            found_inf=found_inf, rounding_seeds=bucket.rounding_seeds, rounding_offsets=bucket.rounding_offsets,
         )
 
 

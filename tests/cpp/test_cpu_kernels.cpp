@@ -310,13 +310,14 @@ FT_TEST(table_float16) { check_table_dtype<c10::Half, float>("float16"); }
 using OptTensor = std::optional<at::Tensor>;
 using OptTensorList = std::optional<at::TensorList>;  // (rounding_seeds: none here)
 using SgdOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, double, double, double, double,
-                   bool, bool, bool, bool, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensorList&);
+                   bool, bool, bool, bool, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensorList&,
+                   at::OptionalIntArrayRef);
 using AdamOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                     double, double, double, double, double, bool, bool, bool, bool, const OptTensor&,
-                    const OptTensor&, const OptTensor&, const OptTensorList&);
+                    const OptTensor&, const OptTensor&, const OptTensorList&, at::OptionalIntArrayRef);
 using RmspropOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                        at::TensorList, double, double, double, double, double, bool, bool, bool, const OptTensor&,
-                       const OptTensor&, const OptTensor&, const OptTensorList&);
+                       const OptTensor&, const OptTensor&, const OptTensorList&, at::OptionalIntArrayRef);
 
 template <class Sig>
 c10::TypedOperatorHandle<Sig> find_op(const char* name) {
@@ -387,19 +388,19 @@ void call_op(const OptimConfig& c, const GradMode& mode, int step, OpTensors& t,
     case OptimizerKind::Sgd:
       find_op<SgdOp>("fused_train::sgd_step_")
           .call(t.params, t.grads, t.states[0], {}, c.lr, c.momentum, c.dampening, c.weight_decay, c.nesterov,
-                c.maximize, step == 1, mode.zero_grad, std::nullopt, scale, found_inf, std::nullopt);
+                c.maximize, step == 1, mode.zero_grad, std::nullopt, scale, found_inf, std::nullopt, std::nullopt);
       break;
     case OptimizerKind::Adam:
       find_op<AdamOp>("fused_train::adam_step_")
           .call(t.params, t.grads, t.states[0], t.states[1], t.states[2], t.steps, c.lr, c.beta1, c.beta2,
                 c.weight_decay, c.eps, c.amsgrad, c.maximize, c.decoupled_weight_decay, mode.zero_grad,
-                std::nullopt, scale, found_inf, std::nullopt);
+                std::nullopt, scale, found_inf, std::nullopt, std::nullopt);
       break;
     case OptimizerKind::Rmsprop:
       find_op<RmspropOp>("fused_train::rmsprop_step_")
           .call(t.params, t.grads, t.states[0], t.states[1], t.states[2], t.steps, c.lr, c.beta2, c.eps,
                 c.weight_decay, c.momentum, c.centered, c.maximize, mode.zero_grad, std::nullopt, scale, found_inf,
-                std::nullopt);
+                std::nullopt, std::nullopt);
       break;
   }
 }

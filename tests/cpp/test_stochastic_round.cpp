@@ -145,6 +145,18 @@ FT_TEST(run_rounding_is_the_bits_of_the_runs_elements) {
       FT_CHECK(run.apply(x, i) == math::round_to_bf16_stochastic(x, want));
     }
   }
+  // A run may cross a multiple of 2^32 (a shard's offset puts it anywhere): each element still draws the bits of
+  // its own index, the key changing at the crossing, and the same past 2^64 (indices count modulo 2^64).
+  for (uint64_t first : {(uint64_t{1} << 32) - 3, (uint64_t{7} << 32) - 1, ~uint64_t{0} - 1, uint64_t{12345}}) {
+    const math::RunRounding run = math::RunRounding::make(true, stream, first);
+    for (int64_t i = 0; i < 300; ++i) {
+      const uint64_t index = first + static_cast<uint64_t>(i);
+      const uint32_t want = math::rounding_bits(math::rounding_key(stream, static_cast<uint32_t>(index >> 32)),
+                                                static_cast<uint32_t>(index));
+      FT_CHECK_MSG(run.bits(i) == want, "run from ", first, ", element ", i);
+      FT_CHECK(run.bits(i) == math::RunRounding::make(true, stream, index).bits(0));
+    }
+  }
   // off (or default), and for double: values pass through
   const float x = 1.0f + 1.0f / 3.0f;
   FT_CHECK(math::RunRounding{}.apply(x, 7) == x);

@@ -9,6 +9,8 @@
 // The random bits are counter-based, a pure function of (param seed, step, element index): no generator state,
 // nothing read or advanced on the host per step, and the same bits on every device, thread count and chunking.
 // The seed is the param's own (an int64 in its optimizer state), the step its step counter after the increment.
+// The element index counts from the op's rounding offset (0 but for a shard: an FSDP2 shard's first element's
+// index in its whole tensor), so shards draw the bits the whole tensor would, not each other's.
 // fused_train/reference.py computes the same bits in torch ops for the tests.
 #pragma once
 
@@ -48,8 +50,7 @@ FT_HOST_DEVICE FT_INLINE uint64_t rounding_stream(int64_t seed, double step) {
   return mix64(static_cast<uint64_t>(seed) ^ mix64(t * 0xd1b54a32d192ed03ull + 0x8bb84b93962eacc9ull));
 }
 
-// The key of the stream's elements [index_high · 2^32, (index_high + 1) · 2^32): once per tile or chunk (the
-// kernels' tiles and chunks never straddle a multiple of 2^32).
+// The key of the stream's elements [index_high · 2^32, (index_high + 1) · 2^32).
 FT_HOST_DEVICE FT_INLINE uint32_t rounding_key(uint64_t stream, uint32_t index_high) {
   return static_cast<uint32_t>(stream) ^ mix32(static_cast<uint32_t>(stream >> 32) + index_high);
 }
@@ -87,28 +88,34 @@ FT_HOST_DEVICE FT_INLINE float round_to_bf16_stochastic(float x, uint32_t bits) 
   return bits_float((float_bits(x) + (bits >> 16)) & 0xffff0000u);
 }
 
-// How the kernels round one run of consecutive elements of a param (a CPU tile or 8-bit block, a CUDA chunk; no run
-// straddles a multiple of 2^32): the key of the run's range and the low half of its first element's index.
-// Default-constructed, or made with on = false (rounding to nearest, or not a bf16 param), it leaves values as
-// they are.
+// How the kernels round one run of consecutive elements of a param (a CPU tile or 8-bit block, a CUDA chunk; fewer
+// than 2^32 of them): the keys once per run, and per element a select between two. A run may cross a multiple of
+// 2^32 (a shard's offset puts its runs anywhere), where the key changes: element i is past the crossing exactly
+// when the low half of first + i has wrapped below first's. Default-constructed, or made with on = false (rounding
+// to nearest, or not a bf16 param), it leaves values as they are.
 struct RunRounding {
   bool on = false;
-  uint32_t key = 0;
+  uint32_t key = 0;       // of first's 2^32 range
+  uint32_t next_key = 0;  // of the range after it
   uint32_t first_low = 0;
 
-  // The run of elements first, first + 1, ... of the param whose stream at this step is `stream`.
-  FT_HOST_DEVICE FT_INLINE static RunRounding make(bool on, uint64_t stream, int64_t first) {
+  // The run of elements first, first + 1, ... (indices modulo 2^64) of the param whose stream at this step is
+  // `stream`.
+  FT_HOST_DEVICE FT_INLINE static RunRounding make(bool on, uint64_t stream, uint64_t first) {
     RunRounding r;
     if (on) {
+      const uint32_t high = static_cast<uint32_t>(first >> 32);
       r.on = true;
-      r.key = rounding_key(stream, static_cast<uint32_t>(static_cast<uint64_t>(first) >> 32));
+      r.key = rounding_key(stream, high);
+      r.next_key = rounding_key(stream, high + 1u);
       r.first_low = static_cast<uint32_t>(first);
     }
     return r;
   }
   // The bits of element i of the run.
   FT_HOST_DEVICE FT_INLINE uint32_t bits(int64_t i) const {
-    return rounding_bits(key, first_low + static_cast<uint32_t>(i));
+    const uint32_t low = first_low + static_cast<uint32_t>(i);
+    return rounding_bits(low < first_low ? next_key : key, low);
   }
   // Element i of the run, before it narrows to the param's dtype (other math types, fp64's, pass through).
   template <class V>
