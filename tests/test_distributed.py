@@ -48,7 +48,7 @@ class _HeadAndLoss(torch.nn.Module):
 def _loss(model, scenario, x, y):
     if scenario == "ddp_linear_cross_entropy":
         return model(x, y)
-    if scenario == "ddp_bf16_stochastic_round":
+    if scenario.endswith("bf16_stochastic_round"):
         return torch.nn.functional.cross_entropy(model(x.to(torch.bfloat16)).float(), y)
     return torch.nn.functional.cross_entropy(model(x), y)
 
@@ -65,10 +65,10 @@ def _local_batch(step: int, rank: int):
 
 def _single_process_reference(scenario: str) -> list[torch.Tensor]:
     model = _HeadAndLoss() if scenario == "ddp_linear_cross_entropy" else _model()
-    if scenario == "ddp_bf16_stochastic_round":
+    if scenario.endswith("bf16_stochastic_round"):
         model = model.to(torch.bfloat16)
     opt = fused_train.optim.AdamW(model.parameters(), lr=1e-2,
-                                  bf16_stochastic_round=scenario == "ddp_bf16_stochastic_round")
+                                  bf16_stochastic_round=scenario.endswith("bf16_stochastic_round"))
     for step in range(STEPS):
         x, y = _global_batch(step)
         _loss(model, scenario, x, y).backward()
@@ -98,22 +98,25 @@ def _worker(rank, scenario, port, out_dir):
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
             opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=fused_train.optim.AdamW, lr=1e-2)
-        else:  # fsdp2
+        else:  # fsdp2, fsdp2_bf16_stochastic_round (bf16 weights without masters, sharded)
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
+            rounds = scenario == "fsdp2_bf16_stochastic_round"
+            if rounds:
+                model = model.to(torch.bfloat16)
             mesh = init_device_mesh("cpu", (WORLD,))
             for layer in model:
                 if isinstance(layer, torch.nn.Linear):
                     fully_shard(layer, mesh=mesh)
             fully_shard(model, mesh=mesh)
-            opt = fused_train.optim.AdamW(model.parameters(), lr=1e-2)
+            opt = fused_train.optim.AdamW(model.parameters(), lr=1e-2, bf16_stochastic_round=rounds)
         for step in range(STEPS):
             x, y = _local_batch(step, rank)
             _loss(model, scenario, x, y).backward()
             opt.step()
             opt.zero_grad()
-        if scenario == "fsdp2":
+        if scenario.startswith("fsdp2"):
             _fsdp2_checkpoint_round_trip(model, opt, out_dir)
             params = [p.full_tensor().detach() for p in model.parameters()]
         else:
@@ -135,12 +138,13 @@ def _fsdp2_checkpoint_round_trip(model, opt, out_dir):
     ckpt = os.path.join(out_dir, "dcp")
     saved = get_optimizer_state_dict(model, opt)
     dcp.save({"optim": saved}, checkpoint_id=ckpt)
-    fresh = fused_train.optim.AdamW(model.parameters(), lr=1e-2)
+    rounds = opt.param_groups[0]["bf16_stochastic_round"]
+    fresh = fused_train.optim.AdamW(model.parameters(), lr=1e-2, bf16_stochastic_round=rounds)
     target = {"optim": get_optimizer_state_dict(model, fresh)}
     dcp.load(target, checkpoint_id=ckpt)
     set_optimizer_state_dict(model, fresh, target["optim"])
     for p in model.parameters():
-        for key in ("exp_avg", "exp_avg_sq", "step"):
+        for key in ("exp_avg", "exp_avg_sq", "step") + (("rounding_seed",) if rounds else ()):
             a, b = opt.state[p][key], fresh.state[p][key]
             a = a.to_local() if hasattr(a, "to_local") else a
             b = b.to_local() if hasattr(b, "to_local") else b
@@ -271,14 +275,16 @@ DIST_TOL = dict(rtol=1e-5, atol=1e-6)
     "ddp", "zero", "ddp_linear_cross_entropy", "ddp_bf16_stochastic_round",
     pytest.param("fsdp2", marks=pytest.mark.skipif(
         TORCH_VERSION < (2, 6), reason="FSDP2 runs on CPU from torch 2.6 on (torch 2.5's needs CUDA streams)")),
+    pytest.param("fsdp2_bf16_stochastic_round", marks=pytest.mark.skipif(
+        TORCH_VERSION < (2, 6), reason="FSDP2 runs on CPU from torch 2.6 on (torch 2.5's needs CUDA streams)")),
 ])
 def test_distributed_training_matches_single_process(scenario):
     per_rank = _run(scenario)
     for a, b in zip(*per_rank):
         assert torch.equal(a, b), f"{scenario}: ranks disagree"
-    # bf16 with stochastic rounding: DDP averages the bf16 gradients in bf16, the single process sums them in one
-    # backward, so they differ at bf16 precision; where the update moves across a rounding threshold, an element
+    # bf16 with stochastic rounding: DDP (FSDP2's reduce-scatter) averages the bf16 gradients in bf16, the single
+    # process sums them in one backward, so they differ at bf16 precision; where the update moves across a rounding threshold, an element
     # lands one bf16 step away (at most 2^-7 relative) — at most one such step per optimizer step.
-    tol = dict(rtol=STEPS * 2.0 ** -7, atol=1e-3) if scenario == "ddp_bf16_stochastic_round" else DIST_TOL
+    tol = dict(rtol=STEPS * 2.0 ** -7, atol=1e-3) if scenario.endswith("bf16_stochastic_round") else DIST_TOL
     for got, want in zip(per_rank[0], _single_process_reference(scenario)):
         torch.testing.assert_close(got, want, **tol)
