@@ -137,13 +137,10 @@ namespace {
 // leaves their seeds out, so a seed there is a mistake worth naming).
 void check_rounding_seeds(const char* op, OptimizerTensors& out, const std::optional<at::TensorList>& seeds,
                           int64_t n, at::OptionalIntArrayRef offsets = std::nullopt) {
-  if (offsets.has_value() && !offsets->empty()) {
-    TORCH_CHECK(seeds.has_value() && static_cast<int64_t>(seeds->size()) == n && n > 0, op,
-                ": rounding_offsets apply with rounding_seeds, one per param: got ", offsets->size(),
-                " rounding_offsets, ", seeds.has_value() ? seeds->size() : 0, " rounding_seeds and ", n, " params");
-    TORCH_CHECK(static_cast<int64_t>(offsets->size()) == n, op, ": got ", n, " params but ", offsets->size(),
-                " rounding_offsets");
-  }
+  const bool has_offsets = offsets.has_value() && !offsets->empty();
+  TORCH_CHECK(!has_offsets || (seeds.has_value() && !seeds->empty()), op,
+              ": rounding_offsets apply with rounding_seeds (stochastic rounding), got ", offsets->size(),
+              " rounding_offsets and no rounding_seeds");
   if (!seeds.has_value() || seeds->empty()) return;
   TORCH_CHECK(static_cast<int64_t>(seeds->size()) == n, op, ": got ", n, " params but ", seeds->size(),
               " rounding_seeds");
@@ -161,7 +158,9 @@ void check_rounding_seeds(const char* op, OptimizerTensors& out, const std::opti
                             : std::string("an undefined tensor"));
     out.rounding_seeds.push_back(s);
   }
-  if (offsets.has_value() && !offsets->empty()) {
+  if (has_offsets) {
+    TORCH_CHECK(static_cast<int64_t>(offsets->size()) == n, op, ": got ", n, " params but ", offsets->size(),
+                " rounding_offsets");
     for (const int64_t offset : *offsets) out.rounding_offsets.push_back(static_cast<uint64_t>(offset));
   }
 }

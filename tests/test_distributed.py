@@ -176,8 +176,7 @@ def _run(scenario: str) -> list[list[torch.Tensor]]:
 # -- bf16 stochastic rounding of DTensor shards (FSDP2's params) ---------------------------------------------------
 # Each param is given whole on every rank, with its gradients, and stepped as a DTensor of the placement below; the
 # shards' rounding must draw the whole tensor's bits (offsets), so a dim-0 sharding ends bit for bit where one
-# process ends. Shapes: even and uneven row cuts, a rank with an empty shard, a tensor split mid-row... none of
-# which may change a bit.
+# process ends. Shapes: even and uneven row cuts, a rank with an empty shard, 1-D and 3-D: none may change a bit.
 _SHARD_SHAPES = [(64, 33), (7, 5), (1, 9), (3,), (2, 3, 129)]
 
 
@@ -192,13 +191,16 @@ def _sharded_rounding_params():
     return params, grads, twin, torch.cat([twin_grad, twin_grad], dim=1)
 
 
-def _step_sharded_rounding(params, grads, make_param, make_grad):
-    model = [torch.nn.Parameter(make_param(p)) for p in params]
-    opt = fused_train.optim.AdamW(model, lr=1e-2, weight_decay=0.1, bf16_stochastic_round=True)
+def _step_sharded_rounding(params, grads, make_param, make_grad, compiled=False, cls=None):
+    # (make_param gets a copy: a Replicate DTensor's local tensor may be the very tensor it was made from.)
+    model = [torch.nn.Parameter(make_param(p.clone())) for p in params]
+    cls = cls or fused_train.optim.AdamW
+    opt = cls(model, lr=1e-2, weight_decay=0.1, bf16_stochastic_round=True)
+    step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
     for step_grads in grads:
         for p, grad in zip(model, step_grads):
             p.grad = make_grad(grad)
-        opt.step()
+        step()
     return model
 
 
@@ -211,23 +213,56 @@ def _sharded_rounding_worker(rank, port, out_dir):
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
         mesh = init_device_mesh("cpu", (WORLD,))
+        mesh_2d = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("a", "b"))
+        mesh_2d_t = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("c", "d"))
         params, grads, twin, twin_grads = _sharded_rounding_params()
         results = {}
-        for name, placements in (("shard0", [Shard(0)]), ("replicate", [Replicate()])):
-            model = _step_sharded_rounding(params, grads, lambda t: distribute_tensor(t, mesh, placements),
-                                           lambda t: distribute_tensor(t, mesh, placements))
+        for name, on, spec, compiled in _SHARDED_CASES:
+            m = {"1d": mesh, "2d": mesh_2d, "2d_t": mesh_2d_t}[on]
+            placements = [Replicate() if p == "R" else Shard(int(p[1:])) for p in spec.split()]
+            cls = getattr(fused_train.optim, name.split("_")[0])
+            model = _step_sharded_rounding(params, grads, lambda t: distribute_tensor(t, m, placements),
+                                           lambda t: distribute_tensor(t, m, placements), compiled, cls)
             results[name] = [p.detach().full_tensor() for p in model]
         (twin_param,) = _step_sharded_rounding([twin], [[twin_grads]],
                                                lambda t: distribute_tensor(t, mesh, [Shard(1)]),
                                                lambda t: distribute_tensor(t, mesh, [Shard(1)]))
         results["shard1"] = twin_param.detach().full_tensor()
-        from fused_train.optim._base import _rounding_offset
+        from fused_train.optim._base import _rounding_offset, _shard_offsets
 
         results["shard1_range"] = (_rounding_offset(twin_param), twin_param.to_local().numel())
+        # Where the optimizer cuts shards itself (placements it knows, read without a graph break under
+        # torch.compile), it must place them as DTensor does, uneven and empty shards included.
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        for shape in [(7, 5), (1, 3), (3, 9, 2), (5,)]:
+            cases = [(mesh, [Shard(0)]), (mesh, [Shard(len(shape) - 1)]), (mesh, [Replicate()]),
+                     (mesh_2d, [Shard(0), Shard(0)]), (mesh_2d_t, [Shard(0), Shard(0)]),
+                     (mesh_2d_t, [Replicate(), Shard(-1)]), (mesh_2d, [Shard(-1), Shard(0)])]
+            for m, placements in cases:
+                t = distribute_tensor(torch.zeros(shape), m, placements)
+                _, want = compute_local_shape_and_global_offset(shape, m, t.placements)
+                assert _shard_offsets(t) == list(want), (shape, placements, _shard_offsets(t), want)
         dist.barrier()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+# (name: the optimizer class, then what varies; the mesh; the placements (R: Replicate, Sd: Shard(d)); whether the
+# step is compiled, fullgraph).
+# The 8-bit optimizers keep full-precision state for DTensor params, stepped by the fp32 ops with the offsets.
+_SHARDED_CASES = [
+    ("AdamW_shard0", "1d", "S0", False),
+    ("AdamW_replicate", "1d", "R", False),
+    ("AdamW_shard0_compiled", "1d", "S0", True),
+    ("AdamW_hsdp", "2d_t", "R S0", False),
+    ("AdamW_shard0_twice", "2d", "S0 S0", False),
+    ("SGD_shard0", "1d", "S0", False),
+    ("RMSprop_shard0", "1d", "S0", False),
+    ("AdamW8bit_shard0", "1d", "S0", False),
+    ("RMSprop8bit_shard0", "1d", "S0", False),
+]
 
 
 @pytest.mark.skipif(TORCH_VERSION < (2, 6), reason="DTensor on CPU over gloo: as FSDP2, from torch 2.6 on")
@@ -243,13 +278,17 @@ def test_shards_round_as_their_whole_tensor():
                 pytest.fail(f"workers did not finish within {TIMEOUT_S} s")
         per_rank = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
     params, grads, twin, twin_grads = _sharded_rounding_params()
-    whole = _step_sharded_rounding(params, grads, lambda t: t.clone(), lambda t: t.clone())
+    whole = {}
+    for name, *_ in _SHARDED_CASES:
+        cls = getattr(fused_train.optim, name.split("_")[0])
+        if cls not in whole:
+            whole[cls] = _step_sharded_rounding(params, grads, lambda t: t, lambda t: t.clone(), cls=cls)
     for result in per_rank:
-        # Dim-0 shards and replicas: bit for bit the single process's result.
-        for name in ("shard0", "replicate"):
-            for got, want in zip(result[name], whole):
+        # Dim-0 shards (eager and compiled, of each optimizer that steps them), replicas and HSDP's (Replicate,
+        # Shard(0)): bit for bit the single process's result.
+        for name, *_ in _SHARDED_CASES:
+            for got, want in zip(result[name], whole[getattr(fused_train.optim, name.split("_")[0])]):
                 assert torch.equal(got.view(torch.int16), want.detach().view(torch.int16)), name
-        assert torch.equal(result["shard1"].view(torch.int16), per_rank[0]["shard1"].view(torch.int16))
     # Column shards are not one run of the whole tensor: they draw bits of their own, but not each other's. Equal
     # halves with equal gradients would come out equal if both drew the same bits; they must not, and each element
     # must still be one of the two bf16 neighbours of the exact (fp32) result of the step.
@@ -283,8 +322,9 @@ def test_distributed_training_matches_single_process(scenario):
     for a, b in zip(*per_rank):
         assert torch.equal(a, b), f"{scenario}: ranks disagree"
     # bf16 with stochastic rounding: DDP (FSDP2's reduce-scatter) averages the bf16 gradients in bf16, the single
-    # process sums them in one backward, so they differ at bf16 precision; where the update moves across a rounding threshold, an element
-    # lands one bf16 step away (at most 2^-7 relative) — at most one such step per optimizer step.
+    # process sums them in one backward, so they differ at bf16 precision; where the update moves across a rounding
+    # threshold, an element lands one bf16 step away (at most 2^-7 relative) — at most one such step per optimizer
+    # step.
     tol = dict(rtol=STEPS * 2.0 ** -7, atol=1e-3) if scenario.endswith("bf16_stochastic_round") else DIST_TOL
     for got, want in zip(per_rank[0], _single_process_reference(scenario)):
         torch.testing.assert_close(got, want, **tol)

@@ -105,7 +105,9 @@ def optimizer_cases():
     g = torch.Generator().manual_seed(2)
     master = [torch.randn(n, generator=g).to(torch.bfloat16) for n in sizes]
     grads = [torch.randn(n, generator=g).to(torch.bfloat16) for n in sizes]
-    offsets = [i * (1 << 31) + (1 << 32) - 40_000 * (i % 3) for i in range(len(sizes))]
+    # (each tensor crosses a multiple of 2^32: in its middle, the 131079-element one 40000 elements into its first
+    # chunk)
+    offsets = [(i + 1) * (1 << 32) - min(n // 2, 40_000) for i, n in enumerate(sizes)]
     results = []
     for device in ("cuda", "cpu"):
         params = [p.clone().to(device) for p in master]

@@ -566,17 +566,14 @@ def _rounding_offset(p: Tensor) -> int:
     """Where a DTensor param's local shard draws its stochastic-rounding bits from: the index, in the whole tensor,
     of the shard's element 0, so that the shards of one tensor round as the whole tensor would on one device, and
     replicas (Replicate placements, HSDP) alike. That holds where the shard is one run of the whole tensor's
-    elements in order (dim-0 sharding, FSDP2's default, even or uneven). A shard of another cut (a Shard(1), say) is
-    given L * numel instead, L being its first element's index in the whole tensor: a range of indices no other
-    shard of the tensor uses, so the shards still draw different bits, though not the whole tensor's."""
-    try:
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    except ImportError:  # torch < 2.5
-        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
+    elements in order (dim-0 sharding, FSDP2's default, even or uneven). A shard of another cut (a Shard(1), or
+    _StridedShard's interleaved rows) is given L * numel instead, L being its first element's index in the whole
+    tensor: a range of indices no other shard of the tensor uses, so the shards still draw different bits, though
+    not the whole tensor's."""
     global_shape = tuple(p.shape)
     local = p._local_tensor
-    _, offsets = compute_local_shape_and_global_offset(global_shape, p.device_mesh, p.placements)
-    if local.numel() == 0 or len(offsets) != len(global_shape):  # nothing to round, or a rank outside the mesh
+    offsets = _shard_offsets(p)
+    if local.numel() == 0 or offsets is None:  # nothing to round, or a rank outside the mesh
         return 0
     stride = 1
     first = 0
@@ -587,11 +584,43 @@ def _rounding_offset(p: Tensor) -> int:
     cut = [d for d, (a, b) in enumerate(zip(local_shape, global_shape)) if a != b]
     # One run in order: every dim after the first cut one whole, every dim before it of size 1, and the local
     # tensor stepped in that order (contiguous).
-    in_order = not cut or (all(local_shape[d] == global_shape[d] for d in range(cut[0] + 1, len(global_shape)))
-                           and all(global_shape[d] == 1 for d in range(cut[0])))
+    # (From shapes alone: so only for cuts DTensor makes in order, not _StridedShard's interleaved rows.)
+    plain = all(type(placement).__name__ in ("Shard", "Replicate", "Partial") for placement in p.placements)
+    in_order = plain and (not cut or (
+        all(local_shape[d] == global_shape[d] for d in range(cut[0] + 1, len(global_shape)))
+        and all(global_shape[d] == 1 for d in range(cut[0]))))
     index = first if in_order and local.is_contiguous() else first * p.numel()
     index %= 1 << 64
     return index - (1 << 64) if index >= 1 << 63 else index  # (the op's int64; it counts modulo 2^64)
+
+
+def _shard_offsets(p: Tensor) -> list[int] | None:
+    """The index, along each dim of the whole tensor, of a DTensor's local shard's first element (None on a rank
+    outside its mesh). Shard and Replicate (and Partial) placements are cut here as DTensor cuts them (torch.chunk's
+    sizes, mesh dims in order), from the mesh coordinate, which torch.compile reads as constants; any other placement
+    (_StridedShard: FSDP2 over tensor parallelism) asks DTensor, whose answer reads the coordinate as a tensor (a
+    graph break where the step is compiled, once, when the step's tables are built)."""
+    mesh, placements = p.device_mesh, p.placements
+    if not all(type(placement).__name__ in ("Shard", "Replicate", "Partial") for placement in placements):
+        try:
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        except ImportError:  # torch < 2.5
+            from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
+        _, offsets = compute_local_shape_and_global_offset(tuple(p.shape), mesh, placements)
+        return list(offsets) if len(offsets) == p.dim() else None
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        return None
+    sizes, offsets = list(p.shape), [0] * p.dim()
+    for mesh_dim, placement in enumerate(placements):
+        if type(placement).__name__ != "Shard":
+            continue
+        dim, chunks = placement.dim % p.dim(), mesh.size(mesh_dim)
+        chunk = -(-sizes[dim] // chunks)
+        start = min(sizes[dim], chunk * coordinate[mesh_dim])
+        sizes[dim] = max(0, min(sizes[dim], start + chunk) - start)
+        offsets[dim] += start
+    return offsets
 
 
 def _kernel_view(t: Tensor) -> Tensor:

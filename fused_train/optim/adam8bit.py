@@ -129,8 +129,9 @@ class Adam8bit(State8bit, FusedOptimizer, torch.optim.Optimizer):
             _ops.adam8bit_step_(params, grads, states["exp_avg_codes"], states["exp_avg_absmax"],
                                 states["exp_avg_sq_codes"], states["exp_avg_sq_absmax"], steps, **hyper)
         else:
+            # (DTensor shards land here, never in an 8-bit bucket: their offsets go with them)
             _ops.adam_step_(params, grads, states["exp_avg"], states["exp_avg_sq"], [], steps, amsgrad=False,
-                            **hyper)
+                            rounding_offsets=bucket.rounding_offsets, **hyper)
 
 
 class AdamW8bit(Adam8bit):

@@ -209,7 +209,8 @@ class RMSprop8bit(State8bit, FusedOptimizer, torch.optim.Optimizer):
                      rounding_seeds=bucket.rounding_seeds)
         if not self._is_quantized(states):
             buffers = states["momentum_buffer"] if momentum > 0 else []
-            _ops.rmsprop_step_(params, grads, states["square_avg"], [], buffers, steps, centered=False, **hyper)
+            _ops.rmsprop_step_(params, grads, states["square_avg"], [], buffers, steps, centered=False,
+                               rounding_offsets=bucket.rounding_offsets, **hyper)  # (DTensor shards: their offsets)
             return
         buffers = (states["momentum_buffer_codes"], states["momentum_buffer_absmax"]) if momentum > 0 else ([], [])
         _ops.rmsprop8bit_step_(params, grads, states["square_avg_codes"], states["square_avg_absmax"], *buffers, steps,
