@@ -231,6 +231,11 @@ def _sharded_rounding_worker(rank, port, out_dir):
         from fused_train.optim._base import _rounding_offset, _shard_offsets
 
         results["shard1_range"] = (_rounding_offset(twin_param), twin_param.to_local().numel())
+        # FSDP2 over tensor parallelism cuts rows interleaved (_StridedShard): not one run of the whole tensor either
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        strided = distribute_tensor(torch.zeros(8, 3), mesh, [_StridedShard(0, split_factor=2)])
+        results["strided_range"] = (_rounding_offset(strided), strided.to_local().numel())
         # Where the optimizer cuts shards itself (placements it knows, read without a graph break under
         # torch.compile), it must place them as DTensor does, uneven and empty shards included.
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -300,6 +305,8 @@ def test_shards_round_as_their_whole_tensor():
     # numel: rank 1's starts at 40 · 1280)
     ranges = sorted(result["shard1_range"] for result in per_rank)
     assert ranges[0] == (0, 640) and ranges[1] == (40 * 1280, 640)
+    (a, n), (b, m) = sorted(result["strided_range"] for result in per_rank)
+    assert n > 0 and m > 0 and a + n <= b and b % 24 == 0  # disjoint, from first·numel
     toward_zero = (exact.detach().view(torch.int32) & -65536).view(torch.float32)
     away = ((exact.detach().view(torch.int32) & -65536) + 65536).view(torch.float32)
     assert torch.all((got.float() == toward_zero) | (got.float() == away))
