@@ -308,23 +308,26 @@ def test_option_must_be_a_bool(cls):
         cls([torch.zeros(2, requires_grad=True)], lr=0.1, bf16_stochastic_round="yes")
 
 
-def test_op_refuses_bad_seeds_before_writing():
+def test_op_refuses_bad_seeds_and_offsets_before_writing():
     p = torch.ones(8, dtype=torch.bfloat16)
     g = torch.ones(8, dtype=torch.bfloat16)
     m, v = torch.zeros(8), torch.zeros(8)
     step = torch.zeros(())
     good = torch.tensor(1, dtype=torch.int64)
+    # (zero_grad: a call that wrote anything would have zeroed g)
     hyper = dict(lr=0.1, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False,
-                 decoupled_weight_decay=True, zero_grad=False)
+                 decoupled_weight_decay=True, zero_grad=True)
     cases = [
         (dict(rounding_seeds=[good, good]), RuntimeError, "got 1 params but 2 rounding_seeds"),
         (dict(rounding_seeds=[torch.tensor(1.0)]), RuntimeError, r"rounding_seeds\[0\] must be a one-element int64"),
         (dict(rounding_seeds=[torch.tensor([1, 2])]), RuntimeError, r"rounding_seeds\[0\] must be a one-element"),
+        (dict(rounding_offsets=[0]), RuntimeError, "rounding_offsets apply with rounding_seeds"),
+        (dict(rounding_seeds=[good], rounding_offsets=[0, 8]), RuntimeError, "got 1 params but 2 rounding_offsets"),
     ]
     for extra, error, message in cases:
         with pytest.raises(error, match=message):
             fused_train._ops.adam_step_([p], [g], [m], [v], [], [step], **hyper, **extra)
-    assert torch.all(p == 1) and float(step) == 0 and torch.all(m == 0)
+    assert torch.all(p == 1) and torch.all(g == 1) and float(step) == 0 and torch.all(m == 0)
     with pytest.raises(TypeError, match="apply to bfloat16 params only"):
         fused_train._ops.adam_step_([p.float()], [g.float()], [m], [v], [], [step], **hyper, rounding_seeds=[good])
     with pytest.raises(RuntimeError, match="rounding_seeds need state_steps"):
@@ -417,22 +420,6 @@ def test_offsets_on_lower_instruction_sets():
             "for kind in ('adam', 'sgd', 'rmsprop'): T._pieces_round_as_the_whole(kind, 'cpu')")
     for capability in ("avx2", "default"):
         assert run_on_cpu_capability(code, capability) == capability
-
-
-def test_op_refuses_bad_offsets_before_writing():
-    p = torch.ones(8, dtype=torch.bfloat16)
-    g = torch.ones(8, dtype=torch.bfloat16)
-    m, v = torch.zeros(8), torch.zeros(8)
-    step = torch.zeros(())
-    seed = torch.tensor(1, dtype=torch.int64)
-    cases = [
-        (dict(rounding_offsets=[0]), "rounding_offsets apply with rounding_seeds"),
-        (dict(rounding_seeds=[seed], rounding_offsets=[0, 8]), "got 1 params but 2 rounding_offsets"),
-    ]
-    for extra, message in cases:
-        with pytest.raises(RuntimeError, match=message):
-            fused_train._ops.adam_step_([p], [g], [m], [v], [], [step], **_HYPER["adam"], **extra)
-    assert torch.all(p == 1) and torch.all(g == 1) and float(step) == 0 and torch.all(m == 0)
 
 
 def test_bad_seed_in_state_raises_before_any_group_steps():

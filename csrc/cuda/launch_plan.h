@@ -50,7 +50,6 @@ struct SlotIndexBases<N, false> {};
 // (first_chunk > 0); the last slot may end before its tensor does (then n_finished = n_tensors - 1).
 template <int Depth, bool kIndexBases = false>
 struct TensorListMetadata : SlotIndexBases<max_tensors_per_launch(Depth, kIndexBases), kIndexBases> {
-  static constexpr bool kHasIndexBases = kIndexBases;
   static constexpr int kMaxTensors = max_tensors_per_launch(Depth, kIndexBases);
   void* addresses[Depth][kMaxTensors];  // list k (param, grad, states...) of slot s
   int64_t numel[kMaxTensors];

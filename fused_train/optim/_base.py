@@ -585,13 +585,18 @@ def _rounding_offset(p: Tensor) -> int:
     # One run in order: every dim after the first cut one whole, every dim before it of size 1, and the local
     # tensor stepped in that order (contiguous).
     # (From shapes alone: so only for cuts DTensor makes in order, not _StridedShard's interleaved rows.)
-    plain = all(type(placement).__name__ in ("Shard", "Replicate", "Partial") for placement in p.placements)
-    in_order = plain and (not cut or (
+    in_order = _chunked_placements(p) and (not cut or (
         all(local_shape[d] == global_shape[d] for d in range(cut[0] + 1, len(global_shape)))
         and all(global_shape[d] == 1 for d in range(cut[0]))))
     index = first if in_order and local.is_contiguous() else first * p.numel()
     index %= 1 << 64
     return index - (1 << 64) if index >= 1 << 63 else index  # (the op's int64; it counts modulo 2^64)
+
+
+def _chunked_placements(p: Tensor) -> bool:
+    """Whether a DTensor's placements are all Shard, Replicate or Partial: cuts into torch.chunk's contiguous pieces
+    (not _StridedShard's interleaved ones, a subclass of Shard, hence the exact names)."""
+    return all(type(placement).__name__ in ("Shard", "Replicate", "Partial") for placement in p.placements)
 
 
 def _shard_offsets(p: Tensor) -> list[int] | None:
@@ -601,7 +606,7 @@ def _shard_offsets(p: Tensor) -> list[int] | None:
     (_StridedShard: FSDP2 over tensor parallelism) asks DTensor, whose answer reads the coordinate as a tensor (a
     graph break where the step is compiled, once, when the step's tables are built)."""
     mesh, placements = p.device_mesh, p.placements
-    if not all(type(placement).__name__ in ("Shard", "Replicate", "Partial") for placement in placements):
+    if not _chunked_placements(p):
         try:
             from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
         except ImportError:  # torch < 2.5
