@@ -141,7 +141,8 @@ TORCH_LIBRARY(fused_train, m) {
     s << "torch_version=" << FUSED_TRAIN_TORCH_VERSION << "\n"
       << "cuda_compiled=" << FUSED_TRAIN_WITH_CUDA << "\n"
       << "cuda_archs=" << FUSED_TRAIN_CUDA_ARCHS << "\n"
-      << "cpu_capability=" << fused_train::cpu::kernel_table().isa << "\n";
+      << "cpu_capability=" << fused_train::cpu::kernel_table().isa << "\n"
+      << "cpu_bf16_dot_product=" << fused_train::cpu::has_bf16_dot_product() << "\n";
     return s.str();
   });
 }

@@ -10,7 +10,9 @@ def build_info() -> dict:
         dict with ``torch_version`` (built against), ``torch_runtime`` (imported now), ``cuda_compiled``
         (bool), ``cuda_archs`` (list of architectures the CUDA kernels were compiled for),
         ``cpu_capability`` (instruction set of the CPU kernels chosen at run time: ``avx512``, ``avx2`` or
-        ``default``), ``num_threads`` (torch's intra-op threads) and ``cuda_available``.
+        ``default``), ``cpu_bf16_dot_product`` (bool: the CPU has bf16 dot-product instructions, AVX512_BF16, so
+        that oneDNN runs bf16 GEMMs natively and ``linear_cross_entropy`` runs its bf16 GEMMs in bf16 on CPU),
+        ``num_threads`` (torch's intra-op threads) and ``cuda_available``.
 
     Example::
 
@@ -25,6 +27,7 @@ def build_info() -> dict:
         "cuda_compiled": raw.get("cuda_compiled") == "1",
         "cuda_archs": archs,
         "cpu_capability": raw.get("cpu_capability", "").lower(),
+        "cpu_bf16_dot_product": raw.get("cpu_bf16_dot_product") == "1",
         "num_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
     }

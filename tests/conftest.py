@@ -1,6 +1,7 @@
 """Shared test settings: the devices to run on, one tolerance table per dtype, and a runner for code that needs
 the CPU kernels lowered to another instruction set."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -37,6 +38,27 @@ TOL = {
     torch.float16: dict(rtol=2e-3, atol=1e-4),
 }
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+# linear_cross_entropy's CPU bf16 GEMMs run in bf16 (oneDNN) where the CPU has bf16 dot products and oneDNN is on;
+# elsewhere (and with FUSED_TRAIN_CPU_HALF_GEMMS=fp32) in fp32 over tiles.
+NATIVE_CPU_BF16_GEMMS = (fused_train.build_info()["cpu_bf16_dot_product"] and torch.backends.mkldnn.is_available()
+                         and torch.backends.mkldnn.enabled)
+
+
+@contextlib.contextmanager
+def cpu_half_gemms(road: str):
+    """Within the block, linear_cross_entropy's CPU half-precision GEMMs take ``road``: 'auto' (native bf16 where
+    the CPU has it) or 'fp32' (fp32 GEMMs over tiles), through FUSED_TRAIN_CPU_HALF_GEMMS (read per call)."""
+    old = os.environ.get("FUSED_TRAIN_CPU_HALF_GEMMS")
+    os.environ["FUSED_TRAIN_CPU_HALF_GEMMS"] = road
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["FUSED_TRAIN_CPU_HALF_GEMMS"]
+        else:
+            os.environ["FUSED_TRAIN_CPU_HALF_GEMMS"] = old
 
 
 def run_on_cpu_capability(code: str, capability: str) -> str:

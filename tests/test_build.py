@@ -3,6 +3,7 @@ iostreams inside _C come out whole. A toolchain that links libstdc++ statically 
 -static-libstdc++, as on the project's GPU machines) gave truncated build facts and error messages, or a
 segfault, until setup.py put -lstdc++ first on the link line."""
 
+import os
 import shutil
 import subprocess
 
@@ -17,6 +18,15 @@ def test_build_info_is_complete():
     assert info["torch_version"], info
     assert info["cpu_capability"] in ("default", "avx2", "avx512"), info
     assert info["cuda_compiled"] == bool(info["cuda_archs"]), info
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="no /proc/cpuinfo (not Linux)")
+def test_bf16_dot_product_is_what_the_kernel_reports():
+    """build_info's cpu_bf16_dot_product (our CPUID read) against the flags Linux reports for the CPU."""
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    expected = all(f in flags for f in ("avx512_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq"))
+    assert fused_train.build_info()["cpu_bf16_dot_product"] == expected
 
 
 def test_error_messages_come_out_whole():

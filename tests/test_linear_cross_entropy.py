@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import fused_train
 import fused_train.nn.functional as F
-from conftest import DEVICES, TOL, assert_close_scaled
+from conftest import DEVICES, NATIVE_CPU_BF16_GEMMS, TOL, assert_close_scaled, cpu_half_gemms
 
 ops = torch.ops.fused_train
 
@@ -710,6 +710,13 @@ def test_zero_width_input():
 
 
 # -- CPU bf16/fp16: the tiled road (fp32 GEMMs over blocks of linear_weight, no fp32 copy of it or its gradient) --
+# bf16 takes it where the CPU has no bf16 dot products, or with FUSED_TRAIN_CPU_HALF_GEMMS=fp32 as here.
+
+
+@pytest.fixture
+def fp32_tiles():
+    with cpu_half_gemms("fp32"):
+        yield
 
 
 def within_one_rounding(actual, exact):
@@ -735,6 +742,7 @@ def exact_reference(params, target, **options):
     return loss_and_grads(lambda: reference(*exact, target, **options), exact, grad_loss_dtype=params[0].dtype)
 
 
+@pytest.mark.usefixtures("fp32_tiles")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
 @pytest.mark.parametrize("bias", [False, True])
@@ -757,6 +765,7 @@ def test_cpu_half_precision_every_option_across_tiles_is_one_rounding(dtype, opt
         within_one_rounding(g, r)
 
 
+@pytest.mark.usefixtures("fp32_tiles")
 def test_cpu_bf16_weight_gradient_over_many_row_chunks_is_rounded_once():
     """600 rows in 75 chunks: a weight gradient added up in bf16 chunk by chunk would be several roundings off."""
     x, w, b, target = make_case(600, 8, 30, dtype=torch.bfloat16)
@@ -767,6 +776,7 @@ def test_cpu_bf16_weight_gradient_over_many_row_chunks_is_rounded_once():
         within_one_rounding(g, r)
 
 
+@pytest.mark.usefixtures("fp32_tiles")
 @pytest.mark.parametrize("offset", ["large", "growing"])
 def test_cpu_bf16_logits_far_from_zero_or_growing_across_class_blocks(offset):
     """The online log-sum-exp: a common offset of 3000 (exp would overflow unshifted), and logits that grow by
@@ -791,17 +801,22 @@ def test_cpu_bf16_logits_far_from_zero_or_growing_across_class_blocks(offset):
     bias=st.booleans(), prob=st.booleans(),
 )
 def test_cpu_bf16_any_shape_and_tile_boundary_matches(n, h, v, chunk, ignored, reduction, bias, prob):
-    """Tiles of chunk × chunk over any N and V: N, V below, at and past the tile, N = 0, every row ignored."""
+    """Tiles of chunk × chunk over any N and V: N, V below, at and past the tile, N = 0, every row ignored; and
+    the same chunks of rows on the native bf16 road where the CPU has it."""
     x, w, b, target = make_case(n, h, v, dtype=torch.bfloat16, bias=bias, prob=prob, ignored=ignored)
     params = [x, w, b]
-    loss, grads = loss_and_grads(
-        lambda: F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=chunk, reduction=reduction), params)
     ref_loss, ref_grads = exact_reference(params, target, reduction=reduction)
-    assert_close_scaled(loss, ref_loss.to(loss.dtype), torch.bfloat16)
-    for g, r in zip(grads, ref_grads):
-        assert_close_scaled(g, r.to(g.dtype), torch.bfloat16)
+    for road in ("fp32", "auto") if NATIVE_CPU_BF16_GEMMS else ("fp32",):
+        with cpu_half_gemms(road):
+            loss, grads = loss_and_grads(
+                lambda: F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=chunk, reduction=reduction),
+                params)
+        assert_close_scaled(loss, ref_loss.to(loss.dtype), torch.bfloat16)
+        for g, r in zip(grads, ref_grads):
+            assert_close_scaled(g, r.to(g.dtype), torch.bfloat16)
 
 
+@pytest.mark.usefixtures("fp32_tiles")
 def test_cpu_bf16_memory_holds_no_fp32_copy_of_the_weight_or_its_gradient():
     """The largest allocation of a forward + backward is no larger than the bf16 weight gradient it returns:
     no fp32 copy of linear_weight (4·V·H bytes) or of its gradient, and nothing of N × V."""

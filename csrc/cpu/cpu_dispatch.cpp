@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include "cpu/cpu_kernels.h"
 
@@ -45,6 +48,21 @@ const KernelTable& choose() {
 const KernelTable& kernel_table() {
   static const KernelTable& table = choose();
   return table;
+}
+
+bool has_bf16_dot_product() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool has = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    // CPUID leaf 7, subleaf 1: EAX bit 5 is AVX512_BF16 (AMX CPUs have it too). AVX-512's own state must be
+    // enabled by the OS as well, which best_supported_level checks.
+    if (best_supported_level() < 2 || !__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) return false;
+    return ((eax >> 5) & 1u) != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
 }
 
 }  // namespace cpu

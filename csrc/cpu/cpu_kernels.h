@@ -116,6 +116,10 @@ struct KernelTable {
 // lowers the choice, like ATEN_CPU_CAPABILITY does for ATen).
 const KernelTable& kernel_table();
 
+// Whether this CPU has bf16 dot-product instructions (x86 AVX512_BF16), so that oneDNN runs bf16 GEMMs natively
+// (fp32 accumulation) rather than emulated. Not lowered by FUSED_TRAIN_CPU_CAPABILITY: oneDNN ignores it.
+bool has_bf16_dot_product();
+
 // Per-ISA tables, defined in isa/kernels_<isa>.cpp.
 namespace DEFAULT { const KernelTable& kernel_table(); }
 namespace AVX2 { const KernelTable& kernel_table(); }
