@@ -1,8 +1,8 @@
 """The language model's last layer and loss, forward + backward, beside its peers: fused_train's
 ``linear_cross_entropy``, ``linear`` + ``F.cross_entropy`` (torch), torch's chunked ``F.linear_cross_entropy``
 (torch >= 2.14, ``options=LinearCrossEntropyOptions()``), and the floor: the same three GEMMs alone
-(logits, input gradient, weight gradient) over preallocated tensors (on CPU in fp32 for bf16/fp16, where
-half-precision GEMMs are emulated and fused_train's run in fp32).
+(logits, input gradient, weight gradient) over preallocated tensors (on CPU in fp32 for fp16, and for bf16 on a
+CPU without bf16 dot products, where half-precision GEMMs are emulated and fused_train's run in fp32).
 
     python benchmarks/bench_linear_cross_entropy.py [--cases N,H,V ...] [--dtypes float32 bfloat16]
         [--impls fused torch chunked gemms] [--reps 3] [--device cpu] [--json FILE]
@@ -57,9 +57,9 @@ def make_step(impl: str, n: int, h: int, v: int, dtype_name: str, device: str):
         def step():
             F.linear_cross_entropy(x, w, target, options=options).backward()
     else:  # gemms: the floor, over buffers made once (not counted as memory of a step)
-        # On CPU in fp32 for bf16/fp16 too: half-precision GEMMs are emulated there, and fused_train's GEMMs run
-        # in fp32 (over converted blocks).
-        gemm_dtype = torch.float32 if device == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
+        # On CPU in fp32 for fp16, and for bf16 unless the CPU has bf16 dot products: half-precision GEMMs are
+        # emulated there, and fused_train's GEMMs run in fp32 (over converted blocks).
+        gemm_dtype = dtype if device != "cpu" or _native_cpu_gemms(dtype) else torch.float32
         x_in, w_in = x.detach().to(gemm_dtype), w.detach().to(gemm_dtype)
         logits = torch.empty(n, v, device=device, dtype=gemm_dtype)
         grad_x = torch.empty(n, h, device=device, dtype=gemm_dtype)
@@ -71,6 +71,18 @@ def make_step(impl: str, n: int, h: int, v: int, dtype_name: str, device: str):
             torch.mm(logits.t(), x_in, out=grad_w)
 
     return step, x, w
+
+
+def _native_cpu_gemms(dtype) -> bool:
+    """Whether fused_train runs CPU GEMMs in ``dtype`` (fp32/fp64; bf16 on a CPU with bf16 dot products)."""
+    import torch
+
+    import fused_train
+
+    if dtype not in (torch.bfloat16, torch.float16):
+        return True
+    return (dtype == torch.bfloat16 and fused_train.build_info()["cpu_bf16_dot_product"]
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
 def _timed(step, x, w, device: str) -> float:
@@ -155,8 +167,10 @@ def main() -> int:
             for impl in args.impls:
                 memory = _run_self(["--memory", impl, str(n), str(h), str(v), dtype, "1" if args.reps else "0",
                                     "--device", args.device], exact_resident_memory=True)
+                native = args.device != "cpu" or _native_cpu_gemms(getattr(torch, dtype))
                 rows[impl] = dict(impl=impl, n=n, h=h, v=v, dtype=dtype, device=args.device, torch=torch.__version__,
-                                  threads=torch.get_num_threads(), **memory)
+                                  threads=torch.get_num_threads(), gemm_dtype=dtype if native else "float32",
+                                  **memory)
             if args.reps:
                 times = _run_self(["--times", str(n), str(h), str(v), dtype, "--reps", str(args.reps),
                                    "--device", args.device, "--impls", *args.impls])
@@ -169,7 +183,7 @@ def main() -> int:
                 with open(args.json, "a") as f:
                     for row in rows.values():
                         f.write(json.dumps(row) + "\n")
-            line = f"N={n} H={h} V={v} {dtype}:"
+            line = f"N={n} H={h} V={v} {dtype} (GEMMs in {rows[args.impls[0]]['gemm_dtype']}):"
             for impl, row in rows.items():
                 memory = "" if row["extra_peak_mib"] is None else f" +{row['extra_peak_mib']:.0f} MiB"
                 line += f"  {impl} {row['seconds']:.3f} s (min {row['seconds_min']:.3f}){memory}"

@@ -602,6 +602,11 @@ def describe_build(info: dict | None = None) -> str:
     described = {"avx512": "AVX-512", "avx2": "AVX2", "default": "baseline (no AVX2), scalar and SSE"}
     lines.append(f"CPU kernels   {described.get(capability, capability)}: the widest instruction set this "
                  "CPU supports among those compiled (chosen at run time)")
+    if info["cpu_bf16_dot_product"]:
+        lines.append("CPU bf16      bf16 dot products (AVX512_BF16): linear_cross_entropy runs its bf16 GEMMs in bf16 "
+                     "(oneDNN)")
+    else:
+        lines.append("CPU bf16      no bf16 dot products: linear_cross_entropy runs its bf16 GEMMs in fp32, over tiles")
     lines.append(f"threads       {info['num_threads']} intra-op threads (torch.get_num_threads(); set "
                  "OMP_NUM_THREADS or torch.set_num_threads to change)")
     return "\n".join(lines)

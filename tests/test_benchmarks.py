@@ -147,7 +147,7 @@ def test_linear_cross_entropy_benchmark_measures_each_implementation_in_its_own_
     assert done.returncode == 0, done.stderr
     rows = {row["impl"]: row for row in map(json.loads, out.read_text().splitlines())}
     assert sorted(rows) == sorted(impls)
-    assert all(row["seconds"] > 0 and row["reps"] == 1 for row in rows.values())
+    assert all(row["seconds"] > 0 and row["reps"] == 1 and row["gemm_dtype"] == "float32" for row in rows.values())
     assert rows["torch"]["extra_peak_mib"] >= 3.9  # at least the logits
     assert rows["fused"]["extra_peak_mib"] < rows["torch"]["extra_peak_mib"]
     assert "fused_over_this" in rows["torch"] and "fused/torch" in done.stdout

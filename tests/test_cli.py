@@ -339,3 +339,4 @@ def test_python_dash_m_fused_train_info():
     assert done.stdout.startswith(f"fused_train {fused_train.__version__}")
     assert torch.__version__ in done.stdout
     assert "CPU kernels" in done.stdout
+    assert ("dot products (AVX512_BF16)" in done.stdout) == fused_train.build_info()["cpu_bf16_dot_product"]

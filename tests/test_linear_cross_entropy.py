@@ -830,6 +830,90 @@ def test_cpu_bf16_memory_holds_no_fp32_copy_of_the_weight_or_its_gradient():
         assert 0 < largest <= v * h * 2, (reduction, largest)
 
 
+# -- CPU bf16 on a CPU with bf16 dot products: three GEMMs in bf16 through oneDNN, the logits rounded to bf16 --
+
+
+_FORWARD_ONLY = dict(reduction=1, ignore_index=-100, label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0,
+                     chunk_rows=0, input_grad=False, linear_weight_grad=False, linear_bias_grad=False)
+
+
+@pytest.mark.parametrize("setting", ["auto", "fp32", "onednn_off"])
+def test_cpu_bf16_road_follows_the_cpu_and_the_switches(setting):
+    """Which GEMMs ran, told apart by the rows' log-sum-exp: integer logits from 17 to 496, exact in fp32, most of
+    those past 256 odd, so bf16 GEMMs (whose output is rounded to bf16, as torch's bf16 linear) move them by 1 and
+    fp32 GEMMs keep them. bf16 GEMMs run only where the CPU has bf16 dot products, with oneDNN on and without
+    FUSED_TRAIN_CPU_HALF_GEMMS=fp32."""
+    x = torch.randint(1, 17, (12, 1)).bfloat16()
+    w = torch.randint(17, 32, (40, 1)).bfloat16()
+    target = torch.randint(0, 40, (12,))
+    exact = x.double() @ w.double().T
+    exact_lse, rounded_lse = exact.logsumexp(1), exact.bfloat16().double().logsumexp(1)
+    assert (exact_lse - rounded_lse).abs().max() > 0.5  # the two roads differ by far more than fp32's error
+    onednn = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = setting != "onednn_off"
+    try:
+        with cpu_half_gemms("fp32" if setting == "fp32" else "auto"):
+            row_lse = ops.linear_cross_entropy_forward(x, w, target, None, None, **_FORWARD_ONLY)[1]
+    finally:
+        torch.backends.mkldnn.enabled = onednn
+    native = setting == "auto" and NATIVE_CPU_BF16_GEMMS
+    torch.testing.assert_close(row_lse.sum(1).double(), rounded_lse if native else exact_lse, rtol=1e-6, atol=1e-4)
+
+
+def test_cpu_half_gemms_setting_is_checked():
+    x, w, _, target = make_case(4, 3, 5, dtype=torch.bfloat16, bias=False)
+    with cpu_half_gemms("bf16"), pytest.raises(ValueError, match="FUSED_TRAIN_CPU_HALF_GEMMS must be 'auto' or "
+                                                                   "'fp32', got 'bf16'"):
+        F.linear_cross_entropy(x, w, target)
+
+
+native_cpu_bf16 = pytest.mark.skipif(not NATIVE_CPU_BF16_GEMMS,
+                                     reason="this CPU has no bf16 dot products (or oneDNN is off): bf16 is tiled")
+
+
+def _relative_error(actual, exact):
+    return ((actual.double() - exact).norm() / exact.norm()).item()
+
+
+@native_cpu_bf16
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_bf16_gemms_are_as_accurate_as_torchs_bf16(options, bias):
+    """Against fp64 on the same bf16 values, beside torch's own bf16 linear + cross_entropy (which rounds its
+    logits and their gradient to bf16 as these GEMMs do): the loss and the input's and bias's gradients within
+    1.3x torch's error, the weight's within 2x (it is rounded to bf16 once per chunk of rows, here 5; measured
+    1.0-1.6x)."""
+    options = dict(options)
+    x, w, b, target = make_case(300, 64, 1000, dtype=torch.bfloat16, bias=bias)
+    if options.get("weight") == "rand":
+        options["weight"] = torch.rand(1000, dtype=torch.float64).bfloat16()
+    if "ignore_index" in options:
+        target[target == -100] = options["ignore_index"]
+    params = [x, w, b]
+    loss, grads = loss_and_grads(
+        lambda: F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=64, **options), params)
+    torch_loss, torch_grads = loss_and_grads(lambda: reference(x, w, b, target, **options), params)
+    exact_loss, exact_grads = exact_reference(params, target, **options)
+    bounds = [1.3, 1.3, 2.0, 1.3]  # loss, input, weight, bias
+    for ours, torchs, exact, bound in zip([loss, *grads], [torch_loss, *torch_grads], [exact_loss, *exact_grads],
+                                          bounds):
+        assert ours.dtype == torchs.dtype == torch.bfloat16
+        assert _relative_error(ours, exact) <= bound * _relative_error(torchs, exact) + 1e-4
+
+
+@native_cpu_bf16
+def test_cpu_bf16_gemms_hold_no_fp32_copy_and_no_n_by_v():
+    """The largest allocation of a forward + backward is no larger than the bf16 weight gradient it returns: one
+    chunk of bf16 logits (64 x 2000), no fp32 copy of linear_weight or of its gradient, nothing of N x V."""
+    n, h, v, chunk = 512, 256, 2000, 64
+    x, w, b, target = make_case(n, h, v, dtype=torch.bfloat16)
+    for reduction in ("mean", "none"):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=chunk, reduction=reduction).sum().backward()
+        largest = max(getattr(e, "cpu_memory_usage", 0) for e in prof.events() if e.name.startswith("aten::"))
+        assert 0 < largest <= v * h * 2 < min(v * h * 4, n * v * 2), (reduction, largest)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_an_ignored_rows_infinite_loss_gradient_is_ignored_like_torch(dtype):
     """loss_per_token / tokens_in_its_sequence, a sequence of padding only: inf (or NaN) at ignored rows, whose
