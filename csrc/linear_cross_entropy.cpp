@@ -86,15 +86,18 @@ struct Call {
   double label_smoothing = 0.0, lse_square_scale = 0.0, softcap = 0.0;
 };
 
-// Rows per chunk when the caller leaves it to us: a tenth of the whole (N, V) logits, within 24 to 64 MiB, and at
-// least 192 rows. Each chunk's GEMMs read all of linear_weight (and read and write its gradient) again, so
-// fewer, larger chunks are faster: at H=1024, V=32000, fp32, 2 threads, 128-row chunks took 1.15x the time of
-// 256-row ones and 192 to 320 rows the same within noise; at N=4096, H=2048, 410-row chunks took about 0.93x
-// the time of 192-row ones. A tenth of the logits keeps the chunk near 4% of what linear + cross_entropy adds
-// (the logits, their log-softmax and gradient: about 2.4 N·V elements).
+// Rows per chunk when the caller leaves it to us: a tenth of the whole (N, V) logits, within 6M to 16M elements
+// (24 to 64 MiB in fp32, 12 to 32 MiB in bf16), and at least 192 rows. Each chunk's GEMMs read all of
+// linear_weight (and read and write its gradient) again, so fewer, larger chunks are faster: at H=1024, V=32000,
+// fp32, 2 threads, 128-row chunks took 1.15x the time of 256-row ones and 192 to 320 rows the same within noise
+// (bf16 GEMMs, Zen 4: 192 to 393 rows the same within 4%); at N=4096, H=2048, 410-row chunks took about 0.93x the
+// time of 192-row ones. A tenth of the logits keeps the chunk near 4% of what linear + cross_entropy adds (the
+// logits, their log-softmax and gradient: about 2.4 N·V elements, in the same dtype).
 int64_t auto_chunk_rows(int64_t rows, int64_t classes, at::ScalarType compute) {
-  const int64_t row_bytes = classes * static_cast<int64_t>(c10::elementSize(compute));
-  const int64_t budget = std::clamp<int64_t>(rows * row_bytes / 10, int64_t{24} << 20, int64_t{64} << 20);
+  const int64_t element = static_cast<int64_t>(c10::elementSize(compute));
+  const int64_t row_bytes = classes * element;
+  const int64_t budget =
+      std::clamp<int64_t>(rows * row_bytes / 10, (int64_t{6} << 20) * element, (int64_t{16} << 20) * element);
   return std::max<int64_t>(192, budget / row_bytes);
 }
 
@@ -263,8 +266,8 @@ void chunk_logits(const Call& c, const at::Tensor& x, const at::Tensor& w, const
   }
 }
 
-// Carries each chunk's logit gradient to input, linear_weight and linear_bias, accumulating in the compute dtype
-// (fp32 for half-precision input on CPU) or opmath (bias).
+// Carries each chunk's logit gradient to input, linear_weight and linear_bias, accumulating in the GEMMs' dtype
+// (the input's on this road) or opmath (bias).
 struct GradAccumulator {
   const Call& c;
   bool input_grad, weight_grad, bias_grad;
@@ -277,7 +280,7 @@ struct GradAccumulator {
   GradAccumulator(const Call& call, bool input_grad_, bool weight_grad_, bool bias_grad_)
       : c(call), input_grad(input_grad_), weight_grad(weight_grad_), bias_grad(bias_grad_) {
     const at::TensorOptions options = c.input.options().dtype(c.compute);
-    if (input_grad) grad_input = at::empty({c.rows, c.hidden}, c.input.options());
+    if (input_grad) grad_input = at::empty({c.rows, c.hidden}, options);
     // Zeros for N = 0; otherwise written over by the first chunk.
     if (weight_grad) grad_weight = c.rows == 0 ? at::zeros({c.classes, c.hidden}, options)
                                                : at::empty({c.classes, c.hidden}, options);
@@ -292,11 +295,7 @@ struct GradAccumulator {
     }
     if (input_grad) {  // beta 0: the rows' old values unread
       at::Tensor rows = grad_input.narrow(0, begin, x.size(0));
-      if (rows.scalar_type() == c.compute) {
-        at::addmm_out(rows, rows, logit_grad, c.linear_weight, 0.0, alpha);
-      } else {
-        rows.copy_(at::addmm(rows, logit_grad, c.linear_weight, 0.0, alpha));
-      }
+      at::addmm_out(rows, rows, logit_grad, c.linear_weight, 0.0, alpha);
     }
     if (weight_grad) {  // the first chunk writes, the others add
       at::addmm_out(grad_weight, grad_weight, logit_grad.t(), x, begin == 0 ? 0.0 : 1.0, alpha);
@@ -632,13 +631,13 @@ ForwardOutputs linear_cross_entropy_forward(const at::Tensor& input, const at::T
                         linear_bias_grad && !per_row && c.linear_bias.defined());
   const bool with_grads = grads.input_grad || grads.weight_grad || grads.bias_grad;
   // Each chunk's loss is its sum (or its rows); the mean divides once, by the denominator of all rows. On CPU the
-  // GEMMs take 1/denominator as alpha (reading it costs no device sync); a denominator of 0 is left to finish
-  // (NaN for the rows not ignored, 0 for the others).
+  // GEMMs take 1/denominator as alpha (reading it costs no device sync). A denominator of 0, or one whose inverse
+  // overflows fp32, is left to finish: alpha = inf would turn the ignored rows' zeros into NaN.
   const int64_t chunk_reduction = per_row ? kNone : kSum;
   if (reduction == kMean && with_grads && input.device().is_cpu()) {
-    const double d = denominator.item<double>();
-    if (d != 0.0) {
-      grads.alpha = 1.0 / d;
+    const double inverse = 1.0 / denominator.item<double>();
+    if (std::isfinite(static_cast<float>(inverse))) {
+      grads.alpha = inverse;
       grads.scaled = true;
     }
   }

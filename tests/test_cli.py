@@ -319,10 +319,13 @@ def test_benchmark_table_cells():
 # info and the module entry point
 def test_describe_build_in_words():
     info = {"torch_version": "2.5.0", "torch_runtime": "2.6.0", "cuda_compiled": True,
-            "cuda_archs": ["8.0", "9.0"], "cpu_capability": "avx2", "num_threads": 4, "cuda_available": False}
+            "cuda_archs": ["8.0", "9.0"], "cpu_capability": "avx2", "cpu_bf16_dot_product": False, "num_threads": 4,
+            "cuda_available": False}
     text = cli.describe_build(info)
     assert "compiled for 8.0, 9.0" in text
     assert "AVX2" in text
+    assert "bf16 GEMMs in fp32, over tiles" in text
+    assert "bf16 GEMMs in bf16 (oneDNN)" in cli.describe_build(info | {"cpu_bf16_dot_product": True})
     assert "4 intra-op threads" in text
     assert "MISMATCH" in text
     assert "MISMATCH" not in cli.describe_build(info | {"torch_runtime": "2.5.0"})

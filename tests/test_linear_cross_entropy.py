@@ -161,12 +161,19 @@ def _assert_same_nan_pattern(ours, ref):
     torch.testing.assert_close(ours.nan_to_num(), ref.nan_to_num().to(ours.dtype))
 
 
-# Every road: the forward's own gradients (fp32/fp64), the tiled road (CPU bf16), fp16 (gradients in the backward)
-# and a second backward through the same graph (recomputed).
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+# Every road: the forward's own gradients (fp32/fp64, and CPU bf16 where the CPU has bf16 dot products), the tiled
+# road (CPU bf16 with FUSED_TRAIN_CPU_HALF_GEMMS=fp32 or without bf16 dot products, CPU fp16) and a second backward
+# through the same graph (recomputed).
+@pytest.mark.parametrize("dtype,road", [(torch.float64, "auto"), (torch.float32, "auto"), (torch.bfloat16, "auto"),
+                                        (torch.bfloat16, "fp32"), (torch.float16, "auto")])
 @pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1), dict(lse_square_scale=1e-3)],
                          ids=["plain", "smoothing", "z_loss"])
-def test_zero_total_class_weight_gives_nan_like_torch_on_every_road(dtype, options):
+def test_zero_total_class_weight_gives_nan_like_torch_on_every_road(dtype, road, options):
+    with cpu_half_gemms(road):
+        _zero_total_class_weight_gives_nan_like_torch(dtype, options)
+
+
+def _zero_total_class_weight_gives_nan_like_torch(dtype, options):
     x, w, b, target, class_weight = _zero_total_weight_case(dtype)
     loss = F.linear_cross_entropy(x, w, target, linear_bias=b, weight=class_weight, chunk_size=3, **options)
     exact = [p.detach().double().requires_grad_() for p in (x, w, b)]
@@ -578,10 +585,17 @@ def test_vmap_per_sample_losses_and_gradients_match_torch(device, options):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_vmap_in_low_precision_is_one_rounding_from_the_exact_result(device, dtype):
-    """The folded call and the per-sample calls in fp32 and bf16 (CPU: the tiled road), against the exact
-    per-sample results of the same rounded values."""
+@pytest.mark.parametrize("dtype,road", [(torch.float32, "auto"), (torch.bfloat16, "auto"), (torch.bfloat16, "fp32")])
+def test_vmap_in_low_precision_is_one_rounding_from_the_exact_result(device, dtype, road):
+    """The folded call and the per-sample calls in fp32 and bf16 (CPU: bf16 GEMMs where the CPU has bf16 dot
+    products, and the tiled road), against the exact per-sample results of the same rounded values."""
+    if device != "cpu" and road != "auto":
+        pytest.skip("the road setting is the CPU's")
+    with cpu_half_gemms(road):
+        _vmap_in_low_precision(device, dtype)
+
+
+def _vmap_in_low_precision(device, dtype):
     batch, rows, h, v = 3, 40, 32, 300
     x = torch.randn(batch, rows, h, device=device).to(dtype)
     w = (torch.randn(v, h, device=device) / h**0.5).to(dtype)

@@ -722,7 +722,7 @@ def linear_cross_entropy(
     rows. Each chunk's logits come from one GEMM (ATen: MKL/oneDNN on CPU, cuBLAS on CUDA) into a buffer reused
     by every chunk, the fused loss turns them into the loss and their gradient in one pass, and two more GEMMs
     carry the gradient to ``input`` and ``linear_weight``: linear + cross_entropy's work, with one chunk of
-    logits (a tenth of N×V within 24–64 MiB, at least 192 rows) in memory instead of N×V.
+    logits (a tenth of N×V within 6M–16M elements: 24–64 MiB in fp32, at least 192 rows) in memory instead of N×V.
 
     Arguments, shapes and results as :func:`torch.nn.functional.linear_cross_entropy` (and
     :func:`cross_entropy` for the loss options); the loss in ``input``'s dtype, or fp32 under autocast, which
@@ -738,7 +738,7 @@ def linear_cross_entropy(
         ignore_index: as :func:`cross_entropy`; ``None`` means -100, as torch's.
         softcap: Gemma-style logit capping: the logits become ``softcap · tanh(logits / softcap)`` before the
             loss (gradient included). ``None``: no capping.
-        chunk_size: rows per chunk; ``None``: a tenth of the N×V logits within 24–64 MiB, at least 192 rows.
+        chunk_size: rows per chunk; ``None``: a tenth of the N×V logits within 6M–16M elements (24–64 MiB in fp32), at least 192 rows.
             On CPU in bf16/fp16, rows per chunk and classes per block of the tiles below; ``None``: as many of
             each (a multiple of 64, within 64–1024) as fit the tiles' fp32 buffers in a twelfth of the N×V
             logits in ``input``'s dtype.
