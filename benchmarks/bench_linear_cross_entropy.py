@@ -74,15 +74,15 @@ def make_step(impl: str, n: int, h: int, v: int, dtype_name: str, device: str):
 
 
 def _native_cpu_gemms(dtype) -> bool:
-    """Whether fused_train runs CPU GEMMs in ``dtype`` (fp32/fp64; bf16 on a CPU with bf16 dot products)."""
+    """Whether fused_train runs CPU GEMMs in ``dtype`` (fp32/fp64; bf16 on a CPU with bf16 dot products, unless
+    oneDNN is off or FUSED_TRAIN_CPU_HALF_GEMMS=fp32)."""
     import torch
 
-    import fused_train
+    from fused_train._build_info import _cpu_bf16_gemms_native
 
     if dtype not in (torch.bfloat16, torch.float16):
         return True
-    return (dtype == torch.bfloat16 and fused_train.build_info()["cpu_bf16_dot_product"]
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+    return dtype == torch.bfloat16 and _cpu_bf16_gemms_native()
 
 
 def _timed(step, x, w, device: str) -> float:

@@ -86,18 +86,22 @@ struct Call {
   double label_smoothing = 0.0, lse_square_scale = 0.0, softcap = 0.0;
 };
 
-// Rows per chunk when the caller leaves it to us: a tenth of the whole (N, V) logits, within 6M to 16M elements
-// (24 to 64 MiB in fp32, 12 to 32 MiB in bf16), and at least 192 rows. Each chunk's GEMMs read all of
-// linear_weight (and read and write its gradient) again, so fewer, larger chunks are faster: at H=1024, V=32000,
-// fp32, 2 threads, 128-row chunks took 1.15x the time of 256-row ones and 192 to 320 rows the same within noise
-// (bf16 GEMMs, Zen 4: 192 to 393 rows the same within 4%); at N=4096, H=2048, 410-row chunks took about 0.93x the
-// time of 192-row ones. A tenth of the logits keeps the chunk near 4% of what linear + cross_entropy adds (the
-// logits, their log-softmax and gradient: about 2.4 N·V elements, in the same dtype).
-int64_t auto_chunk_rows(int64_t rows, int64_t classes, at::ScalarType compute) {
-  const int64_t element = static_cast<int64_t>(c10::elementSize(compute));
-  const int64_t row_bytes = classes * element;
-  const int64_t budget =
-      std::clamp<int64_t>(rows * row_bytes / 10, (int64_t{6} << 20) * element, (int64_t{16} << 20) * element);
+// Rows per chunk when the caller leaves it to us: a tenth of the whole (N, V) logits, within 24 to 64 MiB, and at
+// least 192 rows. Each chunk's GEMMs read all of linear_weight (and read and write its gradient) again, so fewer,
+// larger chunks are faster: at H=1024, V=32000, fp32, 2 threads, 128-row chunks took 1.15x the time of 256-row
+// ones and 192 to 320 rows the same within noise; at N=4096, H=2048, 410-row chunks took about 0.93x the time of
+// 192-row ones. A tenth of the logits keeps the chunk near 4% of what linear + cross_entropy adds (the logits,
+// their log-softmax and gradient: about 2.4 N·V elements, in the same dtype).
+//
+// bf16 on CPU (its GEMMs in bf16) sums linear_weight's gradient in bf16, rounded once per chunk: there the chunk
+// is a twelfth of the logits however large (at least 12 MiB), so that the gradient is rounded about twelve times at
+// any N (192-row chunks at N = 32768 would round it 171 times), and the chunk stays within 5% of what linear +
+// cross_entropy adds in bf16 (about 2 N·V elements at V = 128256); 192 to 393 rows timed the same within 4%
+// (Zen 4). CUDA keeps the byte bounds until measured on a GPU.
+int64_t auto_chunk_rows(int64_t rows, int64_t classes, at::ScalarType compute, bool half_on_cpu) {
+  const int64_t row_bytes = classes * static_cast<int64_t>(c10::elementSize(compute));
+  const int64_t budget = half_on_cpu ? std::max<int64_t>(rows * row_bytes / 12, int64_t{12} << 20)
+                                     : std::clamp<int64_t>(rows * row_bytes / 10, int64_t{24} << 20, int64_t{64} << 20);
   return std::max<int64_t>(192, budget / row_bytes);
 }
 
@@ -195,7 +199,8 @@ Call check_call(const char* op, const at::Tensor& input, const at::Tensor& linea
   c.lse_square_scale = lse_square_scale;
   c.softcap = softcap;
   const int64_t tile = c.tiled ? auto_tile(c.rows, c.classes, c.hidden, dtype) : 0;
-  const int64_t auto_rows = c.tiled ? tile : auto_chunk_rows(c.rows, c.classes, c.compute);
+  const bool half_on_cpu = dev.is_cpu() && c.compute != c.opmath;
+  const int64_t auto_rows = c.tiled ? tile : auto_chunk_rows(c.rows, c.classes, c.compute, half_on_cpu);
   c.chunk_rows = std::max<int64_t>(1, std::min(c.rows, chunk_rows > 0 ? chunk_rows : auto_rows));
   if (c.tiled) c.block_classes = std::min(c.classes, chunk_rows > 0 ? chunk_rows : tile);
   return c;
@@ -558,9 +563,11 @@ class TiledLoss {
     row_loss.narrow(0, r0, n).copy_(loss);
     if (!scale.defined()) return;
     const at::Tensor g = scale.narrow(0, r0, n);
-    const at::Tensor a = prob ? asum
-                              : one_minus_smoothing * target_weight.narrow(0, r0, n) +
-                                    smoothing_over_classes * class_weight_sum;
+    // Without smoothing its term is left out, not multiplied by 0: an inf class weight would make it NaN in every row.
+    const at::Tensor wt = prob ? at::Tensor() : target_weight.narrow(0, r0, n);
+    const at::Tensor a = prob                        ? asum
+                         : c.label_smoothing > 0.0 ? one_minus_smoothing * wt + smoothing_over_classes * class_weight_sum
+                                                   : wt;
     softmax_coef.narrow(0, r0, n).copy_(g * (a + 2.0 * z * full));
     linear_coef.narrow(0, r0, n).copy_(prob ? g : g * smoothing_over_classes);
     if (prob) {
@@ -631,13 +638,14 @@ ForwardOutputs linear_cross_entropy_forward(const at::Tensor& input, const at::T
                         linear_bias_grad && !per_row && c.linear_bias.defined());
   const bool with_grads = grads.input_grad || grads.weight_grad || grads.bias_grad;
   // Each chunk's loss is its sum (or its rows); the mean divides once, by the denominator of all rows. On CPU the
-  // GEMMs take 1/denominator as alpha (reading it costs no device sync). A denominator of 0, or one whose inverse
-  // overflows fp32, is left to finish: alpha = inf would turn the ignored rows' zeros into NaN.
+  // GEMMs take 1/denominator as alpha (reading it costs no device sync) when that is a normal fp32 number; any
+  // other denominator is left to finish: 0 or one whose inverse overflows (alpha = inf would turn the ignored rows'
+  // zeros into NaN), and inf or NaN (alpha = 0 would hide torch's NaN: BLAS skips the product for alpha 0).
   const int64_t chunk_reduction = per_row ? kNone : kSum;
   if (reduction == kMean && with_grads && input.device().is_cpu()) {
-    const double inverse = 1.0 / denominator.item<double>();
-    if (std::isfinite(static_cast<float>(inverse))) {
-      grads.alpha = inverse;
+    const double d = denominator.item<double>();
+    if (std::isfinite(d) && std::isnormal(static_cast<float>(1.0 / d))) {
+      grads.alpha = 1.0 / d;
       grads.scaled = true;
     }
   }

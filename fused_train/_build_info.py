@@ -1,5 +1,9 @@
 """What this installation of fused_train was built with and what it runs on."""
 
+from __future__ import annotations
+
+import os
+
 import torch
 
 
@@ -31,3 +35,12 @@ def build_info() -> dict:
         "num_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
     }
+
+
+def _cpu_bf16_gemms_native(info: dict | None = None) -> bool:
+    """Whether ``linear_cross_entropy`` runs CPU bf16 GEMMs in bf16 now, as ``cpu_half_gemms_native`` in
+    ``csrc/linear_cross_entropy.cpp`` decides on every call: bf16 dot products (``info``'s, else this
+    machine's), oneDNN built in and enabled, and ``FUSED_TRAIN_CPU_HALF_GEMMS`` unset or ``auto``."""
+    info = info if info is not None else build_info()
+    return (bool(info.get("cpu_bf16_dot_product")) and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled and os.environ.get("FUSED_TRAIN_CPU_HALF_GEMMS", "") in ("", "auto"))

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from . import __version__
-from ._build_info import build_info
+from ._build_info import _cpu_bf16_gemms_native, build_info
 
 # The defaults reach >= 95% validation accuracy on the digits in about a second of training on a
 # 2-core CPU (measured: see the README); the tutorial's own values for batch size and learning rate.
@@ -602,11 +602,14 @@ def describe_build(info: dict | None = None) -> str:
     described = {"avx512": "AVX-512", "avx2": "AVX2", "default": "baseline (no AVX2), scalar and SSE"}
     lines.append(f"CPU kernels   {described.get(capability, capability)}: the widest instruction set this "
                  "CPU supports among those compiled (chosen at run time)")
-    if info["cpu_bf16_dot_product"]:
-        lines.append("CPU bf16      bf16 dot products (AVX512_BF16): linear_cross_entropy runs its bf16 GEMMs in bf16 "
-                     "(oneDNN)")
+    dot_products = ("bf16 dot products (AVX512_BF16)" if info["cpu_bf16_dot_product"] else "no bf16 dot products")
+    if _cpu_bf16_gemms_native(info):
+        road = "runs its bf16 GEMMs in bf16 (oneDNN; FUSED_TRAIN_CPU_HALF_GEMMS=fp32: in fp32, over tiles)"
+    elif info["cpu_bf16_dot_product"]:
+        road = "runs its bf16 GEMMs in fp32, over tiles (oneDNN off or FUSED_TRAIN_CPU_HALF_GEMMS=fp32)"
     else:
-        lines.append("CPU bf16      no bf16 dot products: linear_cross_entropy runs its bf16 GEMMs in fp32, over tiles")
+        road = "runs its bf16 GEMMs in fp32, over tiles"
+    lines.append(f"CPU bf16      {dot_products}: linear_cross_entropy {road}")
     lines.append(f"threads       {info['num_threads']} intra-op threads (torch.get_num_threads(); set "
                  "OMP_NUM_THREADS or torch.set_num_threads to change)")
     return "\n".join(lines)

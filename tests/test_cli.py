@@ -13,6 +13,8 @@ import fused_train
 from fused_train import benchmarking, cli, demo
 from fused_train.data import BatchLoader, DatasetUnavailable, load_dataset, load_digits
 
+from conftest import cpu_half_gemms
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DIGITS_VALIDATION_SIZE = 360
 # --plot draws with matplotlib, an optional extra ([plot], [test]); without it the tests of a chart skip.
@@ -324,8 +326,13 @@ def test_describe_build_in_words():
     text = cli.describe_build(info)
     assert "compiled for 8.0, 9.0" in text
     assert "AVX2" in text
-    assert "bf16 GEMMs in fp32, over tiles" in text
-    assert "bf16 GEMMs in bf16 (oneDNN)" in cli.describe_build(info | {"cpu_bf16_dot_product": True})
+    assert "no bf16 dot products: linear_cross_entropy runs its bf16 GEMMs in fp32, over tiles" in text
+    native = cli.describe_build(info | {"cpu_bf16_dot_product": True})
+    if torch.backends.mkldnn.is_available():
+        assert "(AVX512_BF16): linear_cross_entropy runs its bf16 GEMMs in bf16 (oneDNN" in native
+    with cpu_half_gemms("fp32"):
+        assert "in fp32, over tiles (oneDNN off or FUSED_TRAIN_CPU_HALF_GEMMS=fp32)" in cli.describe_build(
+            info | {"cpu_bf16_dot_product": True})
     assert "4 intra-op threads" in text
     assert "MISMATCH" in text
     assert "MISMATCH" not in cli.describe_build(info | {"torch_runtime": "2.5.0"})

@@ -722,7 +722,8 @@ def linear_cross_entropy(
     rows. Each chunk's logits come from one GEMM (ATen: MKL/oneDNN on CPU, cuBLAS on CUDA) into a buffer reused
     by every chunk, the fused loss turns them into the loss and their gradient in one pass, and two more GEMMs
     carry the gradient to ``input`` and ``linear_weight``: linear + cross_entropy's work, with one chunk of
-    logits (a tenth of N×V within 6M–16M elements: 24–64 MiB in fp32, at least 192 rows) in memory instead of N×V.
+    logits (a tenth of N×V within 24–64 MiB, at least 192 rows; bf16 on CPU: a twelfth however large) in memory
+    instead of N×V.
 
     Arguments, shapes and results as :func:`torch.nn.functional.linear_cross_entropy` (and
     :func:`cross_entropy` for the loss options); the loss in ``input``'s dtype, or fp32 under autocast, which
@@ -738,8 +739,8 @@ def linear_cross_entropy(
         ignore_index: as :func:`cross_entropy`; ``None`` means -100, as torch's.
         softcap: Gemma-style logit capping: the logits become ``softcap · tanh(logits / softcap)`` before the
             loss (gradient included). ``None``: no capping.
-        chunk_size: rows per chunk; ``None``: a tenth of the N×V logits within 6M–16M elements (24–64 MiB in
-            fp32), at least 192 rows. On the tiled road below, rows per chunk and classes per block of the
+        chunk_size: rows per chunk; ``None``: a tenth of the N×V logits within 24–64 MiB (bf16 on CPU: a twelfth
+            however large, at least 12 MiB), at least 192 rows. On the tiled road below, rows per chunk and classes per block of the
             tiles; ``None``: as many of each (a multiple of 64, within 64–1024) as fit the tiles' fp32 buffers
             in a twelfth of the N×V logits in ``input``'s dtype.
 
@@ -747,10 +748,10 @@ def linear_cross_entropy(
     the backward; ``reduction='none'``, fp16 and a second backward recompute them from the inputs, costing the
     logits' GEMM once more. On CPU, bf16 GEMMs run in bf16 (oneDNN) where the CPU has bf16 dot products
     (AVX512_BF16: ``fused_train.build_info()["cpu_bf16_dot_product"]``), the logits rounded to bf16 as torch's
-    bf16 ``linear`` rounds them and the weight's gradient rounded once per chunk of rows. Elsewhere, and for fp16,
-    they run in fp32 (CPUs without half-precision dot products emulate those GEMMs, many times slower; so does
-    ``FUSED_TRAIN_CPU_HALF_GEMMS=fp32``), over tiles of rows × classes whose rows of ``input`` and
-    ``linear_weight`` are converted as each tile needs them: a rows pass (each row's log-sum-exp online over
+    bf16 ``linear`` rounds them and the weight's gradient rounded once per chunk of rows (about twelve chunks).
+    Elsewhere, for fp16, and with ``FUSED_TRAIN_CPU_HALF_GEMMS=fp32``, they run in fp32 (CPUs without
+    half-precision dot products emulate those GEMMs, many times slower), over tiles of rows × classes whose rows
+    of ``input`` and ``linear_weight`` are converted as each tile needs them: a rows pass (each row's log-sum-exp online over
     the class blocks, its loss and ``input``'s gradient) and a classes pass (``linear_weight``'s and
     ``linear_bias``'s gradients, block by block), four GEMMs instead of three (five with probability targets, or
     softcap with label smoothing), each gradient summed in fp32 and rounded once, and no fp32 copy of
