@@ -23,7 +23,9 @@ def test_build_info_is_complete():
 
 
 def _linux_release():
-    return tuple(int(part) for part in re.findall(r"\d+", platform.release())[:2]) if platform.system() == "Linux" else ()
+    if platform.system() != "Linux":
+        return ()
+    return tuple(int(part) for part in re.findall(r"\d+", platform.release())[:2])
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or _linux_release() < (5, 2),
