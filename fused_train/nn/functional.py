@@ -753,8 +753,8 @@ def linear_cross_entropy(
     half-precision dot products emulate those GEMMs, many times slower), over tiles of rows × classes whose rows
     of ``input`` and ``linear_weight`` are converted as each tile needs them: a rows pass (each row's
     log-sum-exp online over the class blocks, its loss and ``input``'s gradient) and a classes pass
-    (``linear_weight``'s and ``linear_bias``'s gradients, block by block), four GEMMs instead of three (five with probability targets, or
-    softcap with label smoothing), each gradient summed in fp32 and rounded once, and no fp32 copy of
+    (``linear_weight``'s and ``linear_bias``'s gradients, block by block), four GEMMs instead of three (five
+    with probability targets, or softcap with label smoothing), each gradient summed in fp32 and rounded once, and no fp32 copy of
     ``linear_weight`` or its gradient. Works with :func:`torch.compile`, and with :func:`torch.func.grad`,
     ``vjp``, ``jacrev``, ``vmap`` (per-sample gradients as ``vmap(grad(...))``; with one ``linear_weight`` the
     samples' rows fold into one call, while per-sample gradients of ``linear_weight`` or ``linear_bias`` and a
