@@ -744,22 +744,21 @@ def linear_cross_entropy(
             classes per block of the tiles; ``None``: as many of each (a multiple of 64, within 64–1024) as fit
             the tiles' fp32 buffers in a twelfth of the N×V logits in ``input``'s dtype.
 
-    The gradients of a reduced loss are computed in the forward (for a loss gradient of 1) and applied in
-    the backward; ``reduction='none'``, fp16 and a second backward recompute them from the inputs, costing the
-    logits' GEMM once more. On CPU, bf16 GEMMs run in bf16 (oneDNN) where the CPU has bf16 dot products
-    (AVX512_BF16: ``fused_train.build_info()["cpu_bf16_dot_product"]``), the logits rounded to bf16 as torch's
-    bf16 ``linear`` rounds them and the weight's gradient rounded once per chunk of rows (about twelve chunks).
-    Elsewhere, for fp16, and with ``FUSED_TRAIN_CPU_HALF_GEMMS=fp32``, they run in fp32 (CPUs without
-    half-precision dot products emulate those GEMMs, many times slower), over tiles of rows × classes whose rows
-    of ``input`` and ``linear_weight`` are converted as each tile needs them: a rows pass (each row's
-    log-sum-exp online over the class blocks, its loss and ``input``'s gradient) and a classes pass
-    (``linear_weight``'s and ``linear_bias``'s gradients, block by block), four GEMMs instead of three (five
-    with probability targets, or softcap with label smoothing), each gradient summed in fp32 and rounded once, and no fp32 copy of
-    ``linear_weight`` or its gradient. Works with :func:`torch.compile`, and with :func:`torch.func.grad`,
-    ``vjp``, ``jacrev``, ``vmap`` (per-sample gradients as ``vmap(grad(...))``; with one ``linear_weight`` the
-    samples' rows fold into one call, while per-sample gradients of ``linear_weight`` or ``linear_bias`` and a
-    batch of heads take one call per sample); not forward mode (``jvp``, ``jacfwd``), and differentiating the
-    gradient again raises.
+    The gradients of a reduced loss are computed in the forward (for a loss gradient of 1) and applied in the
+    backward; ``reduction='none'``, fp16 and a second backward recompute them from the inputs, costing the logits'
+    GEMM once more. On CPU, bf16 GEMMs run in bf16 (oneDNN) where the CPU has bf16 dot products (AVX512_BF16:
+    ``fused_train.build_info()["cpu_bf16_dot_product"]``), the logits rounded to bf16 as torch's bf16 ``linear``
+    rounds them and the weight's gradient rounded once per chunk of rows (about twelve chunks). Elsewhere, for fp16,
+    and with ``FUSED_TRAIN_CPU_HALF_GEMMS=fp32``, they run in fp32 (CPUs without half-precision dot products emulate
+    those GEMMs, many times slower), over tiles of rows × classes whose rows of ``input`` and ``linear_weight`` are
+    converted as each tile needs them: a rows pass (each row's log-sum-exp online over the class blocks, its loss
+    and ``input``'s gradient) and a classes pass (``linear_weight``'s and ``linear_bias``'s gradients, block by
+    block), four GEMMs instead of three (five with probability targets, or softcap with label smoothing), each
+    gradient summed in fp32 and rounded once, and no fp32 copy of ``linear_weight`` or its gradient. Works with
+    :func:`torch.compile`, and with :func:`torch.func.grad`, ``vjp``, ``jacrev``, ``vmap`` (per-sample gradients as
+    ``vmap(grad(...))``; with one ``linear_weight`` the samples' rows fold into one call, while per-sample gradients
+    of ``linear_weight`` or ``linear_bias`` and a batch of heads take one call per sample); not forward mode
+    (``jvp``, ``jacfwd``), and differentiating the gradient again raises.
     """
     code = _REDUCTION_CODES.get(reduction)
     if code is None:
