@@ -280,7 +280,6 @@ struct GradAccumulator {
   // The GEMMs' alpha for input's and linear_weight's gradients: a mean's 1/denominator where it is known on the
   // host, so that half-precision gradients are rounded once, not again by a scale afterwards.
   double alpha = 1.0;
-  bool scaled = false;  // alpha is the mean's scale
 
   GradAccumulator(const Call& call, bool input_grad_, bool weight_grad_, bool bias_grad_)
       : c(call), input_grad(input_grad_), weight_grad(weight_grad_), bias_grad(bias_grad_) {
@@ -563,11 +562,9 @@ class TiledLoss {
     row_loss.narrow(0, r0, n).copy_(loss);
     if (!scale.defined()) return;
     const at::Tensor g = scale.narrow(0, r0, n);
-    // Without smoothing its term is left out, not multiplied by 0: an inf class weight would make it NaN in every row.
-    const at::Tensor wt = prob ? at::Tensor() : target_weight.narrow(0, r0, n);
-    const at::Tensor a = prob                        ? asum
-                         : c.label_smoothing > 0.0 ? one_minus_smoothing * wt + smoothing_over_classes * class_weight_sum
-                                                   : wt;
+    at::Tensor a = prob ? asum : target_weight.narrow(0, r0, n);
+    // Without smoothing its term is left out, not multiplied by 0: an inf class weight would make it NaN everywhere.
+    if (!prob && c.label_smoothing > 0.0) a = one_minus_smoothing * a + smoothing_over_classes * class_weight_sum;
     softmax_coef.narrow(0, r0, n).copy_(g * (a + 2.0 * z * full));
     linear_coef.narrow(0, r0, n).copy_(prob ? g : g * smoothing_over_classes);
     if (prob) {
@@ -642,12 +639,11 @@ ForwardOutputs linear_cross_entropy_forward(const at::Tensor& input, const at::T
   // other denominator is left to finish: 0 or one whose inverse overflows (alpha = inf would turn the ignored rows'
   // zeros into NaN), and inf or NaN (alpha = 0 would hide torch's NaN: BLAS skips the product for alpha 0).
   const int64_t chunk_reduction = per_row ? kNone : kSum;
+  bool scaled_by_alpha = false;
   if (reduction == kMean && with_grads && input.device().is_cpu()) {
     const double d = denominator.item<double>();
-    if (std::isfinite(d) && std::isnormal(static_cast<float>(1.0 / d))) {
-      grads.alpha = 1.0 / d;
-      grads.scaled = true;
-    }
+    scaled_by_alpha = std::isfinite(d) && std::isnormal(static_cast<float>(1.0 / d));
+    if (scaled_by_alpha) grads.alpha = 1.0 / d;
   }
   for_each_chunk(c, [&](int64_t begin, const at::Tensor& x, at::Tensor& logits, at::Tensor& tanh_rows) {
     const at::Tensor target_rows = chunk_target(c, begin, x.size(0));
@@ -673,7 +669,7 @@ ForwardOutputs linear_cross_entropy_forward(const at::Tensor& input, const at::T
   // The mean's gradients were summed; divided here, once (gradient_inverse: NaN for a denominator of 0). Per
   // row for input's, whose ignored rows stay 0; linear_weight's and linear_bias's stay 0 when no row is kept.
   std::optional<at::Tensor> input_scale, param_scale;
-  if (reduction == kMean && with_grads && !grads.scaled) {
+  if (reduction == kMean && with_grads && !scaled_by_alpha) {
     const at::Tensor inverse = gradient_inverse(denominator);
     const at::Tensor kept = kept_rows(c);
     if (grads.input_grad) input_scale = at::where(kept, inverse, 0.0).to(c.opmath).unsqueeze(1);

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fused_train  # noqa: F401  (registers the ops)
+from fused_train._build_info import _cpu_bf16_gemms_native
 
 # (major, minor) of the torch under test, for the few tests of features newer than the oldest torch supported.
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
@@ -40,10 +41,6 @@ TOL = {
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
-# linear_cross_entropy's CPU bf16 GEMMs run in bf16 (oneDNN) where the CPU has bf16 dot products and oneDNN is on;
-# elsewhere (and with FUSED_TRAIN_CPU_HALF_GEMMS=fp32) in fp32 over tiles.
-NATIVE_CPU_BF16_GEMMS = (fused_train.build_info()["cpu_bf16_dot_product"] and torch.backends.mkldnn.is_available()
-                         and torch.backends.mkldnn.enabled)
 
 
 @contextlib.contextmanager
@@ -59,6 +56,12 @@ def cpu_half_gemms(road: str):
             del os.environ["FUSED_TRAIN_CPU_HALF_GEMMS"]
         else:
             os.environ["FUSED_TRAIN_CPU_HALF_GEMMS"] = old
+
+
+# linear_cross_entropy's CPU bf16 GEMMs run in bf16 (oneDNN) where the CPU has bf16 dot products and oneDNN is on;
+# elsewhere (and with FUSED_TRAIN_CPU_HALF_GEMMS=fp32) in fp32 over tiles. Whatever the variable says outside:
+with cpu_half_gemms("auto"):
+    NATIVE_CPU_BF16_GEMMS = _cpu_bf16_gemms_native()
 
 
 def run_on_cpu_capability(code: str, capability: str) -> str:

@@ -38,10 +38,16 @@ def reference(x, w, b, target, softcap=None, lse_square_scale=0.0, **kwargs):
 
 
 def loss_and_grads(fn, params, grad_loss_seed=1, grad_loss_dtype=None):
+    """The loss and the gradients of params for a random loss gradient drawn with grad_loss_seed, or for
+    loss.backward()'s gradient of 1 with grad_loss_seed=None."""
     loss = fn()
-    torch.manual_seed(grad_loss_seed)
+    if grad_loss_seed is None:
+        grad_loss = torch.ones(loss.shape, dtype=torch.float64)
+    else:
+        torch.manual_seed(grad_loss_seed)
+        grad_loss = torch.rand(loss.shape, dtype=torch.float64) + 0.5
     # The same loss gradient whatever the loss's dtype (rounded to grad_loss_dtype first, when given).
-    grad_loss = (torch.rand(loss.shape, dtype=torch.float64) + 0.5).to(grad_loss_dtype or loss.dtype)
+    grad_loss = grad_loss.to(grad_loss_dtype or loss.dtype)
     loss.backward(grad_loss.to(loss.dtype))
     grads = [p.grad.clone() for p in params if p is not None]
     for p in params:
@@ -768,14 +774,15 @@ def within_one_rounding(actual, exact):
     assert (err <= ulp + slack).all(), f"{(err - ulp).max().item()} beyond one rounding"
 
 
-def exact_reference(params, target, **options):
+def exact_reference(params, target, grad_loss_seed=1, **options):
     """linear + cross_entropy in fp64 on the same (rounded) values, and its gradients for the same (rounded) loss
-    gradient."""
+    gradient (loss_and_grads')."""
     exact = [p.detach().double().requires_grad_() if p is not None else None for p in params]
     if options.get("weight") is not None:
         options["weight"] = options["weight"].double()
     target = target.double() if target.is_floating_point() else target
-    return loss_and_grads(lambda: reference(*exact, target, **options), exact, grad_loss_dtype=params[0].dtype)
+    return loss_and_grads(lambda: reference(*exact, target, **options), exact, grad_loss_seed,
+                          grad_loss_dtype=params[0].dtype)
 
 
 @pytest.mark.usefixtures("fp32_tiles")
@@ -856,14 +863,22 @@ def test_cpu_bf16_any_shape_and_tile_boundary_matches(n, h, v, chunk, ignored, r
 def test_cpu_bf16_memory_holds_no_fp32_copy_of_the_weight_or_its_gradient():
     """The largest allocation of a forward + backward is no larger than the bf16 weight gradient it returns:
     no fp32 copy of linear_weight (4·V·H bytes) or of its gradient, and nothing of N × V."""
-    n, h, v, tile = 512, 16, 2000, 64
+    v, h = 2000, 16
+    for reduction, largest in _largest_bf16_allocations(512, h, v, chunk=64).items():
+        assert 0 < largest <= v * h * 2, (reduction, largest)
+
+
+def _largest_bf16_allocations(n, h, v, chunk):
+    """The largest single allocation of a bf16 forward + backward in chunks of chunk rows, per reduction."""
     x, w, b, target = make_case(n, h, v, dtype=torch.bfloat16)
+    largest = {}
     for reduction in ("mean", "none"):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=tile, reduction=reduction).sum().backward()
+            F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=chunk, reduction=reduction).sum().backward()
         # ATen's allocations one by one (the op's own event sums those it keeps: its outputs).
-        largest = max(getattr(e, "cpu_memory_usage", 0) for e in prof.events() if e.name.startswith("aten::"))
-        assert 0 < largest <= v * h * 2, (reduction, largest)
+        largest[reduction] = max(getattr(e, "cpu_memory_usage", 0) for e in prof.events()
+                                 if e.name.startswith("aten::"))
+    return largest
 
 
 # -- CPU bf16 on a CPU with bf16 dot products: three GEMMs in bf16 through oneDNN, the logits rounded to bf16 --
@@ -934,24 +949,13 @@ def test_cpu_bf16_gemms_are_as_accurate_as_torchs_bf16(options, bias):
     if "ignore_index" in options:
         target[target == -100] = options["ignore_index"]
     params = [x, w, b]
-    exact_params = [p.detach().double().requires_grad_() if p is not None else None for p in params]
-    exact_options = dict(options)
-    if "weight" in options:
-        exact_options["weight"] = options["weight"].double()
-
-    def loss_and_grads_of_backward(fn, params):  # loss.backward(): a loss gradient of 1
-        loss = fn()
-        loss.backward(torch.ones_like(loss))
-        return [loss.detach()] + [p.grad for p in params if p is not None]
-
-    ours = loss_and_grads_of_backward(
-        lambda: F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=25, **options), params)
-    for p in params:
-        if p is not None:
-            p.grad = None
-    torchs = loss_and_grads_of_backward(lambda: reference(x, w, b, target, **options), params)
-    exact = loss_and_grads_of_backward(lambda: reference(*exact_params, target, **exact_options), exact_params)
-    for ours_, torchs_, exact_, bound in zip(ours, torchs, exact, [1.3, 1.15, 2.5, 1.5]):  # loss, input, weight, bias
+    ours = loss_and_grads(lambda: F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=25, **options),
+                          params, grad_loss_seed=None)
+    torchs = loss_and_grads(lambda: reference(x, w, b, target, **options), params, grad_loss_seed=None)
+    exact = exact_reference(params, target, grad_loss_seed=None, **options)
+    bounds = [1.3, 1.15, 2.5, 1.5]  # loss, input, weight, bias
+    for ours_, torchs_, exact_, bound in zip([ours[0], *ours[1]], [torchs[0], *torchs[1]], [exact[0], *exact[1]],
+                                             bounds):
         assert ours_.dtype == torchs_.dtype == torch.bfloat16
         assert _relative_error(ours_, exact_) <= bound * _relative_error(torchs_, exact_)
 
@@ -961,12 +965,8 @@ def test_cpu_bf16_gemms_are_as_accurate_as_torchs_bf16(options, bias):
 def test_cpu_bf16_gemms_hold_no_fp32_copy_and_no_n_by_v():
     """The largest allocation of a forward + backward is no larger than the bf16 weight gradient it returns: one
     chunk of bf16 logits (64 x 2000), no fp32 copy of linear_weight or of its gradient, nothing of N x V."""
-    n, h, v, chunk = 512, 256, 2000, 64
-    x, w, b, target = make_case(n, h, v, dtype=torch.bfloat16)
-    for reduction in ("mean", "none"):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=chunk, reduction=reduction).sum().backward()
-        largest = max(getattr(e, "cpu_memory_usage", 0) for e in prof.events() if e.name.startswith("aten::"))
+    n, h, v = 512, 256, 2000
+    for reduction, largest in _largest_bf16_allocations(n, h, v, chunk=64).items():
         assert 0 < largest <= v * h * 2 < min(v * h * 4, n * v * 2), (reduction, largest)
 
 
