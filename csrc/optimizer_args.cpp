@@ -235,7 +235,8 @@ OptimizerTensors check_8bit_step(const char* op, at::TensorList params, at::Tens
                                  bool needs_steps, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                                  const std::optional<at::Tensor>& grad_scale,
                                  const std::optional<at::Tensor>& found_inf,
-                                 const std::optional<at::TensorList>& rounding_seeds) {
+                                 const std::optional<at::TensorList>& rounding_seeds,
+                                 at::OptionalIntArrayRef rounding_offsets) {
   for (const QuantizedList& q : moments) {
     for (const auto& [name, list] : {std::make_pair(q.codes_name, q.codes), std::make_pair(q.absmax_name, q.absmax)}) {
       if (q.used) {
@@ -265,18 +266,19 @@ OptimizerTensors check_8bit_step(const char* op, at::TensorList params, at::Tens
         const bool is_codes = part == 0;
         const at::Tensor& s = is_codes ? q.codes[i] : q.absmax[i];
         const at::ScalarType want = is_codes ? at::kByte : at::kFloat;
-        const bool shape_ok = is_codes ? s.sizes() == params[i].sizes() : (s.dim() == 1 && s.size(0) == blocks);
+        // (absmax: any shape of that many elements, read in order: an FSDP2 shard's is (rows, row elements / 256))
+        const bool shape_ok = is_codes ? s.sizes() == params[i].sizes() : s.numel() == blocks;
         TORCH_CHECK(s.device() == out.device && s.scalar_type() == want && shape_ok && s.is_contiguous(), op, ": ",
-                    is_codes ? q.codes_name : q.absmax_name, "[", i, "] must be a contiguous ", want,
-                    " tensor of shape ", is_codes ? params[i].sizes() : at::IntArrayRef{blocks}, " on ", out.device,
-                    ", got ", s.scalar_type(), " ", s.sizes(), s.is_contiguous() ? "" : " (not contiguous)", " on ",
-                    s.device());
+                    is_codes ? q.codes_name : q.absmax_name, "[", i, "] must be a contiguous ", want, " tensor ",
+                    is_codes ? "of shape " : "of ", is_codes ? c10::str(params[i].sizes()) : c10::str(blocks),
+                    is_codes ? "" : " elements (one per 256 of the param's)", " on ", out.device, ", got ",
+                    s.scalar_type(), " ", s.sizes(), s.is_contiguous() ? "" : " (not contiguous)", " on ", s.device());
         out.states[slot + part].push_back(s);
       }
     }
     slot += 2;
   }
-  check_rounding_seeds(op, out, rounding_seeds, static_cast<int64_t>(params.size()));
+  check_rounding_seeds(op, out, rounding_seeds, static_cast<int64_t>(params.size()), rounding_offsets);
   return out;
 }
 
@@ -288,11 +290,13 @@ OptimizerTensors check_adam8bit_step(at::TensorList params, at::TensorList grads
                                      const std::optional<at::Tensor>& lr_tensor,
                                      const std::optional<at::Tensor>& grad_scale,
                                      const std::optional<at::Tensor>& found_inf,
-                                     const std::optional<at::TensorList>& rounding_seeds) {
+                                     const std::optional<at::TensorList>& rounding_seeds,
+                                     at::OptionalIntArrayRef rounding_offsets) {
   return check_8bit_step("adam8bit_step_", params, grads,
                          {{"exp_avg_codes", exp_avg_codes, "exp_avg_absmax", exp_avg_absmax, true},
                           {"exp_avg_sq_codes", exp_avg_sq_codes, "exp_avg_sq_absmax", exp_avg_sq_absmax, true}},
-                         state_steps, true, zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds);
+                         state_steps, true, zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds,
+                         rounding_offsets);
 }
 
 OptimizerTensors check_sgd8bit_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffer_codes,
@@ -300,14 +304,15 @@ OptimizerTensors check_sgd8bit_step(at::TensorList params, at::TensorList grads,
                                     double momentum, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                                     const std::optional<at::Tensor>& grad_scale,
                                     const std::optional<at::Tensor>& found_inf,
-                                    const std::optional<at::TensorList>& rounding_seeds) {
+                                    const std::optional<at::TensorList>& rounding_seeds,
+                                    at::OptionalIntArrayRef rounding_offsets) {
   TORCH_CHECK(momentum != 0.0, "sgd8bit_step_: momentum must be nonzero (without momentum SGD keeps no state: "
               "step with sgd_step_), got ", momentum);
   return check_8bit_step("sgd8bit_step_", params, grads,
                          {{"momentum_buffer_codes", momentum_buffer_codes, "momentum_buffer_absmax",
                            momentum_buffer_absmax, true}},
                          state_steps, !state_steps.empty(), zero_grad, lr_tensor, grad_scale, found_inf,
-                         rounding_seeds);
+                         rounding_seeds, rounding_offsets);
 }
 
 OptimizerTensors check_rmsprop8bit_step(at::TensorList params, at::TensorList grads, at::TensorList square_avg_codes,
@@ -317,13 +322,14 @@ OptimizerTensors check_rmsprop8bit_step(at::TensorList params, at::TensorList gr
                                         const std::optional<at::Tensor>& lr_tensor,
                                         const std::optional<at::Tensor>& grad_scale,
                                         const std::optional<at::Tensor>& found_inf,
-                                        const std::optional<at::TensorList>& rounding_seeds) {
+                                        const std::optional<at::TensorList>& rounding_seeds,
+                                        at::OptionalIntArrayRef rounding_offsets) {
   return check_8bit_step(
       "rmsprop8bit_step_", params, grads,
       {{"square_avg_codes", square_avg_codes, "square_avg_absmax", square_avg_absmax, true},
        {"momentum_buffer_codes", momentum_buffer_codes, "momentum_buffer_absmax", momentum_buffer_absmax,
         momentum > 0.0}},
-      state_steps, true, zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds);
+      state_steps, true, zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds, rounding_offsets);
 }
 
 void finish_optimizer_call(OptimizerTensors& t) {

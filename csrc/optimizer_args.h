@@ -74,22 +74,25 @@ OptimizerTensors check_rmsprop_step(at::TensorList params, at::TensorList grads,
                                     at::OptionalIntArrayRef rounding_offsets = std::nullopt);
 
 // 8-bit state: each moment as uint8 codes (contiguous, the param's shape) and one fp32 absmax per
-// math::kQuantBlock elements (contiguous, 1-D); params float32, bfloat16 or float16. states holds the
-// (codes, absmax) lists of the moments the call uses, in the op's order.
+// math::kQuantBlock elements (contiguous, of any shape with that many elements: 1-D, or an FSDP2 shard's
+// (rows, row elements / kQuantBlock)); params float32, bfloat16 or float16. states holds the (codes, absmax) lists of
+// the moments the call uses, in the op's order. rounding_offsets: as check_adam_step's.
 OptimizerTensors check_adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_codes,
                                      at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_codes,
                                      at::TensorList exp_avg_sq_absmax, at::TensorList state_steps, bool zero_grad,
                                      const std::optional<at::Tensor>& lr_tensor,
                                      const std::optional<at::Tensor>& grad_scale,
                                      const std::optional<at::Tensor>& found_inf,
-                                     const std::optional<at::TensorList>& rounding_seeds);
+                                     const std::optional<at::TensorList>& rounding_seeds,
+                                     at::OptionalIntArrayRef rounding_offsets = std::nullopt);
 // SGD's momentum_buffer (momentum must be nonzero); state_steps only with rounding_seeds, as sgd_step_.
 OptimizerTensors check_sgd8bit_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffer_codes,
                                     at::TensorList momentum_buffer_absmax, at::TensorList state_steps,
                                     double momentum, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                                     const std::optional<at::Tensor>& grad_scale,
                                     const std::optional<at::Tensor>& found_inf,
-                                    const std::optional<at::TensorList>& rounding_seeds);
+                                    const std::optional<at::TensorList>& rounding_seeds,
+                                    at::OptionalIntArrayRef rounding_offsets = std::nullopt);
 // RMSprop's square_avg and momentum_buffer (momentum > 0; else empty lists).
 OptimizerTensors check_rmsprop8bit_step(at::TensorList params, at::TensorList grads, at::TensorList square_avg_codes,
                                         at::TensorList square_avg_absmax, at::TensorList momentum_buffer_codes,
@@ -98,7 +101,8 @@ OptimizerTensors check_rmsprop8bit_step(at::TensorList params, at::TensorList gr
                                         const std::optional<at::Tensor>& lr_tensor,
                                         const std::optional<at::Tensor>& grad_scale,
                                         const std::optional<at::Tensor>& found_inf,
-                                        const std::optional<at::TensorList>& rounding_seeds);
+                                        const std::optional<at::TensorList>& rounding_seeds,
+                                        at::OptionalIntArrayRef rounding_offsets = std::nullopt);
 
 // Copies the working copies back into the caller's tensors (only for non-dense entries).
 void finish_optimizer_call(OptimizerTensors& t);

@@ -31,13 +31,15 @@ TORCH_LIBRARY(fused_train, m) {
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? rounding_seeds=None, "
       "int[]? rounding_offsets=None) -> ()");
   // 8-bit Adam/AdamW (fused_train.optim.Adam8bit): each moment as uint8 codes of the param's shape and one fp32
-  // absmax per 256 elements (csrc/include/fused_train/quant_math.h).
+  // absmax per 256 elements (csrc/include/fused_train/quant_math.h; contiguous, of any shape: an FSDP2 shard's is
+  // (rows, row elements / 256)). rounding_offsets: as adam_step_'s.
   m.def(
       "adam8bit_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avg_codes, "
       "Tensor(d!)[] exp_avg_absmax, Tensor(e!)[] exp_avg_sq_codes, Tensor(f!)[] exp_avg_sq_absmax, "
       "Tensor(g!)[] state_steps, *, float lr, float beta1, float beta2, float weight_decay, float eps, "
       "bool maximize, bool decoupled_weight_decay, bool zero_grad, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? rounding_seeds=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? rounding_seeds=None, "
+      "int[]? rounding_offsets=None) -> ()");
   m.def(
       "rmsprop_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, Tensor(d!)[] grad_avgs, "
       "Tensor(e!)[] momentum_buffers, Tensor(f!)[] state_steps, *, float lr, float alpha, float eps, "
@@ -52,13 +54,14 @@ TORCH_LIBRARY(fused_train, m) {
       "sgd8bit_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffer_codes, "
       "Tensor(d!)[] momentum_buffer_absmax, Tensor(e!)[] state_steps, *, float lr, float momentum, float dampening, "
       "float weight_decay, bool nesterov, bool maximize, bool is_first_step, bool zero_grad, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? rounding_seeds=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? rounding_seeds=None, "
+      "int[]? rounding_offsets=None) -> ()");
   m.def(
       "rmsprop8bit_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avg_codes, "
       "Tensor(d!)[] square_avg_absmax, Tensor(e!)[] momentum_buffer_codes, Tensor(f!)[] momentum_buffer_absmax, "
       "Tensor(g!)[] state_steps, *, float lr, float alpha, float eps, float weight_decay, float momentum, "
       "bool maximize, bool zero_grad, Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor[]? rounding_seeds=None) -> ()");
+      "Tensor[]? rounding_seeds=None, int[]? rounding_offsets=None) -> ()");
 
   // -- cross-entropy ops --
   // On a 2-D view (rows, classes) of the logits; fused_train.nn maps every torch input shape onto it.

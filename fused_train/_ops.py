@@ -106,15 +106,17 @@ def adam8bit_step_(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     rounding_seeds: list[Tensor] | None = None,
+    rounding_offsets: list[int] | None = None,
 ) -> None:
     """One Adam/AdamW step on 8-bit blockwise state; see :class:`fused_train.optim.Adam8bit`. Each moment is uint8
-    codes of the param's shape and one fp32 absmax per 256 elements; params are float32, bfloat16 or float16.
-    ``rounding_seeds``: as in :func:`sgd_step_`."""
+    codes of the param's shape and one fp32 absmax per 256 elements (contiguous, any shape of that many: an FSDP2
+    shard's is (rows, row elements / 256)); params are float32, bfloat16 or float16. ``rounding_seeds`` and
+    ``rounding_offsets``: as in :func:`sgd_step_`."""
     _ops.adam8bit_step_.default(
         params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, state_steps, lr=lr,
         beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=maximize,
         decoupled_weight_decay=decoupled_weight_decay, zero_grad=zero_grad, lr_tensor=lr_tensor,
-        grad_scale=grad_scale, found_inf=found_inf, rounding_seeds=rounding_seeds,
+        grad_scale=grad_scale, found_inf=found_inf, rounding_seeds=rounding_seeds, rounding_offsets=rounding_offsets,
     )
 
 
@@ -170,6 +172,7 @@ def sgd8bit_step_(
     found_inf: Tensor | None = None,
     state_steps: list[Tensor] | None = None,
     rounding_seeds: list[Tensor] | None = None,
+    rounding_offsets: list[int] | None = None,
 ) -> None:
     """One SGD step with an 8-bit momentum buffer (``momentum`` nonzero); see :class:`fused_train.optim.SGD8bit` and,
     for the arguments, :func:`sgd_step_` and :func:`adam8bit_step_`."""
@@ -177,7 +180,7 @@ def sgd8bit_step_(
         params, grads, momentum_buffer_codes, momentum_buffer_absmax, state_steps if state_steps is not None else [],
         lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
         maximize=maximize, is_first_step=is_first_step, zero_grad=zero_grad, lr_tensor=lr_tensor,
-        grad_scale=grad_scale, found_inf=found_inf, rounding_seeds=rounding_seeds,
+        grad_scale=grad_scale, found_inf=found_inf, rounding_seeds=rounding_seeds, rounding_offsets=rounding_offsets,
     )
 
 
@@ -201,6 +204,7 @@ def rmsprop8bit_step_(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     rounding_seeds: list[Tensor] | None = None,
+    rounding_offsets: list[int] | None = None,
 ) -> None:
     """One (uncentered) RMSprop step on 8-bit state; see :class:`fused_train.optim.RMSprop8bit`. The
     ``momentum_buffer`` lists are empty unless ``momentum > 0``; the rest as :func:`rmsprop_step_` and
@@ -209,7 +213,7 @@ def rmsprop8bit_step_(
         params, grads, square_avg_codes, square_avg_absmax, momentum_buffer_codes, momentum_buffer_absmax,
         state_steps, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, maximize=maximize,
         zero_grad=zero_grad, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-        rounding_seeds=rounding_seeds,
+        rounding_seeds=rounding_seeds, rounding_offsets=rounding_offsets,
     )
 
 

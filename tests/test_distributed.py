@@ -335,3 +335,181 @@ def test_distributed_training_matches_single_process(scenario):
     tol = dict(rtol=STEPS * 2.0 ** -7, atol=1e-3) if scenario.endswith("bf16_stochastic_round") else DIST_TOL
     for got, want in zip(per_rank[0], _single_process_reference(scenario)):
         torch.testing.assert_close(got, want, **tol)
+
+
+# -- 8-bit state of DTensor params (FSDP2's) ------------------------------------------------------------------------
+# Each param is given whole on every rank, with its gradients, as above. Rows of a multiple of 256 elements cut along
+# dim 0 hold whole blocks: those params keep 8-bit state, each rank its own blocks, and the sharded run must end bit
+# for bit where one process ends, params and state alike (the state's full_tensor() is the single process's state).
+# Shapes: uneven rows (17 and 16), a rank with an empty shard, 3-D; (6, 300) and the 1-D (4096,) would have blocks
+# cut by a dim-0 sharding, so they keep fp32 state there, and 8-bit state where replicated.
+_8BIT_SHAPES = [(33, 256), (1, 512), (5, 2, 128), (6, 300), (4096,)]
+_8BIT_ROW_ALIGNED = [True, True, True, False, False]
+_8BIT_KWARGS = {"AdamW8bit": dict(lr=1e-2, weight_decay=0.1), "SGD8bit": dict(lr=1e-2, momentum=0.9),
+                "RMSprop8bit": dict(lr=1e-3, momentum=0.5)}
+# (name: optimizer, dtype (bf16: stochastic rounding, the shards' offsets), the placements; the mesh; compiled)
+_8BIT_CASES = [(f"{opt}_{dtype}_S0", "1d", "S0", False) for opt in _8BIT_KWARGS for dtype in ("fp32", "bf16")] + [
+    ("AdamW8bit_bf16_R", "1d", "R", False),
+    ("AdamW8bit_bf16_hsdp", "2d_t", "R S0", False),
+    ("AdamW8bit_fp32_S0S0", "2d", "S0 S0", False),
+    ("AdamW8bit_bf16_S0compiled", "1d", "S0", True),
+]
+
+
+def _8bit_inputs(dtype):
+    g = torch.Generator().manual_seed(23)
+    params = [torch.randn(shape, generator=g).to(dtype) for shape in _8BIT_SHAPES]
+    grads = [[torch.randn(shape, generator=g).to(dtype) for shape in _8BIT_SHAPES] for _ in range(STEPS)]
+    return params, grads
+
+
+def _8bit_quantized(spec):
+    """Which of _8BIT_SHAPES keep 8-bit state under the placements of spec (all, where only replicated)."""
+    return [True] * len(_8BIT_SHAPES) if "S0" not in spec else list(_8BIT_ROW_ALIGNED)
+
+
+def _step_8bit(name, spec, make=lambda t: t, compiled=False):
+    """Steps _8BIT_SHAPES with the optimizer of case `name`, each param made by `make` (a DTensor's placing), in
+    groups of one param: the params the case's placements keep in fp32 get a min_8bit_size above their size, so
+    that one process keeps the same state as the sharded run."""
+    opt_name, dtype, _ = name.split("_")
+    dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    params, grads = _8bit_inputs(dtype)
+    model = [torch.nn.Parameter(make(p.clone())) for p in params]
+    groups = [dict(params=[p], min_8bit_size=0 if quantized else 1 << 30)
+              for p, quantized in zip(model, _8bit_quantized(spec))]
+    opt = getattr(fused_train.optim, opt_name)(groups, **_8BIT_KWARGS[opt_name],
+                                               bf16_stochastic_round=dtype == torch.bfloat16)
+    step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+    for step_grads in grads:
+        for p, grad in zip(model, step_grads):
+            p.grad = make(grad.clone())
+        step()
+    return model, opt
+
+
+def _whole(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _8bit_result(model, opt):
+    return {"params": [_whole(p.detach()) for p in model],
+            "state": [{k: _whole(v) for k, v in opt.state[p].items()} for p in model]}
+
+
+def _sharded_8bit_worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        meshes = {"1d": init_device_mesh("cpu", (WORLD,)),
+                  "2d": init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("a", "b")),
+                  "2d_t": init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("c", "d"))}
+        results = {}
+        for name, on, spec, compiled in _8BIT_CASES:
+            placements = [Replicate() if p == "R" else Shard(int(p[1:])) for p in spec.split()]
+            model, opt = _step_8bit(name, spec, lambda t: distribute_tensor(t, meshes[on], placements), compiled)
+            results[name] = _8bit_result(model, opt)
+            results[name]["local"] = [{k: type(v).__name__ for k, v in opt.state[p].items()} for p in model]
+            results[name]["local_bytes"] = sum(
+                v.to_local().numel() * v.element_size() for p in model[:3] for k, v in opt.state[p].items()
+                if k.endswith(("_codes", "_absmax")))
+            if name == "AdamW8bit_fp32_S0":
+                # saved with torch.distributed.checkpoint from the 2 ranks; the test loads it into one process
+                holder = torch.nn.ParameterList(model)
+                dcp.save({"optim": get_optimizer_state_dict(holder, opt)},
+                         checkpoint_id=os.path.join(out_dir, "dcp8"))
+        # Checkpoints across the precisions, on shards: an fp32 AdamW's state loads into AdamW8bit by quantizing each
+        # shard, and an AdamW8bit's into AdamW by dequantizing; both then step on.
+        mesh = meshes["1d"]
+        for source, target in (("AdamW", "AdamW8bit"), ("AdamW8bit", "AdamW")):
+            results[f"{source}_to_{target}"] = _8bit_reload(
+                source, target, lambda t: distribute_tensor(t, mesh, [Shard(0)]))
+        dist.barrier()
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _8bit_reload(source, target, make=lambda t: t):
+    """Steps the row-aligned params twice with `source`, loads its state_dict into `target`, steps twice more."""
+    params, grads = _8bit_inputs(torch.float32)
+    params, grads = params[:3], [g[:3] for g in grads]
+    model = [torch.nn.Parameter(make(p.clone())) for p in params]
+    first = getattr(fused_train.optim, source)(model, lr=1e-2, **({"min_8bit_size": 0} if "8bit" in source else {}))
+    for step_grads in grads[:2]:
+        for p, grad in zip(model, step_grads):
+            p.grad = make(grad.clone())
+        first.step()
+    second = getattr(fused_train.optim, target)(model, lr=1e-2, **({"min_8bit_size": 0} if "8bit" in target else {}))
+    second.load_state_dict(first.state_dict())
+    for step_grads in grads[2:]:
+        for p, grad in zip(model, step_grads):
+            p.grad = make(grad.clone())
+        second.step()
+    return _8bit_result(model, second)
+
+
+def _assert_same_8bit_result(got, want, what):
+    for a, b in zip(got["params"], want["params"]):
+        assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), f"{what}: params differ"
+    for i, (a, b) in enumerate(zip(got["state"], want["state"])):
+        assert sorted(a) == sorted(b), f"{what}: param {i} has state {sorted(a)}, one process {sorted(b)}"
+        for key in b:
+            assert a[key].shape == b[key].shape and torch.equal(a[key], b[key]), f"{what}: param {i} '{key}' differs"
+
+
+@pytest.mark.skipif(TORCH_VERSION < (2, 6), reason="DTensor on CPU over gloo: as FSDP2, from torch 2.6 on")
+def test_8bit_state_of_shards_is_the_whole_tensors():
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(_sharded_8bit_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+        deadline = time.monotonic() + TIMEOUT_S
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"workers did not finish within {TIMEOUT_S} s")
+        per_rank = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+        for name, _, spec, _ in _8BIT_CASES:
+            want = _8bit_result(*_step_8bit(name, spec))
+            kinds = [("exp_avg_codes" if name.startswith("Adam") else
+                      "momentum_buffer_codes" if name.startswith("SGD") else "square_avg_codes") in state
+                     for state in want["state"]]
+            assert kinds == _8bit_quantized(spec), name
+            for rank, result in enumerate(per_rank):
+                _assert_same_8bit_result(result[name], want, f"{name}, rank {rank}")
+                # the state is DTensors (each rank holding its own blocks), none of it gathered
+                for local in result[name]["local"]:
+                    assert all(kind == "DTensor" for key, kind in local.items() if key not in ("step", "rounding_seed")
+                               ), (name, local)
+            if "S0" in spec and "R" not in spec:
+                # the three row-aligned params hold 2 · (33 + 1 + 5) · 256 elements' moments: each rank about half
+                moments = 2 if name.startswith(("Adam", "RMSprop")) else 1
+                codes = sum(t.numel() for t in _8bit_inputs(torch.float32)[0][:3])
+                per_param = sum(r[name]["local_bytes"] for r in per_rank) / codes
+                assert per_param == pytest.approx(moments * (1 + 4 / 256)), name
+        for source, target in (("AdamW", "AdamW8bit"), ("AdamW8bit", "AdamW")):
+            want = _8bit_reload(source, target)
+            for rank, result in enumerate(per_rank):
+                _assert_same_8bit_result(result[f"{source}_to_{target}"], want, f"{source} to {target}, rank {rank}")
+        # The checkpoint the 2 ranks saved loads into one process (torch.distributed.checkpoint reshards it): the
+        # very state one process has after the same steps.
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        model, want_opt = _step_8bit("AdamW8bit_fp32_S0", "S0")
+        fresh_params = [torch.nn.Parameter(p.detach().clone()) for p in model]
+        holder = torch.nn.ParameterList(fresh_params)
+        groups = [dict(params=[p], min_8bit_size=g["min_8bit_size"]) for p, g in zip(fresh_params,
+                                                                                   want_opt.param_groups)]
+        fresh = fused_train.optim.AdamW8bit(groups, **_8BIT_KWARGS["AdamW8bit"])
+        loaded = {"optim": get_optimizer_state_dict(holder, fresh)}
+        dcp.load(loaded, checkpoint_id=os.path.join(out_dir, "dcp8"))
+        set_optimizer_state_dict(holder, fresh, loaded["optim"])
+        _assert_same_8bit_result(_8bit_result(fresh_params, fresh), _8bit_result(model, want_opt), "DCP 2 -> 1")

@@ -223,10 +223,11 @@ void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
                        double beta2, double weight_decay, double eps, bool maximize, bool decoupled_weight_decay,
                        bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                       const std::optional<at::TensorList>& rounding_seeds) {
+                       const std::optional<at::TensorList>& rounding_seeds,
+                       at::OptionalIntArrayRef rounding_offsets) {
   OptimizerTensors t = check_adam8bit_step(params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
                                            exp_avg_sq_absmax, state_steps, zero_grad, lr_tensor, grad_scale,
-                                           found_inf, rounding_seeds);
+                                           found_inf, rounding_seeds, rounding_offsets);
   step_adam(OptimizerKind::Adam8bit, t, grads, lr, beta1, beta2, weight_decay, eps, false, maximize,
             decoupled_weight_decay, zero_grad, lr_tensor, grad_scale, found_inf);
 }
@@ -236,9 +237,11 @@ void sgd8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       double dampening, double weight_decay, bool nesterov, bool maximize, bool is_first_step,
                       bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                      const std::optional<at::TensorList>& rounding_seeds) {
+                      const std::optional<at::TensorList>& rounding_seeds,
+                      at::OptionalIntArrayRef rounding_offsets) {
   OptimizerTensors t = check_sgd8bit_step(params, grads, momentum_buffer_codes, momentum_buffer_absmax, state_steps,
-                                          momentum, zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds);
+                                          momentum, zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds,
+                                          rounding_offsets);
   step_sgd(OptimizerKind::Sgd8bit, t, grads, lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step,
            zero_grad, lr_tensor, grad_scale, found_inf);
 }
@@ -249,10 +252,11 @@ void rmsprop8bit_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
                           double eps, double weight_decay, double momentum, bool maximize, bool zero_grad,
                           const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf,
-                          const std::optional<at::TensorList>& rounding_seeds) {
+                          const std::optional<at::TensorList>& rounding_seeds,
+                          at::OptionalIntArrayRef rounding_offsets) {
   OptimizerTensors t = check_rmsprop8bit_step(params, grads, square_avg_codes, square_avg_absmax, momentum_buffer_codes,
                                               momentum_buffer_absmax, state_steps, momentum, zero_grad, lr_tensor,
-                                              grad_scale, found_inf, rounding_seeds);
+                                              grad_scale, found_inf, rounding_seeds, rounding_offsets);
   step_rmsprop(OptimizerKind::Rmsprop8bit, t, grads, lr, alpha, eps, weight_decay, momentum, false, maximize,
                zero_grad, lr_tensor, grad_scale, found_inf);
 }

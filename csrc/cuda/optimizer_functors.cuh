@@ -488,8 +488,9 @@ FT_UNROLL
     }
   }
 
-  FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth>& m, const BlockLocation& loc, const BlockScalars& s,
-                                 int thread, int n_threads) const {
+  template <bool kIndexBases>
+  FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth, kIndexBases>& m, const BlockLocation& loc,
+                                 const BlockScalars& s, int thread, int n_threads) const {
     const math::RunRounding rounding = chunk_rounding<T>(m, loc, seed_list, s.step_after);
     T* param = static_cast<T*>(m.addresses[0][loc.slot]) + loc.begin;
     T* grad = static_cast<T*>(m.addresses[1][loc.slot]) + loc.begin;

@@ -141,12 +141,15 @@ void launch_8bit(OptimizerTensors& t, const Op& op, const CommonScalars& common)
     constexpr bool kSeeded = Depth == 3 + 2 * K;
     if constexpr (kSeeded) lists[Depth - 1] = t.rounding_seeds;
     const Blockwise8bitFunctor<T, Depth, Op, kSteps> functor{op, common, kSeeded ? Depth - 1 : -1};
+    if constexpr (kSeeded) {  // the call's rounding offsets (FSDP2 shards'), as in launch_with_offsets
+      if (!t.rounding_offsets.empty()) return multi_tensor_apply<Depth>(lists, t.steps, t.rounding_offsets, functor);
+    }
     multi_tensor_apply<Depth>(lists, t.steps, functor);
   };
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (!t.rounding_seeds.empty()) return launch(std::integral_constant<int, 3 + 2 * K>{});
   }
-  TORCH_INTERNAL_ASSERT(t.rounding_seeds.empty());
+  TORCH_INTERNAL_ASSERT(t.rounding_seeds.empty() && t.rounding_offsets.empty());
   launch(std::integral_constant<int, 2 + 2 * K>{});
 }
 
@@ -276,10 +279,11 @@ void adam8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
                         double beta2, double weight_decay, double eps, bool maximize, bool decoupled_weight_decay,
                         bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                        const std::optional<at::TensorList>& rounding_seeds) {
+                        const std::optional<at::TensorList>& rounding_seeds,
+                        at::OptionalIntArrayRef rounding_offsets) {
   OptimizerTensors t = check_adam8bit_step(params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
                                            exp_avg_sq_absmax, state_steps, zero_grad, lr_tensor, grad_scale,
-                                           found_inf, rounding_seeds);
+                                           found_inf, rounding_seeds, rounding_offsets);
   if (t.size() == 0) return;
   c10::cuda::OptionalCUDAGuard guard(t.device);
   raise_if_bad_target_seen("adam8bit_step_", t.device.index());
@@ -306,9 +310,11 @@ void sgd8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        double dampening, double weight_decay, bool nesterov, bool maximize, bool is_first_step,
                        bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                       const std::optional<at::TensorList>& rounding_seeds) {
+                       const std::optional<at::TensorList>& rounding_seeds,
+                       at::OptionalIntArrayRef rounding_offsets) {
   OptimizerTensors t = check_sgd8bit_step(params, grads, momentum_buffer_codes, momentum_buffer_absmax, state_steps,
-                                          momentum, zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds);
+                                          momentum, zero_grad, lr_tensor, grad_scale, found_inf, rounding_seeds,
+                                          rounding_offsets);
   if (t.size() == 0) return;
   c10::cuda::OptionalCUDAGuard guard(t.device);
   raise_if_bad_target_seen("sgd8bit_step_", t.device.index());
@@ -335,10 +341,11 @@ void rmsprop8bit_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
                            at::TensorList momentum_buffer_absmax, at::TensorList state_steps, double lr, double alpha,
                            double eps, double weight_decay, double momentum, bool maximize, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                           const std::optional<at::TensorList>& rounding_seeds) {
+                           const std::optional<at::TensorList>& rounding_seeds,
+                           at::OptionalIntArrayRef rounding_offsets) {
   OptimizerTensors t = check_rmsprop8bit_step(params, grads, square_avg_codes, square_avg_absmax, momentum_buffer_codes,
                                               momentum_buffer_absmax, state_steps, momentum, zero_grad, lr_tensor,
-                                              grad_scale, found_inf, rounding_seeds);
+                                              grad_scale, found_inf, rounding_seeds, rounding_offsets);
   if (t.size() == 0) return;
   c10::cuda::OptionalCUDAGuard guard(t.device);
   raise_if_bad_target_seen("rmsprop8bit_step_", t.device.index());

@@ -325,11 +325,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _convert_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """Brings a param's state into the form this optimizer keeps, in place. Full-precision optimizers take an
         8-bit optimizer's moments (``<name>_codes`` and ``<name>_absmax``) by dequantizing them."""
+        from ._state8bit import dequantize_moment  # (it imports this module)
+
         for name in self._state_names:
             codes, absmax = state.get(f"{name}_codes"), state.get(f"{name}_absmax")
             if isinstance(codes, Tensor) and isinstance(absmax, Tensor):
-                values = _quantization.dequantize_blockwise(codes, absmax, signed=_quantization.MOMENT_IS_SIGNED[name])
-                state[name] = values.to(device=p.device, dtype=_state_like_dtype(p)).reshape(p.shape)
+                values = dequantize_moment(codes, absmax, signed=_quantization.MOMENT_IS_SIGNED[name])
+                values = values.to(device=p.device, dtype=_state_like_dtype(p))
+                state[name] = values if values.shape == p.shape else values.reshape(p.shape)
                 del state[f"{name}_codes"], state[f"{name}_absmax"]
 
     def _invalidate_tables(self) -> None:

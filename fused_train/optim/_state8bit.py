@@ -1,17 +1,25 @@
 """What the optimizers with 8-bit blockwise state share (Adam8bit, AdamW8bit, SGD8bit, RMSprop8bit): bitsandbytes'
 arguments, which params are quantized, the state's creation, checks and checkpoint conversion. Each moment of a
 quantized param is ``<name>_codes`` (uint8, the param's shape) and ``<name>_absmax`` (fp32, one per 256 elements);
-the quantization is ``_quantization.py`` here and csrc/include/fused_train/quant_math.h in the kernels."""
+the quantization is ``_quantization.py`` here and csrc/include/fused_train/quant_math.h in the kernels.
+
+A DTensor param (FSDP2's) keeps 8-bit state where its shards never cut a block of 256: placements Shard(0) or
+Replicate only, and rows (all but dim 0) of a multiple of 256 elements, so that each shard's blocks are blocks of the
+whole tensor. Its codes are a DTensor placed as the param, and its absmax one of shape (rows, row elements / 256)
+placed the same way: each rank steps its own blocks, and the state is the whole tensor's, cut as the param is. So
+``full_tensor()`` of the state is what one process would hold (absmax flattened), and torch.distributed.checkpoint
+reshards it like the params, to any number of ranks."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import _quantization
-from ._base import _is_dtensor
+from ._base import _is_dtensor, _kernel_view, _shard_offsets
 
 _QUANTIZED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MOMENT_IS_SIGNED = _quantization.MOMENT_IS_SIGNED
@@ -36,6 +44,82 @@ def check_8bit_arguments(name: str, *, min_8bit_size: Any, optim_bits: int = 32,
         raise ValueError(f"{name}: min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
 
 
+def _absmax_shape(p: Tensor) -> tuple[int, ...] | None:
+    """The shape of a quantized param's absmax, one per block of 256 elements in the param's order: (rows, row
+    elements / 256) where a param of 2 or more dims has rows of a multiple of 256 elements, else (blocks,). The same
+    for a plain tensor and for the whole of a DTensor, so that a checkpoint moves between the two (and between any
+    numbers of ranks) unchanged. For a DTensor it is None where the placements would cut a block (the param then
+    keeps full-precision state): only dim-0 shards of such rows hold whole blocks, each its own rows of the absmax,
+    and replicas the whole tensor."""
+    rows = p.shape[0] if p.dim() >= 2 else 0
+    row = p.numel() // rows if rows else 0
+    by_rows = row > 0 and row % _quantization.BLOCK_SIZE == 0
+    shape = (rows, row // _quantization.BLOCK_SIZE) if by_rows else (_quantization.num_blocks(p.numel()),)
+    if not _is_dtensor(p):
+        return shape
+    kinds = [type(placement).__name__ for placement in p.placements]  # (exact names: not _StridedShard)
+    if not all(kind in ("Shard", "Replicate") for kind in kinds):
+        return None
+    if "Shard" not in kinds:
+        return shape
+    if not by_rows or any(kind == "Shard" and placement.dim % p.dim() != 0
+                          for kind, placement in zip(kinds, p.placements)):
+        return None
+    return shape
+
+
+def _local_rows(p: Tensor, whole: Tensor) -> Tensor:
+    """This rank's part of ``whole`` (a state tensor of the whole DTensor param ``p``, cut along dim 0 as ``p``'s
+    rows are, or whole where ``p`` is replicated), as a DTensor placed as ``p``."""
+    local = p._local_tensor
+    if any(type(placement).__name__ == "Shard" for placement in p.placements):
+        first = _shard_offsets(p)[0] if local.numel() else 0
+        whole_part = whole[first:first + local.shape[0]]
+    else:
+        whole_part = whole
+    return _placed_as(p, whole_part.to(local.device).contiguous(), tuple(whole.shape))
+
+
+def _placed_as(p: Tensor, local: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``local`` (this rank's part of a state tensor of ``shape``) as a DTensor placed as the param ``p``."""
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * max(shape[d + 1], 1)
+    return type(p).from_local(local, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape),
+                              stride=tuple(strides))
+
+
+def _quantize_moment(p: Tensor, value: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """(codes, absmax) of a full-precision moment of the quantized param ``p``, on ``p``'s device; for a DTensor,
+    each rank quantizes its own shard (whole blocks, see _absmax_shape), placed as the param."""
+    shape = _absmax_shape(p)
+    if not _is_dtensor(p):
+        codes, absmax = _quantization.quantize_blockwise(value, signed=signed)
+        return codes.to(p.device), absmax.reshape(shape).to(p.device)
+    local = _kernel_view(value)
+    codes, absmax = _quantization.quantize_blockwise(local, signed=signed)
+    absmax = absmax.reshape(local.shape[0], shape[1]) if len(shape) == 2 else absmax
+    return (_placed_as(p, codes.to(local.device), tuple(p.shape)),
+            _placed_as(p, absmax.to(local.device), shape))
+
+
+def dequantize_moment(codes: Tensor, absmax: Tensor, *, signed: bool) -> Tensor:
+    """The fp32 moment that ``codes`` and ``absmax`` stand for (of the codes' shape); for DTensor codes, each rank
+    dequantizes its shard, and the moment is placed as the codes."""
+    if not _is_dtensor(codes):
+        return _quantization.dequantize_blockwise(codes, absmax, signed=signed)
+    values = _quantization.dequantize_blockwise(_kernel_view(codes), _kernel_view(absmax), signed=signed)
+    return _placed_as(codes, values, tuple(codes.shape))
+
+
+def _same_placement(p: Tensor, value: Tensor) -> bool:
+    """Whether a state tensor is cut as its param: both plain tensors, or DTensors on one mesh, placed alike."""
+    if not _is_dtensor(p):
+        return not _is_dtensor(value)
+    return _is_dtensor(value) and value.device_mesh == p.device_mesh and tuple(value.placements) == tuple(
+        p.placements)
+
+
 class State8bit:
     """Mixin for a FusedOptimizer subclass with 8-bit state. The subclass lists its moments in ``_moments`` (names
     from MOMENT_IS_SIGNED; the first one exists whenever the param has state, and decides its bucket) and keeps
@@ -44,9 +128,11 @@ class State8bit:
     _moments: tuple[str, ...] = ()
 
     def _quantizes(self, p: Tensor, group: dict[str, Any]) -> bool:
-        """Params under min_8bit_size elements, float64, complex and DTensor params keep full-precision state."""
-        return (p.dtype in _QUANTIZED_DTYPES and not _is_dtensor(p)
-                and p.numel() >= group.get("min_8bit_size", self.defaults["min_8bit_size"]))
+        """Params under min_8bit_size elements (of the whole tensor, for a DTensor), float64 and complex params, and
+        DTensor params whose shards would cut blocks (see _absmax_shape) keep full-precision state."""
+        return (p.dtype in _QUANTIZED_DTYPES
+                and p.numel() >= group.get("min_8bit_size", self.defaults["min_8bit_size"])
+                and _absmax_shape(p) is not None)
 
     def _new_moment(self, param: Tensor, group: dict[str, Any], state: dict[str, Any], name: str) -> None:
         """A zero moment: 8-bit (the code of 0, absmax 0) for a quantized param, else full precision."""
@@ -54,9 +140,14 @@ class State8bit:
             state[name] = self._zeros_state(param)
             return
         zero = _quantization.SIGNED_ZERO_CODE if MOMENT_IS_SIGNED[name] else _quantization.UNSIGNED_ZERO_CODE
-        state[f"{name}_codes"] = torch.full(param.shape, zero, dtype=torch.uint8, device=param.device)
-        state[f"{name}_absmax"] = torch.zeros(_quantization.num_blocks(param.numel()), dtype=torch.float32,
-                                              device=param.device)
+        local = _kernel_view(param)  # (a DTensor's shard: each rank makes its own part of the state)
+        shape = _absmax_shape(param)
+        codes = torch.full(local.shape, zero, dtype=torch.uint8, device=local.device)
+        absmax = torch.zeros((local.shape[0], shape[1]) if _is_dtensor(param) and len(shape) == 2 else shape,
+                             dtype=torch.float32, device=local.device)
+        if _is_dtensor(param):
+            codes, absmax = _placed_as(param, codes, tuple(param.shape)), _placed_as(param, absmax, shape)
+        state[f"{name}_codes"], state[f"{name}_absmax"] = codes, absmax
 
     def _moments_in_use(self, group: dict[str, Any]) -> tuple[str, ...]:
         """The moments a quantized param of this group must have (the first one, and those its options use)."""
@@ -84,16 +175,17 @@ class State8bit:
                 if value.shape != p.shape:
                     raise ValueError(f"{type(self).__name__}: state '{name}' has shape {tuple(value.shape)} but "
                                      f"its param has {tuple(p.shape)}")
-                codes, absmax = _quantization.quantize_blockwise(value, signed=MOMENT_IS_SIGNED[name])
-                state[f"{name}_codes"] = codes.to(p.device)
-                state[f"{name}_absmax"] = absmax.to(p.device)
+                if not _same_placement(p, value):
+                    raise ValueError(_placement_message(self, name, p, value))
+                codes, absmax = _quantize_moment(p, value, MOMENT_IS_SIGNED[name])
+                state[f"{name}_codes"], state[f"{name}_absmax"] = codes, absmax
                 del state[name]
 
     def _check_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """As the base class, and the 8-bit state's layout: checked here, while the tables are built, so that a bad
         entry raises before any group steps."""
         super()._check_state(p, group, state)
-        blocks = (_quantization.num_blocks(p.numel()),)
+        blocks = _absmax_shape(p) if self._bucket_kind(p, state) else (_quantization.num_blocks(p.numel()),)
         # A quantized param's moments in use must all be there; any other moment only if a part of it is.
         required = self._moments_in_use(group) if self._bucket_kind(p, state) else ()
         for moment in self._moments:
@@ -103,17 +195,21 @@ class State8bit:
                 value = state.get(name)
                 codes = name.endswith("_codes")
                 dtype, shape = (torch.uint8, p.shape) if codes else (torch.float32, blocks)
+                if not codes and _other_absmax_layout(p, value, shape):
+                    value = state[name] = _absmax_in_layout(p, value, shape)
                 if not isinstance(value, Tensor) or value.dtype != dtype or value.shape != shape:
                     got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
                     raise ValueError(f"{type(self).__name__}: state '{name}' must be a {dtype} tensor of shape "
                                      f"{tuple(shape)}, got {got}")
+                if not _same_placement(p, value):
+                    raise ValueError(_placement_message(self, name, p, value))
                 if value.device != p.device:
                     raise ValueError(
                         f"{type(self).__name__}: state '{name}' is on {value.device} but its param is on "
                         f"{p.device}; the fused step needs them on the same device (move the state back before "
                         "stepping)"
                     )
-                if not value.is_contiguous():
+                if not _kernel_view(value).is_contiguous():
                     state[name] = value.contiguous()
 
 
@@ -127,6 +223,33 @@ def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
         for name, signed in MOMENT_IS_SIGNED.items():
             codes, absmax = state.pop(f"{name}_codes", None), state.pop(f"{name}_absmax", None)
             if codes is not None and absmax is not None:
-                state[name] = _quantization.dequantize_blockwise(codes, absmax, signed=signed)
+                state[name] = dequantize_moment(codes, absmax, signed=signed)
         out["state"][key] = state
     return out
+
+
+def _other_absmax_layout(p: Tensor, value: Any, shape: tuple[int, ...]) -> bool:
+    """Whether ``value`` is an absmax of the right blocks in another layout: a checkpoint's 1-D absmax (saved before
+    the row layout, or by bitsandbytes' count) where rows are wanted, or one that a loader cut as a 1-D tensor."""
+    if not isinstance(value, Tensor) or value.dtype != torch.float32 or value.numel() != math.prod(shape):
+        return False
+    return value.shape != shape or (_is_dtensor(p) and _is_dtensor(value) and not _same_placement(p, value))
+
+
+def _absmax_in_layout(p: Tensor, value: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``value`` (the blocks' absmax in order, in another shape or cut) in ``shape``, cut as the param's state. For a
+    DTensor this gathers the whole absmax (a collective every rank of the mesh makes, as the step's table building
+    is): once, when a checkpoint of another layout is loaded."""
+    if not _is_dtensor(p):
+        return value.reshape(shape) if not _is_dtensor(value) else value
+    if not _is_dtensor(value) or value.device_mesh != p.device_mesh:
+        return value
+    return _local_rows(p, value.full_tensor().reshape(shape))
+
+
+def _placement_message(optimizer: Any, name: str, p: Tensor, value: Tensor) -> str:
+    def placed(t: Tensor) -> str:
+        return f"a DTensor placed {tuple(t.placements)} on {t.device_mesh}" if _is_dtensor(t) else "a plain tensor"
+
+    return (f"{type(optimizer).__name__}: state '{name}' must be cut as its param: the param is {placed(p)}, the "
+            f"state {placed(value)}")

@@ -124,14 +124,13 @@ class Adam8bit(State8bit, FusedOptimizer, torch.optim.Optimizer):
                      eps=float(group["eps"]), maximize=group["maximize"],
                      decoupled_weight_decay=self._decoupled_weight_decay, zero_grad=zero_grad,
                      lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-                     rounding_seeds=bucket.rounding_seeds)
+                     rounding_seeds=bucket.rounding_seeds, rounding_offsets=bucket.rounding_offsets)
         if self._is_quantized(states):
             _ops.adam8bit_step_(params, grads, states["exp_avg_codes"], states["exp_avg_absmax"],
                                 states["exp_avg_sq_codes"], states["exp_avg_sq_absmax"], steps, **hyper)
         else:
-            # (DTensor shards land here, never in an 8-bit bucket: their offsets go with them)
             _ops.adam_step_(params, grads, states["exp_avg"], states["exp_avg_sq"], [], steps, amsgrad=False,
-                            rounding_offsets=bucket.rounding_offsets, **hyper)
+                            **hyper)
 
 
 class AdamW8bit(Adam8bit):

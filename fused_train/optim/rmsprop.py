@@ -206,11 +206,10 @@ class RMSprop8bit(State8bit, FusedOptimizer, torch.optim.Optimizer):
         hyper = dict(lr=lr, alpha=float(group["alpha"]), eps=float(group["eps"]),
                      weight_decay=float(group["weight_decay"]), momentum=momentum, maximize=group["maximize"],
                      zero_grad=zero_grad, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-                     rounding_seeds=bucket.rounding_seeds)
+                     rounding_seeds=bucket.rounding_seeds, rounding_offsets=bucket.rounding_offsets)
         if not self._is_quantized(states):
             buffers = states["momentum_buffer"] if momentum > 0 else []
-            _ops.rmsprop_step_(params, grads, states["square_avg"], [], buffers, steps, centered=False,
-                               rounding_offsets=bucket.rounding_offsets, **hyper)  # (DTensor shards: their offsets)
+            _ops.rmsprop_step_(params, grads, states["square_avg"], [], buffers, steps, centered=False, **hyper)
             return
         buffers = (states["momentum_buffer_codes"], states["momentum_buffer_absmax"]) if momentum > 0 else ([], [])
         _ops.rmsprop8bit_step_(params, grads, states["square_avg_codes"], states["square_avg_absmax"], *buffers, steps,

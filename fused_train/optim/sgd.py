@@ -115,7 +115,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         )
         seeds = bucket.rounding_seeds  # stochastic rounding: steps are its counters
         rounding = dict(state_steps=steps, rounding_seeds=seeds) if seeds is not None else {}
-        if bucket.rounding_offsets is not None:  # (shards: fp32 state, never an 8-bit bucket's op)
+        if bucket.rounding_offsets is not None:  # (DTensor shards: their offsets)
             rounding["rounding_offsets"] = bucket.rounding_offsets
         if momentum == 0:
             _ops.sgd_step_(params, grads, [], is_first_step=False, **kwargs, **rounding)
