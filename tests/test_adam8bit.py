@@ -219,6 +219,43 @@ def test_state_bytes_per_param():
     assert moment_bytes == 2 * p.numel() + 2 * 4 * (p.numel() // 256)
 
 
+def test_absmax_is_laid_out_by_rows_and_a_flat_one_loads():
+    """A param of 2+ dims whose rows hold k·256 elements keeps its absmax as (rows, k), the layout an FSDP2 shard
+    keeps its own rows of; others (blocks,). A checkpoint with the blocks flat (saved before this layout) loads into
+    it and steps on exactly as the state it came from."""
+    torch.manual_seed(0)
+    shapes = {(12, 512): (12, 2), (3, 2, 128): (3, 1), (300, 7): (9,), (5000,): (20,)}
+    a = [torch.randn(s, requires_grad=True) for s in shapes]
+    first = AdamW8bit(a, min_8bit_size=0)
+    for p in a:
+        p.grad = torch.randn(p.shape)
+    first.step()
+    b = [p.detach().clone().requires_grad_(True) for p in a]
+    for p, want in zip(a, shapes.values()):
+        assert first.state[p]["exp_avg_absmax"].shape == want and first.state[p]["exp_avg_sq_absmax"].shape == want
+    saved = first.state_dict()
+    for state in saved["state"].values():
+        for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+            state[key] = state[key].reshape(-1).clone()
+    second = AdamW8bit(b, min_8bit_size=0)
+    second.load_state_dict(saved)
+    for p, q in zip(a, b):
+        p.grad = torch.randn(p.shape)
+        q.grad = p.grad.clone()
+    first.step()
+    second.step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+        for key, value in first.state[p].items():
+            assert value.shape == second.state[q][key].shape and torch.equal(value, second.state[q][key]), key
+    # one of another count of blocks is refused, naming it, before anything steps
+    second.state[b[0]]["exp_avg_absmax"] = torch.zeros(23)
+    before = [q.detach().clone() for q in b]
+    with pytest.raises(ValueError, match=r"state 'exp_avg_absmax' must be a torch.float32 tensor of shape \(12, 2\)"):
+        second.step()
+    assert all(torch.equal(q, w) for q, w in zip(b, before))
+
+
 def test_gradient_zeroed_in_step_and_threads_do_not_change_results():
     torch.manual_seed(0)
     runs = []
