@@ -173,3 +173,28 @@ def test_per_sample_gradients_benchmark_measures_both_kinds_beside_torch(tmp_pat
     assert memory[("fused", "input")] < memory[("torch", "input")]
     assert all("fused_over_this" in row for row in rows if row["impl"] == "torch")
     assert done.stdout.count("fused/torch") == 2
+
+
+@pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 6),
+                    reason="FSDP2 runs on CPU from torch 2.6 on")
+def test_fsdp2_8bit_benchmark_measures_each_ranks_state_beside_fp32(tmp_path):
+    """benchmarks/bench_fsdp2_8bit.py end to end on a one-layer GPT-2 over 2 ranks: on each rank AdamW8bit's state
+    is 2.03 bytes per param of its shards (every param but the layer norms' and biases' is 8-bit), the fp32
+    optimizers' 8, and every step is timed."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "result.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_fsdp2_8bit.py"), "--layers", "1", "--vocab", "1024", "--rounds", "1",
+         "--without-torchao", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["per_rank"]) == 2
+    for rows in result["per_rank"]:
+        assert sorted(rows) == ["fused_train AdamW", "fused_train AdamW8bit", "torch AdamW (foreach)"]
+        ours = rows["fused_train AdamW8bit"]
+        assert 2.0 < ours["state_bytes_per_param"] < 2.2 and ours["quantized_share"] > 0.95
+        assert rows["fused_train AdamW"]["state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)
+        assert rows["fused_train AdamW"]["quantized_share"] == 0.0
+        assert all(row["ms"] > 0 for row in rows.values())

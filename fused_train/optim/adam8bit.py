@@ -23,9 +23,11 @@ class Adam8bit(State8bit, FusedOptimizer, torch.optim.Optimizer):
     Each moment of a param with at least ``min_8bit_size`` elements is kept as one uint8 code per element and one
     fp32 absmax per block of 256 elements (2.03 bytes per param for both moments instead of 8). The step's math is
     torch.optim.Adam's in fp32, on the dequantized moments; the param is updated from the fp32 moments before they
-    are requantized (as bitsandbytes does). Smaller params, float64 params, complex params and DTensor shards keep
-    fp32 (float64) state and take :class:`fused_train.optim.Adam`'s kernel. With ``weight_decay`` this is Adam's
-    L2 penalty, as in torch.optim.Adam; :class:`AdamW8bit` decays decoupled.
+    are requantized (as bitsandbytes does). Smaller params, float64 params, complex params, and DTensor params whose
+    shards would cut a block (anything but dim-0 shards of rows of k·256 elements, or replicas) keep fp32 (float64)
+    state and take :class:`fused_train.optim.Adam`'s kernel. A DTensor param's (FSDP2's) 8-bit state is DTensors
+    placed as the param, each rank holding its own blocks. With ``weight_decay`` this is Adam's L2 penalty, as in
+    torch.optim.Adam; :class:`AdamW8bit` decays decoupled.
 
     ``state_dict()`` holds ``exp_avg_codes``, ``exp_avg_absmax``, ``exp_avg_sq_codes`` and ``exp_avg_sq_absmax``
     for quantized params (``exp_avg``/``exp_avg_sq`` for the others) and a ``step``. A checkpoint of

@@ -118,8 +118,9 @@ class RMSprop8bit(State8bit, FusedOptimizer, torch.optim.Optimizer):
     The step is :class:`torch.optim.RMSprop`'s in fp32, on the dequantized state: ``square_avg`` (unsigned code) and
     ``momentum_buffer`` when ``momentum > 0`` (signed code), each one uint8 code per element and one fp32 absmax per
     256 elements (1.02 bytes per param and state, instead of 4). The param is updated from the fp32 state before it
-    is requantized. Params under ``min_8bit_size`` elements, float64, complex and DTensor params keep fp32 (float64)
-    state and take :class:`fused_train.optim.RMSprop`'s kernel.
+    is requantized. Params under ``min_8bit_size`` elements, float64, complex, and DTensor params whose shards would
+    cut a block (see :class:`Adam8bit`) keep fp32 (float64) state and take :class:`fused_train.optim.RMSprop`'s
+    kernel.
 
     ``centered=True`` raises, as in bitsandbytes: the centered variance ``square_avg - grad_avg²`` is smaller than the
     8-bit codes' error wherever the gradient's mean dominates its noise, and goes negative there (NaN). Unlike

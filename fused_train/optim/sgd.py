@@ -159,8 +159,9 @@ class SGD8bit(State8bit, SGD):
     The step is :class:`torch.optim.SGD`'s in fp32 (momentum, dampening, Nesterov, weight decay; the first step
     copies the gradient into the buffer), on the dequantized ``momentum_buffer``: one uint8 code per element (signed
     code) and one fp32 absmax per 256 elements, 1.02 bytes per param instead of 4. The param is updated from the
-    fp32 buffer before it is requantized. Params under ``min_8bit_size`` elements, float64, complex and DTensor
-    params keep an fp32 (float64) buffer and take :class:`fused_train.optim.SGD`'s kernel. ``momentum=0`` keeps no
+    fp32 buffer before it is requantized. Params under ``min_8bit_size`` elements, float64, complex, and DTensor
+    params whose shards would cut a block (see :class:`Adam8bit`) keep an fp32 (float64) buffer and take
+    :class:`fused_train.optim.SGD`'s kernel. ``momentum=0`` keeps no
     state and steps as :class:`fused_train.optim.SGD` (bitsandbytes refuses it).
 
     ``state_dict()`` holds ``momentum_buffer_codes`` and ``momentum_buffer_absmax`` for quantized params; checkpoints
