@@ -128,7 +128,8 @@ def run(layers: int = 12, vocab: int = 50304, rounds: int = 7, torchao: bool = T
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.start_processes(_worker, args=(port, layers, vocab, rounds, torchao, out), nprocs=WORLD, start_method="spawn")
+        mp.start_processes(_worker, args=(port, layers, vocab, rounds, torchao, out), nprocs=WORLD,
+                           start_method="spawn")
         with open(out) as f:
             return json.load(f)
 
@@ -142,8 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="write the result here too")
     args = parser.parse_args(argv)
     result = run(args.layers, args.vocab, args.rounds, not args.without_torchao)
-    print(f"# GPT-2 ({args.layers} layers, vocabulary {args.vocab}, {result['params'] / 1e6:.1f}M params) under FSDP2, {WORLD} gloo ranks on "
-          f"the CPU, 1 thread each; torch {result['torch']}")
+    print(f"# GPT-2 ({args.layers} layers, vocabulary {args.vocab}, {result['params'] / 1e6:.1f}M params) under FSDP2, "
+          f"{WORLD} gloo ranks on the CPU, 1 thread each; torch {result['torch']}")
     print(f"{'optimizer':<24}{'rank':>5}{'state B/param':>15}{'8-bit share':>13}{'step ms':>10}{'/ AdamW8bit':>13}")
     for rank, rows in enumerate(result["per_rank"]):
         ours = rows["fused_train AdamW8bit"]["ms"]
