@@ -457,6 +457,10 @@ def _sharded_8bit_worker(rank, port, out_dir):
         for source, target in (("AdamW", "AdamW8bit"), ("AdamW8bit", "AdamW")):
             results[f"{source}_to_{target}"] = _8bit_reload(
                 source, target, lambda t: distribute_tensor(t, mesh, [Shard(0)]))
+        # One process's whole checkpoint (torch's full_state_dict) into shards: fp32 moments, and 8-bit ones
+        for source in ("AdamW", "AdamW8bit"):
+            results[f"{source}_full_into_shards"] = _full_into_shards(
+                source, lambda t: distribute_tensor(t, mesh, [Shard(0)]))
         dist.barrier()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -478,6 +482,45 @@ def _8bit_reload(source, target, make=lambda t: t):
     for step_grads in grads[2:]:
         for p, grad in zip(model, step_grads):
             p.grad = make(grad.clone())
+        second.step()
+    return _8bit_result(model, second)
+
+
+def _full_into_shards(source, make=None):
+    """One process steps all _8BIT_SHAPES twice with `source` (8-bit: min_8bit_size 0, so all five are quantized);
+    its whole state loads into AdamW8bit over the params placed by `make` through torch's
+    set_optimizer_state_dict(full_state_dict=True) (make None: one process, optimizer.load_state_dict), which steps
+    twice more. Sharded, the 8-bit state of the params whose blocks a dim-0 cut would split arrives whole and is
+    dequantized into each rank's part of an fp32 moment; one process drops them to fp32 by min_8bit_size."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    params, grads = _8bit_inputs(torch.float32)
+    first_model = [torch.nn.Parameter(p.clone()) for p in params]
+    # (the fp32 source's groups carry the min_8bit_size one process needs to keep the same params fp32 as the shards)
+    first = getattr(fused_train.optim, source)(
+        [dict(params=[p]) if "8bit" in source else dict(params=[p], min_8bit_size=0 if aligned else 1 << 30)
+         for p, aligned in zip(first_model, _8BIT_ROW_ALIGNED)], lr=1e-2,
+        **({"min_8bit_size": 0} if "8bit" in source else {}))
+    for step_grads in grads[:2]:
+        for p, grad in zip(first_model, step_grads):
+            p.grad = grad.clone()
+        first.step()
+    model = [torch.nn.Parameter((make or (lambda t: t))(p.detach().clone())) for p in first_model]
+    # (built with the checkpoint's min_8bit_size, so that its fresh state has the checkpoint's layout: torch's
+    # full_state_dict loading merges the state of a zero step of the fresh optimizer into what it loads)
+    second = fused_train.optim.AdamW8bit([dict(params=[p]) for p in model], lr=1e-2, min_8bit_size=0)
+    if make is None:
+        second.load_state_dict(first.state_dict())
+    else:
+        whole = StateDictOptions(full_state_dict=True)
+        saved = get_optimizer_state_dict(torch.nn.ParameterList(first_model), first, options=whole)
+        set_optimizer_state_dict(torch.nn.ParameterList(model), second, saved, options=whole)
+    for group, aligned in zip(second.param_groups, _8BIT_ROW_ALIGNED):
+        group["min_8bit_size"] = 0 if aligned else 1 << 30
+    for step_grads in grads[2:]:
+        for p, grad in zip(model, step_grads):
+            p.grad = (make or (lambda t: t))(grad.clone())
         second.step()
     return _8bit_result(model, second)
 
@@ -525,6 +568,11 @@ def test_8bit_state_of_shards_is_the_whole_tensors():
             want = _8bit_reload(source, target)
             for rank, result in enumerate(per_rank):
                 _assert_same_8bit_result(result[f"{source}_to_{target}"], want, f"{source} to {target}, rank {rank}")
+        for source in ("AdamW", "AdamW8bit"):
+            want = _full_into_shards(source)
+            for rank, result in enumerate(per_rank):
+                _assert_same_8bit_result(result[f"{source}_full_into_shards"], want,
+                                         f"{source}'s whole state into shards, rank {rank}")
         # The checkpoint the 2 ranks saved loads into one process (torch.distributed.checkpoint reshards it): the
         # very state one process has after the same steps.
         import torch.distributed.checkpoint as dcp

@@ -309,6 +309,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             if not isinstance(value, Tensor):
                 raise TypeError(f"{type(self).__name__}: state '{name}' must be a tensor, got {type(value).__name__}")
+            if _is_dtensor(p) and not _is_dtensor(value) and value.shape == p.shape:
+                value = state[name] = _as_shards_of(p, value)  # a checkpoint's whole tensor: this rank's part
+            if not _placed_like(p, value):
+                raise _placement_error(self, name, p, value)
             if value.device != p.device:
                 raise ValueError(
                     f"{type(self).__name__}: state '{name}' is on {value.device} but its param is on {p.device}; "
@@ -332,7 +336,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             if isinstance(codes, Tensor) and isinstance(absmax, Tensor):
                 values = dequantize_moment(codes, absmax, signed=_quantization.MOMENT_IS_SIGNED[name])
                 values = values.to(device=p.device, dtype=_state_like_dtype(p))
-                state[name] = values if values.shape == p.shape else values.reshape(p.shape)
+                values = values if values.shape == p.shape else values.reshape(p.shape)
+                # (8-bit state of the whole param, e.g. one process's checkpoint, for a shard: this rank's part)
+                state[name] = _as_shards_of(p, values) if _is_dtensor(p) and not _is_dtensor(values) else values
                 del state[f"{name}_codes"], state[f"{name}_absmax"]
 
     def _invalidate_tables(self) -> None:
@@ -629,6 +635,37 @@ def _shard_offsets(p: Tensor) -> list[int] | None:
         sizes[dim] = max(0, min(sizes[dim], start + chunk) - start)
         offsets[dim] += start
     return offsets
+
+
+def _as_shards_of(p: Tensor, whole: Tensor) -> Tensor:
+    """A plain tensor of the whole DTensor param ``p``'s shape (a state a checkpoint holds whole, e.g. torch's
+    full_state_dict loading a key the local state lacked) as this rank's part of it, a DTensor placed as ``p``. Every
+    rank holds the whole, so the cut is local: no collective."""
+    local = p._local_tensor
+    offsets = _shard_offsets(p) if _chunked_placements(p) else None
+    if offsets is None and local.numel():
+        raise ValueError(f"a state tensor of the whole param cannot be cut as a DTensor placed {tuple(p.placements)}; "
+                         "load it sharded (torch.distributed.checkpoint) instead")
+    offsets = offsets or [0] * p.dim()
+    part = whole[tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))]
+    return type(p).from_local(part.to(local.device).contiguous(), p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride())
+
+
+def _placed_like(p: Tensor, value: Tensor) -> bool:
+    """Whether a state tensor is cut as its param: both plain tensors, or DTensors on one mesh, placed alike."""
+    if not _is_dtensor(p):
+        return not _is_dtensor(value)
+    return _is_dtensor(value) and value.device_mesh == p.device_mesh and tuple(value.placements) == tuple(
+        p.placements)
+
+
+def _placement_error(optimizer: Any, name: str, p: Tensor, value: Tensor) -> ValueError:
+    def placed(t: Tensor) -> str:
+        return f"a DTensor placed {tuple(t.placements)} on {t.device_mesh}" if _is_dtensor(t) else "a plain tensor"
+
+    return ValueError(f"{type(optimizer).__name__}: state '{name}' must be cut as its param: the param is "
+                      f"{placed(p)}, the state {placed(value)}")
 
 
 def _kernel_view(t: Tensor) -> Tensor:

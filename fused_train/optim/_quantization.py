@@ -105,6 +105,9 @@ def quantize_blockwise(t: Tensor, *, signed: bool) -> tuple[Tensor, Tensor]:
 def dequantize_blockwise(codes: Tensor, absmax: Tensor, *, signed: bool) -> Tensor:
     """The fp32 tensor (of ``codes``' shape) that ``codes`` and ``absmax`` stand for."""
     n = codes.numel()
+    if absmax.numel() != num_blocks(n):
+        raise ValueError(f"8-bit state: {n} codes need {num_blocks(n)} absmax values (one per {BLOCK_SIZE}), got "
+                         f"{absmax.numel()}")
     values = (SIGNED if signed else UNSIGNED).values.to(codes.device)[codes.reshape(-1).long()]
     scale = absmax.float().repeat_interleave(BLOCK_SIZE)[:n]
     return (values * scale).reshape(codes.shape)

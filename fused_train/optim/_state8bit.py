@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _quantization
-from ._base import _is_dtensor, _kernel_view, _shard_offsets
+from ._base import _as_shards_of, _is_dtensor, _kernel_view, _placed_like, _placement_error, _shard_offsets
 
 _QUANTIZED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MOMENT_IS_SIGNED = _quantization.MOMENT_IS_SIGNED
@@ -108,16 +108,11 @@ def dequantize_moment(codes: Tensor, absmax: Tensor, *, signed: bool) -> Tensor:
     dequantizes its shard, and the moment is placed as the codes."""
     if not _is_dtensor(codes):
         return _quantization.dequantize_blockwise(codes, absmax, signed=signed)
+    if not _placed_like(codes, absmax):
+        raise ValueError("8-bit state: the absmax must be cut as its codes, got codes placed "
+                         f"{tuple(codes.placements)} and absmax {tuple(getattr(absmax, 'placements', ())) or 'plain'}")
     values = _quantization.dequantize_blockwise(_kernel_view(codes), _kernel_view(absmax), signed=signed)
     return _placed_as(codes, values, tuple(codes.shape))
-
-
-def _same_placement(p: Tensor, value: Tensor) -> bool:
-    """Whether a state tensor is cut as its param: both plain tensors, or DTensors on one mesh, placed alike."""
-    if not _is_dtensor(p):
-        return not _is_dtensor(value)
-    return _is_dtensor(value) and value.device_mesh == p.device_mesh and tuple(value.placements) == tuple(
-        p.placements)
 
 
 class State8bit:
@@ -175,8 +170,10 @@ class State8bit:
                 if value.shape != p.shape:
                     raise ValueError(f"{type(self).__name__}: state '{name}' has shape {tuple(value.shape)} but "
                                      f"its param has {tuple(p.shape)}")
-                if not _same_placement(p, value):
-                    raise ValueError(_placement_message(self, name, p, value))
+                if _is_dtensor(p) and not _is_dtensor(value):
+                    value = _as_shards_of(p, value)  # a checkpoint's whole moment (torch's full_state_dict)
+                if not _placed_like(p, value):
+                    raise _placement_error(self, name, p, value)
                 codes, absmax = _quantize_moment(p, value, MOMENT_IS_SIGNED[name])
                 state[f"{name}_codes"], state[f"{name}_absmax"] = codes, absmax
                 del state[name]
@@ -185,7 +182,8 @@ class State8bit:
         """As the base class, and the 8-bit state's layout: checked here, while the tables are built, so that a bad
         entry raises before any group steps."""
         super()._check_state(p, group, state)
-        blocks = _absmax_shape(p) if self._bucket_kind(p, state) else (_quantization.num_blocks(p.numel()),)
+        blocks = (_absmax_shape(p) if self._bucket_kind(p, state) else None) or (
+            _quantization.num_blocks(p.numel()),)
         # A quantized param's moments in use must all be there; any other moment only if a part of it is.
         required = self._moments_in_use(group) if self._bucket_kind(p, state) else ()
         for moment in self._moments:
@@ -195,22 +193,29 @@ class State8bit:
                 value = state.get(name)
                 codes = name.endswith("_codes")
                 dtype, shape = (torch.uint8, p.shape) if codes else (torch.float32, blocks)
+                if _is_dtensor(p) and isinstance(value, Tensor) and not _is_dtensor(value):
+                    # one process's whole state (a checkpoint loaded into shards): this rank's part of it
+                    if codes and value.shape == p.shape:
+                        value = state[name] = _as_shards_of(p, value)
+                    elif not codes and value.numel() == math.prod(shape):
+                        value = state[name] = _local_rows(p, value.reshape(shape))
                 if not codes and _other_absmax_layout(p, value, shape):
                     value = state[name] = _absmax_in_layout(p, value, shape)
                 if not isinstance(value, Tensor) or value.dtype != dtype or value.shape != shape:
                     got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
                     raise ValueError(f"{type(self).__name__}: state '{name}' must be a {dtype} tensor of shape "
                                      f"{tuple(shape)}, got {got}")
-                if not _same_placement(p, value):
-                    raise ValueError(_placement_message(self, name, p, value))
+                if not _placed_like(p, value):
+                    raise _placement_error(self, name, p, value)
                 if value.device != p.device:
                     raise ValueError(
                         f"{type(self).__name__}: state '{name}' is on {value.device} but its param is on "
                         f"{p.device}; the fused step needs them on the same device (move the state back before "
                         "stepping)"
                     )
-                if not _kernel_view(value).is_contiguous():
-                    state[name] = value.contiguous()
+                if not _kernel_view(value).is_contiguous():  # (a DTensor's contiguous() reads its global strides)
+                    local = _kernel_view(value).contiguous()
+                    state[name] = _placed_as(p, local, tuple(value.shape)) if _is_dtensor(value) else local
 
 
 def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -233,7 +238,7 @@ def _other_absmax_layout(p: Tensor, value: Any, shape: tuple[int, ...]) -> bool:
     the row layout, or by bitsandbytes' count) where rows are wanted, or one that a loader cut as a 1-D tensor."""
     if not isinstance(value, Tensor) or value.dtype != torch.float32 or value.numel() != math.prod(shape):
         return False
-    return value.shape != shape or (_is_dtensor(p) and _is_dtensor(value) and not _same_placement(p, value))
+    return value.shape != shape or (_is_dtensor(p) and _is_dtensor(value) and not _placed_like(p, value))
 
 
 def _absmax_in_layout(p: Tensor, value: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -245,11 +250,3 @@ def _absmax_in_layout(p: Tensor, value: Tensor, shape: tuple[int, ...]) -> Tenso
     if not _is_dtensor(value) or value.device_mesh != p.device_mesh:
         return value
     return _local_rows(p, value.full_tensor().reshape(shape))
-
-
-def _placement_message(optimizer: Any, name: str, p: Tensor, value: Tensor) -> str:
-    def placed(t: Tensor) -> str:
-        return f"a DTensor placed {tuple(t.placements)} on {t.device_mesh}" if _is_dtensor(t) else "a plain tensor"
-
-    return (f"{type(optimizer).__name__}: state '{name}' must be cut as its param: the param is {placed(p)}, the "
-            f"state {placed(value)}")
