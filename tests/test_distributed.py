@@ -457,6 +457,27 @@ def _sharded_8bit_worker(rank, port, out_dir):
         for source, target in (("AdamW", "AdamW8bit"), ("AdamW8bit", "AdamW")):
             results[f"{source}_to_{target}"] = _8bit_reload(
                 source, target, lambda t: distribute_tensor(t, mesh, [Shard(0)]))
+        # A sharded checkpoint of fp32 moments (an fp32 AdamW's, or an AdamW8bit's of shards from before they kept
+        # 8-bit state: the same keys) resumed by AdamW8bit through DCP, as the README says: built with min_8bit_size
+        # above every param's size, loaded, the groups' min_8bit_size set back; then it steps as a load_state_dict.
+        results["AdamW_dcp_to_AdamW8bit"] = _8bit_reload(
+            "AdamW", "AdamW8bit", lambda t: distribute_tensor(t, mesh, [Shard(0)]),
+            dcp_dir=os.path.join(out_dir, "dcp_fp32"))
+        # State cut otherwise than its param is refused, naming it, before any param steps
+        model = [torch.nn.Parameter(distribute_tensor(torch.randn(8, 256), mesh, [Shard(0)])) for _ in range(2)]
+        opt = fused_train.optim.AdamW8bit([dict(params=[p]) for p in model], lr=1e-2, min_8bit_size=0)
+        for p in model:
+            p.grad = distribute_tensor(torch.ones(8, 256), mesh, [Shard(0)])
+        opt.step()
+        before = [p.detach().to_local().clone() for p in model]
+        state = opt.state[model[1]]
+        state["exp_avg_codes"] = state["exp_avg_codes"].redistribute(mesh, [Replicate()])
+        try:
+            opt.step()
+            results["misplaced"] = "stepped"
+        except ValueError as e:
+            results["misplaced"] = str(e)
+        results["misplaced_untouched"] = all(torch.equal(p.detach().to_local(), b) for p, b in zip(model, before))
         # One process's whole checkpoint (torch's full_state_dict) into shards: fp32 moments, and 8-bit ones
         for source in ("AdamW", "AdamW8bit"):
             results[f"{source}_full_into_shards"] = _full_into_shards(
@@ -467,18 +488,40 @@ def _sharded_8bit_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _8bit_reload(source, target, make=lambda t: t):
-    """Steps the row-aligned params twice with `source`, loads its state_dict into `target`, steps twice more."""
+def _8bit_reload(source, target, make=lambda t: t, dcp_dir=None):
+    """Steps the row-aligned params twice with `source`, loads its state_dict into `target`, steps twice more. With
+    dcp_dir, through torch.distributed.checkpoint into a `target` built with min_8bit_size above every size, from
+    an AdamW8bit that kept fp32 moments (as every shard did before 2026-11-29; its steps are fp32 AdamW's)."""
     params, grads = _8bit_inputs(torch.float32)
     params, grads = params[:3], [g[:3] for g in grads]
     model = [torch.nn.Parameter(make(p.clone())) for p in params]
-    first = getattr(fused_train.optim, source)(model, lr=1e-2, **({"min_8bit_size": 0} if "8bit" in source else {}))
+    if dcp_dir is None:
+        first = getattr(fused_train.optim, source)(model, lr=1e-2,
+                                                   **({"min_8bit_size": 0} if "8bit" in source else {}))
+    else:
+        first = fused_train.optim.AdamW8bit(model, lr=1e-2, min_8bit_size=1 << 30)
     for step_grads in grads[:2]:
         for p, grad in zip(model, step_grads):
             p.grad = make(grad.clone())
         first.step()
-    second = getattr(fused_train.optim, target)(model, lr=1e-2, **({"min_8bit_size": 0} if "8bit" in target else {}))
-    second.load_state_dict(first.state_dict())
+    if dcp_dir is None:
+        second = getattr(fused_train.optim, target)(model, lr=1e-2,
+                                                    **({"min_8bit_size": 0} if "8bit" in target else {}))
+        second.load_state_dict(first.state_dict())
+    else:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        holder = torch.nn.ParameterList(model)
+        dcp.save({"optim": get_optimizer_state_dict(holder, first)}, checkpoint_id=dcp_dir)
+        for p in model:
+            p.grad = None  # (a resumed run: torch's loader makes the fresh state by a step of its own only then)
+        second = getattr(fused_train.optim, target)(model, lr=1e-2, min_8bit_size=1 << 30)
+        loaded = {"optim": get_optimizer_state_dict(holder, second)}
+        dcp.load(loaded, checkpoint_id=dcp_dir)
+        set_optimizer_state_dict(holder, second, loaded["optim"])
+        for group in second.param_groups:
+            group["min_8bit_size"] = 0
     for step_grads in grads[2:]:
         for p, grad in zip(model, step_grads):
             p.grad = make(grad.clone())
@@ -568,6 +611,12 @@ def test_8bit_state_of_shards_is_the_whole_tensors():
             want = _8bit_reload(source, target)
             for rank, result in enumerate(per_rank):
                 _assert_same_8bit_result(result[f"{source}_to_{target}"], want, f"{source} to {target}, rank {rank}")
+        want = _8bit_reload("AdamW", "AdamW8bit")
+        for rank, result in enumerate(per_rank):
+            _assert_same_8bit_result(result["AdamW_dcp_to_AdamW8bit"], want, f"AdamW's DCP into AdamW8bit, rank {rank}")
+        for result in per_rank:
+            assert "state 'exp_avg_codes' must be cut as its param" in result["misplaced"], result["misplaced"]
+            assert result["misplaced_untouched"]
         for source in ("AdamW", "AdamW8bit"):
             want = _full_into_shards(source)
             for rank, result in enumerate(per_rank):
