@@ -550,9 +550,10 @@ def _full_into_shards(source, make=None):
             p.grad = grad.clone()
         first.step()
     model = [torch.nn.Parameter((make or (lambda t: t))(p.detach().clone())) for p in first_model]
-    # (built with the checkpoint's min_8bit_size, so that its fresh state has the checkpoint's layout: torch's
-    # full_state_dict loading merges the state of a zero step of the fresh optimizer into what it loads)
-    second = fused_train.optim.AdamW8bit([dict(params=[p]) for p in model], lr=1e-2, min_8bit_size=0)
+    # (built with the default min_8bit_size, 4096: its fresh state keeps (1, 512) and (5, 2, 128) in fp32 where the
+    # 8-bit checkpoint has codes. torch's full_state_dict loading merges the state of a zero step of the fresh
+    # optimizer into what it loads, so those arrive in both forms: the checkpoint's must win.)
+    second = fused_train.optim.AdamW8bit([dict(params=[p]) for p in model], lr=1e-2)
     if make is None:
         second.load_state_dict(first.state_dict())
     else:

@@ -477,12 +477,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         values taken are those the pre-hooks hand on, and post-hooks see (and may replace) the loaded state.
         """
         loaded: list[dict[str, Any]] = []
+        before: list[set[str]] = []  # each param's state keys before the load
 
         def capture(optimizer: torch.optim.Optimizer, incoming: dict[str, Any]) -> None:
             loaded.append(incoming)  # registered last: sees what the user's pre-hooks hand to torch
+            before[:] = [set(self.state[p]) if p in self.state else set()
+                         for g in self.param_groups for p in g["params"]]
 
         def restore_precision(optimizer: torch.optim.Optimizer) -> None:
-            self._restore_state_precision(loaded[-1])  # prepended: before the user's post-hooks
+            self._restore_state_precision(loaded[-1], before)  # prepended: before the user's post-hooks
 
         # A checkpoint whose groups do not say (torch.optim's, or one saved before the option) keeps the choice this
         # optimizer was built with; torch's load would drop the key with the old group.
@@ -500,15 +503,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._invalidate_tables()
         self._zeroed_grads = {}
 
-    def _restore_state_precision(self, state_dict: dict[str, Any]) -> None:
+    def _restore_state_precision(self, state_dict: dict[str, Any], before: list[set[str]] | None = None) -> None:
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [(p, g) for g in self.param_groups for p in g["params"]]
-        for saved_id, (p, group) in zip(saved_ids, params):
+        for index, (saved_id, (p, group)) in enumerate(zip(saved_ids, params)):
             saved = state_dict["state"].get(saved_id)
             if saved is None:
                 continue
             state = self.state[p]
+            fresh = _fresh_forms(saved, before[index]) if before else set()
+            for key in fresh:
+                state.pop(key, None)
             for key, value in saved.items():
+                if key in fresh:
+                    continue
                 if key == "step":
                     state[key] = _step_tensor(value, p.device)
                 elif key == "rounding_seed":
@@ -534,6 +542,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_zero_grad_in_step", None)
         self.__dict__.setdefault("_grads_kept_allocated", False)
         self._step_supports_amp_scaling = True
+
+
+def _fresh_forms(saved: dict[str, Any], keys_before: set[str]) -> set[str]:
+    """The keys to drop where a moment is loaded in both forms, full precision (``exp_avg``) and 8-bit
+    (``exp_avg_codes``, ``_absmax``): torch's full_state_dict loader at work, which merges the state of a zero step of
+    the fresh optimizer into what it loads. The form the fresh state had (its keys before the load) is the fresh
+    one; the checkpoint's form is kept."""
+    fresh: set[str] = set()
+    for name in _quantization.MOMENT_IS_SIGNED:
+        quantized = (f"{name}_codes", f"{name}_absmax")
+        if name not in saved or quantized[0] not in saved:
+            continue
+        if quantized[0] in keys_before and name not in keys_before:
+            fresh.update(quantized)
+        elif name in keys_before and quantized[0] not in keys_before:
+            fresh.add(name)
+    return fresh
 
 
 def _stochastic_rounding(group: dict[str, Any]) -> bool:
