@@ -349,12 +349,32 @@ _HYPER = {
 }
 
 
+_HYPER["adam8bit"] = {k: v for k, v in _HYPER["adam"].items() if k != "amsgrad"}
+_HYPER["sgd8bit"] = _HYPER["sgd"]
+_HYPER["rmsprop8bit"] = {k: v for k, v in _HYPER["rmsprop"].items() if k != "centered"}
+
+
+def _zero_8bit_state(params, signed):
+    """A moment's zero 8-bit state per param: the code of 0 and absmax 0 per block of 256."""
+    codes = [torch.full(p.shape, 127 if signed else 0, dtype=torch.uint8, device=p.device) for p in params]
+    return codes, [torch.zeros((p.numel() + 255) // 256, device=p.device) for p in params]
+
+
 def _op_step(kind, params, grads, seeds=None, offsets=None):
     """One step of the op ``kind`` over params (bf16 with seeds, or fp32 twins without) from zero state."""
     extra = {} if seeds is None else dict(rounding_seeds=seeds, rounding_offsets=offsets)
     steps = [torch.zeros((), device=p.device) for p in params]
     states = [[torch.zeros(p.shape, device=p.device) for p in params] for _ in range(3)]
-    if kind == "adam":
+    if kind == "adam8bit":
+        fused_train._ops.adam8bit_step_(params, grads, *_zero_8bit_state(params, True),
+                                        *_zero_8bit_state(params, False), steps, **_HYPER[kind], **extra)
+    elif kind == "sgd8bit":
+        fused_train._ops.sgd8bit_step_(params, grads, *_zero_8bit_state(params, True), **_HYPER[kind],
+                                       state_steps=steps, **extra)
+    elif kind == "rmsprop8bit":
+        fused_train._ops.rmsprop8bit_step_(params, grads, *_zero_8bit_state(params, False),
+                                           *_zero_8bit_state(params, True), steps, **_HYPER[kind], **extra)
+    elif kind == "adam":
         fused_train._ops.adam_step_(params, grads, states[0], states[1], [], steps, **_HYPER[kind], **extra)
     elif kind == "sgd":
         fused_train._ops.sgd_step_(params, grads, states[0], **_HYPER[kind], state_steps=steps, **extra)
@@ -366,6 +386,8 @@ def _op_step(kind, params, grads, seeds=None, offsets=None):
 def _pieces_round_as_the_whole(kind, device):
     g = torch.Generator().manual_seed(5)
     n, cuts = 140_003, [0, 333, 65_541, 140_003]  # pieces that start mid-vector, mid-tile and mid-chunk
+    if kind.endswith("8bit"):
+        cuts = [0, 512, 65_792, 140_003]  # (an 8-bit shard holds whole blocks of 256; the last, mid-chunk)
     whole = torch.randn(n, generator=g).to(torch.bfloat16).to(device)
     grad = torch.randn(n, generator=g).to(torch.bfloat16).to(device)
     seed = torch.tensor(-7_654_321, dtype=torch.int64, device=device)
@@ -376,7 +398,7 @@ def _pieces_round_as_the_whole(kind, device):
     _assert_same_bits(torch.cat(pieces), whole)
 
 
-@pytest.mark.parametrize("kind", ["adam", "sgd", "rmsprop"])
+@pytest.mark.parametrize("kind", ["adam", "sgd", "rmsprop", "adam8bit", "sgd8bit", "rmsprop8bit"])
 def test_offsets_make_pieces_round_as_the_whole(kind):
     """A tensor cut into pieces (as FSDP2 cuts a param into shards), each piece stepped with its first element's
     index in the whole as its rounding offset and the whole's seed, gives the whole's result bit for bit."""
@@ -417,7 +439,8 @@ def test_offsets_past_2_to_the_32():
 def test_offsets_on_lower_instruction_sets():
     code = ("import test_stochastic_round as T\n"
             "T._offsets_past_2_to_the_32()\n"
-            "for kind in ('adam', 'sgd', 'rmsprop'): T._pieces_round_as_the_whole(kind, 'cpu')")
+            "for kind in ('adam', 'sgd', 'rmsprop', 'adam8bit', 'sgd8bit', 'rmsprop8bit'):\n"
+            "    T._pieces_round_as_the_whole(kind, 'cpu')")
     for capability in ("avx2", "default"):
         assert run_on_cpu_capability(code, capability) == capability
 
@@ -449,7 +472,7 @@ def test_cuda_rounds_with_the_reference_bits(name):
 
 
 @cuda_only
-@pytest.mark.parametrize("kind", ["adam", "sgd", "rmsprop"])
+@pytest.mark.parametrize("kind", ["adam", "sgd", "rmsprop", "adam8bit", "sgd8bit", "rmsprop8bit"])
 def test_cuda_offsets_make_pieces_round_as_the_whole(kind):
     _pieces_round_as_the_whole(kind, "cuda")
 
