@@ -7,8 +7,9 @@ A DTensor param (FSDP2's) keeps 8-bit state where its shards never cut a block o
 Replicate only, and rows (all but dim 0) of a multiple of 256 elements, so that each shard's blocks are blocks of the
 whole tensor. Its codes are a DTensor placed as the param, and its absmax one of shape (rows, row elements / 256)
 placed the same way: each rank steps its own blocks, and the state is the whole tensor's, cut as the param is. So
-``full_tensor()`` of the state is what one process would hold (absmax flattened), and torch.distributed.checkpoint
-reshards it like the params, to any number of ranks."""
+``full_tensor()`` of the state is what one process would hold, and torch.distributed.checkpoint reshards it like the
+params, to any number of ranks (for the params both sides keep in 8-bit: one whose shards keep fp32 state is 8-bit
+in one process, under other keys)."""
 
 from __future__ import annotations
 
