@@ -169,26 +169,31 @@ def _fsdp2_checkpoint_round_trip(model, opt, out_dir, scenario):
     assert quantized == (1 if scenario.endswith("adamw8bit") else 0)
 
 
+def _run_workers(worker, args, out_dir, teardown_may_crash=False, label=None) -> list:
+    """Runs ``worker(rank, *args)`` in WORLD spawned processes, bounded by TIMEOUT_S, and returns what each rank saved
+    as rank{r}.pt in out_dir. With ``teardown_may_crash``, a worker that dies after every rank has written its result
+    (after the last barrier: in torch's process-group teardown, where gloo has aborted a worker — "terminate called
+    without an active exception", once in a CI run on 2026-11-28, the ZeRO scenario) does not fail the run; a crash
+    before that leaves a result missing and does."""
+    ctx = mp.start_processes(worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    results = [os.path.join(out_dir, f"rank{r}.pt") for r in range(WORLD)]
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"{label or worker.__name__}: workers did not finish within {TIMEOUT_S} s")
+    except mp.ProcessExitedException:
+        if not (teardown_may_crash and all(os.path.exists(path) for path in results)):
+            raise
+    return [torch.load(path) for path in results]
+
+
 def _run(scenario: str) -> list[list[torch.Tensor]]:
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_worker, args=(scenario, _free_port(), out_dir), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + TIMEOUT_S
-        results = [os.path.join(out_dir, f"rank{r}.pt") for r in range(WORLD)]
-        try:
-            while not ctx.join(timeout=1):
-                if time.monotonic() > deadline:
-                    for p in ctx.processes:
-                        p.kill()
-                    pytest.fail(f"{scenario}: workers did not finish within {TIMEOUT_S} s")
-        except mp.ProcessExitedException:
-            # Once every rank has written its result (after the last barrier), what is left is tearing the
-            # process group down, where gloo has aborted a worker ("terminate called without an active
-            # exception", once in a CI run on 2026-11-28, the ZeRO scenario): torch's teardown, not the
-            # training under test. A crash before that has no result file and fails here.
-            if not all(os.path.exists(path) for path in results):
-                raise
-        return [torch.load(path) for path in results]
+        return _run_workers(_worker, (scenario, _free_port(), out_dir), out_dir, teardown_may_crash=True,
+                            label=scenario)
 
 
 # -- bf16 stochastic rounding of DTensor shards (FSDP2's params) ---------------------------------------------------
@@ -291,15 +296,7 @@ _SHARDED_CASES = [
 @pytest.mark.skipif(TORCH_VERSION < (2, 6), reason="DTensor on CPU over gloo: as FSDP2, from torch 2.6 on")
 def test_shards_round_as_their_whole_tensor():
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_sharded_rounding_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + TIMEOUT_S
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail(f"workers did not finish within {TIMEOUT_S} s")
-        per_rank = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+        per_rank = _run_workers(_sharded_rounding_worker, (_free_port(), out_dir), out_dir)
     params, grads, twin, twin_grads = _sharded_rounding_params()
     whole = {}
     for name, *_ in _SHARDED_CASES:
@@ -395,6 +392,14 @@ def _8bit_quantized(spec):
     return [True] * len(_8BIT_SHAPES) if "S0" not in spec else list(_8BIT_ROW_ALIGNED)
 
 
+def _take_steps(model, grads, step, make=lambda t: t):
+    """One step() per entry of grads, each param's gradient made by `make` (a DTensor's placing) from a copy."""
+    for step_grads in grads:
+        for p, grad in zip(model, step_grads):
+            p.grad = make(grad.clone())
+        step()
+
+
 def _step_8bit(name, spec, make=lambda t: t, compiled=False):
     """Steps _8BIT_SHAPES with the optimizer of case `name`, each param made by `make` (a DTensor's placing), in
     groups of one param: the params the case's placements keep in fp32 get a min_8bit_size above their size, so
@@ -408,10 +413,7 @@ def _step_8bit(name, spec, make=lambda t: t, compiled=False):
     opt = getattr(fused_train.optim, opt_name)(groups, **_8BIT_KWARGS[opt_name],
                                                bf16_stochastic_round=dtype == torch.bfloat16)
     step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
-    for step_grads in grads:
-        for p, grad in zip(model, step_grads):
-            p.grad = make(grad.clone())
-        step()
+    _take_steps(model, grads, step, make)
     return model, opt
 
 
@@ -500,10 +502,7 @@ def _8bit_reload(source, target, make=lambda t: t, dcp_dir=None):
                                                    **({"min_8bit_size": 0} if "8bit" in source else {}))
     else:
         first = fused_train.optim.AdamW8bit(model, lr=1e-2, min_8bit_size=1 << 30)
-    for step_grads in grads[:2]:
-        for p, grad in zip(model, step_grads):
-            p.grad = make(grad.clone())
-        first.step()
+    _take_steps(model, grads[:2], first.step, make)
     if dcp_dir is None:
         second = getattr(fused_train.optim, target)(model, lr=1e-2,
                                                     **({"min_8bit_size": 0} if "8bit" in target else {}))
@@ -522,10 +521,7 @@ def _8bit_reload(source, target, make=lambda t: t, dcp_dir=None):
         set_optimizer_state_dict(holder, second, loaded["optim"])
         for group in second.param_groups:
             group["min_8bit_size"] = 0
-    for step_grads in grads[2:]:
-        for p, grad in zip(model, step_grads):
-            p.grad = make(grad.clone())
-        second.step()
+    _take_steps(model, grads[2:], second.step, make)
     return _8bit_result(model, second)
 
 
@@ -545,11 +541,9 @@ def _full_into_shards(source, make=None):
         [dict(params=[p]) if "8bit" in source else dict(params=[p], min_8bit_size=0 if aligned else 1 << 30)
          for p, aligned in zip(first_model, _8BIT_ROW_ALIGNED)], lr=1e-2,
         **({"min_8bit_size": 0} if "8bit" in source else {}))
-    for step_grads in grads[:2]:
-        for p, grad in zip(first_model, step_grads):
-            p.grad = grad.clone()
-        first.step()
-    model = [torch.nn.Parameter((make or (lambda t: t))(p.detach().clone())) for p in first_model]
+    _take_steps(first_model, grads[:2], first.step)
+    place = make or (lambda t: t)
+    model = [torch.nn.Parameter(place(p.detach().clone())) for p in first_model]
     # (built with the default min_8bit_size, 4096: its fresh state keeps (1, 512) and (5, 2, 128) in fp32 where the
     # 8-bit checkpoint has codes. torch's full_state_dict loading merges the state of a zero step of the fresh
     # optimizer into what it loads, so those arrive in both forms: the checkpoint's must win.)
@@ -562,10 +556,7 @@ def _full_into_shards(source, make=None):
         set_optimizer_state_dict(torch.nn.ParameterList(model), second, saved, options=whole)
     for group, aligned in zip(second.param_groups, _8BIT_ROW_ALIGNED):
         group["min_8bit_size"] = 0 if aligned else 1 << 30
-    for step_grads in grads[2:]:
-        for p, grad in zip(model, step_grads):
-            p.grad = (make or (lambda t: t))(grad.clone())
-        second.step()
+    _take_steps(model, grads[2:], second.step, place)
     return _8bit_result(model, second)
 
 
@@ -581,15 +572,7 @@ def _assert_same_8bit_result(got, want, what):
 @pytest.mark.skipif(TORCH_VERSION < (2, 6), reason="DTensor on CPU over gloo: as FSDP2, from torch 2.6 on")
 def test_8bit_state_of_shards_is_the_whole_tensors():
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_sharded_8bit_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + TIMEOUT_S
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail(f"workers did not finish within {TIMEOUT_S} s")
-        per_rank = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+        per_rank = _run_workers(_sharded_8bit_worker, (_free_port(), out_dir), out_dir)
         for name, _, spec, _ in _8BIT_CASES:
             want = _8bit_result(*_step_8bit(name, spec))
             kinds = [("exp_avg_codes" if name.startswith("Adam") else

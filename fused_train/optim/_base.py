@@ -663,18 +663,29 @@ def _shard_offsets(p: Tensor) -> list[int] | None:
 
 
 def _as_shards_of(p: Tensor, whole: Tensor) -> Tensor:
-    """A plain tensor of the whole DTensor param ``p``'s shape (a state a checkpoint holds whole, e.g. torch's
-    full_state_dict loading a key the local state lacked) as this rank's part of it, a DTensor placed as ``p``. Every
-    rank holds the whole, so the cut is local: no collective."""
+    """A plain state tensor of the whole DTensor param ``p`` (of ``p``'s shape, or an 8-bit absmax's (rows, k), cut
+    along dim 0 as ``p``'s rows are) as this rank's part of it, a DTensor placed as ``p``: a checkpoint's whole state
+    (e.g. torch's full_state_dict loading a key the local state lacked). Every rank holds the whole, so the cut is
+    local: no collective. Only the dims ``p`` is sharded on are cut."""
     local = p._local_tensor
     offsets = _shard_offsets(p) if _chunked_placements(p) else None
     if offsets is None and local.numel():
         raise ValueError(f"a state tensor of the whole param cannot be cut as a DTensor placed {tuple(p.placements)}; "
                          "load it sharded (torch.distributed.checkpoint) instead")
     offsets = offsets or [0] * p.dim()
-    part = whole[tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))]
-    return type(p).from_local(part.to(local.device).contiguous(), p.device_mesh, p.placements, run_check=False,
-                              shape=p.shape, stride=p.stride())
+    cut = {placement.dim % p.dim() for placement in p.placements if type(placement).__name__ == "Shard"}
+    part = whole[tuple(slice(offsets[d], offsets[d] + local.shape[d]) if d in cut else slice(None)
+                       for d in range(whole.dim()))]
+    return _placed_as(p, part.to(local.device).contiguous(), tuple(whole.shape))
+
+
+def _placed_as(p: Tensor, local: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``local`` (this rank's part of a contiguous state tensor of ``shape``) as a DTensor placed as the param ``p``."""
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * max(shape[d + 1], 1)
+    return type(p).from_local(local, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape),
+                              stride=tuple(strides))
 
 
 def _placed_like(p: Tensor, value: Tensor) -> bool:

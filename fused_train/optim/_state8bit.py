@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _quantization
-from ._base import _as_shards_of, _is_dtensor, _kernel_view, _placed_like, _placement_error, _shard_offsets
+from ._base import _as_shards_of, _is_dtensor, _kernel_view, _placed_as, _placed_like, _placement_error
 
 _QUANTIZED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MOMENT_IS_SIGNED = _quantization.MOMENT_IS_SIGNED
@@ -69,39 +69,22 @@ def _absmax_shape(p: Tensor) -> tuple[int, ...] | None:
     return shape
 
 
-def _local_rows(p: Tensor, whole: Tensor) -> Tensor:
-    """This rank's part of ``whole`` (a state tensor of the whole DTensor param ``p``, cut along dim 0 as ``p``'s
-    rows are, or whole where ``p`` is replicated), as a DTensor placed as ``p``."""
-    local = p._local_tensor
-    if any(type(placement).__name__ == "Shard" for placement in p.placements):
-        first = _shard_offsets(p)[0] if local.numel() else 0
-        whole_part = whole[first:first + local.shape[0]]
-    else:
-        whole_part = whole
-    return _placed_as(p, whole_part.to(local.device).contiguous(), tuple(whole.shape))
-
-
-def _placed_as(p: Tensor, local: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """``local`` (this rank's part of a state tensor of ``shape``) as a DTensor placed as the param ``p``."""
-    strides = [1] * len(shape)
-    for d in range(len(shape) - 2, -1, -1):
-        strides[d] = strides[d + 1] * max(shape[d + 1], 1)
-    return type(p).from_local(local, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape),
-                              stride=tuple(strides))
+def _local_absmax_shape(local: Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the absmax of ``local`` (a plain param, or a DTensor param's shard: its own rows) where the whole
+    param's absmax has ``shape``."""
+    return (local.shape[0], shape[1]) if len(shape) == 2 else shape
 
 
 def _quantize_moment(p: Tensor, value: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     """(codes, absmax) of a full-precision moment of the quantized param ``p``, on ``p``'s device; for a DTensor,
     each rank quantizes its own shard (whole blocks, see _absmax_shape), placed as the param."""
     shape = _absmax_shape(p)
-    if not _is_dtensor(p):
-        codes, absmax = _quantization.quantize_blockwise(value, signed=signed)
-        return codes.to(p.device), absmax.reshape(shape).to(p.device)
     local = _kernel_view(value)
     codes, absmax = _quantization.quantize_blockwise(local, signed=signed)
-    absmax = absmax.reshape(local.shape[0], shape[1]) if len(shape) == 2 else absmax
-    return (_placed_as(p, codes.to(local.device), tuple(p.shape)),
-            _placed_as(p, absmax.to(local.device), shape))
+    codes, absmax = codes.to(p.device), absmax.reshape(_local_absmax_shape(local, shape)).to(p.device)
+    if not _is_dtensor(p):
+        return codes, absmax
+    return _placed_as(p, codes, tuple(p.shape)), _placed_as(p, absmax, shape)
 
 
 def dequantize_moment(codes: Tensor, absmax: Tensor, *, signed: bool) -> Tensor:
@@ -139,8 +122,7 @@ class State8bit:
         local = _kernel_view(param)  # (a DTensor's shard: each rank makes its own part of the state)
         shape = _absmax_shape(param)
         codes = torch.full(local.shape, zero, dtype=torch.uint8, device=local.device)
-        absmax = torch.zeros((local.shape[0], shape[1]) if _is_dtensor(param) and len(shape) == 2 else shape,
-                             dtype=torch.float32, device=local.device)
+        absmax = torch.zeros(_local_absmax_shape(local, shape), dtype=torch.float32, device=local.device)
         if _is_dtensor(param):
             codes, absmax = _placed_as(param, codes, tuple(param.shape)), _placed_as(param, absmax, shape)
         state[f"{name}_codes"], state[f"{name}_absmax"] = codes, absmax
@@ -199,7 +181,7 @@ class State8bit:
                     if codes and value.shape == p.shape:
                         value = state[name] = _as_shards_of(p, value)
                     elif not codes and value.numel() == math.prod(shape):
-                        value = state[name] = _local_rows(p, value.reshape(shape))
+                        value = state[name] = _as_shards_of(p, value.reshape(shape))
                 if not codes and _other_absmax_layout(p, value, shape):
                     value = state[name] = _absmax_in_layout(p, value, shape)
                 if not isinstance(value, Tensor) or value.dtype != dtype or value.shape != shape:
@@ -250,4 +232,4 @@ def _absmax_in_layout(p: Tensor, value: Tensor, shape: tuple[int, ...]) -> Tenso
         return value.reshape(shape) if not _is_dtensor(value) else value
     if not _is_dtensor(value) or value.device_mesh != p.device_mesh:
         return value
-    return _local_rows(p, value.full_tensor().reshape(shape))
+    return _as_shards_of(p, value.full_tensor().reshape(shape))
