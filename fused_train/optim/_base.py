@@ -635,10 +635,9 @@ def _chunked_placements(p: Tensor) -> bool:
 
 def _shard_offsets(p: Tensor) -> list[int] | None:
     """The index, along each dim of the whole tensor, of a DTensor's local shard's first element (None on a rank
-    outside its mesh). Shard and Replicate (and Partial) placements are cut here as DTensor cuts them (torch.chunk's
-    sizes, mesh dims in order), from the mesh coordinate, which torch.compile reads as constants; any other placement
-    (_StridedShard: FSDP2 over tensor parallelism) asks DTensor, whose answer reads the coordinate as a tensor (a
-    graph break where the step is compiled, once, when the step's tables are built)."""
+    outside its mesh). Shard and Replicate (and Partial) placements are cut here as DTensor cuts them (see
+    _chunk_of); any other placement (_StridedShard: FSDP2 over tensor parallelism) asks DTensor, whose answer reads
+    the coordinate as a tensor (a graph break where the step is compiled, once, when the step's tables are built)."""
     mesh, placements = p.device_mesh, p.placements
     if not _chunked_placements(p):
         try:
@@ -647,11 +646,20 @@ def _shard_offsets(p: Tensor) -> list[int] | None:
             from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
         _, offsets = compute_local_shape_and_global_offset(tuple(p.shape), mesh, placements)
         return list(offsets) if len(offsets) == p.dim() else None
+    chunk = _chunk_of(tuple(p.shape), p)
+    return None if chunk is None else chunk[0]
+
+
+def _chunk_of(shape: tuple[int, ...], p: Tensor) -> tuple[list[int], list[int]] | None:
+    """(offsets, sizes) of this rank's part of a tensor of ``shape`` placed as the DTensor ``p`` (Shard, Replicate or
+    Partial placements), cut as DTensor cuts: torch.chunk's sizes along each Shard's dim, mesh dims in order. From
+    the mesh coordinate, which torch.compile reads as constants. None on a rank outside the mesh."""
+    mesh = p.device_mesh
     coordinate = mesh.get_coordinate()
     if coordinate is None:
         return None
-    sizes, offsets = list(p.shape), [0] * p.dim()
-    for mesh_dim, placement in enumerate(placements):
+    sizes, offsets = list(shape), [0] * len(shape)
+    for mesh_dim, placement in enumerate(p.placements):
         if type(placement).__name__ != "Shard":
             continue
         dim, chunks = placement.dim % p.dim(), mesh.size(mesh_dim)
@@ -659,24 +667,21 @@ def _shard_offsets(p: Tensor) -> list[int] | None:
         start = min(sizes[dim], chunk * coordinate[mesh_dim])
         sizes[dim] = max(0, min(sizes[dim], start + chunk) - start)
         offsets[dim] += start
-    return offsets
+    return offsets, sizes
 
 
 def _as_shards_of(p: Tensor, whole: Tensor) -> Tensor:
     """A plain state tensor of the whole DTensor param ``p`` (of ``p``'s shape, or an 8-bit absmax's (rows, k), cut
-    along dim 0 as ``p``'s rows are) as this rank's part of it, a DTensor placed as ``p``: a checkpoint's whole state
-    (e.g. torch's full_state_dict loading a key the local state lacked). Every rank holds the whole, so the cut is
-    local: no collective. Only the dims ``p`` is sharded on are cut."""
-    local = p._local_tensor
-    offsets = _shard_offsets(p) if _chunked_placements(p) else None
-    if offsets is None and local.numel():
+    as ``p``'s blocks are) as this rank's part of it, a DTensor placed as ``p``: a checkpoint's whole state (e.g.
+    torch's full_state_dict loading a key the local state lacked). Every rank holds the whole, so the cut is local:
+    no collective."""
+    chunk = _chunk_of(tuple(whole.shape), p) if _chunked_placements(p) else None
+    if chunk is None and p._local_tensor.numel():
         raise ValueError(f"a state tensor of the whole param cannot be cut as a DTensor placed {tuple(p.placements)}; "
                          "load it sharded (torch.distributed.checkpoint) instead")
-    offsets = offsets or [0] * p.dim()
-    cut = {placement.dim % p.dim() for placement in p.placements if type(placement).__name__ == "Shard"}
-    part = whole[tuple(slice(offsets[d], offsets[d] + local.shape[d]) if d in cut else slice(None)
-                       for d in range(whole.dim()))]
-    return _placed_as(p, part.to(local.device).contiguous(), tuple(whole.shape))
+    offsets, sizes = chunk or ([0] * whole.dim(), [0] * whole.dim())
+    part = whole[tuple(slice(offset, offset + size) for offset, size in zip(offsets, sizes))]
+    return _placed_as(p, part.to(p._local_tensor.device).contiguous(), tuple(whole.shape))
 
 
 def _placed_as(p: Tensor, local: Tensor, shape: tuple[int, ...]) -> Tensor:

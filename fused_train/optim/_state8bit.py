@@ -3,13 +3,14 @@ arguments, which params are quantized, the state's creation, checks and checkpoi
 quantized param is ``<name>_codes`` (uint8, the param's shape) and ``<name>_absmax`` (fp32, one per 256 elements);
 the quantization is ``_quantization.py`` here and csrc/include/fused_train/quant_math.h in the kernels.
 
-A DTensor param (FSDP2's) keeps 8-bit state where its shards never cut a block of 256: placements Shard(0) or
-Replicate only, and rows (all but dim 0) of a multiple of 256 elements, so that each shard's blocks are blocks of the
-whole tensor. Its codes are a DTensor placed as the param, and its absmax one of shape (rows, row elements / 256)
-placed the same way: each rank steps its own blocks, and the state is the whole tensor's, cut as the param is. So
-``full_tensor()`` of the state is what one process would hold, and torch.distributed.checkpoint reshards it like the
-params, to any number of ranks (for the params both sides keep in 8-bit: one whose shards keep fp32 state is 8-bit
-in one process, under other keys)."""
+A DTensor param (FSDP2's, tensor parallelism's) keeps 8-bit state where its shards never cut a block of 256: rows
+(all but dim 0) of a multiple of 256 elements, cut along dim 0 (Shard(0), _StridedShard(0)), replicated, or, for a
+2-D param, cut along its columns on block edges (Shard(1)), so that each shard's blocks are blocks of the whole
+tensor (see _absmax_shape). Its codes are a DTensor placed as the param, and its absmax one of shape (rows, row
+elements / 256) placed the same way: each rank steps its own blocks, and the state is the whole tensor's, cut as the
+param is. So ``full_tensor()`` of the state is what one process would hold, and torch.distributed.checkpoint reshards
+it like the params, to any number of ranks (for the params both sides keep in 8-bit: one whose shards keep fp32 state
+is 8-bit in one process, under other keys)."""
 
 from __future__ import annotations
 
@@ -50,29 +51,58 @@ def _absmax_shape(p: Tensor) -> tuple[int, ...] | None:
     elements / 256) where a param of 2 or more dims has rows of a multiple of 256 elements, else (blocks,). The same
     for a plain tensor and for the whole of a DTensor, so that a checkpoint moves between the two (and between any
     numbers of ranks) unchanged. For a DTensor it is None where the placements would cut a block (the param then
-    keeps full-precision state): only dim-0 shards of such rows hold whole blocks, each its own rows of the absmax,
-    and replicas the whole tensor."""
+    keeps full-precision state). Cuts of such rows along dim 0 (Shard(0), FSDP2's; _StridedShard(0), FSDP2's over
+    tensor parallelism) hold whole rows, replicas the whole tensor, and cuts along dim 1 (Shard(1), tensor
+    parallelism's row-wise weights) whole blocks where every rank's part of a row starts and ends on a block's edge
+    and the absmax's columns, cut alike, are those blocks (see _cuts_on_block_edges): the absmax placed as the
+    param then holds each rank's own blocks. Other cuts (of dims after 1) keep full-precision state."""
     rows = p.shape[0] if p.dim() >= 2 else 0
     row = p.numel() // rows if rows else 0
     by_rows = row > 0 and row % _quantization.BLOCK_SIZE == 0
     shape = (rows, row // _quantization.BLOCK_SIZE) if by_rows else (_quantization.num_blocks(p.numel()),)
     if not _is_dtensor(p):
         return shape
-    kinds = [type(placement).__name__ for placement in p.placements]  # (exact names: not _StridedShard)
-    if not all(kind in ("Shard", "Replicate") for kind in kinds):
-        return None
-    if "Shard" not in kinds:
+    kinds = [type(placement).__name__ for placement in p.placements]  # (exact names: _StridedShard is a Shard)
+    if all(kind == "Replicate" for kind in kinds):
         return shape
-    if not by_rows or any(kind == "Shard" and placement.dim % p.dim() != 0
-                          for kind, placement in zip(kinds, p.placements)):
+    if not by_rows:
         return None
-    return shape
+    column_cuts = []  # the mesh sizes cutting dim 1, in order
+    for kind, placement, mesh_size in zip(kinds, p.placements, p.device_mesh.shape):
+        dim = placement.dim % p.dim() if kind in ("Shard", "_StridedShard") else None
+        if kind == "Shard" and dim == 1:
+            column_cuts.append(mesh_size)
+        elif kind != "Replicate" and dim != 0:
+            return None
+    return shape if _cuts_on_block_edges(p.shape[1], row // p.shape[1], shape[1], column_cuts) else None
+
+
+def _cuts_on_block_edges(size: int, stride: int, blocks: int, chunks: list[int]) -> bool:
+    """Whether DTensor's cuts of a row along dim 1 (``size`` indices of ``stride`` elements each, the row's
+    ``blocks`` blocks of 256) give every rank whole blocks, and the same cuts of the absmax's ``blocks`` columns give
+    it those blocks' columns. DTensor cuts a dim as torch.chunk does, into ``chunks[0]`` pieces, each of those into
+    ``chunks[1]``, and so on (one dim cut by several mesh dims); both are cut alike, piece by piece."""
+    pieces = [(size, blocks)]
+    for count in chunks:
+        cut = []
+        for indices, columns in pieces:
+            step, column_step = -(-indices // count), -(-columns // count)
+            for i in range(count):
+                piece = max(0, min(indices, step * (i + 1)) - step * i)
+                piece_columns = max(0, min(columns, column_step * (i + 1)) - column_step * i)
+                if piece * stride != piece_columns * _quantization.BLOCK_SIZE:
+                    return False
+                cut.append((piece, piece_columns))
+        pieces = cut
+    return True
 
 
 def _local_absmax_shape(local: Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape of the absmax of ``local`` (a plain param, or a DTensor param's shard: its own rows) where the whole
-    param's absmax has ``shape``."""
-    return (local.shape[0], shape[1]) if len(shape) == 2 else shape
+    """The shape of the absmax of ``local`` (a plain param, or a DTensor param's shard: its own blocks) where the
+    whole param's absmax has ``shape``."""
+    if len(shape) != 2:
+        return shape
+    return (local.shape[0], math.prod(local.shape[1:]) // _quantization.BLOCK_SIZE)
 
 
 def _quantize_moment(p: Tensor, value: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
