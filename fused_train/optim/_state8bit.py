@@ -68,10 +68,10 @@ def _absmax_shape(p: Tensor) -> tuple[int, ...] | None:
     if not by_rows:
         return None
     column_cuts = []  # the mesh sizes cutting dim 1, in order
-    for kind, placement, mesh_size in zip(kinds, p.placements, p.device_mesh.shape):
+    for mesh_dim, (kind, placement) in enumerate(zip(kinds, p.placements)):
         dim = placement.dim % p.dim() if kind in ("Shard", "_StridedShard") else None
         if kind == "Shard" and dim == 1:
-            column_cuts.append(mesh_size)
+            column_cuts.append(p.device_mesh.size(mesh_dim))  # (size(): what torch.compile reads as a constant)
         elif kind != "Replicate" and dim != 0:
             return None
     return shape if _cuts_on_block_edges(p.shape[1], row // p.shape[1], shape[1], column_cuts) else None
