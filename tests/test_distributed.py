@@ -419,7 +419,8 @@ def _step_8bit(name, spec, make=lambda t: t, compiled=False, shapes=_8BIT_SHAPES
 
 
 def _whole(t):
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    # (contiguous: torch 2.11 gathers a tensor cut twice along dim 1 into a non-contiguous one)
+    return t.full_tensor().contiguous() if hasattr(t, "full_tensor") else t
 
 
 def _8bit_result(model, opt):
