@@ -9,7 +9,14 @@ before each, the slower rank's time counting; the median over the rounds.
 
 The vocabulary is 50304 rows by default (GPT-2's 50257 padded to a multiple of 64, as nanoGPT does).
 
-    python benchmarks/bench_fsdp2_8bit.py [--layers 12] [--vocab 50304] [--rounds 7] [--without-torchao] [--json FILE]
+With ``--tp N``: FSDP2 over tensor parallelism, as torchtitan lays out a Llama, on 2 x N ranks (a ("dp", "tp") mesh):
+transformers' LlamaForCausalLM with TinyLlama-1.1B's shapes (hidden 2048, MLP 5632, 32 heads, 4 KV heads, vocabulary
+32000; ``--layers`` of its 22, 4 by default, random weights), each decoder layer's projections cut by "tp"
+(q/k/v/gate/up column-wise: weight Shard(0); o/down row-wise: weight Shard(1)), then ``fully_shard`` over "dp" per
+layer and for the whole; each "dp" rank its own batch.
+
+    python benchmarks/bench_fsdp2_8bit.py [--layers 12] [--vocab 50304] [--tp N] [--rounds 7] [--without-torchao]
+                                          [--json FILE]
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-WORLD = 2
+DP = 2  # FSDP2's ranks
 
 
 def _optimizers(torchao: bool = True):
@@ -60,23 +67,46 @@ def _local_state_bytes(value) -> tuple[int, bool]:
     return local.numel() * local.element_size(), local.dtype == torch.uint8
 
 
-def _worker(rank, port, layers, vocab, rounds, torchao, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+def _sharded_model(layers: int, vocab: int, tp: int) -> tuple[torch.nn.Module, int]:
+    """The model, sharded (see the module's docstring), and this rank's "dp" index (its batch)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    if tp == 1:
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config(n_layer=layers, vocab_size=vocab))
-        mesh = init_device_mesh("cpu", (WORLD,))
+        mesh = init_device_mesh("cpu", (DP,))
         for block in model.transformer.h:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
+        return model, mesh.get_coordinate()[0]
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+                                         num_attention_heads=32, num_key_value_heads=4, vocab_size=vocab))
+    mesh = init_device_mesh("cpu", (DP, tp), mesh_dim_names=("dp", "tp"))
+    plan = {f"self_attn.{n}_proj": ColwiseParallel() for n in "qkv"}
+    plan.update({"self_attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(),
+                 "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()})
+    for layer in model.model.layers:
+        parallelize_module(layer, mesh["tp"], plan)
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    return model, mesh.get_coordinate()[0]
+
+
+def _worker(rank, port, layers, vocab, tp, rounds, torchao, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    world = DP * tp
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, dp_rank = _sharded_model(layers, vocab, tp)
         params = list(model.parameters())
-        tokens = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(rank))
+        tokens = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(dp_rank))
         model(tokens, labels=tokens).loss.backward()
         grads = [p.grad.to_local().clone() for p in params]
         local_numel = sum(p.to_local().numel() for p in params)
@@ -110,11 +140,12 @@ def _worker(rank, port, layers, vocab, rounds, torchao, out):
                 times[name].append(elapsed.item() * 1e3)
         for name in rows:
             rows[name]["ms"] = statistics.median(times[name])
-        gathered = [None] * WORLD
+        gathered = [None] * world
         dist.all_gather_object(gathered, rows)
         if rank == 0:
-            summary = dict(world=WORLD, layers=layers, vocab=vocab, params=sum(p.numel() for p in params),
-                           local_params=local_numel, torch=torch.__version__, per_rank=gathered)
+            summary = dict(world=world, tp=tp, layers=layers, vocab=vocab, params=sum(p.numel() for p in params),
+                           local_params=local_numel, torch=torch.__version__, per_rank=gathered,
+                           placements=sorted({repr(tuple(p.placements)) for p in params}))
             with open(out, "w") as f:
                 json.dump(summary, f)
         dist.barrier()
@@ -122,13 +153,13 @@ def _worker(rank, port, layers, vocab, rounds, torchao, out):
         dist.destroy_process_group()
 
 
-def run(layers: int = 12, vocab: int = 50304, rounds: int = 7, torchao: bool = True) -> dict:
+def run(layers: int = 12, vocab: int = 50304, rounds: int = 7, torchao: bool = True, tp: int = 1) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.start_processes(_worker, args=(port, layers, vocab, rounds, torchao, out), nprocs=WORLD,
+        mp.start_processes(_worker, args=(port, layers, vocab, tp, rounds, torchao, out), nprocs=DP * tp,
                            start_method="spawn")
         with open(out) as f:
             return json.load(f)
@@ -136,15 +167,21 @@ def run(layers: int = 12, vocab: int = 50304, rounds: int = 7, torchao: bool = T
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--vocab", type=int, default=50304)
+    parser.add_argument("--layers", type=int, help="12 (GPT-2) by default; 4 with --tp")
+    parser.add_argument("--vocab", type=int, help="50304 (GPT-2) by default; 32000 with --tp")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (a Llama, on 2 x TP ranks)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--without-torchao", action="store_true", help="leave torchao out even where installed")
     parser.add_argument("--json", help="write the result here too")
     args = parser.parse_args(argv)
-    result = run(args.layers, args.vocab, args.rounds, not args.without_torchao)
-    print(f"# GPT-2 ({args.layers} layers, vocabulary {args.vocab}, {result['params'] / 1e6:.1f}M params) under FSDP2, "
-          f"{WORLD} gloo ranks on the CPU, 1 thread each; torch {result['torch']}")
+    layers = args.layers or (12 if args.tp == 1 else 4)
+    vocab = args.vocab or (50304 if args.tp == 1 else 32000)
+    result = run(layers, vocab, args.rounds, not args.without_torchao, args.tp)
+    model = "GPT-2" if args.tp == 1 else "Llama (TinyLlama-1.1B's shapes)"
+    layout = "FSDP2" if args.tp == 1 else f"FSDP2 ({DP} ranks) over tensor parallelism ({args.tp} ranks)"
+    print(f"# {model} ({layers} layers, vocabulary {vocab}, {result['params'] / 1e6:.1f}M params) under {layout}, "
+          f"{result['world']} gloo ranks on the CPU, 1 thread each; torch {result['torch']}")
+    print(f"# placements: {', '.join(result['placements'])}")
     print(f"{'optimizer':<24}{'rank':>5}{'state B/param':>15}{'8-bit share':>13}{'step ms':>10}{'/ AdamW8bit':>13}")
     for rank, rows in enumerate(result["per_rank"]):
         ours = rows["fused_train AdamW8bit"]["ms"]

@@ -177,20 +177,25 @@ def test_per_sample_gradients_benchmark_measures_both_kinds_beside_torch(tmp_pat
 
 @pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 6),
                     reason="FSDP2 runs on CPU from torch 2.6 on")
-def test_fsdp2_8bit_benchmark_measures_each_ranks_state_beside_fp32(tmp_path):
-    """benchmarks/bench_fsdp2_8bit.py end to end on a one-layer GPT-2 over 2 ranks: on each rank AdamW8bit's state
-    is 2.03 bytes per param of its shards (every param but the layer norms' and biases' is 8-bit), the fp32
+@pytest.mark.parametrize("tp", [1, 2])
+def test_fsdp2_8bit_benchmark_measures_each_ranks_state_beside_fp32(tmp_path, tp):
+    """benchmarks/bench_fsdp2_8bit.py end to end on a one-layer GPT-2 over 2 ranks, and (tp=2) a one-layer Llama
+    under FSDP2 over tensor parallelism on a 2 x 2 mesh: on each rank AdamW8bit's state is 2.03 bytes per param of
+    its shards (every param but the layer norms' and biases' is 8-bit, the tensor-parallel cuts included), the fp32
     optimizers' 8, and every step is timed."""
     pytest.importorskip("transformers")
     out = tmp_path / "result.json"
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_fsdp2_8bit.py"), "--layers", "1", "--vocab", "1024", "--rounds", "1",
-         "--without-torchao", "--json", str(out)],
+         "--tp", str(tp), "--without-torchao", "--json", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert len(result["per_rank"]) == 2
+    assert len(result["per_rank"]) == 2 * tp
+    if tp > 1:  # the Llama's projections are cut by both mesh dims
+        placements = " ".join(result["placements"])
+        assert "Shard(dim=1)" in placements and "_StridedShard" in placements, placements
     for rows in result["per_rank"]:
         assert sorted(rows) == ["fused_train AdamW", "fused_train AdamW8bit", "torch AdamW (foreach)"]
         ours = rows["fused_train AdamW8bit"]
