@@ -444,7 +444,12 @@ def _sharded_8bit_worker(rank, port, out_dir):
         results = {}
         for name, on, spec, compiled in _8BIT_CASES:
             placements = [Replicate() if p == "R" else Shard(int(p[1:])) for p in spec.split()]
-            model, opt = _step_8bit(name, spec, lambda t: distribute_tensor(t, meshes[on], placements), compiled)
+            # (min_8bit_size 0 for every param: the placements alone decide which keep 8-bit state; one process,
+            # given _8bit_quantized(spec), must end with the same state. Not in the run whose checkpoint one
+            # process loads: the checkpoint carries the groups' min_8bit_size, one process's)
+            quantized = None if name == "AdamW8bit_fp32_S0" else [True] * len(_8BIT_SHAPES)
+            model, opt = _step_8bit(name, spec, lambda t: distribute_tensor(t, meshes[on], placements), compiled,
+                                    quantized=quantized)
             results[name] = _8bit_result(model, opt)
             results[name]["local"] = [{k: type(v).__name__ for k, v in opt.state[p].items()} for p in model]
             results[name]["local_bytes"] = sum(
@@ -689,14 +694,19 @@ def _tp_8bit_worker(rank, port, out_dir):
                 whole_blocks.append(whole)
             for opt_name in ("AdamW8bit", "SGD8bit"):
                 name = f"{opt_name}_fp32_{spec.replace(' ', '')}"
-                model, opt = _step_8bit(name, spec, make, shapes=_TP_SHAPES, quantized=_TP_CASES[spec])
+                compiled = opt_name == "AdamW8bit" and spec == "S0 S1"  # (the step compiled, as one graph)
+                # (min_8bit_size 0 for every param: the placements alone decide; one process keeps _TP_CASES's.
+                # Not in the run whose checkpoint one process loads: it carries one process's min_8bit_size)
+                saved = name == "AdamW8bit_fp32_S0S1"
+                model, opt = _step_8bit(name, spec, make, compiled, shapes=_TP_SHAPES,
+                                        quantized=_TP_CASES[spec] if saved else [True] * len(_TP_SHAPES))
                 result = results[name] = _8bit_result(model, opt)
                 result["placements"] = [repr(tuple(p.placements)) for p in model]
                 result["whole_blocks"] = whole_blocks
                 result["local"] = [{k: type(v).__name__ for k, v in opt.state[p].items()} for p in model]
                 result["local_bytes"] = [sum(v.to_local().numel() * v.element_size() for k, v in opt.state[p].items()
                                              if k.endswith(("_codes", "_absmax"))) for p in model]
-                if name == "AdamW8bit_fp32_S0S1":
+                if saved:
                     holder = torch.nn.ParameterList(model)  # (the test loads this into one process)
                     dcp.save({"optim": get_optimizer_state_dict(holder, opt)},
                              checkpoint_id=os.path.join(out_dir, "dcp_tp"))
@@ -811,3 +821,35 @@ def test_8bit_state_of_tensor_parallel_shards_is_the_whole_tensors():
                 close = torch.isclose(got, want.detach(), **DIST_TOL)
                 assert close.float().mean() > 0.99, f"rank {rank}: {(~close).sum()} of {close.numel()} differ"
                 torch.testing.assert_close(got, want.detach(), rtol=0, atol=STEPS * 1e-2 * 2.0 ** -5)
+
+
+def test_cuts_on_block_edges_agrees_with_chunking_an_index_tensor():
+    """_cuts_on_block_edges against DTensor's cuts done by hand: a row of `size` indices of `stride` elements, cut by
+    torch.chunk (empty pieces where it returns fewer) into chunks[0] pieces, each into chunks[1], ...; True exactly
+    where every piece is whole blocks of 256 and the absmax's columns cut alike are those blocks."""
+    from fused_train.optim._state8bit import _cuts_on_block_edges
+
+    def pieces(n, chunks):
+        ranges = [(0, n)]
+        for count in chunks:
+            cut = []
+            for start, stop in ranges:
+                parts = list(torch.arange(start, stop).chunk(count)) if stop > start else []
+                cut += [(int(p[0]), int(p[-1]) + 1) if p.numel() else (stop, stop) for p in parts]
+                cut += [(stop, stop)] * (count - len(parts))
+            ranges = cut
+        return ranges
+
+    verdicts = set()
+    for size in range(1, 13):
+        for stride in (1, 32, 96, 128, 256, 320, 512, 768):
+            if size * stride % 256:
+                continue
+            blocks = size * stride // 256
+            for chunks in ([2], [3], [4], [2, 2], [2, 3], [3, 2, 2]):
+                param = [(a * stride, b * stride) for a, b in pieces(size, chunks)]
+                absmax = [(a * 256, b * 256) for a, b in pieces(blocks, chunks)]
+                want = param == absmax
+                verdicts.add(want)
+                assert _cuts_on_block_edges(size, stride, blocks, chunks) == want, (size, stride, chunks)
+    assert verdicts == {True, False}

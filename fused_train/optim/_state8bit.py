@@ -4,13 +4,13 @@ quantized param is ``<name>_codes`` (uint8, the param's shape) and ``<name>_absm
 the quantization is ``_quantization.py`` here and csrc/include/fused_train/quant_math.h in the kernels.
 
 A DTensor param (FSDP2's, tensor parallelism's) keeps 8-bit state where its shards never cut a block of 256: rows
-(all but dim 0) of a multiple of 256 elements, cut along dim 0 (Shard(0), _StridedShard(0)), replicated, or, for a
-2-D param, cut along its columns on block edges (Shard(1)), so that each shard's blocks are blocks of the whole
-tensor (see _absmax_shape). Its codes are a DTensor placed as the param, and its absmax one of shape (rows, row
-elements / 256) placed the same way: each rank steps its own blocks, and the state is the whole tensor's, cut as the
-param is. So ``full_tensor()`` of the state is what one process would hold, and torch.distributed.checkpoint reshards
-it like the params, to any number of ranks (for the params both sides keep in 8-bit: one whose shards keep fp32 state
-is 8-bit in one process, under other keys)."""
+(all but dim 0) of a multiple of 256 elements, cut along dim 0 (Shard(0), _StridedShard(0)), replicated, or cut along
+dim 1 on block edges (Shard(1)), so that each shard's blocks are blocks of the whole tensor (see _absmax_shape). Its
+codes are a DTensor placed as the param, and its absmax one of shape (rows, row elements / 256) placed the same way:
+each rank steps its own blocks, and the state is the whole tensor's, cut as the param is. So ``full_tensor()`` of the
+state is what one process would hold, and torch.distributed.checkpoint reshards it like the params, to any number of
+ranks (for the params both sides keep in 8-bit: one whose shards keep fp32 state is 8-bit in one process, under other
+keys)."""
 
 from __future__ import annotations
 
