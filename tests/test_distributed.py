@@ -170,11 +170,11 @@ def _fsdp2_checkpoint_round_trip(model, opt, out_dir, scenario):
 
 
 def _run_workers(worker, args, out_dir, teardown_may_crash=False, label=None, world=WORLD) -> list:
-    """Runs ``worker(rank, *args)`` in ``world`` spawned processes, bounded by TIMEOUT_S, and returns what each rank saved
-    as rank{r}.pt in out_dir. With ``teardown_may_crash``, a worker that dies after every rank has written its result
-    (after the last barrier: in torch's process-group teardown, where gloo has aborted a worker — "terminate called
-    without an active exception", once in a CI run on 2026-11-28, the ZeRO scenario) does not fail the run; a crash
-    before that leaves a result missing and does."""
+    """Runs ``worker(rank, *args)`` in ``world`` spawned processes, bounded by TIMEOUT_S, and returns what each rank
+    saved as rank{r}.pt in out_dir. With ``teardown_may_crash``, a worker that dies after every rank has written its
+    result (after the last barrier: in torch's process-group teardown, where gloo has aborted a worker — "terminate
+    called without an active exception", once in a CI run on 2026-11-28, the ZeRO scenario) does not fail the run; a
+    crash before that leaves a result missing and does."""
     ctx = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     results = [os.path.join(out_dir, f"rank{r}.pt") for r in range(world)]
@@ -435,8 +435,6 @@ def _sharded_8bit_worker(rank, port, out_dir):
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         meshes = {"1d": init_device_mesh("cpu", (WORLD,)),
                   "2d": init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("a", "b")),
@@ -457,9 +455,7 @@ def _sharded_8bit_worker(rank, port, out_dir):
                 if k.endswith(("_codes", "_absmax")))
             if name == "AdamW8bit_fp32_S0":
                 # saved with torch.distributed.checkpoint from the 2 ranks; the test loads it into one process
-                holder = torch.nn.ParameterList(model)
-                dcp.save({"optim": get_optimizer_state_dict(holder, opt)},
-                         checkpoint_id=os.path.join(out_dir, "dcp8"))
+                _dcp_save_optimizer(model, opt, os.path.join(out_dir, "dcp8"))
         # Checkpoints across the precisions, on shards: an fp32 AdamW's state loads into AdamW8bit by quantizing each
         # shard, and an AdamW8bit's into AdamW by dequantizing; both then step on.
         mesh = meshes["1d"]
@@ -616,19 +612,33 @@ def test_8bit_state_of_shards_is_the_whole_tensors():
                                          f"{source}'s whole state into shards, rank {rank}")
         # The checkpoint the 2 ranks saved loads into one process (torch.distributed.checkpoint reshards it): the
         # very state one process has after the same steps.
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+        _assert_dcp_loads_into_one_process(os.path.join(out_dir, "dcp8"), *_step_8bit("AdamW8bit_fp32_S0", "S0"),
+                                           "DCP 2 -> 1")
 
-        model, want_opt = _step_8bit("AdamW8bit_fp32_S0", "S0")
-        fresh_params = [torch.nn.Parameter(p.detach().clone()) for p in model]
-        holder = torch.nn.ParameterList(fresh_params)
-        groups = [dict(params=[p], min_8bit_size=g["min_8bit_size"]) for p, g in zip(fresh_params,
-                                                                                   want_opt.param_groups)]
-        fresh = fused_train.optim.AdamW8bit(groups, **_8BIT_KWARGS["AdamW8bit"])
-        loaded = {"optim": get_optimizer_state_dict(holder, fresh)}
-        dcp.load(loaded, checkpoint_id=os.path.join(out_dir, "dcp8"))
-        set_optimizer_state_dict(holder, fresh, loaded["optim"])
-        _assert_same_8bit_result(_8bit_result(fresh_params, fresh), _8bit_result(model, want_opt), "DCP 2 -> 1")
+
+def _dcp_save_optimizer(model, opt, checkpoint_id):
+    """Saves the state of `opt` over the params `model` with torch.distributed.checkpoint (each rank its shards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optim": get_optimizer_state_dict(torch.nn.ParameterList(model), opt)}, checkpoint_id=checkpoint_id)
+
+
+def _assert_dcp_loads_into_one_process(checkpoint_id, model, want_opt, what):
+    """The AdamW8bit checkpoint the ranks saved (_dcp_save_optimizer) loads into one process's AdamW8bit, built with
+    `want_opt`'s groups over copies of `model`, as the very state `want_opt` has after the same steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    fresh_params = [torch.nn.Parameter(p.detach().clone()) for p in model]
+    holder = torch.nn.ParameterList(fresh_params)
+    groups = [dict(params=[p], min_8bit_size=g["min_8bit_size"]) for p, g in zip(fresh_params,
+                                                                               want_opt.param_groups)]
+    fresh = fused_train.optim.AdamW8bit(groups, **_8BIT_KWARGS["AdamW8bit"])
+    loaded = {"optim": get_optimizer_state_dict(holder, fresh)}
+    dcp.load(loaded, checkpoint_id=checkpoint_id)
+    set_optimizer_state_dict(holder, fresh, loaded["optim"])
+    _assert_same_8bit_result(_8bit_result(fresh_params, fresh), _8bit_result(model, want_opt), what)
 
 
 # -- 8-bit state of tensor-parallel shards: 4 ranks, a 2 x 2 mesh ("dp", "tp") ------------------------------------
@@ -664,8 +674,6 @@ def _tp_8bit_worker(rank, port, out_dir):
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import DTensor, distribute_tensor
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
         results = {}
@@ -706,10 +714,8 @@ def _tp_8bit_worker(rank, port, out_dir):
                 result["local"] = [{k: type(v).__name__ for k, v in opt.state[p].items()} for p in model]
                 result["local_bytes"] = [sum(v.to_local().numel() * v.element_size() for k, v in opt.state[p].items()
                                              if k.endswith(("_codes", "_absmax"))) for p in model]
-                if saved:
-                    holder = torch.nn.ParameterList(model)  # (the test loads this into one process)
-                    dcp.save({"optim": get_optimizer_state_dict(holder, opt)},
-                             checkpoint_id=os.path.join(out_dir, "dcp_tp"))
+                if saved:  # (the test loads this into one process)
+                    _dcp_save_optimizer(model, opt, os.path.join(out_dir, "dcp_tp"))
             # One process's whole 8-bit state (torch's full_state_dict) into these shards (not into uneven
             # _StridedShard ones: torch's loader cuts those with distribute_tensor, which refuses them)
             if not spec.startswith("SS0"):
@@ -786,23 +792,14 @@ def test_8bit_state_of_tensor_parallel_shards_is_the_whole_tensors():
                     if k:
                         total = sum(results[name]["local_bytes"][i] for results in per_rank)
                         assert total == replicas * moments * (1 + 4 / 256) * torch.Size(shape).numel(), (name, shape)
-            want = _full_into_shards("AdamW8bit", None, _TP_SHAPES, kept)
-            for rank, result in enumerate(per_rank if not spec.startswith("SS0") else ()):
-                _assert_same_8bit_result(result[f"full_into_{spec}"], want, f"whole state into {spec}, rank {rank}")
+            if not spec.startswith("SS0"):  # (see _tp_8bit_worker)
+                want = _full_into_shards("AdamW8bit", None, _TP_SHAPES, kept)
+                for rank, result in enumerate(per_rank):
+                    _assert_same_8bit_result(result[f"full_into_{spec}"], want, f"whole state into {spec}, rank {rank}")
         # The checkpoint the 4 ranks saved (Shard(0), Shard(1)) loads into one process: the same state
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-        model, want_opt = _step_8bit("AdamW8bit_fp32_S0S1", "S0 S1", shapes=_TP_SHAPES, quantized=_TP_CASES["S0 S1"])
-        fresh_params = [torch.nn.Parameter(p.detach().clone()) for p in model]
-        holder = torch.nn.ParameterList(fresh_params)
-        groups = [dict(params=[p], min_8bit_size=g["min_8bit_size"]) for p, g in zip(fresh_params,
-                                                                                   want_opt.param_groups)]
-        fresh = fused_train.optim.AdamW8bit(groups, **_8BIT_KWARGS["AdamW8bit"])
-        loaded = {"optim": get_optimizer_state_dict(holder, fresh)}
-        dcp.load(loaded, checkpoint_id=os.path.join(out_dir, "dcp_tp"))
-        set_optimizer_state_dict(holder, fresh, loaded["optim"])
-        _assert_same_8bit_result(_8bit_result(fresh_params, fresh), _8bit_result(model, want_opt), "DCP 4 -> 1")
+        _assert_dcp_loads_into_one_process(
+            os.path.join(out_dir, "dcp_tp"),
+            *_step_8bit("AdamW8bit_fp32_S0S1", "S0 S1", shapes=_TP_SHAPES, quantized=_TP_CASES["S0 S1"]), "DCP 4 -> 1")
         # A model under FSDP2 over tensor parallelism trains as in one process; both weights keep 8-bit state, placed as
         # themselves (the biases, under min_8bit_size, fp32)
         model = _tp_model()
