@@ -230,6 +230,26 @@ struct QuantizedList {
   bool used;
 };
 
+// The elements per row of the blocks an absmax of this shape stands for (math::QuantRows): 1-D, the param as one
+// row (one value per kQuantBlock elements); 2-D (rows, k), rows of numel / rows elements, k = ceil(that / 256).
+int64_t absmax_row_length(const char* op, const char* name, size_t i, const at::Tensor& absmax, int64_t numel) {
+  if (absmax.dim() == 1 && absmax.numel() == (numel + math::kQuantBlock - 1) / math::kQuantBlock) {
+    return numel > 0 ? numel : 1;
+  }
+  if (absmax.dim() == 2) {
+    const int64_t rows = absmax.size(0);
+    if (numel == 0 && absmax.numel() == 0) return 1;  // (an empty shard: no blocks)
+    if (rows > 0 && numel % rows == 0 && absmax.size(1) == math::QuantRows::of(numel / rows).blocks_per_row) {
+      return numel / rows;
+    }
+  }
+  TORCH_CHECK(false, op, ": ", name, "[", i, "] must have one fp32 value per block of 256 of its param's ", numel,
+              " elements: 1-D of ", (numel + math::kQuantBlock - 1) / math::kQuantBlock,
+              " (the param as one row), or 2-D (rows, ceil(row elements / 256)) for rows that divide it; got shape ",
+              absmax.sizes());
+  return 0;
+}
+
 OptimizerTensors check_8bit_step(const char* op, at::TensorList params, at::TensorList grads,
                                  const std::vector<QuantizedList>& moments, at::TensorList state_steps,
                                  bool needs_steps, bool zero_grad, const std::optional<at::Tensor>& lr_tensor,
@@ -256,26 +276,38 @@ OptimizerTensors check_8bit_step(const char* op, at::TensorList params, at::Tens
   TORCH_CHECK_TYPE(out.dtype == at::kFloat || out.dtype == at::kBFloat16 || out.dtype == at::kHalf, op,
                    ": params must be float32, bfloat16 or float16, got ", out.dtype);
   for (auto& s : out.states) s.clear();  // the generic check filled them with undefined entries
+  out.quant_rows.assign(params.size(), 0);
   int slot = 0;
+  const QuantizedList* first_used = nullptr;  // the moment whose absmax set each param's rows first
   for (const QuantizedList& q : moments) {
     if (!q.used) continue;
     for (size_t i = 0; i < params.size(); ++i) {
-      const int64_t numel = params[i].numel();
-      const int64_t blocks = (numel + math::kQuantBlock - 1) / math::kQuantBlock;
       for (int part = 0; part < 2; ++part) {
         const bool is_codes = part == 0;
         const at::Tensor& s = is_codes ? q.codes[i] : q.absmax[i];
+        const char* name = is_codes ? q.codes_name : q.absmax_name;
         const at::ScalarType want = is_codes ? at::kByte : at::kFloat;
-        // (absmax: any shape of that many elements, read in order: an FSDP2 shard's is (rows, row elements / 256))
-        const bool shape_ok = is_codes ? s.sizes() == params[i].sizes() : s.numel() == blocks;
-        TORCH_CHECK(s.device() == out.device && s.scalar_type() == want && shape_ok && s.is_contiguous(), op, ": ",
-                    is_codes ? q.codes_name : q.absmax_name, "[", i, "] must be a contiguous ", want, " tensor ",
-                    is_codes ? "of shape " : "of ", is_codes ? c10::str(params[i].sizes()) : c10::str(blocks),
-                    is_codes ? "" : " elements (one per 256 of the param's)", " on ", out.device, ", got ",
-                    s.scalar_type(), " ", s.sizes(), s.is_contiguous() ? "" : " (not contiguous)", " on ", s.device());
+        TORCH_CHECK(s.device() == out.device && s.scalar_type() == want && s.is_contiguous(), op, ": ", name, "[", i,
+                    "] must be a contiguous ", want, " tensor on ", out.device, ", got ", s.scalar_type(),
+                    s.is_contiguous() ? "" : " (not contiguous)", " on ", s.device());
+        if (is_codes) {
+          TORCH_CHECK(s.sizes() == params[i].sizes(), op, ": ", name, "[", i, "] must have its param's shape ",
+                      params[i].sizes(), ", got ", s.sizes());
+        } else {
+          const int64_t row = absmax_row_length(op, name, i, s, params[i].numel());
+          if (first_used == nullptr) {
+            out.quant_rows[i] = row;
+          } else {
+            TORCH_CHECK(row == out.quant_rows[i], op, ": ", name, "[", i, "] ", s.sizes(),
+                        " cuts the param into rows of ", row, " elements but ", first_used->absmax_name, "[", i, "] ",
+                        first_used->absmax[i].sizes(), " into rows of ", out.quant_rows[i],
+                        "; every moment of a param must have one layout");
+          }
+        }
         out.states[slot + part].push_back(s);
       }
     }
+    if (first_used == nullptr) first_used = &q;
     slot += 2;
   }
   check_rounding_seeds(op, out, rounding_seeds, static_cast<int64_t>(params.size()), rounding_offsets);

@@ -24,6 +24,9 @@ struct OptimizerTensors {
   // Empty (all 0), or with the seeds one per param: the index, modulo 2^64, whose bits the param's element 0
   // draws (a shard's first element's index in its whole tensor).
   std::vector<uint64_t> rounding_offsets;
+  // 8-bit calls: per param, the elements per row of its state's blocks (math::QuantRows), read from its absmax's
+  // shape; empty for the other calls.
+  std::vector<int64_t> quant_rows;
   // Non-dense or layout-mismatched entries run on contiguous copies; these pairs are copied back after.
   std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (original, working copy)
   at::ScalarType dtype = at::kFloat;
@@ -73,10 +76,12 @@ OptimizerTensors check_rmsprop_step(at::TensorList params, at::TensorList grads,
                                     const std::optional<at::TensorList>& rounding_seeds,
                                     at::OptionalIntArrayRef rounding_offsets = std::nullopt);
 
-// 8-bit state: each moment as uint8 codes (contiguous, the param's shape) and one fp32 absmax per
-// math::kQuantBlock elements (contiguous, of any shape with that many elements: 1-D, or an FSDP2 shard's
-// (rows, row elements / kQuantBlock)); params float32, bfloat16 or float16. states holds the (codes, absmax) lists of
-// the moments the call uses, in the op's order. rounding_offsets: as check_adam_step's.
+// 8-bit state: each moment as uint8 codes (contiguous, the param's shape) and a contiguous fp32 absmax whose shape
+// says which elements each value covers (math::QuantRows): 1-D, one per kQuantBlock elements of the flat param;
+// or 2-D (rows, blocks per row): the param as `rows` rows of numel / rows elements, each cut into blocks, the last
+// one shorter. Every moment of a param has the same layout. Params float32, bfloat16 or float16. states holds the
+// (codes, absmax) lists of the moments the call uses, in the op's order; quant_rows each param's row length.
+// rounding_offsets: as check_adam_step's.
 OptimizerTensors check_adam8bit_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_codes,
                                      at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_codes,
                                      at::TensorList exp_avg_sq_absmax, at::TensorList state_steps, bool zero_grad,

@@ -19,6 +19,7 @@ Cross-entropy: :func:`cross_entropy_reference`, F.cross_entropy in opmath plus t
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -76,34 +77,44 @@ class LowPrecisionOptimizerReference:
 # -- 8-bit optimizer state -----------------------------------------------------------------------------
 
 
-def quantize_blockwise_reference(t: Tensor, *, signed: bool, block_size: int = 256) -> tuple[Tensor, Tensor]:
+def quantize_blockwise_reference(t: Tensor, *, signed: bool, block_size: int = 256,
+                                 by_rows: bool = False) -> tuple[Tensor, Tensor]:
     """The 8-bit codes and per-block absmax of ``t``: block by block, x = value * (1 / absmax) in fp32 (0 for a
     block whose absmax is 0 or below the smallest normal float), and the code of the value nearest to x, found by
     measuring the distance to all 256 in double (the lower code on a tie). fused_train's rounding may differ only
-    where x is within fp32 rounding of the midpoint between two values."""
+    where x is within fp32 rounding of the midpoint between two values. The blocks: of the flat tensor (absmax 1-D),
+    or with ``by_rows`` of each row along dim 0 in turn, a row's last block shorter (absmax (rows, blocks per row))."""
     from fused_train.optim import _quantization
 
     values = (_quantization.SIGNED if signed else _quantization.UNSIGNED).values.double()
-    flat = t.detach().float().reshape(-1).cpu()
-    codes = torch.empty(flat.numel(), dtype=torch.uint8)
-    absmax = torch.empty((flat.numel() + block_size - 1) // block_size, dtype=torch.float32)
-    for b in range(absmax.numel()):
-        block = flat[b * block_size:(b + 1) * block_size]
-        absmax[b] = block.abs().max()
-        normal = absmax[b] >= torch.finfo(torch.float32).tiny
-        inverse = 1.0 / absmax[b] if normal else torch.zeros(())
-        x = (block * inverse).double()
-        codes[b * block_size:(b + 1) * block_size] = (x[:, None] - values[None, :]).abs().argmin(dim=1).to(torch.uint8)
-    return codes.reshape(t.shape), absmax
+    rows = t.shape[0] if by_rows else 1
+    row = math.prod(t.shape[1:]) if by_rows else t.numel()
+    per_row = (row + block_size - 1) // block_size
+    flat = t.detach().float().reshape(rows, row).cpu()
+    codes = torch.empty(rows, row, dtype=torch.uint8)
+    absmax = torch.empty(rows, per_row, dtype=torch.float32)
+    for r in range(rows):
+        for b in range(per_row):
+            block = flat[r, b * block_size:(b + 1) * block_size]
+            absmax[r, b] = block.abs().max()
+            normal = absmax[r, b] >= torch.finfo(torch.float32).tiny
+            inverse = 1.0 / absmax[r, b] if normal else torch.zeros(())
+            x = (block * inverse).double()
+            codes[r, b * block_size:(b + 1) * block_size] = (x[:, None] - values[None, :]).abs().argmin(dim=1)
+    return codes.reshape(t.shape), absmax if by_rows else absmax.reshape(-1)
 
 
 def dequantize_blockwise_reference(codes: Tensor, absmax: Tensor, *, signed: bool, block_size: int = 256) -> Tensor:
+    """The values of ``codes``, each times its block's absmax; a 2-D absmax (rows, blocks per row) means the blocks
+    of each row (quantize_blockwise_reference's ``by_rows``), a 1-D one those of the flat tensor."""
     from fused_train.optim import _quantization
 
     code = _quantization.SIGNED.values if signed else _quantization.UNSIGNED.values
-    flat = codes.reshape(-1).cpu().long()
-    scale = torch.stack([absmax.cpu()[i // block_size] for i in range(flat.numel())]) if flat.numel() else absmax[:0]
-    return (code[flat] * scale).reshape(codes.shape)
+    rows = absmax.shape[0] if absmax.dim() == 2 else 1
+    row = codes.numel() // rows if rows else 0
+    block_of = torch.arange(row) // block_size  # each element's block within its row
+    scale = absmax.cpu().float().reshape(rows, -1)[:, block_of] if codes.numel() else torch.zeros(rows, row)
+    return (code[codes.reshape(rows, row).cpu().long()] * scale).reshape(codes.shape)
 
 
 @torch.no_grad()
@@ -130,13 +141,14 @@ def blockwise8bit_reference_step(optimizer: str, param: Tensor, grad: Tensor, st
             torch_state[name] = state[name].detach().float().cpu().clone()
     opt.state[p32] = torch_state
     opt.step()
+    by_rows = any(v.dim() == 2 for k, v in state.items() if k.endswith("_absmax"))  # (the state's layout)
     new: dict[str, Tensor] = {}
     for name, value in opt.state[p32].items():
         if name == "step" or f"{name}_codes" not in state and name in state:
             new[name] = value
         elif name in _quantization.MOMENT_IS_SIGNED:
             new[f"{name}_codes"], new[f"{name}_absmax"] = quantize_blockwise_reference(
-                value, signed=_quantization.MOMENT_IS_SIGNED[name])
+                value.reshape(param.shape), signed=_quantization.MOMENT_IS_SIGNED[name], by_rows=by_rows)
     return p32.detach().to(param.dtype), new
 
 

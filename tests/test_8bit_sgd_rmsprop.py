@@ -474,7 +474,12 @@ def test_ops_name_what_is_wrong():
     with pytest.raises(RuntimeError, match="momentum must be nonzero"):
         _ops.sgd8bit_step_([p], [g], [codes], [absmax], momentum=0.0, **sgd)
     with pytest.raises(RuntimeError, match=r"momentum_buffer_absmax\[0\] must be a contiguous Float"):
-        _ops.sgd8bit_step_([p], [g], [codes], [torch.zeros(5)], momentum=0.9, **sgd)
+        _ops.sgd8bit_step_([p], [g], [codes], [torch.zeros(2, dtype=torch.float64)], momentum=0.9, **sgd)
+    # the absmax's shape says the blocks: 1-D for the flat param, 2-D (rows, blocks per row) for rows dividing it
+    for bad in (torch.zeros(5), torch.zeros(1, 2, 1), torch.zeros(7, 1), torch.zeros(3, 2)):
+        with pytest.raises(RuntimeError, match=r"momentum_buffer_absmax\[0\] must have one fp32 value per block of "
+                                               r"256 of its param's 300 elements: 1-D of 2 .* got shape"):
+            _ops.sgd8bit_step_([p], [g], [codes], [bad], momentum=0.9, **sgd)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         _ops.sgd8bit_step_([p.double()], [g.double()], [codes], [absmax], momentum=0.9, **sgd)
     rms = dict(lr=0.1, alpha=0.99, eps=1e-8, weight_decay=0.0, maximize=False, zero_grad=False)
@@ -483,6 +488,10 @@ def test_ops_name_what_is_wrong():
         _ops.rmsprop8bit_step_([p], [g], [codes], [absmax], [codes], [absmax], step, momentum=0.0, **rms)
     with pytest.raises(RuntimeError, match="got 1 params but 0 momentum_buffer_codes"):
         _ops.rmsprop8bit_step_([p], [g], [codes], [absmax], [], [], step, momentum=0.9, **rms)
+    # (3, 1): the 300 elements as 3 rows of 100, one block each; the square average's are the flat param's 2
+    with pytest.raises(RuntimeError, match=r"momentum_buffer_absmax\[0\] \[3, 1\] cuts the param into rows of 100 "
+                                           r"elements but square_avg_absmax\[0\] \[2\] into rows of 300"):
+        _ops.rmsprop8bit_step_([p], [g], [codes], [absmax], [codes], [torch.zeros(3, 1)], step, momentum=0.9, **rms)
     assert torch.equal(p, g) and step[0].item() == 0  # nothing written
 
 

@@ -3,6 +3,7 @@ against the Python quantizer, steps against torch.optim.Adam on the dequantized 
 GradScaler, gradient zeroing, bad arguments, torch.compile and convergence."""
 
 import io
+import math
 
 import pytest
 import torch
@@ -123,6 +124,97 @@ def test_kernel_codes_equal_python_quantizer(dtype, n):
         assert torch.equal(state[f"{name}_absmax"], absmax), name
 
 
+# Params whose rows (dim 0's entries) hold 256 elements or more: the blocks of each row, its last one shorter. (130,
+# 300) has the CPU's 32768-element chunk edge inside a block (row 109's first, [32700, 32956)); (250, 300) runs on
+# both threads; (300, 7) has rows too short to have their own blocks: the flat param's.
+ROW_SHAPES = [(3, 300), (2, 576), (4, 2, 150), (130, 300), (250, 300), (1, 1000), (5, 512), (300, 7)]
+
+
+def _absmax_shape_of(shape):
+    rows, row = shape[0], math.prod(shape[1:])
+    return (rows, Q.num_blocks(row)) if len(shape) >= 2 and row >= 256 else (Q.num_blocks(math.prod(shape)),)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("shape", ROW_SHAPES)
+def test_kernel_blocks_are_the_rows_blocks(dtype, shape):
+    """As above, for params of rows: each row's blocks, in the kernel as in the Python quantizer and its reference."""
+    n = math.prod(shape)
+    g = _spread(n, torch.Generator().manual_seed(n), True).clamp(-60000, 60000).to(dtype).reshape(shape)
+    p = torch.randn(shape, dtype=dtype, requires_grad=True)
+    p.grad = g.clone()
+    opt = Adam8bit([p], betas=(0.0, 0.0), min_8bit_size=0)
+    opt.step()
+    by_rows = len(_absmax_shape_of(shape)) == 2
+    g32 = g.float()
+    for name, value, signed in (("exp_avg", g32, True), ("exp_avg_sq", g32 * g32, False)):
+        codes, absmax = Q.quantize_blockwise(value, signed=signed, by_rows=by_rows)
+        assert opt.state[p][f"{name}_absmax"].shape == _absmax_shape_of(shape)
+        assert torch.equal(opt.state[p][f"{name}_codes"], codes), name
+        assert torch.equal(opt.state[p][f"{name}_absmax"], absmax), name
+    # a row's last block holds its tail only: its absmax is the tail's largest magnitude
+    rows = g32.reshape(shape[0], -1)
+    if by_rows and rows.shape[1] % 256:
+        tail = rows[:, rows.shape[1] // 256 * 256:].abs().amax(dim=1)
+        assert torch.equal(opt.state[p]["exp_avg_absmax"][:, -1], tail)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("shape", [(3, 300), (2, 576), (4, 2, 150), (2, 511), (0, 300), (3, 0)])
+def test_quantizer_by_rows_matches_reference(signed, shape):
+    n = math.prod(shape)
+    t = _spread(n, torch.Generator().manual_seed(7), signed).reshape(shape)
+    codes, absmax = Q.quantize_blockwise(t, signed=signed, by_rows=True)
+    ref_codes, ref_absmax = quantize_blockwise_reference(t, signed=signed, by_rows=True)
+    rows, row = shape[0], math.prod(shape[1:])
+    assert absmax.shape == ref_absmax.shape == (rows, Q.num_blocks(row))
+    assert torch.equal(absmax, ref_absmax)
+    # codes: the reference's, up to a value at an fp32 midpoint (checked row by row, each row a flat tensor)
+    for r in range(rows):
+        _assert_codes_match_reference(codes[r].reshape(-1), absmax[r], t[r].reshape(-1), signed)
+    back = Q.dequantize_blockwise(codes, absmax, signed=signed)
+    assert back.shape == t.shape
+    assert torch.equal(back, dequantize_blockwise_reference(codes, absmax, signed=signed))
+    if n:
+        # the flat layout's blocks of the same tensor differ (they cross rows), and so do its values
+        flat_codes, flat_absmax = Q.quantize_blockwise(t, signed=signed)
+        assert not torch.equal(Q.dequantize_blockwise(flat_codes, flat_absmax, signed=signed), back)
+
+
+def test_flat_checkpoint_of_rows_is_requantized_by_rows():
+    """A checkpoint saved before rows of any length had their own blocks holds the flat layout's 1-D absmax, whose
+    blocks cross rows: loading it requantizes each moment by rows, from its dequantized values, even where the
+    block counts agree ((2, 511): 4 blocks either way)."""
+    torch.manual_seed(0)
+    shapes = [(20, 300), (2, 511), (4, 512), (5000,)]
+    params = [torch.randn(s, requires_grad=True) for s in shapes]
+    torch_opt = torch_optimizer("AdamW")(params, lr=0.01)
+    _train(torch_opt, params, 2, 0)
+    old = torch_opt.state_dict()
+    for key, p in enumerate(params):
+        state = old["state"][key]
+        for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+            state[f"{name}_codes"], state[f"{name}_absmax"] = Q.quantize_blockwise(state.pop(name), signed=signed)
+    resumed = [p.detach().clone().requires_grad_(True) for p in params]
+    opt = AdamW8bit(resumed, lr=0.01, min_8bit_size=0)
+    opt.load_state_dict(old)
+    for key, (p, shape) in enumerate(zip(resumed, shapes)):
+        for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+            saved = old["state"][key]
+            values = Q.dequantize_blockwise(saved[f"{name}_codes"], saved[f"{name}_absmax"], signed=signed)
+            if len(shape) == 2 and shape[1] % 256:  # blocks across rows: requantized by rows
+                codes, absmax = Q.quantize_blockwise(values, signed=signed, by_rows=True)
+            else:  # the same blocks (rows of whole blocks, or 1-D): taken as saved, reshaped when the step reads them
+                codes, absmax = saved[f"{name}_codes"], saved[f"{name}_absmax"]
+            assert torch.equal(opt.state[p][f"{name}_codes"], codes), (shape, name)
+            assert torch.equal(opt.state[p][f"{name}_absmax"].reshape(-1), absmax.reshape(-1)), (shape, name)
+    _train(opt, resumed, 1, 1)
+    for p, shape in zip(resumed, shapes):
+        assert torch.isfinite(p).all()
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[p][f"{name}_absmax"].shape == _absmax_shape_of(shape)
+
+
 def test_block_below_the_smallest_normal_float_quantizes_to_zero():
     """A block whose absmax is below FLT_MIN (a moment decaying without gradients) would have an infinite inverse:
     it is stored as zeros with its absmax, in the kernel as in Python, instead of every element as ±absmax."""
@@ -154,7 +246,7 @@ CONFIGS = [
 def test_steps_match_torch_adam_on_dequantized_state(cls, kwargs, dtype):
     """Each step from the optimizer's own state: torch.optim.Adam on the dequantized moments, then quantized."""
     torch.manual_seed(0)
-    shapes = [(300, 7), (1000,), (5,)]
+    shapes = [(300, 7), (1000,), (5,), (3, 300)]
     params = [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
     opt = cls(params, min_8bit_size=0, **kwargs)
     reference_kwargs = {k: v for k, v in opt.defaults.items()
@@ -165,9 +257,9 @@ def test_steps_match_torch_adam_on_dequantized_state(cls, kwargs, dtype):
         for p, g in zip(params, grads):
             state = opt.state[p] if opt.state[p] else {
                 "step": torch.zeros(()), "exp_avg_codes": torch.full(p.shape, 127, dtype=torch.uint8),
-                "exp_avg_absmax": torch.zeros(Q.num_blocks(p.numel())),
+                "exp_avg_absmax": torch.zeros(_absmax_shape_of(p.shape)),
                 "exp_avg_sq_codes": torch.zeros(p.shape, dtype=torch.uint8),
-                "exp_avg_sq_absmax": torch.zeros(Q.num_blocks(p.numel()))}
+                "exp_avg_sq_absmax": torch.zeros(_absmax_shape_of(p.shape))}
             expected.append(adam8bit_reference_step(p, g, state, decoupled_weight_decay=cls is AdamW8bit,
                                                     **reference_kwargs))
             p.grad = g.clone()
@@ -359,9 +451,11 @@ def test_state_dict_round_trip_resumes_bit_for_bit():
             assert torch.equal(v, opt2.state[q][k]), k
 
 
-def test_fp32_checkpoint_loads_quantized_and_8bit_checkpoint_loads_dequantized():
+@pytest.mark.parametrize("shape", [(5000,), (20, 300)])
+def test_fp32_checkpoint_loads_quantized_and_8bit_checkpoint_loads_dequantized(shape):
     torch.manual_seed(0)
-    p = torch.randn(5000, requires_grad=True)
+    p = torch.randn(shape, requires_grad=True)
+    by_rows = len(shape) == 2  # (rows of 300: each row's 2 blocks, 256 and 44)
     torch_opt = torch_optimizer("AdamW")([p], lr=0.01)
     _train(torch_opt, [p], 2, 0)
     fp32_state = torch_opt.state_dict()
@@ -372,8 +466,9 @@ def test_fp32_checkpoint_loads_quantized_and_8bit_checkpoint_loads_dequantized()
     state = opt8.state[q]
     assert "exp_avg" not in state
     for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-        codes, absmax = Q.quantize_blockwise(torch_opt.state[p][name], signed=signed)
+        codes, absmax = Q.quantize_blockwise(torch_opt.state[p][name], signed=signed, by_rows=by_rows)
         assert torch.equal(state[f"{name}_codes"], codes) and torch.equal(state[f"{name}_absmax"], absmax)
+        assert absmax.shape == ((20, 2) if by_rows else (20,))
     assert state["step"].item() == 2
 
     # 8-bit -> fused_train fp32 AdamW: dequantized in load_state_dict

@@ -14,12 +14,13 @@ enum class ScalarKind : int32_t { Float = 0, Double = 1, BFloat16 = 2, Half = 3 
 // Full-precision state is in opmath (float, or double for fp64) with the param's dense layout; 8-bit state
 // keeps (codes, absmax) per moment, in the op's order (Adam: exp_avg, exp_avg_sq; SGD: momentum_buffer;
 // RMSprop: square_avg[, grad_avg][, momentum_buffer]): uint8 codes as the contiguous param, one float per
-// math::kQuantBlock elements.
+// block of up to math::kQuantBlock elements of its rows of quant_row elements (math::QuantRows).
 struct ParamSlot {
   void* param;
   void* grad;
   void* state[6];
   int64_t numel;
+  int64_t quant_row;     // 8-bit state: elements per row of its blocks
   double neg_step_size;  // Adam: -lr / (1 - β1^t)
   double bc2_sqrt;       // Adam: sqrt(1 - β2^t)
   uint64_t rounding_stream;  // stochastic rounding: math::rounding_stream(seed, step)

@@ -444,7 +444,7 @@ inline void quantize_tile(const float* x, float inverse, int64_t n, const math::
 }
 
 // 8-bit state (Adam's two moments, SGD's momentum, RMSprop's square average and momentum), one
-// quantization block at a time: each block's codes are dequantized with its absmax into a stack buffer (in L1),
+// quantization block (math::QuantRows) at a time: each block's codes are dequantized with its absmax into a stack buffer (in L1),
 // updated there in fp32 (the param from the updated fp32 moments, as bitsandbytes does), and quantized once the
 // block's new absmax is known. A loop of its own rather than run_chunk's tiles: the running absmax and the
 // constants stay in registers.
@@ -480,9 +480,12 @@ void run_8bit_chunk(const OptimizerLaunch& l, const ParamSlot& slot, int64_t beg
   DequantTables tables[K];
   FT_UNROLL_K for (int k = 0; k < K; ++k) tables[k].load(*code[k]);
 
-  for (int64_t b0 = begin; b0 < end; b0 += math::kQuantBlock) {
-    const int64_t n = std::min(math::kQuantBlock, end - b0);
-    const int64_t block = b0 / math::kQuantBlock;
+  // The blocks that start in [begin, end), whole (the last may run past end: no other chunk touches it).
+  const math::QuantRows rows = math::QuantRows::of(slot.quant_row);
+  const int64_t last_block = rows.blocks_before(end);
+  for (int64_t block = rows.blocks_before(begin); block < last_block; ++block) {
+    const int64_t b0 = rows.start(block);
+    const int64_t n = rows.size(block);
     T* p = param + b0;
     T* g = grad + b0;
     // The running absmax as bit patterns: non-negative floats order as their int32 bits, and NaN's bits (sign
@@ -627,7 +630,7 @@ struct Rmsprop8bitOp {
   }
 };
 
-// The 8-bit ops over fp32, bf16 or fp16 params (fp32 math). Chunks start on block boundaries.
+// The 8-bit ops over fp32, bf16 or fp16 params (fp32 math). A chunk updates the blocks that start in it.
 template <class T, class Op>
 void run_8bit_chunks(const OptimizerLaunch& l, int64_t chunk_begin, int64_t chunk_end, Op& op) {
   for (int64_t k = chunk_begin; k < chunk_end; ++k) {

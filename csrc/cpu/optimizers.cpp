@@ -17,7 +17,6 @@ namespace {
 
 // Elements per chunk: large enough to amortise the per-chunk setup, small enough to balance threads.
 constexpr int64_t kChunk = 32768;
-static_assert(kChunk % math::kQuantBlock == 0, "chunks must start on quantization blocks");
 // Below this many elements in total, one thread is faster than waking the pool.
 constexpr int64_t kSerialBelow = 65536;
 
@@ -50,8 +49,9 @@ void run(OptimizerLaunch launch, OptimizerTensors& t, PerSlot per_slot) {
       s.state[k] = i < static_cast<int64_t>(list.size()) && list[i].defined() ? list[i].data_ptr() : nullptr;
     }
     s.numel = t.params[i].numel();
+    s.quant_row = t.quant_rows.empty() ? 0 : t.quant_rows[i];
     per_slot(i, s);
-    // (kChunk is a multiple of math::kQuantBlock: chunks of an 8-bit step start on block boundaries.)
+    // (8-bit state: a chunk updates the blocks that start in it, see math::QuantRows)
     for (int64_t b = 0; b < s.numel; b += kChunk) chunks.push_back({i, b, std::min(b + kChunk, s.numel)});
     total += s.numel;
   }

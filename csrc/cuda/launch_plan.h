@@ -28,10 +28,12 @@ constexpr int kFunctorParamBytes = 256;
 constexpr int64_t kMaxBlocksPerLaunch = int64_t{1} << 20;
 
 // Tensors per launch for `depth` lists: each tensor costs `depth` addresses + numel + step pointer
-// (8 bytes each) + its first block (4 bytes), and its index base (8 bytes) in a launch that has them; the
-// fixed part is first_chunk, the closing block offset, n_tensors, n_finished and padding (32 bytes).
-constexpr int max_tensors_per_launch(int depth, bool index_bases = false) {
-  return (kKernelParamBytes - kFunctorParamBytes - 32) / (8 * depth + 20 + (index_bases ? 8 : 0));
+// (8 bytes each) + its first block (4 bytes), and its index base and its quantization row length (8 bytes each)
+// in a launch that has them; the fixed part is first_chunk, the closing block offset, n_tensors, n_finished and
+// padding (32 bytes).
+constexpr int max_tensors_per_launch(int depth, bool index_bases = false, bool quant_rows = false) {
+  return (kKernelParamBytes - kFunctorParamBytes - 32) /
+         (8 * depth + 20 + (index_bases ? 8 : 0) + (quant_rows ? 8 : 0));
 }
 static_assert(max_tensors_per_launch(2) == 105 && max_tensors_per_launch(5) == 63,
               "update the numbers quoted in the docs when the launch layout changes");
@@ -45,12 +47,26 @@ struct SlotIndexBases {
 template <int N>
 struct SlotIndexBases<N, false> {};
 
+// Per-slot quantization row lengths, in the launches of the 8-bit ops: the elements per row of the slot's blocks
+// (math::QuantRows), which its chunks walk.
+template <int N, bool kQuantRows>
+struct SlotQuantRows {
+  int64_t quant_row[N];
+};
+template <int N>
+struct SlotQuantRows<N, false> {};
+
 // What one launch covers: tensors ("slots") 0..n_tensors-1, slot s owning blocks
 // [block_start[s], block_start[s + 1]). Slot 0 may continue a tensor begun in the previous launch
 // (first_chunk > 0); the last slot may end before its tensor does (then n_finished = n_tensors - 1).
-template <int Depth, bool kIndexBases = false>
-struct TensorListMetadata : SlotIndexBases<max_tensors_per_launch(Depth, kIndexBases), kIndexBases> {
-  static constexpr int kMaxTensors = max_tensors_per_launch(Depth, kIndexBases);
+template <int Depth, bool kIndexBases = false, bool kQuantRows = false>
+struct TensorListMetadata
+    : SlotIndexBases<max_tensors_per_launch(Depth, kIndexBases, kQuantRows), kIndexBases>,
+      SlotQuantRows<max_tensors_per_launch(Depth, kIndexBases, kQuantRows), kQuantRows> {
+  static constexpr int kMaxTensors = max_tensors_per_launch(Depth, kIndexBases, kQuantRows);
+  static constexpr int kDepth = Depth;
+  static constexpr bool kHasIndexBases = kIndexBases;
+  static constexpr bool kHasQuantRows = kQuantRows;
   void* addresses[Depth][kMaxTensors];  // list k (param, grad, states...) of slot s
   int64_t numel[kMaxTensors];
   float* steps[kMaxTensors];  // per-tensor step counter (fp32, on the device), or nullptr
@@ -68,8 +84,8 @@ struct BlockLocation {
   int64_t n;
 };
 
-template <int Depth, bool kIndexBases>
-FT_HOST_DEVICE FT_INLINE BlockLocation locate_block(const TensorListMetadata<Depth, kIndexBases>& m, int64_t block) {
+template <class Meta>
+FT_HOST_DEVICE FT_INLINE BlockLocation locate_block(const Meta& m, int64_t block) {
   // The last slot whose first block is <= block (block_start is strictly increasing: every slot has at
   // least one block). At most log2(105) = 7 uniform steps over the parameter bank.
   int lo = 0;
@@ -95,11 +111,12 @@ FT_HOST_DEVICE FT_INLINE BlockLocation locate_block(const TensorListMetadata<Dep
 //   void* address(int k, int64_t i) const;       tensor i of list k
 //   bool has_steps() const;  float* step(int64_t i) const;   per-tensor step counters, if any
 //   uint64_t index_base(int64_t i) const;        with kIndexBases only: tensor i's index base
+//   int64_t quant_row(int64_t i) const;          with kQuantRows only: tensor i's quantization row length
 // Tensors without elements get no block, except when they carry a step, which must still advance. The
 // limits are arguments so that the CPU test can reach tensor splits with small ones.
-template <int Depth, bool kIndexBases = false, class Tensors, class Launch>
+template <int Depth, bool kIndexBases = false, bool kQuantRows = false, class Tensors, class Launch>
 void plan_launches(const Tensors& tensors, int max_tensors, int64_t max_blocks, Launch&& launch) {
-  using Meta = TensorListMetadata<Depth, kIndexBases>;
+  using Meta = TensorListMetadata<Depth, kIndexBases, kQuantRows>;
   if (max_tensors < 1 || max_tensors > Meta::kMaxTensors || max_blocks < 1 ||
       max_blocks > kMaxBlocksPerLaunch) {
     throw std::logic_error("plan_launches: limits out of range (max_tensors " + std::to_string(max_tensors) +
@@ -123,6 +140,7 @@ void plan_launches(const Tensors& tensors, int max_tensors, int64_t max_blocks, 
       m.numel[nt] = numel;
       m.steps[nt] = tensors.has_steps() ? tensors.step(i) : nullptr;
       if constexpr (kIndexBases) m.index_base[nt] = tensors.index_base(i);
+      if constexpr (kQuantRows) m.quant_row[nt] = tensors.quant_row(i);
       m.block_start[nt] = static_cast<int32_t>(blocks);
       const int64_t take = std::min(chunks - done, max_blocks - blocks);
       blocks += take;

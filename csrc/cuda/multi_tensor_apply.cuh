@@ -48,6 +48,8 @@ struct TensorListsView {
   float* step(int64_t i) const { return steps[i].data_ptr<float>(); }
   c10::ArrayRef<uint64_t> index_bases;  // empty, or one per tensor (launches with index bases)
   uint64_t index_base(int64_t i) const { return index_bases[i]; }
+  c10::ArrayRef<int64_t> quant_rows;  // empty, or one per tensor (the 8-bit ops' launches)
+  int64_t quant_row(int64_t i) const { return quant_rows[i]; }
 };
 
 // Functor contract (F is trivially copyable, at most kFunctorParamBytes - 16 bytes):
@@ -57,14 +59,14 @@ struct TensorListsView {
 //       run by one thread per block; step_after = the block's tensor step + 1 (0 without steps). Reads
 //       the device scalars (lr, grad_scale, found_inf) once per block.
 //   bool advances_steps(const BlockScalars&) const;    // false: leave every step as it is (e.g. found_inf)
-//   void operator()(const TensorListMetadata<Depth, kIndexBases>&, const BlockLocation&, const BlockScalars&,
-//                   int thread, int n_threads) const;  // every thread of the block (kIndexBases: a template
-//                                                       // parameter where the functor takes index bases)
+//   template <class Meta>  // a TensorListMetadata, with or without index bases and quantization rows
+//   void operator()(const Meta&, const BlockLocation&, const BlockScalars&, int thread, int n_threads) const;
+//                                                       // every thread of the block
 // All four are __host__ __device__ so the chunk code can be exercised on the CPU.
 
-template <int Depth, class Functor, bool kIndexBases>
+template <int Depth, class Functor, bool kIndexBases, bool kQuantRows>
 struct MultiTensorArgs {
-  TensorListMetadata<Depth, kIndexBases> meta;
+  TensorListMetadata<Depth, kIndexBases, kQuantRows> meta;
   Functor functor;
   unsigned int* captured_ticket;  // the ticket of a launch recorded in a CUDA graph, else nullptr
   int32_t ticket_slot;            // eager launches: index into step_tickets (unused without steps)
@@ -121,11 +123,11 @@ inline int32_t eager_ticket_slot(const c10::cuda::CUDAStream& stream) {
   return slot;
 }
 
-template <int Depth, class Functor, bool kIndexBases>
+template <int Depth, class Functor, bool kIndexBases, bool kQuantRows>
 __global__ void __launch_bounds__(kBlockSize)
-    multi_tensor_apply_kernel(const __grid_constant__ MultiTensorArgs<Depth, Functor, kIndexBases> args) {
+    multi_tensor_apply_kernel(const __grid_constant__ MultiTensorArgs<Depth, Functor, kIndexBases, kQuantRows> args) {
   using BlockScalars = typename Functor::BlockScalars;
-  const TensorListMetadata<Depth, kIndexBases>& m = args.meta;
+  const TensorListMetadata<Depth, kIndexBases, kQuantRows>& m = args.meta;
   const BlockLocation loc = locate_block(m, static_cast<int64_t>(blockIdx.x));
 
   // One thread reads the step and the device scalars; the block shares them.
@@ -165,13 +167,15 @@ __global__ void __launch_bounds__(kBlockSize)
 // Runs functor over every chunk of lists (list 0 decides the sizes; the other lists hold tensors of the
 // same numel and layout, on the same device). steps: one fp32 step tensor per tensor on that device when
 // Functor::kAdvancesSteps, else empty. kIndexBases: index_bases holds one per tensor, each slot's
-// TensorListMetadata::index_base (the functor must take metadata with them); else it is empty. Asynchronous on the
-// current stream of the tensors' device.
-template <int Depth, bool kIndexBases, class Functor>
+// TensorListMetadata::index_base (the functor must take metadata with them); else it is empty. kQuantRows: likewise
+// quant_rows, each slot's TensorListMetadata::quant_row (the 8-bit ops'). Asynchronous on the current stream of the
+// tensors' device.
+template <int Depth, bool kIndexBases, bool kQuantRows, class Functor>
 void multi_tensor_apply_impl(const std::array<at::TensorList, Depth>& lists, at::TensorList steps,
-                             c10::ArrayRef<uint64_t> index_bases, const Functor& functor) {
-  using Meta = TensorListMetadata<Depth, kIndexBases>;
-  using Args = MultiTensorArgs<Depth, Functor, kIndexBases>;
+                             c10::ArrayRef<uint64_t> index_bases, c10::ArrayRef<int64_t> quant_rows,
+                             const Functor& functor) {
+  using Meta = TensorListMetadata<Depth, kIndexBases, kQuantRows>;
+  using Args = MultiTensorArgs<Depth, Functor, kIndexBases, kQuantRows>;
   static_assert(Depth >= 1, "at least one tensor list");
   // The ticket pointer and slot after the functor take 16 bytes with padding (the contract above).
   static_assert(sizeof(Functor) + 16 <= kFunctorParamBytes, "functor exceeds its parameter budget");
@@ -182,6 +186,7 @@ void multi_tensor_apply_impl(const std::array<at::TensorList, Depth>& lists, at:
   for (int k = 1; k < Depth; ++k) TORCH_INTERNAL_ASSERT(lists[k].size() == n);
   TORCH_INTERNAL_ASSERT(steps.size() == (Functor::kAdvancesSteps ? n : 0));
   TORCH_INTERNAL_ASSERT(index_bases.size() == (kIndexBases ? n : 0));
+  TORCH_INTERNAL_ASSERT(quant_rows.size() == (kQuantRows ? n : 0));
 
   c10::cuda::OptionalCUDAGuard guard(lists[0][0].device());
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
@@ -200,27 +205,36 @@ void multi_tensor_apply_impl(const std::array<at::TensorList, Depth>& lists, at:
     }
   }
   unsigned int* ticket = captured_ticket.defined() ? static_cast<unsigned int*>(captured_ticket.data_ptr()) : nullptr;
-  plan_launches<Depth, kIndexBases>(TensorListsView<Depth>{lists, steps, index_bases}, Meta::kMaxTensors,
-                                    kMaxBlocksPerLaunch, [&](const Meta& meta, int64_t n_blocks) {
-                                      const Args args{meta, functor, ticket, slot};
-                                      multi_tensor_apply_kernel<Depth, Functor, kIndexBases>
-                                          <<<static_cast<unsigned int>(n_blocks), kBlockSize, 0, stream.stream()>>>(
-                                              args);
-                                      C10_CUDA_KERNEL_LAUNCH_CHECK();
-                                    });
+  const TensorListsView<Depth> view{lists, steps, index_bases, quant_rows};
+  plan_launches<Depth, kIndexBases, kQuantRows>(view, Meta::kMaxTensors, kMaxBlocksPerLaunch,
+                                                [&](const Meta& meta, int64_t n_blocks) {
+                                                  const Args args{meta, functor, ticket, slot};
+                                                  multi_tensor_apply_kernel<Depth, Functor, kIndexBases, kQuantRows>
+                                                      <<<static_cast<unsigned int>(n_blocks), kBlockSize, 0,
+                                                         stream.stream()>>>(args);
+                                                  C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                                });
 }
 
 template <int Depth, class Functor>
 void multi_tensor_apply(const std::array<at::TensorList, Depth>& lists, at::TensorList steps,
                         const Functor& functor) {
-  multi_tensor_apply_impl<Depth, false>(lists, steps, {}, functor);
+  multi_tensor_apply_impl<Depth, false, false>(lists, steps, {}, {}, functor);
 }
 
 // With per-tensor index bases (one per tensor).
 template <int Depth, class Functor>
 void multi_tensor_apply(const std::array<at::TensorList, Depth>& lists, at::TensorList steps,
                         c10::ArrayRef<uint64_t> index_bases, const Functor& functor) {
-  multi_tensor_apply_impl<Depth, true>(lists, steps, index_bases, functor);
+  multi_tensor_apply_impl<Depth, true, false>(lists, steps, index_bases, {}, functor);
+}
+
+// The 8-bit ops': with each tensor's quantization row length (math::QuantRows), and with index bases or not.
+template <int Depth, bool kIndexBases, class Functor>
+void multi_tensor_apply_8bit(const std::array<at::TensorList, Depth>& lists, at::TensorList steps,
+                             c10::ArrayRef<uint64_t> index_bases, c10::ArrayRef<int64_t> quant_rows,
+                             const Functor& functor) {
+  multi_tensor_apply_impl<Depth, kIndexBases, true>(lists, steps, index_bases, quant_rows, functor);
 }
 
 }  // namespace cuda

@@ -69,14 +69,14 @@ FT_HOST_DEVICE FT_INLINE bool aligned16(const void* p) { return (reinterpret_cas
 // seed_list's one-element int64 tensors (-1: none), the counter being the step after this step's increment, the
 // chunk's elements drawing the bits of their index plus the slot's index base (launches with index bases); else to
 // nearest.
-template <class T, int Depth, bool kIndexBases>
-FT_HOST_DEVICE FT_INLINE math::RunRounding chunk_rounding(const TensorListMetadata<Depth, kIndexBases>& m,
-                                                          const BlockLocation& loc, int seed_list, float step_after) {
+template <class T, class Meta>
+FT_HOST_DEVICE FT_INLINE math::RunRounding chunk_rounding(const Meta& m, const BlockLocation& loc, int seed_list,
+                                                          float step_after) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (seed_list >= 0 && seed_list < Depth) {
+    if (seed_list >= 0 && seed_list < Meta::kDepth) {
       const int64_t seed = *static_cast<const int64_t*>(m.addresses[seed_list][loc.slot]);
       uint64_t first = static_cast<uint64_t>(loc.begin);
-      if constexpr (kIndexBases) first += m.index_base[loc.slot];
+      if constexpr (Meta::kHasIndexBases) first += m.index_base[loc.slot];
       return math::RunRounding::make(true, math::rounding_stream(seed, static_cast<double>(step_after)), first);
     }
   }
@@ -183,9 +183,9 @@ FT_HOST_DEVICE FT_INLINE void step_chunk(const ChunkPointers<T>& c, const Op& op
 }
 
 // The chunk of one block; list k of the launch maps to state[k - 2], lists past Depth are absent.
-template <class T, int Depth, bool kIndexBases>
-FT_HOST_DEVICE FT_INLINE ChunkPointers<T> chunk_pointers(const TensorListMetadata<Depth, kIndexBases>& m,
-                                                         const BlockLocation& loc, const int (&state_list)[3]) {
+template <class T, class Meta>
+FT_HOST_DEVICE FT_INLINE ChunkPointers<T> chunk_pointers(const Meta& m, const BlockLocation& loc,
+                                                         const int (&state_list)[3]) {
   using O = opmath_t<T>;
   ChunkPointers<T> c;
   c.param = static_cast<T*>(m.addresses[0][loc.slot]) + loc.begin;
@@ -193,7 +193,7 @@ FT_HOST_DEVICE FT_INLINE ChunkPointers<T> chunk_pointers(const TensorListMetadat
 FT_UNROLL
   for (int k = 0; k < 3; ++k) {
     const int list = state_list[k];
-    c.state[k] = list >= 2 && list < Depth ? static_cast<O*>(m.addresses[list][loc.slot]) + loc.begin : nullptr;
+    c.state[k] = list >= 2 && list < Meta::kDepth ? static_cast<O*>(m.addresses[list][loc.slot]) + loc.begin : nullptr;
   }
   c.n = loc.n;
   c.rounding = math::RunRounding{};
@@ -258,9 +258,9 @@ struct SgdFunctor {
     return read_lr_block_scalars<O>(common, step_after);
   }
   FT_HOST_DEVICE bool advances_steps(const BlockScalars& s) const { return kSteps && !s.skip; }
-  template <bool kIndexBases>
-  FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth, kIndexBases>& m, const BlockLocation& loc,
-                                 const BlockScalars& s, int thread, int n_threads) const {
+  template <class Meta>
+  FT_HOST_DEVICE void operator()(const Meta& m, const BlockLocation& loc, const BlockScalars& s, int thread,
+                                 int n_threads) const {
     const int state_lists[3] = {hyper.has_momentum ? 2 : -1, -1, -1};
     ChunkPointers<T> c = chunk_pointers<T>(m, loc, state_lists);
     c.rounding = chunk_rounding<T>(m, loc, seed_list, s.step_after);
@@ -319,9 +319,9 @@ struct AdamFunctor {
     return read_adam_block_scalars<O>(common, beta1, beta2, weight_decay, step_after);
   }
   FT_HOST_DEVICE bool advances_steps(const BlockScalars& s) const { return !s.skip; }
-  template <bool kIndexBases>
-  FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth, kIndexBases>& m, const BlockLocation& loc,
-                                 const BlockScalars& s, int thread, int n_threads) const {
+  template <class Meta>
+  FT_HOST_DEVICE void operator()(const Meta& m, const BlockLocation& loc, const BlockScalars& s, int thread,
+                                 int n_threads) const {
     const int state_lists[3] = {2, 3, hyper.amsgrad ? 4 : -1};
     ChunkPointers<T> c = chunk_pointers<T>(m, loc, state_lists);
     c.rounding = chunk_rounding<T>(m, loc, seed_list, s.step_after);
@@ -355,9 +355,9 @@ struct RmspropFunctor {
     return read_lr_block_scalars<O>(common, step_after);
   }
   FT_HOST_DEVICE bool advances_steps(const BlockScalars& s) const { return !s.skip; }
-  template <bool kIndexBases>
-  FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth, kIndexBases>& m, const BlockLocation& loc,
-                                 const BlockScalars& s, int thread, int n_threads) const {
+  template <class Meta>
+  FT_HOST_DEVICE void operator()(const Meta& m, const BlockLocation& loc, const BlockScalars& s, int thread,
+                                 int n_threads) const {
     // The optional states are packed: grad_avg (centered) comes first, then momentum_buffer.
     const int grad_avg_list = hyper.centered ? 3 : -1;
     const int momentum_list = hyper.has_momentum ? (hyper.centered ? 4 : 3) : -1;
@@ -372,11 +372,10 @@ struct RmspropFunctor {
 
 // ---------------------------------------------------------------------------------------------------
 // 8-bit state (Blockwise8bitFunctor): lists param, grad, the K moments' codes (uint8, the param's numel), their
-// absmax (one fp32 per math::kQuantBlock elements; chunks start on quantization blocks, as kChunkSize is a multiple
-// of it)[, rounding seed]. On the device each warp takes one quantization block at a time, each lane elements lane,
-// lane + 32, ... (every load and store of the warp contiguous): dequantize, update in fp32, each moment's new absmax
-// by a warp reduction, quantize. The host path runs the same math block by block.
-static_assert(kChunkSize % math::kQuantBlock == 0, "chunks must start on quantization blocks");
+// absmax (one fp32 per block of up to math::kQuantBlock elements of the slot's rows, math::QuantRows)[, rounding
+// seed]. A chunk updates the blocks that start in it. On the device each warp takes one quantization block at a
+// time, each lane elements lane, lane + 32, ... (every load and store of the warp contiguous): dequantize, update in
+// fp32, each moment's new absmax by a warp reduction, quantize. The host path runs the same math block by block.
 
 #if defined(__CUDACC__)
 // The codes in device memory, initialised at module load (they are compile-time constants); each block copies
@@ -488,21 +487,26 @@ FT_UNROLL
     }
   }
 
-  template <bool kIndexBases>
-  FT_HOST_DEVICE void operator()(const TensorListMetadata<Depth, kIndexBases>& m, const BlockLocation& loc,
-                                 const BlockScalars& s, int thread, int n_threads) const {
+  template <class Meta>
+  FT_HOST_DEVICE void operator()(const Meta& m, const BlockLocation& loc, const BlockScalars& s, int thread,
+                                 int n_threads) const {
+    static_assert(Meta::kHasQuantRows, "8-bit launches carry each slot's quantization row length");
     const math::RunRounding rounding = chunk_rounding<T>(m, loc, seed_list, s.step_after);
-    T* param = static_cast<T*>(m.addresses[0][loc.slot]) + loc.begin;
-    T* grad = static_cast<T*>(m.addresses[1][loc.slot]) + loc.begin;
+    // Pointers to the tensor's element 0 and block 0: the chunk updates the quantization blocks that start in it,
+    // whole (math::QuantRows), elements [start, start + size) of block b; rounding indices count from loc.begin.
+    T* param = static_cast<T*>(m.addresses[0][loc.slot]);
+    T* grad = static_cast<T*>(m.addresses[1][loc.slot]);
     uint8_t* codes[K];
     float* absmax[K];
 FT_UNROLL
     for (int k = 0; k < K; ++k) {
-      codes[k] = static_cast<uint8_t*>(m.addresses[2 + k][loc.slot]) + loc.begin;
-      absmax[k] = static_cast<float*>(m.addresses[2 + K + k][loc.slot]) + loc.begin / math::kQuantBlock;
+      codes[k] = static_cast<uint8_t*>(m.addresses[2 + k][loc.slot]);
+      absmax[k] = static_cast<float*>(m.addresses[2 + K + k][loc.slot]);
     }
     const Op block_op = op.for_block(s);
-    const int64_t n_blocks = (loc.n + math::kQuantBlock - 1) / math::kQuantBlock;
+    const math::QuantRows rows = math::QuantRows::of(m.quant_row[loc.slot]);
+    const int64_t first_block = rows.blocks_before(loc.begin);
+    const int64_t n_blocks = rows.blocks_before(loc.begin + loc.n) - first_block;
 #if defined(__CUDA_ARCH__)
     __shared__ math::DynamicCode shared_codes[2];
     {
@@ -518,16 +522,18 @@ FT_UNROLL
     for (int k = 0; k < K; ++k) code[k] = &shared_codes[Op::is_signed(k) ? 0 : 1];
     if (s.skip) {
       if (common.grads.zero_grad) {
-        ChunkPointers<T> c{param, grad, {nullptr, nullptr, nullptr}, loc.n, math::RunRounding{}};
+        ChunkPointers<T> c{param + loc.begin, grad + loc.begin, {nullptr, nullptr, nullptr}, loc.n,
+                           math::RunRounding{}};
         zero_chunk_grads(c, thread, n_threads);
       }
       return;
     }
     constexpr int kPerLane = static_cast<int>(math::kQuantBlock / 32);
     const int lane = thread & 31;
-    for (int64_t b = thread / 32; b < n_blocks; b += n_threads / 32) {
-      const int64_t b0 = b * math::kQuantBlock;
-      const int64_t n = loc.n - b0 < math::kQuantBlock ? loc.n - b0 : math::kQuantBlock;
+    for (int64_t j = thread / 32; j < n_blocks; j += n_threads / 32) {
+      const int64_t b = first_block + j;
+      const int64_t b0 = rows.start(b);
+      const int64_t n = rows.size(b);
       float scale[K], max[K];
       uint8_t* block_codes[K];
 FT_UNROLL
@@ -538,17 +544,17 @@ FT_UNROLL
       }
       float moments[kPerLane][K];
 FT_UNROLL
-      for (int j = 0; j < kPerLane; ++j) {
-        const int64_t e = j * 32 + lane;
+      for (int i = 0; i < kPerLane; ++i) {
+        const int64_t e = i * 32 + lane;
 FT_UNROLL
-        for (int k = 0; k < K; ++k) moments[j][k] = 0.0f;
+        for (int k = 0; k < K; ++k) moments[i][k] = 0.0f;
         if (e < n) {
-          update_element(param + b0, grad + b0, block_codes, e, scale, code, block_op, s.grad_scale, rounding, b0 + e,
-                         moments[j]);
+          update_element(param + b0, grad + b0, block_codes, e, scale, code, block_op, s.grad_scale, rounding,
+                         b0 - loc.begin + e, moments[i]);
           // the block's absmax, NaN-propagating: |x| for the unsigned moments too, as the CPU (sums of squares
           // unless RMSprop's alpha > 1 makes one negative)
 FT_UNROLL
-          for (int k = 0; k < K; ++k) max[k] = math::max_(max[k], fabsf(moments[j][k]));
+          for (int k = 0; k < K; ++k) max[k] = math::max_(max[k], fabsf(moments[i][k]));
         }
       }
       // The block's new absmax in every lane.
@@ -566,11 +572,11 @@ FT_UNROLL
 FT_UNROLL
       for (int k = 0; k < K; ++k) inverse[k] = math::inverse_absmax(max[k]);
 FT_UNROLL
-      for (int j = 0; j < kPerLane; ++j) {
-        const int64_t e = b0 + j * 32 + lane;
-        if (e < loc.n) {
+      for (int i = 0; i < kPerLane; ++i) {
+        const int64_t e = i * 32 + lane;
+        if (e < n) {
 FT_UNROLL
-          for (int k = 0; k < K; ++k) codes[k][e] = math::quantize_value(moments[j][k] * inverse[k], *code[k]);
+          for (int k = 0; k < K; ++k) block_codes[k][e] = math::quantize_value(moments[i][k] * inverse[k], *code[k]);
         }
       }
     }
@@ -579,14 +585,16 @@ FT_UNROLL
     for (int k = 0; k < K; ++k) code[k] = Op::is_signed(k) ? &math::kSignedCode : &math::kUnsignedCode;
     if (s.skip) {
       if (common.grads.zero_grad) {
-        ChunkPointers<T> c{param, grad, {nullptr, nullptr, nullptr}, loc.n, math::RunRounding{}};
+        ChunkPointers<T> c{param + loc.begin, grad + loc.begin, {nullptr, nullptr, nullptr}, loc.n,
+                           math::RunRounding{}};
         zero_chunk_grads(c, thread, n_threads);
       }
       return;
     }
-    for (int64_t b = thread; b < n_blocks; b += n_threads) {
-      const int64_t b0 = b * math::kQuantBlock;
-      const int64_t n = loc.n - b0 < math::kQuantBlock ? loc.n - b0 : math::kQuantBlock;
+    for (int64_t j = thread; j < n_blocks; j += n_threads) {
+      const int64_t b = first_block + j;
+      const int64_t b0 = rows.start(b);
+      const int64_t n = rows.size(b);
       float scale[K], max[K];
       uint8_t* block_codes[K];
       for (int k = 0; k < K; ++k) {
@@ -596,8 +604,8 @@ FT_UNROLL
       }
       float moments[math::kQuantBlock][K];
       for (int64_t e = 0; e < n; ++e) {
-        update_element(param + b0, grad + b0, block_codes, e, scale, code, block_op, s.grad_scale, rounding, b0 + e,
-                       moments[e]);
+        update_element(param + b0, grad + b0, block_codes, e, scale, code, block_op, s.grad_scale, rounding,
+                       b0 - loc.begin + e, moments[e]);
         for (int k = 0; k < K; ++k) max[k] = math::max_(max[k], fabsf(moments[e][k]));  // NaN-propagating, as above
       }
       for (int k = 0; k < K; ++k) {

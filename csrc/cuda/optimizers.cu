@@ -142,9 +142,11 @@ void launch_8bit(OptimizerTensors& t, const Op& op, const CommonScalars& common)
     if constexpr (kSeeded) lists[Depth - 1] = t.rounding_seeds;
     const Blockwise8bitFunctor<T, Depth, Op, kSteps> functor{op, common, kSeeded ? Depth - 1 : -1};
     if constexpr (kSeeded) {  // the call's rounding offsets (FSDP2 shards'), as in launch_with_offsets
-      if (!t.rounding_offsets.empty()) return multi_tensor_apply<Depth>(lists, t.steps, t.rounding_offsets, functor);
+      if (!t.rounding_offsets.empty()) {
+        return multi_tensor_apply_8bit<Depth, true>(lists, t.steps, t.rounding_offsets, t.quant_rows, functor);
+      }
     }
-    multi_tensor_apply<Depth>(lists, t.steps, functor);
+    multi_tensor_apply_8bit<Depth, false>(lists, t.steps, {}, t.quant_rows, functor);
   };
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (!t.rounding_seeds.empty()) return launch(std::integral_constant<int, 3 + 2 * K>{});

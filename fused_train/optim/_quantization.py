@@ -2,14 +2,17 @@
 with (an fp32 state loaded into an 8-bit optimizer, an 8-bit state loaded into an fp32 one).
 
 The kernels' copy of the same definition is csrc/include/fused_train/quant_math.h; the tests hold the two to
-the same codes. A tensor is cut into blocks of ``BLOCK_SIZE`` elements in its logical (contiguous) order; each
-block keeps one fp32 absmax, each element one uint8 index into a 256-value dynamic code (bitsandbytes'
-``create_dynamic_map``): signed on [-1, 1] for the first moment, unsigned on [0, 1] for the second. An element
-quantizes to the nearest code value of ``x * (1 / absmax)`` (up to fp32 rounding at the midpoints), found
-without a search: comparisons with the decade boundaries, then one product inside the decade.
+the same codes. A tensor is cut into blocks of ``BLOCK_SIZE`` elements in its logical (contiguous) order (or each of
+its rows is, the last block of a row shorter: see quantize_blockwise); each block keeps one fp32 absmax, each element
+one uint8 index into a 256-value dynamic code (bitsandbytes' ``create_dynamic_map``): signed on [-1, 1] for the
+first moment, unsigned on [0, 1] for the second. An element quantizes to the nearest code value of
+``x * (1 / absmax)`` (up to fp32 rounding at the midpoints), found without a search: comparisons with the decade
+boundaries, then one product inside the decade.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -90,24 +93,45 @@ def num_blocks(numel: int) -> int:
     return (numel + BLOCK_SIZE - 1) // BLOCK_SIZE
 
 
-def quantize_blockwise(t: Tensor, *, signed: bool) -> tuple[Tensor, Tensor]:
+def row_blocks(row: int) -> int:
+    """The blocks of a row of ``row`` elements: the last one shorter where row is not a multiple of BLOCK_SIZE."""
+    return num_blocks(row)
+
+
+def _as_row_blocks(flat: Tensor, rows: int, row: int) -> Tensor:
+    """``flat`` as ``rows`` rows of ``row`` elements cut into blocks, each row zero-padded to whole blocks:
+    (rows * blocks per row, BLOCK_SIZE)."""
+    padded = torch.nn.functional.pad(flat.view(rows, row), (0, row_blocks(row) * BLOCK_SIZE - row))
+    return padded.view(-1, BLOCK_SIZE)
+
+
+def quantize_blockwise(t: Tensor, *, signed: bool, by_rows: bool = False) -> tuple[Tensor, Tensor]:
     """Quantizes ``t`` (any float dtype, any device): returns uint8 codes of ``t``'s shape and the fp32 absmax of
-    each block of ``BLOCK_SIZE`` elements."""
+    each block. ``by_rows``: ``t`` (2-D or more) as rows along its dim 0, each cut into blocks of ``BLOCK_SIZE`` with
+    the last one shorter, absmax (rows, blocks per row); else the flat tensor cut into blocks, absmax 1-D. Both are
+    csrc/include/fused_train/quant_math.h's QuantRows (one row, for the flat layout)."""
     flat = t.detach().reshape(-1).float()
-    n = flat.numel()
-    blocks = torch.nn.functional.pad(flat, (0, num_blocks(n) * BLOCK_SIZE - n)).view(-1, BLOCK_SIZE)
-    absmax = blocks.abs().amax(dim=1) if n else flat.new_zeros(0)
+    rows, row = (t.shape[0], math.prod(t.shape[1:])) if by_rows else (1, flat.numel())
+    blocks = _as_row_blocks(flat, rows, row)
+    absmax = blocks.abs().amax(dim=1) if blocks.numel() else flat.new_zeros(blocks.shape[0])
     inverse = torch.where(absmax >= _SMALLEST_NORMAL, 1.0 / absmax, torch.zeros_like(absmax))
-    x = (blocks * inverse[:, None]).reshape(-1)[:n]
-    return (SIGNED if signed else UNSIGNED).quantize(x).reshape(t.shape), absmax
+    x = (blocks * inverse[:, None]).view(rows, row_blocks(row) * BLOCK_SIZE)[:, :row].reshape(-1)
+    codes = (SIGNED if signed else UNSIGNED).quantize(x).reshape(t.shape)
+    return codes, absmax.view(rows, row_blocks(row)) if by_rows else absmax
 
 
 def dequantize_blockwise(codes: Tensor, absmax: Tensor, *, signed: bool) -> Tensor:
-    """The fp32 tensor (of ``codes``' shape) that ``codes`` and ``absmax`` stand for."""
+    """The fp32 tensor (of ``codes``' shape) that ``codes`` and ``absmax`` stand for; the absmax's shape says the
+    layout, as quantize_blockwise makes it: 1-D, the flat tensor's blocks; 2-D (rows, blocks per row), its rows'."""
     n = codes.numel()
-    if absmax.numel() != num_blocks(n):
-        raise ValueError(f"8-bit state: {n} codes need {num_blocks(n)} absmax values (one per {BLOCK_SIZE}), got "
-                         f"{absmax.numel()}")
+    rows = absmax.shape[0] if absmax.dim() == 2 else 1
+    row = n // rows if rows else 0
+    if absmax.dim() > 2 or rows * row != n or absmax.numel() != rows * row_blocks(row):
+        raise ValueError(f"8-bit state: {n} codes need an absmax of {num_blocks(n)} values (one per {BLOCK_SIZE}), "
+                         f"or of shape (rows, blocks per row) for rows that divide them, got shape "
+                         f"{tuple(absmax.shape)}")
+    if n == 0:
+        return torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
     values = (SIGNED if signed else UNSIGNED).values.to(codes.device)[codes.reshape(-1).long()]
-    scale = absmax.float().repeat_interleave(BLOCK_SIZE)[:n]
+    scale = absmax.float().reshape(rows, -1).repeat_interleave(BLOCK_SIZE, dim=1)[:, :row].reshape(-1)
     return (values * scale).reshape(codes.shape)

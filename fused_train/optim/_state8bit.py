@@ -1,12 +1,13 @@
 """What the optimizers with 8-bit blockwise state share (Adam8bit, AdamW8bit, SGD8bit, RMSprop8bit): bitsandbytes'
 arguments, which params are quantized, the state's creation, checks and checkpoint conversion. Each moment of a
-quantized param is ``<name>_codes`` (uint8, the param's shape) and ``<name>_absmax`` (fp32, one per 256 elements);
-the quantization is ``_quantization.py`` here and csrc/include/fused_train/quant_math.h in the kernels.
+quantized param is ``<name>_codes`` (uint8, the param's shape) and ``<name>_absmax`` (fp32, one per block of up to 256
+elements: each row's, for a param of rows of 256 elements or more, see _absmax_shape); the quantization is
+``_quantization.py`` here and csrc/include/fused_train/quant_math.h in the kernels.
 
-A DTensor param (FSDP2's, tensor parallelism's) keeps 8-bit state where its shards never cut a block of 256: rows
-(all but dim 0) of a multiple of 256 elements, cut along dim 0 (Shard(0), _StridedShard(0)), replicated, or cut along
-dim 1 on block edges (Shard(1)), so that each shard's blocks are blocks of the whole tensor (see _absmax_shape). Its
-codes are a DTensor placed as the param, and its absmax one of shape (rows, row elements / 256) placed the same way:
+A DTensor param (FSDP2's, tensor parallelism's) keeps 8-bit state where its shards never cut a block: rows (all but
+dim 0) of 256 elements or more, cut along dim 0 (Shard(0), _StridedShard(0)), replicated, or cut along dim 1 on block
+edges (Shard(1)), so that each shard's blocks are blocks of the whole tensor (see _absmax_shape). Its codes are a
+DTensor placed as the param, and its absmax one of shape (rows, blocks per row) placed the same way:
 each rank steps its own blocks, and the state is the whole tensor's, cut as the param is. So ``full_tensor()`` of the
 state is what one process would hold, and torch.distributed.checkpoint reshards it like the params, to any number of
 ranks (for the params both sides keep in 8-bit: one whose shards keep fp32 state is 8-bit in one process, under other
@@ -47,19 +48,23 @@ def check_8bit_arguments(name: str, *, min_8bit_size: Any, optim_bits: int = 32,
 
 
 def _absmax_shape(p: Tensor) -> tuple[int, ...] | None:
-    """The shape of a quantized param's absmax, one per block of 256 elements in the param's order: (rows, row
-    elements / 256) where a param of 2 or more dims has rows of a multiple of 256 elements, else (blocks,). The same
-    for a plain tensor and for the whole of a DTensor, so that a checkpoint moves between the two (and between any
-    numbers of ranks) unchanged. For a DTensor it is None where the placements would cut a block (the param then
+    """The shape of a quantized param's absmax, which says its blocks. A param of 2 or more dims whose rows (dim 0's
+    entries) hold 256 elements or more: each row cut into blocks of 256, the last one shorter where the row is not a
+    multiple of 256 (576 = 256 + 256 + 64), absmax (rows, blocks per row); other params: the flat param cut into
+    blocks of 256, absmax (blocks,). By rows, no block crosses two rows, so the shards that cut a param between rows
+    hold whole blocks (at a cost: rows of 257 elements keep 2 absmax each, 1.03 bytes per element instead of 1.016).
+    The same for a plain tensor and for the whole of a DTensor, so that a checkpoint moves between the two (and between
+    any numbers of ranks) unchanged. For a DTensor it is None where the placements would cut a block (the param then
     keeps full-precision state). Cuts of such rows along dim 0 (Shard(0), FSDP2's; _StridedShard(0), FSDP2's over
     tensor parallelism) hold whole rows, replicas the whole tensor, and cuts along dim 1 (Shard(1), tensor
-    parallelism's row-wise weights) whole blocks where every rank's part of a row starts and ends on a block's edge
-    and the absmax's columns, cut alike, are those blocks (see _cuts_on_block_edges): the absmax placed as the
-    param then holds each rank's own blocks. Other cuts (of dims after 1) keep full-precision state."""
+    parallelism's row-wise weights) whole blocks where every rank's part of a row starts on a block's edge and ends on
+    one or at the row's end, and the absmax's columns, cut alike, are those blocks (see _cuts_on_block_edges): the
+    absmax placed as the param then holds each rank's own blocks. Other cuts (of dims after 1), and rows of fewer than
+    256 elements, keep full-precision state."""
     rows = p.shape[0] if p.dim() >= 2 else 0
     row = p.numel() // rows if rows else 0
-    by_rows = row > 0 and row % _quantization.BLOCK_SIZE == 0
-    shape = (rows, row // _quantization.BLOCK_SIZE) if by_rows else (_quantization.num_blocks(p.numel()),)
+    by_rows = row >= _quantization.BLOCK_SIZE
+    shape = (rows, _quantization.row_blocks(row)) if by_rows else (_quantization.num_blocks(p.numel()),)
     if not _is_dtensor(p):
         return shape
     kinds = [type(placement).__name__ for placement in p.placements]  # (exact names: _StridedShard is a Shard)
@@ -79,20 +84,23 @@ def _absmax_shape(p: Tensor) -> tuple[int, ...] | None:
 
 def _cuts_on_block_edges(size: int, stride: int, blocks: int, chunks: list[int]) -> bool:
     """Whether DTensor's cuts of a row along dim 1 (``size`` indices of ``stride`` elements each, the row's
-    ``blocks`` blocks of 256) give every rank whole blocks, and the same cuts of the absmax's ``blocks`` columns give
-    it those blocks' columns. DTensor cuts a dim as torch.chunk does, into ``chunks[0]`` pieces, each of those into
-    ``chunks[1]``, and so on (one dim cut by several mesh dims); both are cut alike, piece by piece."""
-    pieces = [(size, blocks)]
+    ``blocks`` blocks, of 256 but the last) give every rank whole blocks, and the same cuts of the absmax's ``blocks``
+    columns give it those blocks' columns. DTensor cuts a dim as torch.chunk does, into ``chunks[0]`` pieces, each of
+    those into ``chunks[1]``, and so on (one dim cut by several mesh dims); both are cut alike, piece by piece: each
+    piece of indices [a, b) must hold the elements of its columns [c, d), from c * 256 to d * 256 or the row's end."""
+    row, edge = size * stride, _quantization.BLOCK_SIZE
+    pieces = [(0, size, 0, blocks)]  # (first index, end index, first column, end column)
     for count in chunks:
         cut = []
-        for indices, columns in pieces:
-            step, column_step = -(-indices // count), -(-columns // count)
+        for first, end, first_column, end_column in pieces:
+            step, column_step = -(-(end - first) // count), -(-(end_column - first_column) // count)
             for i in range(count):
-                piece = max(0, min(indices, step * (i + 1)) - step * i)
-                piece_columns = max(0, min(columns, column_step * (i + 1)) - column_step * i)
-                if piece * stride != piece_columns * _quantization.BLOCK_SIZE:
+                a, b = min(end, first + step * i), min(end, first + step * (i + 1))
+                c = min(end_column, first_column + column_step * i)
+                d = min(end_column, first_column + column_step * (i + 1))
+                if (a, c) != (b, d) and (a * stride != c * edge or b * stride != min(d * edge, row)):
                     return False
-                cut.append((piece, piece_columns))
+                cut.append((a, b, c, d))
         pieces = cut
     return True
 
@@ -102,7 +110,7 @@ def _local_absmax_shape(local: Tensor, shape: tuple[int, ...]) -> tuple[int, ...
     whole param's absmax has ``shape``."""
     if len(shape) != 2:
         return shape
-    return (local.shape[0], math.prod(local.shape[1:]) // _quantization.BLOCK_SIZE)
+    return (local.shape[0], _quantization.row_blocks(math.prod(local.shape[1:])))
 
 
 def _quantize_moment(p: Tensor, value: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
@@ -110,7 +118,7 @@ def _quantize_moment(p: Tensor, value: Tensor, signed: bool) -> tuple[Tensor, Te
     each rank quantizes its own shard (whole blocks, see _absmax_shape), placed as the param."""
     shape = _absmax_shape(p)
     local = _kernel_view(value)
-    codes, absmax = _quantization.quantize_blockwise(local, signed=signed)
+    codes, absmax = _quantization.quantize_blockwise(local, signed=signed, by_rows=len(shape) == 2)
     codes, absmax = codes.to(p.device), absmax.reshape(_local_absmax_shape(local, shape)).to(p.device)
     if not _is_dtensor(p):
         return codes, absmax
@@ -177,6 +185,15 @@ class State8bit:
         if not self._quantizes(p, group):
             super()._convert_state(p, group, state)
             return
+        shape = _absmax_shape(p)
+        for name in self._moments:
+            codes, absmax = state.get(f"{name}_codes"), state.get(f"{name}_absmax")
+            if _flat_blocks_of_split_rows(p, shape, codes, absmax):
+                # a checkpoint of the layout before rows of any length had blocks of their own: its blocks cross
+                # rows, so the moment is requantized (one rounding more, once)
+                whole = [t.full_tensor() if _is_dtensor(t) else t for t in (codes, absmax)]
+                state[name] = _quantization.dequantize_blockwise(*whole, signed=MOMENT_IS_SIGNED[name]).to(p.device)
+                del state[f"{name}_codes"], state[f"{name}_absmax"]
         for name in self._moments:
             value = state.get(name)
             if isinstance(value, Tensor):
@@ -244,6 +261,16 @@ def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
                 state[name] = dequantize_moment(codes, absmax, signed=signed)
         out["state"][key] = state
     return out
+
+
+def _flat_blocks_of_split_rows(p: Tensor, shape: tuple[int, ...] | None, codes: Any, absmax: Any) -> bool:
+    """Whether (codes, absmax) are a whole moment of ``p`` in the flat layout (1-D absmax, blocks of 256 across
+    rows) where ``p``'s rows, not a multiple of 256, now cut the blocks (``shape``, its absmax's): fused_train saved
+    them so before rows of any length had their own blocks."""
+    if shape is None or len(shape) != 2 or shape[0] < 2 or (p.numel() // shape[0]) % _quantization.BLOCK_SIZE == 0:
+        return False
+    return (isinstance(codes, Tensor) and isinstance(absmax, Tensor) and absmax.dim() == 1
+            and codes.shape == p.shape and absmax.numel() == _quantization.num_blocks(p.numel()))
 
 
 def _other_absmax_layout(p: Tensor, value: Any, shape: tuple[int, ...]) -> bool:

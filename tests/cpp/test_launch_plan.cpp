@@ -2,7 +2,7 @@
 // with random small limits and with the real ones, replayed block by block through locate_block as the kernel
 // does. For every plan: each chunk of each tensor is handed to exactly one block, in order; each tensor's step
 // advances exactly once, in the launch that holds its last chunk; no launch has zero blocks or breaks its limits;
-// in a call with index bases, every slot carries its own tensor's.
+// in a call with index bases or quantization row lengths, every slot carries its own tensor's.
 // A GPU reaches the mid-tensor split only at 2^20 chunks (2^36 elements); here the addresses are fake, so it
 // costs nothing.
 #include <algorithm>
@@ -28,20 +28,21 @@ struct FakeTensors {
   bool has_steps() const { return with_steps; }
   float* step(int64_t i) const { return reinterpret_cast<float*>(static_cast<uintptr_t>((i + 1) * 16 + 15)); }
   uint64_t index_base(int64_t i) const { return static_cast<uint64_t>(i + 1) * 0x9e3779b97f4a7c15ull; }
+  int64_t quant_row(int64_t i) const { return 300 + 7 * i; }
 };
 
 int64_t tensor_of(const void* address) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(address) / 16) - 1; }
 int64_t chunks_of(int64_t numel) { return (numel + ft::kChunkSize - 1) / ft::kChunkSize; }
 
 // Plans `tensors` with the given limits and checks everything above; `what` names the case in failures.
-template <int Depth, bool kIndexBases = false>
+template <int Depth, bool kIndexBases = false, bool kQuantRows = false>
 void check_plan(const FakeTensors& tensors, int max_tensors, int64_t max_blocks, const std::string& what) {
   const int64_t n = tensors.size();
   std::vector<int64_t> advanced(n, 0);
   int64_t last_tensor = -1, last_chunk = -1;  // the (tensor, chunk) order the blocks must follow
   int64_t blocks_seen = 0, launches = 0;
   bool ordered = true;
-  const auto check_launch = [&](const ft::TensorListMetadata<Depth, kIndexBases>& m, int64_t n_blocks) {
+  const auto check_launch = [&](const ft::TensorListMetadata<Depth, kIndexBases, kQuantRows>& m, int64_t n_blocks) {
     ++launches;
     FT_CHECK_MSG(n_blocks >= 1 && n_blocks <= max_blocks, what, ": launch ", launches, " has ", n_blocks, " blocks");
     FT_CHECK_MSG(m.n_tensors >= 1 && m.n_tensors <= max_tensors, what, ": launch ", launches, " has ", m.n_tensors,
@@ -72,6 +73,7 @@ void check_plan(const FakeTensors& tensors, int max_tensors, int64_t max_blocks,
       FT_CHECK(m.numel[loc.slot] == tensors.numel(t));
       FT_CHECK(m.steps[loc.slot] == (tensors.with_steps ? tensors.step(t) : nullptr));
       if constexpr (kIndexBases) FT_CHECK(m.index_base[loc.slot] == tensors.index_base(t));
+      if constexpr (kQuantRows) FT_CHECK(m.quant_row[loc.slot] == tensors.quant_row(t));
       const int64_t numel = tensors.numel(t);
       const int64_t chunk = loc.begin / ft::kChunkSize;
       FT_CHECK(loc.begin % ft::kChunkSize == 0);
@@ -96,7 +98,7 @@ void check_plan(const FakeTensors& tensors, int max_tensors, int64_t max_blocks,
       ++blocks_seen;
     }
   };
-  ft::plan_launches<Depth, kIndexBases>(tensors, max_tensors, max_blocks, check_launch);
+  ft::plan_launches<Depth, kIndexBases, kQuantRows>(tensors, max_tensors, max_blocks, check_launch);
   // After the last block: every remaining tensor must have been workless, the last one finished.
   int64_t expected_blocks = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -124,10 +126,10 @@ int64_t draw_numel(std::mt19937_64& rng) {
   }
 }
 
-template <int Depth, bool kIndexBases = false>
+template <int Depth, bool kIndexBases = false, bool kQuantRows = false>
 void check_random_plans(uint64_t seed, int cases) {
   std::mt19937_64 rng(seed);
-  constexpr int kMax = ft::TensorListMetadata<Depth, kIndexBases>::kMaxTensors;
+  constexpr int kMax = ft::TensorListMetadata<Depth, kIndexBases, kQuantRows>::kMaxTensors;
   for (int c = 0; c < cases; ++c) {
     FakeTensors tensors;
     tensors.with_steps = rng() % 2 == 0;
@@ -136,7 +138,7 @@ void check_random_plans(uint64_t seed, int cases) {
     // Small limits, so tensors split across launches often, and now and then the real ones.
     const int max_tensors = rng() % 4 == 0 ? kMax : 1 + static_cast<int>(rng() % 6);
     const int64_t max_blocks = rng() % 4 == 0 ? ft::kMaxBlocksPerLaunch : 1 + static_cast<int64_t>(rng() % 9);
-    check_plan<Depth, kIndexBases>(tensors, max_tensors, max_blocks,
+    check_plan<Depth, kIndexBases, kQuantRows>(tensors, max_tensors, max_blocks,
                       ft_test::concat("seed ", seed, " case ", c, " (", n, " tensors, max_tensors ", max_tensors,
                                       ", max_blocks ", max_blocks, ")"));
   }
@@ -149,18 +151,26 @@ FT_TEST(random_plans_with_index_bases) {  // stochastic rounding of shards: Adam
   check_random_plans<5, true>(4, 3000);
   check_random_plans<3, true>(5, 3000);
 }
+FT_TEST(random_plans_with_quant_rows) {  // the 8-bit ops' launches, with and without rounding offsets
+  check_random_plans<6, false, true>(6, 3000);
+  check_random_plans<7, true, true>(7, 3000);
+}
 
 // A launch's metadata fits the kernel parameters beside the functor's budget at every depth the ops use, with
-// index bases and without; index bases cost their slots' 8 bytes, nothing in launches without them.
+// index bases and quantization row lengths and without; each costs its slots 8 bytes, nothing in launches without.
 template <int Depth>
 constexpr bool metadata_fits() {
   return sizeof(ft::TensorListMetadata<Depth, false>) + ft::kFunctorParamBytes <= ft::kKernelParamBytes &&
-         sizeof(ft::TensorListMetadata<Depth, true>) + ft::kFunctorParamBytes <= ft::kKernelParamBytes;
+         sizeof(ft::TensorListMetadata<Depth, true>) + ft::kFunctorParamBytes <= ft::kKernelParamBytes &&
+         sizeof(ft::TensorListMetadata<Depth, false, true>) + ft::kFunctorParamBytes <= ft::kKernelParamBytes &&
+         sizeof(ft::TensorListMetadata<Depth, true, true>) + ft::kFunctorParamBytes <= ft::kKernelParamBytes;
 }
 static_assert(metadata_fits<2>() && metadata_fits<3>() && metadata_fits<4>() && metadata_fits<5>() &&
               metadata_fits<6>() && metadata_fits<7>() && metadata_fits<9>());
 static_assert(ft::TensorListMetadata<5, true>::kMaxTensors == ft::max_tensors_per_launch(6) &&
-              ft::TensorListMetadata<5, false>::kMaxTensors == 63);
+              ft::TensorListMetadata<5, false>::kMaxTensors == 63 &&
+              ft::TensorListMetadata<6, false, true>::kMaxTensors == ft::max_tensors_per_launch(7) &&
+              ft::TensorListMetadata<7, true, true>::kMaxTensors == ft::max_tensors_per_launch(9));
 
 // The real limits: a tensor of more than 2^20 chunks continues in a second launch, mid-tensor, and the
 // tensors around it keep their places; 106 small tensors overflow the 105 slots of a depth-2 launch.

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <vector>
 
 #include "check.h"
 #include "fused_train/quant_math.h"
@@ -115,6 +116,49 @@ FT_TEST(inverse_absmax) {
   // below the smallest normal float 1/absmax would overflow: such a block is stored as zeros
   FT_CHECK(math::inverse_absmax(1e-39f) == 0.0f);
   FT_CHECK(math::inverse_absmax(1.17549435e-38f) > 0.0f);
+}
+
+// The blocks of rows: they tile each row in order (the last one shorter), never cross a row, are numbered rows after
+// rows, and chunks of any size own each block exactly once (the one holding its first element), so that the CPU's
+// threads and the GPU's blocks never update a block twice or leave one out.
+FT_TEST(quant_rows_tile_the_rows_and_chunks_own_each_block_once) {
+  const int64_t rows_list[] = {1, 2, 3, 7};
+  const int64_t row_list[] = {1, 5, 255, 256, 257, 300, 511, 512, 576, 896, 960, 1000, 2048};
+  const int64_t chunk_list[] = {1, 100, 256, 512, 777, 32768};
+  for (int64_t rows : rows_list) {
+    for (int64_t row : row_list) {
+      const math::QuantRows q = math::QuantRows::of(row);
+      const int64_t numel = rows * row;
+      const int64_t blocks = rows * q.blocks_per_row;
+      FT_CHECK(q.blocks_per_row == (row + 255) / 256);
+      FT_CHECK(q.blocks_before(0) == 0 && q.blocks_before(numel) == blocks);
+      int64_t next = 0;  // the element the next block must start at
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t start = q.start(b), size = q.size(b);
+        FT_CHECK(start == next);
+        FT_CHECK(size >= 1 && size <= 256);
+        FT_CHECK(start / row == b / q.blocks_per_row && (start + size - 1) / row == start / row);  // within its row
+        FT_CHECK(q.blocks_before(start) == b && q.blocks_before(start + 1) == b + 1);
+        next = start + size;
+      }
+      FT_CHECK(next == numel);
+      if (row % 256 == 0 || rows == 1) {  // the flat layout: block b starts at b * 256
+        for (int64_t b = 0; b < blocks; ++b) FT_CHECK(q.start(b) == b * 256);
+      }
+      for (int64_t chunk : chunk_list) {
+        std::vector<int> owners(static_cast<size_t>(blocks), 0);
+        for (int64_t begin = 0; begin < numel; begin += chunk) {
+          const int64_t end = begin + chunk < numel ? begin + chunk : numel;
+          for (int64_t b = q.blocks_before(begin); b < q.blocks_before(end); ++b) {
+            FT_CHECK(q.start(b) >= begin && q.start(b) < end);
+            ++owners[static_cast<size_t>(b)];
+          }
+        }
+        for (int owner : owners) FT_CHECK(owner == 1);
+      }
+    }
+  }
+  FT_CHECK(math::QuantRows::of(0).row == 1);  // an empty tensor: no blocks, and no division by zero
 }
 
 }  // namespace

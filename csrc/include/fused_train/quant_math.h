@@ -24,6 +24,36 @@ namespace math {
 
 constexpr int64_t kQuantBlock = 256;
 
+// Which elements each absmax covers. The state of a tensor viewed as rows of `row` elements (the optimizer picks
+// the rows: see fused_train/optim/_state8bit.py) cuts each row into blocks of kQuantBlock elements, the last one
+// shorter where row is not a multiple of it; the absmax holds one per block, rows after rows. A 1-D state is one
+// row (row = numel). Rows are what FSDP2 and tensor parallelism cut a param into, so each rank then holds whole
+// blocks of the whole tensor. Work is cut into chunks of elements independently of the rows (the CPU's threads,
+// the GPU's blocks): a chunk updates the quantization blocks that start in it, all of each, so every block has
+// exactly one owner and may run past its chunk's end (by less than kQuantBlock elements).
+struct QuantRows {
+  int64_t row;             // elements per row, >= 1
+  int64_t blocks_per_row;  // ceil(row / kQuantBlock)
+
+  FT_HOST_DEVICE FT_INLINE static QuantRows of(int64_t row) {
+    row = row > 0 ? row : 1;
+    return {row, (row + kQuantBlock - 1) / kQuantBlock};
+  }
+  // The first element of block b, and its size.
+  FT_HOST_DEVICE FT_INLINE int64_t start(int64_t b) const {
+    return (b / blocks_per_row) * row + (b % blocks_per_row) * kQuantBlock;
+  }
+  FT_HOST_DEVICE FT_INLINE int64_t size(int64_t b) const {
+    const int64_t rest = row - (b % blocks_per_row) * kQuantBlock;
+    return rest < kQuantBlock ? rest : kQuantBlock;
+  }
+  // The number of blocks that start before element e (0 <= e <= numel): the blocks a chunk [begin, end) updates
+  // are [blocks_before(begin), blocks_before(end)).
+  FT_HOST_DEVICE FT_INLINE int64_t blocks_before(int64_t e) const {
+    return (e / row) * blocks_per_row + (e % row + kQuantBlock - 1) / kQuantBlock;
+  }
+};
+
 // The nearest value, found without a search: each magnitude a = |x| (x itself for the unsigned code) falls
 // in one of 9 states by comparing it with the code's decade boundaries (state 0: nearer 0 than any other
 // value, 1..7: decade 0..6, and past threshold[7]: nearer 1). Inside a decade the values are evenly spaced,
