@@ -15,8 +15,12 @@ transformers' LlamaForCausalLM with TinyLlama-1.1B's shapes (hidden 2048, MLP 56
 (q/k/v/gate/up column-wise: weight Shard(0); o/down row-wise: weight Shard(1)), then ``fully_shard`` over "dp" per
 layer and for the whole; each "dp" rank its own batch.
 
-    python benchmarks/bench_fsdp2_8bit.py [--layers 12] [--vocab 50304] [--tp N] [--rounds 7] [--without-torchao]
-                                          [--json FILE]
+``--model smollm``: a Llama with SmolLM-135M's shapes instead (hidden 576, MLP 1536, 9 heads, 3 KV heads, vocabulary
+49152, tied embeddings; ``--layers`` of its 30, 8 by default), whose rows of 576 elements are not whole blocks of 256:
+under FSDP2 alone (or over ``--tp N``, laid out as above).
+
+    python benchmarks/bench_fsdp2_8bit.py [--model gpt2|tinyllama|smollm] [--layers 12] [--vocab 50304] [--tp N]
+                                          [--rounds 7] [--without-torchao] [--json FILE]
 """
 
 from __future__ import annotations
@@ -67,13 +71,24 @@ def _local_state_bytes(value) -> tuple[int, bool]:
     return local.numel() * local.element_size(), local.dtype == torch.uint8
 
 
-def _sharded_model(layers: int, vocab: int, tp: int) -> tuple[torch.nn.Module, int]:
+# The Llamas' shapes (transformers' LlamaConfig arguments) and the defaults of each model
+_LLAMA_SHAPES = {
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4),
+    "smollm": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                   tie_word_embeddings=True),
+}
+_DEFAULTS = {"gpt2": dict(layers=12, vocab=50304), "tinyllama": dict(layers=4, vocab=32000),
+             "smollm": dict(layers=8, vocab=49152)}
+_NAMES = {"gpt2": "GPT-2", "tinyllama": "Llama (TinyLlama-1.1B's shapes)", "smollm": "Llama (SmolLM-135M's shapes)"}
+
+
+def _sharded_model(model_name: str, layers: int, vocab: int, tp: int) -> tuple[torch.nn.Module, int]:
     """The model, sharded (see the module's docstring), and this rank's "dp" index (its batch)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
-    if tp == 1:
+    if model_name == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
         model = GPT2LMHeadModel(GPT2Config(n_layer=layers, vocab_size=vocab))
@@ -85,8 +100,13 @@ def _sharded_model(layers: int, vocab: int, tp: int) -> tuple[torch.nn.Module, i
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
-                                         num_attention_heads=32, num_key_value_heads=4, vocab_size=vocab))
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, vocab_size=vocab, **_LLAMA_SHAPES[model_name]))
+    if tp == 1:
+        mesh = init_device_mesh("cpu", (DP,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, mesh.get_coordinate()[0]
     mesh = init_device_mesh("cpu", (DP, tp), mesh_dim_names=("dp", "tp"))
     plan = {f"self_attn.{n}_proj": ColwiseParallel() for n in "qkv"}
     plan.update({"self_attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(),
@@ -98,13 +118,13 @@ def _sharded_model(layers: int, vocab: int, tp: int) -> tuple[torch.nn.Module, i
     return model, mesh.get_coordinate()[0]
 
 
-def _worker(rank, port, layers, vocab, tp, rounds, torchao, out):
+def _worker(rank, port, model_name, layers, vocab, tp, rounds, torchao, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     world = DP * tp
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model, dp_rank = _sharded_model(layers, vocab, tp)
+        model, dp_rank = _sharded_model(model_name, layers, vocab, tp)
         params = list(model.parameters())
         tokens = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(dp_rank))
         model(tokens, labels=tokens).loss.backward()
@@ -143,7 +163,8 @@ def _worker(rank, port, layers, vocab, tp, rounds, torchao, out):
         gathered = [None] * world
         dist.all_gather_object(gathered, rows)
         if rank == 0:
-            summary = dict(world=world, tp=tp, layers=layers, vocab=vocab, params=sum(p.numel() for p in params),
+            summary = dict(model=model_name, world=world, tp=tp, layers=layers, vocab=vocab,
+                           params=sum(p.numel() for p in params),
                            local_params=local_numel, torch=torch.__version__, per_rank=gathered,
                            placements=sorted({repr(tuple(p.placements)) for p in params}))
             with open(out, "w") as f:
@@ -153,31 +174,36 @@ def _worker(rank, port, layers, vocab, tp, rounds, torchao, out):
         dist.destroy_process_group()
 
 
-def run(layers: int = 12, vocab: int = 50304, rounds: int = 7, torchao: bool = True, tp: int = 1) -> dict:
+def run(layers: int = 12, vocab: int = 50304, rounds: int = 7, torchao: bool = True, tp: int = 1,
+        model_name: str = "gpt2") -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.start_processes(_worker, args=(port, layers, vocab, tp, rounds, torchao, out), nprocs=DP * tp,
-                           start_method="spawn")
+        mp.start_processes(_worker, args=(port, model_name, layers, vocab, tp, rounds, torchao, out),
+                           nprocs=DP * tp, start_method="spawn")
         with open(out) as f:
             return json.load(f)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, help="12 (GPT-2) by default; 4 with --tp")
-    parser.add_argument("--vocab", type=int, help="50304 (GPT-2) by default; 32000 with --tp")
+    parser.add_argument("--model", choices=sorted(_DEFAULTS), help="gpt2 by default; tinyllama with --tp")
+    parser.add_argument("--layers", type=int, help="12 (gpt2), 4 (tinyllama), 8 (smollm) by default")
+    parser.add_argument("--vocab", type=int, help="50304 (gpt2), 32000 (tinyllama), 49152 (smollm) by default")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (a Llama, on 2 x TP ranks)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--without-torchao", action="store_true", help="leave torchao out even where installed")
     parser.add_argument("--json", help="write the result here too")
     args = parser.parse_args(argv)
-    layers = args.layers or (12 if args.tp == 1 else 4)
-    vocab = args.vocab or (50304 if args.tp == 1 else 32000)
-    result = run(layers, vocab, args.rounds, not args.without_torchao, args.tp)
-    model = "GPT-2" if args.tp == 1 else "Llama (TinyLlama-1.1B's shapes)"
+    model_name = args.model or ("gpt2" if args.tp == 1 else "tinyllama")
+    if model_name == "gpt2" and args.tp > 1:
+        parser.error("--tp lays out a Llama: --model tinyllama or smollm")
+    layers = args.layers or _DEFAULTS[model_name]["layers"]
+    vocab = args.vocab or _DEFAULTS[model_name]["vocab"]
+    result = run(layers, vocab, args.rounds, not args.without_torchao, args.tp, model_name)
+    model = _NAMES[model_name]
     layout = "FSDP2" if args.tp == 1 else f"FSDP2 ({DP} ranks) over tensor parallelism ({args.tp} ranks)"
     print(f"# {model} ({layers} layers, vocabulary {vocab}, {result['params'] / 1e6:.1f}M params) under {layout}, "
           f"{result['world']} gloo ranks on the CPU, 1 thread each; torch {result['torch']}")

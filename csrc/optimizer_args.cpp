@@ -231,22 +231,26 @@ struct QuantizedList {
 };
 
 // The elements per row of the blocks an absmax of this shape stands for (math::QuantRows): 1-D, the param as one
-// row (one value per kQuantBlock elements); 2-D (rows, k), rows of numel / rows elements, k = ceil(that / 256).
-int64_t absmax_row_length(const char* op, const char* name, size_t i, const at::Tensor& absmax, int64_t numel) {
+// row (one value per kQuantBlock elements); 2-D (rows, k) for a param of 2+ dims, its dim 0's rows of numel / rows
+// elements each, k = ceil(that / 256).
+int64_t absmax_row_length(const char* op, const char* name, size_t i, const at::Tensor& absmax,
+                          const at::Tensor& param) {
+  const int64_t numel = param.numel();
   if (absmax.dim() == 1 && absmax.numel() == (numel + math::kQuantBlock - 1) / math::kQuantBlock) {
     return numel > 0 ? numel : 1;
   }
-  if (absmax.dim() == 2) {
+  if (absmax.dim() == 2 && param.dim() >= 2 && absmax.size(0) == param.size(0)) {
     const int64_t rows = absmax.size(0);
-    if (numel == 0 && absmax.numel() == 0) return 1;  // (an empty shard: no blocks)
-    if (rows > 0 && numel % rows == 0 && absmax.size(1) == math::QuantRows::of(numel / rows).blocks_per_row) {
+    if (numel == 0) {
+      if (absmax.numel() == 0) return 1;  // (an empty shard: no blocks)
+    } else if (absmax.size(1) == math::QuantRows::of(numel / rows).blocks_per_row) {
       return numel / rows;
     }
   }
   TORCH_CHECK(false, op, ": ", name, "[", i, "] must have one fp32 value per block of 256 of its param's ", numel,
               " elements: 1-D of ", (numel + math::kQuantBlock - 1) / math::kQuantBlock,
-              " (the param as one row), or 2-D (rows, ceil(row elements / 256)) for rows that divide it; got shape ",
-              absmax.sizes());
+              " (the param as one row), or, for a param of 2 or more dims, 2-D (its dim 0, ceil(row elements / 256)); "
+              "got shape ", absmax.sizes());
   return 0;
 }
 
@@ -294,7 +298,7 @@ OptimizerTensors check_8bit_step(const char* op, at::TensorList params, at::Tens
           TORCH_CHECK(s.sizes() == params[i].sizes(), op, ": ", name, "[", i, "] must have its param's shape ",
                       params[i].sizes(), ", got ", s.sizes());
         } else {
-          const int64_t row = absmax_row_length(op, name, i, s, params[i].numel());
+          const int64_t row = absmax_row_length(op, name, i, s, params[i]);
           if (first_used == nullptr) {
             out.quant_rows[i] = row;
           } else {

@@ -475,11 +475,18 @@ def test_ops_name_what_is_wrong():
         _ops.sgd8bit_step_([p], [g], [codes], [absmax], momentum=0.0, **sgd)
     with pytest.raises(RuntimeError, match=r"momentum_buffer_absmax\[0\] must be a contiguous Float"):
         _ops.sgd8bit_step_([p], [g], [codes], [torch.zeros(2, dtype=torch.float64)], momentum=0.9, **sgd)
-    # the absmax's shape says the blocks: 1-D for the flat param, 2-D (rows, blocks per row) for rows dividing it
-    for bad in (torch.zeros(5), torch.zeros(1, 2, 1), torch.zeros(7, 1), torch.zeros(3, 2)):
+    # the absmax's shape says the blocks: 1-D for the flat param, 2-D (dim 0, blocks per row) for a param of 2+ dims
+    for bad in (torch.zeros(5), torch.zeros(1, 2, 1), torch.zeros(3, 1), torch.zeros(1, 2)):  # (2-D: 1-D param)
         with pytest.raises(RuntimeError, match=r"momentum_buffer_absmax\[0\] must have one fp32 value per block of "
                                                r"256 of its param's 300 elements: 1-D of 2 .* got shape"):
             _ops.sgd8bit_step_([p], [g], [codes], [bad], momentum=0.9, **sgd)
+    p2, g2, codes2 = p.view(3, 100), g.view(3, 100), codes.view(3, 100)
+    for bad in (torch.zeros(3, 2), torch.zeros(1, 2), torch.zeros(6, 1)):  # (rows: dim 0's 3, one block each)
+        with pytest.raises(RuntimeError, match=r"for a param of 2 or more dims, 2-D \(its dim 0, ceil\(row"):
+            _ops.sgd8bit_step_([p2], [g2], [codes2], [bad], momentum=0.9, **sgd)
+    empty = torch.zeros(3, 0)
+    with pytest.raises(RuntimeError, match=r"got shape \[3, 1\]"):  # (an empty param's absmax is empty too)
+        _ops.sgd8bit_step_([empty], [empty.clone()], [empty.to(torch.uint8)], [torch.zeros(3, 1)], momentum=0.9, **sgd)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         _ops.sgd8bit_step_([p.double()], [g.double()], [codes], [absmax], momentum=0.9, **sgd)
     rms = dict(lr=0.1, alpha=0.99, eps=1e-8, weight_decay=0.0, maximize=False, zero_grad=False)
@@ -491,7 +498,8 @@ def test_ops_name_what_is_wrong():
     # (3, 1): the 300 elements as 3 rows of 100, one block each; the square average's are the flat param's 2
     with pytest.raises(RuntimeError, match=r"momentum_buffer_absmax\[0\] \[3, 1\] cuts the param into rows of 100 "
                                            r"elements but square_avg_absmax\[0\] \[2\] into rows of 300"):
-        _ops.rmsprop8bit_step_([p], [g], [codes], [absmax], [codes], [torch.zeros(3, 1)], step, momentum=0.9, **rms)
+        _ops.rmsprop8bit_step_([p2], [g2], [codes2], [absmax], [codes2], [torch.zeros(3, 1)], step, momentum=0.9,
+                               **rms)
     assert torch.equal(p, g) and step[0].item() == 0  # nothing written
 
 

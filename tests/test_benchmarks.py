@@ -177,17 +177,18 @@ def test_per_sample_gradients_benchmark_measures_both_kinds_beside_torch(tmp_pat
 
 @pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 6),
                     reason="FSDP2 runs on CPU from torch 2.6 on")
-@pytest.mark.parametrize("tp", [1, 2])
-def test_fsdp2_8bit_benchmark_measures_each_ranks_state_beside_fp32(tmp_path, tp):
-    """benchmarks/bench_fsdp2_8bit.py end to end on a one-layer GPT-2 over 2 ranks, and (tp=2) a one-layer Llama
-    under FSDP2 over tensor parallelism on a 2 x 2 mesh: on each rank AdamW8bit's state is 2.03 bytes per param of
-    its shards (every param but the layer norms' and biases' is 8-bit, the tensor-parallel cuts included), the fp32
-    optimizers' 8, and every step is timed."""
+@pytest.mark.parametrize("model,tp", [("gpt2", 1), ("tinyllama", 2), ("smollm", 1)])
+def test_fsdp2_8bit_benchmark_measures_each_ranks_state_beside_fp32(tmp_path, model, tp):
+    """benchmarks/bench_fsdp2_8bit.py end to end on a one-layer GPT-2 over 2 ranks, (tp=2) a one-layer Llama under
+    FSDP2 over tensor parallelism on a 2 x 2 mesh, and a one-layer Llama of SmolLM's shapes (rows of 576 elements,
+    not whole blocks of 256) over 2 ranks: on each rank AdamW8bit's state is about 2.03 bytes per param of its shards
+    (every param but the layer norms' and biases' is 8-bit, the tensor-parallel cuts included), the fp32 optimizers'
+    8, and every step is timed."""
     pytest.importorskip("transformers")
     out = tmp_path / "result.json"
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_fsdp2_8bit.py"), "--layers", "1", "--vocab", "1024", "--rounds", "1",
-         "--tp", str(tp), "--without-torchao", "--json", str(out)],
+        [sys.executable, str(BENCHMARKS / "bench_fsdp2_8bit.py"), "--model", model, "--layers", "1", "--vocab", "1024",
+         "--rounds", "1", "--tp", str(tp), "--without-torchao", "--json", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]

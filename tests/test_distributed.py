@@ -1,6 +1,7 @@
 """fused_train optimizers under torch.distributed on one machine: DDP, ZeroRedundancyOptimizer and FSDP2 with
 torch.distributed.checkpoint, each in 2 gloo processes on loopback, bounded in time."""
 
+import math
 import os
 import socket
 import tempfile
@@ -362,13 +363,15 @@ def test_distributed_training_matches_single_process(scenario):
 
 
 # -- 8-bit state of DTensor params (FSDP2's) ------------------------------------------------------------------------
-# Each param is given whole on every rank, with its gradients, as above. Rows of a multiple of 256 elements cut along
-# dim 0 hold whole blocks: those params keep 8-bit state, each rank its own blocks, and the sharded run must end bit
-# for bit where one process ends, params and state alike (the state's full_tensor() is the single process's state).
-# Shapes: uneven rows (17 and 16), a rank with an empty shard, 3-D; (6, 300) and the 1-D (4096,) would have blocks
-# cut by a dim-0 sharding, so they keep fp32 state there, and 8-bit state where replicated.
-_8BIT_SHAPES = [(33, 256), (1, 512), (5, 2, 128), (6, 300), (4096,)]
-_8BIT_ROW_ALIGNED = [True, True, True, False, False]
+# Each param is given whole on every rank, with its gradients, as above. Rows of 256 elements or more (each cut into
+# blocks of its own) cut along dim 0 hold whole blocks: those params keep 8-bit state, each rank its own blocks, and
+# the sharded run must end bit for bit where one process ends, params and state alike (the state's full_tensor() is
+# the single process's state).
+# Shapes: uneven rows (17 and 16), a rank with an empty shard, 3-D, rows that are not whole blocks of 256 (300 =
+# 256 + 44; 576 = 256 + 256 + 64, uneven: 4 and 3); the 1-D (4096,) would have blocks cut by a dim-0 sharding, so it
+# keeps fp32 state there, and 8-bit state where replicated.
+_8BIT_SHAPES = [(33, 256), (1, 512), (5, 2, 128), (6, 300), (7, 576), (4096,)]
+_8BIT_BY_ROWS = [True, True, True, True, True, False]
 _8BIT_KWARGS = {"AdamW8bit": dict(lr=1e-2, weight_decay=0.1), "SGD8bit": dict(lr=1e-2, momentum=0.9),
                 "RMSprop8bit": dict(lr=1e-3, momentum=0.5)}
 # (name: optimizer, dtype (bf16: stochastic rounding, the shards' offsets), the placements; the mesh; compiled)
@@ -389,7 +392,7 @@ def _8bit_inputs(dtype, shapes=_8BIT_SHAPES):
 
 def _8bit_quantized(spec):
     """Which of _8BIT_SHAPES keep 8-bit state under the placements of spec (all, where only replicated)."""
-    return [True] * len(_8BIT_SHAPES) if "S0" not in spec else list(_8BIT_ROW_ALIGNED)
+    return [True] * len(_8BIT_SHAPES) if "S0" not in spec else list(_8BIT_BY_ROWS)
 
 
 def _take_steps(model, grads, step, make=lambda t: t):
@@ -451,7 +454,7 @@ def _sharded_8bit_worker(rank, port, out_dir):
             results[name] = _8bit_result(model, opt)
             results[name]["local"] = [{k: type(v).__name__ for k, v in opt.state[p].items()} for p in model]
             results[name]["local_bytes"] = sum(
-                v.to_local().numel() * v.element_size() for p in model[:3] for k, v in opt.state[p].items()
+                v.to_local().numel() * v.element_size() for p in model[:5] for k, v in opt.state[p].items()
                 if k.endswith(("_codes", "_absmax")))
             if name == "AdamW8bit_fp32_S0":
                 # saved with torch.distributed.checkpoint from the 2 ranks; the test loads it into one process
@@ -528,7 +531,7 @@ def _8bit_reload(source, target, make=lambda t: t, dcp_dir=None):
     return _8bit_result(model, second)
 
 
-def _full_into_shards(source, make=None, shapes=_8BIT_SHAPES, kept_8bit=_8BIT_ROW_ALIGNED):
+def _full_into_shards(source, make=None, shapes=_8BIT_SHAPES, kept_8bit=_8BIT_BY_ROWS):
     """One process steps all `shapes` twice with `source` (8-bit: min_8bit_size 0, so all are quantized); its whole
     state loads into AdamW8bit over the params placed by `make` through torch's
     set_optimizer_state_dict(full_state_dict=True) (make None: one process, optimizer.load_state_dict), which steps
@@ -548,8 +551,8 @@ def _full_into_shards(source, make=None, shapes=_8BIT_SHAPES, kept_8bit=_8BIT_RO
     _take_steps(first_model, grads[:2], first.step)
     place = make or (lambda t: t)
     model = [torch.nn.Parameter(place(p.detach().clone())) for p in first_model]
-    # (built with the default min_8bit_size, 4096: its fresh state keeps (1, 512) and (5, 2, 128) in fp32 where the
-    # 8-bit checkpoint has codes. torch's full_state_dict loading merges the state of a zero step of the fresh
+    # (built with the default min_8bit_size, 4096: its fresh state keeps the params under 4096 elements in fp32 where
+    # the 8-bit checkpoint has codes. torch's full_state_dict loading merges the state of a zero step of the fresh
     # optimizer into what it loads, so those arrive in both forms: the checkpoint's must win.)
     second = fused_train.optim.AdamW8bit([dict(params=[p]) for p in model], lr=1e-2)
     if make is None:
@@ -590,11 +593,13 @@ def test_8bit_state_of_shards_is_the_whole_tensors():
                     assert all(kind == "DTensor" for key, kind in local.items() if key not in ("step", "rounding_seed")
                                ), (name, local)
             if "S0" in spec and "R" not in spec:
-                # the three row-aligned params hold 2 · (33 + 1 + 5) · 256 elements' moments: each rank about half
+                # the five params kept by rows: a code per element and an absmax per block of a row, each rank
+                # holding its rows' (a row of 300: 2 blocks, of 576: 3), none twice
                 moments = 2 if name.startswith(("Adam", "RMSprop")) else 1
-                codes = sum(t.numel() for t in _8bit_inputs(torch.float32)[0][:3])
-                per_param = sum(r[name]["local_bytes"] for r in per_rank) / codes
-                assert per_param == pytest.approx(moments * (1 + 4 / 256)), name
+                shapes = _8BIT_SHAPES[:5]
+                codes = sum(math.prod(s) for s in shapes)
+                blocks = sum(s[0] * -(-math.prod(s[1:]) // 256) for s in shapes)
+                assert sum(r[name]["local_bytes"] for r in per_rank) == moments * (codes + 4 * blocks), name
         for source, target in (("AdamW", "AdamW8bit"), ("AdamW8bit", "AdamW")):
             want = _8bit_reload(source, target)
             for rank, result in enumerate(per_rank):
@@ -647,15 +652,17 @@ def _assert_dcp_loads_into_one_process(checkpoint_id, model, want_opt, what):
 # each rank's part of every row is whole blocks of 256, and the absmax's columns cut alike are those blocks, the param
 # keeps 8-bit state, its absmax placed as itself; the run must then end bit for bit where one process ends.
 _TP_WORLD = 4
-_TP_SHAPES = [(9, 1024), (3, 512), (5, 768), (2, 3, 256), (1, 2048), (6, 300), (2, 3, 512)]
+_TP_SHAPES = [(9, 1024), (3, 512), (5, 768), (2, 3, 256), (1, 2048), (6, 300), (2, 3, 512), (3, 7, 128)]
 # Which keep 8-bit state under each case's placements (worked out by hand). Along dim 1: 768 columns cut in 2 are
 # 384; 512 cut in 2 and 2 again are 128; (2, 3, 512)'s 3 indices of 2 blocks cut in 2 are 2 and 1 (4 and 2 blocks),
-# its absmax's 6 columns 3 and 3. (6, 300)'s rows are not whole blocks.
+# its absmax's 6 columns 3 and 3; (6, 300)'s 300 columns (blocks of 256 and 44) cut in 2 are 150. (3, 7, 128)'s rows
+# of 896 (Qwen2.5-0.5B's width: blocks of 256, 256, 256, 128) cut in 2 are indices 4 and 3, elements [0, 512) and
+# [512, 896), the absmax's 4 columns 2 and 2: whole blocks, and cut in 2 again, 256, 256, 256 and 128.
 _TP_CASES = {
-    "S0 S1": [True, True, False, True, True, False, False],
-    "S1 S1": [True, False, False, True, True, False, False],
-    "SS0 S0": [True, True, True, True, True, False, True],
-    "R S1": [True, True, False, True, True, False, False],
+    "S0 S1": [True, True, False, True, True, False, False, True],
+    "S1 S1": [True, False, False, True, True, False, False, True],
+    "SS0 S0": [True, True, True, True, True, True, True, True],
+    "R S1": [True, True, False, True, True, False, False, True],
 }
 
 
@@ -693,13 +700,16 @@ def _tp_8bit_worker(rank, port, out_dir):
                 return DTensor.from_local(part.contiguous(), mesh, placements, run_check=False, shape=t.shape,
                                           stride=t.stride())
 
-            # whether this rank's part of each param is whole blocks: a block-number tensor cut as the param
+            # whether this rank's part of each param is whole blocks: a block-number tensor (each row's blocks of
+            # 256, the last one shorter) cut as the param holds every element of each block it holds
             whole_blocks = []
             for shape in _TP_SHAPES:
-                numel = torch.Size(shape).numel()
-                local = make((torch.arange(numel) // 256).reshape(shape)).to_local().reshape(-1)
-                whole = local.numel() % 256 == 0 and bool((local.view(-1, 256) == local.view(-1, 256)[:, :1]).all())
-                whole_blocks.append(whole)
+                rows, row = shape[0], math.prod(shape[1:])
+                blocks = (torch.arange(rows)[:, None] * -(-row // 256) + torch.arange(row) // 256).reshape(shape)
+                local = make(blocks).to_local().reshape(-1)
+                held = local.unique()
+                whole_blocks.append(torch.equal(torch.bincount(local, minlength=blocks.numel())[held],
+                                                torch.bincount(blocks.reshape(-1))[held]))
             for opt_name in ("AdamW8bit", "SGD8bit"):
                 name = f"{opt_name}_fp32_{spec.replace(' ', '')}"
                 compiled = opt_name == "AdamW8bit" and spec == "S0 S1"  # (the step compiled, as one graph)
@@ -785,13 +795,15 @@ def test_8bit_state_of_tensor_parallel_shards_is_the_whole_tensors():
                     for local in result["local"]:  # each rank holds its own part of the state, none gathered
                         assert all(kind == "DTensor" for key, kind in local.items() if key != "step"), (what, local)
                     assert "_StridedShard" in result["placements"][0] if spec.startswith("SS0") else True
-                # The ranks' 8-bit state adds up to the whole tensor's once per replica: 1 + 4/256 bytes per moment
+                # The ranks' 8-bit state adds up to the whole tensor's once per replica: a byte per element and 4 per
+                # block of a row, per moment
                 moments = 2 if opt_name == "AdamW8bit" else 1
                 replicas = 2 if spec.startswith("R") else 1
                 for i, (shape, k) in enumerate(zip(_TP_SHAPES, kept)):
                     if k:
                         total = sum(results[name]["local_bytes"][i] for results in per_rank)
-                        assert total == replicas * moments * (1 + 4 / 256) * torch.Size(shape).numel(), (name, shape)
+                        numel, blocks = math.prod(shape), shape[0] * -(-math.prod(shape[1:]) // 256)
+                        assert total == replicas * moments * (numel + 4 * blocks), (name, shape)
             if not spec.startswith("SS0"):  # (see _tp_8bit_worker)
                 want = _full_into_shards("AdamW8bit", None, _TP_SHAPES, kept)
                 for rank, result in enumerate(per_rank):
@@ -823,7 +835,8 @@ def test_8bit_state_of_tensor_parallel_shards_is_the_whole_tensors():
 def test_cuts_on_block_edges_agrees_with_chunking_an_index_tensor():
     """_cuts_on_block_edges against DTensor's cuts done by hand: a row of `size` indices of `stride` elements, cut by
     torch.chunk (empty pieces where it returns fewer) into chunks[0] pieces, each into chunks[1], ...; True exactly
-    where every piece is whole blocks of 256 and the absmax's columns cut alike are those blocks."""
+    where every piece is whole blocks (of 256, a row's last one shorter) and the absmax's columns cut alike are those
+    blocks."""
     from fused_train.optim._state8bit import _cuts_on_block_edges
 
     def pieces(n, chunks):
@@ -839,14 +852,15 @@ def test_cuts_on_block_edges_agrees_with_chunking_an_index_tensor():
 
     verdicts = set()
     for size in range(1, 13):
-        for stride in (1, 32, 96, 128, 256, 320, 512, 768):
-            if size * stride % 256:
+        for stride in (1, 32, 64, 96, 100, 128, 150, 256, 300, 320, 512, 576, 768):
+            row = size * stride
+            if row < 256:  # (rows under 256 elements have no blocks of their own)
                 continue
-            blocks = size * stride // 256
+            blocks = -(-row // 256)  # the last one shorter where row is not a multiple of 256
             for chunks in ([2], [3], [4], [2, 2], [2, 3], [3, 2, 2]):
                 param = [(a * stride, b * stride) for a, b in pieces(size, chunks)]
-                absmax = [(a * 256, b * 256) for a, b in pieces(blocks, chunks)]
+                absmax = [(min(a * 256, row), min(b * 256, row)) for a, b in pieces(blocks, chunks)]
                 want = param == absmax
-                verdicts.add(want)
+                verdicts.add((want, row % 256 == 0))
                 assert _cuts_on_block_edges(size, stride, blocks, chunks) == want, (size, stride, chunks)
-    assert verdicts == {True, False}
+    assert verdicts == {(True, True), (False, True), (True, False), (False, False)}

@@ -25,7 +25,9 @@
 //
 // Limits: the guard is one word per device, consumed by the first fused step that runs after the bad
 // gradient in stream order. So the guarantee is for a loss and a step on one stream and one device: a loss on
-// another stream may set the guard in the middle of an unrelated step, which some blocks then skip; params
+// another stream may set the guard in the middle of an unrelated step, which some blocks then skip (an 8-bit
+// step's blocks then race: a block updating a quantization block that runs into the next chunk, and the next
+// chunk's block zeroing those gradients when it skips); params
 // on other devices than the loss's step with the NaN gradients that flowed back to them; an optimizer that
 // steps only every few losses (a second optimizer on another schedule) is not covered once the first one
 // consumed the guard and a loss cleared it; under DDP the other ranks receive the NaN gradients through the

@@ -467,7 +467,8 @@ struct Blockwise8bitFunctor {
   FT_HOST_DEVICE bool advances_steps(const BlockScalars& s) const { return kSteps && !s.skip; }
 
   // Element e of a quantization block (p, g and codes start at the block): the update, with the moments
-  // dequantized on entry and new on return. rounding_index: e's index within the chunk.
+  // dequantized on entry and new on return. rounding_index: e's offset from the chunk's first element (a block
+  // that starts in the chunk may end past it).
   FT_HOST_DEVICE FT_INLINE void update_element(T* p, T* g, uint8_t* const (&codes)[K], int64_t e,
                                                const float (&scale)[K], const math::DynamicCode* const (&code)[K],
                                                const Op& block_op, float grad_scale,
