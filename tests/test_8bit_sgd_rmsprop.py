@@ -582,7 +582,7 @@ def test_cuda_step_equals_cpu_step(make, dtype):
     """As Adam8bit's: the same math and quantizer on both devices, with GradScaler's scale, a device found_inf (step
     2 skipped) and gradient zeroing, over block and chunk edges."""
     torch.manual_seed(0)
-    sizes = [(1,), (255,), (257,), (2 * 65536 + 300,), (3, 1000)]
+    sizes = [(1,), (255,), (257,), (2 * 65536 + 300,), (3, 1000), (230, 300)]  # (rows: see test_adam8bit.py)
     cpu = [torch.randn(s).to(dtype).requires_grad_(True) for s in sizes]
     gpu = [p.detach().cuda().requires_grad_(True) for p in cpu]
     opt_cpu, opt_gpu = make(cpu), make(gpu)
