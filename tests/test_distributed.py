@@ -490,6 +490,9 @@ def _sharded_8bit_worker(rank, port, out_dir):
         for source in ("AdamW", "AdamW8bit"):
             results[f"{source}_full_into_shards"] = _full_into_shards(
                 source, lambda t: distribute_tensor(t, mesh, [Shard(0)]))
+        # and one saved before rows had blocks of their own: (6, 300) and (7, 576) requantized by rows on load
+        results["flat_full_into_shards"] = _full_into_shards(
+            "AdamW8bit", lambda t: distribute_tensor(t, mesh, [Shard(0)]), saved_flat=True)
         dist.barrier()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -531,13 +534,26 @@ def _8bit_reload(source, target, make=lambda t: t, dcp_dir=None):
     return _8bit_result(model, second)
 
 
-def _full_into_shards(source, make=None, shapes=_8BIT_SHAPES, kept_8bit=_8BIT_BY_ROWS):
+def _as_flat_checkpoint(state_dict):
+    """The optimizer state dict as fused_train saved it before rows had blocks of their own: every 8-bit moment
+    quantized in blocks of the flat param (a 1-D absmax)."""
+    from fused_train.optim import _quantization as Q
+
+    for state in state_dict["state"].values():
+        for name, signed in Q.MOMENT_IS_SIGNED.items():
+            if f"{name}_absmax" in state:
+                values = Q.dequantize_blockwise(state[f"{name}_codes"], state[f"{name}_absmax"], signed=signed)
+                state[f"{name}_codes"], state[f"{name}_absmax"] = Q.quantize_blockwise(values, signed=signed)
+    return state_dict
+
+
+def _full_into_shards(source, make=None, shapes=_8BIT_SHAPES, kept_8bit=_8BIT_BY_ROWS, saved_flat=False):
     """One process steps all `shapes` twice with `source` (8-bit: min_8bit_size 0, so all are quantized); its whole
     state loads into AdamW8bit over the params placed by `make` through torch's
     set_optimizer_state_dict(full_state_dict=True) (make None: one process, optimizer.load_state_dict), which steps
     twice more. Sharded, the 8-bit state of the params whose blocks the cut would split (those not `kept_8bit`)
     arrives whole and is dequantized into each rank's part of an fp32 moment; one process drops them to fp32 by
-    min_8bit_size."""
+    min_8bit_size. saved_flat: the whole state as saved before rows had blocks of their own (_as_flat_checkpoint)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                          set_optimizer_state_dict)
 
@@ -555,11 +571,12 @@ def _full_into_shards(source, make=None, shapes=_8BIT_SHAPES, kept_8bit=_8BIT_BY
     # the 8-bit checkpoint has codes. torch's full_state_dict loading merges the state of a zero step of the fresh
     # optimizer into what it loads, so those arrive in both forms: the checkpoint's must win.)
     second = fused_train.optim.AdamW8bit([dict(params=[p]) for p in model], lr=1e-2)
+    convert = _as_flat_checkpoint if saved_flat else (lambda state_dict: state_dict)
     if make is None:
-        second.load_state_dict(first.state_dict())
+        second.load_state_dict(convert(first.state_dict()))
     else:
         whole = StateDictOptions(full_state_dict=True)
-        saved = get_optimizer_state_dict(torch.nn.ParameterList(first_model), first, options=whole)
+        saved = convert(get_optimizer_state_dict(torch.nn.ParameterList(first_model), first, options=whole))
         set_optimizer_state_dict(torch.nn.ParameterList(model), second, saved, options=whole)
     for group, aligned in zip(second.param_groups, kept_8bit):
         group["min_8bit_size"] = 0 if aligned else 1 << 30
@@ -615,6 +632,12 @@ def test_8bit_state_of_shards_is_the_whole_tensors():
             for rank, result in enumerate(per_rank):
                 _assert_same_8bit_result(result[f"{source}_full_into_shards"], want,
                                          f"{source}'s whole state into shards, rank {rank}")
+        want = _full_into_shards("AdamW8bit", saved_flat=True)
+        never_flat = _full_into_shards("AdamW8bit")
+        # ((6, 300)'s state requantized by rows: not the state that was never flat)
+        assert not torch.equal(want["state"][3]["exp_avg_codes"], never_flat["state"][3]["exp_avg_codes"])
+        for rank, result in enumerate(per_rank):
+            _assert_same_8bit_result(result["flat_full_into_shards"], want, f"a flat whole state into shards, {rank}")
         # The checkpoint the 2 ranks saved loads into one process (torch.distributed.checkpoint reshards it): the
         # very state one process has after the same steps.
         _assert_dcp_loads_into_one_process(os.path.join(out_dir, "dcp8"), *_step_8bit("AdamW8bit_fp32_S0", "S0"),
