@@ -30,9 +30,10 @@ TORCH_LIBRARY(fused_train, m) {
       "float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, bool zero_grad, "
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? rounding_seeds=None, "
       "int[]? rounding_offsets=None) -> ()");
-  // 8-bit Adam/AdamW (fused_train.optim.Adam8bit): each moment as uint8 codes of the param's shape and one fp32
-  // absmax per 256 elements (csrc/include/fused_train/quant_math.h; contiguous, of any shape: an FSDP2 shard's is
-  // (rows, row elements / 256)). rounding_offsets: as adam_step_'s.
+  // 8-bit Adam/AdamW (fused_train.optim.Adam8bit): each moment as uint8 codes of the param's shape and a contiguous
+  // fp32 absmax whose shape says its blocks (math::QuantRows in csrc/include/fused_train/quant_math.h): 1-D, one per
+  // 256 elements of the flat param; 2-D (the param's dim 0, blocks per row), each row's blocks of 256, the last one
+  // shorter. rounding_offsets: as adam_step_'s.
   m.def(
       "adam8bit_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avg_codes, "
       "Tensor(d!)[] exp_avg_absmax, Tensor(e!)[] exp_avg_sq_codes, Tensor(f!)[] exp_avg_sq_absmax, "

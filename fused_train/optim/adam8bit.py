@@ -21,11 +21,12 @@ class Adam8bit(State8bit, FusedOptimizer, torch.optim.Optimizer):
     r"""Adam with 8-bit blockwise state, a drop-in for ``bitsandbytes.optim.Adam8bit``.
 
     Each moment of a param with at least ``min_8bit_size`` elements is kept as one uint8 code per element and one
-    fp32 absmax per block of 256 elements (2.03 bytes per param for both moments instead of 8). The step's math is
-    torch.optim.Adam's in fp32, on the dequantized moments; the param is updated from the fp32 moments before they
-    are requantized (as bitsandbytes does). Smaller params, float64 params, complex params, and DTensor params whose
-    shards would cut a block (anything but dim-0 shards of rows of k·256 elements, or replicas) keep fp32 (float64)
-    state and take :class:`fused_train.optim.Adam`'s kernel. A DTensor param's (FSDP2's) 8-bit state is DTensors
+    fp32 absmax per block of 256 elements (2.03 bytes per param for both moments instead of 8; each row's blocks,
+    the last one shorter, for a param whose rows hold 256 elements or more). The step's math is torch.optim.Adam's
+    in fp32, on the dequantized moments; the param is updated from the fp32 moments before they are requantized (as
+    bitsandbytes does). Smaller params, float64 params, complex params, and DTensor params whose shards would cut a
+    block (rows under 256 elements cut, column cuts off block edges) keep fp32 (float64) state and take
+    :class:`fused_train.optim.Adam`'s kernel. A DTensor param's (FSDP2's) 8-bit state is DTensors
     placed as the param, each rank holding its own blocks. With ``weight_decay`` this is Adam's L2 penalty, as in
     torch.optim.Adam; :class:`AdamW8bit` decays decoupled.
 
