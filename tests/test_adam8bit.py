@@ -316,8 +316,8 @@ def test_state_bytes_per_param(shape, blocks):
 
 def test_absmax_is_laid_out_by_rows_and_a_flat_one_loads():
     """A param of 2+ dims whose rows hold k·256 elements keeps its absmax as (rows, k), the layout an FSDP2 shard
-    keeps its own rows of; params with rows under 256 elements, and 1-D ones, (blocks,). A checkpoint with the blocks flat (saved before this layout) loads into
-    it and steps on exactly as the state it came from."""
+    keeps its own rows of; params with rows under 256 elements, and 1-D ones, (blocks,). A checkpoint with the blocks
+    flat (saved before this layout) loads into it and steps on exactly as the state it came from."""
     torch.manual_seed(0)
     shapes = {(12, 512): (12, 2), (3, 2, 128): (3, 1), (300, 7): (9,), (5000,): (20,)}
     a = [torch.randn(s, requires_grad=True) for s in shapes]
