@@ -236,7 +236,8 @@ struct QuantizedList {
 int64_t absmax_row_length(const char* op, const char* name, size_t i, const at::Tensor& absmax,
                           const at::Tensor& param) {
   const int64_t numel = param.numel();
-  if (absmax.dim() == 1 && absmax.numel() == (numel + math::kQuantBlock - 1) / math::kQuantBlock) {
+  const int64_t flat_blocks = (numel + math::kQuantBlock - 1) / math::kQuantBlock;
+  if (absmax.dim() == 1 && absmax.numel() == flat_blocks) {
     return numel > 0 ? numel : 1;
   }
   if (absmax.dim() == 2 && param.dim() >= 2 && absmax.size(0) == param.size(0)) {
@@ -248,7 +249,7 @@ int64_t absmax_row_length(const char* op, const char* name, size_t i, const at::
     }
   }
   TORCH_CHECK(false, op, ": ", name, "[", i, "] must have one fp32 value per block of 256 of its param's ", numel,
-              " elements: 1-D of ", (numel + math::kQuantBlock - 1) / math::kQuantBlock,
+              " elements: 1-D of ", flat_blocks,
               " (the param as one row), or, for a param of 2 or more dims, 2-D (its dim 0, ceil(row elements / 256)); "
               "got shape ", absmax.sizes());
   return 0;

@@ -148,7 +148,7 @@ def blockwise8bit_reference_step(optimizer: str, param: Tensor, grad: Tensor, st
             new[name] = value
         elif name in _quantization.MOMENT_IS_SIGNED:
             new[f"{name}_codes"], new[f"{name}_absmax"] = quantize_blockwise_reference(
-                value.reshape(param.shape), signed=_quantization.MOMENT_IS_SIGNED[name], by_rows=by_rows)
+                value, signed=_quantization.MOMENT_IS_SIGNED[name], by_rows=by_rows)
     return p32.detach().to(param.dtype), new
 
 

@@ -93,15 +93,10 @@ def num_blocks(numel: int) -> int:
     return (numel + BLOCK_SIZE - 1) // BLOCK_SIZE
 
 
-def row_blocks(row: int) -> int:
-    """The blocks of a row of ``row`` elements: the last one shorter where row is not a multiple of BLOCK_SIZE."""
-    return num_blocks(row)
-
-
 def _as_row_blocks(flat: Tensor, rows: int, row: int) -> Tensor:
-    """``flat`` as ``rows`` rows of ``row`` elements cut into blocks, each row zero-padded to whole blocks:
-    (rows * blocks per row, BLOCK_SIZE)."""
-    padded = torch.nn.functional.pad(flat.view(rows, row), (0, row_blocks(row) * BLOCK_SIZE - row))
+    """``flat`` as ``rows`` rows of ``row`` elements cut into blocks (num_blocks(row) each, the last one shorter),
+    each row zero-padded to whole blocks: (rows * blocks per row, BLOCK_SIZE)."""
+    padded = torch.nn.functional.pad(flat.view(rows, row), (0, num_blocks(row) * BLOCK_SIZE - row))
     return padded.view(-1, BLOCK_SIZE)
 
 
@@ -115,9 +110,9 @@ def quantize_blockwise(t: Tensor, *, signed: bool, by_rows: bool = False) -> tup
     blocks = _as_row_blocks(flat, rows, row)
     absmax = blocks.abs().amax(dim=1) if blocks.numel() else flat.new_zeros(blocks.shape[0])
     inverse = torch.where(absmax >= _SMALLEST_NORMAL, 1.0 / absmax, torch.zeros_like(absmax))
-    x = (blocks * inverse[:, None]).view(rows, row_blocks(row) * BLOCK_SIZE)[:, :row].reshape(-1)
+    x = (blocks * inverse[:, None]).view(rows, num_blocks(row) * BLOCK_SIZE)[:, :row].reshape(-1)
     codes = (SIGNED if signed else UNSIGNED).quantize(x).reshape(t.shape)
-    return codes, absmax.view(rows, row_blocks(row)) if by_rows else absmax
+    return codes, absmax.view(rows, num_blocks(row)) if by_rows else absmax
 
 
 def dequantize_blockwise(codes: Tensor, absmax: Tensor, *, signed: bool) -> Tensor:
@@ -126,7 +121,7 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, *, signed: bool) -> Tens
     n = codes.numel()
     rows = absmax.shape[0] if absmax.dim() == 2 else 1
     row = n // rows if rows else 0
-    if absmax.dim() > 2 or rows * row != n or absmax.numel() != rows * row_blocks(row):
+    if absmax.dim() > 2 or rows * row != n or absmax.numel() != rows * num_blocks(row):
         raise ValueError(f"8-bit state: {n} codes need an absmax of {num_blocks(n)} values (one per {BLOCK_SIZE}), "
                          f"or of shape (rows, blocks per row) for rows that divide them, got shape "
                          f"{tuple(absmax.shape)}")

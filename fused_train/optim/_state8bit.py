@@ -64,7 +64,7 @@ def _absmax_shape(p: Tensor) -> tuple[int, ...] | None:
     rows = p.shape[0] if p.dim() >= 2 else 0
     row = p.numel() // rows if rows else 0
     by_rows = row >= _quantization.BLOCK_SIZE
-    shape = (rows, _quantization.row_blocks(row)) if by_rows else (_quantization.num_blocks(p.numel()),)
+    shape = (rows, _quantization.num_blocks(row)) if by_rows else (_quantization.num_blocks(p.numel()),)
     if not _is_dtensor(p):
         return shape
     kinds = [type(placement).__name__ for placement in p.placements]  # (exact names: _StridedShard is a Shard)
@@ -110,7 +110,7 @@ def _local_absmax_shape(local: Tensor, shape: tuple[int, ...]) -> tuple[int, ...
     whole param's absmax has ``shape``."""
     if len(shape) != 2:
         return shape
-    return (local.shape[0], _quantization.row_blocks(math.prod(local.shape[1:])))
+    return (local.shape[0], _quantization.num_blocks(math.prod(local.shape[1:])))
 
 
 def _quantize_moment(p: Tensor, value: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
@@ -118,8 +118,9 @@ def _quantize_moment(p: Tensor, value: Tensor, signed: bool) -> tuple[Tensor, Te
     each rank quantizes its own shard (whole blocks, see _absmax_shape), placed as the param."""
     shape = _absmax_shape(p)
     local = _kernel_view(value)
+    # (by rows: an absmax of _local_absmax_shape's shape)
     codes, absmax = _quantization.quantize_blockwise(local, signed=signed, by_rows=len(shape) == 2)
-    codes, absmax = codes.to(p.device), absmax.reshape(_local_absmax_shape(local, shape)).to(p.device)
+    codes, absmax = codes.to(p.device), absmax.to(p.device)
     if not _is_dtensor(p):
         return codes, absmax
     return _placed_as(p, codes, tuple(p.shape)), _placed_as(p, absmax, shape)
