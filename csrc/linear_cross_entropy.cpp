@@ -81,6 +81,9 @@ struct Call {
   at::ScalarType opmath = at::kFloat;
   int64_t rows = 0, hidden = 0, classes = 0, chunk_rows = 1;
   bool tiled = false;         // CPU bf16/fp16: the tiled road below (TiledLoss)
+  // Half-precision GEMMs (not tiled) whose linear_weight gradient is summed across chunks in opmath, each chunk's
+  // part rounded once to the GEMMs' dtype on its own, the sum once at the end (GradAccumulator::add_weight_grad).
+  bool opmath_weight_grad = false;
   int64_t block_classes = 1;  // tiled: classes per block of linear_weight
   int64_t reduction = kMean, ignore_index = -100;
   double label_smoothing = 0.0, lse_square_scale = 0.0, softcap = 0.0;
@@ -135,7 +138,7 @@ bool cpu_half_gemms_native(const char* op, at::ScalarType dtype) {
 Call check_call(const char* op, const at::Tensor& input, const at::Tensor& linear_weight, const at::Tensor& target,
                 const std::optional<at::Tensor>& linear_bias, const std::optional<at::Tensor>& weight,
                 int64_t reduction, int64_t ignore_index, double label_smoothing, double lse_square_scale,
-                double softcap, int64_t chunk_rows) {
+                double softcap, int64_t chunk_rows, bool opmath_weight_grad) {
   Call c;
   const auto dtype = input.scalar_type();
   check_cross_entropy_dtype(op, dtype);
@@ -189,6 +192,7 @@ Call check_call(const char* op, const at::Tensor& input, const at::Tensor& linea
   // Converting all of linear_weight (and summing its gradient) in fp32 would add 8 bytes per weight, as much as
   // the logits this op exists to avoid: half precision on CPU goes the tiled road instead.
   c.tiled = c.compute != dtype;
+  c.opmath_weight_grad = opmath_weight_grad && !c.tiled && c.compute != c.opmath;
   c.input = input;
   c.linear_weight = c.tiled ? linear_weight : linear_weight.to(c.compute);
   if (linear_bias.has_value() && linear_bias->defined()) c.linear_bias = linear_bias->to(c.compute);
@@ -277,6 +281,7 @@ struct GradAccumulator {
   const Call& c;
   bool input_grad, weight_grad, bias_grad;
   at::Tensor grad_input, grad_weight, grad_bias;
+  at::Tensor part_buffer;  // opmath_weight_grad: a block of a chunk's linear_weight gradient in the GEMMs' dtype
   // The GEMMs' alpha for input's and linear_weight's gradients: a mean's 1/denominator where it is known on the
   // host, so that half-precision gradients are rounded once, not again by a scale afterwards.
   double alpha = 1.0;
@@ -286,8 +291,9 @@ struct GradAccumulator {
     const at::TensorOptions options = c.input.options().dtype(c.compute);
     if (input_grad) grad_input = at::empty({c.rows, c.hidden}, options);
     // Zeros for N = 0; otherwise written over by the first chunk.
-    if (weight_grad) grad_weight = c.rows == 0 ? at::zeros({c.classes, c.hidden}, options)
-                                               : at::empty({c.classes, c.hidden}, options);
+    const at::TensorOptions weight_options = options.dtype(c.opmath_weight_grad ? c.opmath : c.compute);
+    if (weight_grad) grad_weight = c.rows == 0 ? at::zeros({c.classes, c.hidden}, weight_options)
+                                               : at::empty({c.classes, c.hidden}, weight_options);
     if (bias_grad) grad_bias = at::zeros({c.classes}, options.dtype(c.opmath));
   }
 
@@ -301,10 +307,32 @@ struct GradAccumulator {
       at::Tensor rows = grad_input.narrow(0, begin, x.size(0));
       at::addmm_out(rows, rows, logit_grad, c.linear_weight, 0.0, alpha);
     }
-    if (weight_grad) {  // the first chunk writes, the others add
-      at::addmm_out(grad_weight, grad_weight, logit_grad.t(), x, begin == 0 ? 0.0 : 1.0, alpha);
-    }
+    if (weight_grad) add_weight_grad(begin == 0, x, logit_grad);
     if (bias_grad) grad_bias.add_(at::sum(logit_grad, {0}, false, c.opmath), alpha);
+  }
+
+  // The first chunk writes linear_weight's gradient, the others add to it. Summed in opmath, each chunk's part
+  // comes from the GEMM (which sums the chunk's rows in fp32) in blocks of classes, each rounded to the GEMMs'
+  // dtype once and added in fp32: no partial sum is rounded again, and the extra memory is one block, about a
+  // chunk of logits, besides the fp32 sum itself.
+  void add_weight_grad(bool first, const at::Tensor& x, const at::Tensor& logit_grad) {
+    if (!c.opmath_weight_grad) {
+      at::addmm_out(grad_weight, grad_weight, logit_grad.t(), x, first ? 0.0 : 1.0, alpha);
+      return;
+    }
+    const int64_t block = std::clamp<int64_t>(c.chunk_rows * c.classes / c.hidden, 64, c.classes);
+    if (!part_buffer.defined()) part_buffer = at::empty({block, c.hidden}, x.options());
+    for (int64_t v0 = 0; v0 < c.classes; v0 += block) {
+      const int64_t n = std::min(block, c.classes - v0);
+      at::Tensor part = part_buffer.narrow(0, 0, n);
+      at::addmm_out(part, part, logit_grad.narrow(1, v0, n).t(), x, 0.0, alpha);
+      at::Tensor sum = grad_weight.narrow(0, v0, n);
+      if (first) {
+        sum.copy_(part);
+      } else {
+        sum.add_(part);
+      }
+    }
   }
 
   // The gradients in the parameters' dtypes, each times its scale when given (input_scale (N, 1) per row of
@@ -603,11 +631,13 @@ ForwardOutputs linear_cross_entropy_forward(const at::Tensor& input, const at::T
                                             const std::optional<at::Tensor>& weight, int64_t reduction,
                                             int64_t ignore_index, double label_smoothing, double lse_square_scale,
                                             double softcap, int64_t chunk_rows, bool input_grad,
-                                            bool linear_weight_grad, bool linear_bias_grad, bool opmath_loss) {
+                                            bool linear_weight_grad, bool linear_bias_grad, bool opmath_loss,
+                                            bool opmath_weight_grad) {
   // The GEMMs run in the dtype chosen here, not autocast's (fused_train.nn casts the arguments as autocast would).
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Call c = check_call("linear_cross_entropy_forward", input, linear_weight, target, linear_bias, weight,
-                            reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_rows);
+                            reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_rows,
+                            opmath_weight_grad);
   check_cpu_targets("linear_cross_entropy", c);
   const bool per_row = reduction == kNone;
   const at::TensorOptions opmath = input.options().dtype(c.opmath);
@@ -689,11 +719,11 @@ Grads linear_cross_entropy_backward(const at::Tensor& grad_loss, const at::Tenso
                                     const at::Tensor& denominator, int64_t reduction, int64_t ignore_index,
                                     double label_smoothing, double lse_square_scale, double softcap,
                                     int64_t chunk_rows, bool input_grad, bool linear_weight_grad,
-                                    bool linear_bias_grad) {
+                                    bool linear_bias_grad, bool opmath_weight_grad) {
   const char* op = "linear_cross_entropy_backward";
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Call c = check_call(op, input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                            label_smoothing, lse_square_scale, softcap, chunk_rows);
+                            label_smoothing, lse_square_scale, softcap, chunk_rows, opmath_weight_grad);
   TORCH_CHECK_VALUE(row_lse.dim() == 2 && row_lse.size(0) == c.rows && row_lse.size(1) == 2, op,
                     ": row_lse must be the forward's (", c.rows, ", 2) tensor, got shape ", row_lse.sizes());
   TORCH_CHECK_VALUE(reduction == kNone ? grad_loss.dim() == 1 && grad_loss.size(0) == c.rows : grad_loss.numel() == 1,

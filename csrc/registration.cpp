@@ -122,18 +122,20 @@ TORCH_LIBRARY(fused_train, m) {
   // probabilities; softcap c > 0 caps the logits at c·tanh(logits / c) (0: none). The forward also returns the
   // gradients asked for (input_grad, ...) for a loss gradient of 1, for a reduced loss; the others are empty.
   // row_lse (N, 2) and denominator (0-dim), opmath, are what the backward needs to recompute them.
+  // opmath_weight_grad: where the GEMMs run in half precision, linear_weight's gradient is summed across chunks in
+  // opmath (fp32) and rounded once, instead of in its dtype (rounded once per chunk).
   m.def(
       "linear_cross_entropy_forward(Tensor input, Tensor linear_weight, Tensor target, Tensor? linear_bias, "
       "Tensor? weight, *, int reduction, int ignore_index, float label_smoothing, float lse_square_scale, "
       "float softcap, int chunk_rows, bool input_grad, bool linear_weight_grad, bool linear_bias_grad, "
-      "bool opmath_loss=False) -> (Tensor loss, Tensor row_lse, Tensor denominator, Tensor grad_input, "
-      "Tensor grad_linear_weight, Tensor grad_linear_bias)");
+      "bool opmath_loss=False, bool opmath_weight_grad=False) -> (Tensor loss, Tensor row_lse, "
+      "Tensor denominator, Tensor grad_input, Tensor grad_linear_weight, Tensor grad_linear_bias)");
   m.def(
       "linear_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor linear_weight, Tensor target, "
       "Tensor? linear_bias, Tensor? weight, Tensor row_lse, Tensor denominator, *, int reduction, "
       "int ignore_index, float label_smoothing, float lse_square_scale, float softcap, int chunk_rows, "
-      "bool input_grad, bool linear_weight_grad, bool linear_bias_grad) -> (Tensor grad_input, "
-      "Tensor grad_linear_weight, Tensor grad_linear_bias)");
+      "bool input_grad, bool linear_weight_grad, bool linear_bias_grad, bool opmath_weight_grad=False) -> "
+      "(Tensor grad_input, Tensor grad_linear_weight, Tensor grad_linear_bias)");
 
   // Releases the memory fused_train keeps between calls for reuse (today the CPU loss's one gradient
   // buffer, cpu/gradient_cache.h), as torch.cuda.empty_cache does for torch's caching allocator.

@@ -477,6 +477,7 @@ def linear_cross_entropy_forward(
     linear_weight_grad: bool,
     linear_bias_grad: bool,
     opmath_loss: bool = False,
+    opmath_weight_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Cross-entropy of ``input @ linear_weight.T + linear_bias`` (capped at ``softcap·tanh(·/softcap)`` when
     ``softcap > 0``) against ``target``, over chunks of ``chunk_rows`` rows (0: sized automatically), never
@@ -484,12 +485,14 @@ def linear_cross_entropy_forward(
 
     Returns ``(loss, row_lse, denominator, grad_input, grad_linear_weight, grad_linear_bias)``: the loss as
     :func:`cross_entropy_forward`'s, what :func:`linear_cross_entropy_backward` needs, and, for a reduced loss,
-    the gradients asked for (``*_grad``) for a loss gradient of 1; the others are empty tensors."""
+    the gradients asked for (``*_grad``) for a loss gradient of 1; the others are empty tensors.
+    ``opmath_weight_grad``: with half-precision GEMMs, ``linear_weight``'s gradient is summed across chunks in fp32
+    and rounded once (each chunk's part rounded once on its own), not in its dtype once per chunk."""
     return _ops.linear_cross_entropy_forward.default(
         input, linear_weight, target, linear_bias, weight, reduction=reduction, ignore_index=ignore_index,
         label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
         chunk_rows=chunk_rows, input_grad=input_grad, linear_weight_grad=linear_weight_grad,
-        linear_bias_grad=linear_bias_grad, opmath_loss=opmath_loss,
+        linear_bias_grad=linear_bias_grad, opmath_loss=opmath_loss, opmath_weight_grad=opmath_weight_grad,
     )
 
 
@@ -512,15 +515,16 @@ def linear_cross_entropy_backward(
     input_grad: bool,
     linear_weight_grad: bool,
     linear_bias_grad: bool,
+    opmath_weight_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of :func:`linear_cross_entropy_forward`'s loss for ``grad_loss`` (one element, or (N,) for
     ``reduction=0``), recomputed chunk by chunk from its ``row_lse`` and ``denominator``: ``(grad_input,
-    grad_linear_weight, grad_linear_bias)``, empty where not asked for."""
+    grad_linear_weight, grad_linear_bias)``, empty where not asked for; ``opmath_weight_grad`` as the forward's."""
     return _ops.linear_cross_entropy_backward.default(
         grad_loss, input, linear_weight, target, linear_bias, weight, row_lse, denominator, reduction=reduction,
         ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
         softcap=softcap, chunk_rows=chunk_rows, input_grad=input_grad, linear_weight_grad=linear_weight_grad,
-        linear_bias_grad=linear_bias_grad,
+        linear_bias_grad=linear_bias_grad, opmath_weight_grad=opmath_weight_grad,
     )
 
 
@@ -683,9 +687,9 @@ torch.library.register_vmap("fused_train::cross_entropy_backward", _cross_entrop
 def _linear_cross_entropy_forward_vmap(info, in_dims, input, linear_weight, target, linear_bias, weight, *,
                                        reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
                                        chunk_rows, input_grad, linear_weight_grad, linear_bias_grad,
-                                       opmath_loss=False):
+                                       opmath_loss=False, opmath_weight_grad=False):
     options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
-                   softcap=softcap, chunk_rows=chunk_rows)
+                   softcap=softcap, chunk_rows=chunk_rows, opmath_weight_grad=opmath_weight_grad)
     op = _ops.linear_cross_entropy_forward.default
     grads = dict(input_grad=input_grad, linear_weight_grad=linear_weight_grad, linear_bias_grad=linear_bias_grad)
     if any(d is not None for d in in_dims[1:2] + in_dims[3:]) or any(grads.values()):
@@ -714,9 +718,10 @@ def _linear_cross_entropy_forward_vmap(info, in_dims, input, linear_weight, targ
 def _linear_cross_entropy_backward_vmap(info, in_dims, grad_loss, input, linear_weight, target, linear_bias,
                                         weight, row_lse, denominator, *, reduction, ignore_index, label_smoothing,
                                         lse_square_scale, softcap, chunk_rows, input_grad, linear_weight_grad,
-                                        linear_bias_grad):
+                                        linear_bias_grad, opmath_weight_grad=False):
     options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
-                   softcap=softcap, chunk_rows=chunk_rows, input_grad=input_grad)
+                   softcap=softcap, chunk_rows=chunk_rows, input_grad=input_grad,
+                   opmath_weight_grad=opmath_weight_grad)
     op = _ops.linear_cross_entropy_backward.default
     if (any(d is not None for d in (in_dims[2], in_dims[4], in_dims[5])) or linear_weight_grad
             or linear_bias_grad):

@@ -564,6 +564,13 @@ def cross_entropy_with_lse(
     )
 
 
+def _op_options(options) -> dict:
+    """The linear cross-entropy ops' keyword options from linear_cross_entropy's options tuple."""
+    names = ("reduction", "ignore_index", "label_smoothing", "lse_square_scale", "softcap", "chunk_rows",
+             "opmath_weight_grad")
+    return dict(zip(names, options))
+
+
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     """linear + cross-entropy over (N, H) rows (csrc/linear_cross_entropy.cpp). For a reduced loss the forward
     computes the gradients asked for, for a loss gradient of 1, chunk by chunk while each chunk's logits are
@@ -576,12 +583,11 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, linear_weight, target, linear_bias, weight, options):
-        reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_rows, opmath, wanted = options
+        reduction, *_, opmath, wanted = options
         in_forward = reduction != 0 and input.dtype != torch.float16 and any(wanted)
         loss, row_lse, denominator, *grads = _ops.linear_cross_entropy_forward(
-            input, linear_weight, target, linear_bias, weight, reduction=reduction, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
-            chunk_rows=chunk_rows, input_grad=in_forward and wanted[0], linear_weight_grad=in_forward and wanted[1],
+            input, linear_weight, target, linear_bias, weight, **_op_options(options),
+            input_grad=in_forward and wanted[0], linear_weight_grad=in_forward and wanted[1],
             linear_bias_grad=in_forward and wanted[2], opmath_loss=opmath,
         )
         ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, row_lse, denominator)
@@ -617,11 +623,9 @@ def _linear_backward(ctx, grad_loss):
             for g in grads:
                 g.mul_(scale)
     else:
-        reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_rows = ctx.options[:6]
         grads = _ops.linear_cross_entropy_backward(
-            grad_loss, *ctx.saved_tensors, reduction=reduction, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
-            chunk_rows=chunk_rows, input_grad=needs[0], linear_weight_grad=needs[1], linear_bias_grad=needs[3],
+            grad_loss, *ctx.saved_tensors, **_op_options(ctx.options), input_grad=needs[0],
+            linear_weight_grad=needs[1], linear_bias_grad=needs[3],
         )
     grad_input, grad_weight, grad_bias = grads
     return (grad_input if needs[0] else None, grad_weight if needs[1] else None, None,
@@ -637,12 +641,10 @@ class _LinearCrossEntropyTransformFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, linear_weight, target, linear_bias, weight, options):
-        reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_rows, opmath, _ = options
+        *_, opmath, _ = options
         loss, row_lse, denominator, *_ = _ops.linear_cross_entropy_forward(
-            input, linear_weight, target, linear_bias, weight, reduction=reduction, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
-            chunk_rows=chunk_rows, input_grad=False, linear_weight_grad=False, linear_bias_grad=False,
-            opmath_loss=opmath,
+            input, linear_weight, target, linear_bias, weight, **_op_options(options), input_grad=False,
+            linear_weight_grad=False, linear_bias_grad=False, opmath_loss=opmath,
         )
         return loss, row_lse, denominator
 
@@ -675,12 +677,9 @@ class _LinearTransformGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(grad_loss, input, linear_weight, target, linear_bias, weight, row_lse, denominator, options, needs):
-        reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_rows = options[:6]
         return _ops.linear_cross_entropy_backward(
             grad_loss, input, linear_weight, target, linear_bias, weight, row_lse, denominator,
-            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            lse_square_scale=lse_square_scale, softcap=softcap, chunk_rows=chunk_rows, input_grad=needs[0],
-            linear_weight_grad=needs[1], linear_bias_grad=needs[3],
+            **_op_options(options), input_grad=needs[0], linear_weight_grad=needs[1], linear_bias_grad=needs[3],
         )
 
     @staticmethod
@@ -716,6 +715,7 @@ def linear_cross_entropy(
     lse_square_scale: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    options: "torch.nn.LinearCrossEntropyOptions | None" = None,
 ) -> Tensor:
     r"""``cross_entropy(linear(input, linear_weight, linear_bias), target)`` without the (N, V) logits: the
     language model's last layer and loss, as :func:`torch.nn.functional.linear_cross_entropy`, in chunks of
@@ -743,6 +743,15 @@ def linear_cross_entropy(
             however large, at least 12 MiB), at least 192 rows. On the tiled road below, rows per chunk and
             classes per block of the tiles; ``None``: as many of each (a multiple of 64, within 64–1024) as fit
             the tiles' fp32 buffers in a twelfth of the N×V logits in ``input``'s dtype.
+        options: torch's :class:`torch.nn.LinearCrossEntropyOptions` (torch >= 2.14), read as torch reads it
+            for what it sets here: the rows per chunk (``batch_chunk_size``; ``chunking_method`` ``None``: one
+            chunk, ``"aspect_ratio[:k]"``: torch's size; ``"auto"``: ours, as ``chunk_size=None``), and, for
+            bf16/fp16, the dtype in which ``linear_weight``'s gradient is summed across chunks: fp32 (rounded
+            once) where torch's resolved ``acc_dtype`` is fp32 and its policy keeps an fp32 sum (``"accurate"``,
+            or ``"compact"`` off CUDA; ``"auto"`` resolves as torch's: ``"accurate"`` on CPU, ``"compact"`` on
+            CUDA), else the input's dtype (rounded once per chunk). That fp32 sum costs 4 bytes per element of
+            ``linear_weight``. ``allow_retain_graph`` changes nothing: a second backward always works here (it
+            recomputes). ``None`` (the default): chunking as ``chunk_size`` says, the sum in the input's dtype.
 
     The gradients of a reduced loss are computed in the forward (for a loss gradient of 1) and applied in the
     backward; ``reduction='none'``, fp16 and a second backward recompute them from the inputs, costing the logits'
@@ -807,13 +816,15 @@ def linear_cross_entropy(
             for t in (input, linear_weight, linear_bias)
         )
     rows_count = batch_shape.numel()
+    chunk_size, opmath_weight_grad = _read_torch_options(options, chunk_size, rows_count, linear_weight,
+                                                         input.dtype, input.device)
     rows = input.reshape(rows_count, input.shape[-1])
     target_rows = target.reshape(rows_count, classes) if prob else target.reshape(rows_count)
     grad = torch.is_grad_enabled()
     wanted = (grad and rows.requires_grad, grad and linear_weight.requires_grad,
               grad and linear_bias is not None and linear_bias.requires_grad)
     options = (code, ignore_index, float(label_smoothing), float(lse_square_scale), float(softcap), chunk_size,
-               opmath_loss, wanted)
+               opmath_weight_grad, opmath_loss, wanted)
     if _transforms_active():
         if _is_compiling():
             _, (rows, linear_weight, linear_bias, weight) = _compiled_transform_road(
@@ -826,6 +837,53 @@ def linear_cross_entropy(
 
 
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _read_torch_options(options, chunk_size: int, rows: int, linear_weight: Tensor, dtype: torch.dtype,
+                        device: torch.device) -> tuple[int, bool]:
+    """(chunk_size, opmath_weight_grad) from torch's LinearCrossEntropyOptions, resolved as torch's
+    ``LinearCrossEntropyOptions._adjust`` resolves them (chunk rows, acc_policy, acc_dtype); chunk_size 0: ours."""
+    if options is None:
+        return chunk_size, False
+    options_type = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if options_type is None or not isinstance(options, options_type):
+        wanted = ("a torch.nn.LinearCrossEntropyOptions or None" if options_type is not None
+                  else f"None (torch {torch.__version__} has no torch.nn.LinearCrossEntropyOptions; it came in 2.14)")
+        raise TypeError(f"linear_cross_entropy: options must be {wanted}, got {type(options).__name__}")
+    method, size = options.chunking_method, options.batch_chunk_size
+    if method == "auto":
+        rows_per_chunk = size  # None: ours
+    elif method is None:
+        rows_per_chunk = max(1, rows if size is None else min(size, rows))
+    else:  # "aspect_ratio" or "aspect_ratio:k", as torch sizes it
+        factor = int(method.split(":", 1)[1]) if ":" in method else 1
+        classes, hidden = linear_weight.shape
+        per_chunk = -(-rows // -(-classes // hidden))
+        rows_per_chunk = max(1, min((1 << (per_chunk - 1).bit_length()) // factor, rows))
+        if size is not None and size != rows_per_chunk:
+            raise ValueError(
+                f"linear_cross_entropy: options.batch_chunk_size (={size}) and options.chunking_method "
+                f"({method!r}) give different chunk sizes ({size} vs {rows_per_chunk}); pass only one")
+    if rows_per_chunk is not None:
+        if chunk_size not in (0, rows_per_chunk):
+            raise ValueError(
+                f"linear_cross_entropy: chunk_size (={chunk_size}) and options give different chunk sizes "
+                f"({chunk_size} vs {rows_per_chunk}); pass only one")
+        chunk_size = rows_per_chunk
+    policy, acc_dtype = options.acc_policy, options.acc_dtype
+    if acc_dtype is None:
+        acc_dtype = torch.float32 if policy == "auto" and dtype in _HALF else dtype
+    if acc_dtype != dtype and not (dtype in _HALF and acc_dtype == torch.float32):
+        raise ValueError(
+            f"linear_cross_entropy: options.acc_dtype must be None, the input's dtype ({dtype}) or, for fp16/bf16 "
+            f"input, torch.float32; got {acc_dtype}")
+    if policy == "auto":
+        policy = "accurate" if device.type == "cpu" and dtype in _HALF else "compact"
+    # torch's "compact" sums linear_weight's gradient in its own dtype on CUDA (addmm_ into it), in acc_dtype
+    # elsewhere.
+    opmath_weight_grad = acc_dtype != dtype and (policy == "accurate" or device.type != "cuda")
+    return chunk_size, opmath_weight_grad
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype:

@@ -71,8 +71,9 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     r"""A language model's head and loss in one: ``linear`` (``self.linear``, an :class:`torch.nn.Linear` from
     ``in_features`` to ``num_classes``) then cross-entropy, computed by
     :func:`fused_train.nn.functional.linear_cross_entropy` without the (N, V) logits. Constructor as
-    :class:`torch.nn.LinearCrossEntropyLoss` (torch >= 2.14) without ``out_features`` and ``options``, plus
-    ``lse_square_scale``, ``softcap`` and ``chunk_size``. To tie the head to an input embedding, assign
+    :class:`torch.nn.LinearCrossEntropyLoss` (torch >= 2.14; ``options`` read as
+    :func:`~fused_train.nn.functional.linear_cross_entropy` reads it; ``out_features`` only ``()``: no K-dimensional
+    loss), plus ``lse_square_scale``, ``softcap`` and ``chunk_size``; its ``state_dict`` loads into torch's and back. To tie the head to an input embedding, assign
     ``loss_fn.linear.weight = embedding.weight``.
 
     Shape:
@@ -91,6 +92,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         in_features: int,
         num_classes: int,
         *,
+        out_features: tuple[int, ...] = (),
         bias: bool = False,
         device=None,
         dtype=None,
@@ -101,7 +103,11 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         lse_square_scale: float = 0.0,
         softcap: float | None = None,
         chunk_size: int | None = None,
+        options: "torch.nn.LinearCrossEntropyOptions | None" = None,
     ) -> None:
+        if tuple(out_features) != ():
+            raise ValueError(
+                f"LinearCrossEntropyLoss: out_features must be () (no K-dimensional loss here), got {out_features!r}")
         super().__init__()
         self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.register_buffer("weight", weight)
@@ -111,17 +117,19 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.lse_square_scale = lse_square_scale
         self.softcap = softcap
         self.chunk_size = chunk_size
+        self.options = options
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.linear_cross_entropy(
             input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
             reduction=self.reduction, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
             lse_square_scale=self.lse_square_scale, softcap=self.softcap, chunk_size=self.chunk_size,
+            options=self.options,
         )
 
     def extra_repr(self) -> str:
         parts = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
-        for name in ("label_smoothing", "lse_square_scale", "softcap", "chunk_size"):
+        for name in ("label_smoothing", "lse_square_scale", "softcap", "chunk_size", "options"):
             if getattr(self, name):
                 parts.append(f"{name}={getattr(self, name)}")
         return ", ".join(parts)
