@@ -12,7 +12,8 @@ from conftest import DEVICES, NATIVE_CPU_BF16_GEMMS, TOL, cpu_half_gemms
 from test_linear_cross_entropy import _relative_error, exact_reference, loss_and_grads, make_case, reference
 
 Options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
-needs_options = pytest.mark.skipif(Options is None, reason=f"torch {torch.__version__} has no LinearCrossEntropyOptions")
+needs_options = pytest.mark.skipif(Options is None,
+                                   reason=f"torch {torch.__version__} has no LinearCrossEntropyOptions")
 
 
 def chunks_taken(fn) -> int:
@@ -25,8 +26,9 @@ def chunks_taken(fn) -> int:
 @needs_options
 @pytest.mark.parametrize("n,h,v", [(300, 16, 100), (37, 64, 40), (1000, 8, 1000)])
 @pytest.mark.parametrize("kwargs", [dict(batch_chunk_size=7), dict(chunking_method=None),
-                                    dict(chunking_method=None, batch_chunk_size=64), dict(chunking_method="aspect_ratio"),
-                                    dict(chunking_method="aspect_ratio:2"), dict(batch_chunk_size=5000)],
+                                    dict(chunking_method=None, batch_chunk_size=64),
+                                    dict(chunking_method="aspect_ratio"), dict(chunking_method="aspect_ratio:2"),
+                                    dict(batch_chunk_size=5000)],
                          ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
 def test_chunks_are_the_ones_torch_resolves(n, h, v, kwargs):
     """The rows per chunk torch's own resolution (LinearCrossEntropyOptions._adjust) gives for these options."""

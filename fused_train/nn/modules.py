@@ -72,9 +72,9 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     ``in_features`` to ``num_classes``) then cross-entropy, computed by
     :func:`fused_train.nn.functional.linear_cross_entropy` without the (N, V) logits. Constructor as
     :class:`torch.nn.LinearCrossEntropyLoss` (torch >= 2.14; ``options`` read as
-    :func:`~fused_train.nn.functional.linear_cross_entropy` reads it; ``out_features`` only ``()``: no K-dimensional
-    loss), plus ``lse_square_scale``, ``softcap`` and ``chunk_size``; its ``state_dict`` loads into torch's and back. To tie the head to an input embedding, assign
-    ``loss_fn.linear.weight = embedding.weight``.
+    :func:`~fused_train.nn.functional.linear_cross_entropy` reads it; ``out_features`` only ``()``: no
+    K-dimensional loss), plus ``lse_square_scale``, ``softcap`` and ``chunk_size``; its ``state_dict`` loads into
+    torch's and back. To tie the head to an input embedding, assign ``loss_fn.linear.weight = embedding.weight``.
 
     Shape:
         - Input: :math:`(*, H)`; target: class indices :math:`(*)` or probabilities :math:`(*, V)`.
