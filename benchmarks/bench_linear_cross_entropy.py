@@ -5,7 +5,7 @@
 CPU without bf16 dot products, where half-precision GEMMs are emulated and fused_train's run in fp32).
 
     python benchmarks/bench_linear_cross_entropy.py [--cases N,H,V ...] [--dtypes float32 bfloat16]
-        [--impls fused torch chunked gemms] [--reps 3] [--device cpu] [--json FILE]
+        [--impls fused torch chunked gemms fused-fp32-sum] [--reps 3] [--device cpu] [--json FILE]
 
 Memory: each (case, dtype, implementation) in a process of its own, so each peak is its own. The inputs are
 made, one forward + backward runs (a training loop's first step, whose one-time buffers, such as MKL's GEMM
@@ -28,6 +28,9 @@ import sys
 import time
 
 IMPLS = ("fused", "torch", "chunked", "gemms")
+# fused-fp32-sum: fused with torch's options asking for linear_weight's gradient summed in fp32 across chunks
+# (acc_policy="accurate", acc_dtype=torch.float32; torch >= 2.14), which changes only bf16/fp16 on native GEMMs.
+OPTIONAL_IMPLS = ("fused-fp32-sum",)
 DEFAULT_CASES = ("2048,1024,32000", "4096,2048,32000", "2048,2048,128256")
 
 
@@ -48,6 +51,11 @@ def make_step(impl: str, n: int, h: int, v: int, dtype_name: str, device: str):
     if impl == "fused":
         def step():
             fused.linear_cross_entropy(x, w, target).backward()
+    elif impl == "fused-fp32-sum":
+        fp32_sum = torch.nn.LinearCrossEntropyOptions(acc_policy="accurate", acc_dtype=torch.float32)
+
+        def step():
+            fused.linear_cross_entropy(x, w, target, options=fp32_sum).backward()
     elif impl == "torch":
         def step():
             F.cross_entropy(F.linear(x, w), target).backward()
@@ -143,7 +151,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), metavar="N,H,V")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS + OPTIONAL_IMPLS)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", metavar="FILE", help="append one JSON line per row")
@@ -193,6 +201,11 @@ def main() -> int:
                     if peer in rows:
                         ratio = rows[peer].get("fused_over_this", fused["seconds"] / rows[peer]["seconds"])
                         line += f"  fused/{peer} {ratio:.2f}x"
+                if "fused-fp32-sum" in rows:
+                    summed = rows["fused-fp32-sum"]
+                    ratio = 1 / summed["fused_over_this"] if "fused_over_this" in summed else (
+                        summed["seconds"] / fused["seconds"])
+                    line += f"  fused-fp32-sum/fused {ratio:.2f}x"
                 if "gemms" in rows:
                     line += f"  GEMM floor/fused {100 * rows['gemms']['seconds'] / fused['seconds']:.0f}%"
                 if "torch" in rows and rows["torch"]["extra_peak_mib"] > 0:
