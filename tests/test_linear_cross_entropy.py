@@ -290,8 +290,11 @@ def test_retain_graph_second_backward_and_any_loss_gradient(grad_loss, dtype):
     for p in (x, w, b):
         p.grad = None
     (loss * grad_loss).backward()
+    # bf16's weight gradient is summed in bf16 chunk by chunk: the first backward scales the forward's sums by
+    # grad_loss (a second rounding), the second recomputes them scaled, so near-cancelled entries differ by
+    # roundings of the running sums (seen: 6 ulps of a 0.065 entry on torch 2.11's oneDNN).
     for g, p in zip(first, (x, w, b)):
-        torch.testing.assert_close(g, p.grad, **TOL[dtype])
+        assert_close_scaled(g, p.grad, dtype)
     exact = [p.detach().double().requires_grad_() for p in (x, w, b)]
     (reference(*exact, target) * grad_loss).backward()
     for g, r in zip(first, exact):
