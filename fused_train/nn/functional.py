@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import NamedTuple
 
@@ -776,20 +777,29 @@ def linear_cross_entropy(
                         ("linear_bias", linear_bias), ("weight", weight)):
         if not isinstance(value, Tensor) and not (value is None and name in ("linear_bias", "weight")):
             raise TypeError(f"linear_cross_entropy: {name} must be a Tensor, got {type(value).__name__}")
-    if linear_weight.dim() != 2:
+    if linear_weight.dim() < 2:
         raise ValueError(
-            f"linear_cross_entropy: linear_weight must be 2-D (num_classes, in_features), got shape "
-            f"{tuple(linear_weight.shape)} (K-dimensional weights are not supported)"
+            f"linear_cross_entropy: linear_weight must have shape (num_classes, *out_features, in_features), got "
+            f"shape {tuple(linear_weight.shape)}"
         )
-    if input.dim() == 0 or input.shape[-1] != linear_weight.shape[1]:
+    classes, hidden, out_features = linear_weight.shape[0], linear_weight.shape[-1], linear_weight.shape[1:-1]
+    if input.dim() == 0 or input.shape[-1] != hidden:
         raise ValueError(
-            f"linear_cross_entropy: input must have shape (*, in_features={linear_weight.shape[1]}), got "
-            f"{tuple(input.shape)}"
+            f"linear_cross_entropy: input must have shape (*, in_features={hidden}), got {tuple(input.shape)}"
+        )
+    if out_features and input.dim() < 2:
+        raise ValueError(
+            f"linear_cross_entropy: the K-dimensional loss of linear_weight of shape {tuple(linear_weight.shape)} "
+            f"needs batched input (N, {hidden}), got shape {tuple(input.shape)}"
+        )
+    if out_features and linear_bias is not None and linear_bias.shape != (classes, *out_features):
+        raise ValueError(
+            f"linear_cross_entropy: linear_bias must have shape {(classes, *out_features)} for linear_weight of "
+            f"shape {tuple(linear_weight.shape)}, got {tuple(linear_bias.shape)}"
         )
     batch_shape = input.shape[:-1]
-    classes = linear_weight.shape[0]
     prob = target.is_floating_point()
-    expected = batch_shape + (classes,) if prob else batch_shape
+    expected = batch_shape + (classes,) + out_features if prob else batch_shape + out_features
     if target.shape != expected:
         kind = "probability" if prob else "class-index"
         raise ValueError(
@@ -816,31 +826,71 @@ def linear_cross_entropy(
             for t in (input, linear_weight, linear_bias)
         )
     rows_count = batch_shape.numel()
-    chunk_size, opmath_weight_grad = _read_torch_options(options, chunk_size, rows_count, linear_weight,
+    chunk_size, opmath_weight_grad = _read_torch_options(options, chunk_size, rows_count, classes, hidden,
                                                          input.dtype, input.device)
-    rows = input.reshape(rows_count, input.shape[-1])
-    target_rows = target.reshape(rows_count, classes) if prob else target.reshape(rows_count)
+    rows = input.reshape(rows_count, hidden)
     grad = torch.is_grad_enabled()
     wanted = (grad and rows.requires_grad, grad and linear_weight.requires_grad,
               grad and linear_bias is not None and linear_bias.requires_grad)
     options = (code, ignore_index, float(label_smoothing), float(lse_square_scale), float(softcap), chunk_size,
                opmath_weight_grad, opmath_loss, wanted)
+    if out_features:
+        return _per_position(rows, linear_weight, target, linear_bias, weight, options, batch_shape)
+    target_rows = target.reshape(rows_count, classes) if prob else target.reshape(rows_count)
+    loss = _linear_loss(rows, linear_weight, target_rows, linear_bias, weight, options)
+    return loss.reshape(batch_shape) if code == 0 else loss
+
+
+def _linear_loss(rows, linear_weight, target_rows, linear_bias, weight, options) -> Tensor:
+    """The loss over (N, H) rows and a (V, H) linear_weight through the autograd Function of the moment."""
     if _transforms_active():
         if _is_compiling():
             _, (rows, linear_weight, linear_bias, weight) = _compiled_transform_road(
                 "linear_cross_entropy", rows, linear_weight, linear_bias, weight)
-        loss = _LinearCrossEntropyTransformFunction.apply(rows, linear_weight, target_rows, linear_bias, weight,
+        return _LinearCrossEntropyTransformFunction.apply(rows, linear_weight, target_rows, linear_bias, weight,
                                                           _Options(options))[0]
-    else:
-        loss = _LinearCrossEntropyFunction.apply(rows, linear_weight, target_rows, linear_bias, weight, options)
-    return loss.reshape(batch_shape) if code == 0 else loss
+    return _LinearCrossEntropyFunction.apply(rows, linear_weight, target_rows, linear_bias, weight, options)
+
+
+def _per_position(rows, linear_weight, target, linear_bias, weight, options, batch_shape) -> Tensor:
+    """The K-dimensional loss of linear_weight (C, *out_features, H): each position of out_features is a (C, H)
+    head over the same rows, its loss the 2-D one, as torch's logits (N, C, *out_features) make it. Each position
+    is summed (or kept per row) in opmath; a mean divides the total once, by the weights of every kept target of
+    every position (the count for probabilities), as torch's cross_entropy does."""
+    code, ignore_index, *_, opmath_loss, wanted = options
+    classes, hidden, out_features = linear_weight.shape[0], linear_weight.shape[-1], linear_weight.shape[1:-1]
+    positions, n = math.prod(out_features), rows.shape[0]
+    heads = linear_weight.reshape(classes, positions, hidden).unbind(1)
+    biases = (linear_bias.reshape(classes, positions).unbind(1) if linear_bias is not None
+              else (None,) * positions)
+    prob = target.is_floating_point()
+    flat_target = target.reshape(n, classes, positions) if prob else target.reshape(n, positions)
+    each = (0 if code == 0 else 2, *options[1:7], True, wanted)  # per row or summed, the loss in opmath
+    losses = torch.stack([_linear_loss(rows, head, t, b, weight, each)
+                          for head, t, b in zip(heads, flat_target.unbind(-1), biases)], dim=-1)
+    loss_dtype = losses.dtype if opmath_loss else rows.dtype
+    if code == 0:
+        return losses.reshape(batch_shape + out_features).to(loss_dtype)
+    total = losses.sum()
+    if code == 1:
+        if prob:
+            any_kept, denominator = total.new_tensor(n > 0, dtype=torch.bool), total.new_tensor(n * positions)
+        else:
+            kept = flat_target != ignore_index
+            counted = kept if weight is None else torch.where(
+                kept, weight.to(total.dtype)[flat_target.clamp(0, classes - 1)], 0.0)
+            any_kept, denominator = kept.any(), counted.sum(dtype=total.dtype)
+        # Without a target that counts the mean is NaN and the gradients 0, as torch's; the factor the positions'
+        # gradients get is then 0, not 1/0.
+        total = total * torch.where(any_kept, 1 / denominator, 0.0) + torch.where(any_kept, 0.0, float("nan"))
+    return total.to(loss_dtype)
 
 
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _read_torch_options(options, chunk_size: int, rows: int, linear_weight: Tensor, dtype: torch.dtype,
+def _read_torch_options(options, chunk_size: int, rows: int, classes: int, hidden: int, dtype: torch.dtype,
                         device: torch.device) -> tuple[int, bool]:
     """(chunk_size, opmath_weight_grad) from torch's LinearCrossEntropyOptions, resolved as torch's
     ``LinearCrossEntropyOptions._adjust`` resolves them (chunk rows, acc_policy, acc_dtype); chunk_size 0: ours."""
@@ -858,7 +908,6 @@ def _read_torch_options(options, chunk_size: int, rows: int, linear_weight: Tens
         rows_per_chunk = max(1, rows if size is None else min(size, rows))
     else:  # "aspect_ratio" or "aspect_ratio:k", as torch sizes it
         factor = int(method.split(":", 1)[1]) if ":" in method else 1
-        classes, hidden = linear_weight.shape
         per_chunk = -(-rows // -(-classes // hidden))
         rows_per_chunk = max(1, min((1 << (per_chunk - 1).bit_length()) // factor, rows))
         if size is not None and size != rows_per_chunk:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -72,9 +74,9 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     ``in_features`` to ``num_classes``) then cross-entropy, computed by
     :func:`fused_train.nn.functional.linear_cross_entropy` without the (N, V) logits. Constructor as
     :class:`torch.nn.LinearCrossEntropyLoss` (torch >= 2.14; ``options`` read as
-    :func:`~fused_train.nn.functional.linear_cross_entropy` reads it; ``out_features`` only ``()``: no
-    K-dimensional loss), plus ``lse_square_scale``, ``softcap`` and ``chunk_size``; its ``state_dict`` loads into
-    torch's and back. To tie the head to an input embedding, assign ``loss_fn.linear.weight = embedding.weight``.
+    :func:`~fused_train.nn.functional.linear_cross_entropy` reads it; ``out_features``: a K-dimensional loss whose
+    ``self.linear`` holds ``num_classes · prod(out_features)`` rows, as torch's), plus ``lse_square_scale``,
+    ``softcap`` and ``chunk_size``; its ``state_dict`` loads into torch's and back. To tie the head to an input embedding, assign ``loss_fn.linear.weight = embedding.weight``.
 
     Shape:
         - Input: :math:`(*, H)`; target: class indices :math:`(*)` or probabilities :math:`(*, V)`.
@@ -105,11 +107,12 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         chunk_size: int | None = None,
         options: "torch.nn.LinearCrossEntropyOptions | None" = None,
     ) -> None:
-        if tuple(out_features) != ():
-            raise ValueError(
-                f"LinearCrossEntropyLoss: out_features must be () (no K-dimensional loss here), got {out_features!r}")
         super().__init__()
-        self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.num_classes = num_classes
+        self.out_features = tuple(out_features)
+        # Each position of out_features a (num_classes, in_features) head, stored as one Linear, as torch's.
+        self.linear = torch.nn.Linear(in_features, math.prod(self.out_features, start=num_classes), bias=bias,
+                                      device=device, dtype=dtype)
         self.register_buffer("weight", weight)
         self.reduction = reduction
         self.ignore_index = -100 if ignore_index is None else ignore_index
@@ -120,8 +123,12 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.options = options
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        weight, bias = self.linear.weight, self.linear.bias
+        if self.out_features:  # the K-dimensional loss's heads: (num_classes, *out_features, in_features)
+            heads = (self.num_classes, *self.out_features)
+            weight, bias = weight.reshape(*heads, weight.shape[-1]), None if bias is None else bias.reshape(heads)
         return F.linear_cross_entropy(
-            input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
+            input, weight, target, linear_bias=bias, weight=self.weight,
             reduction=self.reduction, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
             lse_square_scale=self.lse_square_scale, softcap=self.softcap, chunk_size=self.chunk_size,
             options=self.options,
@@ -129,6 +136,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         parts = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
+        if self.out_features:
+            parts.append(f"out_features={self.out_features}")
         for name in ("label_smoothing", "lse_square_scale", "softcap", "chunk_size", "options"):
             if getattr(self, name):
                 parts.append(f"{name}={getattr(self, name)}")

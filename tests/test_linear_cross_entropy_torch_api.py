@@ -1,6 +1,7 @@
-"""linear_cross_entropy and LinearCrossEntropyLoss with torch's ``options=torch.nn.LinearCrossEntropyOptions(...)``
-(torch >= 2.14): the chunks torch would take, torch's results, the fp32 sum of linear_weight's gradient where
-torch's acc_policy and acc_dtype ask for one, conflicts and wrong types refused before anything is computed."""
+"""linear_cross_entropy and LinearCrossEntropyLoss where torch's API goes beyond one (V, H) head:
+``options=torch.nn.LinearCrossEntropyOptions(...)`` (torch >= 2.14: the chunks torch would take, torch's results,
+the fp32 sum of linear_weight's gradient where torch's acc_policy and acc_dtype ask for one, conflicts and wrong
+types refused before anything is computed), and K-dimensional losses, linear_weight (C, *out_features, H)."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as TF
 
 import fused_train
 import fused_train.nn.functional as F
-from conftest import DEVICES, NATIVE_CPU_BF16_GEMMS, TOL, cpu_half_gemms
+from conftest import DEVICES, NATIVE_CPU_BF16_GEMMS, TOL, assert_close_scaled, cpu_half_gemms
 from test_linear_cross_entropy import _relative_error, exact_reference, loss_and_grads, make_case, reference
 
 Options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
@@ -234,12 +235,6 @@ def test_module_takes_torchs_options_and_state_dict_both_ways():
     assert chunks_taken(lambda: ours(x, target)) == 5
 
 
-def test_module_refuses_k_dimensional_out_features():
-    with pytest.raises(ValueError, match=r"out_features must be \(\)"):
-        fused_train.nn.LinearCrossEntropyLoss(16, 50, out_features=(4,))
-    assert fused_train.nn.LinearCrossEntropyLoss(16, 50, out_features=()).linear.weight.shape == (50, 16)
-
-
 @needs_options
 @pytest.mark.smoke
 def test_torch_compile_with_options_without_graph_breaks():
@@ -269,3 +264,156 @@ def test_opcheck_with_the_fp32_weight_gradient_sum():
     _, lse, den, *_ = ops.linear_cross_entropy_forward(x, w, target, b, None, **kw, **grads)
     torch.library.opcheck(ops.linear_cross_entropy_backward.default,
                           (torch.tensor(1.5), x, w, target, b, None, lse, den), {**kw, **grads})
+
+
+# -- K-dimensional losses: linear_weight (C, *out_features, H), logits (N, C, *out_features) --
+
+
+def k_dimensional_case(batch, h, c, out_features, dtype=torch.float64, prob=False, bias=True):
+    x = torch.randn(*batch, h, dtype=dtype).requires_grad_()
+    w = (torch.randn(c, *out_features, h, dtype=dtype) / h**0.5).requires_grad_()
+    b = torch.randn(c, *out_features, dtype=dtype).requires_grad_() if bias else None
+    if prob:
+        target = torch.randn(*batch, c, *out_features, dtype=dtype).softmax(len(batch))
+    else:
+        target = torch.randint(0, c, (*batch, *out_features))
+        target[torch.rand(target.shape) < 0.2] = -100
+    return x, w, b, target
+
+
+def k_dimensional_reference(x, w, b, target, softcap=None, lse_square_scale=0.0, **kwargs):
+    """torch's definition: one linear over the flattened heads, the logits (N, C, *out_features), cross_entropy
+    over dim 1 (fused_train's for the z-loss)."""
+    c, out_features, h = w.shape[0], w.shape[1:-1], w.shape[-1]
+    rows = x.reshape(-1, h)
+    logits = TF.linear(rows, w.reshape(-1, h), None if b is None else b.reshape(-1))
+    logits = logits.reshape(rows.shape[0], c, *out_features)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    prob = target.is_floating_point()
+    target = target.reshape(rows.shape[0], *target.shape[x.dim() - 1:])
+    loss_fn = (lambda *a, **k: F.cross_entropy(*a, lse_square_scale=lse_square_scale, **k)) if lse_square_scale \
+        else TF.cross_entropy
+    loss = loss_fn(logits, target, **kwargs)
+    if kwargs.get("reduction") == "none":
+        loss = loss.reshape(*x.shape[:-1], *(target.shape[2:] if prob else target.shape[1:]))
+    return loss
+
+
+K_OPTIONS = [dict(), dict(reduction="sum"), dict(reduction="none"), dict(label_smoothing=0.1),
+             dict(weight="rand"), dict(weight="rand", reduction="none", ignore_index=2), dict(lse_square_scale=1e-2),
+             dict(softcap=2.0, label_smoothing=0.2), dict(chunk_size=4)]
+
+
+@pytest.mark.parametrize("kwargs", K_OPTIONS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "plain")
+@pytest.mark.parametrize("batch,out_features", [((13,), (3,)), ((13,), (3, 2)), ((2, 5), (4,)), ((7,), (1,))])
+@pytest.mark.parametrize("prob", [False, True])
+def test_k_dimensional_loss_matches_torchs_definition_fp64(kwargs, batch, out_features, prob):
+    kwargs = dict(kwargs)
+    if prob and "ignore_index" in kwargs:
+        pytest.skip("ignore_index is for class indices")
+    x, w, b, target = k_dimensional_case(batch, 8, 11, out_features, prob=prob)
+    if kwargs.get("weight") == "rand":
+        kwargs["weight"] = torch.rand(11, dtype=torch.float64)
+    if "ignore_index" in kwargs:
+        target[target == -100] = kwargs["ignore_index"]
+    chunk_size = kwargs.pop("chunk_size", None)
+    params = [x, w, b]
+    ours = loss_and_grads(lambda: F.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=chunk_size,
+                                                         **kwargs), params)
+    ref = loss_and_grads(lambda: k_dimensional_reference(x, w, b, target, **kwargs), params)
+    assert ours[0].shape == ref[0].shape
+    torch.testing.assert_close(ours[0], ref[0], **TOL[torch.float64])
+    for g, r in zip(ours[1], ref[1]):
+        torch.testing.assert_close(g, r, **TOL[torch.float64])
+
+
+@pytest.mark.skipif(not hasattr(TF, "linear_cross_entropy"), reason="torch < 2.14 has no F.linear_cross_entropy")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_k_dimensional_loss_matches_torchs_linear_cross_entropy(reduction):
+    x, w, b, target = k_dimensional_case((20,), 16, 30, (2, 3))
+    params = [x, w, b]
+    ours = loss_and_grads(lambda: F.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction), params)
+    torchs = loss_and_grads(lambda: TF.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction),
+                            params)
+    torch.testing.assert_close(ours[0], torchs[0], **TOL[torch.float64])
+    for g, r in zip(ours[1], torchs[1]):
+        torch.testing.assert_close(g, r, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_k_dimensional_loss_in_low_precision_is_one_rounding_from_the_exact_result(dtype):
+    """Each position is summed in fp32 and the total divided once, so the loss is one rounding from fp64's; the
+    gradients are those of the 2-D loss times the mean's 1/denominator (a second rounding in bf16/fp16)."""
+    x, w, b, target = k_dimensional_case((40,), 16, 50, (3,), dtype=dtype)
+    params = [x, w, b]
+    ours = loss_and_grads(lambda: F.linear_cross_entropy(x, w, target, linear_bias=b), params)
+    exact = [p.detach().double().requires_grad_() for p in params]
+    ref = loss_and_grads(lambda: k_dimensional_reference(*exact, target), exact, grad_loss_dtype=dtype)
+    assert ours[0].dtype == dtype
+    assert_close_scaled(ours[0], ref[0].to(dtype), dtype)
+    for g, r in zip(ours[1], ref[1]):
+        assert_close_scaled(g, r.to(dtype), dtype)
+
+
+def test_k_dimensional_loss_with_every_target_ignored_is_nan_with_zero_gradients_like_torch():
+    x, w, b, target = k_dimensional_case((6,), 8, 10, (2,))
+    target.fill_(-100)
+    F.linear_cross_entropy(x, w, target, linear_bias=b).backward()
+    ref = [p.detach().clone().requires_grad_() for p in (x, w, b)]
+    k_dimensional_reference(*ref, target).backward()
+    assert F.linear_cross_entropy(x, w, target, linear_bias=b).isnan()
+    for p, r in zip((x, w, b), ref):
+        torch.testing.assert_close(p.grad, r.grad, equal_nan=True)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda x, w, b, t: (x[0], w, b, t[0]), r"needs batched input \(N, 8\)"),
+    (lambda x, w, b, t: (x, w, b[:, :1], t), r"linear_bias must have shape \(10, 2\)"),
+    (lambda x, w, b, t: (x, w, b, t[:, :1]), r"target must have shape \(6, 2\)"),
+])
+def test_k_dimensional_bad_shapes_raise_naming_the_argument(call, message):
+    x, w, b, target = k_dimensional_case((6,), 8, 10, (2,))
+    x_, w_, b_, t_ = call(x, w, b, target)
+    with pytest.raises(ValueError, match=message):
+        F.linear_cross_entropy(x_, w_, t_, linear_bias=b_)
+
+
+def test_k_dimensional_module_state_dict_like_torchs():
+    """out_features as torch's module: self.linear holds C·prod(out_features) rows; the state_dict loads into
+    torch's module and back (torch >= 2.14), with the same loss and gradients."""
+    torch.manual_seed(0)
+    ours = fused_train.nn.LinearCrossEntropyLoss(8, 10, out_features=(3, 2), bias=True, dtype=torch.float64)
+    assert ours.linear.weight.shape == (60, 8) and "out_features=(3, 2)" in repr(ours)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    target = torch.randint(0, 10, (5, 3, 2))
+    ours(x, target).backward()
+    w, b = ours.linear.weight.detach().reshape(10, 3, 2, 8), ours.linear.bias.detach().reshape(10, 3, 2)
+    expected = [p.clone().requires_grad_() for p in (w, b)]
+    k_dimensional_reference(x, *expected, target).backward()
+    torch.testing.assert_close(ours.linear.weight.grad, expected[0].grad.reshape(60, 8), **TOL[torch.float64])
+    torch.testing.assert_close(ours.linear.bias.grad, expected[1].grad.reshape(60), **TOL[torch.float64])
+    if hasattr(torch.nn, "LinearCrossEntropyLoss"):
+        torchs = torch.nn.LinearCrossEntropyLoss(8, 10, out_features=(3, 2), bias=True, dtype=torch.float64)
+        torchs.load_state_dict(ours.state_dict())
+        ours.load_state_dict(torchs.state_dict())
+        torch.testing.assert_close(ours(x, target), torchs(x, target), **TOL[torch.float64])
+
+
+def test_k_dimensional_loss_under_torch_compile_and_torch_func_grad():
+    x, w, b, target = k_dimensional_case((9,), 8, 12, (3,), dtype=torch.float32)
+
+    def loss(x, w, b):
+        return F.linear_cross_entropy(x, w, target, linear_bias=b, label_smoothing=0.1, chunk_size=4)
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    params = [x, w, b]
+    expected = loss_and_grads(lambda: loss(x, w, b), params)
+    got = loss_and_grads(lambda: compiled(x, w, b), params)
+    torch.testing.assert_close(got[0], expected[0])
+    for g, r in zip(got[1], expected[1]):
+        torch.testing.assert_close(g, r)
+    grads = torch.func.grad(loss, argnums=(0, 1, 2))(x.detach(), w.detach(), b.detach())
+    loss(x, w, b).backward()
+    for g, p in zip(grads, params):
+        torch.testing.assert_close(g, p.grad)
