@@ -732,10 +732,14 @@ def linear_cross_entropy(
 
     Args:
         input: :math:`(*, H)`, e.g. a causal LM's hidden states (batch, time, H).
-        linear_weight: :math:`(V, H)`, the LM head's weight (tied to the input embedding or not).
+        linear_weight: :math:`(V, H)`, the LM head's weight (tied to the input embedding or not); or
+            :math:`(V, *out_features, H)` for torch's K-dimensional loss: each position of ``out_features`` a
+            :math:`(V, H)` head over the same rows (logits :math:`(*, V, *out_features)`), each through the same
+            op, their losses summed in opmath and a mean divided once.
         target: class indices of shape :math:`(*)` (int64 or int32, values in :math:`[0, V)` or
-            ``ignore_index``), or probabilities :math:`(*, V)` (floating point; read in ``input``'s dtype).
-        linear_bias: :math:`(V)`.
+            ``ignore_index``), or probabilities :math:`(*, V)` (floating point; read in ``input``'s dtype);
+            K-dimensional: :math:`(*, *out_features)` or :math:`(*, V, *out_features)`.
+        linear_bias: :math:`(V)`, or :math:`(V, *out_features)`.
         weight, reduction, label_smoothing, lse_square_scale: as :func:`cross_entropy`.
         ignore_index: as :func:`cross_entropy`; ``None`` means -100, as torch's.
         softcap: Gemma-style logit capping: the logits become ``softcap · tanh(logits / softcap)`` before the
