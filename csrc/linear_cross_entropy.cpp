@@ -314,15 +314,17 @@ struct GradAccumulator {
   // The first chunk writes linear_weight's gradient, the others add to it. Summed in opmath, each chunk's part
   // comes from the GEMM (which sums the chunk's rows in fp32) in blocks of classes, each rounded to the GEMMs'
   // dtype once and added in fp32 while still in cache: no partial sum is rounded again, and the extra memory is
-  // one block of 4 MiB besides the fp32 sum. (ATen's fp32 += bf16 ran at 8 GB/s from memory: at (2048, 2048,
-  // 128256), 2 threads, blocks of a chunk of logits (47 MiB) took 2.2x the GEMM's time, of 4 MiB 1.2x.)
+  // one block of 4 MiB besides the fp32 sum. (ATen's CPU fp32 += bf16 ran at 8 GB/s from memory: at (2048, 2048,
+  // 128256), 2 threads, blocks of a chunk of logits (47 MiB) took 2.2x the GEMM's time, of 4 MiB 1.2x.) Other
+  // devices take blocks of 64 MiB, fewer GEMMs (not yet measured on a GPU).
   void add_weight_grad(bool first, const at::Tensor& x, const at::Tensor& logit_grad) {
     if (!c.opmath_weight_grad) {
       at::addmm_out(grad_weight, grad_weight, logit_grad.t(), x, first ? 0.0 : 1.0, alpha);
       return;
     }
-    const int64_t row_bytes = c.hidden * static_cast<int64_t>(x.element_size());
-    const int64_t block = std::clamp<int64_t>((int64_t{4} << 20) / std::max<int64_t>(row_bytes, 1), 64, c.classes);
+    const int64_t block_bytes = x.device().is_cpu() ? int64_t{4} << 20 : int64_t{64} << 20;
+    const int64_t row_bytes = std::max<int64_t>(1, c.hidden * static_cast<int64_t>(x.element_size()));
+    const int64_t block = std::min(c.classes, std::max<int64_t>(64, block_bytes / row_bytes));
     if (!part_buffer.defined()) part_buffer = at::empty({block, c.hidden}, x.options());
     for (int64_t v0 = 0; v0 < c.classes; v0 += block) {
       const int64_t n = std::min(block, c.classes - v0);

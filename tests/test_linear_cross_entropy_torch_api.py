@@ -41,6 +41,41 @@ def test_chunks_are_the_ones_torch_resolves(n, h, v, kwargs):
 
 
 @needs_options
+def test_resolution_agrees_with_torchs_adjust_everywhere():
+    """The rows per chunk (or torch's ValueError) for every chunking option over shapes including N = 0, a raw
+    aspect-ratio size of 0 and batch_chunk_size > N; and whether linear_weight's gradient gets an fp32 sum:
+    exactly where torch resolves an fp32 acc_dtype for bf16/fp16 with a policy that keeps an fp32 scratch."""
+    from fused_train.nn.functional import _read_torch_options
+
+    cpu = torch.device("cpu")
+    for rows, classes, hidden in [(0, 1000, 16), (1, 40, 64), (7, 10, 1000), (100, 1000, 16), (4096, 128256, 2048)]:
+        for method in ("auto", None, "aspect_ratio", "aspect_ratio:3"):
+            for size in (None, 1, 7, 5000):
+                options = Options(chunking_method=method, batch_chunk_size=size)
+                try:
+                    expected = options._adjust(rows, hidden, classes, torch.float32, cpu).batch_chunk_size
+                except ValueError:
+                    expected = "raises"
+                try:
+                    got = _read_torch_options(options, 0, rows, classes, hidden, torch.float32, cpu)[0]
+                except ValueError:
+                    got = "raises"
+                if method == "auto" and size is None:
+                    expected = 0  # ours
+                assert got == expected, (rows, classes, hidden, method, size)
+    for device in ("cpu", "cuda", "meta"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for policy in ("auto", "accurate", "compact"):
+                for acc_dtype in (None, torch.float32, dtype):
+                    options = Options(acc_policy=policy, acc_dtype=acc_dtype)
+                    torchs = options._adjust(64, 16, 100, dtype, torch.device(device))
+                    fp32_scratch = (torchs.acc_dtype == torch.float32 and dtype != torch.float32
+                                    and (torchs.acc_policy == "accurate" or device != "cuda"))
+                    ours = _read_torch_options(options, 0, 64, 100, 16, dtype, torch.device(device))[1]
+                    assert ours == fp32_scratch, (device, dtype, policy, acc_dtype)
+
+
+@needs_options
 def test_automatic_chunking_is_ours():
     """chunking_method='auto' (torch's default) sizes the chunks as chunk_size=None does, and an explicit
     batch_chunk_size or chunk_size still wins over it."""
@@ -127,6 +162,24 @@ def test_accurate_policy_sums_the_weight_gradient_in_fp32(seed, kwargs):
 
 
 @needs_options
+@native_cpu_bf16
+@pytest.mark.usefixtures("bf16_gemms")
+def test_fp32_sum_is_more_accurate_than_torchs_chunked_path_with_the_same_options():
+    """torch's "accurate" path keeps each chunk's part in fp32 but adds it into the bf16 gradient (rounding the
+    running sum once per chunk); here the fp32 buffer holds the sum. 24 chunks of 25 rows: linear_weight's
+    gradient's error against fp64 below half of torch's with the same options (about a sixth when measured)."""
+    x, w, b, target = make_case(600, 64, 1000, dtype=torch.bfloat16)
+    options = Options(acc_policy="accurate", acc_dtype=torch.float32, batch_chunk_size=25)
+    params = [x, w, b]
+    ours = loss_and_grads(lambda: F.linear_cross_entropy(x, w, target, linear_bias=b, options=options), params,
+                          grad_loss_seed=None)
+    torchs = loss_and_grads(lambda: TF.linear_cross_entropy(x, w, target, linear_bias=b, options=options), params,
+                            grad_loss_seed=None)
+    exact = exact_reference(params, target, grad_loss_seed=None)
+    assert _relative_error(ours[1][1], exact[1][1]) < 0.5 * _relative_error(torchs[1][1], exact[1][1])
+
+
+@needs_options
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kwargs", [dict(acc_policy="compact"), dict(acc_policy="accurate"),
                                     dict(acc_policy="accurate", acc_dtype=torch.bfloat16)],
@@ -205,6 +258,13 @@ def test_conflicting_options_raise_naming_them_and_leave_grads_untouched(call, e
         F.linear_cross_entropy(x, w, target, linear_bias=b, **kwargs).backward()
     for p in (x, w, b):
         assert (p.grad == 7.0).all()
+
+
+@needs_options
+def test_aspect_ratio_over_zero_width_input_raises_naming_it():
+    x, w, _, target = make_case(4, 0, 11, bias=False)
+    with pytest.raises(ValueError, match="options.chunking_method 'aspect_ratio' needs in_features > 0"):
+        F.linear_cross_entropy(x, w, target, options=Options(chunking_method="aspect_ratio"))
 
 
 def test_options_of_another_type_raise_naming_options():
@@ -377,6 +437,12 @@ def test_k_dimensional_bad_shapes_raise_naming_the_argument(call, message):
     x_, w_, b_, t_ = call(x, w, b, target)
     with pytest.raises(ValueError, match=message):
         F.linear_cross_entropy(x_, w_, t_, linear_bias=b_)
+
+
+def test_k_dimensional_weight_without_positions_raises_naming_it():
+    x, w, b, target = k_dimensional_case((6,), 8, 10, (2, 0))
+    with pytest.raises(ValueError, match=r"out_features \(2, 0\) hold no position"):
+        F.linear_cross_entropy(x, w, target, linear_bias=b)
 
 
 def test_k_dimensional_module_state_dict_like_torchs():

@@ -748,15 +748,17 @@ def linear_cross_entropy(
             however large, at least 12 MiB), at least 192 rows. On the tiled road below, rows per chunk and
             classes per block of the tiles; ``None``: as many of each (a multiple of 64, within 64–1024) as fit
             the tiles' fp32 buffers in a twelfth of the N×V logits in ``input``'s dtype.
-        options: torch's :class:`torch.nn.LinearCrossEntropyOptions` (torch >= 2.14), read as torch reads it
-            for what it sets here: the rows per chunk (``batch_chunk_size``; ``chunking_method`` ``None``: one
-            chunk, ``"aspect_ratio[:k]"``: torch's size; ``"auto"``: ours, as ``chunk_size=None``), and, for
-            bf16/fp16, the dtype in which ``linear_weight``'s gradient is summed across chunks: fp32 (rounded
-            once) where torch's resolved ``acc_dtype`` is fp32 and its policy keeps an fp32 sum (``"accurate"``,
-            or ``"compact"`` off CUDA; ``"auto"`` resolves as torch's: ``"accurate"`` on CPU, ``"compact"`` on
-            CUDA), else the input's dtype (rounded once per chunk). That fp32 sum costs 4 bytes per element of
-            ``linear_weight``. ``allow_retain_graph`` changes nothing: a second backward always works here (it
-            recomputes). ``None`` (the default): chunking as ``chunk_size`` says, the sum in the input's dtype.
+        options: torch's :class:`torch.nn.LinearCrossEntropyOptions` (torch >= 2.14), resolved as torch resolves
+            it, for what it sets here: the rows per chunk (``batch_chunk_size``, or with ``chunking_method``
+            ``None`` and no ``batch_chunk_size`` one chunk, ``"aspect_ratio[:k]"`` torch's size, ``"auto"`` ours
+            as ``chunk_size=None``), and, for bf16/fp16, where torch keeps an fp32 scratch of ``linear_weight``'s
+            gradient (resolved ``acc_dtype`` fp32 with ``"accurate"``, or ``"compact"`` off CUDA; ``"auto"``:
+            ``"accurate"`` with fp32 on CPU, ``"compact"`` on CUDA), that fp32 buffer sums the chunks' parts
+            and is rounded once at the end, where torch rounds the running sum in the input's dtype once per
+            chunk (as this op does otherwise): 4 bytes per element of ``linear_weight``. A loss gradient other
+            than 1 then multiplies the rounded gradient, as without options. ``allow_retain_graph`` changes
+            nothing: a second backward always works here (it recomputes). ``None`` (the default): chunking as
+            ``chunk_size`` says, the sum in the input's dtype.
 
     The gradients of a reduced loss are computed in the forward (for a loss gradient of 1) and applied in the
     backward; ``reduction='none'``, fp16 and a second backward recompute them from the inputs, costing the logits'
@@ -864,6 +866,8 @@ def _per_position(rows, linear_weight, target, linear_bias, weight, options, bat
     code, ignore_index, *_, opmath_loss, wanted = options
     classes, hidden, out_features = linear_weight.shape[0], linear_weight.shape[-1], linear_weight.shape[1:-1]
     positions, n = math.prod(out_features), rows.shape[0]
+    if positions == 0:
+        raise ValueError(f"linear_cross_entropy: linear_weight's out_features {tuple(out_features)} hold no position")
     heads = linear_weight.reshape(classes, positions, hidden).unbind(1)
     biases = (linear_bias.reshape(classes, positions).unbind(1) if linear_bias is not None
               else (None,) * positions)
@@ -906,18 +910,21 @@ def _read_torch_options(options, chunk_size: int, rows: int, classes: int, hidde
                   else f"None (torch {torch.__version__} has no torch.nn.LinearCrossEntropyOptions; it came in 2.14)")
         raise TypeError(f"linear_cross_entropy: options must be {wanted}, got {type(options).__name__}")
     method, size = options.chunking_method, options.batch_chunk_size
-    if method == "auto":
-        rows_per_chunk = size  # None: ours
-    elif method is None:
+    if method == "auto" and size is None:
+        rows_per_chunk = None  # ours
+    elif method in ("auto", None):
         rows_per_chunk = max(1, rows if size is None else min(size, rows))
     else:  # "aspect_ratio" or "aspect_ratio:k", as torch sizes it
+        if hidden == 0:
+            raise ValueError(f"linear_cross_entropy: options.chunking_method {method!r} needs in_features > 0")
         factor = int(method.split(":", 1)[1]) if ":" in method else 1
         per_chunk = -(-rows // -(-classes // hidden))
-        rows_per_chunk = max(1, min((1 << (per_chunk - 1).bit_length()) // factor, rows))
+        rows_per_chunk = min((1 << (per_chunk - 1).bit_length()) // factor, rows)
         if size is not None and size != rows_per_chunk:
             raise ValueError(
                 f"linear_cross_entropy: options.batch_chunk_size (={size}) and options.chunking_method "
                 f"({method!r}) give different chunk sizes ({size} vs {rows_per_chunk}); pass only one")
+        rows_per_chunk = max(1, rows_per_chunk)
     if rows_per_chunk is not None:
         if chunk_size not in (0, rows_per_chunk):
             raise ValueError(
@@ -925,16 +932,17 @@ def _read_torch_options(options, chunk_size: int, rows: int, classes: int, hidde
                 f"({chunk_size} vs {rows_per_chunk}); pass only one")
         chunk_size = rows_per_chunk
     policy, acc_dtype = options.acc_policy, options.acc_dtype
-    if acc_dtype is None:
-        acc_dtype = torch.float32 if policy == "auto" and dtype in _HALF else dtype
+    if acc_dtype is None:  # torch: fp32 under "auto" where mixed-precision GEMMs exist (CPU; CUDA is "compact")
+        acc_dtype = torch.float32 if policy == "auto" and dtype in _HALF and device.type == "cpu" else dtype
     if acc_dtype != dtype and not (dtype in _HALF and acc_dtype == torch.float32):
         raise ValueError(
             f"linear_cross_entropy: options.acc_dtype must be None, the input's dtype ({dtype}) or, for fp16/bf16 "
             f"input, torch.float32; got {acc_dtype}")
     if policy == "auto":
         policy = "accurate" if device.type == "cpu" and dtype in _HALF else "compact"
-    # torch's "compact" sums linear_weight's gradient in its own dtype on CUDA (addmm_ into it), in acc_dtype
-    # elsewhere.
+    # Where torch keeps an acc_dtype (fp32) scratch of linear_weight's gradient ("accurate", and "compact" off
+    # CUDA) and adds each chunk's part from it into the gradient in its own dtype, that buffer holds the sum here,
+    # rounded once at the end.
     opmath_weight_grad = acc_dtype != dtype and (policy == "accurate" or device.type != "cuda")
     return chunk_size, opmath_weight_grad
 
