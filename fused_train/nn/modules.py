@@ -76,7 +76,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     :class:`torch.nn.LinearCrossEntropyLoss` (torch >= 2.14; ``options`` read as
     :func:`~fused_train.nn.functional.linear_cross_entropy` reads it; ``out_features``: a K-dimensional loss whose
     ``self.linear`` holds ``num_classes · prod(out_features)`` rows, as torch's), plus ``lse_square_scale``,
-    ``softcap`` and ``chunk_size``; its ``state_dict`` loads into torch's and back. To tie the head to an input embedding, assign ``loss_fn.linear.weight = embedding.weight``.
+    ``softcap`` and ``chunk_size``; its ``state_dict`` loads into torch's and back. To tie the head to an input
+    embedding, assign ``loss_fn.linear.weight = embedding.weight``.
 
     Shape:
         - Input: :math:`(*, H)`; target: class indices :math:`(*)` or probabilities :math:`(*, V)`.
