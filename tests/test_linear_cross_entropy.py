@@ -335,6 +335,11 @@ def test_torch_compile_traces_it_without_graph_breaks():
     def step(x, w, b, target):
         return F.linear_cross_entropy(x, w, target, linear_bias=b, label_smoothing=0.1, softcap=5.0, chunk_size=4)
 
+    assert_compiles_whole_and_matches_eager(step, x, w, b, target)
+
+
+def assert_compiles_whole_and_matches_eager(step, x, w, b, target):
+    """step(x, w, b, target) compiled with fullgraph=True (no graph break) gives eager's loss and gradients."""
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     params = [x, w, b]
     loss, grads = loss_and_grads(lambda: compiled(x, w, b, target), params)

@@ -10,7 +10,16 @@ import torch.nn.functional as TF
 import fused_train
 import fused_train.nn.functional as F
 from conftest import DEVICES, NATIVE_CPU_BF16_GEMMS, TOL, assert_close_scaled, cpu_half_gemms
-from test_linear_cross_entropy import _relative_error, exact_reference, loss_and_grads, make_case, reference
+from test_linear_cross_entropy import (  # noqa: F401 (bf16_gemms: a fixture)
+    _relative_error,
+    assert_compiles_whole_and_matches_eager,
+    bf16_gemms,
+    exact_reference,
+    loss_and_grads,
+    make_case,
+    native_cpu_bf16,
+    reference,
+)
 
 Options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
 needs_options = pytest.mark.skipif(Options is None,
@@ -111,16 +120,6 @@ def test_same_results_as_torchs_linear_cross_entropy_with_the_same_options_fp64(
     torch.testing.assert_close(ours[0], torchs[0], **TOL[torch.float64])
     for g, r in zip(ours[1], torchs[1]):
         torch.testing.assert_close(g, r, **TOL[torch.float64])
-
-
-native_cpu_bf16 = pytest.mark.skipif(not NATIVE_CPU_BF16_GEMMS,
-                                     reason="this CPU has no bf16 dot products (or oneDNN is off): bf16 is tiled")
-
-
-@pytest.fixture
-def bf16_gemms():
-    with cpu_half_gemms("auto"):  # whatever FUSED_TRAIN_CPU_HALF_GEMMS says outside
-        yield
 
 
 def _weight_grad_errors(options, seed, device="cpu", **kwargs):
@@ -304,13 +303,7 @@ def test_torch_compile_with_options_without_graph_breaks():
     def step(x, w, b, target):
         return F.linear_cross_entropy(x, w, target, linear_bias=b, label_smoothing=0.1, options=options)
 
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    params = [x, w, b]
-    loss, grads = loss_and_grads(lambda: compiled(x, w, b, target), params)
-    ref_loss, ref_grads = loss_and_grads(lambda: step(x, w, b, target), params)
-    torch.testing.assert_close(loss, ref_loss)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r)
+    assert_compiles_whole_and_matches_eager(step, x, w, b, target)
 
 
 def test_opcheck_with_the_fp32_weight_gradient_sum():
@@ -469,17 +462,11 @@ def test_k_dimensional_module_state_dict_like_torchs():
 def test_k_dimensional_loss_under_torch_compile_and_torch_func_grad():
     x, w, b, target = k_dimensional_case((9,), 8, 12, (3,), dtype=torch.float32)
 
-    def loss(x, w, b):
+    def step(x, w, b, target):
         return F.linear_cross_entropy(x, w, target, linear_bias=b, label_smoothing=0.1, chunk_size=4)
 
-    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
-    params = [x, w, b]
-    expected = loss_and_grads(lambda: loss(x, w, b), params)
-    got = loss_and_grads(lambda: compiled(x, w, b), params)
-    torch.testing.assert_close(got[0], expected[0])
-    for g, r in zip(got[1], expected[1]):
-        torch.testing.assert_close(g, r)
-    grads = torch.func.grad(loss, argnums=(0, 1, 2))(x.detach(), w.detach(), b.detach())
-    loss(x, w, b).backward()
-    for g, p in zip(grads, params):
+    assert_compiles_whole_and_matches_eager(step, x, w, b, target)
+    grads = torch.func.grad(step, argnums=(0, 1, 2))(x.detach(), w.detach(), b.detach(), target)
+    step(x, w, b, target).backward()
+    for g, p in zip(grads, (x, w, b)):
         torch.testing.assert_close(g, p.grad)
