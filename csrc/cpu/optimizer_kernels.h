@@ -446,8 +446,8 @@ inline void quantize_tile(const float* x, float inverse, int64_t n, const math::
 // 8-bit state (Adam's two moments, SGD's momentum, RMSprop's square average and momentum), one
 // quantization block (math::QuantRows) at a time: each block's codes are dequantized with its absmax into a stack
 // buffer (in L1), updated there in fp32 (the param from the updated fp32 moments, as bitsandbytes does), and
-// quantized once the block's new absmax is known. A loop of its own rather than run_chunk's tiles: the running absmax and the
-// constants stay in registers.
+// quantized once the block's new absmax is known. A loop of its own rather than run_chunk's tiles: the running
+// absmax and the constants stay in registers.
 //
 // Op (Adam8bitOp, Sgd8bitOp, Rmsprop8bitOp below) is the optimizer's update on its K quantized moments:
 //   static constexpr int kMoments;                    // K, 1 to 3
