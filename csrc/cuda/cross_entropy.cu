@@ -1,12 +1,15 @@
 // CUDA implementations of the cross-entropy ops. The math is fused_train/xent_math.h (the CPU kernels run
-// the same functions); this file spreads rows over blocks.
+// the same functions); this file spreads rows over threads.
 //
-// Forward: one block per row (or per slice of a row when there are too few rows to fill the GPU: the
-// split-vocabulary path, whose partial states a second small kernel combines). Each thread folds its
-// elements into a math::RowState with one exp per logit, reading 16-byte vectors once the row pointer is
-// aligned; the block combines the states with warp shuffles. Backward: a flat grid of (row, slice)
-// blocks, each recomputing its row's constants from the saved (shift, log_sum), then one read of the
-// logits and one write of the gradient per element.
+// A row goes to a group of threads: 1 to 32 lanes of a warp for up to kWarpClasses classes, else a whole block
+// (row_groups). Each thread reads its share as row_runs.h cuts it (16-byte vectors, kPacksInFlight loads in
+// flight) and folds it into a math::RowState, one comparison with the running max per vector and one exp per
+// logit; the group combines the states with shuffles (and the block through shared memory). Forward: a group
+// per row, or per slice of a row when rows are too few to fill the GPU (the split-vocabulary path, whose
+// partial states a second small kernel combines). Backward: a group per row or row slice, recomputing the row's
+// constants from the saved (shift, log_sum), then one read of the logits and one write of the gradient per
+// element. Both are compiled apart for the losses with a linear term (label smoothing, probabilities), so the
+// common loss reads nothing per element but its logit.
 //
 // Class indices outside [0, C) that are not ignore_index cannot raise inside a kernel without a device
 // assert (which kills the context): the row's loss and gradient are written as NaN and the row is reported
@@ -23,9 +26,11 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "cross_entropy_args.h"
 #include "cuda/bad_target.cuh"
+#include "cuda/row_runs.h"
 #include "fused_train/xent_math.h"
 
 namespace fused_train {
@@ -35,12 +40,19 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 // Backward slice of a row per block: kThreads threads × 4 vectors of 16 bytes (fp32: 8192 logits).
-constexpr int kVectorsPerThread = 4;
+constexpr int kVectorsPerThread = kPacksInFlight;
 // Both kernels stride over their work items with at most this many blocks per SM, so the grid never nears
 // gridDim.x's 2^31 - 1, however many rows. 24 is a whole number of waves for 1, 2, 3 or 4 resident blocks
-// per SM (ptxas, sm_90: forward fp32/bf16 3, fp16 4, fp64 and backward 2): equal work per block leaves no
-// partial last wave.
+// per SM (min_blocks_per_sm: 2 or 1): equal work per block leaves no partial last wave.
 constexpr int64_t kBlocksPerSm = 24;
+// Resident blocks per SM asked of ptxas. Two (32 warps) cap registers at 64 per thread: with kPacksInFlight
+// 16-byte loads per thread that is 64 KiB in flight per SM, well above what HBM's latency asks (~25 KiB on an
+// H100); left alone, ptxas gave the fp16/bf16 kernels 90-105 registers, one block. The Linear and fp64 kernels
+// would spill in their inner loops at 64, so they keep one block (32 KiB in flight).
+template <class T, bool Linear>
+constexpr int min_blocks_per_sm() {
+  return Linear || sizeof(T) == 8 ? 1 : 2;
+}
 
 int sm_count(int device) {
   int sms = 0;
@@ -99,48 +111,72 @@ __device__ __forceinline__ int64_t read_index(const XentArgs<T, O>& a, int64_t r
                            : static_cast<const int64_t*>(a.target)[row * a.target_row_stride];
 }
 
-// 16 bytes of T.
-template <class T>
-struct alignas(16) Pack {
-  static constexpr int kSize = 16 / sizeof(T);
-  T v[kSize];
+// Threads per row. A row of more than kWarpClasses classes takes a whole block (and several blocks, each a
+// slice of it, when rows are too few to fill the GPU); a smaller row takes a group of 1, 2, 4, ..., 32 lanes
+// of a warp, the smallest giving each lane at most kClassesPerLane classes, so that a row of 21 classes
+// (segmentation) or 1000 does not leave most of a 512-thread block idle behind two barriers.
+constexpr int64_t kWarpClasses = 8192;
+constexpr int64_t kClassesPerLane = 16;
+
+struct RowGroups {
+  bool block;     // kThreads threads per row (slice); else 2^lanes_log2 lanes of a warp per row
+  int lanes_log2;
 };
 
-// Elements before p reaches 16-byte alignment (p is always aligned to sizeof(T)).
-template <class T>
-__device__ __forceinline__ int64_t unaligned_head(const T* p, int64_t n) {
-  const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) % 16);
-  const int64_t head = misalign == 0 ? 0 : (16 - misalign) / static_cast<int64_t>(sizeof(T));
-  return head < n ? head : n;
+RowGroups row_groups(int64_t classes) {
+  if (classes > kWarpClasses) return {true, 0};
+  int lanes_log2 = 0;
+  while (lanes_log2 < 5 && (kClassesPerLane << lanes_log2) < classes) ++lanes_log2;
+  return {false, lanes_log2};
 }
 
-// Calls f(j) for every j in [0, n) of a row slice starting at p, each thread its share, reading 16-byte
-// vectors in the aligned middle: f(j, x) gets the logit as opmath.
-template <class T, class O, class F>
-__device__ __forceinline__ void for_each_logit(const T* p, int64_t n, F&& f) {
-  const int64_t head = unaligned_head(p, n);
-  for (int64_t j = threadIdx.x; j < head; j += blockDim.x) f(j, static_cast<O>(p[j]));
-  const int64_t vectors = (n - head) / Pack<T>::kSize;
-  const Pack<T>* body = reinterpret_cast<const Pack<T>*>(p + head);
-  for (int64_t v = threadIdx.x; v < vectors; v += blockDim.x) {
-    const Pack<T> pack = body[v];
-#pragma unroll
-    for (int k = 0; k < Pack<T>::kSize; ++k) f(head + v * Pack<T>::kSize + k, static_cast<O>(pack.v[k]));
+// The kernels take a group's work items (row, or row slice) in turn: items first, first + stride, ...
+struct GroupSpan {
+  int lane, lanes;
+  int64_t first, stride;
+};
+
+template <bool kBlock>
+__device__ __forceinline__ GroupSpan group_span(int lanes_log2) {
+  if (kBlock) return {static_cast<int>(threadIdx.x), kThreads, blockIdx.x, gridDim.x};
+  const int per_block = kThreads >> lanes_log2;
+  return {static_cast<int>(threadIdx.x & ((1u << lanes_log2) - 1)), 1 << lanes_log2,
+          static_cast<int64_t>(blockIdx.x) * per_block + (threadIdx.x >> lanes_log2),
+          static_cast<int64_t>(gridDim.x) * per_block};
+}
+
+// Calls f(std::bool_constant<Linear>{}, std::bool_constant<Block>{}): the kernels are compiled for each, so
+// the common loss (class indices, no smoothing) carries no per-element coefficient loads or branches.
+template <class F>
+void with_kernel_kind(bool linear, bool block, F&& f) {
+  if (linear) {
+    block ? f(std::true_type{}, std::true_type{}) : f(std::true_type{}, std::false_type{});
+  } else {
+    block ? f(std::false_type{}, std::true_type{}) : f(std::false_type{}, std::false_type{});
   }
-  for (int64_t j = head + vectors * Pack<T>::kSize + threadIdx.x; j < n; j += blockDim.x) f(j, static_cast<O>(p[j]));
 }
 
-template <class O>
-__device__ __forceinline__ math::RowState<O> shuffle_down(const math::RowState<O>& s, int offset) {
-  return {__shfl_down_sync(0xffffffffu, s.max, offset), __shfl_down_sync(0xffffffffu, s.sum, offset),
-          __shfl_down_sync(0xffffffffu, s.dot, offset), __shfl_down_sync(0xffffffffu, s.asum, offset)};
+template <bool Linear, class O>
+__device__ __forceinline__ math::RowState<O> shuffle_xor(const math::RowState<O>& s, int offset, unsigned mask) {
+  if (!Linear) return {__shfl_xor_sync(mask, s.max, offset), __shfl_xor_sync(mask, s.sum, offset), O(0), O(0)};
+  return {__shfl_xor_sync(mask, s.max, offset), __shfl_xor_sync(mask, s.sum, offset),
+          __shfl_xor_sync(mask, s.dot, offset), __shfl_xor_sync(mask, s.asum, offset)};
+}
+
+// Combines the states of a group of `lanes` lanes of one warp (a power of two up to 32, aligned): valid in every
+// lane. Only the group's lanes take part, so groups of one warp may be at different items.
+template <bool Linear, class O>
+__device__ __forceinline__ math::RowState<O> group_combine(math::RowState<O> st, int lanes) {
+  const unsigned mask = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u) << ((threadIdx.x % 32) & ~(lanes - 1u));
+  for (int offset = lanes / 2; offset > 0; offset >>= 1) st = math::combine(st, shuffle_xor<Linear>(st, offset, mask));
+  return st;
 }
 
 // Combines every thread's state; the result is valid in thread 0.
-template <class O>
+template <bool Linear, class O>
 __device__ math::RowState<O> block_combine(math::RowState<O> st) {
   __shared__ O shared[4][kWarps];
-  for (int offset = 16; offset > 0; offset >>= 1) st = math::combine(st, shuffle_down(st, offset));
+  st = group_combine<Linear>(st, 32);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) {
     shared[0][warp] = st.max;
@@ -152,7 +188,7 @@ __device__ math::RowState<O> block_combine(math::RowState<O> st) {
   if (warp == 0) {
     st = lane < kWarps ? math::RowState<O>{shared[0][lane], shared[1][lane], shared[2][lane], shared[3][lane]}
                        : math::empty_row_state<O>();
-    for (int offset = 16; offset > 0; offset >>= 1) st = math::combine(st, shuffle_down(st, offset));
+    st = group_combine<Linear>(st, 32);
   }
   return st;
 }
@@ -185,32 +221,54 @@ __device__ void write_row_outputs(const XentArgs<T, O>& a, int64_t row, const ma
   a.row_weight[row] = row_weight;
 }
 
-// Work item b = (row b / splits, split b % splits): a block folds that slice of the row, and with one split
-// finishes the row itself. Blocks stride over the items (a grid of at most grid_blocks()).
+// The linear coefficient a_j of a row's element j (Linear kernels only): w_j, times t'_j for probabilities.
 template <class T, class O>
-__global__ void __launch_bounds__(kThreads) cross_entropy_forward_kernel(XentArgs<T, O> a) {
+__device__ __forceinline__ O linear_coef(const O* weight, const T* target_row, int64_t j, const math::XentHyper<O>& h) {
+  const O w = weight[j];
+  return target_row != nullptr ? w * math::smoothed_target(static_cast<O>(target_row[j]), h) : w;
+}
+
+// Work item b = (row b / splits, split b % splits): a group folds that slice of the row, and with one split
+// finishes the row itself (splits > 1 only with kBlock). Groups stride over the items (a grid of at most
+// grid_blocks() blocks).
+template <class T, class O, bool Linear, bool kBlock>
+__global__ void __launch_bounds__(kThreads, min_blocks_per_sm<T, Linear>()) cross_entropy_forward_kernel(XentArgs<T, O> a, int lanes_log2) {
+  constexpr int K = Pack<T>::kSize;
   const math::XentHyper<O> h = xent_hyper(a);
-  const bool linear = a.target_is_prob || h.smoothing;
   const int64_t slice = (a.classes + a.splits - 1) / a.splits;
   if (blockIdx.x == 0 && threadIdx.x == 0) clear_consumed_step_guard(a.bad_target);
-  for (int64_t b = blockIdx.x; b < a.rows * a.splits; b += gridDim.x) {
+  const GroupSpan span = group_span<kBlock>(lanes_log2);
+  for (int64_t b = span.first; b < a.rows * a.splits; b += span.stride) {
     const int64_t row = b / a.splits;
     const int64_t begin = (b % a.splits) * slice;
     const int64_t n = begin < a.classes ? (a.classes - begin < slice ? a.classes - begin : slice) : 0;
+    const T* x = a.logits + row * a.logits_row_stride + begin;
     const T* target_row =
-        a.target_is_prob ? static_cast<const T*>(a.target) + row * a.target_row_stride + begin : nullptr;
-    const O* weight = a.weight != nullptr ? a.weight + begin : nullptr;
+        Linear && a.target_is_prob ? static_cast<const T*>(a.target) + row * a.target_row_stride + begin : nullptr;
+    const O* weight = Linear ? a.weight + begin : nullptr;
     math::RowState<O> st = math::empty_row_state<O>();
-    for_each_logit<T, O>(a.logits + row * a.logits_row_stride + begin, n, [&](int64_t j, O x) {
-      O coef = 0;
-      if (linear) {
-        coef = weight[j];
-        if (target_row != nullptr) coef *= math::smoothed_target(static_cast<O>(target_row[j]), h);
-      }
-      math::accumulate(st, x, coef, linear);
-    });
-    st = block_combine(st);
-    if (threadIdx.x == 0) {
+    for_each_run(
+        x, n, span.lane, span.lanes,
+        [&](int64_t j) {
+          const O xj = static_cast<O>(x[j]);
+          const O aj = Linear ? linear_coef(weight, target_row, j, h) : O(0);
+          math::accumulate_run<Linear, 1>(st, &xj, &aj);
+        },
+        [&](int64_t j, const Pack<T>& pack) {
+          O xs[K], as[K];
+#pragma unroll
+          for (int k = 0; k < K; ++k) {
+            xs[k] = static_cast<O>(pack.v[k]);
+            as[k] = Linear ? linear_coef(weight, target_row, j + k, h) : O(0);
+          }
+          math::accumulate_run<Linear, K>(st, xs, as);
+        });
+    if (kBlock) {
+      st = block_combine<Linear>(st);
+    } else {
+      st = group_combine<Linear>(st, span.lanes);
+    }
+    if (span.lane == 0) {
       if (a.splits == 1) {
         write_row_outputs(a, row, st);
       } else {
@@ -221,7 +279,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_forward_kernel(XentArg
         out[3] = st.asum;
       }
     }
-    __syncthreads();  // block_combine's shared memory is written again for the next item
+    if (kBlock) __syncthreads();  // block_combine's shared memory is written again for the next item
   }
 }
 
@@ -239,18 +297,28 @@ __global__ void cross_entropy_combine_splits_kernel(XentArgs<T, O> a) {
   }
 }
 
-// Block b handles slice b % slices of row b / slices.
-template <class T, class O>
-__global__ void __launch_bounds__(kThreads) cross_entropy_backward_kernel(XentArgs<T, O> a, int64_t slices) {
-  constexpr int64_t kSlice = static_cast<int64_t>(kThreads) * kVectorsPerThread * Pack<T>::kSize;
+// Backward slice of a row per block (kBlock): kThreads threads × 4 vectors of 16 bytes (fp32: 8192 logits);
+// a group of lanes takes its whole row.
+template <class T>
+constexpr int64_t backward_block_slice() {
+  return static_cast<int64_t>(kThreads) * kVectorsPerThread * Pack<T>::kSize;
+}
+
+// Item b: slice b % slices of row b / slices (slices = 1 for groups of lanes). No barrier: the lane that
+// writes the target class's gradient is the lane that reads its logit, so the in-place backward is safe.
+template <class T, class O, bool Linear, bool kBlock>
+__global__ void __launch_bounds__(kThreads, min_blocks_per_sm<T, Linear>())
+    cross_entropy_backward_kernel(XentArgs<T, O> a, int64_t slices, int lanes_log2) {
+  constexpr int K = Pack<T>::kSize;
+  const int64_t slice_length = kBlock ? backward_block_slice<T>() : a.classes;
   const math::XentHyper<O> h = xent_hyper(a);
-  for (int64_t b = blockIdx.x; b < a.rows * slices; b += gridDim.x) {
+  const GroupSpan span = group_span<kBlock>(lanes_log2);
+  for (int64_t b = span.first; b < a.rows * slices; b += span.stride) {
     const int64_t row = b / slices;
     const O row_grad_loss = a.grad_loss[row * a.grad_loss_stride];
-    // The same value for the whole block: it skips the item together, before any barrier.
     if (a.keep_unit_rows && row_grad_loss == O(1)) continue;
-    const int64_t begin = (b % slices) * kSlice;
-    const int64_t n = a.classes - begin < kSlice ? a.classes - begin : kSlice;
+    const int64_t begin = (b % slices) * slice_length;
+    const int64_t n = a.classes - begin < slice_length ? a.classes - begin : slice_length;
     const T* x = a.logits + row * a.logits_row_stride + begin;
     T* g = a.grad + row * a.grad_row_stride + begin;
     const math::RowLse<O> lse{a.row_lse[2 * row], a.row_lse[2 * row + 1]};
@@ -267,51 +335,47 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_backward_kernel(XentAr
       bad = !ignored && (t < 0 || t >= a.classes);
       rg = math::index_row_grad(scale, lse, ignored || bad || a.weight == nullptr ? O(1) : a.weight[t], h);
     }
-    if (bad && threadIdx.x == 0 && begin == 0) guard_nan_gradient(a.bad_target);  // this row's gradient is NaN
-    const bool owns_target = !ignored && !bad && t >= begin && t < begin + n;
-    // Read before this block overwrites it (the in-place backward writes over the logits).
-    const O x_t = owns_target ? static_cast<O>(x[t - begin]) : O(0);
-    __syncthreads();
-    const bool linear = a.target_is_prob || h.smoothing;
-    const T* target_row =
-        a.target_is_prob ? static_cast<const T*>(a.target) + row * a.target_row_stride + begin : nullptr;
-    const O* weight = a.weight != nullptr ? a.weight + begin : nullptr;
-    const auto element = [&](int64_t j, O xj) -> T {
-      if (ignored) return T(0);
-      if (bad) return static_cast<T>(std::numeric_limits<O>::quiet_NaN());
-      O coef = 0;
-      if (linear) {
-        coef = weight[j];
-        if (target_row != nullptr) coef *= math::smoothed_target(static_cast<O>(target_row[j]), h);
-      }
-      return static_cast<T>(math::grad_element(xj, coef, rg.shift, rg.log_sum, rg.softmax_coef, rg.linear_coef));
-    };
-    // Vector stores need the gradient row to share the logits' alignment (always so in place, and for
-    // the usual dense layouts); otherwise elements go one by one.
-    const bool same_alignment = reinterpret_cast<uintptr_t>(x) % 16 == reinterpret_cast<uintptr_t>(g) % 16;
-    if (same_alignment) {
-      const int64_t head = unaligned_head(x, n);
-      for (int64_t j = threadIdx.x; j < head; j += blockDim.x) g[j] = element(j, static_cast<O>(x[j]));
-      const int64_t vectors = (n - head) / Pack<T>::kSize;
-      const Pack<T>* xv = reinterpret_cast<const Pack<T>*>(x + head);
-      Pack<T>* gv = reinterpret_cast<Pack<T>*>(g + head);
-      for (int64_t v = threadIdx.x; v < vectors; v += blockDim.x) {
-        const Pack<T> in = xv[v];
-        Pack<T> out;
+    if (bad && span.lane == 0 && begin == 0) guard_nan_gradient(a.bad_target);  // this row's gradient is NaN
+    if (ignored || bad) {
+      // 0 for an ignored row, NaN for a bad target; the logits are not read.
+      const T fill = ignored ? T(0) : static_cast<T>(std::numeric_limits<O>::quiet_NaN());
+      Pack<T> fills;
 #pragma unroll
-        for (int k = 0; k < Pack<T>::kSize; ++k) out.v[k] = element(head + v * Pack<T>::kSize + k, static_cast<O>(in.v[k]));
-        gv[v] = out;
-      }
-      for (int64_t j = head + vectors * Pack<T>::kSize + threadIdx.x; j < n; j += blockDim.x) {
-        g[j] = element(j, static_cast<O>(x[j]));
-      }
-    } else {
-      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) g[j] = element(j, static_cast<O>(x[j]));
+      for (int k = 0; k < K; ++k) fills.v[k] = fill;
+      for_each_run(
+          static_cast<const T*>(g), n, span.lane, span.lanes, [&](int64_t j) { g[j] = fill; },
+          [&](int64_t j, const Pack<T>&) { store_pack(g + j, fills); });
+      continue;
     }
-    __syncthreads();
-    if (owns_target && threadIdx.x == 0) {
-      const O a_t = linear ? weight[t - begin] : O(0);
-      g[t - begin] = static_cast<T>(math::target_grad(x_t, a_t, rg));
+    // The slice's element of the target class, if it has it; -1 never matches.
+    const int64_t target_at = t >= begin && t < begin + n ? t - begin : -1;
+    const T* target_row =
+        Linear && a.target_is_prob ? static_cast<const T*>(a.target) + row * a.target_row_stride + begin : nullptr;
+    const O* weight = Linear ? a.weight + begin : nullptr;
+    // Element j's gradient in opmath, the true class's term included, then its one rounding.
+    const auto grad_at = [&](int64_t j, O xj, bool is_target) -> T {
+      const O aj = Linear ? linear_coef(weight, target_row, j, h) : O(0);
+      const O gj = math::grad_element(xj, aj, rg.shift, rg.log_sum, rg.softmax_coef, rg.linear_coef);
+      return static_cast<T>(is_target ? gj - rg.target_coef : gj);
+    };
+    // Vector stores need the gradient row to share the logits' alignment (always so in place, and for the
+    // usual dense layouts); otherwise elements go one by one.
+    if (reinterpret_cast<uintptr_t>(x) % 16 == reinterpret_cast<uintptr_t>(g) % 16) {
+      for_each_run(
+          x, n, span.lane, span.lanes,
+          [&](int64_t j) { g[j] = grad_at(j, static_cast<O>(x[j]), j == target_at); },
+          [&](int64_t j, const Pack<T>& in) {
+            // The target's position in this vector, or -1: one 64-bit comparison per vector.
+            const int target_k = static_cast<uint64_t>(target_at - j) < static_cast<uint64_t>(K)
+                                     ? static_cast<int>(target_at - j)
+                                     : -1;
+            Pack<T> out;
+#pragma unroll
+            for (int k = 0; k < K; ++k) out.v[k] = grad_at(j + k, static_cast<O>(in.v[k]), k == target_k);
+            store_pack(g + j, out);
+          });
+    } else {
+      for (int64_t j = span.lane; j < n; j += span.lanes) g[j] = grad_at(j, static_cast<O>(x[j]), j == target_at);
     }
   }
 }
@@ -361,10 +425,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
       a.row_z_loss = row_z_loss.data_ptr<O>();
       a.row_weight = row_weight.data_ptr<O>();
       // Split the vocabulary when the rows alone leave SMs idle: aim for two blocks per SM, each slice
-      // still at least 4 vectors per thread.
+      // still at least 4 vectors per thread. Rows small enough for a group of lanes are never split.
+      const RowGroups groups = row_groups(c.classes);
       const int64_t min_slice = static_cast<int64_t>(kThreads) * 4 * Pack<scalar_t>::kSize;
       int64_t splits = 1;
-      if (c.rows < 2 * sms) {
+      if (groups.block && c.rows < 2 * sms) {
         splits = std::min<int64_t>((2 * sms + c.rows - 1) / c.rows, (c.classes + min_slice - 1) / min_slice);
         splits = std::max<int64_t>(splits, 1);
       }
@@ -374,7 +439,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
         a.partial = partial.data_ptr<O>();
       }
       a.splits = static_cast<int>(splits);
-      cross_entropy_forward_kernel<scalar_t, O><<<grid_blocks(c.rows * splits, sms), kThreads, 0, stream>>>(a);
+      const int64_t items_per_block = groups.block ? 1 : kThreads >> groups.lanes_log2;
+      const unsigned blocks = grid_blocks((c.rows * splits + items_per_block - 1) / items_per_block, sms);
+      with_kernel_kind(c.target_is_prob || label_smoothing > 0.0, groups.block, [&](auto linear, auto block) {
+        cross_entropy_forward_kernel<scalar_t, O, decltype(linear)::value, decltype(block)::value>
+            <<<blocks, kThreads, 0, stream>>>(a, groups.lanes_log2);
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (splits > 1) {
         constexpr int kCombineThreads = 128;
@@ -425,10 +495,16 @@ void run_backward_cuda(const CrossEntropyCall& c, const at::Tensor& g, const at:
     a.grad_loss_stride = c.reduction == XentReduction::None ? g.stride(0) : 0;
     a.denominator = denominator.const_data_ptr<O>();
     a.target_mass = target_mass.defined() ? target_mass.const_data_ptr<O>() : nullptr;
-    constexpr int64_t kSlice = static_cast<int64_t>(kThreads) * kVectorsPerThread * Pack<scalar_t>::kSize;
-    const int64_t slices = (c.classes + kSlice - 1) / kSlice;
-    cross_entropy_backward_kernel<scalar_t, O>
-        <<<grid_blocks(c.rows * slices, sm_count(c.input.get_device())), kThreads, 0, stream>>>(a, slices);
+    const RowGroups groups = row_groups(c.classes);
+    const int64_t slice = backward_block_slice<scalar_t>();
+    const int64_t slices = groups.block ? (c.classes + slice - 1) / slice : 1;
+    const int64_t items_per_block = groups.block ? 1 : kThreads >> groups.lanes_log2;
+    const unsigned blocks =
+        grid_blocks((c.rows * slices + items_per_block - 1) / items_per_block, sm_count(c.input.get_device()));
+    with_kernel_kind(c.target_is_prob || label_smoothing > 0.0, groups.block, [&](auto linear, auto block) {
+      cross_entropy_backward_kernel<scalar_t, O, decltype(linear)::value, decltype(block)::value>
+          <<<blocks, kThreads, 0, stream>>>(a, slices, groups.lanes_log2);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

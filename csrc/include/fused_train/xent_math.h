@@ -32,7 +32,19 @@ namespace math {
 
 // Scalar overloads; the CPU kernels call the same functions on at::vec::Vectorized, whose members the
 // templates below forward to (exp_u20: 20-ulp vector exp, ~1e-6 relative; within fp32 test tolerance).
-FT_HOST_DEVICE FT_INLINE float exp_(float x) { return ::expf(x); }
+// On the GPU a float exp is 2^(x·log2 e) on the special-function unit: 2 instructions where expf takes 9,
+// which left the bf16 forward instruction-bound (ptxas, sm_90). Its error is ex2.approx's 2 ulps plus the
+// product's rounding, |x|·2^-24 relative: under 8 ulps for the |x| < 10 that carry a row's sum, and the
+// gradient's p = exp(x - lse) as accurate; results below 2^-126 (x < -87) are flushed to 0.
+FT_HOST_DEVICE FT_INLINE float exp_(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.44269504088896341f));
+  return y;
+#else
+  return ::expf(x);
+#endif
+}
 FT_HOST_DEVICE FT_INLINE double exp_(double x) { return ::exp(x); }
 template <class V>
 FT_INLINE V exp_(const V& x) {
@@ -44,6 +56,10 @@ template <class V>
 FT_INLINE V log_(const V& x) {
   return x.log();  // 1-ulp vector log (Sleef's u10), as glibc's logf
 }
+
+// NaN-dropping max, one instruction on the GPU (accumulate_run says why dropping NaN is safe there).
+FT_HOST_DEVICE FT_INLINE float fmax_(float a, float b) { return ::fmaxf(a, b); }
+FT_HOST_DEVICE FT_INLINE double fmax_(double a, double b) { return ::fmax(a, b); }
 
 // The value a running max is subtracted as: 0 while the max is still -inf, so that a lane that has only
 // seen -inf logits yields exp(-inf - 0) = 0 instead of exp(-inf + inf) = NaN.
@@ -88,22 +104,31 @@ FT_HOST_DEVICE FT_INLINE RowState<T> combine(const RowState<T>& a, const RowStat
   return r;
 }
 
-// Adds one element x with linear coefficient a to a scalar state. Used by the CUDA threads (and the
-// CPU scalar paths): one exp per element, whichever side of the running max x falls.
-template <class T>
-FT_HOST_DEVICE FT_INLINE void accumulate(RowState<T>& st, T x, T a, bool linear) {
-  if (x > st.max) {
-    const T old_shift = safe_shift(st.max), shift = safe_shift(x);
-    st.sum = st.sum * exp_(st.max - shift) + T(1);
-    if (linear && st.asum != T(0)) st.dot += st.asum * (old_shift - shift);
-    st.max = x;
-  } else {
-    st.sum += exp_(x - safe_shift(st.max));
-    if (x != x) st.max = x;  // NaN poisons the row, as in torch
+// Adds a run of K consecutive logits x (linear coefficients a, read only when Linear) to a scalar state: one
+// comparison with the running max per run, then one exp per element. Used by the CUDA threads, K = 1 at a row's
+// unaligned edges and 16 bytes' worth in between. The run's max drops NaN (fmax), which costs one instruction
+// per element instead of three: a NaN logit still poisons the state, through exp(NaN) in the sum (and
+// a·NaN in the dot), and finish_row's log of it makes the row's loss and gradient NaN, as in torch.
+template <bool Linear, int K, class T>
+FT_HOST_DEVICE FT_INLINE void accumulate_run(RowState<T>& st, const T* x, const T* a) {
+  T run_max = x[0];
+  for (int k = 1; k < K; ++k) run_max = fmax_(run_max, x[k]);
+  if (run_max > st.max) {
+    // Rescale by the raw old max (exp(-inf - shift) = 0 for a state that saw only -inf), as combine does.
+    const T old_shift = safe_shift(st.max), shift = safe_shift(run_max);
+    st.sum *= exp_(st.max - shift);
+    if (Linear && st.asum != T(0)) st.dot += st.asum * (old_shift - shift);
+    st.max = run_max;
   }
-  if (linear) {
-    st.dot += a * (x - safe_shift(st.max));
-    st.asum += a;
+  const T shift = safe_shift(st.max);
+  T sum = 0;
+  for (int k = 0; k < K; ++k) sum += exp_(x[k] - shift);
+  st.sum += sum;
+  if (Linear) {
+    for (int k = 0; k < K; ++k) {
+      st.dot += a[k] * (x[k] - shift);
+      st.asum += a[k];
+    }
   }
 }
 
