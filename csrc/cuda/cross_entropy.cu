@@ -8,8 +8,9 @@
 // per row, or per slice of a row when rows are too few to fill the GPU (the split-vocabulary path, whose
 // partial states a second small kernel combines). Backward: a group per row or row slice, recomputing the row's
 // constants from the saved (shift, log_sum), then one read of the logits and one write of the gradient per
-// element. Both are compiled apart for the losses with a linear term (label smoothing, probabilities), so the
-// common loss reads nothing per element but its logit.
+// element. The training step's forward (forward_backward: the loss and its gradient for grad_loss = 1) runs
+// both passes in one kernel, the second read of a row from L2. All are compiled apart for the losses with a
+// linear term (label smoothing, probabilities), so the common loss reads nothing per element but its logit.
 //
 // Class indices outside [0, C) that are not ignore_index cannot raise inside a kernel without a device
 // assert (which kills the context): the row's loss and gradient are written as NaN and the row is reported
@@ -117,14 +118,16 @@ __device__ __forceinline__ int64_t read_index(const XentArgs<T, O>& a, int64_t r
 // (segmentation) or 1000 does not leave most of a 512-thread block idle behind two barriers.
 constexpr int64_t kWarpClasses = 8192;
 constexpr int64_t kClassesPerLane = 16;
+// The fused forward + backward kernel's limit instead of kWarpClasses, in bytes (run_forward_backward_cuda).
+constexpr int64_t kFusedWarpRowBytes = 8192;
 
 struct RowGroups {
   bool block;     // kThreads threads per row (slice); else 2^lanes_log2 lanes of a warp per row
   int lanes_log2;
 };
 
-RowGroups row_groups(int64_t classes) {
-  if (classes > kWarpClasses) return {true, 0};
+RowGroups row_groups(int64_t classes, int64_t warp_classes = kWarpClasses) {
+  if (classes > warp_classes) return {true, 0};
   int lanes_log2 = 0;
   while (lanes_log2 < 5 && (kClassesPerLane << lanes_log2) < classes) ++lanes_log2;
   return {false, lanes_log2};
@@ -172,7 +175,8 @@ __device__ __forceinline__ math::RowState<O> group_combine(math::RowState<O> st,
   return st;
 }
 
-// Combines every thread's state; the result is valid in thread 0.
+// Combines every thread's state; the result is valid in every thread. The caller passes a __syncthreads()
+// before the next call (the shared words are written again).
 template <bool Linear, class O>
 __device__ math::RowState<O> block_combine(math::RowState<O> st) {
   __shared__ O shared[4][kWarps];
@@ -185,17 +189,31 @@ __device__ math::RowState<O> block_combine(math::RowState<O> st) {
     shared[3][warp] = st.asum;
   }
   __syncthreads();
-  if (warp == 0) {
-    st = lane < kWarps ? math::RowState<O>{shared[0][lane], shared[1][lane], shared[2][lane], shared[3][lane]}
-                       : math::empty_row_state<O>();
-    st = group_combine<Linear>(st, 32);
-  }
-  return st;
+  // Every warp combines the kWarps states, in the same order, so every thread holds the same bits.
+  st = lane < kWarps ? math::RowState<O>{shared[0][lane], shared[1][lane], shared[2][lane], shared[3][lane]}
+                     : math::empty_row_state<O>();
+  return group_combine<Linear>(st, 32);
 }
 
-// Turns a row's combined state into its outputs (one thread per row).
+// A group's combined state, valid in every thread of the group.
+template <bool Linear, bool kBlock, class O>
+__device__ __forceinline__ math::RowState<O> combine_group(const math::RowState<O>& st, int lanes) {
+  if (kBlock) return block_combine<Linear>(st);
+  return group_combine<Linear>(st, lanes);
+}
+
+// The logit of row's class-index target, or 0 (probabilities, ignored or out-of-range targets).
 template <class T, class O>
-__device__ void write_row_outputs(const XentArgs<T, O>& a, int64_t row, const math::RowState<O>& st) {
+__device__ __forceinline__ O read_target_logit(const XentArgs<T, O>& a, int64_t row) {
+  if (a.target_is_prob) return O(0);
+  const int64_t t = read_index(a, row);
+  return t >= 0 && t < a.classes ? static_cast<O>(a.logits[row * a.logits_row_stride + t]) : O(0);
+}
+
+// Turns a row's combined state into its outputs (one thread per row). target_logit: read_target_logit's.
+template <class T, class O>
+__device__ void write_row_outputs(const XentArgs<T, O>& a, int64_t row, const math::RowState<O>& st,
+                                  O target_logit) {
   const math::XentHyper<O> h = xent_hyper(a);
   const math::RowLse<O> lse = math::finish_row(st);
   O loss = 0, row_weight = 0;
@@ -211,7 +229,7 @@ __device__ void write_row_outputs(const XentArgs<T, O>& a, int64_t row, const ma
       loss = std::numeric_limits<O>::quiet_NaN();
     } else if (!ignored) {
       row_weight = a.weight != nullptr ? a.weight[t] : O(1);
-      loss = math::index_row_loss(st, lse, static_cast<O>(a.logits[row * a.logits_row_stride + t]), row_weight, h);
+      loss = math::index_row_loss(st, lse, target_logit, row_weight, h);
     }
   }
   a.row_lse[2 * row] = lse.shift;
@@ -228,12 +246,119 @@ __device__ __forceinline__ O linear_coef(const O* weight, const T* target_row, i
   return target_row != nullptr ? w * math::smoothed_target(static_cast<O>(target_row[j]), h) : w;
 }
 
+// This thread's share of the slice [begin, begin + n) of a row, folded into a state (not yet combined).
+template <bool Linear, class T, class O>
+__device__ __forceinline__ math::RowState<O> fold_slice(const XentArgs<T, O>& a, const math::XentHyper<O>& h,
+                                                        int64_t row, int64_t begin, int64_t n, const GroupSpan& span) {
+  constexpr int K = Pack<T>::kSize;
+  const T* x = a.logits + row * a.logits_row_stride + begin;
+  const T* target_row =
+      Linear && a.target_is_prob ? static_cast<const T*>(a.target) + row * a.target_row_stride + begin : nullptr;
+  const O* weight = Linear ? a.weight + begin : nullptr;
+  math::RowState<O> st = math::empty_row_state<O>();
+  for_each_run(
+      x, n, span.lane, span.lanes,
+      [&](int64_t j) {
+        const O xj = static_cast<O>(x[j]);
+        const O aj = Linear ? linear_coef(weight, target_row, j, h) : O(0);
+        math::accumulate_run<Linear, 1>(st, &xj, &aj);
+      },
+      [&](int64_t j, const Pack<T>& pack) {
+        O xs[K], as[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          xs[k] = static_cast<O>(pack.v[k]);
+          as[k] = Linear ? linear_coef(weight, target_row, j + k, h) : O(0);
+        }
+        math::accumulate_run<Linear, K>(st, xs, as);
+      });
+  return st;
+}
+
+// A row's gradient constants and its target's kind.
+template <class O>
+struct RowGradient {
+  math::RowGrad<O> rg;
+  int64_t target;  // the class index, -1 for probabilities
+  bool ignored, bad;
+};
+
+// scale: grad_loss_r / denominator (math::mean_scale); target_mass: Σ_c w_c·t'_c of a probability row.
+template <class T, class O>
+__device__ __forceinline__ RowGradient<O> row_gradient(const XentArgs<T, O>& a, const math::XentHyper<O>& h,
+                                                       int64_t row, O scale, const math::RowLse<O>& lse,
+                                                       O target_mass) {
+  RowGradient<O> r{};
+  r.target = -1;
+  if (a.target_is_prob) {
+    r.rg = math::prob_row_grad(scale, lse, target_mass, h);
+  } else {
+    r.target = read_index(a, row);
+    r.ignored = r.target == a.ignore_index;
+    r.bad = !r.ignored && (r.target < 0 || r.target >= a.classes);
+    r.rg = math::index_row_grad(scale, lse, r.ignored || r.bad || a.weight == nullptr ? O(1) : a.weight[r.target], h);
+  }
+  return r;
+}
+
+// Writes this thread's share of the gradient of the slice [begin, begin + n) of a row. The share is the one
+// fold_slice reads (for_each_run over the same logits), so in place every element is read and then written by
+// the same thread.
+template <bool Linear, class T, class O>
+__device__ __forceinline__ void write_slice_gradient(const XentArgs<T, O>& a, const math::XentHyper<O>& h,
+                                                     int64_t row, int64_t begin, int64_t n, const RowGradient<O>& r,
+                                                     const GroupSpan& span) {
+  constexpr int K = Pack<T>::kSize;
+  const T* x = a.logits + row * a.logits_row_stride + begin;
+  T* g = a.grad + row * a.grad_row_stride + begin;
+  if (r.ignored || r.bad) {
+    // 0 for an ignored row, NaN for a bad target; the logits are not read.
+    const T fill = r.ignored ? T(0) : static_cast<T>(std::numeric_limits<O>::quiet_NaN());
+    Pack<T> fills;
+#pragma unroll
+    for (int k = 0; k < K; ++k) fills.v[k] = fill;
+    for_each_run(
+        static_cast<const T*>(g), n, span.lane, span.lanes, [&](int64_t j) { g[j] = fill; },
+        [&](int64_t j, const Pack<T>&) { store_pack(g + j, fills); });
+    return;
+  }
+  // The slice's element of the target class, if it has it; -1 never matches.
+  const int64_t target_at = r.target >= begin && r.target < begin + n ? r.target - begin : -1;
+  const T* target_row =
+      Linear && a.target_is_prob ? static_cast<const T*>(a.target) + row * a.target_row_stride + begin : nullptr;
+  const O* weight = Linear ? a.weight + begin : nullptr;
+  const math::RowGrad<O>& rg = r.rg;
+  // Element j's gradient in opmath, the true class's term included, then its one rounding.
+  const auto grad_at = [&](int64_t j, O xj, bool is_target) -> T {
+    const O aj = Linear ? linear_coef(weight, target_row, j, h) : O(0);
+    const O gj = math::grad_element(xj, aj, rg.shift, rg.log_sum, rg.softmax_coef, rg.linear_coef);
+    return static_cast<T>(is_target ? gj - rg.target_coef : gj);
+  };
+  // Vector stores need the gradient row to share the logits' alignment (always so in place, and for the
+  // usual dense layouts); otherwise elements go one by one.
+  if (reinterpret_cast<uintptr_t>(x) % 16 == reinterpret_cast<uintptr_t>(g) % 16) {
+    for_each_run(
+        x, n, span.lane, span.lanes, [&](int64_t j) { g[j] = grad_at(j, static_cast<O>(x[j]), j == target_at); },
+        [&](int64_t j, const Pack<T>& in) {
+          // The target's position in this vector, or -1: one 64-bit comparison per vector.
+          const int target_k =
+              static_cast<uint64_t>(target_at - j) < static_cast<uint64_t>(K) ? static_cast<int>(target_at - j) : -1;
+          Pack<T> out;
+#pragma unroll
+          for (int k = 0; k < K; ++k) out.v[k] = grad_at(j + k, static_cast<O>(in.v[k]), k == target_k);
+          store_pack(g + j, out);
+        });
+  } else {
+    for (int64_t j = span.lane; j < n; j += span.lanes) g[j] = grad_at(j, static_cast<O>(x[j]), j == target_at);
+  }
+}
+
 // Work item b = (row b / splits, split b % splits): a group folds that slice of the row, and with one split
 // finishes the row itself (splits > 1 only with kBlock). Groups stride over the items (a grid of at most
 // grid_blocks() blocks).
 template <class T, class O, bool Linear, bool kBlock>
-__global__ void __launch_bounds__(kThreads, min_blocks_per_sm<T, Linear>()) cross_entropy_forward_kernel(XentArgs<T, O> a, int lanes_log2) {
-  constexpr int K = Pack<T>::kSize;
+__global__ void __launch_bounds__(kThreads, min_blocks_per_sm<T, Linear>())
+    cross_entropy_forward_kernel(XentArgs<T, O> a, int lanes_log2) {
   const math::XentHyper<O> h = xent_hyper(a);
   const int64_t slice = (a.classes + a.splits - 1) / a.splits;
   if (blockIdx.x == 0 && threadIdx.x == 0) clear_consumed_step_guard(a.bad_target);
@@ -242,35 +367,11 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<T, Linear>()) cros
     const int64_t row = b / a.splits;
     const int64_t begin = (b % a.splits) * slice;
     const int64_t n = begin < a.classes ? (a.classes - begin < slice ? a.classes - begin : slice) : 0;
-    const T* x = a.logits + row * a.logits_row_stride + begin;
-    const T* target_row =
-        Linear && a.target_is_prob ? static_cast<const T*>(a.target) + row * a.target_row_stride + begin : nullptr;
-    const O* weight = Linear ? a.weight + begin : nullptr;
-    math::RowState<O> st = math::empty_row_state<O>();
-    for_each_run(
-        x, n, span.lane, span.lanes,
-        [&](int64_t j) {
-          const O xj = static_cast<O>(x[j]);
-          const O aj = Linear ? linear_coef(weight, target_row, j, h) : O(0);
-          math::accumulate_run<Linear, 1>(st, &xj, &aj);
-        },
-        [&](int64_t j, const Pack<T>& pack) {
-          O xs[K], as[K];
-#pragma unroll
-          for (int k = 0; k < K; ++k) {
-            xs[k] = static_cast<O>(pack.v[k]);
-            as[k] = Linear ? linear_coef(weight, target_row, j + k, h) : O(0);
-          }
-          math::accumulate_run<Linear, K>(st, xs, as);
-        });
-    if (kBlock) {
-      st = block_combine<Linear>(st);
-    } else {
-      st = group_combine<Linear>(st, span.lanes);
-    }
+    const math::RowState<O> st =
+        combine_group<Linear, kBlock>(fold_slice<Linear>(a, h, row, begin, n, span), span.lanes);
     if (span.lane == 0) {
       if (a.splits == 1) {
-        write_row_outputs(a, row, st);
+        write_row_outputs(a, row, st, read_target_logit(a, row));
       } else {
         O* out = a.partial + 4 * b;
         out[0] = st.max;
@@ -293,7 +394,7 @@ __global__ void cross_entropy_combine_splits_kernel(XentArgs<T, O> a) {
       const O* p = a.partial + 4 * (row * a.splits + s);
       st = math::combine(st, math::RowState<O>{p[0], p[1], p[2], p[3]});
     }
-    write_row_outputs(a, row, st);
+    write_row_outputs(a, row, st, read_target_logit(a, row));
   }
 }
 
@@ -309,7 +410,6 @@ constexpr int64_t backward_block_slice() {
 template <class T, class O, bool Linear, bool kBlock>
 __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<T, Linear>())
     cross_entropy_backward_kernel(XentArgs<T, O> a, int64_t slices, int lanes_log2) {
-  constexpr int K = Pack<T>::kSize;
   const int64_t slice_length = kBlock ? backward_block_slice<T>() : a.classes;
   const math::XentHyper<O> h = xent_hyper(a);
   const GroupSpan span = group_span<kBlock>(lanes_log2);
@@ -319,64 +419,52 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<T, Linear>())
     if (a.keep_unit_rows && row_grad_loss == O(1)) continue;
     const int64_t begin = (b % slices) * slice_length;
     const int64_t n = a.classes - begin < slice_length ? a.classes - begin : slice_length;
-    const T* x = a.logits + row * a.logits_row_stride + begin;
-    T* g = a.grad + row * a.grad_row_stride + begin;
     const math::RowLse<O> lse{a.row_lse[2 * row], a.row_lse[2 * row + 1]};
     // In opmath before the one rounding (fp16 under loss scaling would underflow otherwise).
     const O scale = math::mean_scale(row_grad_loss, *a.denominator);
-    int64_t t = -1;
-    bool ignored = false, bad = false;
-    math::RowGrad<O> rg;
-    if (a.target_is_prob) {
-      rg = math::prob_row_grad(scale, lse, a.target_mass[row], h);
-    } else {
-      t = read_index(a, row);
-      ignored = t == a.ignore_index;
-      bad = !ignored && (t < 0 || t >= a.classes);
-      rg = math::index_row_grad(scale, lse, ignored || bad || a.weight == nullptr ? O(1) : a.weight[t], h);
-    }
-    if (bad && span.lane == 0 && begin == 0) guard_nan_gradient(a.bad_target);  // this row's gradient is NaN
-    if (ignored || bad) {
-      // 0 for an ignored row, NaN for a bad target; the logits are not read.
-      const T fill = ignored ? T(0) : static_cast<T>(std::numeric_limits<O>::quiet_NaN());
-      Pack<T> fills;
-#pragma unroll
-      for (int k = 0; k < K; ++k) fills.v[k] = fill;
-      for_each_run(
-          static_cast<const T*>(g), n, span.lane, span.lanes, [&](int64_t j) { g[j] = fill; },
-          [&](int64_t j, const Pack<T>&) { store_pack(g + j, fills); });
-      continue;
-    }
-    // The slice's element of the target class, if it has it; -1 never matches.
-    const int64_t target_at = t >= begin && t < begin + n ? t - begin : -1;
-    const T* target_row =
-        Linear && a.target_is_prob ? static_cast<const T*>(a.target) + row * a.target_row_stride + begin : nullptr;
-    const O* weight = Linear ? a.weight + begin : nullptr;
-    // Element j's gradient in opmath, the true class's term included, then its one rounding.
-    const auto grad_at = [&](int64_t j, O xj, bool is_target) -> T {
-      const O aj = Linear ? linear_coef(weight, target_row, j, h) : O(0);
-      const O gj = math::grad_element(xj, aj, rg.shift, rg.log_sum, rg.softmax_coef, rg.linear_coef);
-      return static_cast<T>(is_target ? gj - rg.target_coef : gj);
-    };
-    // Vector stores need the gradient row to share the logits' alignment (always so in place, and for the
-    // usual dense layouts); otherwise elements go one by one.
-    if (reinterpret_cast<uintptr_t>(x) % 16 == reinterpret_cast<uintptr_t>(g) % 16) {
-      for_each_run(
-          x, n, span.lane, span.lanes,
-          [&](int64_t j) { g[j] = grad_at(j, static_cast<O>(x[j]), j == target_at); },
-          [&](int64_t j, const Pack<T>& in) {
-            // The target's position in this vector, or -1: one 64-bit comparison per vector.
-            const int target_k = static_cast<uint64_t>(target_at - j) < static_cast<uint64_t>(K)
-                                     ? static_cast<int>(target_at - j)
-                                     : -1;
-            Pack<T> out;
-#pragma unroll
-            for (int k = 0; k < K; ++k) out.v[k] = grad_at(j + k, static_cast<O>(in.v[k]), k == target_k);
-            store_pack(g + j, out);
-          });
-    } else {
-      for (int64_t j = span.lane; j < n; j += span.lanes) g[j] = grad_at(j, static_cast<O>(x[j]), j == target_at);
-    }
+    const RowGradient<O> r =
+        row_gradient(a, h, row, scale, lse, a.target_is_prob ? a.target_mass[row] : O(0));
+    if (r.bad && span.lane == 0 && begin == 0) guard_nan_gradient(a.bad_target);  // this row's gradient is NaN
+    write_slice_gradient<Linear>(a, h, row, begin, n, r, span);
+  }
+}
+
+// The loss and its gradient for grad_loss = 1 in one pass of a group over each row: fold, combine, outputs,
+// then the gradient, while the row is still in L2 (run_forward_backward_cuda sizes the groups for that), so
+// that HBM sees one read and one write per logit instead of two reads and a write. Rows are not split: this
+// runs where the forward would not split them. a.denominator is known before the launch (mean: the kept
+// targets' weights, summed from index_row_weights_kernel's rows; else 1); a probability row's Σ w·t' is its own
+// folded asum.
+template <class T, class O, bool Linear, bool kBlock>
+__global__ void __launch_bounds__(kThreads, min_blocks_per_sm<T, Linear>())
+    cross_entropy_forward_backward_kernel(XentArgs<T, O> a, int lanes_log2) {
+  const math::XentHyper<O> h = xent_hyper(a);
+  if (blockIdx.x == 0 && threadIdx.x == 0) clear_consumed_step_guard(a.bad_target);
+  const GroupSpan span = group_span<kBlock>(lanes_log2);
+  const O scale = math::mean_scale(O(1), *a.denominator);
+  for (int64_t row = span.first; row < a.rows; row += span.stride) {
+    const math::RowState<O> mine = fold_slice<Linear>(a, h, row, 0, a.classes, span);
+    // The target's logit, read before any thread of the group can write the gradient over it (in place): the
+    // combine below waits for every thread of the group.
+    const O target_logit = span.lane == 0 ? read_target_logit(a, row) : O(0);
+    const math::RowState<O> st = combine_group<Linear, kBlock>(mine, span.lanes);
+    if (span.lane == 0) write_row_outputs(a, row, st, target_logit);
+    const RowGradient<O> r = row_gradient(a, h, row, scale, math::finish_row(st), st.asum);
+    if (r.bad && span.lane == 0) guard_nan_gradient(a.bad_target);  // this row's gradient is NaN
+    write_slice_gradient<Linear>(a, h, row, 0, a.classes, r, span);
+    if (kBlock) __syncthreads();  // block_combine's shared memory is written again for the next row
+  }
+}
+
+// The row weights of a mean over class-index targets (w_t for a kept target; 0 for an ignored or out-of-range
+// one, whose report waits for the loss kernel), summed into the denominator before the fused kernel.
+template <class T, class O>
+__global__ void index_row_weights_kernel(XentArgs<T, O> a) {
+  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; row < a.rows;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = read_index(a, row);
+    const bool kept = t != a.ignore_index && t >= 0 && t < a.classes;
+    a.row_weight[row] = kept ? (a.weight != nullptr ? a.weight[t] : O(1)) : O(0);
   }
 }
 
@@ -402,40 +490,74 @@ XentArgs<T, O> make_args(const CrossEntropyCall& c, int64_t ignore_index, double
   return a;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing, double lse_square_scale, bool opmath_loss) {
-  const c10::cuda::OptionalCUDAGuard guard(input.device());
-  raise_if_bad_target_seen("cross_entropy_forward", input.get_device());
-  const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_forward", input, target, weight, reduction,
-                                                      label_smoothing, lse_square_scale, false);
-  const auto opts = input.options().dtype(c.opmath);
-  at::Tensor row_lse = at::empty({c.rows, 2}, opts);
-  at::Tensor row_loss = at::empty({c.rows}, opts);
-  at::Tensor row_z_loss = at::empty({c.rows}, opts);
-  at::Tensor row_weight = at::empty({c.rows}, opts);
+// The per-row outputs of the forward kernels, in opmath.
+struct LossRows {
+  at::Tensor lse;  // (rows, 2): shift, log_sum
+  at::Tensor loss, z_loss, weight;
+};
+
+LossRows empty_loss_rows(const CrossEntropyCall& c) {
+  const auto opts = c.input.options().dtype(c.opmath);
+  return {at::empty({c.rows, 2}, opts), at::empty({c.rows}, opts), at::empty({c.rows}, opts),
+          at::empty({c.rows}, opts)};
+}
+
+template <class T, class O>
+void set_loss_rows(XentArgs<T, O>& a, const LossRows& rows) {
+  a.row_lse = rows.lse.data_ptr<O>();
+  a.row_loss = rows.loss.data_ptr<O>();
+  a.row_z_loss = rows.z_loss.data_ptr<O>();
+  a.row_weight = rows.weight.data_ptr<O>();
+}
+
+// A mean's denominator: the rows for probabilities, else the kept targets' weights summed (ATen, on the
+// stream: no host synchronisation).
+at::Tensor mean_denominator(const CrossEntropyCall& c, const at::Tensor& row_weight) {
+  return c.target_is_prob ? at::full({}, static_cast<double>(c.rows), row_weight.options()) : row_weight.sum();
+}
+
+// The op's outputs from the rows: loss and z-loss reduced as asked (in opmath_loss's dtype), the rows'
+// (shift, log_sum), and the denominator (a mean's; 1 otherwise).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce_loss(const CrossEntropyCall& c,
+                                                                       const LossRows& rows,
+                                                                       const at::Tensor& denominator,
+                                                                       bool opmath_loss) {
+  const auto dtype = opmath_loss ? c.opmath : c.input.scalar_type();
+  if (c.reduction == XentReduction::None) return {rows.loss.to(dtype), rows.z_loss.to(dtype), rows.lse, denominator};
+  if (c.reduction == XentReduction::Sum) {
+    return {rows.loss.sum().to(dtype), rows.z_loss.sum().to(dtype), rows.lse, denominator};
+  }
+  return {mean_over(rows.loss.sum(), denominator).to(dtype), mean_over(rows.z_loss.sum(), denominator).to(dtype),
+          rows.lse, denominator};
+}
+
+// Vocabulary slices per row in the forward: more than one when the rows alone leave SMs idle (aim for two
+// blocks per SM, each slice still at least 4 vectors per thread). Rows small enough for a group of lanes are
+// never split.
+int64_t forward_splits(const CrossEntropyCall& c, const RowGroups& groups, int sms, int64_t pack_size) {
+  if (!groups.block || c.rows >= 2 * sms) return 1;
+  const int64_t min_slice = static_cast<int64_t>(kThreads) * 4 * pack_size;
+  return std::max<int64_t>(1, std::min<int64_t>((2 * sms + c.rows - 1) / c.rows, (c.classes + min_slice - 1) / min_slice));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward_cuda(const CrossEntropyCall& c,
+                                                                            int64_t ignore_index,
+                                                                            double label_smoothing,
+                                                                            double lse_square_scale,
+                                                                            bool opmath_loss) {
+  const LossRows rows = empty_loss_rows(c);
   if (c.rows > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
-    const int sms = sm_count(input.get_device());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_forward_cuda", [&] {
+    const int sms = sm_count(c.input.get_device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.input.scalar_type(), "cross_entropy_forward_cuda", [&] {
       using O = Opmath<scalar_t>;
       XentArgs<scalar_t, O> a = make_args<scalar_t, O>(c, ignore_index, label_smoothing, lse_square_scale);
-      a.row_lse = row_lse.data_ptr<O>();
-      a.row_loss = row_loss.data_ptr<O>();
-      a.row_z_loss = row_z_loss.data_ptr<O>();
-      a.row_weight = row_weight.data_ptr<O>();
-      // Split the vocabulary when the rows alone leave SMs idle: aim for two blocks per SM, each slice
-      // still at least 4 vectors per thread. Rows small enough for a group of lanes are never split.
+      set_loss_rows(a, rows);
       const RowGroups groups = row_groups(c.classes);
-      const int64_t min_slice = static_cast<int64_t>(kThreads) * 4 * Pack<scalar_t>::kSize;
-      int64_t splits = 1;
-      if (groups.block && c.rows < 2 * sms) {
-        splits = std::min<int64_t>((2 * sms + c.rows - 1) / c.rows, (c.classes + min_slice - 1) / min_slice);
-        splits = std::max<int64_t>(splits, 1);
-      }
+      const int64_t splits = forward_splits(c, groups, sms, Pack<scalar_t>::kSize);
       at::Tensor partial;
       if (splits > 1) {
-        partial = at::empty({c.rows, splits, 4}, opts);
+        partial = at::empty({c.rows, splits, 4}, rows.loss.options());
         a.partial = partial.data_ptr<O>();
       }
       a.splits = static_cast<int>(splits);
@@ -454,18 +576,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
       }
     });
   }
-  const auto dtype = opmath_loss ? c.opmath : input.scalar_type();
-  if (c.reduction == XentReduction::None) {
-    return {row_loss.to(dtype), row_z_loss.to(dtype), row_lse, at::ones({}, opts)};
-  }
-  // Reductions with ATen's kernels on the current stream; no host synchronisation.
-  if (c.reduction == XentReduction::Sum) {
-    return {row_loss.sum().to(dtype), row_z_loss.sum().to(dtype), row_lse, at::ones({}, opts)};
-  }
-  const at::Tensor denominator =
-      c.target_is_prob ? at::full({}, static_cast<double>(c.rows), opts) : row_weight.sum();
-  return {mean_over(row_loss.sum(), denominator).to(dtype), mean_over(row_z_loss.sum(), denominator).to(dtype), row_lse,
-          denominator};
+  const at::Tensor denominator = c.reduction == XentReduction::Mean
+                                     ? mean_denominator(c, rows.weight)
+                                     : at::ones({}, rows.loss.options());
+  return reduce_loss(c, rows, denominator, opmath_loss);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing, double lse_square_scale, bool opmath_loss) {
+  const c10::cuda::OptionalCUDAGuard guard(input.device());
+  raise_if_bad_target_seen("cross_entropy_forward", input.get_device());
+  const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_forward", input, target, weight, reduction,
+                                                      label_smoothing, lse_square_scale, false);
+  return run_forward_cuda(c, ignore_index, label_smoothing, lse_square_scale, opmath_loss);
 }
 
 // g: grad_loss in opmath (check_cross_entropy_backward). keep_unit_rows: see XentArgs.
@@ -536,25 +660,71 @@ void cross_entropy_backward_inplace_cuda(const at::Tensor& grad_loss, const at::
                     input.stride(0));
 }
 
-// The forward that also returns the gradient for grad_loss = 1. On CUDA this is still the two kernels of the
-// forward and the backward (a single-pass version, gradient written while the row is in shared memory or
-// registers, is future work that needs a GPU to tune); the saving here is the autograd round trip.
 at::Tensor ones_like_grad_loss(const CrossEntropyCall& c) {
   const auto opts = c.input.options().dtype(c.opmath);
   return c.reduction == XentReduction::None ? at::ones({c.rows}, opts) : at::ones({}, opts);
+}
+
+// The forward that also writes the gradient for grad_loss = 1 into grad (row stride grad_row_stride; grad may
+// be the logits). One kernel (cross_entropy_forward_backward_kernel) wherever the forward would not split the
+// vocabulary; with few long rows, the split forward and the backward kernel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward_backward_cuda(
+    const CrossEntropyCall& c, int64_t ignore_index, double label_smoothing, double lse_square_scale,
+    bool opmath_loss, const at::Tensor& grad, int64_t grad_row_stride) {
+  const int sms = c.rows > 0 ? sm_count(c.input.get_device()) : 0;
+  // The second read of a row should hit L2. A warp per row keeps 32 rows per SM in flight (two blocks of 16
+  // warps), a block per row 2: rows of up to 8 KiB go to warps (32 · 8 KiB · 132 SMs = 33 MiB), longer ones to
+  // blocks (a row of 32000 fp32, 128 KiB: 2 · 128 KiB · 132 = 33 MiB; an H100's L2 is 50 MiB).
+  const RowGroups groups = row_groups(c.classes, kFusedWarpRowBytes / c.input.element_size());
+  if (c.rows == 0 || forward_splits(c, groups, sms, 16 / c.input.element_size()) > 1) {
+    auto out = run_forward_cuda(c, ignore_index, label_smoothing, lse_square_scale, opmath_loss);
+    run_backward_cuda(c, ones_like_grad_loss(c), std::get<2>(out), std::get<3>(out), ignore_index, label_smoothing,
+                      lse_square_scale, grad, grad_row_stride);
+    return out;
+  }
+  const LossRows rows = empty_loss_rows(c);
+  at::Tensor denominator;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.input.scalar_type(), "cross_entropy_forward_backward_cuda",
+                                  [&] {
+    using O = Opmath<scalar_t>;
+    XentArgs<scalar_t, O> a = make_args<scalar_t, O>(c, ignore_index, label_smoothing, lse_square_scale);
+    set_loss_rows(a, rows);
+    a.grad = static_cast<scalar_t*>(grad.data_ptr());
+    a.grad_row_stride = grad_row_stride;
+    if (c.reduction == XentReduction::Mean) {
+      if (!c.target_is_prob) {
+        constexpr int kWeightThreads = 256;
+        index_row_weights_kernel<scalar_t, O>
+            <<<grid_blocks((c.rows + kWeightThreads - 1) / kWeightThreads, sms), kWeightThreads, 0, stream>>>(a);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      denominator = mean_denominator(c, rows.weight);
+    } else {
+      denominator = at::ones({}, rows.loss.options());
+    }
+    a.denominator = denominator.const_data_ptr<O>();
+    const int64_t items_per_block = groups.block ? 1 : kThreads >> groups.lanes_log2;
+    const unsigned blocks = grid_blocks((c.rows + items_per_block - 1) / items_per_block, sms);
+    with_kernel_kind(c.target_is_prob || label_smoothing > 0.0, groups.block, [&](auto linear, auto block) {
+      cross_entropy_forward_backward_kernel<scalar_t, O, decltype(linear)::value, decltype(block)::value>
+          <<<blocks, kThreads, 0, stream>>>(a, groups.lanes_log2);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return reduce_loss(c, rows, denominator, opmath_loss);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
     int64_t ignore_index, double label_smoothing, double lse_square_scale, bool opmath_loss) {
   const c10::cuda::OptionalCUDAGuard guard(input.device());
-  auto [loss, z_loss, row_lse, denominator] = cross_entropy_forward_cuda(
-      input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale, opmath_loss);
+  raise_if_bad_target_seen("cross_entropy_forward_backward", input.get_device());
   const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_forward_backward", input, target, weight,
                                                       reduction, label_smoothing, lse_square_scale, false);
   at::Tensor grad = at::empty({c.rows, c.classes}, input.options());
-  run_backward_cuda(c, ones_like_grad_loss(c), row_lse, denominator, ignore_index, label_smoothing, lse_square_scale,
-                    grad, c.classes);
+  auto [loss, z_loss, row_lse, denominator] =
+      run_forward_backward_cuda(c, ignore_index, label_smoothing, lse_square_scale, opmath_loss, grad, c.classes);
   return {loss, z_loss, row_lse, denominator, grad};
 }
 
@@ -562,13 +732,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
     int64_t ignore_index, double label_smoothing, double lse_square_scale, bool opmath_loss) {
   const c10::cuda::OptionalCUDAGuard guard(input.device());
+  raise_if_bad_target_seen("cross_entropy_forward_backward_", input.get_device());
   const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_forward_backward_", input, target, weight,
                                                       reduction, label_smoothing, lse_square_scale, true);
-  auto [loss, z_loss, row_lse, denominator] = cross_entropy_forward_cuda(
-      input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale, opmath_loss);
-  run_backward_cuda(c, ones_like_grad_loss(c), row_lse, denominator, ignore_index, label_smoothing, lse_square_scale,
-                    input, input.stride(0));
-  return {loss, z_loss, row_lse, denominator};
+  return run_forward_backward_cuda(c, ignore_index, label_smoothing, lse_square_scale, opmath_loss, input,
+                                   input.stride(0));
 }
 
 // Never known without reading grad_loss on the host (a sync): apply_grad_loss_ decides on the device.
