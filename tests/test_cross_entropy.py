@@ -828,3 +828,64 @@ def test_probability_targets_under_cuda_autocast_match_torch(dtype):
     assert results[0][0].dtype == results[1][0].dtype == torch.float32
     for mine, theirs in zip(results[0], results[1]):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def _kernel_kinds(prof, kernel):
+    """(Linear, kBlock) of each launch of cross_entropy.cu's `kernel` the profiler saw, from its demangled name
+    (`kernel<float, float, false, true>`) or its mangled one (`...kernelIffLb0ELb1E...`)."""
+    import re
+
+    kinds = []
+    for event in prof.events():
+        demangled = re.search(kernel + r"<[^<>]*?, (true|false), (true|false)>", event.name)
+        mangled = re.search(kernel + r"I\w*?Lb([01])ELb([01])E", event.name)
+        if demangled:
+            kinds.append((demangled.group(1) == "true", demangled.group(2) == "true"))
+        elif mangled:
+            kinds.append((mangled.group(1) == "1", mangled.group(2) == "1"))
+    return kinds
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not fused_train.build_info()["cuda_compiled"],
+                    reason="no CUDA device here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(160000, 7), (40000, 33), (5000, 1000), (5000, 3000), (64, 1000), (8, 50257)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cuda_row_paths(shape, dtype, label_smoothing):
+    """Each of cross_entropy.cu's row paths runs where row_groups sends it, and matches torch: groups of 1, 4
+    and 32 lanes (enough rows for two blocks per SM), a block per row (few rows; and in the training step's
+    fused kernel rows over 8 KiB), the split vocabulary (few long rows: forward and backward kernels instead of
+    the fused one); with and without the linear term, a third of the targets ignored."""
+    rows, classes = shape
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    itemsize = torch.empty((), dtype=dtype).element_size()
+
+    def block(warp_classes):  # row_groups
+        if classes > warp_classes:
+            return True
+        lanes = 1
+        while lanes < 32 and 16 * lanes < classes:
+            lanes *= 2
+        return -(-rows // (512 // lanes)) < 2 * sms
+
+    split = block(8192) and rows < 2 * sms and classes > 512 * 4 * (16 // itemsize)  # forward_splits > 1
+    linear = label_smoothing > 0
+    x = torch.randn(shape, device="cuda").to(dtype).requires_grad_()
+    target = torch.randint(0, classes, (rows,), device="cuda")
+    target[::3] = -100
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        cross_entropy(x, target, label_smoothing=label_smoothing).backward()
+        with torch.no_grad():
+            cross_entropy(x, target, label_smoothing=label_smoothing)
+        torch.cuda.synchronize()
+    names = sorted({e.name for e in prof.events() if "cross_entropy" in e.name})
+    forward = _kernel_kinds(prof, "cross_entropy_forward_kernel")
+    fused = _kernel_kinds(prof, "cross_entropy_forward_backward_kernel")
+    if split:
+        assert fused == [] and forward == [(linear, True)] * 2, names
+        assert _kernel_kinds(prof, "cross_entropy_backward_kernel")[:1] == [(linear, True)], names
+    else:
+        assert forward == [(linear, block(8192))], names
+        assert fused == [(linear, block(8192 // itemsize))], names
+    _check("cuda", dtype, shape, label_smoothing=label_smoothing, ignore_some=True)

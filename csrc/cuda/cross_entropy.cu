@@ -115,7 +115,8 @@ __device__ __forceinline__ int64_t read_index(const XentArgs<T, O>& a, int64_t r
 // Threads per row. A row of more than kWarpClasses classes takes a whole block (and several blocks, each a
 // slice of it, when rows are too few to fill the GPU); a smaller row takes a group of 1, 2, 4, ..., 32 lanes
 // of a warp, the smallest giving each lane at most kClassesPerLane classes, so that a row of 21 classes
-// (segmentation) or 1000 does not leave most of a 512-thread block idle behind two barriers.
+// (segmentation) or 1000 does not leave most of a 512-thread block idle behind two barriers. Groups of lanes
+// are used only where they make two blocks per SM; fewer rows go a block each, as long ones do.
 constexpr int64_t kWarpClasses = 8192;
 constexpr int64_t kClassesPerLane = 16;
 // The fused forward + backward kernel's limit instead of kWarpClasses, in bytes (run_forward_backward_cuda).
@@ -126,10 +127,12 @@ struct RowGroups {
   int lanes_log2;
 };
 
-RowGroups row_groups(int64_t classes, int64_t warp_classes = kWarpClasses) {
+RowGroups row_groups(int64_t rows, int64_t classes, int sms, int64_t warp_classes = kWarpClasses) {
   if (classes > warp_classes) return {true, 0};
   int lanes_log2 = 0;
   while (lanes_log2 < 5 && (kClassesPerLane << lanes_log2) < classes) ++lanes_log2;
+  const int64_t blocks = (rows + (kThreads >> lanes_log2) - 1) / (kThreads >> lanes_log2);
+  if (blocks < 2 * static_cast<int64_t>(sms)) return {true, 0};
   return {false, lanes_log2};
 }
 
@@ -360,17 +363,18 @@ template <class T, class O, bool Linear, bool kBlock>
 __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<T, Linear>())
     cross_entropy_forward_kernel(XentArgs<T, O> a, int lanes_log2) {
   const math::XentHyper<O> h = xent_hyper(a);
-  const int64_t slice = (a.classes + a.splits - 1) / a.splits;
+  const int64_t splits = kBlock ? a.splits : 1;  // groups of lanes never split (and skip the divisions)
+  const int64_t slice = (a.classes + splits - 1) / splits;
   if (blockIdx.x == 0 && threadIdx.x == 0) clear_consumed_step_guard(a.bad_target);
   const GroupSpan span = group_span<kBlock>(lanes_log2);
-  for (int64_t b = span.first; b < a.rows * a.splits; b += span.stride) {
-    const int64_t row = b / a.splits;
-    const int64_t begin = (b % a.splits) * slice;
+  for (int64_t b = span.first; b < a.rows * splits; b += span.stride) {
+    const int64_t row = kBlock ? b / splits : b;
+    const int64_t begin = kBlock ? (b % splits) * slice : 0;
     const int64_t n = begin < a.classes ? (a.classes - begin < slice ? a.classes - begin : slice) : 0;
     const math::RowState<O> st =
         combine_group<Linear, kBlock>(fold_slice<Linear>(a, h, row, begin, n, span), span.lanes);
     if (span.lane == 0) {
-      if (a.splits == 1) {
+      if (splits == 1) {
         write_row_outputs(a, row, st, read_target_logit(a, row));
       } else {
         O* out = a.partial + 4 * b;
@@ -409,15 +413,16 @@ constexpr int64_t backward_block_slice() {
 // writes the target class's gradient is the lane that reads its logit, so the in-place backward is safe.
 template <class T, class O, bool Linear, bool kBlock>
 __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<T, Linear>())
-    cross_entropy_backward_kernel(XentArgs<T, O> a, int64_t slices, int lanes_log2) {
+    cross_entropy_backward_kernel(XentArgs<T, O> a, int64_t block_slices, int lanes_log2) {
+  const int64_t slices = kBlock ? block_slices : 1;
   const int64_t slice_length = kBlock ? backward_block_slice<T>() : a.classes;
   const math::XentHyper<O> h = xent_hyper(a);
   const GroupSpan span = group_span<kBlock>(lanes_log2);
   for (int64_t b = span.first; b < a.rows * slices; b += span.stride) {
-    const int64_t row = b / slices;
+    const int64_t row = kBlock ? b / slices : b;
     const O row_grad_loss = a.grad_loss[row * a.grad_loss_stride];
     if (a.keep_unit_rows && row_grad_loss == O(1)) continue;
-    const int64_t begin = (b % slices) * slice_length;
+    const int64_t begin = kBlock ? (b % slices) * slice_length : 0;
     const int64_t n = a.classes - begin < slice_length ? a.classes - begin : slice_length;
     const math::RowLse<O> lse{a.row_lse[2 * row], a.row_lse[2 * row + 1]};
     // In opmath before the one rounding (fp16 under loss scaling would underflow otherwise).
@@ -553,7 +558,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward_cuda(cons
       using O = Opmath<scalar_t>;
       XentArgs<scalar_t, O> a = make_args<scalar_t, O>(c, ignore_index, label_smoothing, lse_square_scale);
       set_loss_rows(a, rows);
-      const RowGroups groups = row_groups(c.classes);
+      const RowGroups groups = row_groups(c.rows, c.classes, sms);
       const int64_t splits = forward_splits(c, groups, sms, Pack<scalar_t>::kSize);
       at::Tensor partial;
       if (splits > 1) {
@@ -619,12 +624,12 @@ void run_backward_cuda(const CrossEntropyCall& c, const at::Tensor& g, const at:
     a.grad_loss_stride = c.reduction == XentReduction::None ? g.stride(0) : 0;
     a.denominator = denominator.const_data_ptr<O>();
     a.target_mass = target_mass.defined() ? target_mass.const_data_ptr<O>() : nullptr;
-    const RowGroups groups = row_groups(c.classes);
+    const int sms = sm_count(c.input.get_device());
+    const RowGroups groups = row_groups(c.rows, c.classes, sms);
     const int64_t slice = backward_block_slice<scalar_t>();
     const int64_t slices = groups.block ? (c.classes + slice - 1) / slice : 1;
     const int64_t items_per_block = groups.block ? 1 : kThreads >> groups.lanes_log2;
-    const unsigned blocks =
-        grid_blocks((c.rows * slices + items_per_block - 1) / items_per_block, sm_count(c.input.get_device()));
+    const unsigned blocks = grid_blocks((c.rows * slices + items_per_block - 1) / items_per_block, sms);
     with_kernel_kind(c.target_is_prob || label_smoothing > 0.0, groups.block, [&](auto linear, auto block) {
       cross_entropy_backward_kernel<scalar_t, O, decltype(linear)::value, decltype(block)::value>
           <<<blocks, kThreads, 0, stream>>>(a, slices, groups.lanes_log2);
@@ -675,7 +680,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward_backward_
   // The second read of a row should hit L2. A warp per row keeps 32 rows per SM in flight (two blocks of 16
   // warps), a block per row 2: rows of up to 8 KiB go to warps (32 · 8 KiB · 132 SMs = 33 MiB), longer ones to
   // blocks (a row of 32000 fp32, 128 KiB: 2 · 128 KiB · 132 = 33 MiB; an H100's L2 is 50 MiB).
-  const RowGroups groups = row_groups(c.classes, kFusedWarpRowBytes / c.input.element_size());
+  const RowGroups groups = row_groups(c.rows, c.classes, sms, kFusedWarpRowBytes / c.input.element_size());
   if (c.rows == 0 || forward_splits(c, groups, sms, 16 / c.input.element_size()) > 1) {
     auto out = run_forward_cuda(c, ignore_index, label_smoothing, lse_square_scale, opmath_loss);
     run_backward_cuda(c, ones_like_grad_loss(c), std::get<2>(out), std::get<3>(out), ignore_index, label_smoothing,

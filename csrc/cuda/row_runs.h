@@ -1,7 +1,7 @@
 // How the threads of a group share one row (or slice of a row) in the cross-entropy kernels
 // (cross_entropy.cu): single elements up to the row's first 16-byte boundary, then whole 16-byte vectors,
 // each thread taking every group-th one, then single elements again. Free of torch and of CUDA, so
-// tests/cpp/test_row_runs.cpp checks on the CPU that every element is visited exactly once, and every vector
+// tests/cpp/test_xent_rows.cpp checks on the CPU that every element is visited exactly once, and every vector
 // read aligned, whatever the row's address, length and group size.
 #pragma once
 
@@ -42,7 +42,8 @@ FT_HOST_DEVICE FT_INLINE void store_pack(T* p, const Pack<T>& pack) {
   uint32_t words[4];
   memcpy(words, &pack, sizeof(words));
   asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(words[0]), "r"(words[1]), "r"(words[2]),
-               "r"(words[3]));
+               "r"(words[3])
+               : "memory");
 #else
   memcpy(p, &pack, sizeof(pack));
 #endif

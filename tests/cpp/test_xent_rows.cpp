@@ -25,14 +25,17 @@ namespace math = fused_train::math;
 namespace {
 
 constexpr int kGroups[] = {1, 2, 4, 8, 16, 32, 512};
-constexpr int64_t kLengths[] = {0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 257,
-                                 1000, 2049, 4097};
+// Up to 17000: a block of 512 threads reaches its kPacksInFlight loop from 2048 vectors (fp32 8192 elements,
+// two-byte types 16384).
+constexpr int64_t kLengths[] = {0,   1,   2,   3,   4,   5,    7,    8,    9,    15,   16,  17,
+                                31,  32,  33,  63,  64,  65,   127,  128,  129,  255,  257, 1000,
+                                2049, 4097, 9000, 17000};
 
 // Every element of rows of every length at every start alignment: visited once, vectors aligned and whole.
 template <class T>
 void check_visits() {
   constexpr int K = ft::Pack<T>::kSize;
-  std::vector<T> storage(4200 + 16);
+  std::vector<T> storage(17000 + 16);
   for (size_t i = 0; i < storage.size(); ++i) storage[i] = static_cast<T>(i % 251);
   for (int offset = 0; offset < 16 / static_cast<int>(sizeof(T)); ++offset) {
     // storage's data is at least 16-byte aligned (operator new); offset moves the row off the boundary.
@@ -180,6 +183,13 @@ FT_TEST(group_state_special_values) {
         const math::RowState<float> lin = group_state<true>(x, ones, 0, group);
         FT_CHECK(std::isnan(math::finish_row(lin).log_sum) && std::isnan(math::linear_term(lin, math::finish_row(lin))));
       }
+      // A NaN in a run before the row's max, which arrives in a later run: the rescale keeps the sum NaN.
+      std::vector<float> later(n + 40, 1.0f);
+      later[0] = nan;
+      later[n + 39] = 100.0f;
+      FT_CHECK_MSG(std::isnan(math::finish_row(group_state<true>(later, std::vector<float>(n + 40, 1.0f), 1, group))
+                                  .log_sum),
+                   "NaN before a larger max, group ", group);
       // One finite logit among -inf: exactly that logit's lse (sum 1).
       std::vector<float> x(n, -inf);
       x[n / 2] = -3.5f;
