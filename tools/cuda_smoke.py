@@ -3,9 +3,10 @@
     python tools/cuda_smoke.py [--small]   # exits 1 on a mismatch, 0 when every case matches
 
 Written to run under compute-sanitizer (memcheck, racecheck, synccheck, initcheck; see tools/gpu_check.py), so
-it stays small: a few hundred kernel launches, tensors of at most a few hundred thousand elements. Paths it
+it stays small: a few hundred kernel launches, tensors of at most a few million elements. Paths it
 reaches: the optimizer launcher with many tensors (several launches), multi-chunk tensors, empty tensors,
-GradScaler unscale and skip; the cross-entropy row kernel, the split-vocabulary forward (few rows, many classes),
+GradScaler unscale and skip; the cross-entropy row kernels (a block per row, groups of lanes), the fused forward
+and backward of the training step, the split-vocabulary forward (few rows, many classes),
 every dtype, index and probability targets, weights, ignore_index, label smoothing, z-loss, in-place backward,
 reduction none, (N, C, d) inputs and strided rows. --small keeps every path but runs fp32 and bf16 only, for
 initcheck, which has to instrument torch's kernels too (see tools/gpu_check.py) and is the slowest tool.
@@ -202,6 +203,25 @@ def loss_cases():
     ours = torch.func.vmap(torch.func.grad(lambda z, y: FF.cross_entropy(z, y)))(xs, ts)
     theirs = torch.func.vmap(torch.func.grad(lambda z, y: torch.nn.functional.cross_entropy(z, y)))(xs, ts)
     check("xent vmap(grad) per-sample gradients", ours, theirs, torch.float32)
+    # Enough rows that the loss kernels take groups of lanes (cross_entropy.cu's row_groups: two blocks per SM
+    # even on 148 SMs): 32 lanes per row of 300 classes, 4 per row of 40; the training step's fused kernel and the
+    # forward alone; in place and not; ignored rows; with the linear term.
+    for rows, classes in ((4800, 300), (38000, 40)):
+        logits = torch.randn(rows, classes, device="cuda")
+        labels = torch.randint(0, classes, (rows,), device="cuda")
+        labels[::5] = -100
+        for opts in (dict(), dict(label_smoothing=0.1), dict(inplace_backward=True)):
+            leaf, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+            ours = FF.cross_entropy(leaf * 1.0 if opts.get("inplace_backward") else leaf, labels, **opts)
+            ours.backward()
+            ref_opts = {k: v for k, v in opts.items() if k != "inplace_backward"}
+            theirs = torch.nn.functional.cross_entropy(b, labels, **ref_opts)
+            theirs.backward()
+            check(f"xent groups of lanes {rows}x{classes} {opts} loss", ours, theirs, torch.float32)
+            check(f"xent groups of lanes {rows}x{classes} {opts} grad", leaf.grad, b.grad, torch.float32)
+            with torch.no_grad():
+                alone = FF.cross_entropy(logits, labels, **ref_opts)
+            check(f"xent groups of lanes {rows}x{classes} {opts} no grad", alone, theirs.detach(), torch.float32)
     x3 = torch.randn(4, 21, 9, 11, device="cuda", requires_grad=True)
     t3 = torch.randint(0, 21, (4, 9, 11), device="cuda")
     y3 = x3.detach().clone().requires_grad_()
