@@ -160,9 +160,9 @@ def test_masked_and_nan_logits_match_torch(device, dtype, classes):
 )
 @pytest.mark.parametrize("target_kind", ["index", "prob"])
 def test_shapes(device, dtype, shape, target_kind):
-    # On CUDA (cross_entropy.cu's row_groups): 70x33 a row per 4 lanes, each row at another 16-byte offset;
-    # 64x2049 a row per warp, several rounds of vectors per lane; 300x8193 a block per row, rows enough not to
-    # split the vocabulary; 2x50257 the split path.
+    # On CUDA (cross_entropy.cu's row_groups; test_cuda_row_paths checks which kernel runs): rows this few
+    # take a block each, 70x33's each at another 16-byte offset, 64x2049's several vectors per thread in the
+    # backward; 300x8193 a block per row with rows enough not to split the vocabulary; 2x50257 the split path.
     _check(device, dtype, shape, target_kind=target_kind, weighted=True, label_smoothing=0.1)
     _check(device, dtype, shape, target_kind=target_kind, reduction="none")
 
