@@ -161,8 +161,8 @@ def test_masked_and_nan_logits_match_torch(device, dtype, classes):
 @pytest.mark.parametrize("target_kind", ["index", "prob"])
 def test_shapes(device, dtype, shape, target_kind):
     # On CUDA (cross_entropy.cu's row_groups; test_cuda_row_paths checks which kernel runs): rows this few
-    # take a block each, 70x33's each at another 16-byte offset, 64x2049's several vectors per thread in the
-    # backward; 300x8193 a block per row with rows enough not to split the vocabulary; 2x50257 the split path.
+    # take a block each, 70x33's each at another 16-byte offset; 300x8193 rows enough not to split the
+    # vocabulary; 2x50257 the split path.
     _check(device, dtype, shape, target_kind=target_kind, weighted=True, label_smoothing=0.1)
     _check(device, dtype, shape, target_kind=target_kind, reduction="none")
 
@@ -849,15 +849,22 @@ def _kernel_kinds(prof, kernel):
 @pytest.mark.skipif(not torch.cuda.is_available() or not fused_train.build_info()["cuda_compiled"],
                     reason="no CUDA device here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1), dict(prob=True), dict(inplace_backward=True)],
+                         ids=["plain", "smooth", "prob_weight", "inplace"])
 @pytest.mark.parametrize("shape", [(160000, 7), (40000, 33), (5000, 1000), (5000, 3000), (64, 1000), (8, 50257)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_cuda_row_paths(shape, dtype, label_smoothing):
-    """Each of cross_entropy.cu's row paths runs where row_groups sends it, and matches torch: groups of 1, 4
-    and 32 lanes (enough rows for two blocks per SM), a block per row (few rows; and in the training step's
-    fused kernel rows over 8 KiB), the split vocabulary (few long rows: forward and backward kernels instead of
-    the fused one); with and without the linear term, a third of the targets ignored."""
+def test_cuda_row_paths(shape, dtype, options):
+    """Each of cross_entropy.cu's row paths runs where row_groups sends it, and its loss and gradient match torch:
+    groups of 1, 4 and 32 lanes (rows enough for two blocks per SM on up to 156 SMs), a block per row (few rows;
+    and in the training step's fused kernel rows over 8 KiB), the split vocabulary (few long rows: forward and
+    backward kernels instead of the fused one); with and without the linear term (smoothing; probabilities with
+    class weights, whose gradient the fused kernel builds from the row's folded Σ w·t'), in place, a third of the
+    class targets ignored. The gradient checked is the training step's: .backward() of a loss whose gradient is
+    1 keeps what the fused kernel wrote."""
     rows, classes = shape
+    prob = options.get("prob", False)
+    inplace = options.get("inplace_backward", False)
+    label_smoothing = options.get("label_smoothing", 0.0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     itemsize = torch.empty((), dtype=dtype).element_size()
 
@@ -870,14 +877,23 @@ def test_cuda_row_paths(shape, dtype, label_smoothing):
         return -(-rows // (512 // lanes)) < 2 * sms
 
     split = block(8192) and rows < 2 * sms and classes > 512 * 4 * (16 // itemsize)  # forward_splits > 1
-    linear = label_smoothing > 0
-    x = torch.randn(shape, device="cuda").to(dtype).requires_grad_()
-    target = torch.randint(0, classes, (rows,), device="cuda")
-    target[::3] = -100
+    linear = label_smoothing > 0 or prob
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(shape, device="cuda", generator=gen).to(dtype)
+    weight = None
+    if prob:
+        target = torch.softmax(torch.randn(shape, device="cuda", generator=gen), 1).to(dtype)
+        weight = torch.rand(classes, device="cuda", generator=gen).to(dtype) + 0.5
+    else:
+        target = torch.randint(0, classes, (rows,), device="cuda", generator=gen)
+        target[::3] = -100
+    kw = dict(weight=weight, label_smoothing=label_smoothing)
+    leaf = logits.clone().requires_grad_()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        cross_entropy(x, target, label_smoothing=label_smoothing).backward()
+        loss = cross_entropy(leaf * 1 if inplace else leaf, target, inplace_backward=inplace, **kw)
+        loss.backward()
         with torch.no_grad():
-            cross_entropy(x, target, label_smoothing=label_smoothing)
+            alone = cross_entropy(logits, target, **kw)
         torch.cuda.synchronize()
     names = sorted({e.name for e in prof.events() if "cross_entropy" in e.name})
     forward = _kernel_kinds(prof, "cross_entropy_forward_kernel")
@@ -888,4 +904,12 @@ def test_cuda_row_paths(shape, dtype, label_smoothing):
     else:
         assert forward == [(linear, block(8192))], names
         assert fused == [(linear, block(8192 // itemsize))], names
-    _check("cuda", dtype, shape, label_smoothing=label_smoothing, ignore_some=True)
+    ref_logits = logits.to(_opmath(dtype)).requires_grad_()
+    ref_weight = None if weight is None else weight.to(ref_logits.dtype)
+    ref = F.cross_entropy(ref_logits, target.to(ref_logits.dtype) if prob else target, weight=ref_weight,
+                          label_smoothing=label_smoothing)
+    ref.backward()
+    tol = XENT_TOL[dtype]
+    torch.testing.assert_close(loss.to(ref.dtype), ref, **tol)
+    torch.testing.assert_close(alone.to(ref.dtype), ref, **tol)
+    torch.testing.assert_close(leaf.grad.to(ref.dtype), ref_logits.grad, **tol)

@@ -171,9 +171,14 @@ __device__ __forceinline__ math::RowState<O> shuffle_xor(const math::RowState<O>
 
 // Combines the states of a group of `lanes` lanes of one warp (a power of two up to 32, aligned): valid in every
 // lane. Only the group's lanes take part, so groups of one warp may be at different items.
+// The lanes of this thread's group of `lanes` (a power of two up to 32, aligned within the warp).
+__device__ __forceinline__ unsigned group_mask(int lanes) {
+  return lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u) << ((threadIdx.x % 32) & ~(lanes - 1u));
+}
+
 template <bool Linear, class O>
 __device__ __forceinline__ math::RowState<O> group_combine(math::RowState<O> st, int lanes) {
-  const unsigned mask = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u) << ((threadIdx.x % 32) & ~(lanes - 1u));
+  const unsigned mask = group_mask(lanes);
   for (int offset = lanes / 2; offset > 0; offset >>= 1) st = math::combine(st, shuffle_xor<Linear>(st, offset, mask));
   return st;
 }
@@ -449,9 +454,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<T, Linear>())
   const O scale = math::mean_scale(O(1), *a.denominator);
   for (int64_t row = span.first; row < a.rows; row += span.stride) {
     const math::RowState<O> mine = fold_slice<Linear>(a, h, row, 0, a.classes, span);
-    // The target's logit, read before any thread of the group can write the gradient over it (in place): the
-    // combine below waits for every thread of the group.
+    // The target's logit, read before any thread of the group can write the gradient over it (in place). A
+    // block's combine has a barrier; a warp's shuffles order no memory, so its lanes meet at __syncwarp first.
     const O target_logit = span.lane == 0 ? read_target_logit(a, row) : O(0);
+    if (!kBlock) __syncwarp(group_mask(span.lanes));
     const math::RowState<O> st = combine_group<Linear, kBlock>(mine, span.lanes);
     if (span.lane == 0) write_row_outputs(a, row, st, target_logit);
     const RowGradient<O> r = row_gradient(a, h, row, scale, math::finish_row(st), st.asum);
@@ -679,7 +685,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward_backward_
   const int sms = c.rows > 0 ? sm_count(c.input.get_device()) : 0;
   // The second read of a row should hit L2. A warp per row keeps 32 rows per SM in flight (two blocks of 16
   // warps), a block per row 2: rows of up to 8 KiB go to warps (32 · 8 KiB · 132 SMs = 33 MiB), longer ones to
-  // blocks (a row of 32000 fp32, 128 KiB: 2 · 128 KiB · 132 = 33 MiB; an H100's L2 is 50 MiB).
+  // blocks (a row of 32000 fp32, 128 KiB: 2 · 128 KiB · 132 = 33 MiB; an H100's L2 is 50 MiB). Rows of 128K
+  // classes do not fit (67 MiB in bf16): their second read goes to HBM, as with two kernels.
   const RowGroups groups = row_groups(c.rows, c.classes, sms, kFusedWarpRowBytes / c.input.element_size());
   if (c.rows == 0 || forward_splits(c, groups, sms, 16 / c.input.element_size()) > 1) {
     auto out = run_forward_cuda(c, ignore_index, label_smoothing, lse_square_scale, opmath_loss);
