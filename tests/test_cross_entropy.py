@@ -889,7 +889,8 @@ def test_cuda_row_paths(shape, dtype, options):
         target[::3] = -100
     kw = dict(weight=weight, label_smoothing=label_smoothing)
     leaf = logits.clone().requires_grad_()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
         loss = cross_entropy(leaf * 1 if inplace else leaf, target, inplace_backward=inplace, **kw)
         loss.backward()
         with torch.no_grad():
