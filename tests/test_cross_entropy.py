@@ -4,6 +4,7 @@ devices × dtypes × target kinds × options, plus gradcheck, opcheck, torch.com
 import gc
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -833,8 +834,6 @@ def test_probability_targets_under_cuda_autocast_match_torch(dtype):
 def _kernel_kinds(prof, kernel):
     """(Linear, kBlock) of each launch of cross_entropy.cu's `kernel` the profiler saw, from its demangled name
     (`kernel<float, float, false, true>`) or its mangled one (`...kernelIffLb0ELb1E...`)."""
-    import re
-
     kinds = []
     for event in prof.events():
         demangled = re.search(kernel + r"<[^<>]*?, (true|false), (true|false)>", event.name)

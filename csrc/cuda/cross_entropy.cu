@@ -151,14 +151,22 @@ __device__ __forceinline__ GroupSpan group_span(int lanes_log2) {
           static_cast<int64_t>(gridDim.x) * per_block};
 }
 
-// Calls f(std::bool_constant<Linear>{}, std::bool_constant<Block>{}): the kernels are compiled for each, so
-// the common loss (class indices, no smoothing) carries no per-element coefficient loads or branches.
+// Blocks for `items` work items (rows or row slices) of the groups' size: a block per item, or kThreads / lanes
+// items per block.
+unsigned group_grid(const RowGroups& groups, int64_t items, int sms) {
+  const int64_t per_block = groups.block ? 1 : kThreads >> groups.lanes_log2;
+  return grid_blocks((items + per_block - 1) / per_block, sms);
+}
+
+// Calls f(std::bool_constant<Linear>{}, std::bool_constant<Block>{}) for the call's loss (Linear: a linear term,
+// for probabilities or label smoothing) and groups. The kernels are compiled for each, so the common loss (class
+// indices, no smoothing) carries no per-element coefficient loads or branches.
 template <class F>
-void with_kernel_kind(bool linear, bool block, F&& f) {
-  if (linear) {
-    block ? f(std::true_type{}, std::true_type{}) : f(std::true_type{}, std::false_type{});
+void with_kernel_kind(const CrossEntropyCall& c, double label_smoothing, const RowGroups& groups, F&& f) {
+  if (c.target_is_prob || label_smoothing > 0.0) {
+    groups.block ? f(std::true_type{}, std::true_type{}) : f(std::true_type{}, std::false_type{});
   } else {
-    block ? f(std::false_type{}, std::true_type{}) : f(std::false_type{}, std::false_type{});
+    groups.block ? f(std::false_type{}, std::true_type{}) : f(std::false_type{}, std::false_type{});
   }
 }
 
@@ -169,13 +177,13 @@ __device__ __forceinline__ math::RowState<O> shuffle_xor(const math::RowState<O>
           __shfl_xor_sync(mask, s.dot, offset), __shfl_xor_sync(mask, s.asum, offset)};
 }
 
-// Combines the states of a group of `lanes` lanes of one warp (a power of two up to 32, aligned): valid in every
-// lane. Only the group's lanes take part, so groups of one warp may be at different items.
 // The lanes of this thread's group of `lanes` (a power of two up to 32, aligned within the warp).
 __device__ __forceinline__ unsigned group_mask(int lanes) {
   return lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u) << ((threadIdx.x % 32) & ~(lanes - 1u));
 }
 
+// Combines the states of a group of `lanes` lanes of one warp (a power of two up to 32, aligned): valid in every
+// lane. Only the group's lanes take part, so groups of one warp may be at different items.
 template <bool Linear, class O>
 __device__ __forceinline__ math::RowState<O> group_combine(math::RowState<O> st, int lanes) {
   const unsigned mask = group_mask(lanes);
@@ -210,41 +218,57 @@ __device__ __forceinline__ math::RowState<O> combine_group(const math::RowState<
   return group_combine<Linear>(st, lanes);
 }
 
-// The logit of row's class-index target, or 0 (probabilities, ignored or out-of-range targets).
+// A row's target: its class index (-1 for probabilities), and whether it is ignore_index or out of [0, C) (a bad
+// target: NaN loss and gradient, reported). Every kernel classifies a row through this.
+struct RowTarget {
+  int64_t index;
+  bool ignored, bad;
+  __device__ __forceinline__ bool kept() const { return index >= 0 && !ignored && !bad; }
+};
+
 template <class T, class O>
-__device__ __forceinline__ O read_target_logit(const XentArgs<T, O>& a, int64_t row) {
-  if (a.target_is_prob) return O(0);
+__device__ __forceinline__ RowTarget read_row_target(const XentArgs<T, O>& a, int64_t row) {
+  if (a.target_is_prob) return {-1, false, false};
   const int64_t t = read_index(a, row);
-  return t >= 0 && t < a.classes ? static_cast<O>(a.logits[row * a.logits_row_stride + t]) : O(0);
+  const bool ignored = t == a.ignore_index;
+  return {t, ignored, !ignored && (t < 0 || t >= a.classes)};
+}
+
+// The logit of a kept class-index target, or 0.
+template <class T, class O>
+__device__ __forceinline__ O read_target_logit(const XentArgs<T, O>& a, int64_t row, const RowTarget& target) {
+  return target.kept() ? static_cast<O>(a.logits[row * a.logits_row_stride + target.index]) : O(0);
 }
 
 // Turns a row's combined state into its outputs (one thread per row). target_logit: read_target_logit's.
 template <class T, class O>
 __device__ void write_row_outputs(const XentArgs<T, O>& a, int64_t row, const math::RowState<O>& st,
-                                  O target_logit) {
+                                  const RowTarget& target, O target_logit) {
   const math::XentHyper<O> h = xent_hyper(a);
   const math::RowLse<O> lse = math::finish_row(st);
   O loss = 0, row_weight = 0;
-  bool ignored = false;
   if (a.target_is_prob) {
     loss = math::prob_row_loss(st, lse, h);
     row_weight = 1;
-  } else {
-    const int64_t t = read_index(a, row);
-    ignored = t == a.ignore_index;
-    if (!ignored && (t < 0 || t >= a.classes)) {
-      report_bad_target(a.bad_target, row, t);
-      loss = std::numeric_limits<O>::quiet_NaN();
-    } else if (!ignored) {
-      row_weight = a.weight != nullptr ? a.weight[t] : O(1);
-      loss = math::index_row_loss(st, lse, target_logit, row_weight, h);
-    }
+  } else if (target.bad) {
+    report_bad_target(a.bad_target, row, target.index);
+    loss = std::numeric_limits<O>::quiet_NaN();
+  } else if (!target.ignored) {
+    row_weight = a.weight != nullptr ? a.weight[target.index] : O(1);
+    loss = math::index_row_loss(st, lse, target_logit, row_weight, h);
   }
   a.row_lse[2 * row] = lse.shift;
   a.row_lse[2 * row + 1] = lse.log_sum;
   a.row_loss[row] = loss;
-  a.row_z_loss[row] = ignored ? O(0) : math::z_loss(lse, h);
+  a.row_z_loss[row] = target.ignored ? O(0) : math::z_loss(lse, h);
   a.row_weight[row] = row_weight;
+}
+
+// A row's outputs from its combined state, the target read here (the forward alone: nothing writes the logits).
+template <class T, class O>
+__device__ __forceinline__ void finish_row_outputs(const XentArgs<T, O>& a, int64_t row, const math::RowState<O>& st) {
+  const RowTarget target = read_row_target(a, row);
+  write_row_outputs(a, row, st, target, read_target_logit(a, row, target));
 }
 
 // The linear coefficient a_j of a row's element j (Linear kernels only): w_j, times t'_j for probabilities.
@@ -283,30 +307,21 @@ __device__ __forceinline__ math::RowState<O> fold_slice(const XentArgs<T, O>& a,
   return st;
 }
 
-// A row's gradient constants and its target's kind.
+// A row's gradient constants and its target.
 template <class O>
 struct RowGradient {
   math::RowGrad<O> rg;
-  int64_t target;  // the class index, -1 for probabilities
-  bool ignored, bad;
+  RowTarget target;
 };
 
 // scale: grad_loss_r / denominator (math::mean_scale); target_mass: Σ_c w_c·t'_c of a probability row.
 template <class T, class O>
 __device__ __forceinline__ RowGradient<O> row_gradient(const XentArgs<T, O>& a, const math::XentHyper<O>& h,
-                                                       int64_t row, O scale, const math::RowLse<O>& lse,
+                                                       const RowTarget& target, O scale, const math::RowLse<O>& lse,
                                                        O target_mass) {
-  RowGradient<O> r{};
-  r.target = -1;
-  if (a.target_is_prob) {
-    r.rg = math::prob_row_grad(scale, lse, target_mass, h);
-  } else {
-    r.target = read_index(a, row);
-    r.ignored = r.target == a.ignore_index;
-    r.bad = !r.ignored && (r.target < 0 || r.target >= a.classes);
-    r.rg = math::index_row_grad(scale, lse, r.ignored || r.bad || a.weight == nullptr ? O(1) : a.weight[r.target], h);
-  }
-  return r;
+  if (a.target_is_prob) return {math::prob_row_grad(scale, lse, target_mass, h), target};
+  const O target_weight = target.kept() && a.weight != nullptr ? a.weight[target.index] : O(1);
+  return {math::index_row_grad(scale, lse, target_weight, h), target};
 }
 
 // Writes this thread's share of the gradient of the slice [begin, begin + n) of a row. The share is the one
@@ -319,9 +334,9 @@ __device__ __forceinline__ void write_slice_gradient(const XentArgs<T, O>& a, co
   constexpr int K = Pack<T>::kSize;
   const T* x = a.logits + row * a.logits_row_stride + begin;
   T* g = a.grad + row * a.grad_row_stride + begin;
-  if (r.ignored || r.bad) {
+  if (r.target.ignored || r.target.bad) {
     // 0 for an ignored row, NaN for a bad target; the logits are not read.
-    const T fill = r.ignored ? T(0) : static_cast<T>(std::numeric_limits<O>::quiet_NaN());
+    const T fill = r.target.ignored ? T(0) : static_cast<T>(std::numeric_limits<O>::quiet_NaN());
     Pack<T> fills;
 #pragma unroll
     for (int k = 0; k < K; ++k) fills.v[k] = fill;
@@ -331,7 +346,8 @@ __device__ __forceinline__ void write_slice_gradient(const XentArgs<T, O>& a, co
     return;
   }
   // The slice's element of the target class, if it has it; -1 never matches.
-  const int64_t target_at = r.target >= begin && r.target < begin + n ? r.target - begin : -1;
+  const int64_t t = r.target.index;
+  const int64_t target_at = t >= begin && t < begin + n ? t - begin : -1;
   const T* target_row =
       Linear && a.target_is_prob ? static_cast<const T*>(a.target) + row * a.target_row_stride + begin : nullptr;
   const O* weight = Linear ? a.weight + begin : nullptr;
@@ -380,7 +396,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<T, Linear>())
         combine_group<Linear, kBlock>(fold_slice<Linear>(a, h, row, begin, n, span), span.lanes);
     if (span.lane == 0) {
       if (splits == 1) {
-        write_row_outputs(a, row, st, read_target_logit(a, row));
+        finish_row_outputs(a, row, st);
       } else {
         O* out = a.partial + 4 * b;
         out[0] = st.max;
@@ -403,7 +419,7 @@ __global__ void cross_entropy_combine_splits_kernel(XentArgs<T, O> a) {
       const O* p = a.partial + 4 * (row * a.splits + s);
       st = math::combine(st, math::RowState<O>{p[0], p[1], p[2], p[3]});
     }
-    write_row_outputs(a, row, st, read_target_logit(a, row));
+    finish_row_outputs(a, row, st);
   }
 }
 
@@ -433,8 +449,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<T, Linear>())
     // In opmath before the one rounding (fp16 under loss scaling would underflow otherwise).
     const O scale = math::mean_scale(row_grad_loss, *a.denominator);
     const RowGradient<O> r =
-        row_gradient(a, h, row, scale, lse, a.target_is_prob ? a.target_mass[row] : O(0));
-    if (r.bad && span.lane == 0 && begin == 0) guard_nan_gradient(a.bad_target);  // this row's gradient is NaN
+        row_gradient(a, h, read_row_target(a, row), scale, lse, a.target_is_prob ? a.target_mass[row] : O(0));
+    if (r.target.bad && span.lane == 0 && begin == 0) guard_nan_gradient(a.bad_target);  // its gradient is NaN
     write_slice_gradient<Linear>(a, h, row, begin, n, r, span);
   }
 }
@@ -456,12 +472,13 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<T, Linear>())
     const math::RowState<O> mine = fold_slice<Linear>(a, h, row, 0, a.classes, span);
     // The target's logit, read before any thread of the group can write the gradient over it (in place). A
     // block's combine has a barrier; a warp's shuffles order no memory, so its lanes meet at __syncwarp first.
-    const O target_logit = span.lane == 0 ? read_target_logit(a, row) : O(0);
+    const RowTarget target = read_row_target(a, row);
+    const O target_logit = span.lane == 0 ? read_target_logit(a, row, target) : O(0);
     if (!kBlock) __syncwarp(group_mask(span.lanes));
     const math::RowState<O> st = combine_group<Linear, kBlock>(mine, span.lanes);
-    if (span.lane == 0) write_row_outputs(a, row, st, target_logit);
-    const RowGradient<O> r = row_gradient(a, h, row, scale, math::finish_row(st), st.asum);
-    if (r.bad && span.lane == 0) guard_nan_gradient(a.bad_target);  // this row's gradient is NaN
+    if (span.lane == 0) write_row_outputs(a, row, st, target, target_logit);
+    const RowGradient<O> r = row_gradient(a, h, target, scale, math::finish_row(st), st.asum);
+    if (target.bad && span.lane == 0) guard_nan_gradient(a.bad_target);  // this row's gradient is NaN
     write_slice_gradient<Linear>(a, h, row, 0, a.classes, r, span);
     if (kBlock) __syncthreads();  // block_combine's shared memory is written again for the next row
   }
@@ -473,9 +490,8 @@ template <class T, class O>
 __global__ void index_row_weights_kernel(XentArgs<T, O> a) {
   for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; row < a.rows;
        row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = read_index(a, row);
-    const bool kept = t != a.ignore_index && t >= 0 && t < a.classes;
-    a.row_weight[row] = kept ? (a.weight != nullptr ? a.weight[t] : O(1)) : O(0);
+    const RowTarget target = read_row_target(a, row);
+    a.row_weight[row] = target.kept() ? (a.weight != nullptr ? a.weight[target.index] : O(1)) : O(0);
   }
 }
 
@@ -548,7 +564,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce_loss(const Cro
 int64_t forward_splits(const CrossEntropyCall& c, const RowGroups& groups, int sms, int64_t pack_size) {
   if (!groups.block || c.rows >= 2 * sms) return 1;
   const int64_t min_slice = static_cast<int64_t>(kThreads) * 4 * pack_size;
-  return std::max<int64_t>(1, std::min<int64_t>((2 * sms + c.rows - 1) / c.rows, (c.classes + min_slice - 1) / min_slice));
+  const int64_t splits = std::min<int64_t>((2 * sms + c.rows - 1) / c.rows, (c.classes + min_slice - 1) / min_slice);
+  return std::max<int64_t>(1, splits);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward_cuda(const CrossEntropyCall& c,
@@ -572,9 +589,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward_cuda(cons
         a.partial = partial.data_ptr<O>();
       }
       a.splits = static_cast<int>(splits);
-      const int64_t items_per_block = groups.block ? 1 : kThreads >> groups.lanes_log2;
-      const unsigned blocks = grid_blocks((c.rows * splits + items_per_block - 1) / items_per_block, sms);
-      with_kernel_kind(c.target_is_prob || label_smoothing > 0.0, groups.block, [&](auto linear, auto block) {
+      const unsigned blocks = group_grid(groups, c.rows * splits, sms);
+      with_kernel_kind(c, label_smoothing, groups, [&](auto linear, auto block) {
         cross_entropy_forward_kernel<scalar_t, O, decltype(linear)::value, decltype(block)::value>
             <<<blocks, kThreads, 0, stream>>>(a, groups.lanes_log2);
       });
@@ -634,9 +650,8 @@ void run_backward_cuda(const CrossEntropyCall& c, const at::Tensor& g, const at:
     const RowGroups groups = row_groups(c.rows, c.classes, sms);
     const int64_t slice = backward_block_slice<scalar_t>();
     const int64_t slices = groups.block ? (c.classes + slice - 1) / slice : 1;
-    const int64_t items_per_block = groups.block ? 1 : kThreads >> groups.lanes_log2;
-    const unsigned blocks = grid_blocks((c.rows * slices + items_per_block - 1) / items_per_block, sms);
-    with_kernel_kind(c.target_is_prob || label_smoothing > 0.0, groups.block, [&](auto linear, auto block) {
+    const unsigned blocks = group_grid(groups, c.rows * slices, sms);
+    with_kernel_kind(c, label_smoothing, groups, [&](auto linear, auto block) {
       cross_entropy_backward_kernel<scalar_t, O, decltype(linear)::value, decltype(block)::value>
           <<<blocks, kThreads, 0, stream>>>(a, slices, groups.lanes_log2);
     });
@@ -697,8 +712,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward_backward_
   const LossRows rows = empty_loss_rows(c);
   at::Tensor denominator;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.input.scalar_type(), "cross_entropy_forward_backward_cuda",
-                                  [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, c.input.scalar_type(), "cross_entropy_forward_backward_cuda", [&] {
     using O = Opmath<scalar_t>;
     XentArgs<scalar_t, O> a = make_args<scalar_t, O>(c, ignore_index, label_smoothing, lse_square_scale);
     set_loss_rows(a, rows);
@@ -716,9 +731,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward_backward_
       denominator = at::ones({}, rows.loss.options());
     }
     a.denominator = denominator.const_data_ptr<O>();
-    const int64_t items_per_block = groups.block ? 1 : kThreads >> groups.lanes_log2;
-    const unsigned blocks = grid_blocks((c.rows + items_per_block - 1) / items_per_block, sms);
-    with_kernel_kind(c.target_is_prob || label_smoothing > 0.0, groups.block, [&](auto linear, auto block) {
+    const unsigned blocks = group_grid(groups, c.rows, sms);
+    with_kernel_kind(c, label_smoothing, groups, [&](auto linear, auto block) {
       cross_entropy_forward_backward_kernel<scalar_t, O, decltype(linear)::value, decltype(block)::value>
           <<<blocks, kThreads, 0, stream>>>(a, groups.lanes_log2);
     });
