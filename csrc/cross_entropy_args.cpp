@@ -39,21 +39,27 @@ CrossEntropyCall check_cross_entropy_call(const char* op, const at::Tensor& inpu
   CrossEntropyCall c;
   const auto dtype = input.scalar_type();
   check_cross_entropy_dtype(op, dtype);
-  TORCH_CHECK_VALUE(input.dim() == 2, op, ": input must be 2-D (rows, classes), got shape ", input.sizes());
-  c.rows = input.size(0);
+  TORCH_CHECK_VALUE(input.dim() == 2 || input.dim() == 3, op,
+                    ": input must be 2-D (rows, classes) or 3-D (batch, classes, positions), got shape ",
+                    input.sizes());
+  const bool spatial = c.spatial = input.dim() == 3;
   c.classes = input.size(1);
+  c.positions = spatial ? input.size(2) : 0;
+  c.rows = spatial ? input.size(0) * c.positions : input.size(0);
   TORCH_CHECK_VALUE(c.classes > 0, op, ": input must have at least one class, got shape ", input.sizes());
   check_cross_entropy_options(op, reduction, label_smoothing, lse_square_scale);
   c.reduction = static_cast<XentReduction>(reduction);
   c.opmath = opmath_type(dtype);
 
-  // The kernels read a row with vector loads, which needs unit class stride; a transposed view is copied
-  // once (the same cost as the read it enables). Any row stride is fine as it is.
-  if (input.stride(1) == 1 || c.classes == 1) {
+  // The kernels read a row with vector loads, which needs unit class stride (2-D; any row stride is fine) or
+  // the dense (batch, classes, positions) layout (3-D); other views are copied once, the cost of the read it
+  // enables.
+  const bool as_is = spatial ? input.is_contiguous() : (input.stride(1) == 1 || c.classes == 1);
+  if (as_is) {
     c.input = input;
   } else {
-    TORCH_CHECK(!writes_input, op, ": the in-place backward needs input with unit class stride, got strides ",
-                input.strides());
+    TORCH_CHECK(!writes_input, op, ": the in-place backward needs input with ",
+                spatial ? "a contiguous layout" : "unit class stride", ", got strides ", input.strides());
     c.input = input.contiguous();
   }
   if (writes_input) {
@@ -67,15 +73,28 @@ CrossEntropyCall check_cross_entropy_call(const char* op, const at::Tensor& inpu
   if (c.target_is_prob) {
     TORCH_CHECK_TYPE(target.scalar_type() == dtype, op, ": probability target must have input's dtype ", dtype,
                      ", got ", target.scalar_type());
-    TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == c.rows && target.size(1) == c.classes, op,
-                      ": probability target must have input's shape ", input.sizes(), ", got ", target.sizes());
-    c.target = (target.stride(1) == 1 || c.classes == 1) ? target : target.contiguous();
+    TORCH_CHECK_VALUE(target.sizes() == input.sizes(), op, ": probability target must have input's shape ",
+                      input.sizes(), ", got ", target.sizes());
+    if (spatial) {
+      c.target = target.contiguous();
+    } else {
+      c.target = (target.stride(1) == 1 || c.classes == 1) ? target : target.contiguous();
+    }
   } else {
     TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
                      ": class-index target must be int64 or int32, got ", target.scalar_type());
-    TORCH_CHECK_VALUE(target.dim() == 1, op, ": class-index target must be 1-D (rows,), got shape ", target.sizes());
-    TORCH_CHECK_VALUE(target.size(0) == c.rows, op, ": target has ", target.size(0), " rows but input has ", c.rows);
-    c.target = target;
+    if (spatial) {
+      TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == input.size(0) && target.size(1) == c.positions, op,
+                        ": class-index target must have shape (batch, positions) = (", input.size(0), ", ",
+                        c.positions, ") for input of shape ", input.sizes(), ", got ", target.sizes());
+      c.target = target.reshape({c.rows});  // one entry per row, in row order (a view unless strided oddly)
+    } else {
+      TORCH_CHECK_VALUE(target.dim() == 1, op, ": class-index target must be 1-D (rows,), got shape ",
+                        target.sizes());
+      TORCH_CHECK_VALUE(target.size(0) == c.rows, op, ": target has ", target.size(0), " rows but input has ",
+                        c.rows);
+      c.target = target;
+    }
   }
 
   const bool linear = c.target_is_prob || label_smoothing > 0.0;
@@ -115,13 +134,14 @@ at::Tensor check_cross_entropy_backward(const char* op, const CrossEntropyCall& 
 }
 
 void check_cross_entropy_grad_input(const char* op, const CrossEntropyCall& call, const at::Tensor& grad_input) {
-  TORCH_CHECK_VALUE(grad_input.dim() == 2 && grad_input.size(0) == call.rows && grad_input.size(1) == call.classes &&
-                        grad_input.scalar_type() == call.input.scalar_type() &&
-                        grad_input.device() == call.input.device() &&
-                        (grad_input.stride(1) == 1 || call.classes == 1),
-                    op, ": grad_input must be a (", call.rows, ", ", call.classes, ") ", call.input.scalar_type(),
-                    " tensor on ", call.input.device(), " with unit class stride, got shape ", grad_input.sizes(), " ",
-                    grad_input.scalar_type(), " on ", grad_input.device(), " with strides ", grad_input.strides());
+  const bool layout = call.spatial ? grad_input.is_contiguous()
+                                         : grad_input.dim() == 2 && (grad_input.stride(1) == 1 || call.classes == 1);
+  TORCH_CHECK_VALUE(grad_input.sizes() == call.input.sizes() && grad_input.scalar_type() == call.input.scalar_type() &&
+                        grad_input.device() == call.input.device() && layout,
+                    op, ": grad_input must be a ", call.input.sizes(), " ", call.input.scalar_type(), " tensor on ",
+                    call.input.device(), call.spatial ? ", contiguous" : " with unit class stride",
+                    ", got shape ", grad_input.sizes(), " ", grad_input.scalar_type(), " on ", grad_input.device(),
+                    " with strides ", grad_input.strides());
   // TooHard (either side not dense, e.g. logits[:, :V] of a padded vocabulary) is decided by the storages: the
   // gradient is a buffer of its own unless it was made from the logits' memory.
   const at::MemOverlapStatus overlap = at::get_overlap_status(grad_input, call.input);
@@ -133,22 +153,24 @@ void check_cross_entropy_grad_input(const char* op, const CrossEntropyCall& call
 }
 
 at::Tensor check_cross_entropy_scale_grad(const char* op, const at::Tensor& grad_input, const at::Tensor& grad_loss) {
-  TORCH_CHECK_VALUE(grad_input.dim() == 2, op, ": grad_input must be 2-D (rows, classes), got shape ",
+  TORCH_CHECK_VALUE(grad_input.dim() == 2 || grad_input.dim() == 3, op,
+                    ": grad_input must be 2-D (rows, classes) or 3-D (batch, classes, positions), got shape ",
                     grad_input.sizes());
   TORCH_CHECK_VALUE(grad_loss.device() == grad_input.device(), op, ": grad_loss must be on ", grad_input.device(),
                     ", got ", grad_loss.device());
-  at::Tensor scale;
-  if (grad_loss.numel() == 1) {
-    scale = grad_loss.reshape({});
-  } else {
-    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == grad_input.size(0), op,
-                      ": grad_loss must hold one element or one per row (", grad_input.size(0), "), got shape ",
-                      grad_loss.sizes());
-    scale = grad_loss;
-  }
+  const int64_t rows = grad_input.dim() == 3 ? grad_input.size(0) * grad_input.size(2) : grad_input.size(0);
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1 || (grad_loss.dim() == 1 && grad_loss.size(0) == rows), op,
+                    ": grad_loss must hold one element or one per row (", rows, "), got shape ", grad_loss.sizes());
   // Opmath: GradScaler's 2^16 is inf in fp16.
   const at::ScalarType opmath = opmath_type(grad_input.scalar_type());
-  return scale.scalar_type() == opmath ? scale : scale.to(opmath);
+  const at::Tensor scale = grad_loss.scalar_type() == opmath ? grad_loss : grad_loss.to(opmath);
+  return row_scale_for(grad_input, scale);
+}
+
+at::Tensor row_scale_for(const at::Tensor& grad_input, const at::Tensor& scale) {
+  if (scale.numel() == 1) return scale.reshape({});
+  if (grad_input.dim() == 3) return scale.reshape({grad_input.size(0), 1, grad_input.size(2)});
+  return scale.reshape({-1, 1});
 }
 
 at::Tensor mean_over(const at::Tensor& total, const at::Tensor& denominator) {

@@ -59,14 +59,18 @@ struct OptimizerLaunch {
 // Runs chunks [chunk_begin, chunk_end) of a launch.
 using OptimizerChunksFn = void (*)(const OptimizerLaunch&, int64_t chunk_begin, int64_t chunk_end);
 
-// One cross-entropy call over a 2-D view of the logits: `rows` rows of `classes` logits with unit class
-// stride and any row stride. Per-row inputs and outputs in opmath (double for fp64 logits, float otherwise)
-// unless said otherwise; weights too. See cross_entropy.cpp for who fills what.
+// One cross-entropy call over `rows` rows of `classes` logits: a 2-D view with unit class stride and any row
+// stride, or (positions > 0) the contiguous (rows / positions, classes, positions) layout, whose row r has its
+// classes at stride positions from element (r / positions)·classes·positions + r % positions (logits, gradient
+// and probability targets alike; the row strides are then unused). Per-row inputs and outputs in opmath
+// (double for fp64 logits, float otherwise) unless said otherwise; weights too. See cross_entropy.cpp for who
+// fills what.
 struct CrossEntropyLaunch {
   ScalarKind dtype;           // logits, gradient and probability targets
   const void* logits;
   int64_t logits_row_stride;
   int64_t rows, classes;
+  int64_t positions;          // > 0: the (batch, classes, positions) layout
   const void* target;         // int64/int32 class indices (rows), or probabilities like the logits
   int64_t target_row_stride;  // probabilities: elements between rows; class indices: between entries
   bool target_is_prob;

@@ -69,6 +69,7 @@ CrossEntropyLaunch make_launch(const CrossEntropyCall& c, int64_t ignore_index, 
   l.logits_row_stride = c.input.stride(0);
   l.rows = c.rows;
   l.classes = c.classes;
+  l.positions = c.spatial ? c.positions : 0;
   l.target = c.target.const_data_ptr();
   l.target_row_stride = c.target.stride(0);
   l.target_is_prob = c.target_is_prob;
@@ -190,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_ent
   const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_forward_backward", input, target, weight,
                                                       reduction, label_smoothing, lse_square_scale, false);
   // The memory of the last large gradient when it is free again (cpu/gradient_cache.h).
-  at::Tensor grad = reusable_gradient(c.rows, c.classes, input.options());
+  at::Tensor grad = reusable_gradient(c.rows, c.classes, input.options()).view(c.input.sizes());
   auto [loss, z_loss, lse, denominator] =
       run_forward(c, ignore_index, label_smoothing, lse_square_scale, opmath_loss, grad.data_ptr(), c.classes);
   return {loss, z_loss, lse, denominator, grad};
@@ -233,7 +234,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
   const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_backward", input, target, weight, reduction,
                                                       label_smoothing, lse_square_scale, false);
   const at::Tensor g = check_cross_entropy_backward("cross_entropy_backward", c, grad_loss, lse, denominator);
-  at::Tensor grad = at::empty({c.rows, c.classes}, input.options());
+  at::Tensor grad = at::empty(c.input.sizes(), input.options());
   run_backward(c, g, lse, denominator, ignore_index, label_smoothing, lse_square_scale, grad.data_ptr(), c.classes,
                false);
   return grad;
@@ -255,7 +256,7 @@ void cross_entropy_backward_inplace_cpu(const at::Tensor& grad_loss, const at::T
 // grad_input *= scale, one element or one per row. A 0-dim CPU tensor multiplies as the scalar it holds,
 // in opmath (GradScaler's 2^16 would be inf as an fp16 tensor).
 void scale_rows_(const at::Tensor& grad_input, const at::Tensor& scale) {
-  grad_input.mul_(scale.dim() == 0 ? scale : scale.unsqueeze(1));
+  grad_input.mul_(row_scale_for(grad_input, scale));
 }
 
 bool all_ones(const at::Tensor& t) {
@@ -326,7 +327,7 @@ void cross_entropy_apply_grad_loss_inplace_cpu(const at::Tensor& grad_input, con
 // (inplace_backward), which cannot be recomputed: a second rounding. The scale stays in opmath.
 void cross_entropy_scale_grad_inplace_cpu(const at::Tensor& grad_input, const at::Tensor& grad_loss) {
   const at::Tensor scale = check_cross_entropy_scale_grad("cross_entropy_scale_grad_", grad_input, grad_loss);
-  if (!all_ones(scale)) scale_rows_(grad_input, scale);
+  if (!all_ones(scale.reshape({-1}))) grad_input.mul_(scale);
 }
 
 }  // namespace

@@ -447,11 +447,267 @@ FT_XENT_FLATTEN CrossEntropySums forward_row_groups(const CrossEntropyLaunch& l,
   return sums;
 }
 
+// ---- The (batch, classes, positions) layout: positions across the lanes ----
+// A segmentation loss's logits (N, C, d1, …, dK) hold each position's C classes at stride d1·…·dK, and
+// neighbouring positions side by side. So a step of kWidth positions is one vector pair per class, a row per
+// lane: the row max, the exps and the log are plain vector operations, with no transpose and no copy of the
+// logits into rows (torch's log_softmax over dim 1 walks them the same way). A step's classes are read twice
+// (the max, then the sums; the second time from cache), and a third time to write the gradient.
+
+// Runs fn(r, offset, n) over the steps of rows [row_begin, row_end): n <= kWidth rows from row r, all of one
+// batch entry, the first one's class 0 at element offset.
+template <int64_t kWidth, class Fn>
+FT_INLINE void for_each_position_step(const CrossEntropyLaunch& l, int64_t row_begin, int64_t row_end, Fn&& fn) {
+  const int64_t positions = l.positions;
+  int64_t r = row_begin;
+  while (r < row_end) {
+    const int64_t batch = r / positions;
+    const int64_t end = std::min(row_end, (batch + 1) * positions);
+    int64_t offset = batch * l.classes * positions + r % positions;
+    while (r < end) {
+      const int64_t n = std::min(kWidth, end - r);
+      fn(r, offset, n);
+      r += n;
+      offset += n;
+    }
+  }
+}
+
+// n <= kWidth neighbouring elements from p (a step of lanes), the rest 0: the padding lanes stay finite.
+template <class T>
+FT_INLINE void load_step(const T* p, int64_t n, at::vec::Vectorized<XentOpmath<T>>& lo,
+                         at::vec::Vectorized<XentOpmath<T>>& hi) {
+  if (n == StepIO<T>::kWidth) {
+    StepIO<T>::load(p, lo, hi);
+  } else {
+    StepIO<T>::load_partial(p, n, T(0), lo, hi);
+  }
+}
+
+// A step's linear coefficients at class c, a row per lane: w_c, times t'_c for probabilities.
+template <class T, bool kProb>
+FT_INLINE void step_coefficients(const CrossEntropyLaunch& l, int64_t offset, int64_t n, int64_t c,
+                                 const math::XentHyper<at::vec::Vectorized<XentOpmath<T>>>& hv,
+                                 at::vec::Vectorized<XentOpmath<T>> (&a)[2]) {
+  using V = at::vec::Vectorized<XentOpmath<T>>;
+  const V w(static_cast<const XentOpmath<T>*>(l.weight)[c]);
+  if constexpr (kProb) {
+    V t[2];
+    load_step(static_cast<const T*>(l.target) + offset + c * l.positions, n, t[0], t[1]);
+    for (int k = 0; k < 2; ++k) a[k] = w * math::smoothed_target(t[k], hv);
+  } else {
+    a[0] = a[1] = w;
+  }
+}
+
+// The per-lane row constants of a step's gradient (lanes past the step's n rows: write = false).
+template <class O, int64_t kWidth>
+struct StepGradient {
+  math::RowGrad<O> rg[kWidth];
+  int64_t target[kWidth];  // class index, or -1 (probabilities, or an ignored row: its gradient is 0)
+  O target_logit[kWidth];
+  bool write[kWidth];      // the backward's keep_unit_rows leaves some rows as they are
+};
+
+// Writes a step's gradient, each element in opmath and rounded once (the same expressions as write_row_grad);
+// each element is read before it is written, and the target logits were read by the caller (in place).
+template <class T, bool kProb, bool kLinear>
+FT_INLINE void write_step_grad(const CrossEntropyLaunch& l, int64_t offset, int64_t n,
+                               const StepGradient<XentOpmath<T>, StepIO<T>::kWidth>& sg,
+                               const math::XentHyper<at::vec::Vectorized<XentOpmath<T>>>& hv) {
+  using O = XentOpmath<T>;
+  using V = at::vec::Vectorized<O>;
+  constexpr int64_t W = StepIO<T>::kWidth;
+  alignas(64) O shift[W], log_sum[W], softmax_coef[W], linear_coef[W], zero_lane[W], keep_lane[W];
+  bool partial_write = false;
+  for (int64_t i = 0; i < W; ++i) {
+    const bool lane = i < n && sg.write[i];
+    const bool live = lane && (kProb || sg.target[i] >= 0);
+    shift[i] = live ? sg.rg[i].shift : O(0);
+    log_sum[i] = live ? sg.rg[i].log_sum : O(0);
+    softmax_coef[i] = live ? sg.rg[i].softmax_coef : O(0);
+    linear_coef[i] = live ? sg.rg[i].linear_coef : O(0);
+    zero_lane[i] = live ? O(0) : O(1);  // an ignored row's gradient is 0, whatever its logits (NaN included)
+    keep_lane[i] = i < n && !sg.write[i] ? O(1) : O(0);
+    partial_write = partial_write || keep_lane[i] != O(0);
+  }
+  V v_shift[2], v_log_sum[2], v_softmax[2], v_linear[2], zero_mask[2], keep_mask[2];
+  for (int k = 0; k < 2; ++k) {
+    const int64_t at = k * V::size();
+    v_shift[k] = V::loadu(shift + at);
+    v_log_sum[k] = V::loadu(log_sum + at);
+    v_softmax[k] = V::loadu(softmax_coef + at);
+    v_linear[k] = V::loadu(linear_coef + at);
+    zero_mask[k] = V::loadu(zero_lane + at) != V(0);
+    keep_mask[k] = V::loadu(keep_lane + at) != V(0);
+  }
+  const T* x = static_cast<const T*>(l.logits) + offset;
+  T* g = static_cast<T*>(l.grad) + offset;
+  for (int64_t c = 0; c < l.classes; ++c) {
+    V xv[2], a[2], out[2];
+    load_step(x + c * l.positions, n, xv[0], xv[1]);
+    if constexpr (kLinear) step_coefficients<T, kProb>(l, offset, n, c, hv, a);
+    for (int k = 0; k < 2; ++k) {
+      out[k] = kLinear ? math::grad_element(xv[k], a[k], v_shift[k], v_log_sum[k], v_softmax[k], v_linear[k])
+                       : v_softmax[k] * math::exp_((xv[k] - v_shift[k]) - v_log_sum[k]);
+      out[k] = V::blendv(out[k], V(0), zero_mask[k]);
+    }
+    T* gc = g + c * l.positions;
+    if (partial_write) {  // rows the backward leaves as they are keep their gradient
+      V old[2];
+      load_step(static_cast<const T*>(gc), n, old[0], old[1]);
+      for (int k = 0; k < 2; ++k) out[k] = V::blendv(out[k], old[k], keep_mask[k]);
+    }
+    if (n == W) {
+      StepIO<T>::store(gc, out[0], out[1]);
+    } else {
+      StepIO<T>::store_partial(gc, n, out[0], out[1]);
+    }
+  }
+  if constexpr (!kProb) {
+    // The true class in opmath, rounded once, as write_row_grad.
+    const O* weight = static_cast<const O*>(l.weight);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t t = sg.target[i];
+      if (!sg.write[i] || t < 0) continue;
+      const O a_t = kLinear ? weight[t] : O(0);
+      g[t * l.positions + i] = static_cast<T>(math::target_grad(sg.target_logit[i], a_t, sg.rg[i]));
+    }
+  }
+}
+
+template <class T, bool kProb, bool kLinear>
+FT_XENT_FLATTEN CrossEntropySums forward_positions(const CrossEntropyLaunch& l, int64_t row_begin, int64_t row_end) {
+  using O = XentOpmath<T>;
+  using V = at::vec::Vectorized<O>;
+  constexpr int64_t W = StepIO<T>::kWidth;
+  const math::XentHyper<O> h = xent_hyper<O>(l);
+  const auto hv = broadcast(h);
+  const O* weight = static_cast<const O*>(l.weight);
+  const O grad_scale = l.grad != nullptr ? math::mean_scale(O(1), *static_cast<const O*>(l.denominator)) : O(0);
+  const int64_t C = l.classes, stride = l.positions;
+  CrossEntropySums sums;
+  StepGradient<O, W> sg;
+  alignas(64) O lane_max[W], lane_sum[W], lane_dot[W], lane_asum[W], lane_log_sum[W];
+  for_each_position_step<W>(l, row_begin, row_end, [&](int64_t r, int64_t offset, int64_t n) {
+    const T* x = static_cast<const T*>(l.logits) + offset;
+    V max[2], xv[2];
+    load_step(x, n, max[0], max[1]);
+    for (int64_t c = 1; c < C; ++c) {
+      load_step(x + c * stride, n, xv[0], xv[1]);
+      for (int k = 0; k < 2; ++k) max[k] = at::vec::maximum(max[k], xv[k]);  // NaN-propagating
+    }
+    V shift[2], sum[2], dot[2], asum[2], a[2];
+    for (int k = 0; k < 2; ++k) {
+      shift[k] = math::safe_shift(max[k]);
+      sum[k] = dot[k] = asum[k] = V(0);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      load_step(x + c * stride, n, xv[0], xv[1]);
+      if constexpr (kLinear) step_coefficients<T, kProb>(l, offset, n, c, hv, a);
+      for (int k = 0; k < 2; ++k) {
+        const V centred = xv[k] - shift[k];
+        sum[k] = sum[k] + math::exp_(centred);
+        if constexpr (kLinear) {
+          dot[k] = at::vec::fmadd(a[k], centred, dot[k]);
+          asum[k] = asum[k] + a[k];
+        }
+      }
+    }
+    for (int k = 0; k < 2; ++k) {
+      const int64_t at = k * V::size();
+      max[k].store(lane_max + at);
+      sum[k].store(lane_sum + at);
+      dot[k].store(lane_dot + at);
+      asum[k].store(lane_asum + at);
+      math::finish_log_sums(max[k], sum[k]).store(lane_log_sum + at);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const math::RowState<O> st{lane_max[i], lane_sum[i], lane_dot[i], lane_asum[i]};
+      const math::RowLse<O> lse{math::safe_shift(lane_max[i]), lane_log_sum[i]};
+      O loss = 0, z_loss = 0;
+      sg.target[i] = -1;
+      sg.write[i] = true;
+      bool kept = true;
+      if constexpr (kProb) {
+        loss = math::prob_row_loss(st, lse, h);
+        sg.rg[i] = math::prob_row_grad(grad_scale, lse, st.asum, h);  // the forward's A_r is the target mass
+      } else {
+        const int64_t t = read_index(l, r + i);
+        kept = t != l.ignore_index;
+        if (kept) {
+          const O w_t = weight != nullptr ? weight[t] : O(1);
+          sg.target[i] = t;
+          sg.target_logit[i] = static_cast<O>(x[t * stride + i]);
+          loss = math::index_row_loss(st, lse, sg.target_logit[i], w_t, h);
+          sg.rg[i] = math::index_row_grad(grad_scale, lse, w_t, h);
+        }
+      }
+      if (kept) z_loss = math::z_loss(lse, h);
+      store_row_results<T>(l, r + i, lse, loss, z_loss, sums);
+    }
+    if (l.grad != nullptr) write_step_grad<T, kProb, kLinear>(l, offset, n, sg, hv);
+  });
+  return sums;
+}
+
+template <class T, bool kProb, bool kLinear>
+FT_XENT_FLATTEN void backward_positions(const CrossEntropyLaunch& l, int64_t row_begin, int64_t row_end) {
+  using O = XentOpmath<T>;
+  using V = at::vec::Vectorized<O>;
+  constexpr int64_t W = StepIO<T>::kWidth;
+  const math::XentHyper<O> h = xent_hyper<O>(l);
+  const auto hv = broadcast(h);
+  const O* weight = static_cast<const O*>(l.weight);
+  const O denominator = *static_cast<const O*>(l.denominator);
+  const O* grad_loss = static_cast<const O*>(l.grad_loss);
+  const O* saved = static_cast<const O*>(l.lse_in);
+  StepGradient<O, W> sg;
+  alignas(64) O lane_mass[W];
+  for_each_position_step<W>(l, row_begin, row_end, [&](int64_t r, int64_t offset, int64_t n) {
+    bool any = false;
+    for (int64_t i = 0; i < n; ++i) {
+      sg.write[i] = !(l.keep_unit_rows && grad_loss[(r + i) * l.grad_loss_stride] == O(1));
+      any = any || sg.write[i];
+    }
+    if (!any) return;
+    if constexpr (kProb) {
+      // A_r = Σ w_c·t'_c per lane: one pass over the step's targets.
+      V mass[2] = {V(0), V(0)}, a[2];
+      for (int64_t c = 0; c < l.classes; ++c) {
+        step_coefficients<T, true>(l, offset, n, c, hv, a);
+        for (int k = 0; k < 2; ++k) mass[k] = mass[k] + a[k];
+      }
+      for (int k = 0; k < 2; ++k) mass[k].store(lane_mass + k * V::size());
+    }
+    const T* x = static_cast<const T*>(l.logits) + offset;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t row = r + i;
+      const math::RowLse<O> lse{saved[2 * row], saved[2 * row + 1]};
+      // grad_loss / denominator in opmath, applied before the element's one rounding (see backward_rows_typed).
+      const O scale = math::mean_scale(grad_loss[row * l.grad_loss_stride], denominator);
+      sg.target[i] = -1;
+      if constexpr (kProb) {
+        sg.rg[i] = math::prob_row_grad(scale, lse, lane_mass[i], h);
+      } else {
+        const int64_t t = read_index(l, row);
+        if (t == l.ignore_index) continue;
+        const O w_t = weight != nullptr ? weight[t] : O(1);
+        sg.target[i] = t;
+        sg.target_logit[i] = static_cast<O>(x[t * l.positions + i]);  // before the step is written (in place)
+        sg.rg[i] = math::index_row_grad(scale, lse, w_t, h);
+      }
+    }
+    write_step_grad<T, kProb, kLinear>(l, offset, n, sg, hv);
+  });
+}
+
 // The forward of rows [row_begin, row_end): each row is read once into its state, then (when l.grad is
 // set) read again while still in cache to write its gradient for grad_loss = 1. Returns the sums of the
 // row losses, added in row order.
 template <class T, bool kProb, bool kLinear>
 FT_XENT_FLATTEN CrossEntropySums forward_rows_typed(const CrossEntropyLaunch& l, int64_t row_begin, int64_t row_end) {
+  if (l.positions > 0) return forward_positions<T, kProb, kLinear>(l, row_begin, row_end);
   if constexpr (!kProb && !kLinear) {
     if (l.classes <= kGroupClasses) return forward_row_groups<T>(l, row_begin, row_end);
   }
@@ -498,6 +754,7 @@ FT_XENT_FLATTEN CrossEntropySums forward_rows_typed(const CrossEntropyLaunch& l,
 
 template <class T, bool kProb, bool kLinear>
 FT_XENT_FLATTEN void backward_rows_typed(const CrossEntropyLaunch& l, int64_t row_begin, int64_t row_end) {
+  if (l.positions > 0) return backward_positions<T, kProb, kLinear>(l, row_begin, row_end);
   using O = XentOpmath<T>;
   using V = at::vec::Vectorized<O>;
   using IO = StepIO<T>;

@@ -28,6 +28,7 @@
 #include <limits>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "cross_entropy_args.h"
 #include "cuda/bad_target.cuh"
@@ -789,14 +790,14 @@ void cross_entropy_apply_grad_loss_inplace_cuda(const at::Tensor& grad_input, co
                     grad_input.stride(0), true);
 }
 
-// grad_input *= grad_loss, on the stream, without reading grad_loss on the host. The scale is opmath and
-// shaped (1, 1) or (rows, 1) so the multiply runs in opmath (a 0-dim tensor would be cast to grad_input's
-// dtype first, and GradScaler's 2^16 is inf in fp16).
+// grad_input *= grad_loss, on the stream, without reading grad_loss on the host. The scale is opmath and has
+// grad_input's number of dims (one element: all of size 1), so the multiply runs in opmath (a 0-dim tensor would
+// be cast to grad_input's dtype first, and GradScaler's 2^16 is inf in fp16).
 void cross_entropy_scale_grad_inplace_cuda(const at::Tensor& grad_input, const at::Tensor& grad_loss) {
   const c10::cuda::OptionalCUDAGuard guard(grad_input.device());
   raise_if_bad_target_seen("cross_entropy_scale_grad_", grad_input.get_device());
   const at::Tensor scale = check_cross_entropy_scale_grad("cross_entropy_scale_grad_", grad_input, grad_loss);
-  grad_input.mul_(scale.dim() == 0 ? scale.reshape({1, 1}) : scale.unsqueeze(1));
+  grad_input.mul_(scale.dim() == 0 ? scale.reshape(std::vector<int64_t>(grad_input.dim(), 1)) : scale);
 }
 
 }  // namespace
