@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include "optimizer_args.h"
 
@@ -138,8 +139,10 @@ void check_cross_entropy_grad_input(const char* op, const CrossEntropyCall& call
                                          : grad_input.dim() == 2 && (grad_input.stride(1) == 1 || call.classes == 1);
   TORCH_CHECK_VALUE(grad_input.sizes() == call.input.sizes() && grad_input.scalar_type() == call.input.scalar_type() &&
                         grad_input.device() == call.input.device() && layout,
-                    op, ": grad_input must be a ", call.input.sizes(), " ", call.input.scalar_type(), " tensor on ",
-                    call.input.device(), call.spatial ? ", contiguous" : " with unit class stride",
+                    op, ": grad_input must be a (", call.input.size(0), ", ", call.classes,
+                    call.spatial ? ", " + std::to_string(call.positions) : std::string(), ") ",
+                    call.input.scalar_type(), " tensor on ", call.input.device(),
+                    call.spatial ? ", contiguous" : " with unit class stride",
                     ", got shape ", grad_input.sizes(), " ", grad_input.scalar_type(), " on ", grad_input.device(),
                     " with strides ", grad_input.strides());
   // TooHard (either side not dense, e.g. logits[:, :V] of a padded vocabulary) is decided by the storages: the

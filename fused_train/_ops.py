@@ -408,7 +408,7 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("fused_train::cross_entropy_forward")
 def _cross_entropy_forward_fake(input, target, weight, *, reduction, ignore_index, label_smoothing,
                                 lse_square_scale, opmath_loss=False):
-    rows = input.shape[0]
+    rows = input.shape[0] * input.shape[2] if input.dim() == 3 else input.shape[0]  # (batch, classes, positions)
     loss_shape = (rows,) if reduction == 0 else ()
     opmath = _opmath(input.dtype)
     loss_dtype = opmath if opmath_loss else input.dtype

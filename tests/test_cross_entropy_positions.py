@@ -1,0 +1,279 @@
+"""The (N, C, d1, …, dK) logits of a segmentation loss, which the cross-entropy ops take as (N, C, positions)
+where they lie, each position's classes at their stride (csrc/cpu/xent_kernels.h, forward_positions), instead of
+a copy into rows: against torch and the reference, against the rows kernels on the same logits, every op of the
+layout (in place, the loss gradient applied, opcheck), compile, and the routing (_rows_view)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICES, FLOAT_DTYPES
+from fused_train.nn.functional import _MIN_POSITIONS, _rows_view, cross_entropy
+from test_cross_entropy import XENT_TOL, _check
+
+ops = torch.ops.fused_train
+
+# (N, C, d…): whole steps of positions (8x8 = 64), one and a bit (37), several batch entries with a partial step
+# each (5, 2, 33 = 66), one class, many classes, three spatial dims.
+SHAPES = [(2, 21, 8, 8), (3, 5, 37), (5, 4, 2, 33), (2, 1, 64), (2, 150, 40), (2, 3, 4, 4, 3)]
+
+
+def _ids(shape):
+    return "x".join(map(str, shape))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_contiguous_logits_keep_their_layout(shape):
+    x = torch.randn(shape)
+    target = torch.randint(0, shape[1], (shape[0],) + shape[2:])
+    layout, layout_target, batch_shape = _rows_view(x, target)
+    assert layout.shape == (shape[0], shape[1], x[0, 0].numel()) and layout.data_ptr() == x.data_ptr()
+    assert layout_target.shape == (shape[0], x[0, 0].numel()) and batch_shape == target.shape
+    # Too few positions per batch entry, channels-last logits and torch.func transforms go into rows.
+    few = torch.randn(4, 3, _MIN_POSITIONS - 1)
+    assert _rows_view(few, torch.zeros(4, _MIN_POSITIONS - 1, dtype=torch.long))[0].shape == (4 * (_MIN_POSITIONS - 1), 3)
+    channels_last = torch.randn(2, 5, 8, 8).to(memory_format=torch.channels_last)
+    rows = _rows_view(channels_last, torch.zeros(2, 8, 8, dtype=torch.long))[0]
+    assert rows.shape == (128, 5) and rows.data_ptr() == channels_last.data_ptr()  # a view, no copy
+    assert _rows_view(x, target, rows_only=True)[0].dim() == 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(weighted=True, ignore_some=True, label_smoothing=0.25),
+        dict(target_kind="prob", weighted=True, label_smoothing=0.2),
+        dict(lse_square_scale=1e-2, ignore_some=True, reduction="none"),
+        dict(target_dtype=torch.int32, reduction="sum", inplace=True),
+    ],
+    ids=["plain", "weight_ignore_smooth", "prob_weight_smooth", "zloss_none", "int32_sum_inplace"],
+)
+def test_matches_reference(device, dtype, shape, options):
+    _check(device, dtype, shape, scale=3.0, **options)
+
+
+def _layout_args(device, dtype, shape, prob, ignore=True):
+    x = (torch.randn(shape, device=device, dtype=torch.float64) * 3).to(dtype)
+    n, classes, positions = shape
+    if prob:
+        target = torch.softmax(torch.randn(shape, device=device, dtype=torch.float64), 1).to(dtype)
+    else:
+        target = torch.randint(0, classes, (n, positions), device=device)
+        if ignore:
+            target[:, ::5] = -100
+    weight = torch.rand(classes, device=device) + 0.5
+    return x, target, weight
+
+
+def _as_rows(x, target):
+    rows = x.movedim(1, -1).reshape(-1, x.shape[1])
+    return rows, target.movedim(1, -1).reshape(rows.shape) if target.is_floating_point() else target.reshape(-1)
+
+
+def _rows_to_layout(rows, shape):
+    return rows.reshape(shape[0], shape[2], shape[1]).movedim(-1, 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("prob", [False, True])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_every_op_matches_the_rows_kernels(device, dtype, prob, reduction):
+    # Same logits through the rows ops (moved into rows) and the layout's ops: the same values within the
+    # kernels' rounding (their sums run in another order), every output in row order.
+    shape = (3, 7, 45)
+    x, target, weight = _layout_args(device, dtype, shape, prob)
+    rows, row_target = _as_rows(x, target)
+    kw = dict(reduction=reduction, ignore_index=-100, label_smoothing=0.1, lse_square_scale=1e-3)
+    tol = XENT_TOL[dtype]
+    loss, z_loss, lse, denominator, grad = ops.cross_entropy_forward_backward(x, target, weight, **kw)
+    r_loss, r_z_loss, r_lse, r_denominator, r_grad = ops.cross_entropy_forward_backward(rows, row_target, weight, **kw)
+    assert grad.shape == x.shape and grad.is_contiguous()
+    for ours, theirs in ((loss, r_loss), (z_loss, r_z_loss), (lse, r_lse), (denominator, r_denominator),
+                         (grad, _rows_to_layout(r_grad, shape))):
+        torch.testing.assert_close(ours, theirs, **tol)
+    forward = ops.cross_entropy_forward(x, target, weight, **kw)
+    for ours, fused in zip(forward, (loss, z_loss, lse, denominator)):
+        assert torch.equal(ours, fused)  # the same kernel, with or without the gradient
+
+    grad_loss = (torch.rand(x.shape[0] * x.shape[2], device=device) + 0.5) if reduction == 0 else \
+        torch.tensor(0.7, device=device)
+    saved = (x, target, weight, lse, denominator)
+    backward = ops.cross_entropy_backward(grad_loss, *saved, **kw)
+    r_backward = ops.cross_entropy_backward(grad_loss, rows, row_target, weight, r_lse, r_denominator, **kw)
+    torch.testing.assert_close(backward, _rows_to_layout(r_backward, shape), **tol)
+    in_place = x.clone()
+    ops.cross_entropy_backward_(grad_loss, in_place, target, weight, lse, denominator, **kw)
+    assert torch.equal(in_place, backward)
+    in_place = x.clone()
+    ops.cross_entropy_forward_backward_(in_place, target, weight, **kw)
+    assert torch.equal(in_place, grad)
+
+    # The loss gradient applied to the forward's gradient: recomputed where it is not 1 (here one row in
+    # three is 1 and keeps what it holds), or a second rounding in place.
+    applied = grad.clone()
+    if reduction == 0:
+        grad_loss[::3] = 1.0
+        applied[:, :, ::3] = 7.0
+    ops.cross_entropy_apply_grad_loss_(applied, grad_loss, *saved, **kw)
+    expected = ops.cross_entropy_backward(grad_loss, *saved, **kw)
+    if reduction == 0:
+        assert (applied[:, :, ::3] == 7.0).all()
+        applied[:, :, ::3] = expected[:, :, ::3]
+    assert torch.equal(applied, expected)
+    scaled = grad.clone()
+    ops.cross_entropy_scale_grad_(scaled, grad_loss)
+    factor = grad_loss.reshape(x.shape[0], 1, x.shape[2]) if reduction == 0 else grad_loss
+    torch.testing.assert_close(scaled, (grad.to(torch.float64) * factor).to(dtype), rtol=2 * tol["rtol"],
+                               atol=tol["atol"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prob", [False, True])
+def test_opcheck(device, prob):
+    x, target, weight = _layout_args(device, torch.float32, (2, 5, 40), prob)
+    kw = dict(reduction=1, ignore_index=-100, label_smoothing=0.1, lse_square_scale=1e-3)
+    kw_none = dict(kw, reduction=0)
+    torch.library.opcheck(ops.cross_entropy_forward.default, (x, target, weight), kw)
+    torch.library.opcheck(ops.cross_entropy_forward.default, (x, target, None), kw_none)
+    torch.library.opcheck(ops.cross_entropy_forward_backward.default, (x, target, weight), kw_none)
+    torch.library.opcheck(ops.cross_entropy_forward_backward_.default, (x.clone(), target, weight), kw)
+    _, _, lse, denominator, grad = ops.cross_entropy_forward_backward(x, target, weight, **kw_none)
+    saved = (x, target, weight, lse, denominator)
+    grad_loss = torch.rand(80, device=device)
+    torch.library.opcheck(ops.cross_entropy_backward.default, (grad_loss, *saved), kw_none)
+    torch.library.opcheck(ops.cross_entropy_backward_.default, (grad_loss, x.clone(), *saved[1:]), kw_none)
+    torch.library.opcheck(ops.cross_entropy_apply_grad_loss_.default, (grad.clone(), grad_loss, *saved), kw_none)
+    torch.library.opcheck(ops.cross_entropy_scale_grad_.default, (grad.clone(), grad_loss))
+    torch.library.opcheck(ops.cross_entropy_scale_grad_.default, (grad.clone(), torch.tensor(0.5, device=device)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_and_nan_logits(device):
+    # A position whose classes are all -inf, one with a NaN, one with a +inf: NaN in their own lanes only, as
+    # torch. An ignored position's gradient is 0 whatever its logits, as the rows kernels' (torch's is NaN for
+    # NaN logits: 0 times their NaN softmax).
+    x = torch.randn(2, 6, 40, device=device, dtype=torch.float64)
+    x[0, :, 3] = float("-inf")
+    x[0, 2, 5] = float("nan")
+    x[1, 4, 7] = float("inf")
+    x[1, 1, 9] = float("nan")
+    target = torch.randint(0, 6, (2, 40), device=device)
+    target[1, 9] = -100
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        xd = x.to(dtype).requires_grad_()
+        ours = cross_entropy(xd, target, reduction="none")
+        (grad,) = torch.autograd.grad(ours.sum(), xd)
+        xr = x.to(dtype).double().requires_grad_()  # torch in fp64 on the same values: ours is rounded once
+        theirs = F.cross_entropy(xr, target, reduction="none")
+        (ref_grad,) = torch.autograd.grad(theirs.sum(), xr)
+        tol = dict(XENT_TOL[dtype], equal_nan=True)
+        torch.testing.assert_close(ours.double(), theirs, **tol)
+        assert (grad[1, :, 9] == 0).all() and ref_grad[1, :, 9].isnan().all()
+        ref_grad[1, :, 9] = 0
+        torch.testing.assert_close(grad.double(), ref_grad, **tol)
+        assert ours[0, 3].isnan() and ours[0, 5].isnan() and ours[1, 7].isnan() and torch.isfinite(ours[0, 4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitwise_deterministic_across_thread_counts(dtype):
+    # Enough logits for the parallel path, its blocks of rows ending inside batch entries and steps.
+    x = torch.randn(9, 13, 1000, dtype=dtype)
+    target = torch.randint(0, 13, (9, 1000))
+    target[:, ::7] = -100
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            xg = x.clone().requires_grad_()
+            loss = cross_entropy(xg, target, label_smoothing=0.05)
+            loss.backward()
+            results.append((loss.detach(), xg.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty(device):
+    for shape in ((0, 3, 64), (2, 3, 0)):
+        x = torch.randn(shape, device=device, requires_grad=True)
+        target = torch.zeros(shape[0], shape[2], dtype=torch.long, device=device)
+        for reduction in (0, 2):
+            loss, _, lse, _, grad = ops.cross_entropy_forward_backward(
+                x.detach(), target, None, reduction=reduction, ignore_index=-100, label_smoothing=0.0,
+                lse_square_scale=0.0)
+            assert lse.shape == (0, 2) and grad.shape == shape
+            assert loss.shape == ((0,) if reduction == 0 else ()) and (reduction == 0 or loss.item() == 0)
+    x = torch.randn(0, 3, 8, 8, device=device, requires_grad=True)
+    loss = cross_entropy(x, torch.zeros(0, 8, 8, dtype=torch.long, device=device), reduction="sum")
+    loss.backward()
+    assert loss.item() == 0 and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_matches_eager(device):
+    # A convolution's (N, C, H, W) logits through the layout's ops, traced whole (their fake kernels) and run
+    # by inductor, forward and backward.
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1).to(device)
+    image = torch.randn(2, 3, 8, 8, device=device)
+    target = torch.randint(0, 5, (2, 8, 8), device=device)
+    target[0, 0] = -100
+
+    def loss_of(inp):
+        return cross_entropy(conv(inp), target, label_smoothing=0.1)
+
+    def step(loss_fn):
+        conv.zero_grad()
+        loss = loss_fn(image)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in conv.parameters()]
+
+    loss, grads = step(loss_of)
+    compiled_loss, compiled_grads = step(torch.compile(loss_of, fullgraph=True))
+    torch.testing.assert_close(compiled_loss, loss)
+    for compiled_grad, grad in zip(compiled_grads, grads):
+        torch.testing.assert_close(compiled_grad, grad)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: ops.cross_entropy_forward(torch.randn(2, 3, 40), torch.zeros(2, 39, dtype=torch.long), None,
+                                           reduction=1, ignore_index=-100, label_smoothing=0.0, lse_square_scale=0.0),
+         ValueError, r"class-index target must have shape \(batch, positions\) = \(2, 40\)"),
+        (lambda: ops.cross_entropy_forward(torch.randn(2, 3, 40), torch.rand(2, 40, 3), None, reduction=1,
+                                           ignore_index=-100, label_smoothing=0.0, lse_square_scale=0.0),
+         ValueError, "probability target must have input's shape"),
+        (lambda: ops.cross_entropy_forward_backward_(torch.randn(2, 40, 3).transpose(1, 2),
+                                                     torch.zeros(2, 40, dtype=torch.long), None, reduction=1,
+                                                     ignore_index=-100, label_smoothing=0.0, lse_square_scale=0.0),
+         RuntimeError, "in-place backward needs input with a contiguous layout"),
+        (lambda: ops.cross_entropy_forward(torch.randn(2, 3, 4, 5), torch.zeros(2, 20, dtype=torch.long), None,
+                                           reduction=1, ignore_index=-100, label_smoothing=0.0, lse_square_scale=0.0),
+         ValueError, r"input must be 2-D \(rows, classes\) or 3-D \(batch, classes, positions\)"),
+        (lambda: ops.cross_entropy_scale_grad_(torch.randn(2, 3, 40), torch.rand(79)), ValueError,
+         r"one per row \(80\)"),
+        (lambda: cross_entropy(torch.randn(2, 3, 40), torch.tensor([[0] * 39 + [3]] * 2)), IndexError,
+         "target 3 at position 39"),
+    ],
+)
+def test_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_apply_grad_loss_checks_the_gradient_layout():
+    x, target, weight = _layout_args("cpu", torch.float32, (2, 5, 40), False)
+    kw = dict(reduction=1, ignore_index=-100, label_smoothing=0.0, lse_square_scale=0.0)
+    _, _, lse, denominator, grad = ops.cross_entropy_forward_backward(x, target, weight, **kw)
+    strided = torch.full((2, 40, 5), 7.0).transpose(1, 2)
+    with pytest.raises(ValueError, match=r"grad_input must be a \(2, 5, 40\) Float tensor on cpu, contiguous"):
+        ops.cross_entropy_apply_grad_loss_(strided, torch.tensor(2.0), x, target, weight, lse, denominator, **kw)
+    assert (strided == 7.0).all()  # nothing written
