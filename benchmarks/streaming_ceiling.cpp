@@ -1,4 +1,5 @@
-// The memory-bandwidth ceiling of an optimizer step's access pattern, for bench_optimizers.py.
+// The memory-bandwidth ceiling of an optimizer step's access pattern, for bench_optimizers.py (and of a one-pass
+// loss's, copy_pass_ at the end, for bench_segmentation_loss.py).
 //
 // One pass over a list of tensors that reads and writes exactly the streams an optimizer step does per
 // element (the param and its states read and written, the gradient read, and written as zero when the
@@ -148,12 +149,47 @@ std::vector<double> streaming_pass_(at::TensorList params, at::TensorList grads,
   return seconds;
 }
 
+// The pattern of a one-pass loss (bench_segmentation_loss.py): one stream read (the logits), one written (their
+// gradient), out[i] = in[i] + 1 in the storage type (fp32, or the raw 16 bits of a bf16 value). Returns the
+// seconds of each of `repeat` passes, timed here as streaming_pass_'s.
+template <class T>
+void copy_range(int64_t n, const T* __restrict__ in, T* __restrict__ out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(in[i] + 1);
+}
+
+std::vector<double> copy_pass_(const at::Tensor& in, at::Tensor& out, int64_t repeat) {
+  const auto dtype = in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "copy_pass_: in must be float32 or bfloat16");
+  TORCH_CHECK(in.is_cpu() && in.is_contiguous() && out.is_cpu() && out.is_contiguous() && out.scalar_type() == dtype &&
+                  out.numel() == in.numel(),
+              "copy_pass_: in and out must be contiguous CPU tensors of one dtype and size");
+  TORCH_CHECK(repeat >= 1, "copy_pass_: repeat must be at least 1, got ", repeat);
+  std::vector<double> seconds(static_cast<size_t>(repeat));
+  for (double& sec : seconds) {
+    const auto start = std::chrono::steady_clock::now();
+    at::parallel_for(0, in.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+      if (dtype == at::kFloat) {
+        copy_range(end - begin, in.const_data_ptr<float>() + begin, out.data_ptr<float>() + begin);
+      } else {
+        copy_range(end - begin, reinterpret_cast<const uint16_t*>(in.const_data_ptr<at::BFloat16>()) + begin,
+                   reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + begin);
+      }
+    });
+    sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+  return seconds;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fused_train_bench, m) {
   m.def(
       "streaming_pass_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] states, bool zero_grad, int repeat)"
       " -> float[]");
+  m.def("copy_pass_(Tensor input, Tensor(a!) out, int repeat) -> float[]");
 }
 
-TORCH_LIBRARY_IMPL(fused_train_bench, CPU, m) { m.impl("streaming_pass_", &streaming_pass_); }
+TORCH_LIBRARY_IMPL(fused_train_bench, CPU, m) {
+  m.impl("streaming_pass_", &streaming_pass_);
+  m.impl("copy_pass_", &copy_pass_);
+}

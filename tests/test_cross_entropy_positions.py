@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES, FLOAT_DTYPES
+from conftest import DEVICES, FLOAT_DTYPES, cuda_only
 from fused_train.nn.functional import _MIN_POSITIONS, _rows_view, cross_entropy
 from test_cross_entropy import XENT_TOL, _check
 
@@ -277,3 +277,76 @@ def test_apply_grad_loss_checks_the_gradient_layout():
     with pytest.raises(ValueError, match=r"grad_input must be a \(2, 5, 40\) Float tensor on cpu, contiguous"):
         ops.cross_entropy_apply_grad_loss_(strided, torch.tensor(2.0), x, target, weight, lse, denominator, **kw)
     assert (strided == 7.0).all()  # nothing written
+
+
+def _launches(prof, kernel):
+    return [e.name for e in prof.events() if kernel in e.name and "Kernel" not in e.name[:6]]
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1), dict(prob=True), dict(inplace_backward=True)],
+                         ids=["plain", "smooth", "prob_weight", "inplace"])
+def test_cuda_runs_the_layout_kernels(dtype, options):
+    """cross_entropy.cu's thread-per-row kernels take (N, C, H, W) logits where they lie (no rows kernel runs), and
+    the training step's gradient (kept from the fused forward), the forward alone and a recomputed gradient (a loss
+    gradient other than 1) match torch."""
+    prob = options.get("prob", False)
+    inplace = options.get("inplace_backward", False)
+    shape = (3, 21, 40, 50)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(shape, device="cuda", generator=gen) * 3).to(dtype)
+    weight = None
+    if prob:
+        target = torch.softmax(torch.randn(shape, device="cuda", generator=gen), 1).to(dtype)
+        weight = (torch.rand(21, device="cuda", generator=gen) + 0.5).to(dtype)
+    else:
+        target = torch.randint(0, 21, (3, 40, 50), device="cuda", generator=gen)
+        target[:, ::3] = -100
+    kw = dict(weight=weight, label_smoothing=options.get("label_smoothing", 0.0))
+    leaf = logits.clone().requires_grad_()
+    again = logits.clone().requires_grad_()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        loss = cross_entropy(leaf * 1 if inplace else leaf, target, inplace_backward=inplace, **kw)
+        loss.backward()
+        with torch.no_grad():
+            alone = cross_entropy(logits, target, **kw)
+        (cross_entropy(again, target, **kw) * 3).backward()
+        torch.cuda.synchronize()
+    names = sorted({e.name for e in prof.events() if "cross_entropy" in e.name})
+    assert _launches(prof, "cross_entropy_positions_forward_kernel"), names
+    for rows_kernel in ("cross_entropy_forward_kernel", "cross_entropy_forward_backward_kernel",
+                        "cross_entropy_backward_kernel"):
+        assert not _launches(prof, rows_kernel), names
+    if not inplace:  # the loss gradient 3 is applied by recomputing (the in-place road multiplies)
+        assert _launches(prof, "cross_entropy_positions_backward_kernel"), names
+    ref_logits = logits.to(torch.float64).requires_grad_()
+    ref_weight = None if weight is None else weight.to(torch.float64)
+    ref = F.cross_entropy(ref_logits, target.to(torch.float64) if prob else target, weight=ref_weight,
+                          label_smoothing=kw["label_smoothing"])
+    ref.backward()
+    tol = XENT_TOL[dtype]
+    torch.testing.assert_close(loss.double(), ref.detach(), **tol)
+    torch.testing.assert_close(alone.double(), ref.detach(), **tol)
+    torch.testing.assert_close(leaf.grad.double(), ref_logits.grad, **tol)
+    torch.testing.assert_close(again.grad.double(), 3 * ref_logits.grad, **tol)
+
+
+@cuda_only
+def test_cuda_layout_past_2_31_elements():
+    # Batch entry 1 starts 3·(2^29 + 33) elements in: 64-bit offsets. The last positions of each entry against
+    # torch on just those positions.
+    positions = 2**29 + 33
+    x = torch.randn(2, 3, positions, device="cuda", dtype=torch.bfloat16)
+    target = torch.randint(0, 3, (2, positions), device="cuda")
+    tail = slice(positions - 100, positions)
+    x_tail = x[:, :, tail].double().requires_grad_()
+    ref = F.cross_entropy(x_tail, target[:, tail], reduction="none")
+    (ref_grad,) = torch.autograd.grad(ref.sum(), x_tail)
+    leaf = x.requires_grad_()
+    loss = cross_entropy(leaf, target, reduction="none")
+    loss.backward(torch.ones_like(loss))
+    tol = XENT_TOL[torch.bfloat16]
+    torch.testing.assert_close(loss[:, tail].double(), ref.detach(), **tol)
+    torch.testing.assert_close(leaf.grad[:, :, tail].double(), ref_grad, **tol)

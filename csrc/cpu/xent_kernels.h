@@ -26,6 +26,7 @@
 #include <limits>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/cpu_kernels.h"
 #include "fused_train/xent_math.h"
@@ -450,9 +451,11 @@ FT_XENT_FLATTEN CrossEntropySums forward_row_groups(const CrossEntropyLaunch& l,
 // ---- The (batch, classes, positions) layout: positions across the lanes ----
 // A segmentation loss's logits (N, C, d1, …, dK) hold each position's C classes at stride d1·…·dK, and
 // neighbouring positions side by side. So a step of kWidth positions is one vector pair per class, a row per
-// lane: the row max, the exps and the log are plain vector operations, with no transpose and no copy of the
-// logits into rows (torch's log_softmax over dim 1 walks them the same way). A step's classes are read twice
-// (the max, then the sums; the second time from cache), and a third time to write the gradient.
+// lane, and everything per row is a vector operation, the loss and the gradient's constants included: no
+// transpose, no copy of the logits into rows (torch's log_softmax over dim 1 walks them the same way), and no
+// per-row scalar work beyond gathering each row's target and storing its results. The forward reads a step's
+// classes twice (the max, then the exps, kept in a scratch of C vector pairs when the gradient is wanted, so that
+// writing it takes a multiply per element instead of a second exp); the backward reads them once.
 
 // Runs fn(r, offset, n) over the steps of rows [row_begin, row_end): n <= kWidth rows from row r, all of one
 // batch entry, the first one's class 0 at element offset.
@@ -475,13 +478,33 @@ FT_INLINE void for_each_position_step(const CrossEntropyLaunch& l, int64_t row_b
 
 // n <= kWidth neighbouring elements from p (a step of lanes), the rest 0: the padding lanes stay finite.
 template <class T>
-FT_INLINE void load_step(const T* p, int64_t n, at::vec::Vectorized<XentOpmath<T>>& lo,
-                         at::vec::Vectorized<XentOpmath<T>>& hi) {
+FT_INLINE void load_step(const T* p, int64_t n, at::vec::Vectorized<XentOpmath<T>> (&v)[2]) {
   if (n == StepIO<T>::kWidth) {
-    StepIO<T>::load(p, lo, hi);
+    StepIO<T>::load(p, v[0], v[1]);
   } else {
-    StepIO<T>::load_partial(p, n, T(0), lo, hi);
+    StepIO<T>::load_partial(p, n, T(0), v[0], v[1]);
   }
+}
+
+template <class T>
+FT_INLINE void store_step(T* p, int64_t n, const at::vec::Vectorized<XentOpmath<T>> (&v)[2]) {
+  if (n == StepIO<T>::kWidth) {
+    StepIO<T>::store(p, v[0], v[1]);
+  } else {
+    StepIO<T>::store_partial(p, n, v[0], v[1]);
+  }
+}
+
+// A lane array (kWidth values) as a vector pair, and back.
+template <class O>
+FT_INLINE void load_lanes(const O* lanes, at::vec::Vectorized<O> (&v)[2]) {
+  v[0] = at::vec::Vectorized<O>::loadu(lanes);
+  v[1] = at::vec::Vectorized<O>::loadu(lanes + at::vec::Vectorized<O>::size());
+}
+template <class O>
+FT_INLINE void store_lanes(O* lanes, const at::vec::Vectorized<O> (&v)[2]) {
+  v[0].store(lanes);
+  v[1].store(lanes + at::vec::Vectorized<O>::size());
 }
 
 // A step's linear coefficients at class c, a row per lane: w_c, times t'_c for probabilities.
@@ -492,86 +515,135 @@ FT_INLINE void step_coefficients(const CrossEntropyLaunch& l, int64_t offset, in
   using V = at::vec::Vectorized<XentOpmath<T>>;
   const V w(static_cast<const XentOpmath<T>*>(l.weight)[c]);
   if constexpr (kProb) {
-    V t[2];
-    load_step(static_cast<const T*>(l.target) + offset + c * l.positions, n, t[0], t[1]);
-    for (int k = 0; k < 2; ++k) a[k] = w * math::smoothed_target(t[k], hv);
+    load_step(static_cast<const T*>(l.target) + offset + c * l.positions, n, a);
+    for (int k = 0; k < 2; ++k) a[k] = w * math::smoothed_target(a[k], hv);
   } else {
     a[0] = a[1] = w;
   }
 }
 
-// The per-lane row constants of a step's gradient (lanes past the step's n rows: write = false).
-template <class O, int64_t kWidth>
-struct StepGradient {
-  math::RowGrad<O> rg[kWidth];
-  int64_t target[kWidth];  // class index, or -1 (probabilities, or an ignored row: its gradient is 0)
-  O target_logit[kWidth];
-  bool write[kWidth];      // the backward's keep_unit_rows leaves some rows as they are
-};
-
-// Writes a step's gradient, each element in opmath and rounded once (the same expressions as write_row_grad);
-// each element is read before it is written, and the target logits were read by the caller (in place).
-template <class T, bool kProb, bool kLinear>
-FT_INLINE void write_step_grad(const CrossEntropyLaunch& l, int64_t offset, int64_t n,
-                               const StepGradient<XentOpmath<T>, StepIO<T>::kWidth>& sg,
-                               const math::XentHyper<at::vec::Vectorized<XentOpmath<T>>>& hv) {
+// What a step's gradient needs per row, a row per lane: its log-sum-exp, the gradient's constants (math::RowGrad
+// as vectors), the class-index targets, and which rows are written (the backward's keep_unit_rows leaves rows
+// as they are) and which are 0 (ignored).
+template <class T>
+struct StepGrad {
   using O = XentOpmath<T>;
   using V = at::vec::Vectorized<O>;
-  constexpr int64_t W = StepIO<T>::kWidth;
-  alignas(64) O shift[W], log_sum[W], softmax_coef[W], linear_coef[W], zero_lane[W], keep_lane[W];
-  bool partial_write = false;
+  static constexpr int64_t W = StepIO<T>::kWidth;
+  V shift[2], log_sum[2];
+  V softmax_coef[2], linear_coef[2], target_coef[2];
+  V target_logit[2], target_weight[2];  // class index: x_t, and w_t (0 where ignored; 1 unweighted)
+  V zero[2];                            // mask: ignored rows
+  V keep[2];                            // mask: rows left as they are
+  bool keeps_some = false;
+  int64_t target[W];                    // class index, -1 where ignored or past the step's rows
+  bool write[W];
+};
+
+// Reads the class-index targets of a step's n rows from r, their logits at x with classes class_stride apart
+// (the logits, or the forward's copy of the step), before anything is written over them: target, target_logit,
+// target_weight and zero. Lanes past n count as ignored.
+template <class T, class U>
+FT_INLINE void gather_step_targets(const CrossEntropyLaunch& l, int64_t r, int64_t n, const U* x,
+                                   int64_t class_stride, StepGrad<T>& sg) {
+  using O = XentOpmath<T>;
+  constexpr int64_t W = StepGrad<T>::W;
+  const O* weight = static_cast<const O*>(l.weight);
+  alignas(64) O logit[W], w[W], ignored[W];
   for (int64_t i = 0; i < W; ++i) {
-    const bool lane = i < n && sg.write[i];
-    const bool live = lane && (kProb || sg.target[i] >= 0);
-    shift[i] = live ? sg.rg[i].shift : O(0);
-    log_sum[i] = live ? sg.rg[i].log_sum : O(0);
-    softmax_coef[i] = live ? sg.rg[i].softmax_coef : O(0);
-    linear_coef[i] = live ? sg.rg[i].linear_coef : O(0);
-    zero_lane[i] = live ? O(0) : O(1);  // an ignored row's gradient is 0, whatever its logits (NaN included)
-    keep_lane[i] = i < n && !sg.write[i] ? O(1) : O(0);
-    partial_write = partial_write || keep_lane[i] != O(0);
+    const int64_t t = i < n ? read_index(l, r + i) : l.ignore_index;
+    const bool kept = i < n && t != l.ignore_index;
+    sg.target[i] = kept ? t : -1;
+    logit[i] = kept ? static_cast<O>(x[t * class_stride + i]) : O(0);
+    w[i] = kept ? (weight != nullptr ? weight[t] : O(1)) : O(0);
+    ignored[i] = kept ? O(0) : O(1);
   }
-  V v_shift[2], v_log_sum[2], v_softmax[2], v_linear[2], zero_mask[2], keep_mask[2];
+  load_lanes(logit, sg.target_logit);
+  load_lanes(w, sg.target_weight);
+  load_lanes(ignored, sg.zero);
+  for (int k = 0; k < 2; ++k) sg.zero[k] = sg.zero[k] != at::vec::Vectorized<O>(0);
+}
+
+// The gradient's constants (math::index_row_grad / prob_row_grad, lane by lane) for row scales `scale`
+// (grad_loss / denominator) and probability rows' target masses.
+template <class T, bool kProb>
+FT_INLINE void step_grad_constants(const math::XentHyper<XentOpmath<T>>& h,
+                                   const at::vec::Vectorized<XentOpmath<T>> (&scale)[2],
+                                   const at::vec::Vectorized<XentOpmath<T>> (&target_mass)[2], StepGrad<T>& sg) {
+  using V = at::vec::Vectorized<XentOpmath<T>>;
+  const V two_z(XentOpmath<T>(2) * h.lse_square_scale);
   for (int k = 0; k < 2; ++k) {
-    const int64_t at = k * V::size();
-    v_shift[k] = V::loadu(shift + at);
-    v_log_sum[k] = V::loadu(log_sum + at);
-    v_softmax[k] = V::loadu(softmax_coef + at);
-    v_linear[k] = V::loadu(linear_coef + at);
-    zero_mask[k] = V::loadu(zero_lane + at) != V(0);
-    keep_mask[k] = V::loadu(keep_lane + at) != V(0);
+    const V full = sg.shift[k] + sg.log_sum[k];
+    if constexpr (kProb) {
+      sg.softmax_coef[k] = scale[k] * (target_mass[k] + two_z * full);
+      sg.linear_coef[k] = scale[k];
+      sg.target_coef[k] = V(0);
+    } else {
+      const V a = V(h.one_minus_smoothing) * sg.target_weight[k] + V(h.smoothing_over_classes * h.class_weight_sum);
+      sg.softmax_coef[k] = scale[k] * (a + two_z * full);
+      sg.linear_coef[k] = scale[k] * V(h.smoothing_over_classes);
+      sg.target_coef[k] = scale[k] * (V(h.one_minus_smoothing) * sg.target_weight[k]);
+    }
   }
+}
+
+// Writes a step's gradient, each element in opmath and rounded once: softmax_coef·p − linear_coef·a, minus
+// target_coef at the target. p = e / sum from the forward's exps (kFromExps: exps holds exp(x - shift) per
+// class, kWidth lanes each, and sums their sums; a probability row's coefficients a are in coefs likewise),
+// else exp((x - shift) - log_sum) from the logits, as write_row_grad computes it. In place every element is
+// read before it is written (the target logits were gathered before).
+template <class T, bool kProb, bool kLinear, bool kFromExps>
+FT_INLINE void write_step_grad(const CrossEntropyLaunch& l, int64_t offset, int64_t n, const StepGrad<T>& sg,
+                               const math::XentHyper<at::vec::Vectorized<XentOpmath<T>>>& hv,
+                               const XentOpmath<T>* exps, const XentOpmath<T>* coefs,
+                               const at::vec::Vectorized<XentOpmath<T>> (&sums)[2]) {
+  using O = XentOpmath<T>;
+  using V = at::vec::Vectorized<O>;
+  constexpr int64_t W = StepGrad<T>::W;
+  V coef[2];
+  for (int k = 0; k < 2; ++k) coef[k] = kFromExps ? sg.softmax_coef[k] / sums[k] : sg.softmax_coef[k];
   const T* x = static_cast<const T*>(l.logits) + offset;
   T* g = static_cast<T*>(l.grad) + offset;
   for (int64_t c = 0; c < l.classes; ++c) {
-    V xv[2], a[2], out[2];
-    load_step(x + c * l.positions, n, xv[0], xv[1]);
-    if constexpr (kLinear) step_coefficients<T, kProb>(l, offset, n, c, hv, a);
+    V p[2], a[2], out[2];
+    if constexpr (kFromExps) {
+      p[0] = V::loadu(exps + c * W);
+      p[1] = V::loadu(exps + c * W + V::size());
+    } else {
+      load_step(x + c * l.positions, n, p);
+      for (int k = 0; k < 2; ++k) p[k] = math::exp_((p[k] - sg.shift[k]) - sg.log_sum[k]);
+    }
+    if constexpr (kFromExps && kProb) {
+      a[0] = V::loadu(coefs + c * W);
+      a[1] = V::loadu(coefs + c * W + V::size());
+    } else if constexpr (kLinear) {
+      step_coefficients<T, kProb>(l, offset, n, c, hv, a);
+    }
     for (int k = 0; k < 2; ++k) {
-      out[k] = kLinear ? math::grad_element(xv[k], a[k], v_shift[k], v_log_sum[k], v_softmax[k], v_linear[k])
-                       : v_softmax[k] * math::exp_((xv[k] - v_shift[k]) - v_log_sum[k]);
-      out[k] = V::blendv(out[k], V(0), zero_mask[k]);
+      out[k] = kLinear ? coef[k] * p[k] - sg.linear_coef[k] * a[k] : coef[k] * p[k];
+      out[k] = V::blendv(out[k], V(0), sg.zero[k]);  // an ignored row's gradient is 0, whatever its logits
     }
     T* gc = g + c * l.positions;
-    if (partial_write) {  // rows the backward leaves as they are keep their gradient
+    if (sg.keeps_some) {  // rows the backward leaves as they are keep their gradient
       V old[2];
-      load_step(static_cast<const T*>(gc), n, old[0], old[1]);
-      for (int k = 0; k < 2; ++k) out[k] = V::blendv(out[k], old[k], keep_mask[k]);
+      load_step(static_cast<const T*>(gc), n, old);
+      for (int k = 0; k < 2; ++k) out[k] = V::blendv(out[k], old[k], sg.keep[k]);
     }
-    if (n == W) {
-      StepIO<T>::store(gc, out[0], out[1]);
-    } else {
-      StepIO<T>::store_partial(gc, n, out[0], out[1]);
-    }
+    store_step(gc, n, out);
   }
   if constexpr (!kProb) {
-    // The true class in opmath, rounded once, as write_row_grad.
-    const O* weight = static_cast<const O*>(l.weight);
+    // The true class once more, in opmath, rounded once (as write_row_grad): its element minus target_coef.
+    alignas(64) O target_grad[W];
+    V t_grad[2];
+    for (int k = 0; k < 2; ++k) {
+      const V centred = sg.target_logit[k] - sg.shift[k];
+      const V p = kFromExps ? coef[k] * math::exp_(centred) : coef[k] * math::exp_(centred - sg.log_sum[k]);
+      const V element = kLinear ? p - sg.linear_coef[k] * sg.target_weight[k] : p;
+      t_grad[k] = element - sg.target_coef[k];
+    }
+    store_lanes(target_grad, t_grad);
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t t = sg.target[i];
-      if (!sg.write[i] || t < 0) continue;
-      const O a_t = kLinear ? weight[t] : O(0);
-      g[t * l.positions + i] = static_cast<T>(math::target_grad(sg.target_logit[i], a_t, sg.rg[i]));
+      if (sg.target[i] >= 0 && sg.write[i]) g[sg.target[i] * l.positions + i] = static_cast<T>(target_grad[i]);
     }
   }
 }
@@ -583,70 +655,90 @@ FT_XENT_FLATTEN CrossEntropySums forward_positions(const CrossEntropyLaunch& l, 
   constexpr int64_t W = StepIO<T>::kWidth;
   const math::XentHyper<O> h = xent_hyper<O>(l);
   const auto hv = broadcast(h);
-  const O* weight = static_cast<const O*>(l.weight);
-  const O grad_scale = l.grad != nullptr ? math::mean_scale(O(1), *static_cast<const O*>(l.denominator)) : O(0);
+  const V grad_scale(l.grad != nullptr ? math::mean_scale(O(1), *static_cast<const O*>(l.denominator)) : O(0));
   const int64_t C = l.classes, stride = l.positions;
+  // The step in opmath, C vector pairs, contiguous: pass 1 copies it here, pass 2 reads it back (21 classes of fp32:
+  // 2.7 KiB, in L1) and, when the gradient is wanted, leaves the exps in its place. Read again from the logits,
+  // the classes of a step would contend for one cache set: they lie positions·itemsize apart, a power of two for
+  // most images (512 x 512 fp32: 1 MiB, every class in the same L1 and L2 set).
+  std::vector<O> step(static_cast<size_t>(C * W));
+  // Probability rows' coefficients a (w·t'), read once from the targets in pass 2 and kept for the gradient.
+  std::vector<O> coefs(kProb && l.grad != nullptr ? static_cast<size_t>(C * W) : 0);
   CrossEntropySums sums;
-  StepGradient<O, W> sg;
-  alignas(64) O lane_max[W], lane_sum[W], lane_dot[W], lane_asum[W], lane_log_sum[W];
+  StepGrad<T> sg;
+  for (int64_t i = 0; i < W; ++i) {
+    sg.write[i] = true;
+    sg.target[i] = -1;
+  }
+  for (int k = 0; k < 2; ++k) sg.zero[k] = V(0) != V(0);  // probability rows all count
+  alignas(64) O lane_shift[W], lane_log_sum[W], lane_loss[W], lane_z_loss[W];
   for_each_position_step<W>(l, row_begin, row_end, [&](int64_t r, int64_t offset, int64_t n) {
     const T* x = static_cast<const T*>(l.logits) + offset;
     V max[2], xv[2];
-    load_step(x, n, max[0], max[1]);
+    load_step(x, n, max);
+    store_lanes(step.data(), max);
     for (int64_t c = 1; c < C; ++c) {
-      load_step(x + c * stride, n, xv[0], xv[1]);
+      load_step(x + c * stride, n, xv);
+      store_lanes(step.data() + c * W, xv);
       for (int k = 0; k < 2; ++k) max[k] = at::vec::maximum(max[k], xv[k]);  // NaN-propagating
     }
-    V shift[2], sum[2], dot[2], asum[2], a[2];
+    if constexpr (!kProb) gather_step_targets(l, r, n, step.data(), W, sg);
+    V sum[2], dot[2], asum[2], a[2];
     for (int k = 0; k < 2; ++k) {
-      shift[k] = math::safe_shift(max[k]);
+      sg.shift[k] = math::safe_shift(max[k]);
       sum[k] = dot[k] = asum[k] = V(0);
     }
+    const bool keep_exps = l.grad != nullptr;
     for (int64_t c = 0; c < C; ++c) {
-      load_step(x + c * stride, n, xv[0], xv[1]);
-      if constexpr (kLinear) step_coefficients<T, kProb>(l, offset, n, c, hv, a);
+      O* xs = step.data() + c * W;
+      load_lanes(xs, xv);
+      if constexpr (kLinear) {
+        step_coefficients<T, kProb>(l, offset, n, c, hv, a);
+        if (!coefs.empty()) store_lanes(coefs.data() + c * W, a);
+      }
       for (int k = 0; k < 2; ++k) {
-        const V centred = xv[k] - shift[k];
-        sum[k] = sum[k] + math::exp_(centred);
+        const V centred = xv[k] - sg.shift[k];
+        const V e = math::exp_(centred);
+        if (keep_exps) e.store(xs + k * V::size());
+        sum[k] = sum[k] + e;
         if constexpr (kLinear) {
           dot[k] = at::vec::fmadd(a[k], centred, dot[k]);
           asum[k] = asum[k] + a[k];
         }
       }
     }
+    // Each row's loss (math::index_row_loss / prob_row_loss, lane by lane) and z-loss.
+    V loss[2], z_loss[2];
     for (int k = 0; k < 2; ++k) {
-      const int64_t at = k * V::size();
-      max[k].store(lane_max + at);
-      sum[k].store(lane_sum + at);
-      dot[k].store(lane_dot + at);
-      asum[k].store(lane_asum + at);
-      math::finish_log_sums(max[k], sum[k]).store(lane_log_sum + at);
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      const math::RowState<O> st{lane_max[i], lane_sum[i], lane_dot[i], lane_asum[i]};
-      const math::RowLse<O> lse{math::safe_shift(lane_max[i]), lane_log_sum[i]};
-      O loss = 0, z_loss = 0;
-      sg.target[i] = -1;
-      sg.write[i] = true;
-      bool kept = true;
+      sg.log_sum[k] = math::finish_log_sums(max[k], sum[k]);
+      const V full = sg.shift[k] + sg.log_sum[k];
+      z_loss[k] = V(h.lse_square_scale) * full * full;
+      const V linear = asum[k] * sg.log_sum[k] - dot[k];  // math::linear_term
       if constexpr (kProb) {
-        loss = math::prob_row_loss(st, lse, h);
-        sg.rg[i] = math::prob_row_grad(grad_scale, lse, st.asum, h);  // the forward's A_r is the target mass
+        loss[k] = linear;
       } else {
-        const int64_t t = read_index(l, r + i);
-        kept = t != l.ignore_index;
-        if (kept) {
-          const O w_t = weight != nullptr ? weight[t] : O(1);
-          sg.target[i] = t;
-          sg.target_logit[i] = static_cast<O>(x[t * stride + i]);
-          loss = math::index_row_loss(st, lse, sg.target_logit[i], w_t, h);
-          sg.rg[i] = math::index_row_grad(grad_scale, lse, w_t, h);
-        }
+        loss[k] = V(h.one_minus_smoothing) *
+                  (sg.target_weight[k] * (sg.log_sum[k] - (sg.target_logit[k] - sg.shift[k])));
+        if (h.smoothing) loss[k] = loss[k] + V(h.smoothing_over_classes) * linear;
       }
-      if (kept) z_loss = math::z_loss(lse, h);
-      store_row_results<T>(l, r + i, lse, loss, z_loss, sums);
+      if (h.lse_square_scale != O(0)) loss[k] = loss[k] + z_loss[k];
+      if constexpr (!kProb) {
+        loss[k] = V::blendv(loss[k], V(0), sg.zero[k]);
+        z_loss[k] = V::blendv(z_loss[k], V(0), sg.zero[k]);
+      }
     }
-    if (l.grad != nullptr) write_step_grad<T, kProb, kLinear>(l, offset, n, sg, hv);
+    store_lanes(lane_shift, sg.shift);
+    store_lanes(lane_log_sum, sg.log_sum);
+    store_lanes(lane_loss, loss);
+    store_lanes(lane_z_loss, z_loss);
+    for (int64_t i = 0; i < n; ++i) {
+      store_row_results<T>(l, r + i, math::RowLse<O>{lane_shift[i], lane_log_sum[i]}, lane_loss[i],
+                           lane_z_loss[i], sums);
+    }
+    if (l.grad == nullptr) return;
+    const V scale[2] = {grad_scale, grad_scale};
+    step_grad_constants<T, kProb>(h, scale, asum, sg);  // a probability row's target mass is its asum
+    write_step_grad<T, kProb, kLinear, true>(l, offset, n, sg, hv, step.data(), coefs.data(), sum);
   });
   return sums;
 }
@@ -658,47 +750,45 @@ FT_XENT_FLATTEN void backward_positions(const CrossEntropyLaunch& l, int64_t row
   constexpr int64_t W = StepIO<T>::kWidth;
   const math::XentHyper<O> h = xent_hyper<O>(l);
   const auto hv = broadcast(h);
-  const O* weight = static_cast<const O*>(l.weight);
   const O denominator = *static_cast<const O*>(l.denominator);
   const O* grad_loss = static_cast<const O*>(l.grad_loss);
   const O* saved = static_cast<const O*>(l.lse_in);
-  StepGradient<O, W> sg;
-  alignas(64) O lane_mass[W];
+  StepGrad<T> sg;
+  alignas(64) O lane_shift[W], lane_log_sum[W], lane_scale[W], lane_keep[W];
   for_each_position_step<W>(l, row_begin, row_end, [&](int64_t r, int64_t offset, int64_t n) {
     bool any = false;
-    for (int64_t i = 0; i < n; ++i) {
-      sg.write[i] = !(l.keep_unit_rows && grad_loss[(r + i) * l.grad_loss_stride] == O(1));
+    sg.keeps_some = false;
+    for (int64_t i = 0; i < W; ++i) {
+      const O row_grad_loss = i < n ? grad_loss[(r + i) * l.grad_loss_stride] : O(0);
+      sg.write[i] = i < n && !(l.keep_unit_rows && row_grad_loss == O(1));
       any = any || sg.write[i];
+      sg.keeps_some = sg.keeps_some || (i < n && !sg.write[i]);
+      lane_keep[i] = sg.write[i] ? O(0) : O(1);
+      // grad_loss / denominator in opmath, applied before the element's one rounding (see backward_rows_typed).
+      lane_scale[i] = math::mean_scale(row_grad_loss, denominator);
+      lane_shift[i] = i < n ? saved[2 * (r + i)] : O(0);
+      lane_log_sum[i] = i < n ? saved[2 * (r + i) + 1] : O(0);
     }
     if (!any) return;
+    load_lanes(lane_shift, sg.shift);
+    load_lanes(lane_log_sum, sg.log_sum);
+    load_lanes(lane_keep, sg.keep);
+    V scale[2], mass[2] = {V(0), V(0)};
+    load_lanes(lane_scale, scale);
+    for (int k = 0; k < 2; ++k) sg.keep[k] = sg.keep[k] != V(0);
     if constexpr (kProb) {
       // A_r = Σ w_c·t'_c per lane: one pass over the step's targets.
-      V mass[2] = {V(0), V(0)}, a[2];
+      V a[2];
       for (int64_t c = 0; c < l.classes; ++c) {
         step_coefficients<T, true>(l, offset, n, c, hv, a);
         for (int k = 0; k < 2; ++k) mass[k] = mass[k] + a[k];
       }
-      for (int k = 0; k < 2; ++k) mass[k].store(lane_mass + k * V::size());
+      for (int k = 0; k < 2; ++k) sg.zero[k] = V(0) != V(0);  // every probability row counts
+    } else {
+      gather_step_targets(l, r, n, static_cast<const T*>(l.logits) + offset, l.positions, sg);
     }
-    const T* x = static_cast<const T*>(l.logits) + offset;
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t row = r + i;
-      const math::RowLse<O> lse{saved[2 * row], saved[2 * row + 1]};
-      // grad_loss / denominator in opmath, applied before the element's one rounding (see backward_rows_typed).
-      const O scale = math::mean_scale(grad_loss[row * l.grad_loss_stride], denominator);
-      sg.target[i] = -1;
-      if constexpr (kProb) {
-        sg.rg[i] = math::prob_row_grad(scale, lse, lane_mass[i], h);
-      } else {
-        const int64_t t = read_index(l, row);
-        if (t == l.ignore_index) continue;
-        const O w_t = weight != nullptr ? weight[t] : O(1);
-        sg.target[i] = t;
-        sg.target_logit[i] = static_cast<O>(x[t * l.positions + i]);  // before the step is written (in place)
-        sg.rg[i] = math::index_row_grad(scale, lse, w_t, h);
-      }
-    }
-    write_step_grad<T, kProb, kLinear>(l, offset, n, sg, hv);
+    step_grad_constants<T, kProb>(h, scale, mass, sg);
+    write_step_grad<T, kProb, kLinear, false>(l, offset, n, sg, hv, nullptr, nullptr, mass);
   });
 }
 

@@ -75,6 +75,9 @@ struct XentArgs {
   const T* logits;
   int64_t logits_row_stride;
   int64_t rows, classes;
+  // > 0: the (batch, classes, positions) layout of cpu_kernels.h's CrossEntropyLaunch (logits, gradient and
+  // probabilities; the row strides unused): row r's class j at position_offset(r) + j·positions.
+  int64_t positions;
   const void* target;  // int64/int32 indices, or T probabilities
   int64_t target_row_stride;
   bool target_is_prob, target_is_int32;
@@ -159,16 +162,24 @@ unsigned group_grid(const RowGroups& groups, int64_t items, int sms) {
   return grid_blocks((items + per_block - 1) / per_block, sms);
 }
 
-// Calls f(std::bool_constant<Linear>{}, std::bool_constant<Block>{}) for the call's loss (Linear: a linear term,
-// for probabilities or label smoothing) and groups. The kernels are compiled for each, so the common loss (class
-// indices, no smoothing) carries no per-element coefficient loads or branches.
+// with_linear calls f(std::bool_constant<Linear>{}) for the call's loss (Linear: a linear term, for probabilities
+// or label smoothing), with_kernel_kind f(…<Linear>{}, std::bool_constant<Block>{}) for its loss and groups. The
+// kernels are compiled for each, so the common loss (class indices, no smoothing) carries no per-element
+// coefficient loads or branches.
+template <class F>
+void with_linear(const CrossEntropyCall& c, double label_smoothing, F&& f) {
+  if (c.target_is_prob || label_smoothing > 0.0) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 template <class F>
 void with_kernel_kind(const CrossEntropyCall& c, double label_smoothing, const RowGroups& groups, F&& f) {
-  if (c.target_is_prob || label_smoothing > 0.0) {
-    groups.block ? f(std::true_type{}, std::true_type{}) : f(std::true_type{}, std::false_type{});
-  } else {
-    groups.block ? f(std::false_type{}, std::true_type{}) : f(std::false_type{}, std::false_type{});
-  }
+  with_linear(c, label_smoothing, [&](auto linear) {
+    groups.block ? f(linear, std::true_type{}) : f(linear, std::false_type{});
+  });
 }
 
 template <bool Linear, class O>
@@ -496,6 +507,134 @@ __global__ void index_row_weights_kernel(XentArgs<T, O> a) {
   }
 }
 
+// ---- The (batch, classes, positions) layout: a thread per row ----
+// A segmentation loss's (N, C, d1, …, dK) logits, taken where they lie instead of copied into rows. Neighbouring
+// threads take neighbouring positions, so each class's loads and stores are coalesced across a warp (fp32: 128
+// bytes per class for 32 rows); a thread folds its row one element at a time (accumulate_run<Linear, 1>), and
+// writes the gradient from a second read of its row, from L1/L2.
+constexpr int kPositionThreads = 256;
+
+// A thread's rows, grid-stride, each with the element of its class 0 (its classes follow at stride
+// a.positions). The batch entry and position are carried from row to row: only the first row divides (a 64-bit
+// division is a subroutine call on the GPU). a.positions > 0: the kernels run only for rows > 0.
+template <class T, class O>
+struct PositionRows {
+  int64_t row, batch, position;
+  int64_t stride, stride_batches, stride_positions;
+
+  __device__ __forceinline__ explicit PositionRows(const XentArgs<T, O>& a)
+      : row(blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x),
+        batch(row / a.positions),
+        position(row % a.positions),
+        stride(static_cast<int64_t>(gridDim.x) * blockDim.x),
+        stride_batches(stride / a.positions),
+        stride_positions(stride % a.positions) {}
+  __device__ __forceinline__ int64_t offset(const XentArgs<T, O>& a) const {
+    return batch * a.classes * a.positions + position;
+  }
+  __device__ __forceinline__ void next(const XentArgs<T, O>& a) {
+    row += stride;
+    batch += stride_batches;
+    position += stride_positions;
+    if (position >= a.positions) {
+      position -= a.positions;
+      ++batch;
+    }
+  }
+};
+
+// The linear coefficient of class j of the row at offset (Linear kernels only): w_j, times t'_j for probabilities.
+template <class T, class O>
+__device__ __forceinline__ O position_linear_coef(const XentArgs<T, O>& a, const math::XentHyper<O>& h,
+                                                  int64_t offset, int64_t j) {
+  const O w = a.weight[j];
+  if (!a.target_is_prob) return w;
+  const T* t = static_cast<const T*>(a.target) + offset;
+  return w * math::smoothed_target(static_cast<O>(t[j * a.positions]), h);
+}
+
+template <bool Linear, class T, class O>
+__device__ __forceinline__ math::RowState<O> fold_position_row(const XentArgs<T, O>& a, const math::XentHyper<O>& h,
+                                                               int64_t offset) {
+  const T* x = a.logits + offset;
+  math::RowState<O> st = math::empty_row_state<O>();
+  for (int64_t j = 0; j < a.classes; ++j) {
+    const O xj = static_cast<O>(x[j * a.positions]);
+    const O aj = Linear ? position_linear_coef(a, h, offset, j) : O(0);
+    math::accumulate_run<Linear, 1>(st, &xj, &aj);
+  }
+  return st;
+}
+
+// Writes the gradient of the row at offset; in place each element is read and then written by this thread.
+template <bool Linear, class T, class O>
+__device__ __forceinline__ void write_position_gradient(const XentArgs<T, O>& a, const math::XentHyper<O>& h,
+                                                        int64_t offset, const RowGradient<O>& r) {
+  const T* x = a.logits + offset;
+  T* g = a.grad + offset;
+  if (r.target.ignored || r.target.bad) {
+    // 0 for an ignored row, NaN for a bad target; the logits are not read.
+    const T fill = r.target.ignored ? T(0) : static_cast<T>(std::numeric_limits<O>::quiet_NaN());
+    for (int64_t j = 0; j < a.classes; ++j) g[j * a.positions] = fill;
+    return;
+  }
+  const math::RowGrad<O>& rg = r.rg;
+  for (int64_t j = 0; j < a.classes; ++j) {
+    const O aj = Linear ? position_linear_coef(a, h, offset, j) : O(0);
+    const O gj =
+        math::grad_element(static_cast<O>(x[j * a.positions]), aj, rg.shift, rg.log_sum, rg.softmax_coef,
+                           rg.linear_coef);
+    g[j * a.positions] = static_cast<T>(j == r.target.index ? gj - rg.target_coef : gj);  // -1 never matches
+  }
+}
+
+// The forward (kGradient: and the gradient for grad_loss = 1, a.denominator known before the launch, as
+// cross_entropy_forward_backward_kernel's) of each row, a thread per row.
+template <class T, class O, bool Linear, bool kGradient>
+__global__ void __launch_bounds__(kPositionThreads) cross_entropy_positions_forward_kernel(XentArgs<T, O> a) {
+  const math::XentHyper<O> h = xent_hyper(a);
+  if (blockIdx.x == 0 && threadIdx.x == 0) clear_consumed_step_guard(a.bad_target);
+  const O scale = kGradient ? math::mean_scale(O(1), *a.denominator) : O(0);
+  for (PositionRows<T, O> it(a); it.row < a.rows; it.next(a)) {
+    const int64_t row = it.row, offset = it.offset(a);
+    const math::RowState<O> st = fold_position_row<Linear>(a, h, offset);
+    const RowTarget target = read_row_target(a, row);
+    const O target_logit = target.kept() ? static_cast<O>(a.logits[offset + target.index * a.positions]) : O(0);
+    write_row_outputs(a, row, st, target, target_logit);
+    if (kGradient) {
+      // A probability row's Σ w·t' is its folded asum.
+      const RowGradient<O> r = row_gradient(a, h, target, scale, math::finish_row(st), st.asum);
+      if (target.bad) guard_nan_gradient(a.bad_target);  // this row's gradient is NaN
+      write_position_gradient<Linear>(a, h, offset, r);
+    }
+  }
+}
+
+template <class T, class O, bool Linear>
+__global__ void __launch_bounds__(kPositionThreads) cross_entropy_positions_backward_kernel(XentArgs<T, O> a) {
+  const math::XentHyper<O> h = xent_hyper(a);
+  for (PositionRows<T, O> it(a); it.row < a.rows; it.next(a)) {
+    const int64_t row = it.row;
+    const O row_grad_loss = a.grad_loss[row * a.grad_loss_stride];
+    if (a.keep_unit_rows && row_grad_loss == O(1)) continue;
+    const int64_t offset = it.offset(a);
+    const math::RowLse<O> lse{a.row_lse[2 * row], a.row_lse[2 * row + 1]};
+    O target_mass = 0;  // Σ_c w_c·t'_c of a probability row: one more read of its targets
+    if (Linear && a.target_is_prob) {
+      for (int64_t j = 0; j < a.classes; ++j) target_mass += position_linear_coef(a, h, offset, j);
+    }
+    // In opmath before the one rounding (fp16 under loss scaling would underflow otherwise).
+    const O scale = math::mean_scale(row_grad_loss, *a.denominator);
+    const RowGradient<O> r = row_gradient(a, h, read_row_target(a, row), scale, lse, target_mass);
+    if (r.target.bad) guard_nan_gradient(a.bad_target);  // its gradient is NaN
+    write_position_gradient<Linear>(a, h, offset, r);
+  }
+}
+
+unsigned position_grid(int64_t rows, int sms) {
+  return grid_blocks((rows + kPositionThreads - 1) / kPositionThreads, sms);
+}
+
 template <class T, class O>
 XentArgs<T, O> make_args(const CrossEntropyCall& c, int64_t ignore_index, double label_smoothing,
                          double lse_square_scale) {
@@ -504,6 +643,7 @@ XentArgs<T, O> make_args(const CrossEntropyCall& c, int64_t ignore_index, double
   a.logits_row_stride = c.input.stride(0);
   a.rows = c.rows;
   a.classes = c.classes;
+  a.positions = c.spatial ? c.positions : 0;
   a.target = c.target.const_data_ptr();
   a.target_row_stride = c.target.stride(0);
   a.target_is_prob = c.target_is_prob;
@@ -582,6 +722,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward_cuda(cons
       using O = Opmath<scalar_t>;
       XentArgs<scalar_t, O> a = make_args<scalar_t, O>(c, ignore_index, label_smoothing, lse_square_scale);
       set_loss_rows(a, rows);
+      if (c.spatial) {
+        with_linear(c, label_smoothing, [&](auto linear) {
+          cross_entropy_positions_forward_kernel<scalar_t, O, decltype(linear)::value, false>
+              <<<position_grid(c.rows, sms), kPositionThreads, 0, stream>>>(a);
+        });
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
       const RowGroups groups = row_groups(c.rows, c.classes, sms);
       const int64_t splits = forward_splits(c, groups, sms, Pack<scalar_t>::kSize);
       at::Tensor partial;
@@ -627,7 +775,7 @@ void run_backward_cuda(const CrossEntropyCall& c, const at::Tensor& g, const at:
                        bool keep_unit_rows = false) {
   if (c.rows == 0) return;
   at::Tensor target_mass;
-  if (c.target_is_prob) {
+  if (c.target_is_prob && !c.spatial) {  // the layout's kernel sums its rows' targets itself
     // A_r = Σ_c w_c·((1-ε)·t_c + ε/C) = (1-ε)·(t·w)_r + (ε/C)·Σw: one matrix-vector product. In opmath even
     // under autocast, whose CUDA list casts mv to half (the op has no autocast kernel of its own, so the
     // autocast keys are still live in here).
@@ -648,6 +796,14 @@ void run_backward_cuda(const CrossEntropyCall& c, const at::Tensor& g, const at:
     a.denominator = denominator.const_data_ptr<O>();
     a.target_mass = target_mass.defined() ? target_mass.const_data_ptr<O>() : nullptr;
     const int sms = sm_count(c.input.get_device());
+    if (c.spatial) {
+      with_linear(c, label_smoothing, [&](auto linear) {
+        cross_entropy_positions_backward_kernel<scalar_t, O, decltype(linear)::value>
+            <<<position_grid(c.rows, sms), kPositionThreads, 0, stream>>>(a);
+      });
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     const RowGroups groups = row_groups(c.rows, c.classes, sms);
     const int64_t slice = backward_block_slice<scalar_t>();
     const int64_t slices = groups.block ? (c.classes + slice - 1) / slice : 1;
@@ -669,7 +825,7 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
   const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_backward", input, target, weight, reduction,
                                                       label_smoothing, lse_square_scale, false);
   const at::Tensor g = check_cross_entropy_backward("cross_entropy_backward", c, grad_loss, row_lse, denominator);
-  at::Tensor grad = at::empty({c.rows, c.classes}, input.options());
+  at::Tensor grad = at::empty(c.input.sizes(), input.options());
   run_backward_cuda(c, g, row_lse, denominator, ignore_index, label_smoothing, lse_square_scale, grad, c.classes);
   return grad;
 }
@@ -704,7 +860,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward_backward_
   // blocks (a row of 32000 fp32, 128 KiB: 2 · 128 KiB · 132 = 33 MiB; an H100's L2 is 50 MiB). Rows of 128K
   // classes do not fit (67 MiB in bf16): their second read goes to HBM, as with two kernels.
   const RowGroups groups = row_groups(c.rows, c.classes, sms, kFusedWarpRowBytes / c.input.element_size());
-  if (c.rows == 0 || forward_splits(c, groups, sms, 16 / c.input.element_size()) > 1) {
+  if (c.rows == 0 || (!c.spatial && forward_splits(c, groups, sms, 16 / c.input.element_size()) > 1)) {
     auto out = run_forward_cuda(c, ignore_index, label_smoothing, lse_square_scale, opmath_loss);
     run_backward_cuda(c, ones_like_grad_loss(c), std::get<2>(out), std::get<3>(out), ignore_index, label_smoothing,
                       lse_square_scale, grad, grad_row_stride);
@@ -732,6 +888,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward_backward_
       denominator = at::ones({}, rows.loss.options());
     }
     a.denominator = denominator.const_data_ptr<O>();
+    if (c.spatial) {
+      with_linear(c, label_smoothing, [&](auto linear) {
+        cross_entropy_positions_forward_kernel<scalar_t, O, decltype(linear)::value, true>
+            <<<position_grid(c.rows, sms), kPositionThreads, 0, stream>>>(a);
+      });
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     const unsigned blocks = group_grid(groups, c.rows, sms);
     with_kernel_kind(c, label_smoothing, groups, [&](auto linear, auto block) {
       cross_entropy_forward_backward_kernel<scalar_t, O, decltype(linear)::value, decltype(block)::value>
@@ -749,7 +913,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_ent
   raise_if_bad_target_seen("cross_entropy_forward_backward", input.get_device());
   const CrossEntropyCall c = check_cross_entropy_call("cross_entropy_forward_backward", input, target, weight,
                                                       reduction, label_smoothing, lse_square_scale, false);
-  at::Tensor grad = at::empty({c.rows, c.classes}, input.options());
+  at::Tensor grad = at::empty(c.input.sizes(), input.options());
   auto [loss, z_loss, row_lse, denominator] =
       run_forward_backward_cuda(c, ignore_index, label_smoothing, lse_square_scale, opmath_loss, grad, c.classes);
   return {loss, z_loss, row_lse, denominator, grad};
