@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -36,21 +37,44 @@ ScalarKind xent_scalar_kind(at::ScalarType t) {
   }
 }
 
+// Rows per block of the target check (below): its blocks run in parallel, their sums added in block order.
+constexpr int64_t kTargetBlockRows = int64_t{1} << 16;
+
 // Checks that every class index is in [0, C) or ignore_index (before anything is written) and returns the
-// weighted mean's denominator: Σ w_t over the rows that are not ignored, in row order.
+// weighted mean's denominator: Σ w_t over the rows that are not ignored, in row order within blocks of rows and
+// then in block order, so the same for any thread count (a segmentation batch has millions of rows: one thread
+// took a tenth of the loss's time at (8, 21, 512, 512)). The error names the first bad row.
 template <class Index, class O>
 double check_targets_and_weigh(const CrossEntropyCall& c, int64_t ignore_index) {
   const Index* t = c.target.const_data_ptr<Index>();
   const O* weight = c.weight.defined() ? c.weight.const_data_ptr<O>() : nullptr;
   const int64_t stride = c.target.stride(0);
+  const int64_t blocks = (c.rows + kTargetBlockRows - 1) / kTargetBlockRows;
+  std::vector<double> totals(blocks, 0.0);
+  std::vector<int64_t> first_bad(blocks, -1);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double total = 0.0;
+      const int64_t end = std::min(c.rows, (b + 1) * kTargetBlockRows);
+      for (int64_t r = b * kTargetBlockRows; r < end; ++r) {
+        const int64_t v = t[r * stride];
+        if (v == ignore_index) continue;
+        if (v < 0 || v >= c.classes) {
+          first_bad[b] = r;
+          break;
+        }
+        total += weight != nullptr ? static_cast<double>(weight[v]) : 1.0;
+      }
+      totals[b] = total;
+    }
+  });
   double total = 0.0;
-  for (int64_t r = 0; r < c.rows; ++r) {
-    const int64_t v = t[r * stride];
-    if (v == ignore_index) continue;
-    TORCH_CHECK_INDEX(v >= 0 && v < c.classes, "cross_entropy: target ", v, " at position ", r,
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t r = first_bad[b];
+    TORCH_CHECK_INDEX(r < 0, "cross_entropy: target ", static_cast<int64_t>(t[r * stride]), " at position ", r,
                       " is out of bounds: expected 0 <= target < ", c.classes, " or target == ignore_index (",
                       ignore_index, ")");
-    total += weight != nullptr ? static_cast<double>(weight[v]) : 1.0;
+    total += totals[b];
   }
   return total;
 }

@@ -353,6 +353,19 @@ FT_INLINE void write_row_grad(const CrossEntropyLaunch& l, const T* x, T* g, con
   }
 }
 
+// Stores one row's loss and z-loss for reduction='none' (l.row_loss set): in the logits' dtype, or opmath.
+template <class T>
+FT_INLINE void store_row_loss(const CrossEntropyLaunch& l, int64_t r, XentOpmath<T> loss, XentOpmath<T> z_loss) {
+  using O = XentOpmath<T>;
+  if (l.loss_opmath) {
+    static_cast<O*>(l.row_loss)[r] = loss;
+    static_cast<O*>(l.row_z_loss)[r] = z_loss;
+  } else {
+    static_cast<T*>(l.row_loss)[r] = static_cast<T>(loss);
+    static_cast<T*>(l.row_z_loss)[r] = static_cast<T>(z_loss);
+  }
+}
+
 // Stores one row's results: its log-sum-exp, and its loss and z-loss (per row for reduction='none', else
 // added to sums, in row order).
 template <class T>
@@ -361,12 +374,8 @@ FT_INLINE void store_row_results(const CrossEntropyLaunch& l, int64_t r, const m
   using O = XentOpmath<T>;
   static_cast<O*>(l.lse)[2 * r] = lse.shift;
   static_cast<O*>(l.lse)[2 * r + 1] = lse.log_sum;
-  if (l.row_loss != nullptr && l.loss_opmath) {
-    static_cast<O*>(l.row_loss)[r] = loss;
-    static_cast<O*>(l.row_z_loss)[r] = z_loss;
-  } else if (l.row_loss != nullptr) {
-    static_cast<T*>(l.row_loss)[r] = static_cast<T>(loss);
-    static_cast<T*>(l.row_z_loss)[r] = static_cast<T>(z_loss);
+  if (l.row_loss != nullptr) {
+    store_row_loss<T>(l, r, loss, z_loss);
   } else {
     sums.loss += static_cast<double>(loss);
     sums.z_loss += static_cast<double>(z_loss);
@@ -457,6 +466,18 @@ FT_XENT_FLATTEN CrossEntropySums forward_row_groups(const CrossEntropyLaunch& l,
 // classes twice (the max, then the exps, kept in a scratch of C vector pairs when the gradient is wanted, so that
 // writing it takes a multiply per element instead of a second exp); the backward reads them once.
 
+// Steps ahead that a step's first read asks the memory for, class by class: a step's C classes are C streams
+// (more than the hardware prefetchers follow at once). At (8, 21, 512, 512) fp32, 2 threads, Zen 4: the forward
+// took 0.77x the time of no prefetch at 2 steps, 0.86x at 1, 4 and 8.
+constexpr int64_t kPrefetchSteps = 2;
+
+// Asks for the two cache lines of a step (kWidth elements from p, up to 64 bytes each; prefetches do not fault).
+template <class T>
+FT_INLINE void prefetch_step(const T* p) {
+  __builtin_prefetch(p);
+  __builtin_prefetch(reinterpret_cast<const char*>(p) + 64);
+}
+
 // Runs fn(r, offset, n) over the steps of rows [row_begin, row_end): n <= kWidth rows from row r, all of one
 // batch entry, the first one's class 0 at element offset.
 template <int64_t kWidth, class Fn>
@@ -535,6 +556,7 @@ struct StepGrad {
   V target_logit[2], target_weight[2];  // class index: x_t, and w_t (0 where ignored; 1 unweighted)
   V zero[2];                            // mask: ignored rows
   V keep[2];                            // mask: rows left as they are
+  bool zeros_some = false;              // some of the step's rows are ignored
   bool keeps_some = false;
   int64_t target[W];                    // class index, -1 where ignored or past the step's rows
   bool write[W];
@@ -550,6 +572,7 @@ FT_INLINE void gather_step_targets(const CrossEntropyLaunch& l, int64_t r, int64
   constexpr int64_t W = StepGrad<T>::W;
   const O* weight = static_cast<const O*>(l.weight);
   alignas(64) O logit[W], w[W], ignored[W];
+  sg.zeros_some = false;
   for (int64_t i = 0; i < W; ++i) {
     const int64_t t = i < n ? read_index(l, r + i) : l.ignore_index;
     const bool kept = i < n && t != l.ignore_index;
@@ -557,6 +580,7 @@ FT_INLINE void gather_step_targets(const CrossEntropyLaunch& l, int64_t r, int64
     logit[i] = kept ? static_cast<O>(x[t * class_stride + i]) : O(0);
     w[i] = kept ? (weight != nullptr ? weight[t] : O(1)) : O(0);
     ignored[i] = kept ? O(0) : O(1);
+    sg.zeros_some = sg.zeros_some || (i < n && !kept);
   }
   load_lanes(logit, sg.target_logit);
   load_lanes(w, sg.target_weight);
@@ -588,40 +612,36 @@ FT_INLINE void step_grad_constants(const math::XentHyper<XentOpmath<T>>& h,
 }
 
 // Writes a step's gradient, each element in opmath and rounded once: softmax_coef·p − linear_coef·a, minus
-// target_coef at the target. p = e / sum from the forward's exps (kFromExps: exps holds exp(x - shift) per
-// class, kWidth lanes each, and sums their sums; a probability row's coefficients a are in coefs likewise),
-// else exp((x - shift) - log_sum) from the logits, as write_row_grad computes it. In place every element is
-// read before it is written (the target logits were gathered before).
+// target_coef at the target. staged holds the step in opmath, kWidth lanes per class: with kFromExps the
+// forward's exps exp(x - shift), p = e / sum (sums: their sums), else the logits, p = exp((x - shift) - log_sum)
+// as write_row_grad computes it. Probability rows' coefficients a come from coefs, staged likewise. So the
+// logits are not read here: in place every element was read before any is written.
 template <class T, bool kProb, bool kLinear, bool kFromExps>
 FT_INLINE void write_step_grad(const CrossEntropyLaunch& l, int64_t offset, int64_t n, const StepGrad<T>& sg,
                                const math::XentHyper<at::vec::Vectorized<XentOpmath<T>>>& hv,
-                               const XentOpmath<T>* exps, const XentOpmath<T>* coefs,
+                               const XentOpmath<T>* staged, const XentOpmath<T>* coefs,
                                const at::vec::Vectorized<XentOpmath<T>> (&sums)[2]) {
   using O = XentOpmath<T>;
   using V = at::vec::Vectorized<O>;
   constexpr int64_t W = StepGrad<T>::W;
   V coef[2];
   for (int k = 0; k < 2; ++k) coef[k] = kFromExps ? sg.softmax_coef[k] / sums[k] : sg.softmax_coef[k];
-  const T* x = static_cast<const T*>(l.logits) + offset;
   T* g = static_cast<T*>(l.grad) + offset;
   for (int64_t c = 0; c < l.classes; ++c) {
     V p[2], a[2], out[2];
-    if constexpr (kFromExps) {
-      p[0] = V::loadu(exps + c * W);
-      p[1] = V::loadu(exps + c * W + V::size());
-    } else {
-      load_step(x + c * l.positions, n, p);
+    load_lanes(staged + c * W, p);
+    if constexpr (!kFromExps) {
       for (int k = 0; k < 2; ++k) p[k] = math::exp_((p[k] - sg.shift[k]) - sg.log_sum[k]);
     }
-    if constexpr (kFromExps && kProb) {
-      a[0] = V::loadu(coefs + c * W);
-      a[1] = V::loadu(coefs + c * W + V::size());
+    if constexpr (kProb) {
+      load_lanes(coefs + c * W, a);
     } else if constexpr (kLinear) {
       step_coefficients<T, kProb>(l, offset, n, c, hv, a);
     }
     for (int k = 0; k < 2; ++k) {
       out[k] = kLinear ? coef[k] * p[k] - sg.linear_coef[k] * a[k] : coef[k] * p[k];
-      out[k] = V::blendv(out[k], V(0), sg.zero[k]);  // an ignored row's gradient is 0, whatever its logits
+      // An ignored row's gradient is 0, whatever its logits (the lanes past the step's rows are not stored).
+      if (sg.zeros_some) out[k] = V::blendv(out[k], V(0), sg.zero[k]);
     }
     T* gc = g + c * l.positions;
     if (sg.keeps_some) {  // rows the backward leaves as they are keep their gradient
@@ -672,12 +692,18 @@ FT_XENT_FLATTEN CrossEntropySums forward_positions(const CrossEntropyLaunch& l, 
   }
   for (int k = 0; k < 2; ++k) sg.zero[k] = V(0) != V(0);  // probability rows all count
   alignas(64) O lane_shift[W], lane_log_sum[W], lane_loss[W], lane_z_loss[W];
+  // A reduced loss's rows are summed in double per lane, the lanes in order at the end: a fixed order for a
+  // given row range (so for any thread count, as the rows kernels), without a chain of dependent adds.
+  alignas(64) double lane_sum[W] = {}, lane_z_sum[W] = {};
+  O* row_lse = static_cast<O*>(l.lse);
   for_each_position_step<W>(l, row_begin, row_end, [&](int64_t r, int64_t offset, int64_t n) {
     const T* x = static_cast<const T*>(l.logits) + offset;
     V max[2], xv[2];
     load_step(x, n, max);
     store_lanes(step.data(), max);
+    prefetch_step(x + kPrefetchSteps * W);
     for (int64_t c = 1; c < C; ++c) {
+      prefetch_step(x + c * stride + kPrefetchSteps * W);
       load_step(x + c * stride, n, xv);
       store_lanes(step.data() + c * W, xv);
       for (int k = 0; k < 2; ++k) max[k] = at::vec::maximum(max[k], xv[k]);  // NaN-propagating
@@ -732,14 +758,26 @@ FT_XENT_FLATTEN CrossEntropySums forward_positions(const CrossEntropyLaunch& l, 
     store_lanes(lane_loss, loss);
     store_lanes(lane_z_loss, z_loss);
     for (int64_t i = 0; i < n; ++i) {
-      store_row_results<T>(l, r + i, math::RowLse<O>{lane_shift[i], lane_log_sum[i]}, lane_loss[i],
-                           lane_z_loss[i], sums);
+      row_lse[2 * (r + i)] = lane_shift[i];
+      row_lse[2 * (r + i) + 1] = lane_log_sum[i];
+    }
+    if (l.row_loss == nullptr) {
+      for (int64_t i = 0; i < n; ++i) {
+        lane_sum[i] += static_cast<double>(lane_loss[i]);
+        lane_z_sum[i] += static_cast<double>(lane_z_loss[i]);
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) store_row_loss<T>(l, r + i, lane_loss[i], lane_z_loss[i]);
     }
     if (l.grad == nullptr) return;
     const V scale[2] = {grad_scale, grad_scale};
     step_grad_constants<T, kProb>(h, scale, asum, sg);  // a probability row's target mass is its asum
     write_step_grad<T, kProb, kLinear, true>(l, offset, n, sg, hv, step.data(), coefs.data(), sum);
   });
+  for (int64_t i = 0; i < W; ++i) {
+    sums.loss += lane_sum[i];
+    sums.z_loss += lane_z_sum[i];
+  }
   return sums;
 }
 
@@ -753,6 +791,11 @@ FT_XENT_FLATTEN void backward_positions(const CrossEntropyLaunch& l, int64_t row
   const O denominator = *static_cast<const O*>(l.denominator);
   const O* grad_loss = static_cast<const O*>(l.grad_loss);
   const O* saved = static_cast<const O*>(l.lse_in);
+  const int64_t C = l.classes;
+  // The step's logits (and probability rows' coefficients) in opmath, read once from memory in a pass of their own
+  // (as forward_positions explains).
+  std::vector<O> step(static_cast<size_t>(C * W));
+  std::vector<O> coefs(kProb ? static_cast<size_t>(C * W) : 0);
   StepGrad<T> sg;
   alignas(64) O lane_shift[W], lane_log_sum[W], lane_scale[W], lane_keep[W];
   for_each_position_step<W>(l, row_begin, row_end, [&](int64_t r, int64_t offset, int64_t n) {
@@ -776,19 +819,27 @@ FT_XENT_FLATTEN void backward_positions(const CrossEntropyLaunch& l, int64_t row
     V scale[2], mass[2] = {V(0), V(0)};
     load_lanes(lane_scale, scale);
     for (int k = 0; k < 2; ++k) sg.keep[k] = sg.keep[k] != V(0);
+    const T* x = static_cast<const T*>(l.logits) + offset;
+    for (int64_t c = 0; c < C; ++c) {
+      V xv[2];
+      prefetch_step(x + c * l.positions + kPrefetchSteps * W);
+      load_step(x + c * l.positions, n, xv);
+      store_lanes(step.data() + c * W, xv);
+    }
     if constexpr (kProb) {
       // A_r = Σ w_c·t'_c per lane: one pass over the step's targets.
       V a[2];
-      for (int64_t c = 0; c < l.classes; ++c) {
+      for (int64_t c = 0; c < C; ++c) {
         step_coefficients<T, true>(l, offset, n, c, hv, a);
+        store_lanes(coefs.data() + c * W, a);
         for (int k = 0; k < 2; ++k) mass[k] = mass[k] + a[k];
       }
       for (int k = 0; k < 2; ++k) sg.zero[k] = V(0) != V(0);  // every probability row counts
     } else {
-      gather_step_targets(l, r, n, static_cast<const T*>(l.logits) + offset, l.positions, sg);
+      gather_step_targets(l, r, n, step.data(), W, sg);
     }
     step_grad_constants<T, kProb>(h, scale, mass, sg);
-    write_step_grad<T, kProb, kLinear, false>(l, offset, n, sg, hv, nullptr, nullptr, mass);
+    write_step_grad<T, kProb, kLinear, false>(l, offset, n, sg, hv, step.data(), coefs.data(), mass);
   });
 }
 

@@ -365,6 +365,10 @@ class CrossEntropyOutput(NamedTuple):
 # 2 threads, Zen 4, the layout ran forward + backward in 0.3-0.5x the time of the copy into rows from 32 positions
 # on, in 1.0-4x below (bf16 at 16: 1.03x and 4.1x).
 _MIN_POSITIONS = 32
+# On CUDA the layout's kernels run a thread per row (cross_entropy.cu), so fewer rows than this would leave most of a
+# GPU idle (an H100 holds 270K resident threads), where the rows kernels spread each row over a warp or a block.
+# Not yet measured on a GPU.
+_MIN_CUDA_POSITION_ROWS = 1 << 16
 
 
 def _rows_view(input: Tensor, target: Tensor, rows_only: bool = False) -> tuple[Tensor, Tensor, tuple[int, ...]]:
@@ -418,9 +422,10 @@ def _rows_view(input: Tensor, target: Tensor, rows_only: bool = False) -> tuple[
     # as (N, C, positions), instead of a copy into rows (a pass over the logits, and one more over the gradient
     # wherever the next op wants it contiguous). The CPU kernels take that layout a SIMD register of positions
     # at a time (32 fp32), so fewer than _MIN_POSITIONS positions per batch entry go into rows, a copy; so do
-    # all under torch.func. The gradient flows back through these views.
+    # small batches on CUDA, and all under torch.func. The gradient flows back through these views.
     positions = math.prod(input.shape[2:])
-    if rows_only or (input.stride(1) == 1 and classes > 1) or positions < _MIN_POSITIONS:
+    if (rows_only or (input.stride(1) == 1 and classes > 1) or positions < _MIN_POSITIONS
+            or (input.is_cuda and input.shape[0] * positions < _MIN_CUDA_POSITION_ROWS)):
         rows = input.movedim(1, -1).reshape(-1, classes)
         target = target.movedim(1, -1).reshape(-1, classes) if prob else target.reshape(-1)
         return rows, target, batch_shape
