@@ -567,6 +567,16 @@ def _batch_first(t: Tensor, dim: int | None, batch_size: int) -> Tensor:
     return t.expand(batch_size, *t.shape) if dim is None else t.movedim(dim, 0)
 
 
+def _fold_samples(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, int]:
+    """B samples' logits and targets, batch first, as one call's: (B, rows, C) folded into rows, (B, N, C, S)
+    (the ops' (batch, classes, positions) layout) into batch entries; and each sample's number of rows."""
+    if x.dim() == 3:
+        batch, rows, classes = x.shape
+        return x.reshape(batch * rows, classes), t.reshape(batch * rows, *t.shape[2:]), rows
+    batch, n, classes, positions = x.shape
+    return x.reshape(batch * n, classes, positions), t.reshape(batch * n, *t.shape[2:]), n * positions
+
+
 def _vmap_per_sample(op, info, in_dims, args, kwargs):
     """The op once per sample, its results gathered into batched outputs: the vmap rule for what cannot fold
     into rows (a batched linear_weight, linear_bias or class weight, or per-sample parameter gradients)."""
@@ -600,16 +610,19 @@ def _vmap_per_sample(op, info, in_dims, args, kwargs):
 
 
 def _mean_denominators(target: Tensor, weight: Tensor | None, ignore_index: int, classes: int,
-                       opmath: torch.dtype) -> Tensor:
+                       opmath: torch.dtype, rows: int | None = None) -> Tensor:
     """Each sample's mean divisor for targets (batch, rows[, classes]), as the ops compute it for one: its
     rows for probabilities, else Σ weight[target] over its rows that are not ignored (0 when all are). In
-    int64: an int32 target compared with an ignore_index beyond int32 would wrap it."""
+    int64: an int32 target compared with an ignore_index beyond int32 would wrap it. rows: a sample's rows
+    where target is not laid out as (batch, rows[, classes])."""
     if target.is_floating_point():
-        return torch.full((target.shape[0],), target.shape[1], dtype=opmath, device=target.device)
-    kept = target.long() != ignore_index
+        rows = target.shape[1] if rows is None else rows
+        return torch.full((target.shape[0],), rows, dtype=opmath, device=target.device)
+    kept = target.long().reshape(target.shape[0], -1) != ignore_index
     if weight is None:
         return kept.sum(1).to(opmath)
-    return torch.where(kept, weight.to(opmath)[target.long().clamp(0, classes - 1)], 0).sum(1)
+    index = target.long().reshape(kept.shape).clamp(0, classes - 1)
+    return torch.where(kept, weight.to(opmath)[index], 0).sum(1)
 
 
 def _mean(total: Tensor, denominator: Tensor) -> Tensor:
@@ -628,11 +641,11 @@ def _cross_entropy_forward_vmap(info, in_dims, input, target, weight, *, reducti
         )
     x = _batch_first(input, in_dims[0], info.batch_size)
     t = _batch_first(target, in_dims[1], info.batch_size)
-    batch, rows, classes = x.shape
+    batch, classes = x.shape[0], x.shape[-2 if x.dim() == 4 else -1]
+    folded_x, folded_t, rows = _fold_samples(x, t)
     loss, z_loss, row_lse, _ = _ops.cross_entropy_forward.default(
-        x.reshape(batch * rows, classes), t.reshape(batch * rows, *t.shape[2:]), weight, reduction=0,
-        ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
-        opmath_loss=True,
+        folded_x, folded_t, weight, reduction=0, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale, opmath_loss=True,
     )
     opmath = row_lse.dtype
     loss_dtype = opmath if opmath_loss else input.dtype
@@ -644,7 +657,7 @@ def _cross_entropy_forward_vmap(info, in_dims, input, target, weight, *, reducti
     if reduction == 2:
         return (loss.sum(1).to(loss_dtype), z_loss.sum(1).to(loss_dtype), row_lse, one), (0, 0, 0, None)
     # torch's weighted mean.
-    denominator = _mean_denominators(t, weight, ignore_index, classes, opmath)
+    denominator = _mean_denominators(t, weight, ignore_index, classes, opmath, rows)
     loss = _mean(loss.sum(1), denominator).to(loss_dtype)
     z_loss = _mean(z_loss.sum(1), denominator).to(loss_dtype)
     return (loss, z_loss, row_lse, denominator), (0, 0, 0, 0)
@@ -663,7 +676,8 @@ def _cross_entropy_backward_vmap(info, in_dims, grad_loss, input, target, weight
     x = _batch_first(input, in_dims[1], size)
     t = _batch_first(target, in_dims[2], size)
     lse = _batch_first(row_lse, in_dims[4], size)
-    batch, rows, classes = x.shape
+    batch = x.shape[0]
+    folded_x, folded_t, rows = _fold_samples(x, t)
     g = _batch_first(grad_loss, in_dims[0], size).to(lse.dtype)
     if reduction == 0:
         g = g.reshape(batch, rows)
@@ -673,11 +687,10 @@ def _cross_entropy_backward_vmap(info, in_dims, grad_loss, input, target, weight
         den = _batch_first(denominator, in_dims[5], size).reshape(batch).to(lse.dtype)
         g = _mean(g.reshape(batch), den)[:, None].expand(batch, rows)
     grad = _ops.cross_entropy_backward.default(
-        g.reshape(batch * rows), x.reshape(batch * rows, classes), t.reshape(batch * rows, *t.shape[2:]),
-        weight, lse.reshape(batch * rows, 2), lse.new_ones(()), reduction=0, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+        g.reshape(batch * rows), folded_x, folded_t, weight, lse.reshape(batch * rows, 2), lse.new_ones(()),
+        reduction=0, ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
     )
-    return grad.reshape(batch, rows, classes), 0
+    return grad.reshape(x.shape), 0
 
 
 torch.library.register_vmap("fused_train::cross_entropy_forward", _cross_entropy_forward_vmap)

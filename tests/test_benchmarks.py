@@ -1,6 +1,7 @@
-"""The optimizer benchmark's bandwidth ceiling: the compiled streaming pass does every read and write of
-its access pattern (checked value by value, so the compiler cannot have dropped any), the bytes counted per
-pattern are the bytes the step moves, and every row says its share of its own pattern's ceiling."""
+"""The benchmarks' bandwidth ceilings: the compiled streaming pass does every read and write of an optimizer's
+access pattern, and the copy pass of the segmentation loss's (checked value by value, so the compiler cannot have
+dropped any), the bytes counted per pattern are the bytes the step moves, and every row says its share of its own
+pattern's ceiling."""
 
 import importlib.util
 import json
@@ -66,6 +67,30 @@ def test_streaming_pass_reads_and_writes_every_stream(bench, dtype, n_states, ze
             k = j * len(sizes) + i
             assert torch.equal(states[k], before_s[k] + passes_with_grad * g.float())
         assert torch.equal(grads[i], torch.zeros_like(grads[i]) if zero_grad else before_g[i])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copy_pass_reads_one_stream_and_writes_another(bench, dtype):
+    # The segmentation loss's ceiling (bench_segmentation_loss.py): out = in + 1 in the storage type, every
+    # element, the threads' split inside the tensor; in untouched.
+    assert bench.load_streaming_pass() is not None, "streaming_ceiling.cpp did not build"
+    copy_pass = torch.ops.fused_train_bench.copy_pass_
+    torch.set_num_threads(2)
+    source = torch.randint(0, 100, (100003,)).to(dtype)
+    before = source.clone()
+    out = torch.zeros_like(source)
+    seconds = copy_pass(source, out, 2)
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    assert torch.equal(source, before)
+    if dtype == torch.float32:
+        assert torch.equal(out, before + 1)
+    else:  # the raw 16 bits plus one
+        bits = before.view(torch.int16).to(torch.int32) & 0xFFFF
+        assert torch.equal(out.view(torch.int16).to(torch.int32) & 0xFFFF, (bits + 1) & 0xFFFF)
+    with pytest.raises(RuntimeError, match="one dtype and size"):
+        copy_pass(source, torch.zeros(7, dtype=dtype), 1)
+    with pytest.raises(RuntimeError, match="repeat"):
+        copy_pass(source, out, 0)
 
 
 def test_streaming_pass_refuses_mismatched_lists(bench):

@@ -30,8 +30,8 @@ def test_contiguous_logits_keep_their_layout(shape):
     assert layout.shape == (shape[0], shape[1], x[0, 0].numel()) and layout.data_ptr() == x.data_ptr()
     assert layout_target.shape == (shape[0], x[0, 0].numel()) and batch_shape == target.shape
     # Too few positions per batch entry, channels-last logits and torch.func transforms go into rows.
-    few = torch.randn(4, 3, _MIN_POSITIONS - 1)
-    assert _rows_view(few, torch.zeros(4, _MIN_POSITIONS - 1, dtype=torch.long))[0].shape == (4 * (_MIN_POSITIONS - 1), 3)
+    few = _MIN_POSITIONS - 1
+    assert _rows_view(torch.randn(4, 3, few), torch.zeros(4, few, dtype=torch.long))[0].shape == (4 * few, 3)
     channels_last = torch.randn(2, 5, 8, 8).to(memory_format=torch.channels_last)
     rows = _rows_view(channels_last, torch.zeros(2, 8, 8, dtype=torch.long))[0]
     assert rows.shape == (128, 5) and rows.data_ptr() == channels_last.data_ptr()  # a view, no copy
@@ -335,11 +335,11 @@ def test_cuda_runs_the_layout_kernels(dtype, options):
 
 @cuda_only
 def test_cuda_layout_past_2_31_elements():
-    # Batch entry 1 starts 3·(2^29 + 33) elements in: 64-bit offsets. The last positions of each entry against
-    # torch on just those positions.
+    # Batch entry 2 starts 2·3·(2^29 + 33) > 2^31 elements in, and entry 1's last class 5·(2^29 + 33) in: 64-bit
+    # offsets. The last positions of each entry against torch on just those positions.
     positions = 2**29 + 33
-    x = torch.randn(2, 3, positions, device="cuda", dtype=torch.bfloat16)
-    target = torch.randint(0, 3, (2, positions), device="cuda")
+    x = torch.randn(3, 3, positions, device="cuda", dtype=torch.bfloat16)
+    target = torch.randint(0, 3, (3, positions), device="cuda")
     tail = slice(positions - 100, positions)
     x_tail = x[:, :, tail].double().requires_grad_()
     ref = F.cross_entropy(x_tail, target[:, tail], reduction="none")
@@ -350,3 +350,54 @@ def test_cuda_layout_past_2_31_elements():
     tol = XENT_TOL[torch.bfloat16]
     torch.testing.assert_close(loss[:, tail].double(), ref.detach(), **tol)
     torch.testing.assert_close(leaf.grad[:, :, tail].double(), ref_grad, **tol)
+
+
+@pytest.mark.parametrize("prob", [False, True])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_vmap_rules_fold_samples_into_the_layout(prob, reduction):
+    # torch.vmap over the layout's ops (per-sample losses and their gradients): the samples folded into the batch
+    # entries of one call, each sample's loss reduced on its own, against one call per sample.
+    samples = [_layout_args("cpu", torch.float32, (2, 5, 40), prob) for _ in range(3)]
+    x = torch.stack([s[0] for s in samples])
+    target = torch.stack([s[1] for s in samples])
+    weight = samples[0][2]
+    kw = dict(reduction=reduction, ignore_index=-100, label_smoothing=0.1, lse_square_scale=1e-3)
+    batched = torch.vmap(lambda xs, ts: ops.cross_entropy_forward(xs, ts, weight, **kw))(x, target)
+    each = [ops.cross_entropy_forward(xs, ts, weight, **kw) for xs, ts in zip(x, target)]
+    for i, out in enumerate(batched):
+        torch.testing.assert_close(out, torch.stack([e[i] for e in each]), rtol=1e-6, atol=1e-7)
+    grad_loss = torch.rand(3, 80) + 0.5 if reduction == 0 else torch.rand(3) + 0.5
+    _, _, lse, denominator = batched
+    grads = torch.vmap(lambda g, xs, ts, ls, d: ops.cross_entropy_backward(g, xs, ts, weight, ls, d, **kw))(
+        grad_loss, x, target, lse, denominator)
+    for g, xs, ts, (_, _, ls, d), grad in zip(grad_loss, x, target, each, grads):
+        torch.testing.assert_close(grad, ops.cross_entropy_backward(g, xs, ts, weight, ls, d, **kw), rtol=1e-6,
+                                   atol=1e-7)
+
+
+def test_target_check_names_the_first_bad_row_and_weighs_in_fixed_blocks():
+    # Enough rows for several blocks of the CPU target check, which run in parallel: the error names the first
+    # bad row whichever block finds one first, the weighted mean is the same bits for any thread count, and
+    # nothing is written.
+    x = torch.randn(3, 4, 70000)
+    target = torch.randint(0, 4, (3, 70000))
+    target[:, ::9] = -100
+    weight = torch.rand(4) + 0.5
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(ops.cross_entropy_forward(x, target, weight, reduction=1, ignore_index=-100,
+                                                     label_smoothing=0.0, lse_square_scale=0.0))
+    finally:
+        torch.set_num_threads(threads)
+    for result in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(result, results[0]))
+    bad = target.clone()
+    bad[1, 30000] = 4  # row 100000, in the second block
+    bad[2, 0] = -3  # row 140000, in the third
+    leaf = x.clone().requires_grad_()
+    with pytest.raises(IndexError, match="target 4 at position 100000 is out of bounds"):
+        cross_entropy(leaf, bad)
+    assert leaf.grad is None

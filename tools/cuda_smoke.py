@@ -228,6 +228,25 @@ def loss_cases():
     FF.cross_entropy(x3, t3).backward()
     torch.nn.functional.cross_entropy(y3, t3).backward()
     check("xent (N, C, d1, d2) grad", x3.grad, y3.grad, torch.float32)
+    # Positions enough (80 000) for the (N, C, d...) layout's thread-per-position kernels: the fused forward, the
+    # forward alone, the backward (a loss gradient of 3), in place, smoothing and probabilities.
+    seg = torch.randn(2, 21, 200, 200, device="cuda")
+    seg_labels = torch.randint(0, 21, (2, 200, 200), device="cuda")
+    seg_labels[:, ::7] = -100
+    seg_probs = torch.softmax(torch.randn(2, 21, 200, 200, device="cuda"), 1)
+    for target, opts in ((seg_labels, dict()), (seg_labels, dict(label_smoothing=0.1)), (seg_probs, dict()),
+                         (seg_labels, dict(inplace_backward=True))):
+        leaf, b = seg.clone().requires_grad_(), seg.clone().requires_grad_()
+        ours = FF.cross_entropy(leaf * 1.0 if opts.get("inplace_backward") else leaf, target, **opts)
+        (ours * 3).backward()
+        ref_opts = {k: v for k, v in opts.items() if k != "inplace_backward"}
+        theirs = torch.nn.functional.cross_entropy(b, target, **ref_opts)
+        (theirs * 3).backward()
+        name = f"xent (N, C, H, W) layout {'probs' if target.is_floating_point() else 'labels'} {opts}"
+        check(f"{name} loss", ours, theirs, torch.float32)
+        check(f"{name} grad", leaf.grad, b.grad, torch.float32)
+        with torch.no_grad():
+            check(f"{name} no grad", FF.cross_entropy(seg, target, **ref_opts), theirs.detach(), torch.float32)
     wide = torch.randn(32, 2000, device="cuda")[:, :1000]  # row stride 2000
     check("xent strided rows, no grad", FF.cross_entropy(wide, t[:32]),
           torch.nn.functional.cross_entropy(wide, t[:32]), torch.float32)

@@ -9,7 +9,8 @@
 // The lanes are folded into one row state at the end of the row. A row that fits in one block (small
 // vocabularies) is held in registers instead: row max first, then one exp per logit, no lanes to fold.
 // Up to 16 classes with class-index targets and no smoothing (the tutorial's 10), rows go across the lanes
-// instead, a block of V::size() rows at a time (forward_row_groups).
+// instead, a block of V::size() rows at a time (forward_row_groups). So do the rows of the (batch, classes,
+// positions) layout, whose neighbouring positions are already side by side (forward_positions).
 //
 // Gradient, one write per logit: p_j = exp(x_j - lse), then the true-class element is recomputed in opmath
 // and stored once more. The forward writes it (when asked) right after the row's scan, while the row is
@@ -462,9 +463,9 @@ FT_XENT_FLATTEN CrossEntropySums forward_row_groups(const CrossEntropyLaunch& l,
 // neighbouring positions side by side. So a step of kWidth positions is one vector pair per class, a row per
 // lane, and everything per row is a vector operation, the loss and the gradient's constants included: no
 // transpose, no copy of the logits into rows (torch's log_softmax over dim 1 walks them the same way), and no
-// per-row scalar work beyond gathering each row's target and storing its results. The forward reads a step's
-// classes twice (the max, then the exps, kept in a scratch of C vector pairs when the gradient is wanted, so that
-// writing it takes a multiply per element instead of a second exp); the backward reads them once.
+// per-row scalar work beyond gathering each row's target and storing its results. Each step is read from memory
+// once, into a contiguous scratch of C vector pairs (forward: while taking the max), and worked on there: the
+// forward's exps replace it, so that the gradient takes a multiply per element instead of a second exp.
 
 // Steps ahead that a step's first read asks the memory for, class by class: a step's C classes are C streams
 // (more than the hardware prefetchers follow at once). At (8, 21, 512, 512) fp32, 2 threads, Zen 4: the forward

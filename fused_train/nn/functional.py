@@ -517,6 +517,11 @@ def cross_entropy(
     fp32 (fp64 for fp64), as torch's. Works under :mod:`torch.func` transforms (``grad``, ``vmap``, ``jacrev``,
     ``jvp``); differentiating the gradient again (double backward, Hessians) raises.
 
+    (N, C, d…) logits (a segmentation loss) are read where they lie, each position's classes at their stride, when
+    they are contiguous with at least 32 positions per sample (on CUDA at least 65536 positions in all), and the
+    gradient comes back in their layout; channels-last logits are rows already; other (N, C, d…) logits are
+    copied into rows first.
+
     Args:
         input: logits, shape :math:`(C)`, :math:`(N, C)` or :math:`(N, C, d_1, ..., d_K)`.
         target: class indices (int64 or int32), shape :math:`()`, :math:`(N)` or :math:`(N, d_1, ..., d_K)`,
@@ -537,8 +542,10 @@ def cross_entropy(
             and an autograd node that saved them raises at backward. One backward per forward. No effect on
             the values, except that a bf16/fp32/fp64 gradient is rounded twice for a loss gradient other than
             1 (fp16, the dtype of loss scaling, is written over the logits by the backward instead, rounded
-            once). (N, C, d…) inputs are copied to row layout first, so there it saves nothing. No effect
-            under :mod:`torch.func` transforms.
+            once). (N, C, d…) inputs are written over where they keep their layout (contiguous, at least 32
+            positions per sample; on CUDA also at least 65536 positions in all); otherwise they are copied into
+            rows first, and the gradient is written over that copy, which saves nothing. No effect under
+            :mod:`torch.func` transforms.
 
     Returns:
         The loss: a scalar, or shaped like the batch for ``reduction='none'``.
