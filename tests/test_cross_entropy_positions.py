@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES, FLOAT_DTYPES, cuda_only
+from conftest import DEVICES, FLOAT_DTYPES, cuda_only, run_on_cpu_capability
 from fused_train.nn.functional import _MIN_POSITIONS, _rows_view, cross_entropy
 from test_cross_entropy import XENT_TOL, _check
 
@@ -267,6 +267,27 @@ def test_compile_fullgraph_matches_eager(device):
 def test_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_lower_instruction_sets(capability):
+    """The layout's kernels lowered to AVX2 (8 fp32 lanes a vector) or to the scalar code (at::vec's portable
+    vectors), in a process of their own (FUSED_TRAIN_CPU_CAPABILITY is read at load time): every op against the
+    rows kernels, every dtype, partial steps, NaN lanes."""
+    ran_on = run_on_cpu_capability(
+        "import torch\n"
+        "import test_cross_entropy_positions as T\n"
+        "for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):\n"
+        "    for prob in (False, True):\n"
+        "        for reduction in (0, 1):\n"
+        "            T.test_every_op_matches_the_rows_kernels('cpu', dtype, prob, reduction)\n"
+        "    T.test_matches_reference('cpu', dtype, (5, 4, 2, 33), dict(weighted=True, ignore_some=True,"
+        " label_smoothing=0.25))\n"
+        "T.test_masked_and_nan_logits('cpu')\n", capability)
+    order = ["default", "avx2", "avx512"]
+    assert order.index(ran_on) <= order.index(capability), f"asked for {capability}, ran on {ran_on}"
+    if ran_on != capability:
+        pytest.skip(f"this CPU has no {capability} kernels (ran on {ran_on})")
 
 
 def test_apply_grad_loss_checks_the_gradient_layout():
