@@ -729,7 +729,7 @@ FT_XENT_FLATTEN CrossEntropySums forward_positions(const CrossEntropyLaunch& l, 
         if (keep_exps) e.store(xs + k * V::size());
         sum[k] = sum[k] + e;
         if constexpr (kLinear) {
-          dot[k] = at::vec::fmadd(a[k], centred, dot[k]);
+          dot[k] = dot[k] + a[k] * centred;  // no fused multiply-add: the same bits on every instruction set
           asum[k] = asum[k] + a[k];
         }
       }
