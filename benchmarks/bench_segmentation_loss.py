@@ -7,6 +7,8 @@ itemsize); the targets and each row's saved log-sum-exp, which every implementat
 so the shares are conservative.
 
     python benchmarks/bench_segmentation_loss.py [--repeat 7] [--json out.jsonl]
+    python benchmarks/bench_segmentation_loss.py --probes   # the kernel alone: its cost per logit in cache, and
+                                                            # the layout against rows by positions per sample
 
 Shapes: Pascal VOC's 21 classes at 512 × 512 (issue 10's target shape), Cityscapes' 19 at 512 × 1024, ADE20K's
 150 at 128 × 128, and 3 classes at 512 × 512.
@@ -72,12 +74,56 @@ def run_case(shape, dtype, repeat: int, compiled) -> dict:
     return row
 
 
+def _op_ms(fn, repeat: int) -> float:
+    return interleaved_ms({"op": fn}, "cpu", warmup=3, repeat=repeat)["op"]
+
+
+def probes(repeat: int = 50) -> None:
+    """The CPU kernel alone, through the ops: (1) one thread, logits in cache (about 700 KB), ns per logit of the
+    forward and of the forward with the gradient; (2) two threads, 4M logits, the layout against the same logits
+    moved into rows (the copy included), by positions per sample: where _MIN_POSITIONS comes from."""
+    ops = torch.ops.fused_train
+    kw = dict(reduction=1, ignore_index=-100, label_smoothing=0.0, lse_square_scale=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    print("one thread, in cache: ns per logit")
+    for classes, positions in ((3, 57344), (21, 8192), (150, 1152)):
+        for dtype in DTYPES:
+            x = torch.randn(1, classes, positions).to(dtype)
+            t = torch.randint(0, classes, (1, positions))
+            forward = _op_ms(lambda: ops.cross_entropy_forward(x, t, None, **kw), repeat)
+            with_grad = _op_ms(lambda: ops.cross_entropy_forward_backward(x, t, None, **kw), repeat)
+            n = x.numel()
+            print(json.dumps(dict(classes=classes, positions=positions, dtype=str(dtype)[6:],
+                                  forward_ns_per_logit=round(forward * 1e6 / n, 3),
+                                  with_gradient_ns_per_logit=round(with_grad * 1e6 / n, 3))), flush=True)
+    torch.set_num_threads(threads)
+    print(f"{threads} threads, 4M logits: forward with the gradient, the layout / rows (the copy included)")
+    for classes in (21, 1000):
+        for positions in (8, 16, 32, 64):
+            for dtype in DTYPES:
+                n = max(1, (1 << 22) // (classes * positions))
+                x = torch.randn(n, classes, positions).to(dtype)
+                t = torch.randint(0, classes, (n, positions))
+                layout = _op_ms(lambda: ops.cross_entropy_forward_backward(x, t, None, **kw), repeat // 5)
+                rows = _op_ms(lambda: ops.cross_entropy_forward_backward(
+                    x.movedim(1, -1).reshape(-1, classes), t.reshape(-1), None, **kw), repeat // 5)
+                print(json.dumps(dict(classes=classes, positions=positions, dtype=str(dtype)[6:],
+                                      layout_ms=round(layout, 3), rows_ms=round(rows, 3),
+                                      layout_vs_rows=round(layout / rows, 2))), flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--json", help="append one JSON line per case to this file")
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile'd F.cross_entropy")
+    parser.add_argument("--probes", action="store_true", help="the kernel alone (see probes())")
     args = parser.parse_args(argv)
+    if args.probes:
+        print(f"torch {torch.__version__}")
+        probes()
+        return
     compiled = None if args.no_compile else torch.compile(F.cross_entropy)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for shape in SHAPES:

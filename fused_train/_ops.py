@@ -618,7 +618,7 @@ def _mean_denominators(target: Tensor, weight: Tensor | None, ignore_index: int,
     if target.is_floating_point():
         rows = target.shape[1] if rows is None else rows
         return torch.full((target.shape[0],), rows, dtype=opmath, device=target.device)
-    kept = target.long().reshape(target.shape[0], -1) != ignore_index
+    kept = target.long().flatten(1) != ignore_index  # (batch, rows): a (batch, N, positions) target flattened
     if weight is None:
         return kept.sum(1).to(opmath)
     index = target.long().reshape(kept.shape).clamp(0, classes - 1)

@@ -78,6 +78,15 @@ def run_on_cpu_capability(code: str, capability: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def skip_unless_ran_on(capability: str, ran_on: str) -> None:
+    """After run_on_cpu_capability: asserts the kernels were not raised above the set asked for, and skips the
+    test where this CPU lacks it (fused_train then ran a lower one)."""
+    order = ["default", "avx2", "avx512"]
+    assert order.index(ran_on) <= order.index(capability), f"asked for {capability}, ran on {ran_on}"
+    if ran_on != capability:
+        pytest.skip(f"this CPU has no {capability} kernels (ran on {ran_on})")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from fused_train import _ops
 from fused_train.optim import RMSprop8bit, SGD8bit, _quantization as Q
 from fused_train.reference import blockwise8bit_reference_step, torch_optimizer
 
-from conftest import cuda_only, run_on_cpu_capability
+from conftest import cuda_only, run_on_cpu_capability, skip_unless_ran_on
 
 LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -189,10 +189,7 @@ def test_lower_instruction_sets_quantize_and_dequantize_alike(capability):
     ran_on = run_on_cpu_capability("import test_8bit_sgd_rmsprop as T\n"
                                    "T.test_codes_equal_the_quantizers_over_a_sweep_of_floats()\n"
                                    "T.test_every_code_dequantizes_to_its_value()", capability)
-    order = ["default", "avx2", "avx512"]
-    assert order.index(ran_on) <= order.index(capability), f"asked for {capability}, ran on {ran_on}"
-    if ran_on != capability:
-        pytest.skip(f"this CPU has no {capability} kernels (ran on {ran_on})")
+    skip_unless_ran_on(capability, ran_on)
 
 
 def test_state_appears_as_options_switch_on():

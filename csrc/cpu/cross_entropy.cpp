@@ -2,8 +2,8 @@
 // parallel with the kernels of the best instruction set (cpu/xent_kernels.h via kernel_table()).
 //
 // The forward adds the row losses in double, in row order within blocks of rows whose size depends on the
-// shape alone, then the blocks' sums in block order: the result is the same, bit for bit, for any thread
-// count. The mean's denominator comes from the targets before the logits are read, so the forward can also
+// shape alone (the (batch, classes, positions) layout: lane by lane, then the lanes in order), then the blocks'
+// sums in block order: the result is the same, bit for bit, for any thread count. The mean's denominator comes from the targets before the logits are read, so the forward can also
 // write the gradient (cross_entropy_forward_backward): each row is then read once from memory, and a
 // second time from cache to write its gradient.
 #include <ATen/ATen.h>
@@ -42,8 +42,9 @@ constexpr int64_t kTargetBlockRows = int64_t{1} << 16;
 
 // Checks that every class index is in [0, C) or ignore_index (before anything is written) and returns the
 // weighted mean's denominator: Σ w_t over the rows that are not ignored, in row order within blocks of rows and
-// then in block order, so the same for any thread count (a segmentation batch has millions of rows: one thread
-// took a tenth of the loss's time at (8, 21, 512, 512)). The error names the first bad row.
+// then in block order, so the same for any thread count (a segmentation batch has millions of rows: on one
+// thread this loop took 11% of a forward + backward of 8192 positions of 21 classes, by perf). The error names
+// the first bad row.
 template <class Index, class O>
 double check_targets_and_weigh(const CrossEntropyCall& c, int64_t ignore_index) {
   const Index* t = c.target.const_data_ptr<Index>();
@@ -239,6 +240,12 @@ void run_backward(const CrossEntropyCall& c, const at::Tensor& g, const at::Tens
                   const at::Tensor& denominator, int64_t ignore_index, double label_smoothing,
                   double lse_square_scale, void* grad, int64_t grad_row_stride, bool keep_unit_rows) {
   if (c.rows == 0) return;
+  // The kernels index the gradient by the targets: an out-of-range one raises here, before anything is written
+  // (the forward that made lse checked them, but these ops take any targets).
+  if (!c.target_is_prob) {
+    c.opmath == at::kDouble ? check_targets_and_weigh<double>(c, ignore_index)
+                            : check_targets_and_weigh<float>(c, ignore_index);
+  }
   const at::Tensor denominator_opmath = denominator.reshape({});
   CrossEntropyLaunch l = make_launch(c, ignore_index, label_smoothing, lse_square_scale);
   l.lse_in = lse.const_data_ptr();

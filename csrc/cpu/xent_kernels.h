@@ -468,8 +468,9 @@ FT_XENT_FLATTEN CrossEntropySums forward_row_groups(const CrossEntropyLaunch& l,
 // forward's exps replace it, so that the gradient takes a multiply per element instead of a second exp.
 
 // Steps ahead that a step's first read asks the memory for, class by class: a step's C classes are C streams
-// (more than the hardware prefetchers follow at once). At (8, 21, 512, 512) fp32, 2 threads, Zen 4: the forward
-// took 0.77x the time of no prefetch at 2 steps, 0.86x at 1, 4 and 8.
+// (more than the hardware prefetchers follow at once). In a probe at (8, 21, 512, 512) fp32, 2 threads, Zen 4
+// (a build with the distance from the environment, not kept), the forward took 0.77x the time of no prefetch at
+// 2 steps, 0.86x at 1, 4 and 8.
 constexpr int64_t kPrefetchSteps = 2;
 
 // Asks for the two cache lines of a step (kWidth elements from p, up to 64 bytes each; prefetches do not fault).
@@ -589,8 +590,8 @@ FT_INLINE void gather_step_targets(const CrossEntropyLaunch& l, int64_t r, int64
   for (int k = 0; k < 2; ++k) sg.zero[k] = sg.zero[k] != at::vec::Vectorized<O>(0);
 }
 
-// The gradient's constants (math::index_row_grad / prob_row_grad, lane by lane) for row scales `scale`
-// (grad_loss / denominator) and probability rows' target masses.
+// The gradient's constants (math::index_row_grad / prob_row_grad, lane by lane, in their order of operations)
+// for row scales `scale` (grad_loss / denominator) and probability rows' target masses.
 template <class T, bool kProb>
 FT_INLINE void step_grad_constants(const math::XentHyper<XentOpmath<T>>& h,
                                    const at::vec::Vectorized<XentOpmath<T>> (&scale)[2],
@@ -607,7 +608,7 @@ FT_INLINE void step_grad_constants(const math::XentHyper<XentOpmath<T>>& h,
       const V a = V(h.one_minus_smoothing) * sg.target_weight[k] + V(h.smoothing_over_classes * h.class_weight_sum);
       sg.softmax_coef[k] = scale[k] * (a + two_z * full);
       sg.linear_coef[k] = scale[k] * V(h.smoothing_over_classes);
-      sg.target_coef[k] = scale[k] * (V(h.one_minus_smoothing) * sg.target_weight[k]);
+      sg.target_coef[k] = scale[k] * V(h.one_minus_smoothing) * sg.target_weight[k];
     }
   }
 }
@@ -615,7 +616,7 @@ FT_INLINE void step_grad_constants(const math::XentHyper<XentOpmath<T>>& h,
 // Writes a step's gradient, each element in opmath and rounded once: softmax_coef·p − linear_coef·a, minus
 // target_coef at the target. staged holds the step in opmath, kWidth lanes per class: with kFromExps the
 // forward's exps exp(x - shift), p = e / sum (sums: their sums), else the logits, p = exp((x - shift) - log_sum)
-// as write_row_grad computes it. Probability rows' coefficients a come from coefs, staged likewise. So the
+// as write_row_grad's vector pass computes it (its true-class element takes the scalar exp: within an ulp or two). Probability rows' coefficients a come from coefs, staged likewise. So the
 // logits are not read here: in place every element was read before any is written.
 template <class T, bool kProb, bool kLinear, bool kFromExps>
 FT_INLINE void write_step_grad(const CrossEntropyLaunch& l, int64_t offset, int64_t n, const StepGrad<T>& sg,
@@ -653,7 +654,8 @@ FT_INLINE void write_step_grad(const CrossEntropyLaunch& l, int64_t offset, int6
     store_step(gc, n, out);
   }
   if constexpr (!kProb) {
-    // The true class once more, in opmath, rounded once (as write_row_grad): its element minus target_coef.
+    // The true class once more, in opmath, rounded once: its element minus target_coef (write_row_grad's
+    // math::target_grad, on vectors).
     alignas(64) O target_grad[W];
     V t_grad[2];
     for (int k = 0; k < 2; ++k) {

@@ -361,9 +361,10 @@ class CrossEntropyOutput(NamedTuple):
     fp64 input); not differentiable."""
 
 
-# Positions per batch entry from which (N, C, d1, …, dK) logits keep their layout (_rows_view). At C = 21 and 1000,
-# 2 threads, Zen 4, the layout ran forward + backward in 0.3-0.5x the time of the copy into rows from 32 positions
-# on, in 1.0-4x below (bf16 at 16: 1.03x and 4.1x).
+# Positions per batch entry from which (N, C, d1, …, dK) logits keep their layout (_rows_view). The ops' forward
+# with the gradient over 4M logits, 2 threads, Zen 4 (benchmarks/bench_segmentation_loss.py --probes;
+# results/cpu-segmentation-loss-probes-2026-11-29.txt), against the same logits copied into rows: at 1000 classes
+# 0.33-0.51x the time from 32 positions on, up to 2.8x below (bf16 at 16: 1.32x); at 21 classes 0.13-0.47x.
 _MIN_POSITIONS = 32
 # On CUDA the layout's kernels run a thread per row (cross_entropy.cu), so fewer rows than this would leave most of a
 # GPU idle (an H100 holds 270K resident threads), where the rows kernels spread each row over a warp or a block.
@@ -420,9 +421,10 @@ def _rows_view(input: Tensor, target: Tensor, rows_only: bool = False) -> tuple[
         )
     # Channels-last logits (unit class stride) are rows already, as a view; others keep their layout, (N, C, d…)
     # as (N, C, positions), instead of a copy into rows (a pass over the logits, and one more over the gradient
-    # wherever the next op wants it contiguous). The CPU kernels take that layout a SIMD register of positions
-    # at a time (32 fp32), so fewer than _MIN_POSITIONS positions per batch entry go into rows, a copy; so do
-    # small batches on CUDA, and all under torch.func. The gradient flows back through these views.
+    # wherever the next op wants it contiguous); the ops make a non-contiguous one contiguous (a copy). The CPU
+    # kernels take that layout two SIMD registers of positions at a time (32 fp32 with AVX-512), so fewer than
+    # _MIN_POSITIONS positions per batch entry go into rows, a copy; so do small batches on CUDA, and all under
+    # torch.func. The gradient flows back through these views.
     positions = math.prod(input.shape[2:])
     if (rows_only or (input.stride(1) == 1 and classes > 1) or positions < _MIN_POSITIONS
             or (input.is_cuda and input.shape[0] * positions < _MIN_CUDA_POSITION_ROWS)):
@@ -518,9 +520,9 @@ def cross_entropy(
     ``jvp``); differentiating the gradient again (double backward, Hessians) raises.
 
     (N, C, d…) logits (a segmentation loss) are read where they lie, each position's classes at their stride, when
-    they are contiguous with at least 32 positions per sample (on CUDA at least 65536 positions in all), and the
-    gradient comes back in their layout; channels-last logits are rows already; other (N, C, d…) logits are
-    copied into rows first.
+    they have at least 32 positions per sample (on CUDA at least 65536 positions in all; non-contiguous ones are
+    made contiguous first, a copy), and the gradient comes back in their layout; channels-last logits are rows
+    already; (N, C, d…) logits with fewer positions are copied into rows.
 
     Args:
         input: logits, shape :math:`(C)`, :math:`(N, C)` or :math:`(N, C, d_1, ..., d_K)`.
@@ -542,10 +544,10 @@ def cross_entropy(
             and an autograd node that saved them raises at backward. One backward per forward. No effect on
             the values, except that a bf16/fp32/fp64 gradient is rounded twice for a loss gradient other than
             1 (fp16, the dtype of loss scaling, is written over the logits by the backward instead, rounded
-            once). (N, C, d…) inputs are written over where they keep their layout (contiguous, at least 32
-            positions per sample; on CUDA also at least 65536 positions in all); otherwise they are copied into
-            rows first, and the gradient is written over that copy, which saves nothing. No effect under
-            :mod:`torch.func` transforms.
+            once). (N, C, d…) inputs are written over where they are read in place: contiguous ones with at
+            least 32 positions per sample (on CUDA also at least 65536 positions in all), and channels-last
+            ones; others are copied first, and the gradient is written over that copy, which saves nothing. No
+            effect under :mod:`torch.func` transforms.
 
     Returns:
         The loss: a scalar, or shaped like the batch for ``reduction='none'``.
