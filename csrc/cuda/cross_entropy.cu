@@ -11,6 +11,8 @@
 // element. The training step's forward (forward_backward: the loss and its gradient for grad_loss = 1) runs
 // both passes in one kernel, the second read of a row from L2. All are compiled apart for the losses with a
 // linear term (label smoothing, probabilities), so the common loss reads nothing per element but its logit.
+// (N, C, d…) logits in their (batch, classes, positions) layout take kernels of their own, a thread per row
+// (cross_entropy_positions_*_kernel).
 //
 // Class indices outside [0, C) that are not ignore_index cannot raise inside a kernel without a device
 // assert (which kills the context): the row's loss and gradient are written as NaN and the row is reported
@@ -76,7 +78,8 @@ struct XentArgs {
   int64_t logits_row_stride;
   int64_t rows, classes;
   // > 0: the (batch, classes, positions) layout of cpu_kernels.h's CrossEntropyLaunch (logits, gradient and
-  // probabilities; the row strides unused): row r's class j at position_offset(r) + j·positions.
+  // probabilities; the row strides unused): row r's class j at (r / positions)·classes·positions + r % positions
+  // + j·positions (PositionRows).
   int64_t positions;
   const void* target;  // int64/int32 indices, or T probabilities
   int64_t target_row_stride;
