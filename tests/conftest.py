@@ -78,6 +78,22 @@ def run_on_cpu_capability(code: str, capability: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def assert_same_bits_for_any_thread_count(fn, counts=(1, 2, 3)) -> None:
+    """Runs fn() (returning a tensor or a tuple of tensors) with each intra-op thread count in turn, the count
+    restored after, and asserts every run returned the first run's tensors bit for bit."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            out = fn()
+            results.append(out if isinstance(out, tuple) else (out,))
+    finally:
+        torch.set_num_threads(threads)
+    for n, result in zip(counts[1:], results[1:]):
+        assert all(torch.equal(a, b) for a, b in zip(result, results[0])), f"{n} threads differ from {counts[0]}"
+
+
 def skip_unless_ran_on(capability: str, ran_on: str) -> None:
     """After run_on_cpu_capability: asserts the kernels were not raised above the set asked for, and skips the
     test where this CPU lacks it (fused_train then ran a lower one)."""

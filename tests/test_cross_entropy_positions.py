@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES, FLOAT_DTYPES, cuda_only, run_on_cpu_capability, skip_unless_ran_on
+from conftest import (DEVICES, FLOAT_DTYPES, assert_same_bits_for_any_thread_count, cuda_only,
+                      run_on_cpu_capability, skip_unless_ran_on)
 from fused_train import _ops
 from fused_train.nn.functional import _MIN_POSITIONS, _rows_view, cross_entropy
 from test_cross_entropy import XENT_TOL, _check
@@ -191,19 +192,14 @@ def test_bitwise_deterministic_across_thread_counts(dtype):
     x = torch.randn(9, 13, 1000, dtype=dtype)
     target = torch.randint(0, 13, (9, 1000))
     target[:, ::7] = -100
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            xg = x.clone().requires_grad_()
-            loss = cross_entropy(xg, target, label_smoothing=0.05)
-            loss.backward()
-            results.append((loss.detach(), xg.grad))
-    finally:
-        torch.set_num_threads(threads)
-    for loss, grad in results[1:]:
-        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+    def loss_and_grad():
+        xg = x.clone().requires_grad_()
+        loss = cross_entropy(xg, target, label_smoothing=0.05)
+        loss.backward()
+        return loss.detach(), xg.grad
+
+    assert_same_bits_for_any_thread_count(loss_and_grad)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -410,17 +406,12 @@ def test_target_check_names_the_first_bad_row_and_weighs_in_fixed_blocks():
     target = torch.randint(0, 4, (3, 70000))
     target[:, ::9] = -100
     weight = torch.rand(4) + 0.5
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(ops.cross_entropy_forward(x, target, weight, reduction=1, ignore_index=-100,
-                                                     label_smoothing=0.0, lse_square_scale=0.0))
-    finally:
-        torch.set_num_threads(threads)
-    for result in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(result, results[0]))
+
+    def forward():
+        return ops.cross_entropy_forward(x, target, weight, reduction=1, ignore_index=-100, label_smoothing=0.0,
+                                         lse_square_scale=0.0)
+
+    assert_same_bits_for_any_thread_count(forward)
     bad = target.clone()
     bad[1, 30000] = 4  # row 100000, in the second block
     bad[2, 0] = -3  # row 140000, in the third
@@ -429,7 +420,7 @@ def test_target_check_names_the_first_bad_row_and_weighs_in_fixed_blocks():
     with pytest.raises(IndexError, match="target 4 at position 100000 is out of bounds"):
         cross_entropy(logits, bad, inplace_backward=True)
     assert torch.equal(logits, x)
-    _, _, lse, denominator = results[0]
+    _, _, lse, denominator = forward()
     grad_loss = torch.tensor(2.0)
     for inplace in (False, True):  # the backward ops check the targets too (they index the gradient by them)
         logits = x.clone()
