@@ -3,9 +3,10 @@
 //
 // The forward adds the row losses in double, in row order within blocks of rows whose size depends on the
 // shape alone (the (batch, classes, positions) layout: lane by lane, then the lanes in order), then the blocks'
-// sums in block order: the result is the same, bit for bit, for any thread count. The mean's denominator comes from the targets before the logits are read, so the forward can also
-// write the gradient (cross_entropy_forward_backward): each row is then read once from memory, and a
-// second time from cache to write its gradient.
+// sums in block order: the result is the same, bit for bit, for any thread count. The mean's denominator
+// comes from the targets before the logits are read, so the forward can also write the gradient
+// (cross_entropy_forward_backward): each row is then read once from memory, and a second time from cache to write
+// its gradient.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

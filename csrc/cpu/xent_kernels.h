@@ -616,8 +616,9 @@ FT_INLINE void step_grad_constants(const math::XentHyper<XentOpmath<T>>& h,
 // Writes a step's gradient, each element in opmath and rounded once: softmax_coef·p − linear_coef·a, minus
 // target_coef at the target. staged holds the step in opmath, kWidth lanes per class: with kFromExps the
 // forward's exps exp(x - shift), p = e / sum (sums: their sums), else the logits, p = exp((x - shift) - log_sum)
-// as write_row_grad's vector pass computes it (its true-class element takes the scalar exp: within an ulp or two). Probability rows' coefficients a come from coefs, staged likewise. So the
-// logits are not read here: in place every element was read before any is written.
+// as write_row_grad's vector pass computes it (its true-class element takes the scalar exp: within an ulp or
+// two). Probability rows' coefficients a come from coefs, staged likewise. So the logits are not read here: in
+// place every element was read before any is written.
 template <class T, bool kProb, bool kLinear, bool kFromExps>
 FT_INLINE void write_step_grad(const CrossEntropyLaunch& l, int64_t offset, int64_t n, const StepGrad<T>& sg,
                                const math::XentHyper<at::vec::Vectorized<XentOpmath<T>>>& hv,
